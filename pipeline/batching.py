@@ -1,0 +1,83 @@
+"""Tokenize, sort by token count, cut batches by a token budget, pad each batch to its own longest row."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    ids: list[list[int]]  # truncated to max_length, special tokens included
+    n_tokens: np.ndarray  # int32, before truncation
+    truncated: np.ndarray  # bool
+
+
+@dataclass
+class Batch:
+    positions: np.ndarray  # row positions inside the window, in batch order
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    real_tokens: int
+    padded_tokens: int
+
+
+class TextTokenizer:
+    """The model's fast tokenizer, truncating as Hugging Face does for single texts."""
+
+    def __init__(self, model_path: Path, max_length: int):
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(model_path, use_fast=True)
+        if not hf.is_fast:
+            raise ValueError(f"model at {model_path} has no fast tokenizer (tokenizer.json)")
+        self.backend = hf.backend_tokenizer
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        self.pad_id = hf.pad_token_id if hf.pad_token_id is not None else 0
+        self.max_length = max_length
+        # Special tokens the template adds after the text ([SEP] for BERT): truncation keeps them.
+        probe = self.backend.encode("a", add_special_tokens=True).special_tokens_mask
+        self.n_suffix = len(probe) - len("".join(map(str, probe)).rstrip("1"))
+
+    def __call__(self, texts: list[str]) -> Tokenized:
+        encodings = self.backend.encode_batch(texts, add_special_tokens=True)
+        ids = [e.ids for e in encodings]
+        n_tokens = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
+        truncated = n_tokens > self.max_length
+        keep_head = self.max_length - self.n_suffix
+        for i in np.flatnonzero(truncated):
+            row = ids[i]
+            ids[i] = row[:keep_head] + row[len(row) - self.n_suffix:] if self.n_suffix else row[:keep_head]
+        return Tokenized(ids=ids, n_tokens=n_tokens, truncated=truncated)
+
+
+def plan_batches(lengths: np.ndarray, batch_tokens: int, max_batch_size: int) -> list[np.ndarray]:
+    """Longest first (an OOM shows on the first batch), each batch rows x longest <= batch_tokens."""
+    order = np.argsort(-lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        longest = int(lengths[order[start]])
+        size = max(1, min(max_batch_size, batch_tokens // max(longest, 1)))
+        batches.append(order[start:start + size])
+        start += size
+    return batches
+
+
+def collate(ids: list[list[int]], positions: np.ndarray, pad_id: int,
+            pad_to_multiple_of: int = 1, pin_memory: bool = False) -> Batch:
+    rows = [ids[p] for p in positions]
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    width = int(lengths.max())
+    width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    for i, row in enumerate(rows):
+        input_ids[i, :len(row)] = row
+    mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+    ids_t, mask_t = torch.from_numpy(input_ids), torch.from_numpy(mask)
+    if pin_memory:
+        ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
+    return Batch(positions=positions, input_ids=ids_t, attention_mask=mask_t,
+                 real_tokens=int(lengths.sum()), padded_tokens=len(rows) * width)

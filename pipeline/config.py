@@ -1,0 +1,254 @@
+"""Job configuration: a frozen dataclass tree loaded from TOML and validated at load.
+
+Every key has a type and, where it is an enumeration, a closed set of values; an unknown
+key or a bad value raises ConfigError naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+
+
+class ConfigError(ValueError):
+    """The job file (or an override) is not valid; the message names the key."""
+
+
+# Named pooling modes are presets of the general (layers, layer_combine, token_pooling) form.
+POOLING_PRESETS: dict[str, tuple[tuple[int, ...], str, str]] = {
+    "cls": ((-1,), "concat", "cls"),
+    "mean": ((-1,), "concat", "mean"),
+    "concat-last-four": ((-4, -3, -2, -1), "concat", "mean"),
+}
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    path: str = "data/movie_reviews"
+    text_column: str = "text"
+    id_column: str = "id"
+    # A Parquet file larger than this many rows is split into row-group ranges (units of work).
+    unit_rows: int = 1_000_000
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = DEFAULT_MODEL
+    max_length: int | None = None  # None: the model's own limit
+    device: str = "auto"
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    pooling: str = "mean"
+    layers: tuple[int, ...] | None = None
+    layer_combine: str | None = None
+    token_pooling: str | None = None
+    normalize: bool = False
+    batch_tokens: int = 8192
+    max_batch_size: int = 256
+    sort_window: int = 4096
+
+    def pooling_spec(self) -> tuple[tuple[int, ...], str, str] | None:
+        """The effective (layers, layer_combine, token_pooling); None for the model's pooler."""
+        if self.pooling == "pooler":
+            return None
+        layers, combine, token = POOLING_PRESETS[self.pooling]
+        return (self.layers or layers, self.layer_combine or combine, self.token_pooling or token)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    path: str = ""  # default: out/<job name>
+    vector_dtype: str = "float32"
+    rows_per_file: int = 100_000
+    keep_columns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    enabled: bool = True
+    type: str = "flat"
+    metric: str = "ip"
+    hnsw_m: int = 32
+    ef_construction: int = 200
+    ef_search: int = 128
+    nlist: int | None = None
+    nprobe: int | None = None
+    pq_m: int | None = None
+    factory: str | None = None
+    max_memory: str = "4GB"
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str
+    input: InputConfig = field(default_factory=InputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def vector_settings(self) -> dict[str, Any]:
+        """Everything that changes a stored vector (batch sizes and paths don't)."""
+        spec = self.encode.pooling_spec()
+        return {
+            "model.name": self.model.name,
+            "model.max_length": self.model.max_length,
+            "model.dtype": self.model.dtype,
+            "encode.pooling": self.encode.pooling,
+            "encode.pooling_spec": None if spec is None else {
+                "layers": list(spec[0]), "layer_combine": spec[1], "token_pooling": spec[2]},
+            "encode.normalize": self.encode.normalize,
+            "output.vector_dtype": self.output.vector_dtype,
+        }
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "encode.pooling": ("cls", "mean", "concat-last-four", "pooler"),
+    "encode.layer_combine": ("concat", "mean", "sum"),
+    "encode.token_pooling": ("mean", "cls", "max"),
+    "output.vector_dtype": ("float32", "float16"),
+    "index.type": ("flat", "hnsw", "ivf-flat", "ivf-pq", "auto", "factory"),
+    "index.metric": ("ip", "l2"),
+}
+POSITIVE = {
+    "input.unit_rows", "model.max_length", "encode.batch_tokens", "encode.max_batch_size",
+    "encode.sort_window", "output.rows_per_file", "index.hnsw_m", "index.ef_construction",
+    "index.ef_search", "index.nlist", "index.nprobe", "index.pq_m",
+}
+_SECTION_CLASSES = {
+    "input": InputConfig, "model": ModelConfig, "encode": EncodeConfig,
+    "output": OutputConfig, "index": IndexConfig,
+}
+
+
+def _check_value(key: str, value: Any, annotation: Any) -> Any:
+    """Coerce/validate one value against its dataclass annotation (as a string under PEP 563)."""
+    text = str(annotation)
+    optional = "None" in text
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: a value is required")
+    if "tuple[int" in text:
+        if not isinstance(value, (list, tuple)) or not value or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise ConfigError(f"{key}: expected a non-empty list of integers, got {value!r}")
+        return tuple(value)
+    if "tuple[str" in text:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if text.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if text.startswith("int"):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if key in POSITIVE and value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(CHOICES[key])}")
+    return value
+
+
+def _build_section(name: str, raw: Any) -> Any:
+    cls = _SECTION_CLASSES[name]
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}] must be a table, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {name}.{unknown[0]}; [{name}] accepts: {', '.join(fields)}"
+        )
+    values = {k: _check_value(f"{name}.{k}", v, fields[k].type) for k, v in raw.items()}
+    return cls(**values)
+
+
+def _validate(job: JobConfig) -> None:
+    device = job.model.device
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"model.device: {device!r} is not one of auto, cpu, cuda, cuda:N")
+    enc = job.encode
+    if enc.pooling == "pooler" and (enc.layers or enc.layer_combine or enc.token_pooling):
+        raise ConfigError("encode.pooling = 'pooler' takes no layers / layer_combine / token_pooling")
+    if enc.max_batch_size > enc.batch_tokens:
+        raise ConfigError("encode.max_batch_size must not exceed encode.batch_tokens")
+    if job.index.type == "factory" and not job.index.factory:
+        raise ConfigError("index.type = 'factory' needs index.factory (a FAISS index_factory string)")
+    if not job.input.path:
+        raise ConfigError("input.path: a value is required")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`section.key=value`; the value is read as TOML when it parses, else taken as a string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    dotted, text = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return dotted.strip().split("."), value
+
+
+def config_from_dict(raw: dict[str, Any], default_name: str = "job") -> JobConfig:
+    raw = dict(raw)
+    name = raw.pop("name", default_name)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"name: expected a non-empty string, got {name!r}")
+    unknown = sorted(set(raw) - set(_SECTION_CLASSES))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {unknown[0]!r}; a job accepts: name, {', '.join(_SECTION_CLASSES)}"
+        )
+    sections = {k: _build_section(k, raw.get(k, {})) for k in _SECTION_CLASSES}
+    if not sections["output"].path:
+        sections["output"] = dataclasses.replace(sections["output"], path=f"out/{name}")
+    job = JobConfig(name=name, **sections)
+    _validate(job)
+    return job
+
+
+def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+    """Load a TOML job file, apply `--set section.key=value` overrides, validate."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"job file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for item in overrides:
+        keys, value = parse_override(item)
+        target = raw
+        for key in keys[:-1]:
+            target = target.setdefault(key, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"--set {item!r}: {key} is not a table")
+        target[keys[-1]] = value
+    return config_from_dict(raw, default_name=path.stem)
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -1,0 +1,94 @@
+"""The run summary: one screen for people, the same facts as JSON for schedulers."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RunSummary:
+    job: str
+    output: str
+    model: str
+    device: str
+    dtype: str
+    units_total: int = 0
+    units_done: int = 0
+    units_skipped: int = 0
+    units_changed: int = 0
+    units_failed: int = 0
+    units_removed: int = 0
+    units_removed_kept: int = 0
+    rows_read: int = 0
+    vectors_written: int = 0
+    rejects: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    oom_splits: int = 0
+    stray_files_removed: int = 0
+    folder_vectors: int = 0
+    failures: list[str] = field(default_factory=list)
+    index: dict = field(default_factory=dict)
+    lock_taken_over: dict | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.rejects.values())
+
+    @property
+    def padding_overhead(self) -> float:
+        """Padded tokens the model computed beyond the real ones, as a % of the real ones."""
+        return 100.0 * (self.padded_tokens - self.real_tokens) / self.real_tokens if self.real_tokens else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failures else 0
+
+    def rate(self, count: int) -> float:
+        total = self.seconds.get("total", 0.0)
+        return count / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.update(rejected=self.rejected, padding_overhead_pct=round(self.padding_overhead, 2),
+                    rows_per_second=round(self.rate(self.rows_read), 1),
+                    tokens_per_second=round(self.rate(self.real_tokens), 1),
+                    accounted=self.rows_read == self.vectors_written + self.rejected,
+                    seconds={k: round(v, 3) for k, v in self.seconds.items()})
+        return data
+
+    def render(self) -> str:
+        s = self.seconds
+        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(self.rejects.items())) or "none"
+        check = "ok" if self.rows_read == self.vectors_written + self.rejected else "MISMATCH"
+        lines = [
+            f"embedpipe run {self.job} -> {self.output}",
+            f"  model      {self.model} on {self.device} in {self.dtype}",
+            f"  units      {self.units_total} in input: {self.units_done} embedded, "
+            f"{self.units_skipped} already done, {self.units_changed} changed, "
+            f"{self.units_failed} failed, {self.units_removed} removed"
+            + (f", {self.units_removed_kept} gone from input but kept" if self.units_removed_kept else ""),
+            f"  rows       {self.rows_read:,} read = {self.vectors_written:,} vectors + "
+            f"{self.rejected:,} rejected ({check})",
+            f"  rejects    {reasons}",
+            f"  truncated  {self.truncated:,} rows longer than max_length (embedded truncated)",
+            f"  tokens     {self.real_tokens:,} real, padding overhead {self.padding_overhead:.1f}%",
+            f"  speed      {self.rate(self.rows_read):,.1f} rows/s, {self.rate(self.real_tokens):,.0f} tokens/s",
+            "  seconds    " + ", ".join(f"{k} {s.get(k, 0.0):.2f}" for k in
+                                        ("read", "tokenize", "encode", "write", "index", "total")),
+            f"  folder     {self.folder_vectors:,} vectors; index: "
+            + (f"{self.index.get('factory')} with {self.index.get('count', 0):,} vectors, "
+               f"recall@10 {self.index.get('recall_at_10')}" if self.index.get("count") else "none"),
+        ]
+        if self.oom_splits:
+            lines.append(f"  memory     {self.oom_splits} batches split after running out of device memory")
+        if self.stray_files_removed:
+            lines.append(f"  recovered  {self.stray_files_removed} files of an interrupted run removed")
+        if self.lock_taken_over:
+            lines.append(f"  lock       took over a stale lock of pid {self.lock_taken_over.get('pid')} "
+                         f"on {self.lock_taken_over.get('host')}")
+        for failure in self.failures:
+            lines.append(f"  FAILED     {failure}")
+        return "\n".join(lines)
