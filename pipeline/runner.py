@@ -15,11 +15,13 @@ import pyarrow.parquet as pq
 
 from . import __version__
 from .config import JobConfig, settings_hash
+from .faults import checkpoint
 from .flow import FlowSettings, Preparer, Stats, Writer, run_stages
 from .indexing import INDEX_DIR, INDEX_FILE, build_index
 from .ledger import MANIFEST, Ledger, acquire_lock, release_lock
 from .models import ModelSource, resolve_model
 from .reader import Unit, open_parquet, plan_units
+from .rejects import find_duplicates
 from .storage import Store, filesystem
 from .summary import RunSummary
 from .writer import REJECTS_DIR, VECTORS_DIR, remove_files, vectors_schema
@@ -165,6 +167,7 @@ def _run_locked(job: JobConfig, options: RunOptions, units: list[Unit], source: 
         needs_index = bool(todo or dropped) or not store.exists(INDEX_FILE)
         if needs_index:
             tick = time.perf_counter()
+            checkpoint("index")
             summary.index = build_index(store, ledger.files("vectors"), job.index,
                                         normalized=job.encode.normalize)
             stats.seconds["index"] += time.perf_counter() - tick
@@ -207,14 +210,15 @@ def _embed(job: JobConfig, todo: list[Unit], source: ModelSource, device, dtype:
     keep_schema = pa.schema([first.field(c) for c in job.output.keep_columns]) if healthy else None
     schema = vectors_schema(id_type, encoder.width, job.output.vector_dtype, keep_schema)
 
-    seen = _committed_ids(store, ledger.files("vectors"))
+    duplicates = find_duplicates(healthy, job.input.id_column, job.input.text_column,
+                                 claimed=_committed_ids(store, ledger.files("vectors")))
     on_cuda = encoder.device.type == "cuda"
     flow = FlowSettings(
         text_column=job.input.text_column, id_column=job.input.id_column,
         keep_columns=job.output.keep_columns, sort_window=job.encode.sort_window,
         batch_tokens=job.encode.batch_tokens, max_batch_size=job.encode.max_batch_size,
         pad_to_multiple_of=8 if on_cuda else 1, pin_memory=on_cuda)
-    preparer = Preparer(flow, tokenizer, seen, id_type, stats)
+    preparer = Preparer(flow, tokenizer, duplicates, id_type, stats)
     bar = tqdm(total=sum(u.num_rows for u in healthy), unit="rows", disable=not options.progress,
                desc=job.name, dynamic_ncols=True)
 
@@ -231,6 +235,7 @@ def _embed(job: JobConfig, todo: list[Unit], source: ModelSource, device, dtype:
         else:
             summary.units_failed += 1
         ledger.commit_unit(key, unit_record)
+        checkpoint("unit")
 
     writer = Writer(store, schema, id_type, job.output.rows_per_file, job.output.vector_dtype,
                     stats, commit, bar.update)

@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .faults import checkpoint
 from .storage import Store
 
 VECTORS_DIR = "vectors"
@@ -76,6 +77,7 @@ class UnitWriter:
         stack, parquet = self._open
         self._open = None
         parquet.close()
+        checkpoint("write")  # the part is complete under its temporary name
         stack.close()  # renames the part into place
 
     def close(self) -> list[str]:

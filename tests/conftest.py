@@ -1,0 +1,61 @@
+"""Shared fixtures: the real movie snippets, the bundled model, a tiny random BERT, job helpers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pipeline.datasets import fetch_movie_reviews  # noqa: E402
+from pipeline.models import resolve_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def movie_dir(tmp_path_factory) -> Path:
+    """The public movie-review snippets as 4 Parquet shards (download cached across runs)."""
+    dest = tmp_path_factory.mktemp("movie_reviews")
+    fetch_movie_reviews(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def movie_table(movie_dir) -> pa.Table:
+    return pq.read_table(movie_dir)
+
+
+@pytest.fixture(scope="session")
+def mixed_texts(movie_table) -> list[str]:
+    """240 real texts of mixed length: short snippets, and joined snippets past 256 tokens."""
+    texts = movie_table.column("text").to_pylist()
+    rng = np.random.default_rng(0)
+    picks = [texts[i] for i in rng.choice(len(texts), 200, replace=False)]
+    longer = [" ".join(texts[j] for j in rng.choice(len(texts), k, replace=False))
+              for k in (2, 4, 8, 16) for _ in range(10)]
+    return picks + longer
+
+
+@pytest.fixture(scope="session")
+def bundled_model():
+    return resolve_model("all-MiniLM-L6-v2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, bundled_model) -> Path:
+    """A 2-layer, 32-wide random BERT with the real tokenizer: fast for reliability tests."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_bert")
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).eval().save_pretrained(path)
+    AutoTokenizer.from_pretrained(bundled_model.path).save_pretrained(path)
+    return path
