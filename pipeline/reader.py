@@ -50,7 +50,7 @@ def _fingerprint(info: dict, metadata: pq.FileMetaData | None) -> str:
     digest = hashlib.sha256(f"{info.get('size')}|{info.get('mtime') or info.get('LastModified')}"
                             f"|{info.get('ETag', '')}".encode())
     if metadata is not None:
-        digest.update(str(metadata.schema).encode())
+        digest.update(metadata.schema.to_arrow_schema().to_string().encode())
         for i in range(metadata.num_row_groups):
             group = metadata.row_group(i)
             digest.update(f"{group.num_rows}|{group.total_byte_size}".encode())
