@@ -38,6 +38,12 @@ class Stats:
     padded_tokens: int = 0
     seconds: Counter = field(default_factory=Counter)  # read, tokenize, encode, write, index
 
+    def merge(self, other: "Stats") -> None:
+        """Add another worker's counts (stage seconds then add up across workers)."""
+        self.real_tokens += other.real_tokens
+        self.padded_tokens += other.padded_tokens
+        self.seconds.update(other.seconds)
+
 
 @dataclass
 class UnitStart:

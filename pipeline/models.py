@@ -19,6 +19,7 @@ class ModelSource:
     path: Path
     fingerprint: str  # sha256 over config.json and the weight files
     max_length: int  # the model's own limit on tokens per text
+    hidden_size: int
 
 
 def bundled_model_path() -> Path:
@@ -74,5 +75,6 @@ def resolve_model(name: str) -> ModelSource:
             )
     if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
         raise ConfigError(f"model folder {path} has no weights (*.safetensors or *.bin)")
+    config = json.loads((path / "config.json").read_text())
     return ModelSource(name=name, path=path, fingerprint=_fingerprint(path),
-                       max_length=_own_max_length(path))
+                       max_length=_own_max_length(path), hidden_size=int(config["hidden_size"]))

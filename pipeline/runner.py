@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 from . import __version__
 from .config import JobConfig, settings_hash
 from .faults import checkpoint
-from .flow import FlowSettings, Preparer, Stats, Writer, run_stages
+from .embedder import EmbedPlan, UnitEmbedder
+from .flow import Stats
 from .indexing import INDEX_DIR, INDEX_FILE, build_index
 from .ledger import MANIFEST, Ledger, acquire_lock, release_lock
 from .models import ModelSource, resolve_model
@@ -24,7 +25,7 @@ from .reader import Unit, open_parquet, plan_units
 from .rejects import find_duplicates
 from .storage import Store, filesystem
 from .summary import RunSummary
-from .writer import REJECTS_DIR, VECTORS_DIR, remove_files, vectors_schema
+from .writer import REJECTS_DIR, VECTORS_DIR, remove_files
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,9 @@ class RunOptions:
     mode: str = "incremental"  # incremental | overwrite
     keep_removed: bool = False
     progress: bool = True
+    runner: str = "local"  # local | ray
+    ray_address: str | None = None  # None: start a local Ray instance
+    workers: int | None = None  # Ray actors; None: one per GPU, or per 2 CPUs
 
 
 def id_type_of(unit_schema: pa.Schema, id_column: str) -> pa.DataType:
@@ -95,8 +99,9 @@ def unit_schema(unit: Unit) -> pa.Schema:
 
 
 def _unit_record(record: dict) -> dict:
+    record = dict(record)
     unit: Unit = record.pop("unit")
-    return {"path": unit.path, "first_row": unit.first_row, "row_groups": list(unit.row_groups),
+    return {"key": unit.key, "path": unit.path, "first_row": unit.first_row, "row_groups": list(unit.row_groups),
             "fingerprint": unit.fingerprint, **record}
 
 
@@ -159,7 +164,8 @@ def _run_locked(job: JobConfig, options: RunOptions, units: list[Unit], source: 
 
     stats = Stats()
     if todo:
-        _embed(job, todo, source, device, dtype, store, ledger, stats, summary, options)
+        _embed(job, todo, source, dtype, store, ledger, stats, summary, options)
+        summary.stray_files_removed += _sweep(store, ledger)  # what a dead Ray worker left
     summary.failures = [f"{r['path']}: {r['error']}" for k, r in ledger.units.items()
                         if r["status"] == "failed" and k in current]
 
@@ -183,47 +189,25 @@ def _run_locked(job: JobConfig, options: RunOptions, units: list[Unit], source: 
     return summary
 
 
-def _embed(job: JobConfig, todo: list[Unit], source: ModelSource, device, dtype: str,
-           store: Store, ledger: Ledger, stats: Stats, summary: RunSummary,
-           options: RunOptions) -> None:
+def _embed(job: JobConfig, todo: list[Unit], source: ModelSource, dtype: str, store: Store,
+           ledger: Ledger, stats: Stats, summary: RunSummary, options: RunOptions) -> None:
     from tqdm import tqdm
 
-    from .batching import TextTokenizer
-    from .encoder import Encoder, EncoderSettings
-
     healthy = [u for u in todo if not u.error]
-    max_length = job.model.max_length or source.max_length
-    tokenizer = TextTokenizer(source.path, max_length)
-    spec = job.encode.pooling_spec()
-    encoder = Encoder(source, job.model.device, dtype, EncoderSettings(
-        layers=spec[0] if spec else None, layer_combine=spec[1] if spec else None,
-        token_pooling=spec[2] if spec else None, normalize=job.encode.normalize))
-    ledger.update(dim=encoder.width)
-
     # The first healthy file sets the id type and the kept columns' types for the folder.
     first = unit_schema(healthy[0]) if healthy else pa.schema([])
-    if ledger.data.get("id_type"):
-        id_type = pa.type_for_alias(ledger.data["id_type"])
-    else:
-        id_type = id_type_of(first, job.input.id_column) if healthy else pa.string()
-    ledger.update(id_type=str(id_type))
+    id_type = ledger.data.get("id_type") or (
+        str(id_type_of(first, job.input.id_column)) if healthy else "string")
     keep_schema = pa.schema([first.field(c) for c in job.output.keep_columns]) if healthy else None
-    schema = vectors_schema(id_type, encoder.width, job.output.vector_dtype, keep_schema)
-
+    plan = EmbedPlan(job=job, source=source, dtype=dtype, id_type=id_type, keep_schema=keep_schema)
+    ledger.update(id_type=id_type, dim=plan.width)
     duplicates = find_duplicates(healthy, job.input.id_column, job.input.text_column,
                                  claimed=_committed_ids(store, ledger.files("vectors")))
-    on_cuda = encoder.device.type == "cuda"
-    flow = FlowSettings(
-        text_column=job.input.text_column, id_column=job.input.id_column,
-        keep_columns=job.output.keep_columns, sort_window=job.encode.sort_window,
-        batch_tokens=job.encode.batch_tokens, max_batch_size=job.encode.max_batch_size,
-        pad_to_multiple_of=8 if on_cuda else 1, pin_memory=on_cuda)
-    preparer = Preparer(flow, tokenizer, duplicates, id_type, stats)
+    units = [(u, ledger.unit_id(u.key)) for u in todo]
     bar = tqdm(total=sum(u.num_rows for u in healthy), unit="rows", disable=not options.progress,
                desc=job.name, dynamic_ncols=True)
 
     def commit(record: dict) -> None:
-        key = record["unit"].key
         unit_record = _unit_record(record)
         if unit_record["status"] == "complete":
             summary.units_done += 1
@@ -234,17 +218,19 @@ def _embed(job: JobConfig, todo: list[Unit], source: ModelSource, device, dtype:
                 summary.rejects[reason] = summary.rejects.get(reason, 0) + count
         else:
             summary.units_failed += 1
-        ledger.commit_unit(key, unit_record)
+        ledger.commit_unit(unit_record["key"], unit_record)
         checkpoint("unit")
 
-    writer = Writer(store, schema, id_type, job.output.rows_per_file, job.output.vector_dtype,
-                    stats, commit, bar.update)
-    ids_in_units = [(u, ledger.unit_id(u.key)) for u in todo]
     try:
-        run_stages(lambda ch: preparer.run(ids_in_units, ch),
-                   lambda batch: encoder.encode(batch.input_ids, batch.attention_mask),
-                   writer.run, stats)
+        if options.runner == "ray":
+            from .distributed import embed_on_ray
+            summary.oom_splits = embed_on_ray(plan, units, duplicates, commit, bar.update, stats,
+                                              address=options.ray_address,
+                                              workers=options.workers)
+        else:
+            embedder = UnitEmbedder(plan)
+            embedder.embed(units, duplicates, commit, bar.update, stats)
+            summary.oom_splits = embedder.encoder.oom_splits
     finally:
         bar.close()
-    summary.oom_splits = encoder.oom_splits
 
