@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .storage import Store
+from .storage import ConcurrentWrite, Store
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
@@ -38,6 +38,9 @@ class Ledger:
     def __init__(self, store: Store):
         self.store = store
         self._mutex = threading.Lock()
+        # On object stores the manifest is written only over the version read here (If-Match),
+        # so two writers can never both commit on top of the same manifest.
+        self._version = store.version(MANIFEST)
         self.data: dict[str, Any] = store.read_json(MANIFEST) if store.exists(MANIFEST) else {}
         self.data.setdefault("format", FORMAT)
         self.data.setdefault("units", {})
@@ -89,7 +92,8 @@ class Ledger:
 
     def save_locked(self) -> None:
         self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self.store.write_json(MANIFEST, self.data)
+        body = json.dumps(self.data, indent=2, default=str).encode() + b"\n"
+        self._version = self.store.write_bytes_if(MANIFEST, body, self._version)
 
     def files(self, kind: str) -> list[str]:
         """Committed files of a kind ('vectors' or 'rejects') in unit order."""
@@ -123,16 +127,17 @@ def acquire_lock(store: Store) -> LockInfo:
                 f"if that run is gone, delete {store.path(LOCK)}.")
         took_over = holder
         store.remove(LOCK)
-    if store.local:
-        # O_EXCL: of two runs starting together, exactly one creates the lock.
-        try:
+    # Exclusive create (O_EXCL locally, If-None-Match on S3): of two runs starting together,
+    # exactly one gets the lock.
+    try:
+        if store.local:
             fd = os.open(store.path(LOCK), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            raise LockedError(f"{store.url} is being locked by another run just now") from None
-        with os.fdopen(fd, "w") as handle:
-            json.dump(me, handle)
-    else:
-        store.write_json(LOCK, me)
+            with os.fdopen(fd, "w") as handle:
+                json.dump(me, handle)
+        else:
+            store.write_bytes_if(LOCK, json.dumps(me).encode(), None)
+    except (FileExistsError, ConcurrentWrite):
+        raise LockedError(f"{store.url} is being locked by another run just now") from None
     return LockInfo(took_over=took_over)
 
 

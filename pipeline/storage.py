@@ -19,6 +19,10 @@ from fsspec.implementations.local import LocalFileSystem
 TMP_MARK = ".tmp-"
 
 
+class ConcurrentWrite(RuntimeError):
+    """A conditional write found the object changed since it was read."""
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path) for a local path or any fsspec URL; credentials come from the environment."""
     fs, path = fsspec.core.url_to_fs(url)
@@ -96,6 +100,41 @@ class Store:
     def write_bytes(self, rel: str, data: bytes) -> None:
         with self.open_atomic(rel) as handle:
             handle.write(data)
+
+    @property
+    def conditional_writes(self) -> bool:
+        """S3 (and S3-compatible servers) accept If-Match / If-None-Match on PUT."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        return not self.local and bool({"s3", "s3a"} & set(protocols))
+
+    def version(self, rel: str) -> str | None:
+        """The object's ETag where writes can be conditional on it; None if absent or unsupported."""
+        if not self.conditional_writes:
+            return None
+        self.fs.invalidate_cache(self.path(rel))
+        try:
+            return self.fs.info(self.path(rel)).get("ETag")
+        except FileNotFoundError:
+            return None
+
+    def write_bytes_if(self, rel: str, data: bytes, expected: str | None) -> str | None:
+        """Write only if the object is still at version `expected` (None: only if it is absent).
+
+        Raises ConcurrentWrite when someone else wrote it meanwhile. On a local disk (one host,
+        guarded by the lock file) and on stores without conditional writes, a plain atomic write.
+        """
+        if not self.conditional_writes:
+            self.write_bytes(rel, data)
+            return None
+        path = self.path(rel)
+        try:
+            if expected is None:
+                self.fs.pipe_file(path, data, mode="create")
+            else:
+                self.fs.pipe_file(path, data, IfMatch=expected)
+        except (FileExistsError, OSError) as exc:
+            raise ConcurrentWrite(f"{self.uri(rel)} was changed by another writer: {exc}") from exc
+        return self.version(rel)
 
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open(self.path(rel), "rb") as handle:
