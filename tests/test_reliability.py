@@ -225,3 +225,27 @@ def test_concurrent_run_refused_and_stale_lock_taken_over(tmp_path, corpus, tiny
     assert result.returncode == 0, result.stderr
     assert f"took over a stale lock of pid {dead}" in result.stdout
     assert not (out / ".lock").exists()
+
+
+def test_large_file_split_into_row_group_units_equals_whole_file(tmp_path, movie_table, tiny_model):
+    from pipeline.config import InputConfig
+    from pipeline.reader import plan_units
+
+    folder = tmp_path / "input"
+    folder.mkdir()
+    table = shard(movie_table.column("text").to_pylist()[:150], 0)
+    pq.write_table(table, folder / "big.parquet", row_group_size=30)  # 5 row groups
+    units = plan_units(InputConfig(path=str(folder), unit_rows=70))
+    assert [(u.key.rsplit("#", 1)[1], u.first_row, u.num_rows) for u in units] == [
+        ("rg0-1", 0, 60), ("rg2-3", 60, 60), ("rg4-4", 120, 30)]
+    split_job = job_file(tmp_path, folder, tmp_path / "split", tiny_model, "split.toml")
+    split_job.write_text(split_job.read_text().replace("[model]", "unit_rows = 70\n[model]"))
+    whole_job = job_file(tmp_path, folder, tmp_path / "whole", tiny_model, "whole.toml")
+    split = embedpipe("run", split_job, "--json")
+    assert split.returncode == 0, split.stderr
+    assert json.loads(split.stdout)["units_done"] == 3
+    assert embedpipe("run", whole_job).returncode == 0
+    ids, vectors = result_of(tmp_path / "split")
+    whole_ids, whole_vectors = result_of(tmp_path / "whole")
+    assert ids == whole_ids == list(range(150))
+    np.testing.assert_allclose(vectors, whole_vectors, atol=1e-6)
