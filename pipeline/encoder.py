@@ -1,7 +1,19 @@
-"""The model on its device: forward pass, pooling, normalisation, and CUDA OOM back-off."""
+"""The model on its device: forward pass, pooling, normalisation, and out-of-memory back-off.
+
+Precision, as measured on all-MiniLM-L6-v2 (docs/performance.md):
+
+* CPU bfloat16: the Linear weights are stored in bfloat16 once, and the forward pass runs under
+  autocast, so every matrix product runs in bfloat16 (AMX / AVX-512 bf16) while layer norms,
+  softmax and the residual stream stay in float32. That is what holds cosine >= 0.999 to the
+  float32 vectors on every row; casting the whole model (what `model.to(torch.bfloat16)` does)
+  drifts further on long texts.
+* CUDA float16 / bfloat16: the whole model in half precision (the GPU's norms accumulate in
+  float32), SDPA attention, or FlashAttention-2 when the flash_attn package is installed.
+"""
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,13 +28,17 @@ log = logging.getLogger(__name__)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX-512 bf16: bf16 matrix products run several times faster than float32."""
+def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as handle:
-            flags = next((line for line in handle if line.startswith("flags")), "").split()
+            return set(next((line for line in handle if line.startswith("flags")), "").split())
     except OSError:
-        return False
+        return set()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX-512 bf16: bf16 matrix products run several times faster than float32."""
+    flags = cpu_flags()
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
@@ -45,6 +61,20 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     return dtype
 
 
+def dtype_reason(requested: str, device: torch.device) -> str:
+    """Why the run uses the dtype it does, for the run summary ("bfloat16 (auto: CPU has AMX)")."""
+    chosen = resolve_dtype(requested, device)
+    if requested != "auto":
+        return chosen
+    if device.type == "cuda":
+        why = "GPU supports bf16" if chosen == "bfloat16" else "GPU lacks bf16"
+    else:
+        flags = cpu_flags()
+        why = ("CPU has AMX bf16" if "amx_bf16" in flags else "CPU has AVX-512 bf16"
+               if "avx512_bf16" in flags else "CPU has no fast bf16")
+    return f"{chosen} (auto: {why})"
+
+
 @dataclass(frozen=True)
 class EncoderSettings:
     layers: tuple[int, ...] | None  # None: use the model's pooler_output
@@ -53,19 +83,68 @@ class EncoderSettings:
     normalize: bool
 
 
+def _attention_implementation(device: torch.device) -> str:
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def _load_model(source: ModelSource, device: torch.device, dtype: str):
+    from transformers import AutoModel
+
+    attn = _attention_implementation(device)
+    kwargs = {"dtype": TORCH_DTYPES[dtype]} if device.type == "cuda" else {}
+    try:
+        try:
+            model = AutoModel.from_pretrained(source.path, attn_implementation=attn, **kwargs)
+        except (ImportError, ValueError):
+            if attn == "sdpa":
+                raise
+            model = AutoModel.from_pretrained(source.path, attn_implementation="sdpa", **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load model from {source.path}: {exc}") from exc
+    if device.type == "cuda":
+        model = model.to(TORCH_DTYPES[dtype])
+    elif dtype != "float32":
+        # Only the matrix products' weights go to bf16: autocast then finds them already cast
+        # (no per-batch copy of the weights) and keeps norms and the residual stream in float32.
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.to(TORCH_DTYPES[dtype])
+    return model.to(device).eval().requires_grad_(False)
+
+
+# Loaded models by (fingerprint, device, dtype). A process that runs several jobs (the bench's
+# rounds, a test session, a notebook) loads the weights once; models are only read, never changed.
+_MODELS: dict[tuple[str, str, str], torch.nn.Module] = {}
+_MODELS_LOCK = threading.Lock()
+_MODELS_KEEP = 2
+
+
+def cached_model(source: ModelSource, device: torch.device, dtype: str) -> torch.nn.Module:
+    key = (f"{source.path}:{source.fingerprint}", str(device), dtype)
+    with _MODELS_LOCK:
+        model = _MODELS.pop(key, None)
+        if model is None:
+            model = _load_model(source, device, dtype)
+        _MODELS[key] = model  # most recently used last
+        while len(_MODELS) > _MODELS_KEEP:
+            _MODELS.pop(next(iter(_MODELS)))
+        return model
+
+
 class Encoder:
     """Turns padded token batches into float32 sentence vectors (numpy, one row per text)."""
 
     def __init__(self, source: ModelSource, device: str, dtype: str, settings: EncoderSettings):
-        from transformers import AutoModel
-
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.settings = settings
-        try:
-            model = AutoModel.from_pretrained(source.path, attn_implementation="sdpa")
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot load model from {source.path}: {exc}") from exc
+        model = cached_model(source, self.device, self.dtype)
         if settings.layers is None and getattr(model, "pooler", None) is None:
             raise ConfigError(f"encode.pooling = 'pooler' but model {source.name!r} has no pooler")
         n_states = model.config.num_hidden_layers + 1
@@ -74,18 +153,19 @@ class Encoder:
                 raise ConfigError(
                     f"encode.layers: {layer} is out of range for a model with {n_states} hidden "
                     f"states (0 = embeddings .. {n_states - 1}, or -1 .. -{n_states})")
-        if self.device.type == "cuda":
-            # On a GPU the weights themselves go to half precision; on CPU autocast keeps
-            # layer norms and softmax in float32, which is what holds cosine >= 0.999.
-            model = model.to(TORCH_DTYPES[self.dtype])
-        self.model = model.to(self.device).eval()
+        self.model = model
         self.hidden_size = model.config.hidden_size
         self.width = output_width(self.hidden_size, settings.layers, settings.layer_combine)
+        self.pad_multiple = 8 if self.device.type == "cuda" else 1
         self.oom_splits = 0
+        # After an out-of-memory error, batches above this many padded tokens are split before
+        # they reach the device, so one OOM does not repeat on every later batch.
+        self.token_cap: int | None = None
         log.info("encoder: %s on %s in %s, width %d", source.name, self.device, self.dtype, self.width)
 
     def _autocast(self):
-        enabled = self.dtype != "float32"
+        # On CUDA the weights are already half; on CPU autocast runs the products in bf16.
+        enabled = self.dtype != "float32" and self.device.type == "cpu"
         return torch.autocast(self.device.type, dtype=TORCH_DTYPES[self.dtype], enabled=enabled)
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -107,24 +187,35 @@ class Encoder:
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
         """Encode one batch; on device out-of-memory halve it and retry, never dropping a row."""
+        rows = len(input_ids)
+        if rows > 1 and self.token_cap is not None and input_ids.numel() > self.token_cap:
+            return self._split(input_ids, attention_mask)
         try:
-            vectors = self._forward(input_ids, attention_mask)
+            return self._forward(input_ids, attention_mask).cpu().numpy()
         except torch.OutOfMemoryError:
-            if len(input_ids) == 1:
+            if rows == 1:
                 raise
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            self.oom_splits += 1
-            half = len(input_ids) // 2
-            log.warning("out of memory on a batch of %d rows; retrying as two halves", len(input_ids))
-            return np.concatenate([
-                self.encode(*_trim(input_ids[:half], attention_mask[:half])),
-                self.encode(*_trim(input_ids[half:], attention_mask[half:])),
-            ])
-        return vectors.cpu().numpy()
+        # Out of the except block: the traceback's frames (and their tensors) are gone now.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.oom_splits += 1
+        cap = input_ids.numel() // 2
+        self.token_cap = cap if self.token_cap is None else min(self.token_cap, cap)
+        log.warning("out of memory on a batch of %d rows x %d tokens; retrying as two halves",
+                    rows, input_ids.shape[1])
+        return self._split(input_ids, attention_mask)
+
+    def _split(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+        half = len(input_ids) // 2
+        return np.concatenate([
+            self.encode(*_trim(input_ids[:half], attention_mask[:half], self.pad_multiple)),
+            self.encode(*_trim(input_ids[half:], attention_mask[half:], self.pad_multiple)),
+        ])
 
 
-def _trim(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the padding columns no row of this (smaller) batch needs."""
+def _trim(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+          multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the padding columns no row of this (smaller) batch needs, keeping `multiple` alignment."""
     longest = int(attention_mask.sum(1).max())
-    return input_ids[:, :longest], attention_mask[:, :longest]
+    width = min(-(-longest // multiple) * multiple, input_ids.shape[1])
+    return input_ids[:, :width], attention_mask[:, :width]

@@ -1,0 +1,196 @@
+"""The encoder's fast paths: bf16 on CPU, dtype auto, OOM back-off, vectorised collate, model cache.
+
+References are independent: sentence-transformers' own vectors, and the float32 encoder.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import encoder as encoder_mod
+from pipeline.batching import TextTokenizer, collate, plan_batches
+from pipeline.config import ConfigError
+from pipeline.encoder import (Encoder, EncoderSettings, _trim, dtype_reason, resolve_dtype)
+
+MEAN = EncoderSettings(layers=(-1,), layer_combine="concat", token_pooling="mean", normalize=True)
+
+
+def _encode_all(encoder: Encoder, tokenizer: TextTokenizer, texts: list[str],
+                batch_tokens: int = 8192) -> np.ndarray:
+    tokens = tokenizer(texts)
+    lengths = np.array([len(x) for x in tokens.ids])
+    out = np.zeros((len(texts), encoder.width), np.float32)
+    for positions in plan_batches(lengths, batch_tokens, 256):
+        batch = collate(tokens.ids, positions, tokenizer.pad_id, encoder.pad_multiple)
+        out[positions] = encoder.encode(batch.input_ids, batch.attention_mask)
+    return out
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(bundled_model):
+    return TextTokenizer(bundled_model.path, bundled_model.max_length)
+
+
+@pytest.fixture(scope="module")
+def st_vectors(bundled_model, mixed_texts):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(bundled_model.path), device="cpu")
+    return model.encode(mixed_texts, batch_size=32, convert_to_numpy=True)
+
+
+@pytest.fixture(scope="module")
+def fp32_vectors(bundled_model, tokenizer, mixed_texts):
+    return _encode_all(Encoder(bundled_model, "cpu", "float32", MEAN), tokenizer, mixed_texts)
+
+
+def test_float32_equals_sentence_transformers(fp32_vectors, st_vectors):
+    assert _cos(fp32_vectors, st_vectors).min() >= 0.99999
+
+
+def test_bfloat16_on_cpu_keeps_every_row_within_cosine_0999(bundled_model, tokenizer, mixed_texts,
+                                                          fp32_vectors, st_vectors):
+    bf16 = _encode_all(Encoder(bundled_model, "cpu", "bfloat16", MEAN), tokenizer, mixed_texts)
+    assert _cos(bf16, st_vectors).min() >= 0.999
+    assert _cos(bf16, fp32_vectors).min() >= 0.999
+    # and it really ran in lower precision: not bit-equal to float32
+    assert not np.allclose(bf16, fp32_vectors, atol=1e-6)
+
+
+def test_bfloat16_on_cpu_casts_only_the_linear_weights(bundled_model):
+    model = Encoder(bundled_model, "cpu", "bfloat16", MEAN).model
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert linear and norms
+    assert all(m.weight.dtype == torch.bfloat16 for m in linear)
+    assert all(m.weight.dtype == torch.float32 for m in norms)
+    assert model.embeddings.word_embeddings.weight.dtype == torch.float32
+
+
+def test_models_are_loaded_once_per_device_and_dtype(bundled_model):
+    a = Encoder(bundled_model, "cpu", "float32", MEAN)
+    b = Encoder(bundled_model, "cpu", "float32", EncoderSettings((-1,), "concat", "cls", False))
+    c = Encoder(bundled_model, "cpu", "bfloat16", MEAN)
+    assert a.model is b.model
+    assert c.model is not a.model
+    assert next(a.model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"amx_bf16", "avx512f"}, "bfloat16"),
+    ({"avx512_bf16"}, "bfloat16"),
+    ({"avx2", "fma"}, "float32"),
+])
+def test_auto_dtype_on_cpu_follows_the_cpu_flags(monkeypatch, flags, expected):
+    monkeypatch.setattr(encoder_mod, "cpu_flags", lambda: flags)
+    assert resolve_dtype("auto", torch.device("cpu")) == expected
+    assert dtype_reason("auto", torch.device("cpu")).startswith(f"{expected} (auto: CPU ")
+    assert resolve_dtype("float32", torch.device("cpu")) == "float32"
+
+
+@pytest.mark.parametrize("bf16_ok, expected", [(True, "bfloat16"), (False, "float16")])
+def test_auto_dtype_on_cuda_is_half(monkeypatch, bf16_ok, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
+    assert resolve_dtype("auto", torch.device("cuda")) == expected
+    assert dtype_reason("auto", torch.device("cuda")).startswith(f"{expected} (auto: GPU")
+
+
+def test_float16_on_cpu_is_a_config_error():
+    with pytest.raises(ConfigError, match="float16"):
+        resolve_dtype("float16", torch.device("cpu"))
+
+
+def test_device_auto_picks_cuda_when_present(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert encoder_mod.resolve_device("auto").type == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert encoder_mod.resolve_device("auto").type == "cpu"
+    with pytest.raises(ConfigError, match="no CUDA"):
+        encoder_mod.resolve_device("cuda")
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_every_row(bundled_model, tokenizer, mixed_texts,
+                                                            monkeypatch):
+    encoder = Encoder(bundled_model, "cpu", "float32", MEAN)
+    texts = mixed_texts[:40] + mixed_texts[-8:]  # short and long rows in one batch
+    tokens = tokenizer(texts)
+    batch = collate(tokens.ids, np.arange(len(texts)), tokenizer.pad_id)
+    reference = encoder.encode(batch.input_ids, batch.attention_mask)
+
+    limit = 6 * batch.input_ids.shape[1]  # the device "holds" 6 rows of the full width
+    real_forward, seen = encoder._forward, []
+
+    def forward(input_ids, attention_mask):
+        seen.append(tuple(input_ids.shape))
+        if input_ids.numel() > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_forward(input_ids, attention_mask)
+
+    monkeypatch.setattr(encoder, "_forward", forward)
+    vectors = encoder.encode(batch.input_ids, batch.attention_mask)
+    assert vectors.shape == reference.shape
+    assert _cos(vectors, reference).min() >= 0.99999  # same rows, same order, none dropped
+    first_splits = encoder.oom_splits
+    assert first_splits >= 2  # 48 rows -> 24 -> 12 (-> 6) before the batches fit
+    # Halves were trimmed to their own longest row: a half of short rows is narrower.
+    assert min(width for _, width in seen) < batch.input_ids.shape[1]
+
+    # Later batches are split before they reach the device: the errors do not all repeat.
+    seen[:], cap = [], encoder.token_cap
+    again = encoder.encode(batch.input_ids, batch.attention_mask)
+    assert encoder.oom_splits - first_splits < first_splits
+    assert all(rows * width <= cap or rows == 1 for rows, width in seen)
+    assert _cos(again, reference).min() >= 0.99999
+
+
+def test_out_of_memory_on_a_single_row_is_raised(bundled_model, tokenizer, monkeypatch):
+    encoder = Encoder(bundled_model, "cpu", "float32", MEAN)
+
+    def forward(input_ids, attention_mask):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(encoder, "_forward", forward)
+    batch = collate(tokenizer(["a single row"]).ids, np.array([0]), tokenizer.pad_id)
+    with pytest.raises(torch.OutOfMemoryError):
+        encoder.encode(batch.input_ids, batch.attention_mask)
+
+
+def test_trim_keeps_the_cuda_alignment():
+    mask = torch.tensor([[1] * 11 + [0] * 13, [1] * 3 + [0] * 21])
+    ids = torch.arange(48).reshape(2, 24)
+    assert _trim(ids, mask)[0].shape == (2, 11)
+    assert _trim(ids, mask, 8)[0].shape == (2, 16)
+    assert _trim(ids[1:], mask[1:], 8)[1].shape == (1, 8)
+
+
+def test_collate_pads_each_batch_to_its_longest_row():
+    ids = [[101, 7, 8, 102], [101, 102], [101, 5, 6, 7, 8, 9, 102]]
+    positions = np.array([2, 0, 1])
+    batch = collate(ids, positions, pad_id=0, pad_to_multiple_of=8)
+    assert batch.input_ids.shape == (3, 8) and batch.input_ids.dtype == torch.int64
+    for row, p in enumerate(positions):
+        n = len(ids[p])
+        assert batch.input_ids[row, :n].tolist() == ids[p]
+        assert batch.input_ids[row, n:].eq(0).all()
+        assert batch.attention_mask[row].tolist() == [1] * n + [0] * (8 - n)
+    assert (batch.real_tokens, batch.padded_tokens) == (13, 24)
+    assert collate(ids, positions, pad_id=0).input_ids.shape == (3, 7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_half_precision_within_cosine_0999(bundled_model, tokenizer, mixed_texts, fp32_vectors):
+    encoder = Encoder(bundled_model, "cuda", "auto", MEAN)
+    assert encoder.dtype in ("bfloat16", "float16") and encoder.pad_multiple == 8
+    tokens = tokenizer(mixed_texts)
+    lengths = np.array([len(x) for x in tokens.ids])
+    out = np.zeros_like(fp32_vectors)
+    for positions in plan_batches(lengths, 8192, 256):
+        batch = collate(tokens.ids, positions, tokenizer.pad_id, 8, pin_memory=True)
+        assert batch.input_ids.is_pinned()
+        out[positions] = encoder.encode(batch.input_ids, batch.attention_mask)
+    assert _cos(out, fp32_vectors).min() >= 0.999
