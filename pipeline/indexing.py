@@ -2,7 +2,8 @@
 
 Index choice (a factory string from the config, or `auto` from the count and a memory budget) is
 kept apart from building; IVF kinds train on an even sample, then add part by part, so the whole
-vector set is never in memory at once.
+vector set is never in memory at once. The search-time knobs (efSearch, nprobe) are written into
+index_infos.json and applied by `load_index`, so a search runs the index as it was measured.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import IndexConfig
+from .config import ConfigError, IndexConfig
 from .storage import Store
 
 log = logging.getLogger(__name__)
@@ -30,12 +31,18 @@ IDS_FILE = f"{INDEX_DIR}/ids.parquet"
 INFOS_FILE = f"{INDEX_DIR}/index_infos.json"
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 TRAIN_PER_CENTROID = 39  # FAISS warns below 39 training points per centroid
+MIN_TRAIN = 10_000  # IVF kinds train on at least this many vectors when there are that many
+RECALL_QUERIES = 1_000  # stored vectors used as queries for recall@10
+NPROBE_TARGET = 0.95  # an unset nprobe is the smallest that reaches this recall@10
+FLAT_MAX = 200_000  # auto: flat (exact) up to this many vectors, if it fits the budget
+HNSW_MAX = 10_000_000  # auto: HNSW up to this many, if it fits; IVF-PQ beyond
+READ_ROWS = 65_536  # rows per streamed block of a vector part
 
 
 def parse_memory(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text.upper())
     if not match:
-        raise ValueError(f"index.max_memory: {text!r} is not a size like 512MB or 4GB")
+        raise ConfigError(f"index.max_memory: {text!r} is not a size like 512MB or 4GB")
     return int(float(match[1]) * 1024 ** " KMGT".index(match[2] or " "))
 
 
@@ -46,20 +53,50 @@ def default_nlist(n: int) -> int:
 
 def default_pq_m(dim: int) -> int:
     """Sub-quantizers of 4 dimensions each (8-bit codes): dim/4 bytes per vector."""
-    for m in range(max(1, dim // 4), 0, -1):
-        if dim % m == 0:
+    return largest_divisor(dim, max(1, dim // 4))
+
+
+def largest_divisor(dim: int, at_most: int) -> int:
+    return next(m for m in range(max(1, at_most), 0, -1) if dim % m == 0)
+
+
+def pq_nbits(n: int) -> int:
+    """8-bit codes (256 centroids per sub-quantizer) once there are 39 x 256 vectors to train on."""
+    if n < 2 * TRAIN_PER_CENTROID:
+        return 1
+    return max(1, min(8, int(math.log2(n / TRAIN_PER_CENTROID))))
+
+
+def hnsw_bytes(n: int, dim: int, m: int) -> int:
+    """Vectors plus about 2M level-0 links of 4 bytes each (upper levels add ~1/M more)."""
+    return int(n * (dim * 4 + m * 2 * 4 * 1.1))
+
+
+def choose_kind(cfg: IndexConfig, n: int, dim: int) -> str:
+    """`auto`, autofaiss-style: exact while small and in budget, then HNSW, then IVF-PQ."""
+    if cfg.type != "auto":
+        return cfg.type
+    budget = parse_memory(cfg.max_memory)
+    if n <= FLAT_MAX and n * dim * 4 <= budget:
+        return "flat"
+    if n <= HNSW_MAX and hnsw_bytes(n, dim, cfg.hnsw_m) <= budget:
+        return "hnsw"
+    return "ivf-pq"
+
+
+def auto_pq_m(cfg: IndexConfig, n: int, dim: int, nlist: int) -> int:
+    """The largest code (at most dim/4 bytes) whose codes, ids and centroids fit the budget."""
+    budget = parse_memory(cfg.max_memory)
+    room = budget - nlist * dim * 4
+    for m in sorted({m for m in range(1, dim // 4 + 1) if dim % m == 0}, reverse=True):
+        if n * (m + 8) <= room:
             return m
-    return 1
+    raise ConfigError(f"index.max_memory = {cfg.max_memory!r} is too small for {n:,} vectors even "
+                      f"as IVF-PQ with 1-byte codes; raise it")
 
 
 def factory_string(cfg: IndexConfig, n: int, dim: int) -> str:
-    kind = cfg.type
-    if kind == "auto":
-        budget = parse_memory(cfg.max_memory)
-        flat_bytes = n * dim * 4
-        hnsw_bytes = n * (dim * 4 + cfg.hnsw_m * 2 * 4)
-        kind = ("flat" if n <= 200_000 and flat_bytes <= budget else
-                "hnsw" if hnsw_bytes <= budget else "ivf-pq")
+    kind = choose_kind(cfg, n, dim)
     if kind == "flat":
         return "Flat"
     if kind == "hnsw":
@@ -68,24 +105,44 @@ def factory_string(cfg: IndexConfig, n: int, dim: int) -> str:
     if kind == "ivf-flat":
         return f"IVF{nlist},Flat"
     if kind == "ivf-pq":
-        return f"IVF{nlist},PQ{cfg.pq_m or default_pq_m(dim)}"
+        m = cfg.pq_m or (auto_pq_m(cfg, n, dim, nlist) if cfg.type == "auto" else default_pq_m(dim))
+        if dim % m:
+            raise ConfigError(f"index.pq_m = {m} must divide the vector dimension {dim}")
+        nbits = pq_nbits(n)
+        # "np": no polysemous training, which costs minutes and serves only Hamming filtering
+        return f"IVF{nlist},PQ{m}" + ("" if nbits == 8 else f"x{nbits}") + "np"
     return cfg.factory
 
 
 @dataclass(frozen=True)
 class VectorParts:
-    """The committed vector parts of an output folder, in row order."""
+    """The committed vector parts of an output folder, in row order (= FAISS ids)."""
     store: Store
     files: list[str]
 
-    def count(self) -> int:
-        return sum(pq.ParquetFile(self.store.fs.open(self.store.path(f), "rb")).metadata.num_rows
-                   for f in self.files)
+    def metadata(self, name: str) -> pq.FileMetaData:
+        with self.store.fs.open(self.store.path(name), "rb") as handle:
+            return pq.ParquetFile(handle).metadata
 
-    def read(self, columns: list[str]) -> Iterator[pa.Table]:
+    def rows(self) -> list[int]:
+        return [self.metadata(f).num_rows for f in self.files]
+
+    def count(self) -> int:
+        return sum(self.rows())
+
+    def dimension(self) -> int:
+        for name in self.files:
+            vector = self.metadata(name).schema.to_arrow_schema().field("vector").type
+            return vector.list_size
+        return 0
+
+    def read(self, columns: list[str], batch_rows: int = READ_ROWS) -> Iterator[pa.Table]:
+        """The columns, part after part, at most batch_rows rows at a time."""
         for name in self.files:
             with self.store.fs.open(self.store.path(name), "rb") as handle:
-                yield pq.read_table(handle, columns=columns)
+                for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_rows,
+                                                                 columns=columns):
+                    yield pa.Table.from_batches([batch])
 
     def vectors(self) -> Iterator[np.ndarray]:
         for table in self.read(["vector"]):
@@ -108,11 +165,12 @@ def to_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.ascontiguousarray(flat.reshape(-1, dim), dtype=np.float32)
 
 
-def even_positions(n: int, k: int) -> np.ndarray:
-    """k row positions spread evenly over n rows (all rows when k >= n)."""
+def even_positions(n: int, k: int, shift: float = 0.0) -> np.ndarray:
+    """k row positions spread evenly over n rows (all rows when k >= n); shift in steps (0..1)."""
     if k >= n:
         return np.arange(n)
-    return np.unique(np.linspace(0, n - 1, k).astype(np.int64))
+    step = n / k
+    return np.unique(np.minimum((np.arange(k) * step + shift * step).astype(np.int64), n - 1))
 
 
 def exact_top_k(parts: VectorParts, queries: np.ndarray, k: int, metric: str) -> np.ndarray:
@@ -134,65 +192,187 @@ def exact_top_k(parts: VectorParts, queries: np.ndarray, k: int, metric: str) ->
     return best_i
 
 
-def recall_at_k(index: faiss.Index, parts: VectorParts, n: int, metric: str, k: int = 10,
-                n_queries: int = 1000) -> float:
-    queries = parts.sample(even_positions(n, n_queries))
+def recall(index: faiss.Index, queries: np.ndarray, truth: np.ndarray) -> float:
+    """Share of the exact top-k found in the index's top-k."""
     if len(queries) == 0:
         return float("nan")
-    k = min(k, n)
-    truth = exact_top_k(parts, queries, k, metric)
-    _, found = index.search(queries, k)
+    _, found = index.search(queries, truth.shape[1])
     hits = sum(len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist()))
-    return hits / (len(queries) * k)
+    return hits / truth.size
 
 
-def set_search_params(index: faiss.Index, cfg: IndexConfig) -> None:
+def search_params(index: faiss.Index) -> dict:
+    """The search-time knobs an index carries, as stored in index_infos.json."""
+    params = {}
     inner = faiss.downcast_index(index)
     if isinstance(inner, faiss.IndexHNSW):
-        inner.hnsw.efSearch = cfg.ef_search
+        params["efSearch"] = int(inner.hnsw.efSearch)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
-        ivf.nprobe = cfg.nprobe or max(1, min(ivf.nlist, int(round(math.sqrt(ivf.nlist)))))
+        params["nprobe"] = int(ivf.nprobe)
+    return params
+
+
+def apply_search_params(index: faiss.Index, params: dict) -> None:
+    inner = faiss.downcast_index(index)
+    if "efSearch" in params and isinstance(inner, faiss.IndexHNSW):
+        inner.hnsw.efSearch = int(params["efSearch"])
+    ivf = faiss.try_extract_index_ivf(index)
+    if "nprobe" in params and ivf is not None:
+        ivf.nprobe = int(params["nprobe"])
+
+
+def tune_nprobe(index: faiss.Index, queries: np.ndarray, truth: np.ndarray) -> int:
+    """The smallest nprobe (1, 2, 4, ... nlist) reaching NPROBE_TARGET recall, else the best."""
+    ivf = faiss.extract_index_ivf(index)
+    ladder = sorted({min(2 ** i, ivf.nlist) for i in range(ivf.nlist.bit_length() + 1)})
+    best, best_recall = ladder[-1], -1.0
+    for nprobe in ladder:
+        ivf.nprobe = nprobe
+        got = recall(index, queries, truth)
+        if got >= NPROBE_TARGET:
+            return nprobe
+        if got > best_recall + 0.005:  # stop paying for probes that buy no recall
+            best, best_recall = nprobe, got
+    return best
+
+
+def measure(index: faiss.Index, parts: VectorParts, n: int,
+            cfg: IndexConfig) -> tuple[float, dict, bool]:
+    """recall@10 against exact search, the search parameters it was measured with, and whether
+    the sampled vectors have unit length.
+
+    Exact neighbours are computed once for two even samples of stored vectors: an unset nprobe
+    is tuned on one, and the recall reported is measured on the other (disjoint when n >= 2000).
+    """
+    k = min(10, n)
+    report_pos = even_positions(n, RECALL_QUERIES)
+    ivf = faiss.try_extract_index_ivf(index)
+    tune_pos = even_positions(n, RECALL_QUERIES, shift=0.5) if ivf is not None else report_pos
+    positions = np.union1d(report_pos, tune_pos)
+    queries = parts.sample(positions)
+    truth = exact_top_k(parts, queries, k, cfg.metric)
+    if ivf is not None:
+        tune = np.isin(positions, tune_pos)
+        ivf.nprobe = min(ivf.nlist, cfg.nprobe or tune_nprobe(index, queries[tune], truth[tune]))
+    report = np.isin(positions, report_pos)
+    unit = bool(np.allclose(np.linalg.norm(queries, axis=1), 1.0, atol=1e-3))
+    return recall(index, queries[report], truth[report]), search_params(index), unit
+
+
+def _training_size(index: faiss.Index, n: int) -> int:
+    ivf = faiss.try_extract_index_ivf(index)
+    centroids = ivf.nlist if ivf is not None else 1
+    pq_index = faiss.downcast_index(ivf if ivf is not None else index)
+    if hasattr(pq_index, "pq"):
+        centroids = max(centroids, pq_index.pq.ksub)
+    elif ivf is None:
+        centroids = 256
+    return min(n, max(TRAIN_PER_CENTROID * centroids, MIN_TRAIN))
 
 
 def build_index(store: Store, files: list[str], cfg: IndexConfig, normalized: bool) -> dict:
-    """Build, write atomically, and describe the index for the given parts. Returns the infos."""
+    """Build, write atomically, and describe the index for the given parts. Returns the infos.
+
+    `normalized` is what the job asked for; the ip warning goes by the vectors themselves (a
+    sample's norms), so a model that normalises on its own draws no warning."""
     started = time.perf_counter()
     parts = VectorParts(store, files)
-    n = parts.count()
-    dim = next((b.shape[1] for b in parts.vectors()), 0) if n else 0
-    if cfg.metric == "ip" and not normalized:
-        log.warning("index.metric = 'ip' on vectors that are not normalised is not cosine "
-                    "similarity; set encode.normalize = true for cosine")
+    rows = parts.rows()
+    n = sum(rows)
+    dim = parts.dimension()
     if n == 0:
         store.remove(INDEX_FILE)
         store.remove(IDS_FILE)
         infos = {"type": cfg.type, "count": 0}
         store.write_json(INFOS_FILE, infos)
         return infos
+    kind = choose_kind(cfg, n, dim)
     factory = factory_string(cfg, n, dim)
-    index = faiss.index_factory(dim, factory, METRICS[cfg.metric])
+    try:
+        index = faiss.index_factory(dim, factory, METRICS[cfg.metric])
+    except RuntimeError as exc:
+        raise ConfigError(f"index.factory: FAISS cannot build {factory!r}: {exc}") from None
     if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
-        faiss.downcast_index(index).hnsw.efConstruction = cfg.ef_construction
+        hnsw = faiss.downcast_index(index).hnsw
+        hnsw.efConstruction = cfg.ef_construction
+        hnsw.efSearch = cfg.ef_search
+    trained_on = 0
     if not index.is_trained:
-        ivf = faiss.try_extract_index_ivf(index)
-        needed = TRAIN_PER_CENTROID * (ivf.nlist if ivf is not None else 256)
-        index.train(parts.sample(even_positions(n, max(needed, 10_000))))
+        trained_on = _training_size(index, n)
+        index.train(parts.sample(even_positions(n, trained_on)))
     for block in parts.vectors():
         index.add(block)
-    set_search_params(index, cfg)
+
+    build_seconds = time.perf_counter() - started
+    measured, params, unit = measure(index, parts, n, cfg)
+    if cfg.metric == "ip" and not unit:
+        log.warning("index.metric = 'ip' on vectors that are not normalised is not cosine "
+                    "similarity; set encode.normalize = true for cosine")
     store.write_bytes(INDEX_FILE, faiss.serialize_index(index).tobytes())
-    id_tables = [t.column("id") for t in parts.read(["id"])]
-    ids = pa.chunked_array([c for t in id_tables for c in t.chunks])
+
+    ids = pa.chunked_array([c for t in parts.read(["id"]) for c in t.column("id").chunks])
     id_map = pa.table({"faiss_id": pa.array(np.arange(n, dtype=np.int64)), "id": ids})
     with store.open_atomic(IDS_FILE) as handle:
         pq.write_table(id_map, handle)
-    seconds = time.perf_counter() - started
     infos = {
-        "type": cfg.type, "factory": factory, "count": n, "dimension": dim, "metric": cfg.metric,
-        "size_bytes": store.size(INDEX_FILE), "build_seconds": round(seconds, 3),
-        "recall_at_10": round(recall_at_k(index, parts, n, cfg.metric), 4),
+        "type": cfg.type, "kind": kind, "factory": factory, "count": n, "dimension": dim,
+        "metric": cfg.metric, "normalized": unit, "size_bytes": store.size(INDEX_FILE),
+        "build_seconds": round(build_seconds, 3), "recall_at_10": round(measured, 4),
+        "recall_queries": min(n, RECALL_QUERIES), "search_params": params,
+        "trained_on": trained_on, "max_memory": cfg.max_memory if cfg.type == "auto" else None,
+        "parts": [{"file": f, "rows": r} for f, r in zip(files, rows)],
     }
     store.write_json(INFOS_FILE, infos)
-    log.info("index: %s", json.dumps(infos))
+    log.info("index: %s", json.dumps({k: v for k, v in infos.items() if k != "parts"}))
     return infos
+
+
+def load_index(store: Store) -> tuple[faiss.Index, dict]:
+    """The folder's index with the search parameters it was measured with, and its infos."""
+    if not store.exists(INDEX_FILE) or not store.exists(INFOS_FILE):
+        raise ConfigError(f"{store.url} has no index; build one with `embedpipe index {store.url}`")
+    infos = store.read_json(INFOS_FILE)
+    if store.local:
+        index = faiss.read_index(store.path(INDEX_FILE))
+    else:
+        index = faiss.deserialize_index(np.frombuffer(store.read_bytes(INDEX_FILE), np.uint8))
+    apply_search_params(index, infos.get("search_params", {}))
+    return index, infos
+
+
+def rebuild_index(url: str, overrides: dict) -> dict:
+    """`embedpipe index`: rebuild OUT's index from its stored vectors (no encoding), streaming
+    them from Parquet, with the manifest's [index] settings updated by `overrides`."""
+    from .config import config_from_dict
+    from .ledger import MANIFEST, Ledger, acquire_lock, release_lock
+
+    store = Store(url)
+    if not store.exists(MANIFEST):
+        raise ConfigError(f"{url}: no {MANIFEST}; is this an embedpipe output folder?")
+    acquire_lock(store)
+    try:
+        ledger = Ledger(store)
+        recorded = ledger.data.get("config", {}).get("index", {})
+        merged = {**recorded, **{k: v for k, v in overrides.items() if v is not None}}
+        if overrides.get("type") and overrides["type"] != "factory" and not overrides.get("factory"):
+            merged["factory"] = None
+        cfg = config_from_dict({"index": merged}).index
+        normalized = bool(ledger.data.get("vector_settings", {}).get("encode.normalize"))
+        infos = build_index(store, ledger.files("vectors"), cfg, normalized=normalized)
+        ledger.update(index=infos)
+    finally:
+        release_lock(store)
+    return infos
+
+
+def render_infos(infos: dict) -> str:
+    if not infos.get("count"):
+        return "index: empty (no vectors)"
+    params = ", ".join(f"{k} {v}" for k, v in infos.get("search_params", {}).items())
+    return (f"index: {infos['factory']} ({infos['kind']}) over {infos['count']:,} x "
+            f"{infos['dimension']} vectors, metric {infos['metric']}"
+            + (f", {params}" if params else "") + "\n"
+            f"  recall@10 {infos['recall_at_10']} on {infos['recall_queries']} stored vectors "
+            f"as queries; {infos['size_bytes'] / 2**20:.1f} MiB; built in "
+            f"{infos['build_seconds']:.1f} s")

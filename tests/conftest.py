@@ -59,3 +59,23 @@ def tiny_model(tmp_path_factory, bundled_model) -> Path:
     BertModel(config).eval().save_pretrained(path)
     AutoTokenizer.from_pretrained(bundled_model.path).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def snippets_out(tmp_path_factory, movie_table) -> Path:
+    """Every 4th real snippet (2,652; the source file is ordered by valence, so a stride keeps
+    both labels) embedded once: mean pooling, unit vectors, a flat index, text and label kept,
+    parts of 1,000 rows. For the search, index and head tests."""
+    from helpers import make_job, run
+
+    folder = tmp_path_factory.mktemp("snippets")
+    pq.write_table(movie_table.take(np.arange(0, movie_table.num_rows, 4)),
+                   folder / "snippets.parquet")
+    out = folder / "out"
+    job = make_job(folder / "snippets.parquet", out,
+                   encode={"pooling": "mean", "normalize": True},
+                   output={"keep_columns": ["text", "label"], "rows_per_file": 1000},
+                   index={"type": "flat", "metric": "ip"})
+    job["model"]["max_length"] = 128
+    run(job)
+    return out
