@@ -128,5 +128,189 @@ def bench(input_path, rows, text_column, id_column, model, dtypes, device, max_l
     click.echo(to_json(report) if as_json else render(report))
 
 
+class _UsageErrors:
+    """Config and lock errors of the downstream commands: a message and exit 2."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        from .ledger import LockedError
+
+        if isinstance(exc, (ConfigError, LockedError)):
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_USAGE)
+        return False
+
+
+@main.command()
+@click.argument("out")
+@click.argument("query", required=False)
+@click.option("-k", default=10, show_default=True, type=click.IntRange(min=1),
+              help="How many neighbours per query.")
+@click.option("--queries", type=click.Path(exists=True), metavar="FILE.parquet",
+              help="Search every text of this Parquet file (or folder) as a batch; needs --out.")
+@click.option("--out", "results", metavar="FILE.parquet",
+              help="With --queries: write the hits here (query_id, query, rank, id, score, "
+                   "kept columns).")
+@click.option("--text-column", default="text", show_default=True, help="With --queries.")
+@click.option("--id-column", default="id", show_default=True,
+              help="With --queries: the queries' ids (row numbers when the file has none).")
+@click.option("--json", "as_json", is_flag=True, help="Print the hits as JSON.")
+def search(out: str, query: str | None, k: int, queries: str | None, results: str | None,
+           text_column: str, id_column: str, as_json: bool) -> None:
+    """Search the index of output folder OUT for QUERY (or the texts of --queries).
+
+    The query is encoded exactly as OUT's vectors were (model, pooling, max_length, dtype,
+    normalisation from OUT/manifest.json); a model whose weights differ is refused. Prints
+    rank, id, score and the kept text, if the job kept one ([output] keep_columns).
+
+    \b
+    embedpipe search out/movie-reviews "a warm, funny film" -k 5
+    embedpipe search out/movie-reviews --queries q.parquet --out hits.parquet
+    """
+    from .search import Searcher, render_hits
+
+    if (query is None) == (queries is None):
+        raise click.UsageError("give either QUERY or --queries FILE.parquet")
+    if queries and not results:
+        raise click.UsageError("--queries needs --out FILE.parquet for the results")
+    with _UsageErrors():
+        searcher = Searcher(out)
+        if queries:
+            done, skipped = searcher.search_file(queries, results, k, text_column, id_column)
+            click.echo(f"{done} queries searched ({skipped} blank skipped); hits in {results}")
+            return
+        hits = searcher.search([query], k).drop_columns(["query"]).to_pylist()
+    click.echo(json.dumps(hits, indent=2, default=str) if as_json
+               else render_hits(hits, searcher.metric))
+
+
+@main.command("index")
+@click.argument("out")
+@click.option("--type", "kind", type=click.Choice(["flat", "hnsw", "ivf-flat", "ivf-pq", "auto",
+                                                   "factory"]),
+              help="Index kind (default: the one in OUT's manifest).")
+@click.option("--factory", help="A FAISS index_factory string (implies --type factory).")
+@click.option("--metric", type=click.Choice(["ip", "l2"]), help="ip = cosine on unit vectors.")
+@click.option("--hnsw-m", type=click.IntRange(min=2), help="HNSW links per node (M).")
+@click.option("--ef-construction", type=click.IntRange(min=1), help="HNSW build breadth.")
+@click.option("--ef-search", type=click.IntRange(min=1), help="HNSW search breadth (stored).")
+@click.option("--nlist", type=click.IntRange(min=1),
+              help="IVF lists (default: about 4 sqrt(n), at most n/39).")
+@click.option("--nprobe", type=click.IntRange(min=1),
+              help="IVF lists searched (stored; default: the smallest reaching recall@10 0.95).")
+@click.option("--pq-m", type=click.IntRange(min=1), help="IVF-PQ bytes per vector.")
+@click.option("--max-memory", help="Budget for --type auto, e.g. 4GB.")
+@click.option("--json", "as_json", is_flag=True, help="Print index_infos.json.")
+def index_cmd(out: str, kind: str | None, factory: str | None, as_json: bool, **knobs) -> None:
+    """Rebuild OUT's FAISS index from its stored vectors, without encoding again.
+
+    Vectors stream from the Parquet parts; IVF kinds train on an even sample (at least 39 per
+    list), then add part by part. Writes OUT/index/ (index.faiss, ids.parquet,
+    index_infos.json with recall@10 against exact search) and records it in the manifest.
+    """
+    from .indexing import rebuild_index, render_infos
+
+    overrides = {"type": "factory" if factory and not kind else kind, "factory": factory, **knobs}
+    with _UsageErrors():
+        infos = rebuild_index(out, overrides)
+    click.echo(json.dumps(infos, indent=2) if as_json else render_infos(infos))
+
+
+@main.command("train-head")
+@click.argument("out")
+@click.option("--labels", metavar="PATH",
+              help="Parquet file or folder with the id and label columns (default: a column "
+                   "OUT kept next to its vectors).")
+@click.option("--label-column", required=True, help="The label column (nulls are left out).")
+@click.option("--id-column", default="id", show_default=True, help="The labels' id column.")
+@click.option("--test-fraction", default=0.2, show_default=True, type=float,
+              help="Held-out share, split stratified by label.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Split and solver seed.")
+@click.option("--C", "c", default=None, type=float,
+              help="Inverse regularisation strength on standardised features (default: chosen "
+                   "by 3-fold cross-validation on the training part).")
+@click.option("--out", "dest", metavar="DIR", help="Head folder (default: OUT/heads/LABEL).")
+@click.option("--json", "as_json", is_flag=True, help="Print the head's card as JSON.")
+def train_head_cmd(out: str, labels: str | None, label_column: str, id_column: str,
+                   test_fraction: float, seed: int, c: float | None, dest: str | None,
+                   as_json: bool) -> None:
+    """Train a logistic-regression head on OUT's stored vectors and report held-out metrics.
+
+    Vectors are joined by id to the labels; rows with a null label are left out and counted.
+    Saves head.npz and head.json (embedding settings hash, label names, metrics) to the head
+    folder, for `embedpipe predict`.
+    """
+    from .heads import HeadOptions, render_card, train_head
+
+    with _UsageErrors():
+        card = train_head(out, HeadOptions(label_column, labels, id_column, test_fraction, seed,
+                                           c), dest)
+    click.echo(json.dumps(card, indent=2) if as_json else render_card(card))
+
+
+@main.command()
+@click.argument("head")
+@click.argument("inputs", metavar="INPUT.parquet")
+@click.option("--out", "dest", required=True, metavar="PRED.parquet",
+              help="Predictions: id, predicted, proba_<class> per class.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--id-column", default="id", show_default=True,
+              help="Copied to the output (row numbers when the input has none).")
+def predict(head: str, inputs: str, dest: str, text_column: str, id_column: str) -> None:
+    """Embed the texts of INPUT.parquet as HEAD's vectors were made, and classify them.
+
+    Refuses a head whose embedding settings differ from what this machine's model produces.
+    """
+    from .heads import predict_file
+
+    with _UsageErrors():
+        counts = predict_file(head, inputs, dest, text_column, id_column)
+    click.echo(f"{counts['predicted']} texts classified ({counts['skipped_blank']} blank "
+               f"skipped); predictions in {dest}")
+
+
+@main.command()
+@click.option("--input", "input_path", default=None, metavar="PARQUET",
+              help="A Parquet file or folder (default: the built-in mixed-length English corpus).")
+@click.option("--rows", type=int, default=None,
+              help="Use the first N rows (built-in corpus: its size, default 4000).")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--id-column", default="id", show_default=True)
+@click.option("--model", default="all-MiniLM-L6-v2", show_default=True)
+@click.option("--dtype", "dtypes", multiple=True, default=("auto",), show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              help="embedpipe's dtype; repeat to bench several (e.g. --dtype float32 --dtype bfloat16).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--max-length", type=int, default=None, help="Default: the model's own limit.")
+@click.option("--rounds", type=int, default=3, show_default=True)
+@click.option("--st-batch-size", type=int, default=32, show_default=True,
+              help="SentenceTransformer.encode batch_size.")
+@click.option("--batch-tokens", type=int, default=None, help="embedpipe's token budget per batch.")
+@click.option("--no-st", is_flag=True, help="Skip sentence-transformers.")
+@click.option("--workdir", default=None, help="Keep inputs and outputs here (default: a temp folder).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def bench(input_path, rows, text_column, id_column, model, dtypes, device, max_length, rounds,
+          st_batch_size, batch_tokens, no_st, workdir, as_json) -> None:
+    """Benchmark embedpipe's full path against SentenceTransformer.encode on this machine.
+
+    Interleaved rounds in one process; reports texts/s, tokens/s, padding, peak RSS, the
+    ratios, the stage breakdown and the share of the machine's matmul rate the encoder reaches.
+    """
+    from .bench import BenchOptions, render, run_bench, to_json
+
+    opts = BenchOptions(input=input_path, rows=rows, text_column=text_column, id_column=id_column,
+                        model=model, dtypes=tuple(dtypes), device=device, max_length=max_length,
+                        rounds=rounds, st_batch_size=st_batch_size, batch_tokens=batch_tokens,
+                        compare_st=not no_st, workdir=workdir)
+    try:
+        report = run_bench(opts, log=lambda line: click.echo(line, err=True))
+    except (ConfigError, ValueError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    click.echo(to_json(report) if as_json else render(report))
+
+
 if __name__ == "__main__":
     main()
