@@ -1,6 +1,7 @@
 """The `embedpipe` command."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -48,19 +49,29 @@ def main(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar (default: when stderr is a terminal).")
+@click.option("--runner", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process; ray: Ray actors, one model each (pip install embedpipe[ray]).")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local one.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Ray actors to start (default: one per GPU, else one per 2 CPUs).")
 def run(job_file: str, overrides: tuple[str, ...], mode: str, keep_removed: bool, as_json: bool,
-        progress: bool | None) -> None:
+        progress: bool | None, runner: str, ray_address: str | None, workers: int | None) -> None:
     """Run the job in JOB_FILE: read, embed, write vectors and the index, print a summary."""
     from .config import load_job
     from .ledger import LockedError, SettingsMismatch
     from .runner import RunOptions, run_job
+    from .storage import ConcurrentWrite
 
     try:
         job = load_job(job_file, list(overrides))
-        summary = run_job(job, RunOptions(
-            mode=mode, keep_removed=keep_removed,
-            progress=sys.stderr.isatty() if progress is None else progress))
-    except (ConfigError, LockedError, SettingsMismatch) as exc:
+        # stdout carries only the summary (a scheduler may parse it); chatter of libraries
+        # such as Ray's worker notices goes to stderr with the logs.
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = run_job(job, RunOptions(
+                mode=mode, keep_removed=keep_removed, runner=runner, ray_address=ray_address,
+                workers=workers, progress=sys.stderr.isatty() if progress is None else progress))
+    except (ConfigError, LockedError, SettingsMismatch, ConcurrentWrite) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
     click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else summary.render())
@@ -85,47 +96,6 @@ def fetch_data(dest: str, bench_dest: str | None) -> None:
         sys.exit(EXIT_USAGE)
     for path in paths:
         click.echo(str(path))
-
-
-@main.command()
-@click.option("--input", "input_path", default=None, metavar="PARQUET",
-              help="A Parquet file or folder (default: the built-in mixed-length English corpus).")
-@click.option("--rows", type=int, default=None,
-              help="Use the first N rows (built-in corpus: its size, default 4000).")
-@click.option("--text-column", default="text", show_default=True)
-@click.option("--id-column", default="id", show_default=True)
-@click.option("--model", default="all-MiniLM-L6-v2", show_default=True)
-@click.option("--dtype", "dtypes", multiple=True, default=("auto",), show_default=True,
-              type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-              help="embedpipe's dtype; repeat to bench several (e.g. --dtype float32 --dtype bfloat16).")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--max-length", type=int, default=None, help="Default: the model's own limit.")
-@click.option("--rounds", type=int, default=3, show_default=True)
-@click.option("--st-batch-size", type=int, default=32, show_default=True,
-              help="SentenceTransformer.encode batch_size.")
-@click.option("--batch-tokens", type=int, default=None, help="embedpipe's token budget per batch.")
-@click.option("--no-st", is_flag=True, help="Skip sentence-transformers.")
-@click.option("--workdir", default=None, help="Keep inputs and outputs here (default: a temp folder).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def bench(input_path, rows, text_column, id_column, model, dtypes, device, max_length, rounds,
-          st_batch_size, batch_tokens, no_st, workdir, as_json) -> None:
-    """Benchmark embedpipe's full path against SentenceTransformer.encode on this machine.
-
-    Interleaved rounds in one process; reports texts/s, tokens/s, padding, peak RSS, the
-    ratios, the stage breakdown and the share of the machine's matmul rate the encoder reaches.
-    """
-    from .bench import BenchOptions, render, run_bench, to_json
-
-    opts = BenchOptions(input=input_path, rows=rows, text_column=text_column, id_column=id_column,
-                        model=model, dtypes=tuple(dtypes), device=device, max_length=max_length,
-                        rounds=rounds, st_batch_size=st_batch_size, batch_tokens=batch_tokens,
-                        compare_st=not no_st, workdir=workdir)
-    try:
-        report = run_bench(opts, log=lambda line: click.echo(line, err=True))
-    except (ConfigError, ValueError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    click.echo(to_json(report) if as_json else render(report))
 
 
 class _UsageErrors:
