@@ -21,7 +21,7 @@ install-test: $(BIN)/python
 demo: install
 	$(BIN)/embedpipe fetch-data
 	$(BIN)/embedpipe run jobs/movie_reviews.toml
-	$(BIN)/embedpipe train-head out/movie-reviews --labels data/movie_reviews --label-column label --out out/movie-reviews-head
+	$(BIN)/embedpipe train-head out/movie-reviews --label-column label --out out/movie-reviews-head
 	$(BIN)/embedpipe search out/movie-reviews "a warm, funny film with a great cast" -k 5
 
 test: install-test

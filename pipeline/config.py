@@ -101,7 +101,7 @@ class JobConfig:
         return dataclasses.asdict(self)
 
     def vector_settings(self) -> dict[str, Any]:
-        """Everything that changes a stored vector (batch sizes and paths don't)."""
+        """Everything that changes a stored row: its vector or its columns (not batch sizes)."""
         spec = self.encode.pooling_spec()
         return {
             "model.name": self.model.name,
@@ -112,6 +112,7 @@ class JobConfig:
                 "layers": list(spec[0]), "layer_combine": spec[1], "token_pooling": spec[2]},
             "encode.normalize": self.encode.normalize,
             "output.vector_dtype": self.output.vector_dtype,
+            "output.keep_columns": list(self.output.keep_columns),
         }
 
 
