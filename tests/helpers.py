@@ -1,6 +1,7 @@
 """Helpers the tests share: build jobs, run them, read what they wrote."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -25,14 +26,42 @@ def write_shards(folder: Path, tables: list[pa.Table], names: list[str] | None =
     return paths
 
 
-def make_job(input_path, output_path, model=None, **sections) -> dict:
+def make_job(input_path, output_path, model_name=None, **sections) -> dict:
     """A job dict; sections override keys, e.g. encode={"pooling": "cls"}."""
     raw = {"name": "test", "input": {"path": str(input_path)},
-           "model": {"name": str(model) if model else "all-MiniLM-L6-v2"},
+           "model": {"name": str(model_name) if model_name else "all-MiniLM-L6-v2"},
            "output": {"path": str(output_path)}}
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return raw
+
+
+# Small batches and parts, so that a few hundred rows make several windows, batches and parts.
+SMALL = {"model": {"max_length": 64},
+         "encode": {"sort_window": 40, "batch_tokens": 512, "max_batch_size": 16},
+         "output": {"rows_per_file": 50}}
+
+
+def to_toml(raw: dict) -> str:
+    """A job dict as TOML (the value types a job uses: str, int, bool, lists)."""
+    def value(v):
+        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+    lines = [f"{k} = {value(v)}" for k, v in raw.items() if not isinstance(v, dict)]
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            lines += [f"[{section}]"] + [f"{k} = {value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_job(path: Path, input_path, output_path, model_name=None, **sections) -> Path:
+    """A job file at path; sections override keys as in make_job."""
+    path.write_text(to_toml(make_job(input_path, output_path, model_name, **sections)))
+    return path
+
+
+def small_job(path: Path, input_path, output_path, model_name, **sections) -> Path:
+    merged = {k: {**SMALL.get(k, {}), **sections.get(k, {})} for k in {*SMALL, *sections}}
+    return write_job(path, input_path, output_path, model_name, **merged)
 
 
 def run(raw: dict, **options):

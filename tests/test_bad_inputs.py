@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import embedpipe, read_vectors, write_shards
+from helpers import embedpipe, read_vectors, write_job, write_shards
 
 UNICODE = ["Ελληνικά κείμενα", "русский текст", "中文文本", "日本語のテキスト", "한국어 텍스트",
            "עברית", "العربية", "हिन्दी पाठ", "ไทย", "emoji 😀🚀👍🏽 👨‍👩‍👧", "Z̤͔ͧ̑̓ä͖̭̈̇lgo", "\u200b zero width"]
@@ -34,9 +34,7 @@ def bad_run(tmp_path_factory, tiny_model):
     pq.write_table(pa.table({"id": pa.array([3, 10], pa.int64()), "text": ["three, for real", "ten"]}),
                    folder / "h_late.parquet")
     out = tmp / "out"
-    job = tmp / "job.toml"
-    job.write_text(f'[input]\npath = "{folder}"\n[model]\nname = "{tiny_model}"\nmax_length = 32\n'
-                   f'[output]\npath = "{out}"\n')
+    job = write_job(tmp / "job.toml", folder, out, tiny_model, model={"max_length": 32})
     result = embedpipe("run", job, "--json")
     return folder, out, job, result
 
@@ -96,9 +94,7 @@ def test_rerun_retries_only_failed_units(bad_run):
 def test_all_files_missing_the_column_is_a_config_error(tmp_path):
     folder = tmp_path / "input"
     write_shards(folder, [pa.table({"id": [1], "body": ["x"]}), pa.table({"id": [2], "body": ["y"]})])
-    job = tmp_path / "job.toml"
-    job.write_text(f'[input]\npath = "{folder}"\n[model]\nname = "{tmp_path}/not-loaded"\n'
-                   f'[output]\npath = "{tmp_path / "out"}"\n')
+    job = write_job(tmp_path / "job.toml", folder, tmp_path / "out", tmp_path / "not-loaded")
     result = embedpipe("run", job)
     assert result.returncode == 2
     assert "no column 'text'" in result.stderr and "id, body" in result.stderr

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import embedpipe, matrix, read_vectors, write_shards
+from helpers import embedpipe, matrix, read_vectors, write_job, write_shards
 
 JOB = """
 name = "e2e"
@@ -109,9 +109,7 @@ def test_integer_ids_round_trip_through_the_index(tmp_path, movie_table):
     ids = [37 * i for i in range(30)] + [10_000_000_000 + i for i in range(30)]  # sparse
     write_shards(folder, [pa.table({"id": pa.array(ids[:30], pa.int32()), "text": texts[:30]}),
                           pa.table({"id": pa.array(ids[30:], pa.int64()), "text": texts[30:]})])
-    job = tmp_path / "job.toml"
-    job.write_text(f'[input]\npath = "{folder}"\n[output]\npath = "{tmp_path / "out"}"\n'
-                   '[model]\nmax_length = 64\n')
+    job = write_job(tmp_path / "job.toml", folder, tmp_path / "out", model={"max_length": 64})
     assert embedpipe("run", job).returncode == 0
     id_map = pq.read_table(tmp_path / "out" / "index" / "ids.parquet")
     assert id_map.schema.field("id").type == pa.int64()
@@ -128,9 +126,7 @@ def test_summary_screen_and_rerun_skips_everything(finished):
 
 def test_missing_column_names_the_columns_that_exist(tmp_path, shards):
     folder, _, _ = shards
-    job = tmp_path / "job.toml"
-    job.write_text(f'[input]\npath = "{folder}"\ntext_column = "body"\n'
-                   f'[output]\npath = "{tmp_path / "out"}"\n')
+    job = write_job(tmp_path / "job.toml", folder, tmp_path / "out", input={"text_column": "body"})
     result = embedpipe("run", job)
     assert result.returncode == 2
     assert "'body'" in result.stderr and "id, text" in result.stderr
@@ -138,9 +134,7 @@ def test_missing_column_names_the_columns_that_exist(tmp_path, shards):
 
 def test_unknown_model_path_says_what_was_looked_for(tmp_path, shards):
     folder, _, _ = shards
-    job = tmp_path / "job.toml"
-    job.write_text(f'[input]\npath = "{folder}"\n[model]\nname = "{tmp_path / "no-model"}"\n'
-                   f'[output]\npath = "{tmp_path / "out"}"\n')
+    job = write_job(tmp_path / "job.toml", folder, tmp_path / "out", tmp_path / "no-model")
     result = embedpipe("run", job)
     assert result.returncode == 2
     assert str(tmp_path / "no-model") in result.stderr and "config.json" in result.stderr

@@ -20,23 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import embedpipe, matrix, read_vectors, write_shards
+from helpers import embedpipe, matrix, read_vectors, small_job, write_shards
 
-JOB = """
-name = "nightly"
-[input]
-path = "{input}"
-[model]
-name = "{model}"
-max_length = 64
-[encode]
-sort_window = 40
-batch_tokens = 512
-max_batch_size = 16
-[output]
-path = "{output}"
-rows_per_file = 50
-"""
 
 
 def shard(texts: list[str], first_id: int) -> pa.Table:
@@ -63,9 +48,7 @@ def corpus(tmp_path, movie_table):
 
 
 def job_file(tmp_path: Path, folder: Path, out: Path, model: Path, name="job.toml") -> Path:
-    path = tmp_path / name
-    path.write_text(JOB.format(input=folder, output=out, model=model))
-    return path
+    return small_job(tmp_path / name, folder, out, model)
 
 
 def result_of(out: Path):
@@ -238,8 +221,8 @@ def test_large_file_split_into_row_group_units_equals_whole_file(tmp_path, movie
     units = plan_units(InputConfig(path=str(folder), unit_rows=70))
     assert [(u.key.rsplit("#", 1)[1], u.first_row, u.num_rows) for u in units] == [
         ("rg0-1", 0, 60), ("rg2-3", 60, 60), ("rg4-4", 120, 30)]
-    split_job = job_file(tmp_path, folder, tmp_path / "split", tiny_model, "split.toml")
-    split_job.write_text(split_job.read_text().replace("[model]", "unit_rows = 70\n[model]"))
+    split_job = small_job(tmp_path / "split.toml", folder, tmp_path / "split", tiny_model,
+                          input={"unit_rows": 70})
     whole_job = job_file(tmp_path, folder, tmp_path / "whole", tiny_model, "whole.toml")
     split = embedpipe("run", split_job, "--json")
     assert split.returncode == 0, split.stderr

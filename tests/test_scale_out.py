@@ -16,22 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from helpers import embedpipe, matrix, read_vectors, write_shards
+from helpers import embedpipe, matrix, read_vectors, small_job, write_shards
 
-JOB = """
-[input]
-path = "{input}"
-[model]
-name = "{model}"
-max_length = 64
-[encode]
-sort_window = 40
-batch_tokens = 512
-max_batch_size = 16
-[output]
-path = "{output}"
-rows_per_file = 50
-"""
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +32,7 @@ def shards(tmp_path_factory, movie_table):
 @pytest.fixture(scope="module")
 def local_result(tmp_path_factory, shards, tiny_model):
     tmp = tmp_path_factory.mktemp("local")
-    job = tmp / "job.toml"
-    job.write_text(JOB.format(input=shards, output=tmp / "out", model=tiny_model))
+    job = small_job(tmp / "job.toml", shards, tmp / "out", tiny_model)
     result = embedpipe("run", job)
     assert result.returncode == 0, result.stderr
     table = read_vectors(tmp / "out")
@@ -67,8 +52,7 @@ def wait_for(path, proc, seconds=300):
 @pytest.mark.ray
 def test_ray_equals_local_even_when_a_worker_is_killed(tmp_path, shards, tiny_model, local_result):
     out = tmp_path / "out"
-    job = tmp_path / "job.toml"
-    job.write_text(JOB.format(input=shards, output=out, model=tiny_model))
+    job = small_job(tmp_path / "job.toml", shards, out, tiny_model)
     pause = tmp_path / "paused"
     env = {**os.environ, "EMBEDPIPE_PAUSE_AT": "encode:2", "EMBEDPIPE_PAUSE_FILE": str(pause),
            "RAY_AUTH_MODE": "disabled"}
@@ -137,8 +121,7 @@ def test_s3_in_and_out_with_resume_after_kill(tmp_path, s3, shards, tiny_model, 
     for path in sorted(shards.iterdir()):
         fs.put_file(str(path), f"{bucket}/shards/{path.name}")
     out = f"s3://{bucket}/vectors-out"
-    job = tmp_path / "job.toml"
-    job.write_text(JOB.format(input=f"s3://{bucket}/shards", output=out, model=tiny_model))
+    job = small_job(tmp_path / "job.toml", f"s3://{bucket}/shards", out, tiny_model)
     pause = tmp_path / "paused"
     env = {**os.environ, "EMBEDPIPE_PAUSE_AT": "write:3", "EMBEDPIPE_PAUSE_FILE": str(pause)}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(job)], env=env,
