@@ -160,3 +160,13 @@ def test_s3_manifest_writes_are_conditional(s3):
     with pytest.raises(ConcurrentWrite):
         first.update(job="stale")  # first's view is out of date: refused, not overwritten
     assert Ledger(store).data["job"] == "b"
+
+
+def test_local_runner_never_imports_ray(tmp_path, shards, tiny_model):
+    job = small_job(tmp_path / "job.toml", shards, tmp_path / "out", tiny_model)
+    code = ("import sys; from pipeline.config import load_job; from pipeline.runner import "
+            f"RunOptions, run_job; run_job(load_job({str(job)!r}), RunOptions(progress=False)); "
+            "print('ray' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"
