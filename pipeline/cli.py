@@ -172,6 +172,13 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
               help="IVF lists searched (stored; default: the smallest reaching recall@10 0.95).")
 @click.option("--pq-m", type=click.IntRange(min=1), help="IVF-PQ bytes per vector.")
 @click.option("--max-memory", help="Budget for --type auto, e.g. 4GB.")
+@click.option("--layout", type=click.Choice(["single", "shards", "ondisk"]),
+              help="IVF kinds: single (one index in RAM), shards (one index per group of parts, "
+                   "searched together, memory-mapped), ondisk (shards merged into memory-mapped "
+                   "inverted lists; local disks only).")
+@click.option("--shard-rows", type=click.IntRange(min=1),
+              help="shards/ondisk: consecutive vector parts per shard, up to this many rows "
+                   "(default 1,000,000; a part is never split).")
 @click.option("--json", "as_json", is_flag=True, help="Print index_infos.json.")
 def index_cmd(out: str, kind: str | None, factory: str | None, as_json: bool, **knobs) -> None:
     """Rebuild OUT's FAISS index from its stored vectors, without encoding again.

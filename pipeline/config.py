@@ -86,6 +86,10 @@ class IndexConfig:
     pq_m: int | None = None
     factory: str | None = None
     max_memory: str = "4GB"
+    # IVF kinds only: single (one index in RAM), shards (one IVF index per group of parts,
+    # searched together, memory-mapped), ondisk (shards merged into memory-mapped lists)
+    layout: str = "single"
+    shard_rows: int = 1_000_000  # shards/ondisk: consecutive parts grouped up to this many rows
 
 
 @dataclass(frozen=True)
@@ -124,11 +128,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "output.vector_dtype": ("float32", "float16"),
     "index.type": ("flat", "hnsw", "ivf-flat", "ivf-pq", "auto", "factory"),
     "index.metric": ("ip", "l2"),
+    "index.layout": ("single", "shards", "ondisk"),
 }
 POSITIVE = {
     "input.unit_rows", "model.max_length", "encode.batch_tokens", "encode.max_batch_size",
     "encode.sort_window", "output.rows_per_file", "index.hnsw_m", "index.ef_construction",
-    "index.ef_search", "index.nlist", "index.nprobe", "index.pq_m",
+    "index.ef_search", "index.nlist", "index.nprobe", "index.pq_m", "index.shard_rows",
 }
 _SECTION_CLASSES = {
     "input": InputConfig, "model": ModelConfig, "encode": EncodeConfig,
@@ -196,6 +201,9 @@ def _validate(job: JobConfig) -> None:
         raise ConfigError("encode.max_batch_size must not exceed encode.batch_tokens")
     if job.index.type == "factory" and not job.index.factory:
         raise ConfigError("index.type = 'factory' needs index.factory (a FAISS index_factory string)")
+    if job.index.layout != "single" and job.index.type in ("flat", "hnsw"):
+        raise ConfigError(f"index.layout = {job.index.layout!r} needs an IVF index (index.type "
+                          f"ivf-flat, ivf-pq, or an IVF factory); got {job.index.type!r}")
     if not job.input.path:
         raise ConfigError("input.path: a value is required")
 
