@@ -52,6 +52,7 @@ class BenchOptions:
     warmup_rows: int = 200
     st_batch_size: int = 32
     batch_tokens: int | None = None  # None: the job default
+    compile: bool = False  # torch.compile embedpipe's model (both its contenders)
     max_batch_size: int | None = None
     compare_st: bool = True
     encode_only: bool = True
@@ -193,7 +194,7 @@ def _job(opts: BenchOptions, input_path: str, out: Path, dtype: str):
         encode["batch_tokens"] = opts.batch_tokens
     if opts.max_batch_size:
         encode["max_batch_size"] = opts.max_batch_size
-    model = {"name": opts.model, "dtype": dtype, "device": opts.device}
+    model = {"name": opts.model, "dtype": dtype, "device": opts.device, "compile": opts.compile}
     if opts.max_length:
         model["max_length"] = opts.max_length
     return config_from_dict({
@@ -306,7 +307,8 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
 
             if opts.encode_only:
                 encoder = Encoder(source, opts.device, dtype, EncoderSettings(
-                    layers=(-1,), layer_combine="concat", token_pooling="mean", normalize=True))
+                    layers=(-1,), layer_combine="concat", token_pooling="mean", normalize=True),
+                    compile=opts.compile)
                 pad = encoder.pad_multiple
                 batches = [collate(tokens.ids, p, tokenizer.pad_id, pad)
                            for p in plan_batches(lengths, batch_tokens, max_batch_size)]

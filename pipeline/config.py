@@ -44,6 +44,7 @@ class ModelConfig:
     max_length: int | None = None  # None: the model's own limit
     device: str = "auto"
     dtype: str = "float32"
+    compile: bool = False  # torch.compile the model: faster on long runs, ~30 s to compile first
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,8 @@ class UnitEmbedder:
         spec = job.encode.pooling_spec()
         self.encoder = Encoder(plan.source, job.model.device, plan.dtype, EncoderSettings(
             layers=spec[0] if spec else None, layer_combine=spec[1] if spec else None,
-            token_pooling=spec[2] if spec else None, normalize=job.encode.normalize))
+            token_pooling=spec[2] if spec else None, normalize=job.encode.normalize),
+            compile=job.model.compile)
         on_cuda = self.encoder.device.type == "cuda"
         self.flow = FlowSettings(
             text_column=job.input.text_column, id_column=job.input.id_column,

@@ -120,17 +120,23 @@ def _load_model(source: ModelSource, device: torch.device, dtype: str):
 
 # Loaded models by (fingerprint, device, dtype). A process that runs several jobs (the bench's
 # rounds, a test session, a notebook) loads the weights once; models are only read, never changed.
-_MODELS: dict[tuple[str, str, str], torch.nn.Module] = {}
+_MODELS: dict[tuple[str, str, str, bool], torch.nn.Module] = {}
 _MODELS_LOCK = threading.Lock()
 _MODELS_KEEP = 2
 
 
-def cached_model(source: ModelSource, device: torch.device, dtype: str) -> torch.nn.Module:
-    key = (f"{source.path}:{source.fingerprint}", str(device), dtype)
+def cached_model(source: ModelSource, device: torch.device, dtype: str,
+                 compile: bool = False) -> torch.nn.Module:
+    key = (f"{source.path}:{source.fingerprint}", str(device), dtype, compile)
     with _MODELS_LOCK:
         model = _MODELS.pop(key, None)
         if model is None:
             model = _load_model(source, device, dtype)
+            if compile:
+                # Inductor fuses the element-wise work around the matrix products (norms, GELU,
+                # casts), which is most of a bf16 forward on CPU. dynamic=True: one compile
+                # serves every (rows, length) batch shape; it costs ~30 s once per process.
+                model = torch.compile(model, dynamic=True)
         _MODELS[key] = model  # most recently used last
         while len(_MODELS) > _MODELS_KEEP:
             _MODELS.pop(next(iter(_MODELS)))
@@ -140,11 +146,12 @@ def cached_model(source: ModelSource, device: torch.device, dtype: str) -> torch
 class Encoder:
     """Turns padded token batches into float32 sentence vectors (numpy, one row per text)."""
 
-    def __init__(self, source: ModelSource, device: str, dtype: str, settings: EncoderSettings):
+    def __init__(self, source: ModelSource, device: str, dtype: str, settings: EncoderSettings,
+                 compile: bool = False):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.settings = settings
-        model = cached_model(source, self.device, self.dtype)
+        model = cached_model(source, self.device, self.dtype, compile)
         if settings.layers is None and getattr(model, "pooler", None) is None:
             raise ConfigError(f"encode.pooling = 'pooler' but model {source.name!r} has no pooler")
         n_states = model.config.num_hidden_layers + 1

@@ -17,6 +17,7 @@ from . import __version__
 from .config import JobConfig, settings_hash
 from .faults import checkpoint
 from .embedder import EmbedPlan, UnitEmbedder
+from .encoder import dtype_reason, resolve_device, resolve_dtype
 from .flow import Stats
 from .indexing import INDEX_DIR, INDEX_FILE, build_index
 from .ledger import MANIFEST, Ledger, acquire_lock, release_lock
@@ -110,7 +111,6 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
     keep_columns = job.output.keep_columns
     units = plan_units(job.input, keep_columns)  # config errors surface before the model loads
     source = resolve_model(job.model.name)
-    from .encoder import resolve_device, resolve_dtype
 
     device = resolve_device(job.model.device)
     dtype = resolve_dtype(job.model.dtype, device)
@@ -140,6 +140,7 @@ def _run_locked(job: JobConfig, options: RunOptions, units: list[Unit], source: 
     removed = [k for k in ledger.units if k not in current]
     todo = [u for u in units if u.key not in kept]
     summary = RunSummary(job=job.name, output=store.url, device=str(device), dtype=dtype,
+                         dtype_note=dtype_reason(job.model.dtype, device),
                          model=source.name, units_total=len(units), units_skipped=len(kept),
                          units_changed=len(changed))
 

@@ -12,6 +12,7 @@ class RunSummary:
     model: str
     device: str
     dtype: str
+    dtype_note: str = ""  # why this dtype, when it was chosen automatically
     units_total: int = 0
     units_done: int = 0
     units_skipped: int = 0
@@ -65,7 +66,7 @@ class RunSummary:
         check = "ok" if self.rows_read == self.vectors_written + self.rejected else "MISMATCH"
         lines = [
             f"embedpipe run {self.job} -> {self.output}",
-            f"  model      {self.model} on {self.device} in {self.dtype}",
+            f"  model      {self.model} on {self.device} in {self.dtype_note or self.dtype}",
             f"  units      {self.units_total} in input: {self.units_done} embedded, "
             f"{self.units_skipped} already done, {self.units_changed} changed, "
             f"{self.units_failed} failed, {self.units_removed} removed"
