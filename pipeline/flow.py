@@ -112,7 +112,6 @@ class Channel:
 
 
 DONE = object()
-FIRST_WINDOW_ROWS = 512
 
 
 @dataclass
@@ -155,17 +154,13 @@ class Preparer:
     def _unit(self, unit: Unit, out: Channel) -> int:
         columns = [self.s.id_column, self.s.text_column, *self.s.keep_columns]
         rows_in, pending, pending_rows = 0, [], 0
-        # A short first window gets the encoder busy sooner (it waits while a window is
-        # tokenized); fixed per unit, so a redone unit is cut exactly as before.
-        window_rows = min(self.s.sort_window, FIRST_WINDOW_ROWS)
         tick = time.perf_counter()
         for batch, first_row in read_unit(unit, columns, min(self.s.sort_window, 65536)):
             pending.append((batch, first_row))
             pending_rows += batch.num_rows
             rows_in += batch.num_rows
-            while pending_rows >= window_rows:
-                window, pending, pending_rows = _take(pending, window_rows)
-                window_rows = self.s.sort_window
+            while pending_rows >= self.s.sort_window:
+                window, pending, pending_rows = _take(pending, self.s.sort_window)
                 self.stats.seconds["read"] += time.perf_counter() - tick
                 self._window(unit, window, out)
                 tick = time.perf_counter()
