@@ -259,6 +259,13 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
     return config_from_dict(raw, default_name=path.stem)
 
 
+def settings_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'key: recorded -> current' for every setting that differs, sorted by key."""
+    keys = sorted(set(recorded) | set(current))
+    return [f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}"
+            for k in keys if recorded.get(k) != current.get(k)]
+
+
 def settings_hash(settings: dict[str, Any]) -> str:
     canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from .config import ConfigError, JobConfig, config_from_dict, settings_hash
+from .config import ConfigError, JobConfig, config_from_dict, settings_differences, settings_hash
 from .models import resolve_model
 
 
@@ -39,12 +39,6 @@ class EmbeddingRecord:
         return dataclasses.asdict(self)
 
 
-def differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    keys = sorted(set(recorded) | set(current))
-    return [f"{k}: recorded {recorded.get(k)!r}, here {current.get(k)!r}"
-            for k in keys if recorded.get(k) != current.get(k)]
-
-
 class TextEmbedder:
     """Vectors for texts, made with a record's settings; the model loads on first use."""
 
@@ -60,7 +54,7 @@ class TextEmbedder:
         self.source = resolve_model(model.name)  # ConfigError when the model is not here
         self.dtype = resolve_dtype(model.dtype, resolve_device(model.device))
         self.settings = vector_settings(self.job, self.source, self.dtype)
-        differ = differences(record.vector_settings, self.settings)
+        differ = settings_differences(record.vector_settings, self.settings)
         if differ:
             raise ConfigError(
                 "the vectors were made with other embedding settings than this machine would use "

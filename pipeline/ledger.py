@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .config import settings_differences
 from .storage import ConcurrentWrite, Store
 
 MANIFEST = "manifest.json"
@@ -55,9 +56,9 @@ class Ledger:
         old = self.data.get("vector_settings")
         if old is None or not self.units:
             return
-        differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        differ = settings_differences(old, settings)
         if differ:
-            details = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in differ)
+            details = "; ".join(differ)
             raise SettingsMismatch(
                 f"{self.store.url} holds vectors made with other settings ({details}). "
                 "Run with --mode overwrite to start the folder afresh, or choose another output.path.")
