@@ -9,7 +9,7 @@ import pyarrow as pa
 from .config import JobConfig
 from .flow import FlowSettings, Preparer, Stats, Writer, run_stages
 from .models import ModelSource
-from .pooling import output_width
+from .encoder import EncoderSettings
 from .reader import Unit
 from .storage import Store
 from .writer import vectors_schema
@@ -26,9 +26,7 @@ class EmbedPlan:
 
     @property
     def width(self) -> int:
-        spec = self.job.encode.pooling_spec()
-        return output_width(self.source.hidden_size, spec[0] if spec else None,
-                            spec[1] if spec else None)
+        return EncoderSettings.from_config(self.job.encode).width(self.source.hidden_size)
 
     def vectors_schema(self) -> pa.Schema:
         return vectors_schema(pa.type_for_alias(self.id_type), self.width,
@@ -40,15 +38,12 @@ class UnitEmbedder:
 
     def __init__(self, plan: EmbedPlan):
         from .batching import TextTokenizer
-        from .encoder import Encoder, EncoderSettings
+        from .encoder import Encoder
 
         job, self.plan = plan.job, plan
         self.tokenizer = TextTokenizer(plan.source.path, job.model.max_length or plan.source.max_length)
-        spec = job.encode.pooling_spec()
-        self.encoder = Encoder(plan.source, job.model.device, plan.dtype, EncoderSettings(
-            layers=spec[0] if spec else None, layer_combine=spec[1] if spec else None,
-            token_pooling=spec[2] if spec else None, normalize=job.encode.normalize),
-            compile=job.model.compile)
+        self.encoder = Encoder(plan.source, job.model.device, plan.dtype,
+                               EncoderSettings.from_config(job.encode), compile=job.model.compile)
         on_cuda = self.encoder.device.type == "cuda"
         self.flow = FlowSettings(
             text_column=job.input.text_column, id_column=job.input.id_column,
@@ -62,7 +57,7 @@ class UnitEmbedder:
         job = self.plan.job
         id_type = pa.type_for_alias(self.plan.id_type)
         preparer = Preparer(self.flow, self.tokenizer, duplicates, id_type, stats)
-        writer = Writer(Store(job.output.path), self.plan.vectors_schema(), id_type,
+        writer = Writer(Store(job.output.path), self.plan.vectors_schema(),
                         job.output.rows_per_file, job.output.vector_dtype, stats, on_unit_done,
                         progress)
         run_stages(lambda channel: preparer.run(units, channel),

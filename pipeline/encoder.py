@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, EncodeConfig
 from .models import ModelSource
 from .pooling import output_width, pool
 
@@ -81,6 +81,15 @@ class EncoderSettings:
     layer_combine: str | None
     token_pooling: str | None
     normalize: bool
+
+    @classmethod
+    def from_config(cls, encode: EncodeConfig) -> "EncoderSettings":
+        """The job's pooling preset or general form, resolved; all None for the pooler."""
+        layers, combine, token = encode.pooling_spec() or (None, None, None)
+        return cls(layers, combine, token, encode.normalize)
+
+    def width(self, hidden_size: int) -> int:
+        return output_width(hidden_size, self.layers, self.layer_combine)
 
 
 def _attention_implementation(device: torch.device) -> str:
@@ -162,7 +171,7 @@ class Encoder:
                     f"states (0 = embeddings .. {n_states - 1}, or -1 .. -{n_states})")
         self.model = model
         self.hidden_size = model.config.hidden_size
-        self.width = output_width(self.hidden_size, settings.layers, settings.layer_combine)
+        self.width = settings.width(self.hidden_size)
         self.pad_multiple = 8 if self.device.type == "cuda" else 1
         self.oom_splits = 0
         # After an out-of-memory error, batches above this many padded tokens are split before

@@ -220,10 +220,10 @@ def _take(pieces: list[tuple[pa.RecordBatch, int]], n: int):
 class Writer:
     """Puts each window back in input order, writes parts, commits units through on_unit_done."""
 
-    def __init__(self, store, schema: pa.Schema, id_type: pa.DataType, rows_per_file: int,
+    def __init__(self, store, schema: pa.Schema, rows_per_file: int,
                  vector_dtype: str, stats: Stats, on_unit_done: Callable[[dict], None],
                  progress: Callable[[int], None]):
-        self.store, self.schema, self.id_type = store, schema, id_type
+        self.store, self.schema = store, schema
         self.rows_per_file, self.vector_dtype = rows_per_file, vector_dtype
         self.stats, self.on_unit_done, self.progress = stats, on_unit_done, progress
 
