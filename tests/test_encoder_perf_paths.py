@@ -62,6 +62,17 @@ def test_bfloat16_on_cpu_keeps_every_row_within_cosine_0999(bundled_model, token
     assert not np.allclose(bf16, fp32_vectors, atol=1e-6)
 
 
+def test_compiled_bfloat16_keeps_every_row_within_cosine_0999(bundled_model, tokenizer,
+                                                            mixed_texts, st_vectors):
+    """model.compile: Inductor with frozen weights (prepacked, bias and GELU folded into oneDNN
+    matrix products) must give the vectors the eager model gives, within the bf16 bar."""
+    encoder = Encoder(bundled_model, "cpu", "bfloat16", MEAN, compile=True)
+    assert isinstance(encoder.model, torch._dynamo.eval_frame.OptimizedModule)
+    compiled = _encode_all(encoder, tokenizer, mixed_texts, batch_tokens=4096)
+    assert torch._inductor.config.freezing
+    assert _cos(compiled, st_vectors).min() >= 0.999
+
+
 def test_bfloat16_on_cpu_casts_only_the_linear_weights(bundled_model):
     model = Encoder(bundled_model, "cpu", "bfloat16", MEAN).model
     linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
