@@ -1,6 +1,7 @@
 """Find a model on this machine (never on a hub) and fingerprint its weights."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -34,10 +35,19 @@ def bundled_model_path() -> Path:
 
 
 def _fingerprint(path: Path) -> str:
-    digest = hashlib.sha256()
     files = [path / "config.json"] + sorted(
         p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()
     )
+    stats = tuple((f.name, st.st_size, st.st_mtime_ns, st.st_ino) for f in files
+                  for st in [f.stat()])
+    return _hash_files(tuple(files), stats)
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_files(files: tuple[Path, ...], stats: tuple) -> str:
+    """sha256 of the files; cached per process by (name, size, mtime, inode), so a process that
+    runs many jobs (a scheduler worker, the bench) reads the weights once, not once a run."""
+    digest = hashlib.sha256()
     for file in files:
         digest.update(file.name.encode())
         with open(file, "rb") as handle:
