@@ -250,7 +250,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
     dtypes = list(dict.fromkeys(resolve_dtype(d, device) for d in opts.dtypes))
     max_length = opts.max_length or source.max_length
     defaults = EncodeConfig()
-    batch_tokens = opts.batch_tokens or defaults.batch_tokens
+    batch_tokens = opts.batch_tokens or defaults.token_budget(device.type)
     max_batch_size = opts.max_batch_size or defaults.max_batch_size
 
     with contextlib.ExitStack() as stack:

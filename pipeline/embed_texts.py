@@ -86,7 +86,8 @@ class TextEmbedder:
         tokens = tokenizer(list(texts))
         lengths = np.fromiter((len(x) for x in tokens.ids), np.int64, count=len(texts))
         enc = self.job.encode
-        for positions in plan_batches(lengths, enc.batch_tokens, enc.max_batch_size):
+        for positions in plan_batches(lengths, enc.token_budget(encoder.device.type),
+                                      enc.max_batch_size):
             batch = collate(tokens.ids, positions, tokenizer.pad_id)
             out[positions] = encoder.encode(batch.input_ids, batch.attention_mask)
         vector_dtype = np.dtype(self.job.output.vector_dtype)
