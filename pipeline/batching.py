@@ -79,10 +79,10 @@ def _ascii_backend(backend):
     and on a CPU every core it takes is taken from the model. None for any other normalizer."""
     from tokenizers import Tokenizer
 
-    spec = json.loads(backend.to_str())
-    if spec.get("normalizer") != BERT_ASCII_NORMALIZER:
+    serialized = backend.to_str()
+    if json.loads(serialized).get("normalizer") != BERT_ASCII_NORMALIZER:
         return None
-    raw = Tokenizer.from_str(backend.to_str())
+    raw = Tokenizer.from_str(serialized)
     raw.normalizer = None
     return raw
 

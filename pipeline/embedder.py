@@ -48,7 +48,8 @@ class UnitEmbedder:
         self.flow = FlowSettings(
             text_column=job.input.text_column, id_column=job.input.id_column,
             keep_columns=job.output.keep_columns, sort_window=job.encode.sort_window,
-            batch_tokens=job.encode.token_budget(self.encoder.device.type), max_batch_size=job.encode.max_batch_size,
+            batch_tokens=job.encode.token_budget(self.encoder.device.type),
+            max_batch_size=job.encode.max_batch_size,
             pad_to_multiple_of=8 if on_cuda else 1, pin_memory=on_cuda)
 
     def embed(self, units: list[tuple[Unit, int]], duplicates: dict[str, set[int]],
