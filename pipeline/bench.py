@@ -53,6 +53,7 @@ class BenchOptions:
     st_batch_size: int = 32
     batch_tokens: int | None = None  # None: the job default
     compile: bool = False  # torch.compile embedpipe's model (both its contenders)
+    attention: str = "auto"  # model.attention for embedpipe's contenders
     max_batch_size: int | None = None
     compare_st: bool = True
     encode_only: bool = True
@@ -194,7 +195,8 @@ def _job(opts: BenchOptions, input_path: str, out: Path, dtype: str):
         encode["batch_tokens"] = opts.batch_tokens
     if opts.max_batch_size:
         encode["max_batch_size"] = opts.max_batch_size
-    model = {"name": opts.model, "dtype": dtype, "device": opts.device, "compile": opts.compile}
+    model = {"name": opts.model, "dtype": dtype, "device": opts.device, "compile": opts.compile,
+             "attention": opts.attention}
     if opts.max_length:
         model["max_length"] = opts.max_length
     return config_from_dict({
@@ -234,7 +236,8 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
 
     from .batching import TextTokenizer, collate, plan_batches
     from .config import EncodeConfig
-    from .encoder import Encoder, EncoderSettings, dtype_reason, resolve_device, resolve_dtype
+    from .encoder import (Encoder, EncoderSettings, dtype_reason, resolve_attention, resolve_device,
+                          resolve_dtype)
     from .models import resolve_model
 
     if opts.rounds < 1:
@@ -308,7 +311,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
             if opts.encode_only:
                 encoder = Encoder(source, opts.device, dtype, EncoderSettings(
                     layers=(-1,), layer_combine="concat", token_pooling="mean", normalize=True),
-                    compile=opts.compile)
+                    compile=opts.compile, attention=opts.attention)
                 pad = encoder.pad_multiple
                 batches = [collate(tokens.ids, p, tokenizer.pad_id, pad)
                            for p in plan_batches(lengths, batch_tokens, max_batch_size)]
@@ -362,13 +365,15 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
         from transformers import AutoConfig
 
         model_config = AutoConfig.from_pretrained(source.path)
+        attention = {d: resolve_attention(opts.attention, device, d, source) for d in dtypes}
         return _report(opts, results, rates, encoder_flops(model_config, lengths), device,
-                       [dtype_reason(d, device) for d in opts.dtypes], source_path, corpus)
+                       [dtype_reason(d, device) for d in opts.dtypes], attention, source_path,
+                       corpus)
 
 
 def _report(opts: BenchOptions, results: dict[str, Result], rates: dict[str, float],
-            flops: float, device, dtype_notes: list[str], source_path: str,
-            corpus: str) -> dict[str, Any]:
+            flops: float, device, dtype_notes: list[str], attention: dict[str, str],
+            source_path: str, corpus: str) -> dict[str, Any]:
     import torch
 
     ref = results.get(f"{ST} float32")
@@ -395,7 +400,7 @@ def _report(opts: BenchOptions, results: dict[str, Result], rates: dict[str, flo
     return {
         "corpus": corpus, "input": source_path, "texts": next(iter(results.values())).rows,
         "real_tokens": next(iter(results.values())).real_tokens, "model": opts.model,
-        "device": str(device), "dtype": dtype_notes, "rounds": opts.rounds,
+        "device": str(device), "dtype": dtype_notes, "attention": attention, "rounds": opts.rounds,
         "st_batch_size": opts.st_batch_size, "torch_threads": torch.get_num_threads(),
         "cpus": os.cpu_count(), "encoder_gflop": round(flops / 1e9, 1), "results": rows,
         "targets": _targets(rows),
@@ -437,7 +442,8 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         f"embedpipe bench: {report['texts']:,} texts, {report['real_tokens']:,} real tokens "
         f"({report['corpus']}: {report['input']})",
-        f"  model {report['model']} on {report['device']}, dtype {', '.join(report['dtype'])}; "
+        f"  model {report['model']} on {report['device']}, dtype {', '.join(report['dtype'])}, "
+        f"attention {', '.join(f'{a} ({d})' for d, a in report['attention'].items())}; "
         f"{report['cpus']} CPUs, torch threads {report['torch_threads']}; "
         f"median of {report['rounds']} interleaved rounds after a warm-up",
         "",

@@ -270,8 +270,11 @@ def predict(head: str, inputs: str, dest: str, text_column: str, id_column: str)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--compile", "compile_model", is_flag=True,
               help="torch.compile embedpipe's model (model.compile = true); compiled in the warm-up.")
+@click.option("--attention", default="auto", show_default=True,
+              type=click.Choice(["auto", "sdpa", "amx", "flash_attention_2"]),
+              help="embedpipe's attention kernel (model.attention); auto: amx for bf16 on AMX CPUs.")
 def bench(input_path, rows, text_column, id_column, model, dtypes, device, max_length, rounds,
-          st_batch_size, batch_tokens, no_st, workdir, as_json, compile_model) -> None:
+          st_batch_size, batch_tokens, no_st, workdir, as_json, compile_model, attention) -> None:
     """Benchmark embedpipe's full path against SentenceTransformer.encode on this machine.
 
     Interleaved rounds in one process; reports texts/s, tokens/s, padding, peak RSS, the
@@ -282,7 +285,8 @@ def bench(input_path, rows, text_column, id_column, model, dtypes, device, max_l
     opts = BenchOptions(input=input_path, rows=rows, text_column=text_column, id_column=id_column,
                         model=model, dtypes=tuple(dtypes), device=device, max_length=max_length,
                         rounds=rounds, st_batch_size=st_batch_size, batch_tokens=batch_tokens,
-                        compare_st=not no_st, workdir=workdir, compile=compile_model)
+                        compare_st=not no_st, workdir=workdir, compile=compile_model,
+                        attention=attention)
     try:
         report = run_bench(opts, log=lambda line: click.echo(line, err=True))
     except (ConfigError, ValueError) as exc:

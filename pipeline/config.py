@@ -45,6 +45,7 @@ class ModelConfig:
     device: str = "auto"
     dtype: str = "float32"
     compile: bool = False  # torch.compile the model: faster on long runs, ~30 s to compile first
+    attention: str = "auto"  # auto: embedpipe's AMX kernel for bf16 on AMX CPUs, else SDPA / FA2
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ class JobConfig:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.attention": ("auto", "sdpa", "amx", "flash_attention_2"),
     "encode.pooling": ("cls", "mean", "concat-last-four", "pooler"),
     "encode.layer_combine": ("concat", "mean", "sum"),
     "encode.token_pooling": ("mean", "cls", "max"),

@@ -43,7 +43,8 @@ class UnitEmbedder:
         job, self.plan = plan.job, plan
         self.tokenizer = TextTokenizer(plan.source.path, job.model.max_length or plan.source.max_length)
         self.encoder = Encoder(plan.source, job.model.device, plan.dtype,
-                               EncoderSettings.from_config(job.encode), compile=job.model.compile)
+                               EncoderSettings.from_config(job.encode), compile=job.model.compile,
+                               attention=job.model.attention)
         on_cuda = self.encoder.device.type == "cuda"
         self.flow = FlowSettings(
             text_column=job.input.text_column, id_column=job.input.id_column,

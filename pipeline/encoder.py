@@ -1,12 +1,13 @@
 """The model on its device: forward pass, pooling, normalisation, and out-of-memory back-off.
 
-Precision, as measured on all-MiniLM-L6-v2 (docs/performance.md):
+Precision and kernels, as measured on all-MiniLM-L6-v2 (README, "Performance"):
 
 * CPU bfloat16: the Linear weights are stored in bfloat16 once, and the forward pass runs under
   autocast, so every matrix product runs in bfloat16 (AMX / AVX-512 bf16) while layer norms,
   softmax and the residual stream stay in float32. That is what holds cosine >= 0.999 to the
   float32 vectors on every row; casting the whole model (what `model.to(torch.bfloat16)` does)
-  drifts further on long texts.
+  drifts further on long texts. Attention runs in embedpipe's AMX kernel (cpu_attention.py)
+  when the CPU has AMX, SDPA otherwise.
 * CUDA float16 / bfloat16: the whole model in half precision (the GPU's norms accumulate in
   float32), SDPA attention, or FlashAttention-2 when the flash_attn package is installed.
 """
@@ -92,20 +93,49 @@ class EncoderSettings:
         return output_width(hidden_size, self.layers, self.layer_combine)
 
 
-def _attention_implementation(device: torch.device) -> str:
-    if device.type == "cuda":
+def resolve_attention(requested: str, device: torch.device, dtype: str, source: ModelSource) -> str:
+    """The attention implementation transformers gets. `auto`: embedpipe's AMX kernel for bf16 on
+    CPUs with AMX (2-3x SDPA's speed there), FlashAttention-2 on CUDA when flash_attn is
+    installed, SDPA otherwise."""
+    if requested == "sdpa":
+        return "sdpa"
+    if device.type == "cuda" or requested == "flash_attention_2":
+        if device.type != "cuda":
+            raise ConfigError("model.attention = 'flash_attention_2' runs on cuda only")
+        if requested == "amx":
+            raise ConfigError("model.attention = 'amx' runs on CPU only")
         try:
             import flash_attn  # noqa: F401
             return "flash_attention_2"
         except ImportError:
-            pass
+            if requested == "flash_attention_2":
+                raise ConfigError("model.attention = 'flash_attention_2' needs the flash_attn "
+                                  "package") from None
+            return "sdpa"
+    from transformers import AutoConfig
+
+    from . import cpu_attention
+
+    reason = cpu_attention.unsupported_reason(device, dtype, AutoConfig.from_pretrained(source.path))
+    if reason is None:
+        try:
+            cpu_attention.build()
+            return "amx"
+        except RuntimeError as exc:
+            reason = str(exc)
+            if requested == "auto":
+                log.warning("embedpipe's AMX attention kernel is unavailable (%s); using SDPA", reason)
+    if requested == "amx":
+        raise ConfigError(f"model.attention = 'amx' cannot run here: {reason}")
     return "sdpa"
 
 
-def _load_model(source: ModelSource, device: torch.device, dtype: str):
+def _load_model(source: ModelSource, device: torch.device, dtype: str, attention: str):
     from transformers import AutoModel
 
-    attn = _attention_implementation(device)
+    from .cpu_attention import ATTENTION
+
+    attn = ATTENTION if attention == "amx" else attention
     kwargs = {"dtype": TORCH_DTYPES[dtype]} if device.type == "cuda" else {}
     try:
         try:
@@ -113,6 +143,7 @@ def _load_model(source: ModelSource, device: torch.device, dtype: str):
         except (ImportError, ValueError):
             if attn == "sdpa":
                 raise
+            log.warning("model %s does not take attention %r; using SDPA", source.name, attn)
             model = AutoModel.from_pretrained(source.path, attn_implementation="sdpa", **kwargs)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load model from {source.path}: {exc}") from exc
@@ -127,20 +158,20 @@ def _load_model(source: ModelSource, device: torch.device, dtype: str):
     return model.to(device).eval().requires_grad_(False)
 
 
-# Loaded models by (fingerprint, device, dtype). A process that runs several jobs (the bench's
+# Loaded models by (fingerprint, device, dtype, attention, compiled). A process that runs several jobs (the bench's
 # rounds, a test session, a notebook) loads the weights once; models are only read, never changed.
-_MODELS: dict[tuple[str, str, str, bool], torch.nn.Module] = {}
+_MODELS: dict[tuple[str, str, str, str, bool], torch.nn.Module] = {}
 _MODELS_LOCK = threading.Lock()
 _MODELS_KEEP = 2
 
 
-def cached_model(source: ModelSource, device: torch.device, dtype: str,
+def cached_model(source: ModelSource, device: torch.device, dtype: str, attention: str,
                  compile: bool = False) -> torch.nn.Module:
-    key = (f"{source.path}:{source.fingerprint}", str(device), dtype, compile)
+    key = (f"{source.path}:{source.fingerprint}", str(device), dtype, attention, compile)
     with _MODELS_LOCK:
         model = _MODELS.pop(key, None)
         if model is None:
-            model = _load_model(source, device, dtype)
+            model = _load_model(source, device, dtype, attention)
             if compile:
                 # Inductor fuses the element-wise work around the matrix products (norms, GELU,
                 # casts), which is most of a bf16 forward on CPU. dynamic=True: one compile
@@ -163,11 +194,12 @@ class Encoder:
     """Turns padded token batches into float32 sentence vectors (numpy, one row per text)."""
 
     def __init__(self, source: ModelSource, device: str, dtype: str, settings: EncoderSettings,
-                 compile: bool = False):
+                 compile: bool = False, attention: str = "auto"):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        self.attention = resolve_attention(attention, self.device, self.dtype, source)
         self.settings = settings
-        model = cached_model(source, self.device, self.dtype, compile)
+        model = cached_model(source, self.device, self.dtype, self.attention, compile)
         if settings.layers is None and getattr(model, "pooler", None) is None:
             raise ConfigError(f"encode.pooling = 'pooler' but model {source.name!r} has no pooler")
         n_states = model.config.num_hidden_layers + 1
@@ -184,7 +216,8 @@ class Encoder:
         # After an out-of-memory error, batches above this many padded tokens are split before
         # they reach the device, so one OOM does not repeat on every later batch.
         self.token_cap: int | None = None
-        log.info("encoder: %s on %s in %s, width %d", source.name, self.device, self.dtype, self.width)
+        log.info("encoder: %s on %s in %s, attention %s, width %d", source.name, self.device,
+                 self.dtype, self.attention, self.width)
 
     def _autocast(self):
         # On CUDA the weights are already half; on CPU autocast runs the products in bf16.

@@ -4,6 +4,8 @@ The runner owns the loop, the ledger and the timings; the stages (flow.py) never
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import posixpath
 import time
@@ -17,7 +19,7 @@ from . import __version__
 from .config import JobConfig, settings_hash
 from .faults import checkpoint
 from .embedder import EmbedPlan, UnitEmbedder
-from .encoder import dtype_reason, resolve_device, resolve_dtype
+from .encoder import dtype_reason, resolve_attention, resolve_device, resolve_dtype
 from .flow import Stats
 from .indexing import INDEX_DIR, INDEX_FILE, build_index
 from .ledger import MANIFEST, Ledger, acquire_lock, release_lock
@@ -114,6 +116,9 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
 
     device = resolve_device(job.model.device)
     dtype = resolve_dtype(job.model.dtype, device)
+    # Resolved once here, so that the manifest, the summary and every worker name the same kernel.
+    attention = resolve_attention(job.model.attention, device, dtype, source)
+    job = dataclasses.replace(job, model=dataclasses.replace(job.model, attention=attention))
     settings = vector_settings(job, source, dtype)
     store = Store(job.output.path)
     lock = acquire_lock(store)
@@ -141,6 +146,7 @@ def _run_locked(job: JobConfig, options: RunOptions, units: list[Unit], source: 
     todo = [u for u in units if u.key not in kept]
     summary = RunSummary(job=job.name, output=store.url, device=str(device), dtype=dtype,
                          dtype_note=dtype_reason(job.model.dtype, device),
+                         attention=job.model.attention,
                          model=source.name, units_total=len(units), units_skipped=len(kept),
                          units_changed=len(changed))
 

@@ -13,6 +13,7 @@ class RunSummary:
     device: str
     dtype: str
     dtype_note: str = ""  # why this dtype, when it was chosen automatically
+    attention: str = ""  # the attention kernel: sdpa, amx (embedpipe's), flash_attention_2
     units_total: int = 0
     units_done: int = 0
     units_skipped: int = 0
@@ -66,7 +67,8 @@ class RunSummary:
         check = "ok" if self.rows_read == self.vectors_written + self.rejected else "MISMATCH"
         lines = [
             f"embedpipe run {self.job} -> {self.output}",
-            f"  model      {self.model} on {self.device} in {self.dtype_note or self.dtype}",
+            f"  model      {self.model} on {self.device} in {self.dtype_note or self.dtype}"
+            + (f", attention {self.attention}" if self.attention else ""),
             f"  units      {self.units_total} in input: {self.units_done} embedded, "
             f"{self.units_skipped} already done, {self.units_changed} changed, "
             f"{self.units_failed} failed, {self.units_removed} removed"
