@@ -44,17 +44,16 @@ bool amx_permitted() {
   return ok;
 }
 
-// e^x for x <= 0, to ~1e-6 relative (the probabilities are rounded to bf16, 4e-3, next): 2^n from
-// the exponent bits of a shifted sum, times a degree-5 polynomial of the remainder. x is clamped
-// at -87, so masked keys (-inf) get weight 2^-126: it vanishes against a sum of at least 1.
+// e^x for x <= 0, to ~4e-5 relative (the probabilities are rounded to bf16, 4e-3, next): 2^n
+// from the exponent bits of a shifted sum, times a degree-4 polynomial of the remainder. x is
+// clamped at -87 (2^-126): callers zero the lanes of masked keys themselves.
 inline __m512 exp_ps(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
   const __m512 shifter = _mm512_set1_ps(12582912.0f + 127.0f);  // 1.5 * 2^23, plus the bias
   const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), shifter);
   const __m512 n = _mm512_sub_ps(t, shifter);
   const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945f), x);
-  __m512 p = _mm512_set1_ps(1.0f / 120);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  __m512 p = _mm512_set1_ps(1.0f / 24);
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
@@ -105,21 +104,33 @@ struct Head {
   int64_t q_row, k_row, v_row;  // element strides between positions
 };
 
-// One (sequence, head): out[i, :] = softmax(scale * q_i . K^T + bias) V for every query i < L.
-// L is padded to Lq (16) for queries and Lp (32) for keys; bias is -inf past L and for padding.
-void attend_head(const Head& h, const float* bias, int64_t L, int64_t D, float scale,
+// The keys of one sequence: kept ones are below `end`; `bias` (0 or -inf per key) is null when
+// every key below `end` is kept (right padding, what embedpipe's batches have).
+struct Keys {
+  int64_t end;
+  const float* bias;
+};
+
+inline __mmask16 lanes_below(int64_t j, int64_t end) {
+  return j + 16 <= end ? __mmask16(0xFFFF) : j >= end ? __mmask16(0) : __mmask16((1u << (end - j)) - 1);
+}
+
+// One (sequence, head): out[i, :] = softmax(scale * q_i . K^T over kept keys) V for every query
+// i < L. Queries are padded to a multiple of 16, keys to a multiple of 32 past the last kept key;
+// padded and masked keys get probability 0.
+void attend_head(const Head& h, const Keys& keys, int64_t L, int64_t D, float scale,
                  uint16_t* out, int64_t out_row, Buffers& buf) {
-  const int64_t Lq = (L + 15) / 16 * 16, Lp = (L + 31) / 32 * 32, P = D / 2;
+  const int64_t Lq = (L + 15) / 16 * 16, Lp = (keys.end + 31) / 32 * 32, P = D / 2;
   buf.q.assign(Lq * D, 0);
   for (int64_t i = 0; i < L; ++i) std::memcpy(&buf.q[i * D], h.q + i * h.q_row, D * 2);
   // K^T in dimension pairs, 16 keys x 16 pairs at a time (a 16 x 16 transpose of 32-bit pairs)
   buf.k.assign(P * Lp, 0);
-  for (int64_t j0 = 0; j0 < L; j0 += 16) {
-    const int keys = int(std::min<int64_t>(16, L - j0));
+  for (int64_t j0 = 0; j0 < keys.end; j0 += 16) {
+    const int n = int(std::min<int64_t>(16, keys.end - j0));
     for (int64_t p0 = 0; p0 < P; p0 += 16) {
       __m512i rows[16];
       for (int j = 0; j < 16; ++j)
-        rows[j] = j < keys ? _mm512_loadu_si512(h.k + (j0 + j) * h.k_row + 2 * p0) : _mm512_setzero_si512();
+        rows[j] = j < n ? _mm512_loadu_si512(h.k + (j0 + j) * h.k_row + 2 * p0) : _mm512_setzero_si512();
       transpose16x16(rows);
       for (int p = 0; p < 16; ++p) _mm512_storeu_si512(&buf.k[(p0 + p) * Lp + j0], rows[p]);
     }
@@ -129,10 +140,11 @@ void attend_head(const Head& h, const float* bias, int64_t L, int64_t D, float s
   const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
                                       39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
-  for (int64_t j = 0; j < L; j += 2) {
+  for (int64_t j = 0; j < keys.end; j += 2) {
     for (int64_t d0 = 0; d0 < D; d0 += 32) {
       const __m512i a = _mm512_loadu_si512(h.v + j * h.v_row + d0);
-      const __m512i b = j + 1 < L ? _mm512_loadu_si512(h.v + (j + 1) * h.v_row + d0) : _mm512_setzero_si512();
+      const __m512i b = j + 1 < keys.end ? _mm512_loadu_si512(h.v + (j + 1) * h.v_row + d0)
+                                         : _mm512_setzero_si512();
       _mm512_storeu_si512(&buf.v[(j / 2) * D + d0], _mm512_permutex2var_epi16(a, lo, b));
       _mm512_storeu_si512(&buf.v[(j / 2) * D + d0 + 16], _mm512_permutex2var_epi16(a, hi, b));
     }
@@ -141,6 +153,7 @@ void attend_head(const Head& h, const float* bias, int64_t L, int64_t D, float s
   buf.probs.resize(kRows * Lp);
   buf.out.resize(kRows * 32);
   const __m512 vscale = _mm512_set1_ps(scale);
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
 
   for (int64_t i0 = 0; i0 < Lq; i0 += kRows) {
     // scores (16 queries x Lp keys) = Q K^T, 32 keys and 32 dimensions per step
@@ -157,21 +170,34 @@ void attend_head(const Head& h, const float* bias, int64_t L, int64_t D, float s
       _tile_stored(0, &buf.scores[j0], Lp * 4);
       _tile_stored(1, &buf.scores[j0 + 16], Lp * 4);
     }
-    // softmax numerators: fp32 for the sums, bf16 for the product with V
+    // softmax numerators: fp32 for the sums, bf16 for the product with V; 0 past the kept keys
     float inv_sum[kRows];
     for (int r = 0; r < kRows; ++r) {
       const float* s = &buf.scores[r * Lp];
-      __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-      for (int64_t j = 0; j < Lp; j += 16)
-        m = _mm512_max_ps(m, _mm512_fmadd_ps(_mm512_loadu_ps(s + j), vscale, _mm512_loadu_ps(bias + j)));
-      const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(m));
-      __m512 sum = _mm512_setzero_ps();
       uint16_t* pr = &buf.probs[r * Lp];
-      for (int64_t j = 0; j < Lp; j += 16) {
-        const __m512 shifted = _mm512_sub_ps(_mm512_loadu_ps(bias + j), vmax);
-        const __m512 e = exp_ps(_mm512_fmadd_ps(_mm512_loadu_ps(s + j), vscale, shifted));
-        sum = _mm512_add_ps(sum, e);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), (__m256i)_mm512_cvtneps_pbh(e));
+      __m512 m = minus_inf, sum = _mm512_setzero_ps();
+      if (keys.bias == nullptr) {  // (scale > 0: checked by the caller)
+        for (int64_t j = 0; j < Lp; j += 16)
+          m = _mm512_mask_max_ps(m, lanes_below(j, keys.end), m, _mm512_loadu_ps(s + j));
+        // scale > 0, so the largest scaled score is scale * the largest score
+        const __m512 shift = _mm512_set1_ps(-scale * _mm512_reduce_max_ps(m));
+        for (int64_t j = 0; j < Lp; j += 16) {
+          const __m512 e = _mm512_maskz_mov_ps(lanes_below(j, keys.end),
+              exp_ps(_mm512_fmadd_ps(_mm512_loadu_ps(s + j), vscale, shift)));
+          sum = _mm512_add_ps(sum, e);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), (__m256i)_mm512_cvtneps_pbh(e));
+        }
+      } else {
+        for (int64_t j = 0; j < Lp; j += 16)
+          m = _mm512_max_ps(m, _mm512_fmadd_ps(_mm512_loadu_ps(s + j), vscale, _mm512_loadu_ps(keys.bias + j)));
+        const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+        for (int64_t j = 0; j < Lp; j += 16) {
+          const __m512 x = _mm512_fmadd_ps(_mm512_loadu_ps(s + j), vscale, _mm512_loadu_ps(keys.bias + j));
+          const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, minus_inf, _CMP_NEQ_OQ),
+                                               exp_ps(_mm512_sub_ps(x, vmax)));
+          sum = _mm512_add_ps(sum, e);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), (__m256i)_mm512_cvtneps_pbh(e));
+        }
       }
       inv_sum[r] = 1.0f / _mm512_reduce_add_ps(sum);
     }
@@ -213,6 +239,7 @@ at::Tensor padded_attention(const at::Tensor& query, const at::Tensor& key, cons
               "padded_attention: query, key and value must be (batch, heads, length, dim) alike");
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2), D = query.size(3);
   TORCH_CHECK(D % 32 == 0, "padded_attention: head_dim must be a multiple of 32");
+  TORCH_CHECK(scale > 0, "padded_attention: scale must be positive");
   TORCH_CHECK(query.stride(3) == 1 && key.stride(3) == 1 && value.stride(3) == 1,
               "padded_attention: head_dim must be contiguous");
   TORCH_CHECK(key_mask.dim() == 2 && key_mask.size(0) == B && key_mask.size(1) == L,
@@ -221,11 +248,20 @@ at::Tensor padded_attention(const at::Tensor& query, const at::Tensor& key, cons
   auto out = at::empty({B, L, H, D}, query.options());
   if (out.numel() == 0) return out;
   const auto keep = key_mask.to(at::kBool).contiguous();
-  const int64_t Lp = (L + 31) / 32 * 32;
-  std::vector<float> bias(B * Lp, -std::numeric_limits<float>::infinity());
   const bool* kept = keep.data_ptr<bool>();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t j = 0; j < L; ++j) if (kept[b * L + j]) bias[b * Lp + j] = 0.0f;
+  // Per sequence: one past its last kept key, and a bias row (0 / -inf) only if a key before
+  // that is masked. Lp: keys padded to a multiple of 32.
+  const int64_t Lp = (L + 31) / 32 * 32;
+  std::vector<int64_t> ends(B, 0);
+  std::vector<float> bias(B * Lp, -std::numeric_limits<float>::infinity());
+  std::vector<bool> holes(B, false);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < L; ++j) {
+      if (kept[b * L + j]) { bias[b * Lp + j] = 0.0f; ends[b] = j + 1; }
+    }
+    for (int64_t j = 0; j < ends[b]; ++j) holes[b] = holes[b] || !kept[b * L + j];
+    TORCH_CHECK(ends[b] > 0, "padded_attention: a sequence has no key to attend to");
+  }
 
   const auto* q = reinterpret_cast<const uint16_t*>(query.data_ptr<at::BFloat16>());
   const auto* k = reinterpret_cast<const uint16_t*>(key.data_ptr<at::BFloat16>());
@@ -244,7 +280,8 @@ at::Tensor padded_attention(const at::Tensor& query, const at::Tensor& key, cons
                       k + b * key.stride(0) + hd * key.stride(1),
                       v + b * value.stride(0) + hd * value.stride(1),
                       query.stride(2), key.stride(2), value.stride(2)};
-      attend_head(head, &bias[b * Lp], L, D, float(scale), o + b * L * H * D + hd * D, H * D, buf);
+      const Keys keys{ends[b], holes[b] ? &bias[b * Lp] : nullptr};
+      attend_head(head, keys, L, D, float(scale), o + b * L * H * D + hd * D, H * D, buf);
     }
     if (previous.palette_id != 0) _tile_loadconfig(&previous); else _tile_release();
   });
