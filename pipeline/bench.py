@@ -168,9 +168,12 @@ def encoder_flops(config, lengths: np.ndarray) -> float:
 # ---- inputs -----------------------------------------------------------------------------------
 
 def load_rows(path: str, text_column: str, id_column: str, limit: int | None) -> pa.Table:
-    """(id, text) of the rows embedpipe embeds: an id, a non-blank text, the id's first row."""
-    table = pq.read_table(path, columns=[id_column, text_column])
-    table = table.rename_columns(["id", "text"])
+    """(id, text, file) of the rows embedpipe embeds: an id, a non-blank text, the id's first row."""
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(path, format="parquet").to_table(
+        columns=[id_column, text_column, "__filename"])
+    table = table.rename_columns(["id", "text", "file"])
     ok = pc.and_(pc.is_valid(table["id"]), pc.is_valid(table["text"]))
     table = table.filter(ok)
     table = table.filter(pc.not_equal(pc.utf8_trim_whitespace(table["text"]), ""))
@@ -183,6 +186,15 @@ def _write_input(table: pa.Table, folder: Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, folder / "part-00000.parquet")
     return str(folder)
+
+
+def sort_windows(files: np.ndarray, sort_window: int) -> list[np.ndarray]:
+    """Row positions of the windows the runner sorts: each file apart, `sort_window` rows each."""
+    windows = []
+    for file in dict.fromkeys(files):
+        rows = np.flatnonzero(files == file)
+        windows += [rows[i:i + sort_window] for i in range(0, len(rows), sort_window)]
+    return windows
 
 
 # ---- contenders -------------------------------------------------------------------------------
@@ -270,12 +282,15 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
         rows = load_rows(source_path, opts.text_column, opts.id_column, opts.rows)
         if opts.input and opts.rows:
             # a slice of the user's input, written as-is (id, text) for the runner
+            rows = rows.drop_columns(["file"])
             source_path = _write_input(rows.rename_columns([opts.id_column, opts.text_column]),
                                        work / "input")
+            rows = rows.append_column("file", pa.array(["input"] * rows.num_rows))
         texts, ids = rows["text"].to_pylist(), rows["id"].to_numpy(zero_copy_only=False)
+        files = rows["file"].to_numpy(zero_copy_only=False)
         warm = rows.slice(0, min(opts.warmup_rows, rows.num_rows))
-        warm_path = _write_input(warm.rename_columns([opts.id_column, opts.text_column]),
-                                 work / "warmup")
+        warm_path = _write_input(warm.drop_columns(["file"]).rename_columns(
+            [opts.id_column, opts.text_column]), work / "warmup")
         log(f"bench: {len(texts):,} texts ({corpus}: {opts.input or source_path}), "
             f"{opts.rounds} rounds after a warm-up on {warm.num_rows} rows")
 
@@ -313,8 +328,10 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
                     layers=(-1,), layer_combine="concat", token_pooling="mean", normalize=True),
                     compile=opts.compile, attention=opts.attention)
                 pad = encoder.pad_multiple
-                batches = [collate(tokens.ids, p, tokenizer.pad_id, pad)
-                           for p in plan_batches(lengths, batch_tokens, max_batch_size)]
+                # the runner's batches: sorted inside each file's windows, not across files
+                batches = [collate(tokens.ids, w[p], tokenizer.pad_id, pad)
+                           for w in sort_windows(files, defaults.sort_window)
+                           for p in plan_batches(lengths[w], batch_tokens, max_batch_size)]
                 padded = sum(b.padded_tokens for b in batches)
 
                 def encode_only(name=f"encode-only {dtype}", encoder=encoder, batches=batches,

@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.bench import BenchOptions, PeakRSS, load_rows, render, run_bench, st_padded_tokens
+from pipeline.bench import (BenchOptions, PeakRSS, load_rows, render, run_bench, sort_windows,
+                            st_padded_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,13 @@ def test_rows_are_those_embedpipe_embeds(tmp_path):
                    path)
     rows = load_rows(str(path), "text", "id", None)
     assert rows["id"].to_pylist() == [3, 1] and rows["text"].to_pylist() == ["a", "b"]
+
+
+def test_encode_only_sorts_inside_the_runners_windows():
+    """Each file apart, `sort_window` rows a window: the batches the runner itself makes."""
+    files = np.array(["a"] * 5 + ["b"] * 3)
+    windows = sort_windows(files, 2)
+    assert [w.tolist() for w in windows] == [[0, 1], [2, 3], [4], [5, 6], [7]]
 
 
 def test_st_padding_follows_its_character_sort():
