@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -44,16 +45,92 @@ class TextTokenizer:
         probe = self.backend.encode("a", add_special_tokens=True).special_tokens_mask
         self.n_suffix = len(probe) - len("".join(map(str, probe)).rstrip("1"))
         self.ascii_backend = _ascii_backend(self.backend)
+        # Non-ASCII characters met so far: what the normalizer makes of each one alone.
+        self._char_table: dict[int, str] = {**BERT_ASCII_CLEAN, **{c: chr(c + 32) for c in range(65, 91)}}
+        self._chars_known: set[str] = set(map(chr, range(128)))
+        self._chars_unsafe: set[str] = set()
+        self._word_ids: dict[str, list[int]] = {}
+        self._template = _special_tokens(self.ascii_backend) if self.ascii_backend else ([], [])
+        # Added tokens matched in the original text (not normalised): a text with one of them
+        # keeps the tokenizer's own path.
+        added = self.backend.get_added_tokens_decoder()
+        self._verbatim = [t.content for t in added.values() if not t.normalized]
+        self._separator_id = (self.ascii_backend.encode(SEPARATOR, add_special_tokens=False).ids
+                              if self.ascii_backend else [None])[0]
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text; encode_batch_fast skips the character offsets we never use."""
         if self.ascii_backend is None:
             return [e.ids for e in self.backend.encode_batch_fast(texts)]
-        plain = [text.isascii() for text in texts]  # O(1) per str in CPython
-        fast = iter(self.ascii_backend.encode_batch_fast(
-            [text.translate(BERT_ASCII_CLEAN).lower() for text, p in zip(texts, plain) if p]))
-        full = iter(self.backend.encode_batch_fast([t for t, p in zip(texts, plain) if not p]))
-        return [next(fast).ids if p else next(full).ids for p in plain]
+        normalized = [self._normalize(text) for text in texts]
+        by_words = [n is not None and n.isascii() for n in normalized]
+        ids = self._encode_by_words([n for n, w in zip(normalized, by_words) if w])
+        raw = iter(self.ascii_backend.encode_batch_fast(
+            [n for n, w in zip(normalized, by_words) if n is not None and not w]))
+        full = iter(self.backend.encode_batch_fast(
+            [t for t, n in zip(texts, normalized) if n is None]))
+        return [next(ids) if w else next(raw).ids if n is not None else next(full).ids
+                for n, w in zip(normalized, by_words)]
+
+    def _encode_by_words(self, texts: list[str]):
+        """Normalised ASCII texts, whose only white space is ' ': BertPreTokenizer splits at
+        white space first and WordPiece never looks past a word, so a text's ids are its
+        space-separated words' ids in turn, between the template's special tokens. Words repeat
+        (Zipf), so their ids are kept: the tokenizer then sees each new word once."""
+        words = [text.split() for text in texts]
+        cache = self._word_ids
+        if len(cache) > WORD_CACHE_LIMIT:  # bounded: memory stays flat on endless inputs
+            cache.clear()
+        new = list({w for ws in words for w in ws if w not in cache})
+        cache.update(zip(new, self._word_pieces(new)))
+        head, tail = self._template
+        return iter([head + list(chain.from_iterable(map(cache.__getitem__, ws))) + tail
+                     for ws in words])
+
+    def _word_pieces(self, words: list[str]) -> list[list[int]]:
+        """Each word's ids, from encodings of many words joined by a punctuation mark (an
+        Encoding per word costs ~8 us). BertPreTokenizer splits punctuation off as a word of
+        its own, so the mark's id falls between the words' ids; the few words that contain the
+        mark themselves are encoded alone."""
+        plain = [w for w in words if SEPARATOR not in w]
+        # in groups of 1,000 words, which the tokenizer encodes in parallel
+        groups = [plain[i:i + 1000] for i in range(0, len(plain), 1000)]
+        pieces = {}
+        encoded = self.ascii_backend.encode_batch_fast(
+            [f" {SEPARATOR} ".join(group) for group in groups], add_special_tokens=False)
+        for group, enc in zip(groups, encoded):
+            ids, start = enc.ids, 0
+            cuts = [i for i, t in enumerate(ids) if t == self._separator_id] + [len(ids)]
+            if len(cuts) == len(group):
+                for word, end in zip(group, cuts):
+                    pieces[word] = ids[start:end]
+                    start = end + 1
+        rest = [w for w in words if w not in pieces]
+        pieces.update(zip(rest, (e.ids for e in self.ascii_backend.encode_batch_fast(
+            rest, add_special_tokens=False))))
+        return [pieces[w] for w in words]
+
+    def _normalize(self, text: str) -> str | None:
+        """The BERT-uncased normalizer's output, made in Python (str.translate runs in C); None
+        when the text needs the tokenizer's own normalizer. Every step of that normalizer (clean,
+        pad CJK, NFD and drop accents, lower-case) maps one character at a time, except that NFD
+        reorders runs of combining marks: so each character's mapping is asked of the normalizer
+        itself, once, and kept unless what it leaves has a combining mark in it."""
+        if any(token in text for token in self._verbatim):
+            return None
+        if text.isascii():  # O(1) per str in CPython
+            return text.translate(BERT_ASCII_CLEAN).lower()
+        chars = set(text)
+        for char in chars - self._chars_known:
+            mapped = self.backend.normalizer.normalize_str(char)
+            if any(unicodedata.combining(c) for c in mapped):
+                self._chars_unsafe.add(char)
+            elif mapped != char:
+                self._char_table[ord(char)] = mapped
+            self._chars_known.add(char)
+        if not self._chars_unsafe.isdisjoint(chars):
+            return None
+        return text.translate(self._char_table)
 
     def __call__(self, texts: list[str]) -> Tokenized:
         ids = self._encode(texts)
@@ -73,14 +150,29 @@ BERT_ASCII_NORMALIZER = {"type": "BertNormalizer", "clean_text": True, "handle_c
                          "strip_accents": None, "lowercase": True}
 
 
+WORD_CACHE_LIMIT = 500_000  # words' ids kept: ~100 MB at most
+SEPARATOR = "|"  # a punctuation mark: a word of its own to BertPreTokenizer, one id in the vocabulary
+
+
+def _special_tokens(backend) -> tuple[list[int], list[int]]:
+    """The ids the post-processor puts before and after a text ([CLS] and [SEP] for BERT)."""
+    probe = "probe words"
+    inner = backend.encode(probe, add_special_tokens=False).ids
+    whole = backend.encode(probe, add_special_tokens=True).ids
+    head = next(i for i in range(len(whole) + 1) if whole[i:i + len(inner)] == inner)
+    return whole[:head], whole[head + len(inner):]
+
+
 def _ascii_backend(backend):
-    """A copy of a BERT-uncased tokenizer without its normalizer, for ASCII text normalised in
-    Python (str.translate + lower run in C). The normalizer is ~70 % of the tokenizer's CPU time,
-    and on a CPU every core it takes is taken from the model. None for any other normalizer."""
+    """A copy of a BERT-uncased tokenizer without its normalizer, for text normalised in Python
+    (str.translate runs in C). The normalizer is ~70 % of the tokenizer's CPU time, and on a CPU
+    every core it takes is taken from the model. None for any other normalizer."""
     from tokenizers import Tokenizer
 
     serialized = backend.to_str()
-    if json.loads(serialized).get("normalizer") != BERT_ASCII_NORMALIZER:
+    spec = json.loads(serialized)
+    if spec.get("normalizer") != BERT_ASCII_NORMALIZER or spec.get("pre_tokenizer") != {
+            "type": "BertPreTokenizer"}:
         return None
     raw = Tokenizer.from_str(serialized)
     raw.normalizer = None
