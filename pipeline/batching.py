@@ -150,7 +150,7 @@ BERT_ASCII_NORMALIZER = {"type": "BertNormalizer", "clean_text": True, "handle_c
                          "strip_accents": None, "lowercase": True}
 
 
-WORD_CACHE_LIMIT = 500_000  # words' ids kept: ~100 MB at most
+WORD_CACHE_LIMIT = 100_000  # words' ids kept: ~20 MB at most, so memory stays flat
 SEPARATOR = "|"  # a punctuation mark: a word of its own to BertPreTokenizer, one id in the vocabulary
 
 
