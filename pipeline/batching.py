@@ -46,7 +46,8 @@ class TextTokenizer:
         self.n_suffix = len(probe) - len("".join(map(str, probe)).rstrip("1"))
         self.ascii_backend = _ascii_backend(self.backend)
         # Non-ASCII characters met so far: what the normalizer makes of each one alone.
-        self._char_table: dict[int, str] = {**BERT_ASCII_CLEAN, **{c: chr(c + 32) for c in range(65, 91)}}
+        upper_to_lower = {c: chr(c + 32) for c in range(ord("A"), ord("Z") + 1)}
+        self._char_table: dict[int, str] = {**BERT_ASCII_CLEAN, **upper_to_lower}
         self._chars_known: set[str] = set(map(chr, range(128)))
         self._chars_unsafe: set[str] = set()
         self._word_ids: dict[str, list[int]] = {}
@@ -106,8 +107,8 @@ class TextTokenizer:
                     pieces[word] = ids[start:end]
                     start = end + 1
         rest = [w for w in words if w not in pieces]
-        pieces.update(zip(rest, (e.ids for e in self.ascii_backend.encode_batch_fast(
-            rest, add_special_tokens=False))))
+        alone = self.ascii_backend.encode_batch_fast(rest, add_special_tokens=False)
+        pieces.update(zip(rest, (e.ids for e in alone)))
         return [pieces[w] for w in words]
 
     def _normalize(self, text: str) -> str | None:
@@ -151,7 +152,7 @@ BERT_ASCII_NORMALIZER = {"type": "BertNormalizer", "clean_text": True, "handle_c
 
 
 WORD_CACHE_LIMIT = 100_000  # words' ids kept: ~20 MB at most, so memory stays flat
-SEPARATOR = "|"  # a punctuation mark: a word of its own to BertPreTokenizer, one id in the vocabulary
+SEPARATOR = "|"  # punctuation: a word of its own to BertPreTokenizer, one id in the vocabulary
 
 
 def _special_tokens(backend) -> tuple[list[int], list[int]]:

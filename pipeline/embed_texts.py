@@ -48,9 +48,11 @@ class TextEmbedder:
 
         job = config_from_dict(record.config)
         # The dtype actually used (recorded resolved), not `auto`, which may resolve otherwise here.
-        # The attention kernel is this machine's choice: kernels agree to float rounding.
+        # The attention kernel is this machine's choice (kernels agree to float rounding), and a
+        # few queries never repay compiling.
         model = dataclasses.replace(job.model, dtype=record.vector_settings.get(
-            "model.dtype", job.model.dtype), device=device or job.model.device, attention="auto")
+            "model.dtype", job.model.dtype), device=device or job.model.device, attention="auto",
+            compile=False)
         self.job: JobConfig = dataclasses.replace(job, model=model)
         self.source = resolve_model(model.name)  # ConfigError when the model is not here
         self.dtype = resolve_dtype(model.dtype, resolve_device(model.device))

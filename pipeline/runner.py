@@ -19,7 +19,8 @@ from . import __version__
 from .config import JobConfig, settings_hash
 from .faults import checkpoint
 from .embedder import EmbedPlan, UnitEmbedder
-from .encoder import dtype_reason, resolve_attention, resolve_device, resolve_dtype
+from .encoder import (dtype_reason, resolve_attention, resolve_compile, resolve_device,
+                      resolve_dtype)
 from .flow import Stats
 from .indexing import INDEX_DIR, INDEX_FILE, build_index
 from .ledger import MANIFEST, Ledger, acquire_lock, release_lock
@@ -116,9 +117,12 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
 
     device = resolve_device(job.model.device)
     dtype = resolve_dtype(job.model.dtype, device)
-    # Resolved once here, so that the manifest, the summary and every worker name the same kernel.
+    # Resolved once here, so that the manifest, the summary and every worker agree. Compiling
+    # goes by all the input's rows, so a rerun after a crash decides as the first run did.
     attention = resolve_attention(job.model.attention, device, dtype, source)
-    job = dataclasses.replace(job, model=dataclasses.replace(job.model, attention=attention))
+    compiled = resolve_compile(job.model.compile, device, dtype, sum(u.num_rows for u in units))
+    job = dataclasses.replace(job, model=dataclasses.replace(
+        job.model, attention=attention, compile=compiled))
     settings = vector_settings(job, source, dtype)
     store = Store(job.output.path)
     lock = acquire_lock(store)
@@ -146,7 +150,7 @@ def _run_locked(job: JobConfig, options: RunOptions, units: list[Unit], source: 
     todo = [u for u in units if u.key not in kept]
     summary = RunSummary(job=job.name, output=store.url, device=str(device), dtype=dtype,
                          dtype_note=dtype_reason(job.model.dtype, device),
-                         attention=job.model.attention,
+                         attention=job.model.attention, compiled=job.model.compile,
                          model=source.name, units_total=len(units), units_skipped=len(kept),
                          units_changed=len(changed))
 

@@ -14,6 +14,7 @@ class RunSummary:
     dtype: str
     dtype_note: str = ""  # why this dtype, when it was chosen automatically
     attention: str = ""  # the attention kernel: sdpa, amx (embedpipe's), flash_attention_2
+    compiled: bool = False  # torch.compile (model.compile, or auto for a long enough input)
     units_total: int = 0
     units_done: int = 0
     units_skipped: int = 0
@@ -68,7 +69,8 @@ class RunSummary:
         lines = [
             f"embedpipe run {self.job} -> {self.output}",
             f"  model      {self.model} on {self.device} in {self.dtype_note or self.dtype}"
-            + (f", attention {self.attention}" if self.attention else ""),
+            + (f", attention {self.attention}" if self.attention else "")
+            + (", compiled" if self.compiled else ""),
             f"  units      {self.units_total} in input: {self.units_done} embedded, "
             f"{self.units_skipped} already done, {self.units_changed} changed, "
             f"{self.units_failed} failed, {self.units_removed} removed"

@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, action="append", help="input sizes (repeatable)")
     parser.add_argument("--max-length", type=int, default=16)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--compile", action="store_true",
+                        help="model.compile = true (default false here: the same for every size)")
     parser.add_argument("--model", default="all-MiniLM-L6-v2")
     parser.add_argument("--workdir", default="out/rss-flatness")
     args = parser.parse_args()
@@ -49,7 +51,8 @@ def main() -> None:
         folder = work / f"in-{n}"
         generate_rows(folder, n)
         job = {"name": f"rss-{n}", "input": {"path": str(folder)},
-               "model": {"name": args.model, "max_length": args.max_length, "dtype": args.dtype},
+               "model": {"name": args.model, "max_length": args.max_length, "dtype": args.dtype,
+                         "compile": args.compile},
                "encode": {"normalize": True}, "output": {"path": str(work / f"out-{n}")},
                "index": {"enabled": False}}
         start = time.perf_counter()

@@ -83,6 +83,9 @@ def test_manifest_records_what_made_the_folder(finished, bundled_model):
     assert {"torch", "transformers", "pyarrow", "faiss"} <= set(manifest["versions"])
     assert sum(u["vectors_out"] for u in manifest["units"].values()) == 240
     assert all(u["status"] == "complete" for u in manifest["units"].values())
+    # the run's own choices, resolved: 240 rows are far too few to repay compiling
+    assert manifest["config"]["model"]["compile"] is False
+    assert manifest["config"]["model"]["attention"] in ("sdpa", "amx")
 
 
 def test_every_vector_is_its_own_nearest_neighbour_and_ids_round_trip(finished, shards):
@@ -121,6 +124,7 @@ def test_summary_screen_and_rerun_skips_everything(finished):
     result = embedpipe("run", job)
     assert result.returncode == 0, result.stderr
     assert "0 embedded, 3 already done" in result.stdout
+    assert ", attention " in result.stdout and "compiled" not in result.stdout
     assert "240 vectors" in result.stdout
 
 

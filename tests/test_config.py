@@ -18,6 +18,9 @@ def test_defaults_and_name_from_file_stem(tmp_path):
     assert job.output.path == "out/nightly"
     assert (job.model.name, job.model.device, job.model.dtype) == ("all-MiniLM-L6-v2", "auto", "float32")
     assert job.model.max_length is None  # the model's own limit, resolved at run time
+    assert (job.model.compile, job.model.attention) == ("auto", "auto")
+    for value in (True, False, "auto"):
+        assert config_from_dict({"model": {"compile": value}}).model.compile == value
     assert (job.encode.pooling, job.encode.batch_tokens, job.encode.max_batch_size,
             job.encode.sort_window, job.encode.normalize) == ("mean", None, 256, 4096, False)
     # the token budget goes by device unless set: 4,096 on CPU (measured faster), 8,192 on CUDA
@@ -49,6 +52,9 @@ def test_shipped_job_file_loads():
     ('[encode]\npooling = "pooler"\nlayers = [-1]\n', ["pooler", "layers"]),
     ('[encode]\nbatch_tokens = 4096\nmax_batch_size = 9000\n', ["max_batch_size", "batch_tokens"]),
     ('input = 3\n', ["[input]", "table"]),
+    ('[model]\ncompile = "yes"\n', ["model.compile", "true, false or 'auto'"]),
+    ('[model]\ncompile = 1\n', ["model.compile", "true, false or 'auto'"]),
+    ('[model]\nattention = "flash"\n', ["model.attention", "sdpa", "amx"]),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(tmp_path, text, words):
     with pytest.raises(ConfigError) as err:

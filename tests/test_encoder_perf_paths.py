@@ -11,7 +11,8 @@ import torch
 from pipeline import encoder as encoder_mod
 from pipeline.batching import TextTokenizer, collate, plan_batches
 from pipeline.config import ConfigError
-from pipeline.encoder import (Encoder, EncoderSettings, _trim, dtype_reason, resolve_dtype)
+from pipeline.encoder import (AUTO_COMPILE_ROWS, Encoder, EncoderSettings, _trim, dtype_reason,
+                              resolve_compile, resolve_dtype)
 
 MEAN = EncoderSettings(layers=(-1,), layer_combine="concat", token_pooling="mean", normalize=True)
 
@@ -71,6 +72,18 @@ def test_compiled_bfloat16_keeps_every_row_within_cosine_0999(bundled_model, tok
     compiled = _encode_all(encoder, tokenizer, mixed_texts, batch_tokens=4096)
     assert torch._inductor.config.freezing
     assert _cos(compiled, st_vectors).min() >= 0.999
+
+
+@pytest.mark.parametrize("requested, device, dtype, rows, expected", [
+    ("auto", "cpu", "bfloat16", AUTO_COMPILE_ROWS, True),
+    ("auto", "cpu", "bfloat16", AUTO_COMPILE_ROWS - 1, False),
+    ("auto", "cpu", "float32", 10 * AUTO_COMPILE_ROWS, False),  # no gain measured in float32
+    ("auto", "cuda", "bfloat16", 10 * AUTO_COMPILE_ROWS, False),  # not measured on a GPU
+    (True, "cpu", "float32", 1, True),
+    (False, "cpu", "bfloat16", 10 * AUTO_COMPILE_ROWS, False),
+])
+def test_compile_auto_goes_by_the_inputs_rows(requested, device, dtype, rows, expected):
+    assert resolve_compile(requested, torch.device(device), dtype, rows) is expected
 
 
 def test_bfloat16_on_cpu_casts_only_the_linear_weights(bundled_model):
