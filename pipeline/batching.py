@@ -41,23 +41,23 @@ class TextTokenizer:
         self.backend.no_padding()
         self.pad_id = hf.pad_token_id if hf.pad_token_id is not None else 0
         self.max_length = max_length
-        # Special tokens the template adds after the text ([SEP] for BERT): truncation keeps them.
-        probe = self.backend.encode("a", add_special_tokens=True).special_tokens_mask
-        self.n_suffix = len(probe) - len("".join(map(str, probe)).rstrip("1"))
+        # The special tokens the template puts around a text ([CLS] .. [SEP] for BERT); truncation
+        # keeps those after it.
+        self._template = _special_tokens(self.backend)
+        self.n_suffix = len(self._template[1])
         self.ascii_backend = _ascii_backend(self.backend)
-        # Non-ASCII characters met so far: what the normalizer makes of each one alone.
-        upper_to_lower = {c: chr(c + 32) for c in range(ord("A"), ord("Z") + 1)}
-        self._char_table: dict[int, str] = {**BERT_ASCII_CLEAN, **upper_to_lower}
-        self._chars_known: set[str] = set(map(chr, range(128)))
-        self._chars_unsafe: set[str] = set()
-        self._word_ids: dict[str, list[int]] = {}
-        self._template = _special_tokens(self.ascii_backend) if self.ascii_backend else ([], [])
-        # Added tokens matched in the original text (not normalised): a text with one of them
-        # keeps the tokenizer's own path.
-        added = self.backend.get_added_tokens_decoder()
-        self._verbatim = [t.content for t in added.values() if not t.normalized]
-        self._separator_id = (self.ascii_backend.encode(SEPARATOR, add_special_tokens=False).ids
-                              if self.ascii_backend else [None])[0]
+        if self.ascii_backend is not None:
+            # Characters met so far: what the normalizer makes of each one alone.
+            upper_to_lower = {c: chr(c + 32) for c in range(ord("A"), ord("Z") + 1)}
+            self._char_table: dict[int, str] = {**BERT_ASCII_CLEAN, **upper_to_lower}
+            self._chars_known: set[str] = set(map(chr, range(128)))
+            self._chars_unsafe: set[str] = set()
+            self._word_ids: dict[str, list[int]] = {}
+            self._separator_id = self.ascii_backend.encode(SEPARATOR, add_special_tokens=False).ids[0]
+            # Added tokens matched in the original text (not normalised): a text with one of them
+            # keeps the tokenizer's own path.
+            added = self.backend.get_added_tokens_decoder()
+            self._verbatim = [t.content for t in added.values() if not t.normalized]
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text; encode_batch_fast skips the character offsets we never use."""
