@@ -252,14 +252,12 @@ at::Tensor padded_attention(const at::Tensor& query, const at::Tensor& key, cons
   // Per sequence: one past its last kept key, and a bias row (0 / -inf) only if a key before
   // that is masked. Lp: keys padded to a multiple of 32.
   const int64_t Lp = (L + 31) / 32 * 32;
-  std::vector<int64_t> ends(B, 0);
+  std::vector<int64_t> ends(B, 0), counts(B, 0);
   std::vector<float> bias(B * Lp, -std::numeric_limits<float>::infinity());
-  std::vector<bool> holes(B, false);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t j = 0; j < L; ++j) {
-      if (kept[b * L + j]) { bias[b * Lp + j] = 0.0f; ends[b] = j + 1; }
+      if (kept[b * L + j]) { bias[b * Lp + j] = 0.0f; ends[b] = j + 1; ++counts[b]; }
     }
-    for (int64_t j = 0; j < ends[b]; ++j) holes[b] = holes[b] || !kept[b * L + j];
     TORCH_CHECK(ends[b] > 0, "padded_attention: a sequence has no key to attend to");
   }
 
@@ -280,7 +278,8 @@ at::Tensor padded_attention(const at::Tensor& query, const at::Tensor& key, cons
                       k + b * key.stride(0) + hd * key.stride(1),
                       v + b * value.stride(0) + hd * value.stride(1),
                       query.stride(2), key.stride(2), value.stride(2)};
-      const Keys keys{ends[b], holes[b] ? &bias[b * Lp] : nullptr};
+      const bool holes = counts[b] < ends[b];  // a masked key before the last kept one
+      const Keys keys{ends[b], holes ? &bias[b * Lp] : nullptr};
       attend_head(head, keys, L, D, float(scale), o + b * L * H * D + hd * D, H * D, buf);
     }
     if (previous.palette_id != 0) _tile_loadconfig(&previous); else _tile_release();
