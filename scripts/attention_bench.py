@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pipeline import cpu_attention
+from pipeline.encode import cpu_attention
 
 SHAPES = [(33, 122), (128, 32), (64, 64), (16, 256), (2, 300), (3, 7)]
 

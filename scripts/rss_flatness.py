@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/rss_flatness.py --rows 100000 --rows 1000000
 
-Each size gets synthetic rows (pipeline.datasets.generate_rows: spans of real English words with
+Each size gets synthetic rows (pipeline.tools.datasets.generate_rows: spans of real English words with
 the bench corpus' length spread) and one `run_job` in a fresh child process, whose peak RSS
 (getrusage ru_maxrss) is the figure. To keep a 1M-row run to minutes on 2 CPU cores it uses a
 short max_length (default 16 tokens) and no FAISS index: a flat index holds every vector in
@@ -21,7 +21,7 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, time
 from pipeline.config import config_from_dict
-from pipeline.runner import RunOptions, run_job
+from pipeline.jobs.runner import RunOptions, run_job
 job = config_from_dict(json.loads(sys.argv[1]))
 start = time.perf_counter()
 summary = run_job(job, RunOptions(mode="overwrite", progress=False))
@@ -44,7 +44,7 @@ def main() -> None:
     sizes = args.rows or [100_000, 1_000_000]
     work = Path(args.workdir)
 
-    from pipeline.datasets import generate_rows
+    from pipeline.tools.datasets import generate_rows
 
     results = []
     for n in sizes:

@@ -13,8 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pipeline.datasets import fetch_movie_reviews  # noqa: E402
-from pipeline.models import resolve_model  # noqa: E402
+from pipeline.tools.datasets import fetch_movie_reviews  # noqa: E402
+from pipeline.encode.model_files import resolve_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

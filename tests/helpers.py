@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import config_from_dict
-from pipeline.runner import RunOptions, run_job
+from pipeline.jobs.runner import RunOptions, run_job
 
 
 def write_shards(folder: Path, tables: list[pa.Table], names: list[str] | None = None) -> list[Path]:
@@ -70,15 +70,15 @@ def run(raw: dict, **options):
 
 def read_vectors(out: Path) -> pa.Table:
     """Every stored vector row, in the manifest's unit order."""
-    from pipeline.ledger import Ledger
-    from pipeline.storage import Store
+    from pipeline.io.ledger import Ledger
+    from pipeline.io.storage import Store
 
-    files = Ledger(Store(str(out))).files("vectors")
+    files = Ledger(Store(str(out))).vector_files()
     return pa.concat_tables([pq.read_table(out / f) for f in files]) if files else None
 
 
 def matrix(table: pa.Table) -> np.ndarray:
-    from pipeline.indexing import to_matrix
+    from pipeline.io.vectors import to_matrix
     return to_matrix(table.column("vector"))
 
 
@@ -91,3 +91,20 @@ def embedpipe(*args, env=None, **kwargs) -> subprocess.CompletedProcess:
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def runtime_for(source, device="cpu", dtype="float32", attention="auto", compile=False,
+                max_length=None):
+    """The runtime a job with these model settings resolves to on this machine."""
+    from pipeline.config import ModelConfig
+    from pipeline.encode.runtime import resolve_runtime
+
+    return resolve_runtime(ModelConfig(name=str(source.path), device=device, dtype=dtype,
+                                       attention=attention, compile=compile,
+                                       max_length=max_length), source)
+
+
+def encoder_for(source, device, dtype, settings, compile=False, attention="auto"):
+    from pipeline.encode.encoder import Encoder
+
+    return Encoder(source, runtime_for(source, device, dtype, attention, compile), settings)

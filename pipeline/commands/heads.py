@@ -1,0 +1,301 @@
+"""Classification heads on stored vectors: logistic regression (scikit-learn), saved with a card.
+
+A head folder holds `head.npz` (the weights, as plain arrays: no pickle) and `head.json` (the
+card: the embedding record of the vectors it was trained on, the label names, the split and the
+held-out metrics). `predict` embeds new texts with the recorded settings and refuses a head whose
+embedding record differs from what this machine would produce.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import posixpath
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..config import ConfigError
+from ..io.ledger import MANIFEST, Ledger, read_manifest
+from ..io.reader import list_input_files, open_parquet
+from ..io.storage import Store
+from ..io.vectors import VectorParts, to_matrix
+from ..io.writer import ResultFile
+from ..version import __version__
+from .query import EmbeddingRecord, TextEmbedder, read_text_batches
+
+log = logging.getLogger(__name__)
+
+CARD = "head.json"
+WEIGHTS = "head.npz"
+HEADS_DIR = "heads"
+PREDICT_BATCH = 4096
+C_GRID = (0.001, 0.01, 0.1, 1.0)  # inverse regularisation strengths tried by cross-validation
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    label_column: str
+    labels: str | None = None  # Parquet file or folder with id + label; None: a kept column
+    id_column: str = "id"
+    test_fraction: float = 0.2
+    seed: int = 0
+    C: float | None = None  # inverse regularisation (standardised features); None: by CV
+
+
+@dataclass
+class TrainingSet:
+    vectors: np.ndarray
+    labels: list[str]
+    rows: dict[str, int]  # vectors, labelled, null_label (left out), no_label_row (left out)
+
+
+def _read_labels(path: str, id_column: str, label_column: str) -> dict:
+    fs, files = list_input_files(path)
+    labels: dict = {}
+    for file in files:
+        parquet = open_parquet(fs, file)
+        missing = [c for c in (id_column, label_column) if c not in parquet.schema_arrow.names]
+        if missing:
+            raise ConfigError(f"{file}: no column {missing[0]!r}; it has: "
+                              f"{', '.join(parquet.schema_arrow.names)}")
+        table = parquet.read(columns=[id_column, label_column])
+        before = len(labels)
+        labels.update(zip(table.column(id_column).to_pylist(), table.column(label_column).to_pylist()))
+        if len(labels) - before != table.num_rows:
+            raise ConfigError(f"{path}: the id column {id_column!r} repeats ids; one label per id")
+    return labels
+
+
+def load_training_set(out: str, opts: HeadOptions) -> TrainingSet:
+    """The stored vectors joined by id to their labels; rows without a label are counted out."""
+    store = Store(out)
+    read_manifest(store)
+    parts = VectorParts(store, Ledger(store).vector_files())
+    if not parts.files:
+        raise ConfigError(f"{out} holds no vectors")
+    stored = parts.metadata(parts.files[0]).schema.to_arrow_schema().names
+    if opts.labels is None:
+        if opts.label_column not in stored:
+            raise ConfigError(
+                f"{out}: no kept column {opts.label_column!r} (kept: "
+                f"{', '.join(stored[4:]) or 'none'}); give --labels PATH, or keep the column with "
+                f"[output] keep_columns")
+        columns, lookup = ["id", "vector", opts.label_column], None
+    else:
+        columns, lookup = ["id", "vector"], _read_labels(opts.labels, opts.id_column,
+                                                         opts.label_column)
+    blocks, labels = [], []
+    rows = {"vectors": 0, "labelled": 0, "null_label": 0, "no_label_row": 0}
+    for table in parts.read(columns):
+        ids = table.column("id").to_pylist()
+        if lookup is None:
+            values = table.column(opts.label_column).to_pylist()
+        else:
+            values = [lookup.get(i, _MISSING) for i in ids]
+        rows["vectors"] += len(ids)
+        rows["no_label_row"] += sum(v is _MISSING for v in values)
+        rows["null_label"] += sum(v is None for v in values)
+        keep = [i for i, v in enumerate(values) if v is not None and v is not _MISSING]
+        if keep:
+            blocks.append(to_matrix(table.column("vector").take(pa.array(keep, pa.int64()))))
+            labels += [str(values[i]) for i in keep]
+    rows["labelled"] = len(labels)
+    if not labels:
+        raise ConfigError(
+            f"no stored vector has a label: {rows['no_label_row']} ids found no label row and "
+            f"{rows['null_label']} labels are null (are the id columns of the same kind?)")
+    return TrainingSet(np.concatenate(blocks), labels, rows)
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<no label row>"
+
+
+_MISSING = _Missing()
+
+
+def _check_classes(labels: list[str], test_fraction: float, column: str) -> list[str]:
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) < 2:
+        raise ConfigError(f"label column {column!r} has one class ({classes[0]!r}) among "
+                          f"{len(labels)} labelled rows; a classifier needs at least two")
+    rare = [f"{c!r} ({n})" for c, n in zip(classes, counts) if n < 2]
+    if rare:
+        raise ConfigError(f"label column {column!r}: classes with fewer than 2 rows cannot be "
+                          f"split stratified: {', '.join(rare)}")
+    if not 0 < test_fraction < 1:
+        raise ConfigError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
+    n_test = int(np.ceil(test_fraction * len(labels)))
+    if n_test < len(classes) or len(labels) - n_test < len(classes):
+        raise ConfigError(f"{len(labels)} labelled rows with test fraction {test_fraction} leave "
+                          f"fewer rows than the {len(classes)} classes in one side of the split")
+    return classes.tolist()
+
+
+def fit_logistic(x: np.ndarray, y: list[str], C: float | None, seed: int):
+    """Standardise, fit (C by 3-fold stratified CV on these rows when not given), and fold the
+    scaling into the weights: one plain LogisticRegression that takes raw vectors."""
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+
+    mean, scale = x.mean(0, dtype=np.float64), x.std(0, dtype=np.float64)
+    scale[scale < 1e-12] = 1.0
+    z = ((x - mean) / scale).astype(np.float32)
+    if C is None:
+        folds = StratifiedKFold(3, shuffle=True, random_state=seed)
+        with warnings.catch_warnings():  # scikit-learn 1.9 announces attribute changes
+            warnings.simplefilter("ignore", FutureWarning)
+            cv = LogisticRegressionCV(Cs=C_GRID, cv=folds, max_iter=2000, random_state=seed,
+                                      scoring="accuracy").fit(z, y)
+        C = float(np.ravel(cv.C_)[0])
+    model = LogisticRegression(C=C, max_iter=2000, random_state=seed).fit(z, y)
+    model.coef_ = model.coef_ / scale
+    model.intercept_ = model.intercept_ - model.coef_ @ mean
+    return model, C
+
+
+def evaluate(y_true: list[str], y_pred: list[str], classes: list[str]) -> dict[str, Any]:
+    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=classes, zero_division=0)
+    majority = max(classes, key=lambda c: sum(t == c for t in y_true))
+    return {
+        "accuracy": round(float(accuracy_score(y_true, y_pred)), 4),
+        "macro_f1": round(float(f1_score(y_true, y_pred, labels=classes, average="macro",
+                                         zero_division=0)), 4),
+        "majority_class_accuracy": round(sum(t == majority for t in y_true) / len(y_true), 4),
+        "per_class": {c: {"precision": round(float(p), 4), "recall": round(float(r), 4),
+                          "f1": round(float(f), 4), "support": int(s)}
+                      for c, p, r, f, s in zip(classes, precision, recall, f1, support)},
+    }
+
+
+def train_head(out: str, opts: HeadOptions, dest: str | None = None) -> dict[str, Any]:
+    """Train on the stored vectors of OUT, evaluate on a stratified held-out part, save.
+
+    Returns the card (also written to DEST/head.json); DEST defaults to OUT/heads/<label>."""
+    from sklearn.model_selection import train_test_split
+
+    started = time.perf_counter()
+    record = EmbeddingRecord.from_manifest(read_manifest(Store(out)), f"{out}/{MANIFEST}")
+    data = load_training_set(out, opts)
+    classes = _check_classes(data.labels, opts.test_fraction, opts.label_column)
+    x_train, x_test, y_train, y_test = train_test_split(
+        data.vectors, data.labels, test_size=opts.test_fraction, random_state=opts.seed,
+        stratify=data.labels)
+    model, C = fit_logistic(x_train, y_train, opts.C, opts.seed)
+    metrics = evaluate(y_test, model.predict(x_test).tolist(), classes)
+    card = {
+        "format": 1, "kind": "logistic-regression", "source": out,
+        "label_column": opts.label_column, "id_column": opts.id_column,
+        "labels": opts.labels or f"kept column {opts.label_column!r}",
+        "classes": [str(c) for c in model.classes_],
+        "embedding": record.to_dict(), "settings_hash": record.settings_hash,
+        "dimension": int(data.vectors.shape[1]),
+        "rows": data.rows,
+        "split": {"stratified": True, "test_fraction": opts.test_fraction, "seed": opts.seed,
+                  "train": len(y_train), "test": len(y_test)},
+        "model": {"C": C, "C_from": "given" if opts.C else f"3-fold CV over {list(C_GRID)}",
+                  "standardized": True, "max_iter": 2000},
+        "metrics": metrics,
+        "train_seconds": round(time.perf_counter() - started, 3),
+        "versions": _versions(),
+    }
+    save_head(dest or posixpath.join(out, HEADS_DIR, opts.label_column), model, card)
+    return card
+
+
+def _versions() -> dict[str, str]:
+    import sklearn
+    return {"embedpipe": __version__, "scikit-learn": sklearn.__version__}
+
+
+def save_head(dest: str, model, card: dict[str, Any]) -> None:
+    store = Store(dest)
+    buffer = io.BytesIO()
+    np.savez(buffer, coef=model.coef_, intercept=model.intercept_,
+             classes=np.array([str(c) for c in model.classes_]))
+    store.write_bytes(WEIGHTS, buffer.getvalue())
+    store.write_json(CARD, card)  # last: a folder with a card has its weights
+
+
+@dataclass
+class Head:
+    card: dict[str, Any]
+    model: Any  # sklearn LogisticRegression
+
+    @property
+    def classes(self) -> list[str]:
+        return self.card["classes"]
+
+    def predict_proba(self, vectors: np.ndarray) -> np.ndarray:
+        return self.model.predict_proba(vectors)
+
+
+def load_head(path: str) -> Head:
+    from sklearn.linear_model import LogisticRegression
+
+    store = Store(path)
+    if not store.exists(CARD) or not store.exists(WEIGHTS):
+        raise ConfigError(f"{path}: not a head folder (needs {CARD} and {WEIGHTS}); "
+                          "make one with `embedpipe train-head`")
+    card = store.read_json(CARD)
+    arrays = np.load(io.BytesIO(store.read_bytes(WEIGHTS)), allow_pickle=False)
+    model = LogisticRegression()
+    model.classes_ = arrays["classes"].astype(object)
+    model.coef_, model.intercept_ = arrays["coef"], arrays["intercept"]
+    model.n_features_in_ = arrays["coef"].shape[1]
+    return Head(card, model)
+
+
+def predict_file(head_path: str, inputs: str, out: str, text_column: str = "text",
+                 id_column: str | None = "id", device: str | None = None) -> dict[str, int]:
+    """Embed the texts of INPUTS with the head's recorded settings, write predictions to OUT.
+
+    Columns: id (the input's id column, else the row number), predicted, proba_<class>..."""
+    head = load_head(head_path)
+    record = EmbeddingRecord(**head.card["embedding"])
+    embedder = TextEmbedder(record, device)  # refuses other settings before the model loads
+    if embedder.settings_hash != head.card["settings_hash"]:
+        raise ConfigError(
+            f"{head_path} was trained on vectors with settings hash {head.card['settings_hash']}, "
+            f"but this machine's embedding settings hash to {embedder.settings_hash}; refusing")
+    counts = {"predicted": 0, "skipped_blank": 0}
+    with ResultFile(out, f"{inputs}: no texts to predict") as results:
+        for batch in read_text_batches(inputs, text_column, id_column, PREDICT_BATCH):
+            counts["skipped_blank"] += batch.skipped
+            if not batch.texts:
+                continue
+            proba = head.predict_proba(embedder.embed(batch.texts))
+            columns = {"id": batch.ids,
+                       "predicted": pa.array([head.classes[i] for i in proba.argmax(1)])}
+            columns.update({f"proba_{c}": pa.array(proba[:, j], pa.float32())
+                            for j, c in enumerate(head.classes)})
+            results.write(pa.table(columns))
+            counts["predicted"] += len(batch.texts)
+    return counts
+
+
+def render_card(card: dict[str, Any]) -> str:
+    m, rows, split = card["metrics"], card["rows"], card["split"]
+    lines = [
+        f"head: logistic regression on {card['label_column']!r}, {len(card['classes'])} classes, "
+        f"{card['dimension']}-d vectors (settings {card['settings_hash']})",
+        f"  rows: {rows['labelled']:,} labelled of {rows['vectors']:,} vectors; left out: "
+        f"{rows['null_label']:,} null labels, {rows['no_label_row']:,} without a label row",
+        f"  split: stratified, {split['train']:,} train / {split['test']:,} held out "
+        f"(seed {split['seed']}); C {card['model']['C']} ({card['model']['C_from']})",
+        f"  held out: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} "
+        f"(majority class {m['majority_class_accuracy']:.4f})",
+        f"  {'class':<16} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}",
+    ]
+    for name, c in m["per_class"].items():
+        lines.append(f"  {name[:16]:<16} {c['precision']:>9.4f} {c['recall']:>7.4f} "
+                     f"{c['f1']:>7.4f} {c['support']:>8,}")
+    return "\n".join(lines)

@@ -1,0 +1,123 @@
+"""Embed a list of texts exactly as a recorded run did (search queries, texts to classify).
+
+The record is an output folder's manifest (its `config` and `vector_settings`): the model,
+max_length, dtype, pooling and normalisation are taken from it, the model is found on this
+machine with `resolve_model`, and the settings it would produce are compared with the record;
+any difference (other weights, a dtype this device lacks) is refused rather than silently giving
+vectors that do not match the stored ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..config import ConfigError, JobConfig, config_from_dict, settings_differences, settings_hash
+from ..encode.model_files import resolve_model
+from ..encode.runtime import resolve_runtime, vector_settings
+from ..io.reader import list_input_files, open_parquet
+from ..io.rejects import blank_texts
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingRecord:
+    """What made a set of vectors: the job config and the resolved vector settings."""
+    config: dict[str, Any]
+    vector_settings: dict[str, Any]
+    settings_hash: str
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any], where: str = "manifest") -> "EmbeddingRecord":
+        missing = [k for k in ("config", "vector_settings") if not manifest.get(k)]
+        if missing:
+            raise ConfigError(f"{where} records no {missing[0]}; was it written by embedpipe run?")
+        settings = manifest["vector_settings"]
+        return cls(manifest["config"], settings,
+                   manifest.get("settings_hash") or settings_hash(settings))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class TextEmbedder:
+    """Vectors for texts, made with a record's settings; the model loads on first use."""
+
+    def __init__(self, record: EmbeddingRecord, device: str | None = None):
+        job = config_from_dict(record.config)
+        # The dtype actually used (recorded resolved), not `auto`, which may resolve otherwise here.
+        # The attention kernel is this machine's choice (kernels agree to float rounding), and a
+        # few queries never repay compiling.
+        model = dataclasses.replace(job.model, dtype=record.vector_settings.get(
+            "model.dtype", job.model.dtype), device=device or job.model.device, attention="auto",
+            compile=False)
+        self.job: JobConfig = dataclasses.replace(job, model=model)
+        self.source = resolve_model(model.name)  # ConfigError when the model is not here
+        self.runtime = resolve_runtime(model, self.source)  # no input rows: never compiled
+        self.settings = vector_settings(self.job, self.source, self.runtime)
+        differ = settings_differences(record.vector_settings, self.settings)
+        if differ:
+            raise ConfigError(
+                "the vectors were made with other embedding settings than this machine would use "
+                f"({'; '.join(differ)}); refusing to mix them")
+        self.settings_hash = settings_hash(self.settings)
+        self._loaded = None
+
+    @property
+    def width(self) -> int:
+        return self._load()[1].width
+
+    def _load(self):
+        if self._loaded is None:
+            from ..encode.encoder import Encoder, EncoderSettings
+            from ..encode.tokenizer import TextTokenizer
+
+            self._loaded = (TextTokenizer(self.source.path, self.runtime.max_length),
+                            Encoder(self.source, self.runtime,
+                                    EncoderSettings.from_config(self.job.encode)))
+        return self._loaded
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """float32 [len(texts), width], rounded through the stored vector dtype like the run's."""
+        from ..encode.batching import encode_texts
+
+        tokenizer, encoder = self._load()
+        enc = self.job.encode
+        out = encode_texts(tokenizer, encoder, texts, enc.token_budget(encoder.device.type),
+                           enc.max_batch_size)
+        vector_dtype = np.dtype(self.job.output.vector_dtype)
+        return out.astype(vector_dtype).astype(np.float32) if vector_dtype != out.dtype else out
+
+
+@dataclasses.dataclass(frozen=True)
+class TextBatch:
+    texts: list[str]
+    ids: pa.Array  # the id column's values for these texts, else their row numbers (0-based)
+    skipped: int  # rows left out because their text is null or blank
+
+
+def read_text_batches(path: str, text_column: str = "text", id_column: str | None = "id",
+                      batch_rows: int = 1024) -> Iterator[TextBatch]:
+    """Texts (and ids) of a Parquet file or folder, batch_rows at a time; null or blank texts are
+    left out and counted. The id column is used when present (an error only if asked for by a
+    name other than the default and missing)."""
+    fs, files = list_input_files(path)
+    first_row = 0
+    for file in files:
+        parquet = open_parquet(fs, file)
+        names = parquet.schema_arrow.names
+        if text_column not in names:
+            raise ConfigError(f"{file}: no text column {text_column!r}; it has: {', '.join(names)}")
+        columns = [text_column] + ([id_column] if id_column and id_column in names else [])
+        if id_column and id_column not in names and id_column != "id":
+            raise ConfigError(f"{file}: no id column {id_column!r}; it has: {', '.join(names)}")
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+            texts = batch.column(text_column)
+            good = pc.and_(texts.is_valid(), pc.invert(blank_texts(texts)))
+            picked = pa.array(np.flatnonzero(good.to_numpy(zero_copy_only=False)), pa.int64())
+            ids = (batch.column(id_column).take(picked) if len(columns) > 1
+                   else pc.add(picked, pa.scalar(first_row, pa.int64())))
+            yield TextBatch(texts.take(picked).to_pylist(), ids, len(texts) - len(picked))
+            first_row += batch.num_rows

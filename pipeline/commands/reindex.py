@@ -1,0 +1,49 @@
+"""`embedpipe index`: rebuild an output folder's FAISS index from its stored vectors."""
+from __future__ import annotations
+
+from ..config import config_from_dict
+from ..index.build import build_index
+from ..io.ledger import Ledger, acquire_lock, read_manifest, release_lock
+from ..io.storage import Store
+
+
+def rebuild_index(url: str, overrides: dict) -> dict:
+    """`embedpipe index`: rebuild OUT's index from its stored vectors (no encoding), streaming
+    them from Parquet, with the manifest's [index] settings updated by `overrides`."""
+    store = Store(url)
+    read_manifest(store)
+    acquire_lock(store)
+    try:
+        ledger = Ledger(store)
+        recorded = ledger.data.get("config", {}).get("index", {})
+        merged = {**recorded, **{k: v for k, v in overrides.items() if v is not None}}
+        if overrides.get("type") and overrides["type"] != "factory" and not overrides.get("factory"):
+            merged["factory"] = None
+        if overrides.get("type") in ("flat", "hnsw") and not overrides.get("layout"):
+            merged["layout"] = "single"  # a recorded shards/ondisk layout has nothing to shard
+        cfg = config_from_dict({"index": merged}).index
+        infos = build_index(store, ledger.vector_files(), cfg)
+        ledger.update(index=infos)
+    finally:
+        release_lock(store)
+    return infos
+
+def render_infos(infos: dict) -> str:
+    if not infos.get("count"):
+        return "index: empty (no vectors)"
+    params = ", ".join(f"{k} {v}" for k, v in infos.get("search_params", {}).items())
+    return (f"index: {infos['factory']} ({infos['kind']}) over {infos['count']:,} x "
+            f"{infos['dimension']} vectors, metric {infos['metric']}"
+            + (f", {params}" if params else "") + "\n"
+            f"  recall@10 {infos['recall_at_10']} on {infos['recall_queries']} stored vectors "
+            f"as queries; {infos['size_bytes'] / 2**20:.1f} MiB; built in "
+            f"{infos['build_seconds']:.1f} s" + render_layout(infos))
+
+def render_layout(infos: dict) -> str:
+    if infos.get("layout") == "shards":
+        return (f"\n  layout shards: {len(infos['shards'])} shard files searched together "
+                f"(memory-mapped), {infos['shards_bytes'] / 2**20:.1f} MiB")
+    if infos.get("layout") == "ondisk":
+        return (f"\n  layout ondisk: {infos['merged_shards']} shards merged into "
+                f"{infos['ivfdata']} ({infos['ivfdata_bytes'] / 2**20:.1f} MiB, memory-mapped)")
+    return ""

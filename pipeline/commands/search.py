@@ -1,0 +1,132 @@
+"""Semantic search over an output folder: encode queries as the run did, search its FAISS index.
+
+Loading reads the manifest, the index and its id map, never the stored vectors; kept columns
+(e.g. the text) are read afterwards for the hits only, row group by row group.
+"""
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import ConfigError
+from ..index.build import load_index
+from ..index.files import IDS_FILE
+from ..io.ledger import MANIFEST, Ledger, read_manifest
+from ..io.storage import Store
+from ..io.vectors import VectorParts
+from ..io.writer import ResultFile
+from .query import EmbeddingRecord, TextEmbedder, read_text_batches
+
+QUERY_BATCH = 1024  # queries embedded and searched together from a queries file
+
+
+class Searcher:
+    """An output folder opened for search. The embedding settings are checked at open."""
+
+    def __init__(self, out: str, device: str | None = None):
+        self.store = Store(out)
+        manifest = read_manifest(self.store)
+        self.record = EmbeddingRecord.from_manifest(manifest, f"{out}/{MANIFEST}")
+        self.embedder = TextEmbedder(self.record, device)  # refuses before any model loads
+        self.index, self.infos = load_index(self.store)
+        with self.store.fs.open(self.store.path(IDS_FILE), "rb") as handle:
+            self.ids = pq.read_table(handle, columns=["id"]).column("id")
+        if len(self.ids) != self.index.ntotal:
+            raise ConfigError(f"{out}: the index holds {self.index.ntotal} vectors but its id map "
+                              f"{len(self.ids)}; rebuild it with `embedpipe index {out}`")
+        self.keep_columns = list(manifest["config"].get("output", {}).get("keep_columns", []))
+        parts = self.infos.get("parts")
+        if parts is None:  # an index written before infos listed its parts
+            files = Ledger(self.store).vector_files()
+            parts = [{"file": f, "rows": r} for f, r in zip(files, VectorParts(self.store, files).rows())]
+        self.part_files = [p["file"] for p in parts]
+        self.part_starts = np.cumsum([0] + [p["rows"] for p in parts]).tolist()
+
+    @property
+    def metric(self) -> str:
+        return self.infos.get("metric", "ip")
+
+    def search_vectors(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, row positions), [queries, k]; a position of -1 means fewer than k found."""
+        k = max(1, min(k, self.index.ntotal))
+        return self.index.search(np.ascontiguousarray(vectors, np.float32), k)
+
+    def search(self, texts: list[str], k: int = 10) -> pa.Table:
+        """One row per hit: query (position in texts), rank (1-based), id, score, kept columns."""
+        scores, positions = self.search_vectors(self.embedder.embed(list(texts)), k)
+        found = positions >= 0
+        query = np.repeat(np.arange(len(texts)), found.sum(1))
+        rank = np.concatenate([np.arange(1, c + 1) for c in found.sum(1)]) if len(texts) else []
+        rows = positions[found]
+        table = pa.table({"query": pa.array(query, pa.int64()), "rank": pa.array(rank, pa.int32()),
+                          "id": self.ids.take(pa.array(rows, pa.int64())),
+                          "score": pa.array(scores[found], pa.float32())})
+        for name, column in self.kept(rows).items():
+            table = table.append_column(name, column)
+        return table
+
+    def kept(self, rows: np.ndarray) -> dict[str, pa.Array]:
+        """The kept columns of the given row positions, reading only the row groups they are in."""
+        if not self.keep_columns or len(rows) == 0:
+            return {}
+        pieces: list[tuple[np.ndarray, pa.Table]] = []  # (indices into rows, their values)
+        part_of = np.array([bisect.bisect_right(self.part_starts, r) - 1 for r in rows])
+        for part in np.unique(part_of):
+            wanted = np.flatnonzero(part_of == part)
+            local = rows[wanted] - self.part_starts[part]
+            with self.store.fs.open(self.store.path(self.part_files[part]), "rb") as handle:
+                parquet = pq.ParquetFile(handle)
+                sizes = [parquet.metadata.row_group(g).num_rows
+                         for g in range(parquet.metadata.num_row_groups)]
+                starts = np.cumsum([0] + sizes)
+                group_of = np.searchsorted(starts, local, side="right") - 1
+                for group in np.unique(group_of):
+                    inside = group_of == group
+                    values = parquet.read_row_group(int(group), columns=self.keep_columns)
+                    pieces.append((wanted[inside],
+                                   values.take(pa.array(local[inside] - starts[group]))))
+        order = np.argsort(np.concatenate([w for w, _ in pieces]), kind="stable")
+        merged = pa.concat_tables([t for _, t in pieces]).take(pa.array(order))
+        return {name: merged.column(name).combine_chunks() for name in self.keep_columns}
+
+    def search_file(self, queries: str, out: str, k: int = 10, text_column: str = "text",
+                    id_column: str | None = "id") -> tuple[int, int]:
+        """Search every text of a Parquet file (or folder) in batches; write the hits to Parquet.
+
+        Output columns: query_id (the queries' id column, else the row number), query (the text),
+        rank, id, score, kept columns. Returns (queries searched, null or blank texts skipped)."""
+        done, skipped = 0, 0
+        with ResultFile(out, f"{queries}: no query texts found") as results:
+            for batch in read_text_batches(queries, text_column, id_column, QUERY_BATCH):
+                skipped += batch.skipped
+                if not batch.texts:
+                    continue
+                hits = self.search(batch.texts, k)
+                query = pa.array(hits.column("query").to_numpy())
+                hits = hits.drop_columns(["query"]).add_column(0, "query_id", batch.ids.take(query))
+                hits = hits.add_column(1, "query", pa.array(batch.texts, pa.string()).take(query))
+                results.write(hits)
+                done += len(batch.texts)
+        return done, skipped
+
+
+def render_hits(hits: list[dict], metric: str = "ip", width: int = 100) -> str:
+    """rank, id, score and the first kept text column (cut to fit a line)."""
+    if not hits:
+        return "no hits"
+    extra = [k for k in hits[0] if k not in ("rank", "id", "score")]
+    text = "text" if "text" in extra else (extra[0] if extra else None)
+    id_width = max(2, *(len(str(h["id"])) for h in hits))
+    score = "score" if metric == "ip" else "l2 dist"
+    lines = [f"{'rank':>4}  {'id':>{id_width}}  {score:>7}" + (f"  {text}" if text else "")]
+    for h in hits:
+        line = f"{h['rank']:>4}  {h['id']!s:>{id_width}}  {h['score']:7.4f}"
+        if text:
+            value = " ".join(str(h[text]).split())
+            room = max(20, width - len(line) - 2)
+            line += "  " + (value if len(value) <= room else value[:room - 1] + "…")
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,195 @@
+"""The model on its device: forward pass, pooling, normalisation, and out-of-memory back-off.
+
+Precision and kernels, as measured on all-MiniLM-L6-v2 (README, "Performance"):
+
+* CPU bfloat16: the Linear weights are stored in bfloat16 once, and the forward pass runs under
+  autocast, so every matrix product runs in bfloat16 (AMX / AVX-512 bf16) while layer norms,
+  softmax and the residual stream stay in float32. That is what holds cosine >= 0.999 to the
+  float32 vectors on every row; casting the whole model (what `model.to(torch.bfloat16)` does)
+  drifts further on long texts. Attention runs in embedpipe's AMX kernel (cpu_attention.py)
+  when the CPU has AMX, SDPA otherwise.
+* CUDA float16 / bfloat16: the whole model in half precision (the GPU's norms accumulate in
+  float32), SDPA attention, or FlashAttention-2 when the flash_attn package is installed.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..config import ConfigError, EncodeConfig
+from .batching import Batch
+from .model_files import ModelSource
+from .pooling import output_width, pool
+from .runtime import TORCH_DTYPES, Runtime, check_here
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    layers: tuple[int, ...] | None  # None: use the model's pooler_output
+    layer_combine: str | None
+    token_pooling: str | None
+    normalize: bool
+
+    @classmethod
+    def from_config(cls, encode: EncodeConfig) -> "EncoderSettings":
+        """The job's pooling preset or general form, resolved; all None for the pooler."""
+        layers, combine, token = encode.pooling_spec() or (None, None, None)
+        return cls(layers, combine, token, encode.normalize)
+
+    def width(self, hidden_size: int) -> int:
+        return output_width(hidden_size, self.layers, self.layer_combine)
+
+
+def _load_model(source: ModelSource, runtime: Runtime):
+    from transformers import AutoModel
+
+    from .cpu_attention import ATTENTION
+
+    device, dtype = runtime.torch_device, runtime.dtype
+    attn = ATTENTION if runtime.attention == "amx" else runtime.attention
+    kwargs = {"dtype": TORCH_DTYPES[dtype]} if device.type == "cuda" else {}
+    try:
+        try:
+            model = AutoModel.from_pretrained(source.path, attn_implementation=attn, **kwargs)
+        except (ImportError, ValueError):
+            if attn == "sdpa":
+                raise
+            log.warning("model %s does not take attention %r; using SDPA", source.name, attn)
+            model = AutoModel.from_pretrained(source.path, attn_implementation="sdpa", **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load model from {source.path}: {exc}") from exc
+    if device.type == "cuda":
+        model = model.to(TORCH_DTYPES[dtype])
+    elif dtype != "float32":
+        # Only the matrix products' weights go to bf16: autocast then finds them already cast
+        # (no per-batch copy of the weights) and keeps norms and the residual stream in float32.
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.to(TORCH_DTYPES[dtype])
+    return model.to(device).eval().requires_grad_(False)
+
+
+# Loaded models by (weights, runtime). A process that runs several jobs (the bench's rounds, a
+# test session, a notebook) loads the weights once; models are only read, never changed.
+_MODELS: dict[tuple[str, tuple], torch.nn.Module] = {}
+_MODELS_LOCK = threading.Lock()
+_MODELS_KEEP = 2
+
+
+def cached_model(source: ModelSource, runtime: Runtime) -> torch.nn.Module:
+    key = (f"{source.path}:{source.fingerprint}",
+           (runtime.device, runtime.dtype, runtime.attention, runtime.compile))
+    with _MODELS_LOCK:
+        model = _MODELS.pop(key, None)
+        if model is None:
+            model = _load_model(source, runtime)
+            if runtime.compile:
+                # Inductor fuses the element-wise work around the matrix products (norms, GELU,
+                # casts), which is most of a bf16 forward on CPU. dynamic=True: one compile
+                # serves every (rows, length) batch shape; it costs ~15-30 s once per process.
+                # freezing: the weights are constants (never trained here), so Inductor prepacks
+                # them for oneDNN and folds bias and GELU into the matrix products (+10 % on CPU).
+                # Set globally: compiling happens lazily at the first calls (and on recompiles),
+                # where torch.compile's `options` do not reach the freezing pass.
+                import torch._inductor.config as inductor_config
+
+                inductor_config.freezing = True
+                model = torch.compile(model, dynamic=True)
+        _MODELS[key] = model  # most recently used last
+        while len(_MODELS) > _MODELS_KEEP:
+            _MODELS.pop(next(iter(_MODELS)))
+        return model
+
+
+class Encoder:
+    """Turns padded token batches into float32 sentence vectors (numpy, one row per text)."""
+
+    def __init__(self, source: ModelSource, runtime: Runtime, settings: EncoderSettings):
+        check_here(runtime, source)
+        self.runtime, self.settings = runtime, settings
+        self.device, self.dtype, self.attention = runtime.torch_device, runtime.dtype, runtime.attention
+        model = cached_model(source, runtime)
+        if settings.layers is None and getattr(model, "pooler", None) is None:
+            raise ConfigError(f"encode.pooling = 'pooler' but model {source.name!r} has no pooler")
+        n_states = model.config.num_hidden_layers + 1
+        for layer in settings.layers or ():
+            if not -n_states <= layer < n_states:
+                raise ConfigError(
+                    f"encode.layers: {layer} is out of range for a model with {n_states} hidden "
+                    f"states (0 = embeddings .. {n_states - 1}, or -1 .. -{n_states})")
+        self.model = model
+        self.hidden_size = model.config.hidden_size
+        self.width = settings.width(self.hidden_size)
+        self.pad_multiple = runtime.pad_multiple
+        self.oom_splits = 0
+        # After an out-of-memory error, batches above this many padded tokens are split before
+        # they reach the device, so one OOM does not repeat on every later batch.
+        self.token_cap: int | None = None
+        log.info("encoder: %s on %s in %s, attention %s, width %d", source.name, self.device,
+                 self.dtype, self.attention, self.width)
+
+    def _autocast(self):
+        # On CUDA the weights are already half; on CPU autocast runs the products in bf16.
+        enabled = self.dtype != "float32" and self.device.type == "cpu"
+        return torch.autocast(self.device.type, dtype=TORCH_DTYPES[self.dtype], enabled=enabled)
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        s = self.settings
+        need_states = s.layers is not None and tuple(s.layers) != (-1,)
+        ids = input_ids.to(self.device, non_blocking=True)
+        mask = attention_mask.to(self.device, non_blocking=True)
+        with torch.inference_mode(), self._autocast():
+            out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=need_states)
+            if s.layers is None:
+                vectors = out.pooler_output.float()
+            else:
+                states = out.hidden_states if need_states else (out.last_hidden_state,)
+                layers = s.layers if need_states else (0,)
+                vectors = pool(states, mask, layers, s.layer_combine, s.token_pooling)
+            if s.normalize:
+                vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+        return vectors
+
+    def encode_batch(self, batch: Batch) -> np.ndarray:
+        return self.encode(batch.input_ids, batch.attention_mask)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+        """Encode one batch; on device out-of-memory halve it and retry, never dropping a row."""
+        rows = len(input_ids)
+        if rows > 1 and self.token_cap is not None and input_ids.numel() > self.token_cap:
+            return self._split(input_ids, attention_mask)
+        try:
+            return self._forward(input_ids, attention_mask).cpu().numpy()
+        except torch.OutOfMemoryError:
+            if rows == 1:
+                raise
+        # Out of the except block: the traceback's frames (and their tensors) are gone now.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.oom_splits += 1
+        cap = input_ids.numel() // 2
+        self.token_cap = cap if self.token_cap is None else min(self.token_cap, cap)
+        log.warning("out of memory on a batch of %d rows x %d tokens; retrying as two halves",
+                    rows, input_ids.shape[1])
+        return self._split(input_ids, attention_mask)
+
+    def _split(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+        half = len(input_ids) // 2
+        return np.concatenate([
+            self.encode(*_trim(input_ids[:half], attention_mask[:half], self.pad_multiple)),
+            self.encode(*_trim(input_ids[half:], attention_mask[half:], self.pad_multiple)),
+        ])
+
+
+def _trim(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+          multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the padding columns no row of this (smaller) batch needs, keeping `multiple` alignment."""
+    longest = int(attention_mask.sum(1).max())
+    width = min(-(-longest // multiple) * multiple, input_ids.shape[1])
+    return input_ids[:, :width], attention_mask[:, :width]

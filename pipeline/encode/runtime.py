@@ -1,0 +1,166 @@
+"""The runtime: where and how the model runs, resolved once per job from its config, the model
+and this machine, then carried as it is by the embed plan, the query embedder, the bench and Ray
+workers. `resolve_runtime` is the one place each choice is made; a worker that cannot honour a
+runtime resolved elsewhere fails with a message saying why (`check_here`).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, JobConfig, ModelConfig
+from . import cpu_attention, hardware
+from .model_files import ModelSource
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# `compile = "auto"` compiles bf16 on CPU from this many input rows: the compiled model runs
+# ~1.5x faster there (README, Performance), so 15-30 s of compiling is repaid after ~25k rows.
+AUTO_COMPILE_ROWS = 50_000
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str  # cpu | cuda | cuda:N
+    dtype: str  # float32 | bfloat16 | float16
+    dtype_note: str  # the dtype and, when chosen automatically, why: "bfloat16 (auto: CPU has ...)"
+    attention: str  # sdpa | amx (embedpipe's kernel) | flash_attention_2
+    compile: bool  # torch.compile with frozen weights
+    max_length: int  # tokens per text, special tokens included
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def pad_multiple(self) -> int:
+        """Batches are padded to a multiple of 8 tokens on CUDA (tensor-core shapes), 1 on CPU."""
+        return 8 if self.on_cuda else 1
+
+    @property
+    def pin_memory(self) -> bool:
+        return self.on_cuda
+
+
+def resolve_runtime(model: ModelConfig, source: ModelSource, input_rows: int = 0) -> Runtime:
+    """Every runtime choice for `model` on this machine. `input_rows` is the whole input's row
+    count (done or not, so a rerun after a crash decides as the first run did); 0 for queries,
+    which never repay compiling."""
+    device = _device(model.device)
+    dtype = _dtype(model.dtype, device)
+    return Runtime(device=str(device), dtype=dtype, dtype_note=_dtype_note(model.dtype, device, dtype),
+                   attention=_attention(model.attention, device, dtype, source),
+                   compile=_compile(model.compile, device, dtype, input_rows),
+                   max_length=model.max_length or source.max_length)
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device = {device!r} but no CUDA device is available")
+    return torch.device(device)
+
+
+def _dtype(dtype: str, device: torch.device) -> str:
+    """`auto` picks the fastest dtype that keeps cosine >= 0.999 to float32 on this hardware."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "bfloat16" if hardware.cpu_has_fast_bf16() else "float32"
+    if dtype == "float16" and device.type != "cuda":
+        raise ConfigError("model.dtype = 'float16' runs on cuda only; use bfloat16 or float32 on cpu")
+    return dtype
+
+
+def _dtype_note(requested: str, device: torch.device, dtype: str) -> str:
+    """The dtype and, when chosen automatically, why: "bfloat16 (auto: CPU has AMX bf16)"."""
+    if requested != "auto":
+        return dtype
+    if device.type == "cuda":
+        why = "GPU supports bf16" if dtype == "bfloat16" else "GPU lacks bf16"
+    else:
+        why = hardware.cpu_bf16_kind()
+    return f"{dtype} (auto: {why})"
+
+
+def _attention(requested: str, device: torch.device, dtype: str, source: ModelSource) -> str:
+    """The attention implementation transformers gets. `auto`: embedpipe's AMX kernel for bf16 on
+    CPUs with AMX (2-3x SDPA's speed there), FlashAttention-2 on CUDA when flash_attn is
+    installed, SDPA otherwise."""
+    if requested == "sdpa":
+        return "sdpa"
+    if device.type == "cuda" or requested == "flash_attention_2":
+        if device.type != "cuda":
+            raise ConfigError("model.attention = 'flash_attention_2' runs on cuda only")
+        if requested == "amx":
+            raise ConfigError("model.attention = 'amx' runs on CPU only")
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except ImportError:
+            if requested == "flash_attention_2":
+                raise ConfigError("model.attention = 'flash_attention_2' needs the flash_attn "
+                                  "package") from None
+            return "sdpa"
+    reason, build_failed = _amx_unavailable(device, dtype, source)
+    if reason is None:
+        return "amx"
+    if requested == "amx":
+        raise ConfigError(f"model.attention = 'amx' cannot run here: {reason}")
+    if build_failed:
+        log.warning("embedpipe's AMX attention kernel is unavailable (%s); using SDPA", reason)
+    return "sdpa"
+
+
+def _amx_unavailable(device: torch.device, dtype: str,
+                     source: ModelSource) -> tuple[str | None, bool]:
+    """(why embedpipe's AMX kernel cannot run this model here, or None; whether its build failed).
+    The kernel is built when it could run."""
+    from transformers import AutoConfig
+
+    reason = cpu_attention.unsupported_reason(device, dtype, AutoConfig.from_pretrained(source.path))
+    if reason is not None:
+        return reason, False
+    try:
+        cpu_attention.build()
+    except RuntimeError as exc:
+        return str(exc), True
+    return None, False
+
+
+def _compile(requested: bool | str, device: torch.device, dtype: str, rows: int) -> bool:
+    """`auto`: compile for bf16 on CPU when the input has at least AUTO_COMPILE_ROWS rows; float32
+    on CPU gains nothing measurable, CUDA is not measured here."""
+    if requested != "auto":
+        return bool(requested)
+    return device.type == "cpu" and dtype == "bfloat16" and rows >= AUTO_COMPILE_ROWS
+
+
+def check_here(runtime: Runtime, source: ModelSource) -> None:
+    """Refuse a runtime resolved on another machine (a Ray driver) that this one cannot honour."""
+    device = runtime.torch_device
+    if runtime.on_cuda and not torch.cuda.is_available():
+        raise ConfigError(f"the run was planned for {runtime.device}, but this worker has no CUDA "
+                          f"device; set model.device for the cluster's machines")
+    if runtime.attention == "amx":
+        reason, _ = _amx_unavailable(device, runtime.dtype, source)
+        if reason is not None:
+            raise ConfigError(f"the run was planned with attention 'amx', which cannot run on this "
+                              f"worker: {reason}; set model.attention = 'sdpa' on mixed clusters")
+
+
+def vector_settings(job: JobConfig, source: ModelSource, runtime: Runtime) -> dict[str, Any]:
+    """The settings that change a vector, with the model's weights and the runtime resolved."""
+    settings = job.vector_settings()
+    settings.update({"model.fingerprint": source.fingerprint, "model.dtype": runtime.dtype,
+                     "model.max_length": runtime.max_length})
+    return settings

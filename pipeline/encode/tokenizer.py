@@ -1,0 +1,171 @@
+"""The model's tokenizer: token ids per text, truncated as Hugging Face truncates, with a fast
+path for BERT-uncased ASCII text (normalised in Python, ids cached per word)."""
+from __future__ import annotations
+
+import json
+import unicodedata
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    ids: list[list[int]]  # truncated to max_length, special tokens included
+    n_tokens: np.ndarray  # int32, before truncation
+    truncated: np.ndarray  # bool
+
+
+class TextTokenizer:
+    """The model's fast tokenizer, truncating as Hugging Face does for single texts."""
+
+    def __init__(self, model_path: Path, max_length: int):
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(model_path, use_fast=True)
+        if not hf.is_fast:
+            raise ValueError(f"model at {model_path} has no fast tokenizer (tokenizer.json)")
+        self.backend = hf.backend_tokenizer
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        self.pad_id = hf.pad_token_id if hf.pad_token_id is not None else 0
+        self.max_length = max_length
+        # The special tokens the template puts around a text ([CLS] .. [SEP] for BERT); truncation
+        # keeps those after it.
+        self._template = _special_tokens(self.backend)
+        self.n_suffix = len(self._template[1])
+        self.ascii_backend = _ascii_backend(self.backend)
+        if self.ascii_backend is not None:
+            # Characters met so far: what the normalizer makes of each one alone.
+            upper_to_lower = {c: chr(c + 32) for c in range(ord("A"), ord("Z") + 1)}
+            self._char_table: dict[int, str] = {**BERT_ASCII_CLEAN, **upper_to_lower}
+            self._chars_known: set[str] = set(map(chr, range(128)))
+            self._chars_unsafe: set[str] = set()
+            self._word_ids: dict[str, list[int]] = {}
+            self._separator_id = self.ascii_backend.encode(SEPARATOR, add_special_tokens=False).ids[0]
+            # Added tokens matched in the original text (not normalised): a text with one of them
+            # keeps the tokenizer's own path.
+            added = self.backend.get_added_tokens_decoder()
+            self._verbatim = [t.content for t in added.values() if not t.normalized]
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text; encode_batch_fast skips the character offsets we never use."""
+        if self.ascii_backend is None:
+            return [e.ids for e in self.backend.encode_batch_fast(texts)]
+        normalized = [self._normalize(text) for text in texts]
+        by_words = [n is not None and n.isascii() for n in normalized]
+        ids = self._encode_by_words([n for n, w in zip(normalized, by_words) if w])
+        raw = iter(self.ascii_backend.encode_batch_fast(
+            [n for n, w in zip(normalized, by_words) if n is not None and not w]))
+        full = iter(self.backend.encode_batch_fast(
+            [t for t, n in zip(texts, normalized) if n is None]))
+        return [next(ids) if w else next(raw).ids if n is not None else next(full).ids
+                for n, w in zip(normalized, by_words)]
+
+    def _encode_by_words(self, texts: list[str]):
+        """Normalised ASCII texts, whose only white space is ' ': BertPreTokenizer splits at
+        white space first and WordPiece never looks past a word, so a text's ids are its
+        space-separated words' ids in turn, between the template's special tokens. Words repeat
+        (Zipf), so their ids are kept: the tokenizer then sees each new word once."""
+        words = [text.split() for text in texts]
+        cache = self._word_ids
+        if len(cache) > WORD_CACHE_LIMIT:  # bounded: memory stays flat on endless inputs
+            cache.clear()
+        new = list({w for ws in words for w in ws if w not in cache})
+        cache.update(zip(new, self._word_pieces(new)))
+        head, tail = self._template
+        return iter([head + list(chain.from_iterable(map(cache.__getitem__, ws))) + tail
+                     for ws in words])
+
+    def _word_pieces(self, words: list[str]) -> list[list[int]]:
+        """Each word's ids, from encodings of many words joined by a punctuation mark (an
+        Encoding per word costs ~8 us). BertPreTokenizer splits punctuation off as a word of
+        its own, so the mark's id falls between the words' ids; the few words that contain the
+        mark themselves are encoded alone."""
+        plain = [w for w in words if SEPARATOR not in w]
+        # in groups of 1,000 words, which the tokenizer encodes in parallel
+        groups = [plain[i:i + 1000] for i in range(0, len(plain), 1000)]
+        pieces = {}
+        encoded = self.ascii_backend.encode_batch_fast(
+            [f" {SEPARATOR} ".join(group) for group in groups], add_special_tokens=False)
+        for group, enc in zip(groups, encoded):
+            ids, start = enc.ids, 0
+            cuts = [i for i, t in enumerate(ids) if t == self._separator_id] + [len(ids)]
+            if len(cuts) == len(group):
+                for word, end in zip(group, cuts):
+                    pieces[word] = ids[start:end]
+                    start = end + 1
+        rest = [w for w in words if w not in pieces]
+        alone = self.ascii_backend.encode_batch_fast(rest, add_special_tokens=False)
+        pieces.update(zip(rest, (e.ids for e in alone)))
+        return [pieces[w] for w in words]
+
+    def _normalize(self, text: str) -> str | None:
+        """The BERT-uncased normalizer's output, made in Python (str.translate runs in C); None
+        when the text needs the tokenizer's own normalizer. Every step of that normalizer (clean,
+        pad CJK, NFD and drop accents, lower-case) maps one character at a time, except that NFD
+        reorders runs of combining marks: so each character's mapping is asked of the normalizer
+        itself, once, and kept unless what it leaves has a combining mark in it."""
+        if any(token in text for token in self._verbatim):
+            return None
+        if text.isascii():  # O(1) per str in CPython
+            return text.translate(BERT_ASCII_CLEAN).lower()
+        chars = set(text)
+        for char in chars - self._chars_known:
+            mapped = self.backend.normalizer.normalize_str(char)
+            if any(unicodedata.combining(c) for c in mapped):
+                self._chars_unsafe.add(char)
+            elif mapped != char:
+                self._char_table[ord(char)] = mapped
+            self._chars_known.add(char)
+        if not self._chars_unsafe.isdisjoint(chars):
+            return None
+        return text.translate(self._char_table)
+
+    def __call__(self, texts: list[str]) -> Tokenized:
+        ids = self._encode(texts)
+        n_tokens = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
+        truncated = n_tokens > self.max_length
+        keep_head = self.max_length - self.n_suffix
+        for i in np.flatnonzero(truncated):
+            row = ids[i]
+            ids[i] = row[:keep_head] + row[len(row) - self.n_suffix:] if self.n_suffix else row[:keep_head]
+        return Tokenized(ids=ids, n_tokens=n_tokens, truncated=truncated)
+
+
+# What BertNormalizer(clean_text, lowercase) does to ASCII text: control characters go,
+# tab / newline / carriage return become spaces; accents and CJK spacing never apply to ASCII.
+BERT_ASCII_CLEAN = {**{c: None for c in range(32)}, 9: 32, 10: 32, 13: 32, 127: None}
+BERT_ASCII_NORMALIZER = {"type": "BertNormalizer", "clean_text": True, "handle_chinese_chars": True,
+                         "strip_accents": None, "lowercase": True}
+
+
+WORD_CACHE_LIMIT = 100_000  # words' ids kept: ~20 MB at most, so memory stays flat
+SEPARATOR = "|"  # punctuation: a word of its own to BertPreTokenizer, one id in the vocabulary
+
+
+def _special_tokens(backend) -> tuple[list[int], list[int]]:
+    """The ids the post-processor puts before and after a text ([CLS] and [SEP] for BERT)."""
+    probe = "probe words"
+    inner = backend.encode(probe, add_special_tokens=False).ids
+    whole = backend.encode(probe, add_special_tokens=True).ids
+    head = next(i for i in range(len(whole) + 1) if whole[i:i + len(inner)] == inner)
+    return whole[:head], whole[head + len(inner):]
+
+
+def _ascii_backend(backend):
+    """A copy of a BERT-uncased tokenizer without its normalizer, for text normalised in Python
+    (str.translate runs in C). The normalizer is ~70 % of the tokenizer's CPU time, and on a CPU
+    every core it takes is taken from the model. None for any other normalizer."""
+    from tokenizers import Tokenizer
+
+    serialized = backend.to_str()
+    spec = json.loads(serialized)
+    if spec.get("normalizer") != BERT_ASCII_NORMALIZER or spec.get("pre_tokenizer") != {
+            "type": "BertPreTokenizer"}:
+        return None
+    raw = Tokenizer.from_str(serialized)
+    raw.normalizer = None
+    return raw

@@ -1,0 +1,37 @@
+"""Where a folder's index lives, and reading its stored FAISS files."""
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+import faiss
+import numpy as np
+
+from ..io.storage import Store
+
+INDEX_DIR = "index"
+INDEX_FILE = f"{INDEX_DIR}/index.faiss"
+IDS_FILE = f"{INDEX_DIR}/ids.parquet"
+INFOS_FILE = f"{INDEX_DIR}/index_infos.json"
+
+
+def read_stored_index(store: Store, rel: str, flags: int = 0) -> faiss.Index:
+    """A stored index: read (memory-mapped with IO_FLAG_MMAP) from a local disk, else fetched."""
+    if store.local:
+        return faiss.read_index(store.path(rel), flags)
+    return faiss.deserialize_index(np.frombuffer(store.read_bytes(rel), np.uint8))
+
+@contextmanager
+def faiss_stdout_to_stderr() -> Iterator[None]:
+    """FAISS's C++ notices (ondisk resizing, path updates) print to stdout, which carries the
+    command's output (e.g. `search --json`); send them to stderr meanwhile."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)

@@ -1,0 +1,117 @@
+"""Index layouts for IVF kinds beyond one in-memory index.
+
+`shards` trains once, then adds each group of consecutive parts to its own copy of the trained
+index (ids = global row positions), written as index/shard-<build>-NNNNN.faiss and searched
+together, memory-mapped. `ondisk` merges those shards with FAISS's OnDiskInvertedLists into
+index/merged-<build>.ivfdata, which index.faiss references and search memory-maps (local disks
+only). With the same trained index and nprobe both return what `single` returns.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import faiss
+import numpy as np
+
+from ..config import ConfigError, IndexConfig
+from ..io.storage import TMP_MARK, Store
+from ..io.vectors import VectorParts
+from .files import INDEX_DIR, faiss_stdout_to_stderr, read_stored_index
+
+log = logging.getLogger(__name__)
+
+
+def choose_layout(cfg: IndexConfig, index: faiss.Index, factory: str, store: Store) -> str:
+    """The layout to build: shards and ondisk need an IVF index, ondisk a local disk."""
+    if cfg.layout == "single":
+        return "single"
+    if faiss.try_extract_index_ivf(index) is None:
+        if cfg.type == "auto":  # auto chose flat or HNSW for this count: nothing to shard
+            log.warning("index.layout = %r: auto chose %s, not IVF; building one index",
+                        cfg.layout, factory)
+            return "single"
+        raise ConfigError(f"index.layout = {cfg.layout!r} needs an IVF index; {factory!r} is not")
+    if cfg.layout == "ondisk" and not store.local:
+        raise ConfigError(f"index.layout = 'ondisk' memory-maps a local file; {store.url} is not "
+                          f"on a local disk (use layout 'shards' or 'single' there)")
+    return cfg.layout
+
+def shard_groups(rows: list[int], shard_rows: int) -> list[list[int]]:
+    """Consecutive part indices grouped up to shard_rows rows a group (a larger part alone)."""
+    groups: list[list[int]] = []
+    filled = 0
+    for i, r in enumerate(rows):
+        if not groups or filled + r > shard_rows:
+            groups.append([])
+            filled = 0
+        groups[-1].append(i)
+        filled += r
+    return groups
+
+def write_shard(store: Store, trained: np.ndarray, parts: VectorParts, first_row: int,
+                rel: str) -> int:
+    """Add the parts' vectors, with ids = their global row positions from first_row, to a copy
+    of the serialized trained index and write it to rel. The unit of work of a shard worker;
+    it holds only these parts' codes. Returns the rows added."""
+    index = faiss.deserialize_index(trained)
+    row = first_row
+    for block in parts.vectors():
+        index.add_with_ids(block, np.arange(row, row + len(block), dtype=np.int64))
+        row += len(block)
+    store.write_bytes(rel, faiss.serialize_index(index).tobytes())
+    return row - first_row
+
+def open_shards(store: Store, names: list[str]) -> faiss.IndexShards:
+    """The shard files as one index; their ids are global row positions, kept as they are.
+    On a local disk the inverted lists stay memory-mapped (IO_FLAG_MMAP)."""
+    shards = None
+    for name in names:
+        shard = read_stored_index(store, name, faiss.IO_FLAG_MMAP)
+        if shards is None:
+            shards = faiss.IndexShards(shard.d, False, False)  # not threaded, ids as stored
+        shards.add_shard(shard)  # the wrapper keeps a reference to shard
+    return shards
+
+def build_shards(store: Store, parts: VectorParts, rows: list[int], trained: np.ndarray,
+                 build: str, shard_rows: int) -> list[dict]:
+    """One shard per group of consecutive parts; [{file, rows, first_row}] in row order."""
+    shards, first_row = [], 0
+    for number, group in enumerate(shard_groups(rows, shard_rows)):
+        rel = f"{INDEX_DIR}/shard-{build}-{number:05d}.faiss"
+        count = write_shard(store, trained, VectorParts(store, [parts.files[i] for i in group]),
+                            first_row, rel)
+        shards.append({"file": rel, "rows": count, "first_row": first_row})
+        first_row += count
+    return shards
+
+def merge_shards_ondisk(store: Store, trained: np.ndarray, shards: list[dict],
+                        build: str) -> tuple[faiss.Index, str]:
+    """faiss.contrib.ondisk.merge_ondisk of the shards into index/merged-<build>.ivfdata (under a
+    temporary name until complete); returns the merged index, whose lists are memory-mapped."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    rel = f"{INDEX_DIR}/merged-{build}.ivfdata"
+    final = store.path(rel)
+    tmp = store.path(f"{INDEX_DIR}/.merged-{build}.ivfdata{TMP_MARK}{os.getpid()}")
+    index = faiss.deserialize_index(trained)
+    try:
+        with faiss_stdout_to_stderr():
+            merge_ondisk(index, [store.path(s["file"]) for s in shards], tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    invlists.filename = final  # index.faiss names the final file (search resolves it by basename)
+    return index, rel
+
+def remove_earlier_builds(store: Store, keep: set[str]) -> None:
+    """Shard and ivfdata files of earlier builds, once index_infos.json names the new ones."""
+    for name in store.listdir(INDEX_DIR):
+        rel = f"{INDEX_DIR}/{name}"
+        if re.fullmatch(r"(shard-.+\.faiss|merged-.+\.ivfdata)", name) and rel not in keep:
+            store.remove(rel)

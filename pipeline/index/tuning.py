@@ -1,0 +1,113 @@
+"""Measuring an index against exact search: recall@10 on stored vectors as queries, nprobe tuned
+on a disjoint sample, and the search-time knobs (efSearch, nprobe) stored and applied."""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from ..config import IndexConfig
+from ..io.vectors import VectorParts
+from .choose import METRICS
+
+RECALL_QUERIES = 1_000  # stored vectors used as queries for recall@10
+NPROBE_TARGET = 0.95  # an unset nprobe is the smallest that reaches this recall@10
+
+
+def even_positions(n: int, k: int, shift: float = 0.0) -> np.ndarray:
+    """k row positions spread evenly over n rows (all rows when k >= n); shift in steps (0..1)."""
+    if k >= n:
+        return np.arange(n)
+    step = n / k
+    return np.unique(np.minimum((np.arange(k) * step + shift * step).astype(np.int64), n - 1))
+
+def exact_top_k(parts: VectorParts, queries: np.ndarray, k: int, metric: str) -> np.ndarray:
+    """Brute-force neighbours over every stored vector, streamed part by part."""
+    best_d = np.full((len(queries), 0), 0, np.float32)
+    best_i = np.full((len(queries), 0), 0, np.int64)
+    start = 0
+    for block in parts.vectors():
+        d, i = faiss.knn(queries, block, min(k, len(block)), metric=METRICS[metric])
+        best_d = np.hstack([best_d, d])
+        best_i = np.hstack([best_i, i + start])
+        order = np.argsort(best_d, axis=1, kind="stable")
+        if metric == "ip":
+            order = order[:, ::-1]
+        order = order[:, :k]
+        best_d = np.take_along_axis(best_d, order, 1)
+        best_i = np.take_along_axis(best_i, order, 1)
+        start += len(block)
+    return best_i
+
+def recall(index: faiss.Index, queries: np.ndarray, truth: np.ndarray) -> float:
+    """Share of the exact top-k found in the index's top-k."""
+    if len(queries) == 0:
+        return float("nan")
+    _, found = index.search(queries, truth.shape[1])
+    hits = sum(len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist()))
+    return hits / truth.size
+
+def ivf_indexes(index: faiss.Index) -> list:
+    """The IVF indexes whose nprobe governs a search: one, one per shard, or none."""
+    if isinstance(index, faiss.IndexShards):
+        return [faiss.extract_index_ivf(index.at(i)) for i in range(index.count())]
+    ivf = faiss.try_extract_index_ivf(index)
+    return [] if ivf is None else [ivf]
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    for ivf in ivf_indexes(index):
+        ivf.nprobe = nprobe
+
+def search_params(index: faiss.Index) -> dict:
+    """The search-time knobs an index carries, as stored in index_infos.json."""
+    params = {}
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexHNSW):
+        params["efSearch"] = int(inner.hnsw.efSearch)
+    ivfs = ivf_indexes(index)
+    if ivfs:
+        params["nprobe"] = int(ivfs[0].nprobe)
+    return params
+
+def apply_search_params(index: faiss.Index, params: dict) -> None:
+    inner = faiss.downcast_index(index)
+    if "efSearch" in params and isinstance(inner, faiss.IndexHNSW):
+        inner.hnsw.efSearch = int(params["efSearch"])
+    if "nprobe" in params:
+        set_nprobe(index, int(params["nprobe"]))
+
+def tune_nprobe(index: faiss.Index, queries: np.ndarray, truth: np.ndarray) -> int:
+    """The smallest nprobe (1, 2, 4, ... nlist) reaching NPROBE_TARGET recall, else the best."""
+    nlist = ivf_indexes(index)[0].nlist
+    ladder = sorted({min(2 ** i, nlist) for i in range(nlist.bit_length() + 1)})
+    best, best_recall = ladder[-1], -1.0
+    for nprobe in ladder:
+        set_nprobe(index, nprobe)
+        got = recall(index, queries, truth)
+        if got >= NPROBE_TARGET:
+            return nprobe
+        if got > best_recall + 0.005:  # stop paying for probes that buy no recall
+            best, best_recall = nprobe, got
+    return best
+
+def measure(index: faiss.Index, parts: VectorParts, n: int,
+            cfg: IndexConfig) -> tuple[float, dict, bool]:
+    """recall@10 against exact search, the search parameters it was measured with, and whether
+    the sampled vectors have unit length.
+
+    Exact neighbours are computed once for two even samples of stored vectors: an unset nprobe
+    is tuned on one, and the recall reported is measured on the other (disjoint when n >= 2000).
+    """
+    k = min(10, n)
+    report_pos = even_positions(n, RECALL_QUERIES)
+    ivfs = ivf_indexes(index)
+    tune_pos = even_positions(n, RECALL_QUERIES, shift=0.5) if ivfs else report_pos
+    positions = np.union1d(report_pos, tune_pos)
+    queries = parts.sample(positions)
+    truth = exact_top_k(parts, queries, k, cfg.metric)
+    if ivfs:
+        tune = np.isin(positions, tune_pos)
+        set_nprobe(index, min(ivfs[0].nlist,
+                              cfg.nprobe or tune_nprobe(index, queries[tune], truth[tune])))
+    report = np.isin(positions, report_pos)
+    unit = bool(np.allclose(np.linalg.norm(queries, axis=1), 1.0, atol=1e-3))
+    return recall(index, queries[report], truth[report]), search_params(index), unit

@@ -1,0 +1,212 @@
+"""OUT/manifest.json: what made an output folder, and which units of work it holds.
+
+The manifest is the commit point. A unit's record is added only after all its files are in
+place, and the manifest is replaced whole (atomically), so after a crash it names only complete
+units; files it does not name are strays from the interrupted run and are swept.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import ConfigError, settings_differences
+from .reader import Unit
+from .storage import ConcurrentWrite, Store
+
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+FORMAT = 1
+
+
+class LockedError(RuntimeError):
+    """Another live run holds the output folder."""
+
+
+class SettingsMismatch(RuntimeError):
+    """The folder's vectors were made with other settings than this run's."""
+
+
+@dataclass
+class LockInfo:
+    took_over: dict | None  # the stale lock's content when it was taken over
+
+
+# manifest key -> UnitRecord field, where they differ (the manifest's keys predate the record)
+_KEY_TO_FIELD = {"vectors": "vector_files", "rejects_files": "reject_files"}
+_FIELD_TO_KEY = {v: k for k, v in _KEY_TO_FIELD.items()}
+
+
+@dataclass
+class UnitRecord:
+    """What one unit of work produced, as the manifest records it under `units[key]`."""
+    key: str
+    path: str
+    first_row: int
+    row_groups: list[int]
+    fingerprint: str  # the input unit's, when it was embedded
+    status: str  # complete | failed
+    unit_id: int | None = None  # numbers the unit's part files; None for a failed unit
+    rows_in: int = 0
+    vectors_out: int = 0
+    rejects: int = 0
+    reject_reasons: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    vector_files: list[str] = field(default_factory=list)
+    reject_files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    error: str | None = None
+
+    @classmethod
+    def for_unit(cls, unit: Unit, status: str, **fields: Any) -> "UnitRecord":
+        return cls(key=unit.key, path=unit.path, first_row=unit.first_row,
+                   row_groups=list(unit.row_groups), fingerprint=unit.fingerprint, status=status,
+                   **fields)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    @property
+    def files(self) -> list[str]:
+        return self.vector_files + self.reject_files
+
+    def to_json(self) -> dict[str, Any]:
+        data = {_FIELD_TO_KEY.get(k, k): v for k, v in dataclasses.asdict(self).items()}
+        if not self.complete:  # a failed unit records where and why, nothing it produced
+            data = {k: data[k] for k in ("key", "path", "first_row", "row_groups", "fingerprint",
+                                         "status", "error")}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "UnitRecord":
+        known = {f.name for f in dataclasses.fields(cls)}
+        fields = {_KEY_TO_FIELD.get(k, k): v for k, v in data.items()}
+        return cls(**{k: v for k, v in fields.items() if k in known})
+
+
+class Ledger:
+    def __init__(self, store: Store):
+        self.store = store
+        self._mutex = threading.Lock()
+        # On object stores the manifest is written only over the version read here (If-Match),
+        # so two writers can never both commit on top of the same manifest.
+        self._version = store.version(MANIFEST)
+        self.data: dict[str, Any] = store.read_json(MANIFEST) if store.exists(MANIFEST) else {}
+        self.data.setdefault("format", FORMAT)
+        self.data.setdefault("next_unit_id", 0)
+        self.units: dict[str, UnitRecord] = {
+            key: UnitRecord.from_json(record) for key, record in self.data.pop("units", {}).items()}
+
+    def check_settings(self, settings: dict[str, Any]) -> None:
+        """Refuse when the folder was made with settings that change vectors."""
+        old = self.data.get("vector_settings")
+        if old is None or not self.units:
+            return
+        differ = settings_differences(old, settings)
+        if differ:
+            details = "; ".join(differ)
+            raise SettingsMismatch(
+                f"{self.store.url} holds vectors made with other settings ({details}). "
+                "Run with --mode overwrite to start the folder afresh, or choose another output.path.")
+
+    def unit_id(self, key: str) -> int:
+        """A stable number for a unit: kept across reruns, so part names stay put."""
+        record = self.units.get(key)
+        if record is not None and record.unit_id is not None:
+            return record.unit_id
+        with self._mutex:
+            self.data.setdefault("unit_ids", {})
+            if key not in self.data["unit_ids"]:
+                self.data["unit_ids"][key] = self.data["next_unit_id"]
+                self.data["next_unit_id"] += 1
+            return self.data["unit_ids"][key]
+
+    def commit_unit(self, record: UnitRecord) -> None:
+        with self._mutex:
+            self.units[record.key] = record
+            self.save_locked()
+
+    def drop_units(self, keys: list[str]) -> None:
+        with self._mutex:
+            for key in keys:
+                self.units.pop(key, None)
+            self.save_locked()
+
+    def update(self, **fields: Any) -> None:
+        with self._mutex:
+            self.data.update(fields)
+            self.save_locked()
+
+    def save_locked(self) -> None:
+        self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        data = {**self.data, "units": {k: r.to_json() for k, r in self.units.items()}}
+        body = json.dumps(data, indent=2, default=str).encode() + b"\n"
+        self._version = self.store.write_bytes_if(MANIFEST, body, self._version)
+
+    def complete_units(self) -> list[UnitRecord]:
+        """Complete units in input order: by path, then first row (the order of the vectors)."""
+        return sorted((r for r in self.units.values() if r.complete),
+                      key=lambda r: (r.path, r.first_row))
+
+    def vector_files(self) -> list[str]:
+        return [f for r in self.complete_units() for f in r.vector_files]
+
+    def reject_files(self) -> list[str]:
+        return [f for r in self.complete_units() for f in r.reject_files]
+
+
+def read_manifest(store: Store) -> dict[str, Any]:
+    """An output folder's manifest, or a ConfigError saying the folder is not one."""
+    if not store.exists(MANIFEST):
+        raise ConfigError(f"{store.url}: no {MANIFEST}; is this an embedpipe output folder?")
+    return store.read_json(MANIFEST)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(store: Store) -> LockInfo:
+    """One writer per folder: a lock file with host and pid; a dead holder's lock is taken over."""
+    me = {"host": socket.gethostname(), "pid": os.getpid(),
+          "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    store.makedirs("")
+    took_over = None
+    if store.exists(LOCK):
+        holder = store.read_json(LOCK)
+        same_host = holder.get("host") == me["host"]
+        if not same_host or _process_alive(int(holder.get("pid", -1))):
+            raise LockedError(
+                f"{store.url} is in use by another embedpipe run (host {holder.get('host')}, "
+                f"pid {holder.get('pid')}, since {holder.get('started')}). Wait for it to finish; "
+                f"if that run is gone, delete {store.path(LOCK)}.")
+        took_over = holder
+        store.remove(LOCK)
+    # Exclusive create (O_EXCL locally, If-None-Match on S3): of two runs starting together,
+    # exactly one gets the lock.
+    try:
+        if store.local:
+            fd = os.open(store.path(LOCK), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "w") as handle:
+                json.dump(me, handle)
+        else:
+            store.write_bytes_if(LOCK, json.dumps(me).encode(), None)
+    except (FileExistsError, ConcurrentWrite):
+        raise LockedError(f"{store.url} is being locked by another run just now") from None
+    return LockInfo(took_over=took_over)
+
+
+def release_lock(store: Store) -> None:
+    store.remove(LOCK)

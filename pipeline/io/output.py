@@ -1,0 +1,65 @@
+"""A finished output folder read back: the vectors in order, their ids and kept columns."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from .ledger import Ledger, read_manifest
+from .storage import Store
+from .vectors import VectorParts
+
+
+@dataclass(frozen=True)
+class Output:
+    """The committed parts of an output folder, in row order (the order of the index's ids).
+
+    >>> out = open_output("out/movie-reviews")
+    >>> out.vectors().shape, out.ids()[:3], out.table(["id", "text"]).num_rows
+    """
+    store: Store
+    manifest: dict[str, Any]
+    parts: VectorParts
+
+    @property
+    def files(self) -> list[str]:
+        return self.parts.files
+
+    @property
+    def count(self) -> int:
+        return sum(self.parts.rows())
+
+    @property
+    def columns(self) -> list[str]:
+        """id, vector, n_tokens, truncated, then the kept columns."""
+        if not self.files:
+            return []
+        return self.parts.metadata(self.files[0]).schema.to_arrow_schema().names
+
+    def batches(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """The columns (default all), part after part, a block of rows at a time."""
+        yield from self.parts.read(columns or self.columns)
+
+    def table(self, columns: list[str] | None = None) -> pa.Table:
+        tables = list(self.batches(columns))
+        return pa.concat_tables(tables) if tables else pa.table({})
+
+    def ids(self) -> pa.ChunkedArray:
+        return pa.chunked_array([c for t in self.batches(["id"]) for c in t.column("id").chunks])
+
+    def vectors(self) -> np.ndarray:
+        """float32 [count, dim]; float16 parts are widened."""
+        blocks = list(self.parts.vectors())
+        return np.concatenate(blocks) if blocks else np.zeros((0, self.manifest.get("dim") or 0),
+                                                               np.float32)
+
+
+def open_output(path: str) -> Output:
+    store = Store(path)
+    manifest = read_manifest(store)
+    return Output(store, manifest, VectorParts(store, Ledger(store).vector_files()))
+
+
+__all__ = ["Output", "open_output"]

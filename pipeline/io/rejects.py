@@ -1,0 +1,74 @@
+"""The reject policy: which input rows cannot be embedded, and why.
+
+Reasons, in the order they are checked: null id, null text, empty text (empty or whitespace
+only), duplicate id. An id belongs to the first row, in input order, that has it and can be
+embedded; ids already stored in the output folder by earlier runs come before all of them.
+Duplicates are found in one pass over the ids before any unit is embedded, so units can then
+be embedded independently (in threads here, on other machines with Ray) with the same result.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .reader import Unit, read_unit
+
+NULL_ID, NULL_TEXT, EMPTY_TEXT, DUPLICATE_ID = "null id", "null text", "empty text", "duplicate id"
+
+
+def blank_texts(texts: pa.Array) -> pa.BooleanArray:
+    """Empty or white space only (Unicode White_Space), per row; false for nulls. The one rule for
+    blank text everywhere: runs, queries, texts to classify, the bench."""
+    return pc.fill_null(pc.equal(pc.utf8_trim_whitespace(texts), ""), False)
+
+
+def row_reasons(ids: pa.Array, texts: pa.Array) -> list[str | None]:
+    """Per-row reasons that need no other row (None: the row can be embedded)."""
+    id_null = ids.is_null().to_pylist()
+    text_null = texts.is_null().to_pylist()
+    blank = blank_texts(texts).to_pylist()
+    return [NULL_ID if a else NULL_TEXT if b else EMPTY_TEXT if c else None
+            for a, b, c in zip(id_null, text_null, blank)]
+
+
+def find_duplicates(units: list[Unit], id_column: str, text_column: str,
+                    claimed: set) -> dict[str, set[int]]:
+    """Row numbers, per unit key, whose id an earlier row (or the folder) already holds.
+
+    `claimed` holds the ids stored by earlier runs and is updated with every id claimed here.
+    Units that cannot be read are skipped: they fail later, when they are embedded.
+    """
+    duplicates: dict[str, set[int]] = {}
+    for unit in units:
+        if unit.error:
+            continue
+        rows: set[int] = set()
+        added: list = []
+        try:
+            for batch, first_row in read_unit(unit, [id_column, text_column], 65536):
+                ids = batch.column(0)
+                reasons = row_reasons(ids, batch.column(1))
+                for offset, (row_id, reason) in enumerate(zip(ids.to_pylist(), reasons)):
+                    if reason is not None:
+                        continue
+                    if row_id in claimed:
+                        rows.add(first_row + offset)
+                    else:
+                        claimed.add(row_id)
+                        added.append(row_id)
+        except Exception:  # a unit that breaks mid-file fails when embedded; it claims nothing
+            claimed.difference_update(added)
+            continue
+        duplicates[unit.key] = rows
+    return duplicates
+
+
+def reasons_for_window(ids: pa.Array, texts: pa.Array, row_numbers: np.ndarray,
+                       duplicate_rows: set[int]) -> list[str | None]:
+    reasons = row_reasons(ids, texts)
+    if duplicate_rows:
+        for i, row in enumerate(row_numbers.tolist()):
+            if reasons[i] is None and row in duplicate_rows:
+                reasons[i] = DUPLICATE_ID
+    return reasons

@@ -1,0 +1,60 @@
+"""Reading an output folder's committed vector parts back, in row order, a block at a time."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .storage import Store
+
+READ_ROWS = 65_536  # rows per streamed block of a vector part
+
+
+@dataclass(frozen=True)
+class VectorParts:
+    """The committed vector parts of an output folder, in row order (= FAISS ids)."""
+    store: Store
+    files: list[str]
+
+    def metadata(self, name: str) -> pq.FileMetaData:
+        with self.store.fs.open(self.store.path(name), "rb") as handle:
+            return pq.ParquetFile(handle).metadata
+
+    def rows(self) -> list[int]:
+        return [self.metadata(f).num_rows for f in self.files]
+
+    def dimension(self) -> int:
+        for name in self.files:
+            vector = self.metadata(name).schema.to_arrow_schema().field("vector").type
+            return vector.list_size
+        return 0
+
+    def read(self, columns: list[str], batch_rows: int = READ_ROWS) -> Iterator[pa.Table]:
+        """The columns, part after part, at most batch_rows rows at a time."""
+        for name in self.files:
+            with self.store.fs.open(self.store.path(name), "rb") as handle:
+                for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_rows,
+                                                                 columns=columns):
+                    yield pa.Table.from_batches([batch])
+
+    def vectors(self) -> Iterator[np.ndarray]:
+        for table in self.read(["vector"]):
+            yield to_matrix(table.column("vector"))
+
+    def sample(self, positions: np.ndarray) -> np.ndarray:
+        """The vectors at the given global row positions (sorted), streaming part by part."""
+        out, start = [], 0
+        for block in self.vectors():
+            inside = positions[(positions >= start) & (positions < start + len(block))]
+            out.append(block[inside - start])
+            start += len(block)
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+def to_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    dim = array.type.list_size
+    flat = array.flatten().to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(flat.reshape(-1, dim), dtype=np.float32)

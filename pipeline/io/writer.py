@@ -1,0 +1,154 @@
+"""Write a unit's vectors (and its rejects) as Parquet parts that appear whole."""
+from __future__ import annotations
+
+import posixpath
+from contextlib import ExitStack
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import ConfigError
+from ..faults import checkpoint
+from .storage import Store
+
+VECTORS_DIR = "vectors"
+REJECTS_DIR = "rejects"
+REJECT_SCHEMA_FIELDS = [("input_file", pa.string()), ("row_number", pa.int64()), ("reason", pa.string())]
+
+
+def vector_array(vectors: np.ndarray, vector_dtype: str) -> pa.FixedSizeListArray:
+    """Zero-copy view of a C-contiguous [rows, dim] array as Arrow fixed-size lists."""
+    values = np.ascontiguousarray(vectors, dtype=np.dtype(vector_dtype)).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values), vectors.shape[1])
+
+
+def vectors_schema(id_type: pa.DataType, dim: int, vector_dtype: str,
+                   keep: pa.Schema | None = None) -> pa.Schema:
+    value_type = pa.float16() if vector_dtype == "float16" else pa.float32()
+    fields = [pa.field("id", id_type), pa.field("vector", pa.list_(value_type, dim)),
+              pa.field("n_tokens", pa.int32()), pa.field("truncated", pa.bool_())]
+    return pa.schema(fields + (list(keep) if keep is not None else []))
+
+
+def rejects_schema(id_type: pa.DataType) -> pa.Schema:
+    return pa.schema([pa.field("id", id_type)] + [pa.field(n, t) for n, t in REJECT_SCHEMA_FIELDS])
+
+
+def part_options(schema: pa.Schema) -> dict:
+    """ParquetWriter options for vector parts.
+
+    Float vectors neither repeat nor compress: a dictionary attempt and snappy on the vector
+    column only cost time (4x slower writes, 3x slower reads, larger files, measured on
+    2,000 x 384 float32), and min/max statistics of embedding values help no query."""
+    others = [name for name in schema.names if name != "vector"]
+    return {"use_dictionary": others, "write_statistics": others,
+            "compression": {**{name: "snappy" for name in others}, "vector": "none"}}
+
+
+class UnitWriter:
+    """Parts `vectors/part-UUUUU-SSSS.parquet` of at most rows_per_file rows, in input order.
+
+    A part is streamed to a temporary name and renamed into place when it is full or the unit
+    ends, so memory holds one window of rows, never a whole part.
+    """
+
+    def __init__(self, store: Store, unit_id: int, schema: pa.Schema, rows_per_file: int,
+                 vector_dtype: str):
+        self.store, self.unit_id, self.schema = store, unit_id, schema
+        self.rows_per_file, self.vector_dtype = rows_per_file, vector_dtype
+        self.files: list[str] = []
+        self._open: tuple[ExitStack, pq.ParquetWriter] | None = None
+        self._rows_in_part = 0
+
+    def write(self, ids: pa.Array, vectors: np.ndarray, n_tokens: np.ndarray, truncated: np.ndarray,
+              keep: pa.Table | None = None) -> None:
+        columns = [ids.cast(self.schema.field("id").type), vector_array(vectors, self.vector_dtype),
+                   pa.array(n_tokens, pa.int32()), pa.array(truncated, pa.bool_())]
+        if keep is not None:
+            columns += [keep.column(i).combine_chunks() for i in range(keep.num_columns)]
+        batch = pa.RecordBatch.from_arrays(columns, schema=self.schema)
+        while batch.num_rows:
+            if self._open is None:
+                self._start_part()
+            room = self.rows_per_file - self._rows_in_part
+            self._open[1].write_batch(batch.slice(0, room))
+            self._rows_in_part += min(room, batch.num_rows)
+            batch = batch.slice(room)
+            if self._rows_in_part == self.rows_per_file:
+                self._finish_part()
+
+    def _start_part(self) -> None:
+        name = f"{VECTORS_DIR}/part-{self.unit_id:05d}-{len(self.files):04d}.parquet"
+        stack = ExitStack()
+        handle = stack.enter_context(self.store.open_atomic(name))
+        self._open = (stack, pq.ParquetWriter(handle, self.schema, **part_options(self.schema)))
+        self.files.append(name)
+        self._rows_in_part = 0
+
+    def _finish_part(self) -> None:
+        stack, parquet = self._open
+        self._open = None
+        parquet.close()
+        checkpoint("write")  # the part is complete under its temporary name
+        stack.close()  # renames the part into place
+
+    def close(self) -> list[str]:
+        if self._open is not None:
+            self._finish_part()
+        return self.files
+
+    def abort(self) -> None:
+        """Drop the part being written (its temporary file goes) and forget the finished ones."""
+        if self._open is not None:
+            stack, parquet = self._open
+            self._open = None
+            stack.__exit__(RuntimeError, RuntimeError("unit aborted"), None)
+        remove_files(self.store, self.files)
+        self.files = []
+
+
+def write_rejects(store: Store, unit_id: int, table: pa.Table) -> list[str]:
+    if table.num_rows == 0:
+        return []
+    name = f"{REJECTS_DIR}/part-{unit_id:05d}.parquet"
+    with store.open_atomic(name) as handle:
+        pq.write_table(table, handle)
+    return [name]
+
+
+def remove_files(store: Store, names: list[str]) -> None:
+    for name in names:
+        store.remove(name)
+
+
+class ResultFile:
+    """A Parquet file of results (search hits, predictions) written table by table, which appears
+    under its name only when complete and holds at least one row."""
+
+    def __init__(self, path: str, empty_error: str):
+        self.path, self.empty_error = path, empty_error
+        self.rows = 0
+        self._parquet: pq.ParquetWriter | None = None
+
+    def __enter__(self) -> "ResultFile":
+        parent, name = posixpath.split(self.path)
+        self._file = Store(parent or ".").open_atomic(name)
+        self._handle = self._file.__enter__()
+        return self
+
+    def write(self, table: pa.Table) -> None:
+        if self._parquet is None:
+            self._parquet = pq.ParquetWriter(self._handle, table.schema)
+        self._parquet.write_table(table)
+        self.rows += table.num_rows
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if self._parquet is not None:
+            self._parquet.close()
+        if exc is None and self._parquet is None:
+            exc = ConfigError(self.empty_error)
+            self._file.__exit__(ConfigError, exc, None)  # the temporary file goes
+            raise exc
+        self._file.__exit__(kind, exc, tb)  # renamed into place, or removed on an error
+        return False

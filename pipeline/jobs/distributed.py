@@ -1,0 +1,105 @@
+"""Run units of work on a Ray cluster: one actor per GPU (or per few CPUs), one encoder each.
+
+The driver keeps the ledger exactly as the local runner does; actors only embed a unit into the
+output folder and hand back its record. An actor that dies takes its unit with it: the unit is
+queued again for a fresh actor, and whatever the dead one wrote is swept (its part names are
+not in the manifest). Ray is an optional extra: nothing else in embedpipe imports it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from typing import Callable
+
+from ..io.ledger import UnitRecord
+from ..io.reader import Unit
+from .embedder import EmbedPlan, UnitEmbedder
+from .stages import Stats
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+FORWARDED_ENV = ("EMBEDPIPE_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
+
+
+class EmbedActor:
+    """Holds one loaded model for its whole life; embeds one unit per call."""
+
+    def __init__(self, plan: EmbedPlan, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.embedder = UnitEmbedder(plan)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def embed(self, unit: Unit, unit_id: int,
+              duplicate_rows: set[int]) -> tuple[list[UnitRecord], Stats, int]:
+        records: list[UnitRecord] = []
+        stats = Stats()
+        before = self.embedder.encoder.oom_splits
+        self.embedder.embed([(unit, unit_id)], {unit.key: duplicate_rows}, records.append,
+                            lambda rows: None, stats)
+        return records, stats, self.embedder.encoder.oom_splits - before
+
+
+def embed_on_ray(plan: EmbedPlan, units: list[tuple[Unit, int]], duplicates: dict[str, set[int]],
+                 commit: Callable[[UnitRecord], None], progress: Callable[[int], None], stats: Stats,
+                 address: str | None = None, workers: int | None = None) -> int:
+    """Embed `units` on Ray actors, committing each unit's record as it arrives. Returns OOM splits."""
+    import ray
+    from ray.exceptions import RayActorError, WorkerCrashedError
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": env} if env else None)
+    try:
+        resources = ray.cluster_resources()
+        gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+        count = workers or (gpus if gpus else max(1, cpus // 2))
+        threads = max(1, cpus // count) if not gpus else 2
+        options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": min(threads, cpus)}
+        actor_class = ray.remote(**options)(EmbedActor)
+        log.info("ray: %d actors (%s), %d units", count, "1 GPU each" if gpus else f"{threads} CPU threads each",
+                 len(units))
+
+        queue = deque(units)
+        idle = [actor_class.remote(plan, threads) for _ in range(min(count, len(units)))]
+        pending: dict = {}
+        attempts: dict[str, int] = {}
+        oom_splits = 0
+        while queue or pending:
+            while idle and queue:
+                actor = idle.pop()
+                unit, unit_id = queue.popleft()
+                ref = actor.embed.remote(unit, unit_id, duplicates.get(unit.key, set()))
+                pending[ref] = (actor, unit, unit_id)
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            actor, unit, unit_id = pending.pop(ready[0])
+            try:
+                records, unit_stats, splits = ray.get(ready[0])
+            except (RayActorError, WorkerCrashedError) as exc:
+                attempts[unit.key] = attempts.get(unit.key, 0) + 1
+                if attempts[unit.key] >= MAX_ATTEMPTS:
+                    commit(UnitRecord.for_unit(
+                        unit, "failed",
+                        error=f"worker died {MAX_ATTEMPTS} times: {type(exc).__name__}"))
+                else:
+                    log.warning("ray: worker died on %s; retrying on a new worker", unit.key)
+                    queue.appendleft((unit, unit_id))
+                idle.append(actor_class.remote(plan, threads))
+                continue
+            for record in records:
+                commit(record)
+                progress(record.rows_in)
+            stats.merge(unit_stats)
+            oom_splits += splits
+            idle.append(actor)
+        return oom_splits
+    finally:
+        if started_here:
+            ray.shutdown()

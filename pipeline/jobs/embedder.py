@@ -1,0 +1,58 @@
+"""Embed units of work with one model: the same code in the local runner and in each Ray actor."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pyarrow as pa
+
+from ..config import JobConfig
+from ..encode.encoder import EncoderSettings
+from ..encode.model_files import ModelSource
+from ..encode.runtime import Runtime
+from ..io.reader import Unit
+from ..io.storage import Store
+from ..io.writer import vectors_schema
+from .stages import FlowSettings, Preparer, Stats, Writer, run_stages
+
+
+@dataclass(frozen=True)
+class EmbedPlan:
+    """Everything a worker needs to embed units into the output folder (picklable)."""
+    job: JobConfig
+    source: ModelSource
+    runtime: Runtime
+    id_type: str  # "int64" or "string"
+    keep_schema: pa.Schema | None
+
+    @property
+    def width(self) -> int:
+        return EncoderSettings.from_config(self.job.encode).width(self.source.hidden_size)
+
+    def vectors_schema(self) -> pa.Schema:
+        return vectors_schema(pa.type_for_alias(self.id_type), self.width,
+                              self.job.output.vector_dtype, self.keep_schema)
+
+
+class UnitEmbedder:
+    """A loaded tokenizer and encoder; `embed` runs the three stages over a list of units."""
+
+    def __init__(self, plan: EmbedPlan):
+        from ..encode.encoder import Encoder
+        from ..encode.tokenizer import TextTokenizer
+
+        job, runtime, self.plan = plan.job, plan.runtime, plan
+        self.tokenizer = TextTokenizer(plan.source.path, runtime.max_length)
+        self.encoder = Encoder(plan.source, runtime, EncoderSettings.from_config(job.encode))
+        self.flow = FlowSettings.for_job(job, runtime)
+
+    def embed(self, units: list[tuple[Unit, int]], duplicates: dict[str, set[int]],
+              on_unit_done: Callable, progress: Callable[[int], None], stats: Stats) -> None:
+        job = self.plan.job
+        id_type = pa.type_for_alias(self.plan.id_type)
+        preparer = Preparer(self.flow, self.tokenizer, duplicates, id_type, stats)
+        writer = Writer(Store(job.output.path), self.plan.vectors_schema(),
+                        job.output.rows_per_file, job.output.vector_dtype, stats, on_unit_done,
+                        progress)
+        run_stages(lambda channel: preparer.run(units, channel), self.encoder.encode_batch,
+                   writer.run, stats)

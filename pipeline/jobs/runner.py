@@ -1,0 +1,224 @@
+"""Run a job: plan units against the ledger, embed what is new or changed, index, summarise.
+
+The runner owns the loop, the ledger and the timings; the stages (stages.py) never reach back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import posixpath
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import JobConfig, settings_hash
+from ..encode.model_files import ModelSource, resolve_model
+from ..encode.runtime import Runtime, resolve_runtime, vector_settings
+from ..faults import checkpoint
+from ..index.build import build_index
+from ..index.files import INDEX_DIR, INDEX_FILE
+from ..io.ledger import MANIFEST, Ledger, UnitRecord, acquire_lock, release_lock
+from ..io.reader import Unit, open_parquet, plan_units
+from ..io.rejects import find_duplicates
+from ..io.storage import Store, filesystem
+from ..io.writer import REJECTS_DIR, VECTORS_DIR, remove_files
+from ..version import package_versions
+from .embedder import EmbedPlan, UnitEmbedder
+from .stages import Stats
+from .summary import RunSummary
+from .unit_diff import UnitDiff, diff_units
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    mode: str = "incremental"  # incremental | overwrite
+    keep_removed: bool = False
+    progress: bool = True
+    runner: str = "local"  # local | ray
+    ray_address: str | None = None  # None: start a local Ray instance
+    workers: int | None = None  # Ray actors; None: one per GPU, or per 2 CPUs
+
+
+@dataclass
+class RunContext:
+    """One run's fixed inputs and its running record, handed from step to step."""
+    job: JobConfig  # with the runtime's attention and compile choices written in
+    options: RunOptions
+    source: ModelSource
+    runtime: Runtime
+    settings: dict  # the vector settings, as the manifest records them
+    store: Store
+    ledger: Ledger
+    summary: RunSummary
+    stats: Stats = dataclasses.field(default_factory=Stats)
+
+
+def id_type_of(unit_schema: pa.Schema, id_column: str) -> pa.DataType:
+    """Integer ids are stored as int64, string ids as string, whatever width the input used."""
+    return pa.int64() if pa.types.is_integer(unit_schema.field(id_column).type) else pa.string()
+
+
+def _wipe(store: Store) -> None:
+    """--mode overwrite: the manifest goes first, so a crash mid-wipe leaves only strays."""
+    store.remove(MANIFEST)
+    for folder in (VECTORS_DIR, REJECTS_DIR, INDEX_DIR):
+        for name in store.listdir(folder):
+            store.remove(posixpath.join(folder, name))
+
+
+def _sweep(store: Store, ledger: Ledger) -> int:
+    """Remove temporaries and parts that no committed unit names (left by a killed run)."""
+    named = {f for r in ledger.units.values() for f in r.files}
+    swept = 0
+    for folder in (VECTORS_DIR, REJECTS_DIR, INDEX_DIR):
+        swept += len(store.sweep_temporaries(folder))
+        if folder == INDEX_DIR:
+            continue
+        for name in store.listdir(folder):
+            if posixpath.join(folder, name) not in named:
+                store.remove(posixpath.join(folder, name))
+                swept += 1
+    return swept
+
+
+def _committed_ids(store: Store, files: list[str]) -> set:
+    ids: set = set()
+    for name in files:
+        with store.fs.open(store.path(name), "rb") as handle:
+            ids.update(pq.read_table(handle, columns=["id"]).column("id").to_pylist())
+    return ids
+
+
+def unit_schema(unit: Unit) -> pa.Schema:
+    fs, path = filesystem(unit.path)
+    return open_parquet(fs, path).schema_arrow
+
+
+def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
+    started = time.perf_counter()
+    units = plan_units(job.input, job.output.keep_columns)  # config errors before the model loads
+    source = resolve_model(job.model.name)
+    # Resolved once here, so that the manifest, the summary and every worker agree.
+    runtime = resolve_runtime(job.model, source, sum(u.num_rows for u in units))
+    job = dataclasses.replace(job, model=dataclasses.replace(
+        job.model, attention=runtime.attention, compile=runtime.compile))
+    settings = vector_settings(job, source, runtime)
+    store = Store(job.output.path)
+    lock = acquire_lock(store)
+    try:
+        if options.mode == "overwrite":
+            _wipe(store)
+        ledger = Ledger(store)
+        ledger.check_settings(settings)
+        summary = RunSummary(job=job.name, output=store.url, device=runtime.device,
+                             dtype=runtime.dtype, dtype_note=runtime.dtype_note,
+                             attention=runtime.attention, compiled=runtime.compile,
+                             model=source.name, units_total=len(units))
+        _run_locked(RunContext(job, options, source, runtime, settings, store, ledger, summary),
+                    units)
+    finally:
+        release_lock(store)
+    summary.lock_taken_over = lock.took_over
+    summary.seconds["total"] = time.perf_counter() - started
+    return summary
+
+
+def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
+    job, store, ledger, summary = ctx.job, ctx.store, ctx.ledger, ctx.summary
+    diff = diff_units(ledger.units, units)
+    summary.units_skipped, summary.units_changed = len(diff.kept), len(diff.changed)
+    dropped = _drop(ctx, diff)
+    summary.stray_files_removed = _sweep(store, ledger)
+    ledger.update(job=job.name, config=job.to_dict(), vector_settings=ctx.settings,
+                  settings_hash=settings_hash(ctx.settings), complete=False,
+                  model={"name": ctx.source.name, "path": str(ctx.source.path),
+                         "fingerprint": ctx.source.fingerprint},
+                  versions=package_versions())
+
+    if diff.todo:
+        _embed(ctx, diff.todo)
+        summary.stray_files_removed += _sweep(store, ledger)  # what a dead Ray worker left
+    current = {u.key for u in units}
+    summary.failures = [f"{r.path}: {r.error}" for k, r in ledger.units.items()
+                        if not r.complete and k in current]
+
+    if job.index.enabled:
+        if diff.todo or dropped or not store.exists(INDEX_FILE):
+            tick = time.perf_counter()
+            checkpoint("index")
+            summary.index = build_index(store, ledger.vector_files(), job.index)
+            ctx.stats.seconds["index"] += time.perf_counter() - tick
+        else:
+            summary.index = ledger.data.get("index", {})
+    summary.real_tokens = ctx.stats.real_tokens
+    summary.padded_tokens = ctx.stats.padded_tokens
+    summary.seconds.update(ctx.stats.seconds)
+    summary.folder_vectors = sum(r.vectors_out for r in ledger.units.values())
+    # The completion record is written last: a folder whose manifest says complete is whole.
+    ledger.update(index=summary.index, dim=ledger.data.get("dim"),
+                  complete=not summary.failures, last_run=summary.to_dict())
+
+
+def _drop(ctx: RunContext, diff: UnitDiff) -> list[str]:
+    """Changed or failed units are redone from scratch; removed ones go unless kept on request."""
+    dropped = list(diff.redo)
+    if ctx.options.keep_removed:
+        ctx.summary.units_removed_kept = len(diff.removed)
+    else:
+        dropped += diff.removed
+        ctx.summary.units_removed = len(diff.removed)
+    if dropped:
+        files = [f for k in dropped for f in ctx.ledger.units[k].files]
+        ctx.ledger.drop_units(dropped)
+        remove_files(ctx.store, files)
+    return dropped
+
+
+def _embed(ctx: RunContext, todo: list[Unit]) -> None:
+    from tqdm import tqdm
+
+    job, ledger, summary = ctx.job, ctx.ledger, ctx.summary
+    healthy = [u for u in todo if not u.error]
+    # The first healthy file sets the id type and the kept columns' types for the folder.
+    first = unit_schema(healthy[0]) if healthy else pa.schema([])
+    id_type = ledger.data.get("id_type") or (
+        str(id_type_of(first, job.input.id_column)) if healthy else "string")
+    keep_schema = pa.schema([first.field(c) for c in job.output.keep_columns]) if healthy else None
+    plan = EmbedPlan(job=job, source=ctx.source, runtime=ctx.runtime, id_type=id_type,
+                     keep_schema=keep_schema)
+    ledger.update(id_type=id_type, dim=plan.width)
+    duplicates = find_duplicates(healthy, job.input.id_column, job.input.text_column,
+                                 claimed=_committed_ids(ctx.store, ledger.vector_files()))
+    units = [(u, ledger.unit_id(u.key)) for u in todo]
+    bar = tqdm(total=sum(u.num_rows for u in healthy), unit="rows",
+               disable=not ctx.options.progress, desc=job.name, dynamic_ncols=True)
+
+    def commit(record: UnitRecord) -> None:
+        if record.complete:
+            summary.units_done += 1
+            summary.rows_read += record.rows_in
+            summary.vectors_written += record.vectors_out
+            summary.truncated += record.truncated
+            for reason, count in record.reject_reasons.items():
+                summary.rejects[reason] = summary.rejects.get(reason, 0) + count
+        else:
+            summary.units_failed += 1
+        ledger.commit_unit(record)
+        checkpoint("unit")
+
+    try:
+        if ctx.options.runner == "ray":
+            from .distributed import embed_on_ray
+            summary.oom_splits = embed_on_ray(plan, units, duplicates, commit, bar.update,
+                                              ctx.stats, address=ctx.options.ray_address,
+                                              workers=ctx.options.workers)
+        else:
+            embedder = UnitEmbedder(plan)
+            embedder.embed(units, duplicates, commit, bar.update, ctx.stats)
+            summary.oom_splits = embedder.encoder.oom_splits
+    finally:
+        bar.close()

@@ -1,0 +1,362 @@
+"""The three stages of embedding units, each on its own thread, joined by bounded queues.
+
+    prepare (read -> reject -> tokenize -> sort -> batch)  ->  encode (model)  ->  write
+    thread                                                     caller's thread     thread
+
+Reading, tokenizing and writing hide behind the forward pass (the infinity pattern). Messages
+flow one way; a unit's rows are sorted by token count inside a window of `sort_window` rows and
+put back in input order by the writer before they are written.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from ..config import JobConfig
+from ..encode.batching import Batch, collate, plan_batches
+from ..encode.runtime import Runtime
+from ..encode.tokenizer import TextTokenizer
+from ..faults import checkpoint
+from ..io.ledger import UnitRecord
+from ..io.reader import Unit, read_unit
+from ..io.rejects import reasons_for_window
+from ..io.writer import UnitWriter, rejects_schema, write_rejects
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stats:
+    """Token counts and stage timings; each stage thread updates only its own fields.
+
+    Row counts are not kept here: they come from the committed unit records, so a unit that
+    fails half-way counts nowhere."""
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    seconds: Counter = field(default_factory=Counter)  # read, tokenize, encode, write, index
+
+    def merge(self, other: "Stats") -> None:
+        """Add another worker's counts (stage seconds then add up across workers)."""
+        self.real_tokens += other.real_tokens
+        self.padded_tokens += other.padded_tokens
+        self.seconds.update(other.seconds)
+
+
+@dataclass
+class UnitStart:
+    unit: Unit
+    unit_id: int
+
+
+@dataclass
+class Window:
+    """Rows of one unit that go through the model together, in input order."""
+    ids: pa.Array
+    n_tokens: np.ndarray
+    truncated: np.ndarray
+    keep: pa.Table | None
+    rejects: pa.Table
+    n_batches: int
+
+
+@dataclass
+class Encoded:
+    positions: np.ndarray
+    vectors: np.ndarray
+
+
+@dataclass
+class UnitEnd:
+    unit: Unit
+    rows_in: int
+    seconds: float
+
+
+@dataclass
+class UnitFailed:
+    unit: Unit
+    error: str
+
+
+class Stop(Exception):
+    """Raised in a stage when another stage failed and the run is being torn down."""
+
+
+class Channel:
+    """A bounded queue whose waits give up when the run is stopping."""
+
+    def __init__(self, stop: threading.Event, size: int):
+        self.stop, self.queue = stop, queue.Queue(size)
+
+    def put(self, item: Any) -> None:
+        while True:
+            if self.stop.is_set():
+                raise Stop
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def get(self) -> Any:
+        while True:
+            if self.stop.is_set():
+                raise Stop
+            try:
+                return self.queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+
+
+DONE = object()
+
+
+@dataclass
+class FlowSettings:
+    text_column: str
+    id_column: str
+    keep_columns: tuple[str, ...]
+    sort_window: int
+    batch_tokens: int
+    max_batch_size: int
+    pad_to_multiple_of: int
+    pin_memory: bool
+
+    @classmethod
+    def for_job(cls, job: JobConfig, runtime: Runtime) -> "FlowSettings":
+        return cls(text_column=job.input.text_column, id_column=job.input.id_column,
+                   keep_columns=job.output.keep_columns, sort_window=job.encode.sort_window,
+                   batch_tokens=job.encode.token_budget(runtime.torch_device.type),
+                   max_batch_size=job.encode.max_batch_size,
+                   pad_to_multiple_of=runtime.pad_multiple, pin_memory=runtime.pin_memory)
+
+
+class Preparer:
+    """Reads units, sorts out rejects, tokenizes and cuts padded batches."""
+
+    def __init__(self, settings: FlowSettings, tokenizer: TextTokenizer,
+                 duplicates: dict[str, set[int]], id_type: pa.DataType, stats: Stats):
+        self.s, self.tokenizer, self.duplicates, self.id_type, self.stats = (
+            settings, tokenizer, duplicates, id_type, stats)
+
+    def run(self, units: Iterable[tuple[Unit, int]], out: "Channel | BatchCollector") -> None:
+        for unit, unit_id in units:
+            if unit.error:
+                out.put(UnitFailed(unit, unit.error))
+                continue
+            out.put(UnitStart(unit, unit_id))
+            started = time.perf_counter()
+            try:
+                rows = self._unit(unit, out)
+            except Stop:
+                raise
+            except Exception as exc:  # a bad file fails its unit, not the run
+                out.put(UnitFailed(unit, f"{type(exc).__name__}: {exc}"))
+                continue
+            out.put(UnitEnd(unit, rows, time.perf_counter() - started))
+        out.put(DONE)
+
+    def _unit(self, unit: Unit, out: Channel) -> int:
+        columns = [self.s.id_column, self.s.text_column, *self.s.keep_columns]
+        rows_in, pending, pending_rows = 0, [], 0
+        tick = time.perf_counter()
+        for batch, first_row in read_unit(unit, columns, min(self.s.sort_window, 65536)):
+            pending.append((batch, first_row))
+            pending_rows += batch.num_rows
+            rows_in += batch.num_rows
+            while pending_rows >= self.s.sort_window:
+                window, pending, pending_rows = _take(pending, self.s.sort_window)
+                self.stats.seconds["read"] += time.perf_counter() - tick
+                self._window(unit, window, out)
+                tick = time.perf_counter()
+        self.stats.seconds["read"] += time.perf_counter() - tick
+        if pending_rows:
+            self._window(unit, pending, out)
+        return rows_in
+
+    def _window(self, unit: Unit, pieces: list[tuple[pa.RecordBatch, int]], out: Channel) -> None:
+        tick = time.perf_counter()
+        table = pa.Table.from_batches([b for b, _ in pieces]).combine_chunks()
+        row_numbers = np.concatenate([np.arange(r, r + b.num_rows) for b, r in pieces])
+        ids = table.column(self.s.id_column).chunk(0) if table.num_rows else pa.array([], self.id_type)
+        if pa.types.is_integer(ids.type) != pa.types.is_integer(self.id_type):
+            raise ValueError(f"id column {self.s.id_column!r} is {ids.type}, but this output "
+                             f"folder holds {self.id_type} ids")
+        ids = ids.cast(self.id_type)
+        texts = table.column(self.s.text_column).combine_chunks()
+        reasons = reasons_for_window(ids, texts, row_numbers, self.duplicates.get(unit.key, set()))
+        good = np.array([r is None for r in reasons], dtype=bool)
+        bad = np.flatnonzero(~good)
+        rejects = pa.table({
+            "id": ids.take(pa.array(bad, pa.int64())),
+            "input_file": pa.array([unit.path] * len(bad), pa.string()),
+            "row_number": pa.array(row_numbers[bad], pa.int64()),
+            "reason": pa.array([reasons[i] for i in bad], pa.string()),
+        }, schema=rejects_schema(self.id_type))
+        keep_idx = pa.array(np.flatnonzero(good), pa.int64())
+        good_texts = texts.take(keep_idx).to_pylist()
+        keep = table.select(list(self.s.keep_columns)).take(keep_idx) if self.s.keep_columns else None
+        tokens = self.tokenizer(good_texts)
+        batches = plan_batches(np.array([len(x) for x in tokens.ids], dtype=np.int64),
+                               self.s.batch_tokens, self.s.max_batch_size) if good_texts else []
+        self.stats.seconds["tokenize"] += time.perf_counter() - tick
+        out.put(Window(ids=ids.take(keep_idx), n_tokens=tokens.n_tokens, truncated=tokens.truncated,
+                       keep=keep, rejects=rejects, n_batches=len(batches)))
+        for positions in batches:
+            out.put(collate(tokens.ids, positions, self.tokenizer.pad_id,
+                            self.s.pad_to_multiple_of, self.s.pin_memory))
+
+
+class BatchCollector:
+    """A Preparer's output kept whole, for encoding the runner's own batches elsewhere (the
+    bench's encode-only contender): batch positions become row positions over all windows."""
+
+    def __init__(self):
+        self.batches: list[Batch] = []
+        self.rows = 0  # rows embedded: the windows' rows, rejects left out
+        self._window_start = 0
+
+    def put(self, item: Any) -> None:
+        if isinstance(item, Window):
+            self._window_start = self.rows
+            self.rows += len(item.ids)
+        elif isinstance(item, Batch):
+            item.positions = item.positions + self._window_start
+            self.batches.append(item)
+        elif isinstance(item, UnitFailed):
+            raise RuntimeError(f"{item.unit.path}: {item.error}")
+
+
+def _take(pieces: list[tuple[pa.RecordBatch, int]], n: int):
+    """Split the first n rows off a list of (batch, first row) pieces."""
+    taken, rest, count = [], [], 0
+    for batch, first in pieces:
+        if count >= n:
+            rest.append((batch, first))
+            continue
+        need = n - count
+        taken.append((batch.slice(0, need), first))
+        if batch.num_rows > need:
+            rest.append((batch.slice(need), first + need))
+        count += min(need, batch.num_rows)
+    return taken, rest, sum(b.num_rows for b, _ in rest)
+
+
+class Writer:
+    """Puts each window back in input order, writes parts, commits units through on_unit_done."""
+
+    def __init__(self, store, schema: pa.Schema, rows_per_file: int,
+                 vector_dtype: str, stats: Stats, on_unit_done: Callable[[UnitRecord], None],
+                 progress: Callable[[int], None]):
+        self.store, self.schema = store, schema
+        self.rows_per_file, self.vector_dtype = rows_per_file, vector_dtype
+        self.stats, self.on_unit_done, self.progress = stats, on_unit_done, progress
+
+    def run(self, inbox: Channel) -> None:
+        writer: UnitWriter | None = None
+        window: Window | None = None
+        unit_stats: Counter = Counter()
+        rejects: list[pa.Table] = []
+        vectors = None
+        filled = 0
+        while (item := inbox.get()) is not DONE:
+            tick = time.perf_counter()
+            if isinstance(item, UnitStart):
+                unit_id = item.unit_id
+                writer = UnitWriter(self.store, unit_id, self.schema, self.rows_per_file,
+                                    self.vector_dtype)
+                unit_stats, rejects = Counter(), []
+            elif isinstance(item, Window):
+                window, filled = item, 0
+                vectors = None
+                rejects.append(item.rejects)
+            elif isinstance(item, Encoded):
+                if vectors is None:
+                    vectors = np.empty((len(window.ids), item.vectors.shape[1]), np.float32)
+                vectors[item.positions] = item.vectors
+                filled += 1
+            elif isinstance(item, UnitEnd):
+                files = writer.close()
+                reject_table = pa.concat_tables(rejects) if rejects else None
+                reject_files = write_rejects(self.store, unit_id, reject_table) if reject_table else []
+                reasons = Counter(reject_table.column("reason").to_pylist()) if reject_table else {}
+                self.on_unit_done(UnitRecord.for_unit(
+                    item.unit, "complete", unit_id=unit_id, rows_in=item.rows_in,
+                    vectors_out=unit_stats["vectors"], rejects=sum(reasons.values()),
+                    reject_reasons=dict(reasons), truncated=unit_stats["truncated"],
+                    vector_files=files, reject_files=reject_files, seconds=round(item.seconds, 3)))
+                writer = None
+            elif isinstance(item, UnitFailed):
+                if writer is not None:
+                    writer.abort()
+                    writer = None
+                self.on_unit_done(UnitRecord.for_unit(item.unit, "failed", error=item.error))
+            if window is not None and filled == window.n_batches:
+                self._write_window(writer, window, vectors, unit_stats)
+                window = None
+            self.stats.seconds["write"] += time.perf_counter() - tick
+
+    def _write_window(self, writer: UnitWriter, window: Window, vectors, unit_stats: Counter) -> None:
+        n = len(window.ids)
+        if n:
+            writer.write(window.ids, vectors, window.n_tokens, window.truncated, window.keep)
+        unit_stats["vectors"] += n
+        unit_stats["truncated"] += int(window.truncated.sum())
+        self.progress(n + window.rejects.num_rows)
+
+
+def encode_loop(inbox: Channel, outbox: Channel, encode: Callable[[Batch], np.ndarray],
+                stats: Stats) -> None:
+    """The model's stage: batches in, vectors out; every other message passes straight through."""
+    while (item := inbox.get()) is not DONE:
+        if isinstance(item, Batch):
+            tick = time.perf_counter()
+            vectors = encode(item)
+            stats.seconds["encode"] += time.perf_counter() - tick
+            stats.real_tokens += item.real_tokens
+            stats.padded_tokens += item.padded_tokens
+            outbox.put(Encoded(item.positions, vectors))
+            checkpoint("encode")
+        else:
+            outbox.put(item)
+    outbox.put(DONE)
+
+
+def run_stages(prepare: Callable[[Channel], None], encode: Callable[[Batch], np.ndarray],
+               write: Callable[[Channel], None], stats: Stats, depth: int = 16) -> None:
+    """Run prepare and write on threads and the encoder here; the first error stops all three."""
+    stop = threading.Event()
+    to_encoder, to_writer = Channel(stop, depth), Channel(stop, depth)
+    errors: list[BaseException] = []
+
+    def guarded(target: Callable[[], None]) -> Callable[[], None]:
+        def body() -> None:
+            try:
+                target()
+            except Stop:
+                pass
+            except BaseException as exc:  # carried to the caller's thread
+                errors.append(exc)
+                stop.set()
+        return body
+
+    threads = [threading.Thread(target=guarded(lambda: prepare(to_encoder)), name="prepare", daemon=True),
+               threading.Thread(target=guarded(lambda: write(to_writer)), name="write", daemon=True)]
+    for thread in threads:
+        thread.start()
+    guarded(lambda: encode_loop(to_encoder, to_writer, encode, stats))()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(0.1)
+            if errors:
+                stop.set()
+    if errors:
+        raise errors[0]

@@ -1,0 +1,1 @@
+"""Tools beside the pipeline: the benchmark against sentence-transformers and the public data sets."""

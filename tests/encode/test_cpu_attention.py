@@ -1,0 +1,173 @@
+"""embedpipe's AMX attention kernel against float64 attention computed by hand, against SDPA,
+inside the model (eager and compiled), and its choice by `model.attention`."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import encoder_for, runtime_for
+from pipeline.config import ConfigError
+from pipeline.encode import cpu_attention, hardware
+from pipeline.encode.batching import collate, plan_batches
+from pipeline.encode.encoder import EncoderSettings
+from pipeline.encode.tokenizer import TextTokenizer
+
+MEAN = EncoderSettings(layers=(-1,), layer_combine="concat", token_pooling="mean", normalize=True)
+AMX = {"amx_bf16", "amx_tile", "avx512_bf16"} <= hardware.cpu_flags()
+needs_amx = pytest.mark.skipif(not AMX, reason="the kernel needs a CPU with AMX bf16")
+
+
+class _Config:
+    num_attention_heads, hidden_size = 12, 384
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    cpu_attention.build()
+    return torch.ops.embedpipe.padded_attention
+
+
+def _inputs(batch: int, length: int, heads: int, dim: int, seed: int):
+    """q, k, v as transformers hands them over: (batch, heads, length, dim) views of one
+    (batch, length, 3, heads, dim) projection, so positions are strided, not contiguous."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(batch, length, 3, heads, dim, generator=gen) * 2).to(torch.bfloat16)
+    return tuple(x[:, :, i].transpose(1, 2) for i in range(3))
+
+
+def _reference(q, k, v, keep, scale):
+    """Attention in float64 on the same bf16 inputs, written out: (batch, length, heads, dim)."""
+    q, k, v = (t.double() for t in (q, k, v))
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+@needs_amx
+@pytest.mark.parametrize("batch, length, heads, dim", [
+    (3, 1, 12, 32), (4, 7, 12, 32), (5, 16, 12, 32), (6, 17, 2, 32), (2, 31, 12, 32),
+    (2, 33, 4, 32), (33, 122, 12, 32), (2, 300, 12, 32), (3, 45, 4, 64), (2, 70, 2, 128),
+])
+def test_kernel_matches_float64_attention_as_closely_as_sdpa(kernel, batch, length, heads, dim):
+    q, k, v = _inputs(batch, length, heads, dim, seed=length * 7 + dim)
+    gen = torch.Generator().manual_seed(length)
+    lengths = torch.randint(1, length + 1, (batch,), generator=gen)
+    lengths[0] = length
+    keep = torch.arange(length)[None, :] < lengths[:, None]  # right padding, as collate makes it
+    scale = dim ** -0.5
+    with torch.inference_mode():
+        ours = kernel(q, k, v, keep, scale)
+        sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :],
+                                              scale=scale).transpose(1, 2)
+    exact = _reference(q, k, v, keep, scale)
+    assert ours.shape == (batch, length, heads, dim) and ours.dtype == torch.bfloat16
+    ours_error = (ours.double() - exact).abs().max().item()
+    sdpa_error = (sdpa.double() - exact).abs().max().item()
+    # bf16 output rounding is ~0.4 % of |v| (~2 here): both kernels sit at that level
+    assert ours_error <= 1.25 * sdpa_error + 1e-3, (ours_error, sdpa_error)
+    assert ours_error < 0.05
+
+
+@needs_amx
+def test_kernel_takes_any_key_mask_not_only_right_padding(kernel):
+    q, k, v = _inputs(4, 50, 12, 32, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    keep = torch.rand(4, 50, generator=gen) < 0.6
+    keep[:, 0] = True  # every query keeps at least one key
+    with torch.inference_mode():
+        ours = kernel(q, k, v, keep, 0.2)
+    exact = _reference(q, k, v, keep, 0.2)
+    assert (ours.double() - exact).abs().max().item() < 0.05
+    # a masked key's value changes nothing
+    v2 = v.clone()
+    v2[~keep[:, None, :, None].expand_as(v)] = 100.0
+    with torch.inference_mode():
+        assert torch.equal(kernel(q, k, v2, keep, 0.2), ours)
+
+
+@needs_amx
+def test_kernel_leaves_pytorchs_own_amx_kernels_working(kernel):
+    """The tile configuration is per thread and PyTorch's brgemm caches it: SDPA's bf16 flash
+    kernel and a bf16 oneDNN product must give the same bits after the kernel ran as before."""
+    q, k, v = _inputs(8, 100, 12, 32, seed=3)
+    a = torch.randn(256, 384).to(torch.bfloat16)
+    w = torch.randn(1536, 384).to(torch.bfloat16)
+    with torch.inference_mode():
+        sdpa_before = F.scaled_dot_product_attention(q, k, v)
+        linear_before = F.linear(a, w)
+        for _ in range(3):
+            kernel(q, k, v, torch.ones(8, 100, dtype=torch.bool), 0.17)
+        assert torch.equal(F.scaled_dot_product_attention(q, k, v), sdpa_before)
+        assert torch.equal(F.linear(a, w), linear_before)
+
+
+@needs_amx
+def test_inputs_the_kernel_does_not_take_go_to_sdpa(kernel):
+    q, k, v = (t.float() for t in _inputs(2, 9, 4, 32, seed=4))
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    keep[1, 6:] = False
+    module = torch.nn.Module().eval()
+    with torch.inference_mode():
+        out, _ = cpu_attention.attention_forward(module, q, k, v, keep, scaling=0.3)
+    exact = _reference(q, k, v, keep, 0.3)
+    assert out.dtype == torch.float32
+    assert (out.double() - exact).abs().max().item() < 1e-5
+
+
+@needs_amx
+@pytest.mark.parametrize("compile", [False, True])
+def test_model_with_the_kernel_matches_sdpa_and_float32(bundled_model, mixed_texts, compile):
+    tokenizer = TextTokenizer(bundled_model.path, bundled_model.max_length)
+    tokens = tokenizer(mixed_texts)
+    lengths = np.array([len(x) for x in tokens.ids])
+    batches = [collate(tokens.ids, p, tokenizer.pad_id) for p in plan_batches(lengths, 4096, 256)]
+
+    def encode(encoder):
+        out = np.zeros((len(mixed_texts), encoder.width), np.float32)
+        for b in batches:
+            out[b.positions] = encoder.encode(b.input_ids, b.attention_mask)
+        return out
+
+    amx = encoder_for(bundled_model, "cpu", "bfloat16", MEAN, compile=compile, attention="amx")
+    assert amx.attention == "amx"
+    assert amx.model.config._attn_implementation == cpu_attention.ATTENTION
+    ours = encode(amx)
+    sdpa = encode(encoder_for(bundled_model, "cpu", "bfloat16", MEAN, attention="sdpa"))
+    fp32 = encode(encoder_for(bundled_model, "cpu", "float32", MEAN))
+    cos = lambda a, b: (a * b).sum(1)  # noqa: E731 (normalised vectors)
+    assert cos(ours, fp32).min() >= 0.9995
+    assert cos(ours, sdpa).min() >= 0.9999
+    assert not np.array_equal(ours, sdpa)  # it really ran another kernel
+
+
+@needs_amx
+def test_auto_attention_is_the_kernel_for_bf16_on_an_amx_cpu(bundled_model):
+    assert runtime_for(bundled_model, "cpu", "bfloat16", "auto").attention == "amx"
+    assert runtime_for(bundled_model, "cpu", "float32", "auto").attention == "sdpa"
+    assert runtime_for(bundled_model, "cpu", "bfloat16", "sdpa").attention == "sdpa"
+
+
+def test_auto_attention_without_amx_is_sdpa_and_amx_is_refused(bundled_model, monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert runtime_for(bundled_model, "cpu", "bfloat16", "auto").attention == "sdpa"
+    with pytest.raises(ConfigError, match="no AMX"):
+        runtime_for(bundled_model, "cpu", "bfloat16", "amx").attention
+
+
+def test_amx_attention_in_float32_is_refused(bundled_model):
+    with pytest.raises(ConfigError, match="bfloat16 on CPU only"):
+        runtime_for(bundled_model, "cpu", "float32", "amx").attention
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"num_attention_heads": 8}, "head width 48"),
+    ({"is_decoder": True}, "bidirectional"),
+])
+def test_kernel_refuses_models_it_does_not_compute(monkeypatch, changes, reason):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"amx_bf16", "amx_tile", "avx512_bf16"})
+    config = _Config()
+    for key, value in changes.items():
+        setattr(config, key, value)
+    assert reason in cpu_attention.unsupported_reason(torch.device("cpu"), "bfloat16", config)

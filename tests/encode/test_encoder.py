@@ -1,0 +1,224 @@
+"""The encoder's fast paths: bf16 on CPU, dtype auto, OOM back-off, vectorised collate, model cache.
+
+References are independent: sentence-transformers' own vectors, and the float32 encoder.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import encoder_for
+from pipeline.config import ConfigError
+from pipeline.encode import hardware, runtime as runtime_mod
+from pipeline.encode.batching import collate, plan_batches
+from pipeline.encode.encoder import Encoder, EncoderSettings, _trim
+from pipeline.encode.runtime import AUTO_COMPILE_ROWS
+from pipeline.encode.tokenizer import TextTokenizer
+
+MEAN = EncoderSettings(layers=(-1,), layer_combine="concat", token_pooling="mean", normalize=True)
+
+
+def _encode_all(encoder: Encoder, tokenizer: TextTokenizer, texts: list[str],
+                batch_tokens: int = 8192) -> np.ndarray:
+    tokens = tokenizer(texts)
+    lengths = np.array([len(x) for x in tokens.ids])
+    out = np.zeros((len(texts), encoder.width), np.float32)
+    for positions in plan_batches(lengths, batch_tokens, 256):
+        batch = collate(tokens.ids, positions, tokenizer.pad_id, encoder.pad_multiple)
+        out[positions] = encoder.encode(batch.input_ids, batch.attention_mask)
+    return out
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(bundled_model):
+    return TextTokenizer(bundled_model.path, bundled_model.max_length)
+
+
+@pytest.fixture(scope="module")
+def st_vectors(bundled_model, mixed_texts):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(bundled_model.path), device="cpu")
+    return model.encode(mixed_texts, batch_size=32, convert_to_numpy=True)
+
+
+@pytest.fixture(scope="module")
+def fp32_vectors(bundled_model, tokenizer, mixed_texts):
+    return _encode_all(encoder_for(bundled_model, "cpu", "float32", MEAN), tokenizer, mixed_texts)
+
+
+def test_float32_equals_sentence_transformers(fp32_vectors, st_vectors):
+    assert _cos(fp32_vectors, st_vectors).min() >= 0.99999
+
+
+def test_bfloat16_on_cpu_keeps_every_row_within_cosine_0999(bundled_model, tokenizer, mixed_texts,
+                                                          fp32_vectors, st_vectors):
+    bf16 = _encode_all(encoder_for(bundled_model, "cpu", "bfloat16", MEAN), tokenizer, mixed_texts)
+    assert _cos(bf16, st_vectors).min() >= 0.999
+    assert _cos(bf16, fp32_vectors).min() >= 0.999
+    # and it really ran in lower precision: not bit-equal to float32
+    assert not np.allclose(bf16, fp32_vectors, atol=1e-6)
+
+
+def test_compiled_bfloat16_keeps_every_row_within_cosine_0999(bundled_model, tokenizer,
+                                                            mixed_texts, st_vectors):
+    """model.compile: Inductor with frozen weights (prepacked, bias and GELU folded into oneDNN
+    matrix products) must give the vectors the eager model gives, within the bf16 bar."""
+    encoder = encoder_for(bundled_model, "cpu", "bfloat16", MEAN, compile=True)
+    assert isinstance(encoder.model, torch._dynamo.eval_frame.OptimizedModule)
+    compiled = _encode_all(encoder, tokenizer, mixed_texts, batch_tokens=4096)
+    assert torch._inductor.config.freezing
+    assert _cos(compiled, st_vectors).min() >= 0.999
+
+
+@pytest.mark.parametrize("requested, device, dtype, rows, expected", [
+    ("auto", "cpu", "bfloat16", AUTO_COMPILE_ROWS, True),
+    ("auto", "cpu", "bfloat16", AUTO_COMPILE_ROWS - 1, False),
+    ("auto", "cpu", "float32", 10 * AUTO_COMPILE_ROWS, False),  # no gain measured in float32
+    ("auto", "cuda", "bfloat16", 10 * AUTO_COMPILE_ROWS, False),  # not measured on a GPU
+    (True, "cpu", "float32", 1, True),
+    (False, "cpu", "bfloat16", 10 * AUTO_COMPILE_ROWS, False),
+])
+def test_compile_auto_goes_by_the_inputs_rows(requested, device, dtype, rows, expected):
+    assert runtime_mod._compile(requested, torch.device(device), dtype, rows) is expected
+
+
+def test_bfloat16_on_cpu_casts_only_the_linear_weights(bundled_model):
+    model = encoder_for(bundled_model, "cpu", "bfloat16", MEAN).model
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert linear and norms
+    assert all(m.weight.dtype == torch.bfloat16 for m in linear)
+    assert all(m.weight.dtype == torch.float32 for m in norms)
+    assert model.embeddings.word_embeddings.weight.dtype == torch.float32
+
+
+def test_models_are_loaded_once_per_device_and_dtype(bundled_model):
+    a = encoder_for(bundled_model, "cpu", "float32", MEAN)
+    b = encoder_for(bundled_model, "cpu", "float32", EncoderSettings((-1,), "concat", "cls", False))
+    c = encoder_for(bundled_model, "cpu", "bfloat16", MEAN)
+    assert a.model is b.model
+    assert c.model is not a.model
+    assert next(a.model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"amx_bf16", "avx512f"}, "bfloat16"),
+    ({"avx512_bf16"}, "bfloat16"),
+    ({"avx2", "fma"}, "float32"),
+])
+def test_auto_dtype_on_cpu_follows_the_cpu_flags(monkeypatch, flags, expected):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
+    cpu = torch.device("cpu")
+    assert runtime_mod._dtype("auto", cpu) == expected
+    assert runtime_mod._dtype_note("auto", cpu, expected).startswith(f"{expected} (auto: CPU ")
+    assert runtime_mod._dtype("float32", cpu) == "float32"
+
+
+@pytest.mark.parametrize("bf16_ok, expected", [(True, "bfloat16"), (False, "float16")])
+def test_auto_dtype_on_cuda_is_half(monkeypatch, bf16_ok, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
+    assert runtime_mod._dtype("auto", torch.device("cuda")) == expected
+    assert runtime_mod._dtype_note("auto", torch.device("cuda"), expected).startswith(
+        f"{expected} (auto: GPU")
+
+
+def test_float16_on_cpu_is_a_config_error():
+    with pytest.raises(ConfigError, match="float16"):
+        runtime_mod._dtype("float16", torch.device("cpu"))
+
+
+def test_device_auto_picks_cuda_when_present(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert runtime_mod._device("auto").type == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert runtime_mod._device("auto").type == "cpu"
+    with pytest.raises(ConfigError, match="no CUDA"):
+        runtime_mod._device("cuda")
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_every_row(bundled_model, tokenizer, mixed_texts,
+                                                            monkeypatch):
+    encoder = encoder_for(bundled_model, "cpu", "float32", MEAN)
+    texts = mixed_texts[:40] + mixed_texts[-8:]  # short and long rows in one batch
+    tokens = tokenizer(texts)
+    batch = collate(tokens.ids, np.arange(len(texts)), tokenizer.pad_id)
+    reference = encoder.encode(batch.input_ids, batch.attention_mask)
+
+    limit = 6 * batch.input_ids.shape[1]  # the device "holds" 6 rows of the full width
+    real_forward, seen = encoder._forward, []
+
+    def forward(input_ids, attention_mask):
+        seen.append(tuple(input_ids.shape))
+        if input_ids.numel() > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_forward(input_ids, attention_mask)
+
+    monkeypatch.setattr(encoder, "_forward", forward)
+    vectors = encoder.encode(batch.input_ids, batch.attention_mask)
+    assert vectors.shape == reference.shape
+    assert _cos(vectors, reference).min() >= 0.99999  # same rows, same order, none dropped
+    first_splits = encoder.oom_splits
+    assert first_splits >= 2  # 48 rows -> 24 -> 12 (-> 6) before the batches fit
+    # Halves were trimmed to their own longest row: a half of short rows is narrower.
+    assert min(width for _, width in seen) < batch.input_ids.shape[1]
+
+    # Later batches are split before they reach the device: the errors do not all repeat.
+    seen[:], cap = [], encoder.token_cap
+    again = encoder.encode(batch.input_ids, batch.attention_mask)
+    assert encoder.oom_splits - first_splits < first_splits
+    assert all(rows * width <= cap or rows == 1 for rows, width in seen)
+    assert _cos(again, reference).min() >= 0.99999
+
+
+def test_out_of_memory_on_a_single_row_is_raised(bundled_model, tokenizer, monkeypatch):
+    encoder = encoder_for(bundled_model, "cpu", "float32", MEAN)
+
+    def forward(input_ids, attention_mask):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(encoder, "_forward", forward)
+    batch = collate(tokenizer(["a single row"]).ids, np.array([0]), tokenizer.pad_id)
+    with pytest.raises(torch.OutOfMemoryError):
+        encoder.encode(batch.input_ids, batch.attention_mask)
+
+
+def test_trim_keeps_the_cuda_alignment():
+    mask = torch.tensor([[1] * 11 + [0] * 13, [1] * 3 + [0] * 21])
+    ids = torch.arange(48).reshape(2, 24)
+    assert _trim(ids, mask)[0].shape == (2, 11)
+    assert _trim(ids, mask, 8)[0].shape == (2, 16)
+    assert _trim(ids[1:], mask[1:], 8)[1].shape == (1, 8)
+
+
+def test_collate_pads_each_batch_to_its_longest_row():
+    ids = [[101, 7, 8, 102], [101, 102], [101, 5, 6, 7, 8, 9, 102]]
+    positions = np.array([2, 0, 1])
+    batch = collate(ids, positions, pad_id=0, pad_to_multiple_of=8)
+    assert batch.input_ids.shape == (3, 8) and batch.input_ids.dtype == torch.int64
+    for row, p in enumerate(positions):
+        n = len(ids[p])
+        assert batch.input_ids[row, :n].tolist() == ids[p]
+        assert batch.input_ids[row, n:].eq(0).all()
+        assert batch.attention_mask[row].tolist() == [1] * n + [0] * (8 - n)
+    assert (batch.real_tokens, batch.padded_tokens) == (13, 24)
+    assert collate(ids, positions, pad_id=0).input_ids.shape == (3, 7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_half_precision_within_cosine_0999(bundled_model, tokenizer, mixed_texts, fp32_vectors):
+    encoder = encoder_for(bundled_model, "cuda", "auto", MEAN)
+    assert encoder.dtype in ("bfloat16", "float16") and encoder.pad_multiple == 8
+    tokens = tokenizer(mixed_texts)
+    lengths = np.array([len(x) for x in tokens.ids])
+    out = np.zeros_like(fp32_vectors)
+    for positions in plan_batches(lengths, 8192, 256):
+        batch = collate(tokens.ids, positions, tokenizer.pad_id, 8, pin_memory=True)
+        assert batch.input_ids.is_pinned()
+        out[positions] = encoder.encode(batch.input_ids, batch.attention_mask)
+    assert _cos(out, fp32_vectors).min() >= 0.999

@@ -1,0 +1,179 @@
+"""Index layouts: one IVF index, shards searched together, shards merged into on-disk lists.
+
+The same real vectors (2,652 snippets in parts of 1,000 rows) are indexed three times with the
+same trained quantizer; searches must agree exactly, ids and distances, through `load_index`,
+the Searcher and the `embedpipe search` command.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import faiss
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from helpers import embedpipe, matrix, read_vectors
+from pipeline.index import layouts
+from pipeline.cli import main
+from pipeline.config import ConfigError, IndexConfig, config_from_dict
+from pipeline.commands.reindex import rebuild_index
+from pipeline.index.build import load_index
+from pipeline.index.files import INDEX_FILE, INFOS_FILE
+from pipeline.commands.search import Searcher
+from pipeline.io.storage import Store
+
+LAYOUTS = ("single", "shards", "ondisk")
+KINDS = {"ivf-flat": {"nlist": 32, "nprobe": 4},
+         "ivf-pq": {"nlist": 32, "nprobe": 4, "pq_m": 24}}
+
+
+@pytest.fixture(scope="module")
+def vectors(snippets_out) -> np.ndarray:
+    return matrix(read_vectors(snippets_out))
+
+
+@pytest.fixture(scope="module")
+def built(snippets_out, tmp_path_factory) -> dict:
+    """{(kind, layout): (folder, infos)}: every kind in every layout, a shard per 1,000-row part."""
+    folders = {}
+    for kind, knobs in KINDS.items():
+        for layout in LAYOUTS:
+            out = tmp_path_factory.mktemp(f"{kind}-{layout}") / "out"
+            shutil.copytree(snippets_out, out)
+            folders[kind, layout] = out, rebuild_index(str(out), {
+                "type": kind, "layout": layout, "shard_rows": 1000, **knobs})
+    return folders
+
+
+def queries(vectors: np.ndarray) -> np.ndarray:
+    """300 stored vectors and 300 off-data points (two stored vectors averaged)."""
+    rng = np.random.default_rng(3)
+    own = vectors[rng.choice(len(vectors), 300, replace=False)]
+    mixed = vectors[rng.choice(len(vectors), 300)] + vectors[rng.choice(len(vectors), 300)]
+    return np.ascontiguousarray(np.vstack([own, mixed / np.linalg.norm(mixed, axis=1)[:, None]]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layouts_return_identical_hits(built, vectors, kind):
+    q = queries(vectors)
+    results, centroids = {}, {}
+    for layout in LAYOUTS:
+        out, infos = built[kind, layout]
+        assert infos["layout"] == layout and infos["count"] == len(vectors)
+        assert infos["search_params"] == {"nprobe": 4}
+        index, _ = load_index(Store(str(out)))
+        assert index.ntotal == len(vectors)
+        results[layout] = index.search(q, 10)
+        stored = faiss.read_index(str(out / INDEX_FILE), faiss.IO_FLAG_MMAP)
+        quantizer = faiss.extract_index_ivf(stored).quantizer
+        centroids[layout] = quantizer.reconstruct_n(0, quantizer.ntotal)
+    for layout in ("shards", "ondisk"):
+        # the same trained quantizer (training is deterministic on the same even sample) ...
+        assert np.array_equal(centroids[layout], centroids["single"])
+        d, i = results[layout]
+        d0, i0 = results["single"]
+        same, gap = (i == i0).mean(), np.abs(d - d0).max()
+        print(f"{kind} {layout} vs single: identical ids {same:.4f}, max |distance diff| {gap}")
+        # ... gives exactly the same neighbours and distances
+        assert np.array_equal(i, i0) and np.array_equal(d, d0)
+    assert built[kind, "shards"][1]["recall_at_10"] == built[kind, "single"][1]["recall_at_10"]
+    assert built[kind, "ondisk"][1]["recall_at_10"] == built[kind, "single"][1]["recall_at_10"]
+
+
+def test_shard_and_ondisk_files(built, vectors):
+    n = len(vectors)
+    out, infos = built["ivf-flat", "shards"]
+    shards = infos["shards"]
+    assert [s["rows"] for s in shards] == [1000, 1000, n - 2000]  # one per part, added alone
+    assert [s["first_row"] for s in shards] == [0, 1000, 2000]
+    for s in shards:
+        shard = faiss.read_index(str(out / s["file"]))
+        ivf = faiss.extract_index_ivf(shard)
+        ids = np.concatenate([faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), ivf.invlists.list_size(lst))
+                              for lst in range(ivf.nlist)])
+        assert sorted(ids) == list(range(s["first_row"], s["first_row"] + s["rows"]))  # global ids
+    assert faiss.read_index(str(out / INDEX_FILE)).ntotal == 0  # the trained index they share
+    index, _ = load_index(Store(str(out)))
+    assert isinstance(index, faiss.IndexShards) and index.count() == 3
+    assert infos["size_bytes"] == sum((out / s["file"]).stat().st_size for s in shards) + (
+        out / INDEX_FILE).stat().st_size
+
+    out, infos = built["ivf-flat", "ondisk"]
+    names = sorted(p.name for p in (out / "index").iterdir())
+    assert names == sorted(["ids.parquet", "index.faiss", "index_infos.json",
+                            infos["ivfdata"].split("/")[-1]])  # the shards were merged away
+    index, _ = load_index(Store(str(out)))
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    assert isinstance(lists, faiss.OnDiskInvertedLists) and lists.read_only
+    assert (out / INDEX_FILE).stat().st_size < infos["ivfdata_bytes"] / 10  # lists live outside
+
+
+def test_ondisk_folder_moves_and_rebuilds_clean_up(built, vectors, tmp_path):
+    """A copied on-disk folder finds its .ivfdata next to index.faiss; a rebuild in another
+    layout removes the previous build's files only after the new infos are written."""
+    out, _ = built["ivf-flat", "ondisk"]
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    q = queries(vectors)[:50]
+    expected = load_index(Store(str(out)))[0].search(q, 10)
+    got = load_index(Store(str(moved)))[0].search(q, 10)
+    assert all(np.array_equal(a, b) for a, b in zip(expected, got))
+
+    infos = rebuild_index(str(moved), {"type": "ivf-flat", "layout": "shards"})
+    assert infos["layout"] == "shards" and not list((moved / "index").glob("*.ivfdata"))
+    infos = rebuild_index(str(moved), {"type": "flat"})  # flat drops the recorded layout
+    assert infos["layout"] == "single" and not list((moved / "index").glob("shard-*"))
+    assert json.loads((moved / INFOS_FILE).read_text())["layout"] == "single"
+
+
+def test_searcher_and_cli_agree_across_layouts(built, snippets_out):
+    texts = ["a warm, funny film with a great cast", "dull, overlong and badly acted",
+             "the soundtrack is the best thing about it"]
+    tables = {layout: Searcher(str(built["ivf-pq", layout][0])).search(texts, k=8)
+              for layout in LAYOUTS}
+    for layout in ("shards", "ondisk"):
+        assert tables[layout].equals(tables["single"])
+    cli = {}
+    for layout in ("single", "shards"):
+        result = CliRunner().invoke(main, ["search", str(built["ivf-pq", layout][0]), texts[0],
+                                           "-k", "5", "--json"])
+        assert result.exit_code == 0, result.output
+        cli[layout] = json.loads(result.output)
+    # the real command in a process of its own: FAISS's notice on opening an on-disk index
+    # must not reach stdout, which carries the JSON
+    done = embedpipe("search", built["ivf-pq", "ondisk"][0], texts[0], "-k", "5", "--json")
+    assert done.returncode == 0, done.stderr
+    cli["ondisk"] = json.loads(done.stdout)
+    assert cli["shards"] == cli["single"] == cli["ondisk"]
+    assert [h["id"] for h in cli["single"]] == tables["single"].column("id").to_pylist()[:5]
+
+
+def test_layout_needs_ivf_and_ondisk_a_local_disk(snippets_out, tmp_path):
+    with pytest.raises(ConfigError, match="needs an IVF index"):
+        config_from_dict({"index": {"type": "hnsw", "layout": "shards"}})
+    with pytest.raises(ConfigError, match="layout"):
+        config_from_dict({"index": {"type": "ivf-flat", "layout": "sideways"}})
+    index = faiss.index_factory(8, "IVF4,Flat")
+    with pytest.raises(ConfigError, match="local disk"):
+        layouts.choose_layout(IndexConfig(type="ivf-flat", layout="ondisk"), index, "IVF4,Flat",
+                               Store("memory://embedpipe-test"))
+    assert layouts.choose_layout(IndexConfig(type="ivf-flat", layout="shards"), index,
+                                  "IVF4,Flat", Store("memory://embedpipe-test")) == "shards"
+    flat = faiss.index_factory(8, "Flat")
+    assert layouts.choose_layout(IndexConfig(type="auto", layout="ondisk"), flat, "Flat",
+                                  Store(str(tmp_path))) == "single"  # auto chose exact search
+    with pytest.raises(ConfigError, match="not"):
+        layouts.choose_layout(IndexConfig(type="factory", factory="Flat", layout="shards"), flat,
+                               "Flat", Store(str(tmp_path)))
+    out = tmp_path / "out"
+    shutil.copytree(snippets_out, out)
+    result = CliRunner().invoke(main, ["index", str(out), "--type", "hnsw", "--layout", "ondisk"])
+    assert result.exit_code == 2 and "needs an IVF index" in result.output
+
+
+def test_shard_groups():
+    assert layouts.shard_groups([400, 700, 300, 1000, 50], 1000) == [[0], [1, 2], [3], [4]]
+    assert layouts.shard_groups([5000, 10], 1000) == [[0], [1]]
+    assert layouts.shard_groups([], 1000) == []

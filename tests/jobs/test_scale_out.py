@@ -1,0 +1,172 @@
+"""Scale-out on real parts: a local Ray instance, and an S3-compatible server (moto) on 127.0.0.1.
+
+Run alone with `pytest -m ray` or `pytest -m s3`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from helpers import embedpipe, matrix, read_vectors, small_job, write_shards
+
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, movie_table):
+    folder = tmp_path_factory.mktemp("scale_input")
+    texts = movie_table.column("text").to_pylist()
+    write_shards(folder, [pa.table({"id": pa.array(range(i * 100, i * 100 + 90), pa.int64()),
+                                    "text": texts[i * 90:(i + 1) * 90]}) for i in range(4)])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def local_result(tmp_path_factory, shards, tiny_model):
+    tmp = tmp_path_factory.mktemp("local")
+    job = small_job(tmp / "job.toml", shards, tmp / "out", tiny_model)
+    result = embedpipe("run", job)
+    assert result.returncode == 0, result.stderr
+    table = read_vectors(tmp / "out")
+    return table.column("id").to_pylist(), matrix(table)
+
+
+def wait_for(path, proc, seconds=300):
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, f"timed out waiting for {path}"
+        time.sleep(0.1)
+    time.sleep(0.2)  # let the writer finish the pid
+    return int(path.read_text())
+
+
+@pytest.mark.ray
+def test_ray_equals_local_even_when_a_worker_is_killed(tmp_path, shards, tiny_model, local_result):
+    out = tmp_path / "out"
+    job = small_job(tmp_path / "job.toml", shards, out, tiny_model)
+    pause = tmp_path / "paused"
+    env = {**os.environ, "EMBEDPIPE_PAUSE_AT": "encode:2", "EMBEDPIPE_PAUSE_FILE": str(pause),
+           "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(job), "--runner", "ray",
+                             "--workers", "2", "--json"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    worker_pid = wait_for(pause, proc)
+    assert worker_pid != proc.pid  # a Ray worker process, not the driver
+    os.kill(worker_pid, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout)
+    assert summary["units_done"] == 4 and summary["vectors_written"] == 360
+    ids, vectors = read_vectors(out).column("id").to_pylist(), matrix(read_vectors(out))
+    local_ids, local_vectors = local_result
+    assert ids == local_ids
+    assert np.abs(vectors - local_vectors).max() <= 1e-6
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    manifest = json.loads((out / "manifest.json").read_text())
+    named = {f for u in manifest["units"].values() for f in u["vectors"]}
+    assert {f"vectors/{p.name}" for p in (out / "vectors").iterdir()} == named
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3 server on loopback; credentials and endpoint through the usual AWS variables."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+@pytest.fixture
+def s3(s3_server):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    bucket = f"b{time.time_ns()}"
+    fs.mkdir(bucket)
+    return fs, bucket
+
+
+@pytest.mark.s3
+def test_s3_in_and_out_with_resume_after_kill(tmp_path, s3, shards, tiny_model, local_result):
+    fs, bucket = s3
+    for path in sorted(shards.iterdir()):
+        fs.put_file(str(path), f"{bucket}/shards/{path.name}")
+    out = f"s3://{bucket}/vectors-out"
+    job = small_job(tmp_path / "job.toml", f"s3://{bucket}/shards", out, tiny_model)
+    pause = tmp_path / "paused"
+    env = {**os.environ, "EMBEDPIPE_PAUSE_AT": "write:3", "EMBEDPIPE_PAUSE_FILE": str(pause)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(job)], env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(pause, proc)
+    proc.kill()
+    proc.wait()
+    result = embedpipe("run", job, "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["units_skipped"] >= 1 and summary["lock_taken_over"] is not None
+    fs.invalidate_cache()
+    local = tmp_path / "copy"
+    fs.get(f"{bucket}/vectors-out", str(local), recursive=True)
+    ids, vectors = read_vectors(local).column("id").to_pylist(), matrix(read_vectors(local))
+    local_ids, local_vectors = local_result
+    assert ids == local_ids
+    np.testing.assert_array_equal(vectors, local_vectors)
+    manifest = json.loads((local / "manifest.json").read_text())
+    named = {f for u in manifest["units"].values() for f in u["vectors"]}
+    assert {f"vectors/{p.name}" for p in (local / "vectors").iterdir()} == named
+    assert (local / "index" / "index.faiss").exists() and manifest["complete"] is True
+
+
+@pytest.mark.s3
+def test_s3_manifest_writes_are_conditional(s3):
+    from pipeline.io.ledger import Ledger
+    from pipeline.io.storage import ConcurrentWrite, Store
+
+    fs, bucket = s3
+    store = Store(f"s3://{bucket}/out")
+    first = Ledger(store)
+    first.update(job="a")
+    second = Ledger(store)  # reads the manifest first wrote
+    second.update(job="b")
+    with pytest.raises(ConcurrentWrite):
+        first.update(job="stale")  # first's view is out of date: refused, not overwritten
+    assert Ledger(store).data["job"] == "b"
+
+
+def test_local_runner_never_imports_ray(tmp_path, shards, tiny_model):
+    job = small_job(tmp_path / "job.toml", shards, tmp_path / "out", tiny_model)
+    code = ("import sys; from pipeline.config import load_job; from pipeline.jobs.runner import "
+            f"RunOptions, run_job; run_job(load_job({str(job)!r}), RunOptions(progress=False)); "
+            "print('ray' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"
