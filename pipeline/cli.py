@@ -8,9 +8,9 @@ import sys
 
 import click
 
-from .config import ConfigError
+from .config import CHOICES, ConfigError
 
-EXIT_OK, EXIT_UNITS_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_USAGE = 2
 
 
 def _setup_logging(verbose: int) -> None:
@@ -158,11 +158,10 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
 
 @main.command("index")
 @click.argument("out")
-@click.option("--type", "kind", type=click.Choice(["flat", "hnsw", "ivf-flat", "ivf-pq", "auto",
-                                                   "factory"]),
+@click.option("--type", "kind", type=click.Choice(CHOICES["index.type"]),
               help="Index kind (default: the one in OUT's manifest).")
 @click.option("--factory", help="A FAISS index_factory string (implies --type factory).")
-@click.option("--metric", type=click.Choice(["ip", "l2"]), help="ip = cosine on unit vectors.")
+@click.option("--metric", type=click.Choice(CHOICES["index.metric"]), help="ip = cosine on unit vectors.")
 @click.option("--hnsw-m", type=click.IntRange(min=2), help="HNSW links per node (M).")
 @click.option("--ef-construction", type=click.IntRange(min=1), help="HNSW build breadth.")
 @click.option("--ef-search", type=click.IntRange(min=1), help="HNSW search breadth (stored).")
@@ -172,7 +171,7 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
               help="IVF lists searched (stored; default: the smallest reaching recall@10 0.95).")
 @click.option("--pq-m", type=click.IntRange(min=1), help="IVF-PQ bytes per vector.")
 @click.option("--max-memory", help="Budget for --type auto, e.g. 4GB.")
-@click.option("--layout", type=click.Choice(["single", "shards", "ondisk"]),
+@click.option("--layout", type=click.Choice(CHOICES["index.layout"]),
               help="IVF kinds: single (one index in RAM), shards (one index per group of parts, "
                    "searched together, memory-mapped), ondisk (shards merged into memory-mapped "
                    "inverted lists; local disks only).")
@@ -257,7 +256,7 @@ def predict(head: str, inputs: str, dest: str, text_column: str, id_column: str)
 @click.option("--id-column", default="id", show_default=True)
 @click.option("--model", default="all-MiniLM-L6-v2", show_default=True)
 @click.option("--dtype", "dtypes", multiple=True, default=("auto",), show_default=True,
-              type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              type=click.Choice(CHOICES["model.dtype"]),
               help="embedpipe's dtype; repeat to bench several (e.g. --dtype float32 --dtype bfloat16).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--max-length", type=int, default=None, help="Default: the model's own limit.")
@@ -271,7 +270,7 @@ def predict(head: str, inputs: str, dest: str, text_column: str, id_column: str)
 @click.option("--compile", "compile_model", is_flag=True,
               help="torch.compile embedpipe's model (model.compile = true); compiled in the warm-up.")
 @click.option("--attention", default="auto", show_default=True,
-              type=click.Choice(["auto", "sdpa", "amx", "flash_attention_2"]),
+              type=click.Choice(CHOICES["model.attention"]),
               help="embedpipe's attention kernel (model.attention); auto: amx for bf16 on AMX CPUs.")
 def bench(input_path, rows, text_column, id_column, model, dtypes, device, max_length, rounds,
           st_batch_size, batch_tokens, no_st, workdir, as_json, compile_model, attention) -> None:

@@ -13,7 +13,7 @@ from ..encode.runtime import Runtime
 from ..io.reader import Unit
 from ..io.storage import Store
 from ..io.writer import vectors_schema
-from .stages import FlowSettings, Preparer, Stats, Writer, run_stages
+from .stages import FlowSettings, PrepareStage, Stats, WriteStage, run_stages
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ class UnitEmbedder:
               on_unit_done: Callable, progress: Callable[[int], None], stats: Stats) -> None:
         job = self.plan.job
         id_type = pa.type_for_alias(self.plan.id_type)
-        preparer = Preparer(self.flow, self.tokenizer, duplicates, id_type, stats)
-        writer = Writer(Store(job.output.path), self.plan.vectors_schema(),
+        preparer = PrepareStage(self.flow, self.tokenizer, duplicates, id_type, stats)
+        writer = WriteStage(Store(job.output.path), self.plan.vectors_schema(),
                         job.output.rows_per_file, job.output.vector_dtype, stats, on_unit_done,
                         progress)
         run_stages(lambda channel: preparer.run(units, channel), self.encoder.encode_batch,

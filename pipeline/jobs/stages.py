@@ -139,7 +139,7 @@ class FlowSettings:
                    pad_to_multiple_of=runtime.pad_multiple, pin_memory=runtime.pin_memory)
 
 
-class Preparer:
+class PrepareStage:
     """Reads units, sorts out rejects, tokenizes and cuts padded batches."""
 
     def __init__(self, settings: FlowSettings, tokenizer: TextTokenizer,
@@ -216,7 +216,7 @@ class Preparer:
 
 
 class BatchCollector:
-    """A Preparer's output kept whole, for encoding the runner's own batches elsewhere (the
+    """A PrepareStage's output kept whole, for encoding the runner's own batches elsewhere (the
     bench's encode-only contender): batch positions become row positions over all windows."""
 
     def __init__(self):
@@ -250,7 +250,7 @@ def _take(pieces: list[tuple[pa.RecordBatch, int]], n: int):
     return taken, rest, sum(b.num_rows for b, _ in rest)
 
 
-class Writer:
+class WriteStage:
     """Puts each window back in input order, writes parts, commits units through on_unit_done."""
 
     def __init__(self, store, schema: pa.Schema, rows_per_file: int,

@@ -224,18 +224,18 @@ def run_embedpipe(job) -> tuple[Any, np.ndarray, np.ndarray]:
 
 
 def runner_batches(job, runtime, tokenizer):
-    """The batches the runner makes for this job's input (its own Preparer: rejects, windows,
+    """The batches the runner makes for this job's input (its own PrepareStage: rejects, windows,
     sorting, budget), with positions over the embedded rows in input order."""
     from ..io.reader import plan_units
     from ..io.rejects import find_duplicates
     from ..jobs.runner import id_type_of, unit_schema
-    from ..jobs.stages import BatchCollector, FlowSettings, Preparer, Stats
+    from ..jobs.stages import BatchCollector, FlowSettings, PrepareStage, Stats
 
     units = plan_units(job.input)
     duplicates = find_duplicates(units, job.input.id_column, job.input.text_column, claimed=set())
     id_type = id_type_of(unit_schema(units[0]), job.input.id_column)
     collector = BatchCollector()
-    Preparer(FlowSettings.for_job(job, runtime), tokenizer, duplicates, id_type, Stats()).run(
+    PrepareStage(FlowSettings.for_job(job, runtime), tokenizer, duplicates, id_type, Stats()).run(
         [(unit, number) for number, unit in enumerate(units)], collector)
     return collector
 

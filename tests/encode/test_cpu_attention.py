@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers import encoder_for, runtime_for
 from pipeline.config import ConfigError
 from pipeline.encode import cpu_attention, hardware
-from pipeline.encode.batching import collate, plan_batches
+from pipeline.encode.batching import encode_texts
 from pipeline.encode.encoder import EncoderSettings
 from pipeline.encode.tokenizer import TextTokenizer
 
@@ -120,15 +120,9 @@ def test_inputs_the_kernel_does_not_take_go_to_sdpa(kernel):
 @pytest.mark.parametrize("compile", [False, True])
 def test_model_with_the_kernel_matches_sdpa_and_float32(bundled_model, mixed_texts, compile):
     tokenizer = TextTokenizer(bundled_model.path, bundled_model.max_length)
-    tokens = tokenizer(mixed_texts)
-    lengths = np.array([len(x) for x in tokens.ids])
-    batches = [collate(tokens.ids, p, tokenizer.pad_id) for p in plan_batches(lengths, 4096, 256)]
 
     def encode(encoder):
-        out = np.zeros((len(mixed_texts), encoder.width), np.float32)
-        for b in batches:
-            out[b.positions] = encoder.encode(b.input_ids, b.attention_mask)
-        return out
+        return encode_texts(tokenizer, encoder, mixed_texts, 4096, 256)
 
     amx = encoder_for(bundled_model, "cpu", "bfloat16", MEAN, compile=compile, attention="amx")
     assert amx.attention == "amx"

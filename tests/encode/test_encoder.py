@@ -11,7 +11,7 @@ import torch
 from helpers import encoder_for
 from pipeline.config import ConfigError
 from pipeline.encode import hardware, runtime as runtime_mod
-from pipeline.encode.batching import collate, plan_batches
+from pipeline.encode.batching import collate, encode_texts, plan_batches
 from pipeline.encode.encoder import Encoder, EncoderSettings, _trim
 from pipeline.encode.runtime import AUTO_COMPILE_ROWS
 from pipeline.encode.tokenizer import TextTokenizer
@@ -21,13 +21,7 @@ MEAN = EncoderSettings(layers=(-1,), layer_combine="concat", token_pooling="mean
 
 def _encode_all(encoder: Encoder, tokenizer: TextTokenizer, texts: list[str],
                 batch_tokens: int = 8192) -> np.ndarray:
-    tokens = tokenizer(texts)
-    lengths = np.array([len(x) for x in tokens.ids])
-    out = np.zeros((len(texts), encoder.width), np.float32)
-    for positions in plan_batches(lengths, batch_tokens, 256):
-        batch = collate(tokens.ids, positions, tokenizer.pad_id, encoder.pad_multiple)
-        out[positions] = encoder.encode(batch.input_ids, batch.attention_mask)
-    return out
+    return encode_texts(tokenizer, encoder, texts, batch_tokens, 256)
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ from pipeline.io.ledger import UnitRecord
 from pipeline.io.reader import Unit
 from pipeline.io.storage import Store
 from pipeline.io.writer import vectors_schema
-from pipeline.jobs.stages import (DONE, Encoded, Stats, UnitEnd, UnitStart, Window, Writer,
+from pipeline.jobs.stages import (DONE, Encoded, Stats, UnitEnd, UnitStart, Window, WriteStage,
                                   _take)
 from pipeline.jobs.unit_diff import diff_units
 
@@ -54,7 +54,7 @@ def test_writer_puts_sorted_batches_back_in_input_order(tmp_path):
     first, second = np.array([1, 4]), np.array([2, 0, 3])  # sorted by length, as plan_batches does
     unit = _unit("a")
     records = []
-    writer = Writer(store, schema, rows_per_file=100, vector_dtype="float32", stats=Stats(),
+    writer = WriteStage(store, schema, rows_per_file=100, vector_dtype="float32", stats=Stats(),
                     on_unit_done=records.append, progress=lambda n: None)
     writer.run(_Inbox([UnitStart(unit, 7), window, Encoded(second, vectors[second]),
                        Encoded(first, vectors[first]), UnitEnd(unit, 5, 0.1), DONE]))
