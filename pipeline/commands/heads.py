@@ -12,6 +12,7 @@ import logging
 import posixpath
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,18 +246,36 @@ def load_head(path: str) -> Head:
     if not store.exists(CARD) or not store.exists(WEIGHTS):
         raise ConfigError(f"{path}: not a head folder (needs {CARD} and {WEIGHTS}); "
                           "make one with `embedpipe train-head`")
-    card = store.read_json(CARD)
-    arrays = np.load(io.BytesIO(store.read_bytes(WEIGHTS)), allow_pickle=False)
+    try:
+        card = store.read_json(CARD)
+        if not isinstance(card, dict) or card.get("kind") != "logistic-regression":
+            raise ValueError("not a head card")
+        for key in ("embedding", "settings_hash", "classes"):
+            card[key]  # noqa: B018 (a KeyError names what is missing)
+        EmbeddingRecord(**card["embedding"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}/{CARD} is unreadable ({type(exc).__name__}: {exc}); train the "
+                          f"head again with `embedpipe train-head`") from None
+    try:
+        arrays = np.load(io.BytesIO(store.read_bytes(WEIGHTS)), allow_pickle=False)
+        coef, intercept, classes = arrays["coef"], arrays["intercept"], arrays["classes"]
+        if coef.ndim != 2 or len(intercept) != len(coef) or len(classes) != max(2, len(coef)) \
+                or (len(classes) == 2 and len(coef) != 1):
+            raise ValueError(f"weights of shape {coef.shape} for {len(classes)} classes")
+    except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"{path}/{WEIGHTS} is unreadable ({type(exc).__name__}: {exc}); train "
+                          f"the head again with `embedpipe train-head`") from None
     model = LogisticRegression()
-    model.classes_ = arrays["classes"].astype(object)
-    model.coef_, model.intercept_ = arrays["coef"], arrays["intercept"]
-    model.n_features_in_ = arrays["coef"].shape[1]
+    model.classes_ = classes.astype(object)
+    model.coef_, model.intercept_ = coef, intercept
+    model.n_features_in_ = coef.shape[1]
     return Head(card, model)
 
 
-def predict_file(head_path: str, inputs: str, out: str, text_column: str = "text",
-                 id_column: str | None = "id", device: str | None = None) -> dict[str, int]:
+def predict_file(head_path: str, inputs: str, out: str, text_column: str | None = None,
+                 id_column: str | None = None, device: str | None = None) -> dict[str, Any]:
     """Embed the texts of INPUTS with the head's recorded settings, write predictions to OUT.
+    Columns not given are those the head's job read.
 
     Columns: id (the input's id column, else the row number), predicted, proba_<class>..."""
     head = load_head(head_path)
@@ -266,18 +285,19 @@ def predict_file(head_path: str, inputs: str, out: str, text_column: str = "text
         raise ConfigError(
             f"{head_path} was trained on vectors with settings hash {head.card['settings_hash']}, "
             f"but this machine's embedding settings hash to {embedder.settings_hash}; refusing")
-    counts = {"predicted": 0, "skipped_blank": 0}
+    columns = record.columns(text_column, id_column)
+    counts: dict[str, Any] = {"predicted": 0, "skipped_blank": 0, "columns": columns.describe()}
     with ResultFile(out, f"{inputs}: no texts to predict") as results:
-        for batch in read_text_batches(inputs, text_column, id_column, PREDICT_BATCH):
+        for batch in read_text_batches(inputs, columns, PREDICT_BATCH):
             counts["skipped_blank"] += batch.skipped
             if not batch.texts:
                 continue
             proba = head.predict_proba(embedder.embed(batch.texts))
-            columns = {"id": batch.ids,
-                       "predicted": pa.array([head.classes[i] for i in proba.argmax(1)])}
-            columns.update({f"proba_{c}": pa.array(proba[:, j], pa.float32())
-                            for j, c in enumerate(head.classes)})
-            results.write(pa.table(columns))
+            table = {"id": batch.ids,
+                     "predicted": pa.array([head.classes[i] for i in proba.argmax(1)])}
+            table.update({f"proba_{c}": pa.array(proba[:, j], pa.float32())
+                          for j, c in enumerate(head.classes)})
+            results.write(pa.table(table))
             counts["predicted"] += len(batch.texts)
     return counts
 

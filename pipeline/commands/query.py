@@ -19,7 +19,7 @@ from ..config import ConfigError, JobConfig, config_from_dict, settings_differen
 from ..encode.model_files import resolve_model
 from ..encode.runtime import resolve_runtime, vector_settings
 from ..io.reader import list_input_files, open_parquet
-from ..io.rejects import blank_texts
+from ..io.rejects import blank_texts, readable_texts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +40,28 @@ class EmbeddingRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def columns(self, text_column: str | None, id_column: str | None) -> "TextColumns":
+        """The columns to read new texts from: those given, else those the recorded job read."""
+        recorded = self.config.get("input", {})
+        return TextColumns(text_column or recorded.get("text_column", "text"),
+                           id_column or recorded.get("id_column", "id"),
+                           id_required=id_column is not None,
+                           defaulted=[name for name, given in (("text", text_column),
+                                                               ("id", id_column)) if not given])
+
+
+@dataclasses.dataclass(frozen=True)
+class TextColumns:
+    text: str
+    id: str
+    id_required: bool  # given by the user: its absence is an error, not row numbers
+    defaulted: list[str]  # which of the two came from the recorded job
+
+    def describe(self) -> str:
+        return (f"text column {self.text!r}, ids from {self.id!r} (else row numbers)"
+                + (f"; {' and '.join(self.defaulted)} as the folder's job read them"
+                   if self.defaulted else ""))
 
 
 class TextEmbedder:
@@ -98,11 +120,11 @@ class TextBatch:
     skipped: int  # rows left out because their text is null or blank
 
 
-def read_text_batches(path: str, text_column: str = "text", id_column: str | None = "id",
-                      batch_rows: int = 1024) -> Iterator[TextBatch]:
-    """Texts (and ids) of a Parquet file or folder, batch_rows at a time; null or blank texts are
-    left out and counted. The id column is used when present (an error only if asked for by a
-    name other than the default and missing)."""
+def read_text_batches(path: str, columns: TextColumns, batch_rows: int = 1024) -> Iterator[TextBatch]:
+    """Texts (and ids) of a Parquet file or folder, batch_rows at a time; null, blank or non-UTF-8
+    texts are left out and counted. The id column is used when present (an error only when the
+    user named it and it is missing)."""
+    text_column, id_column = columns.text, columns.id
     fs, files = list_input_files(path)
     first_row = 0
     for file in files:
@@ -110,14 +132,14 @@ def read_text_batches(path: str, text_column: str = "text", id_column: str | Non
         names = parquet.schema_arrow.names
         if text_column not in names:
             raise ConfigError(f"{file}: no text column {text_column!r}; it has: {', '.join(names)}")
-        columns = [text_column] + ([id_column] if id_column and id_column in names else [])
-        if id_column and id_column not in names and id_column != "id":
+        read = [text_column] + ([id_column] if id_column in names else [])
+        if id_column not in names and columns.id_required:
             raise ConfigError(f"{file}: no id column {id_column!r}; it has: {', '.join(names)}")
-        for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
-            texts = batch.column(text_column)
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=read):
+            texts = readable_texts(batch.column(text_column))
             good = pc.and_(texts.is_valid(), pc.invert(blank_texts(texts)))
             picked = pa.array(np.flatnonzero(good.to_numpy(zero_copy_only=False)), pa.int64())
-            ids = (batch.column(id_column).take(picked) if len(columns) > 1
+            ids = (batch.column(id_column).take(picked) if len(read) > 1
                    else pc.add(picked, pa.scalar(first_row, pa.int64())))
             yield TextBatch(texts.take(picked).to_pylist(), ids, len(texts) - len(picked))
             first_row += batch.num_rows

@@ -92,15 +92,17 @@ class Searcher:
         merged = pa.concat_tables([t for _, t in pieces]).take(pa.array(order))
         return {name: merged.column(name).combine_chunks() for name in self.keep_columns}
 
-    def search_file(self, queries: str, out: str, k: int = 10, text_column: str = "text",
-                    id_column: str | None = "id") -> tuple[int, int]:
+    def search_file(self, queries: str, out: str, k: int = 10, text_column: str | None = None,
+                    id_column: str | None = None) -> tuple[int, int]:
         """Search every text of a Parquet file (or folder) in batches; write the hits to Parquet.
+        Columns not given are those the folder's job read (`self.query_columns`).
 
         Output columns: query_id (the queries' id column, else the row number), query (the text),
         rank, id, score, kept columns. Returns (queries searched, null or blank texts skipped)."""
         done, skipped = 0, 0
+        self.query_columns = self.record.columns(text_column, id_column)
         with ResultFile(out, f"{queries}: no query texts found") as results:
-            for batch in read_text_batches(queries, text_column, id_column, QUERY_BATCH):
+            for batch in read_text_batches(queries, self.query_columns, QUERY_BATCH):
                 skipped += batch.skipped
                 if not batch.texts:
                     continue

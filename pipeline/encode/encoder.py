@@ -54,16 +54,21 @@ def _load_model(source: ModelSource, runtime: Runtime):
     device, dtype = runtime.torch_device, runtime.dtype
     attn = ATTENTION if runtime.attention == "amx" else runtime.attention
     kwargs = {"dtype": TORCH_DTYPES[dtype]} if device.type == "cuda" else {}
+    kwargs["output_loading_info"] = True  # which weights were missing from the files
     try:
         try:
-            model = AutoModel.from_pretrained(source.path, attn_implementation=attn, **kwargs)
+            model, info = AutoModel.from_pretrained(source.path, attn_implementation=attn, **kwargs)
         except (ImportError, ValueError):
             if attn == "sdpa":
                 raise
             log.warning("model %s does not take attention %r; using SDPA", source.name, attn)
-            model = AutoModel.from_pretrained(source.path, attn_implementation="sdpa", **kwargs)
+            model, info = AutoModel.from_pretrained(source.path, attn_implementation="sdpa",
+                                                    **kwargs)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load model from {source.path}: {exc}") from exc
+    # transformers initialises missing weights at random and only logs it; Encoder refuses a
+    # model whose pooling would use any of them.
+    model.embedpipe_missing_weights = sorted(info.get("missing_keys") or ())
     if device.type == "cuda":
         model = model.to(TORCH_DTYPES[dtype])
     elif dtype != "float32":
@@ -117,6 +122,7 @@ class Encoder:
         model = cached_model(source, runtime)
         if settings.layers is None and getattr(model, "pooler", None) is None:
             raise ConfigError(f"encode.pooling = 'pooler' but model {source.name!r} has no pooler")
+        _refuse_random_weights(source, settings, getattr(model, "embedpipe_missing_weights", []))
         n_states = model.config.num_hidden_layers + 1
         for layer in settings.layers or ():
             if not -n_states <= layer < n_states:
@@ -185,6 +191,21 @@ class Encoder:
             self.encode(*_trim(input_ids[:half], attention_mask[:half], self.pad_multiple)),
             self.encode(*_trim(input_ids[half:], attention_mask[half:], self.pad_multiple)),
         ])
+
+
+def _refuse_random_weights(source: ModelSource, settings: EncoderSettings, missing: list[str]) -> None:
+    """Weights absent from the files would be random: refuse when the pooling uses any (the
+    pooler's only matter to pooling = 'pooler')."""
+    used = missing if settings.layers is None else [k for k in missing if not k.startswith("pooler.")]
+    if not used:
+        return
+    shown = ", ".join(used[:4]) + (f" and {len(used) - 4} more" if len(used) > 4 else "")
+    hint = ("the folder was saved without a pooler: use encode.pooling = 'cls' or 'mean'"
+            if all(k.startswith("pooler.") for k in used) else
+            "the weight files do not match the config")
+    raise ConfigError(f"model folder {source.path} lacks weights the chosen pooling uses ({shown}); "
+                      f"transformers would initialise them at random, so every run would give "
+                      f"other vectors. {hint[0].upper() + hint[1:]}")
 
 
 def _trim(input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -14,6 +14,12 @@ BUNDLED_NAMES = {DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
+# Families whose position ids start after the padding index (RoBERTa's scheme): of
+# max_position_embeddings positions, padding_idx + 1 are never used by text.
+PADDING_OFFSET_FAMILIES = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer",
+                           "data2vec-text", "xmod", "roberta-prelayernorm", "mpnet", "ibert", "luke"}
+
+
 @dataclass(frozen=True)
 class ModelSource:
     name: str
@@ -21,6 +27,8 @@ class ModelSource:
     fingerprint: str  # sha256 over config.json and the weight files
     max_length: int  # the model's own limit on tokens per text
     hidden_size: int
+    position_limit: int  # the most tokens per text its position embeddings allow
+    model_type: str = "bert"
 
 
 def bundled_model_path() -> Path:
@@ -56,20 +64,55 @@ def _hash_files(files: tuple[Path, ...], stats: tuple) -> str:
     return digest.hexdigest()[:16]
 
 
-def _own_max_length(path: Path) -> int:
-    """sentence-transformers' max_seq_length when present, else the position-embedding limit."""
+def position_limit(config) -> int:
+    """Tokens per text the position embeddings allow: max_position_embeddings, less the padding
+    offset in RoBERTa-style families (514 -> 512)."""
+    limit = int(getattr(config, "max_position_embeddings", None) or 512)
+    if config.model_type in PADDING_OFFSET_FAMILIES:
+        limit -= int(getattr(config, "pad_token_id", None) or 1) + 1
+    return limit
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} cannot be read as JSON: {exc}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _own_max_length(path: Path, limit: int) -> int:
+    """sentence-transformers' max_seq_length when present, else the tokenizer's model_max_length,
+    never above the position limit."""
     st_config = path / "sentence_bert_config.json"
     if st_config.exists():
-        value = json.loads(st_config.read_text()).get("max_seq_length")
-        if value:
-            return int(value)
-    limits = [json.loads((path / "config.json").read_text()).get("max_position_embeddings", 512)]
+        value = _json(st_config).get("max_seq_length")
+        if isinstance(value, int) and value > 0:
+            return min(value, limit)
     tok_config = path / "tokenizer_config.json"
     if tok_config.exists():
-        limit = json.loads(tok_config.read_text()).get("model_max_length")
-        if isinstance(limit, int) and limit < 1_000_000:
-            limits.append(limit)
-    return int(min(limits))
+        value = _json(tok_config).get("model_max_length")
+        if isinstance(value, int) and 0 < value < limit:
+            return value
+    return limit
+
+
+def _check_encoder(config, path: Path) -> None:
+    """embedpipe embeds with encoders (BERT-like, read bidirectionally); refuse decoders and
+    encoder-decoders by name rather than failing inside the forward pass."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    kind = config.model_type
+    if getattr(config, "is_encoder_decoder", False):
+        what = "an encoder-decoder"
+    elif kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        what = "a decoder (causal language model)"
+    else:
+        return
+    raise ConfigError(f"model folder {path} holds model type {kind!r}, {what}; embedpipe embeds "
+                      f"with encoder models (BERT, DistilBERT, RoBERTa, XLM-R, MPNet, DeBERTa, "
+                      f"ELECTRA, ModernBERT and other masked-language-model encoders)")
 
 
 def resolve_model(name: str) -> ModelSource:
@@ -85,6 +128,15 @@ def resolve_model(name: str) -> ModelSource:
             )
     if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
         raise ConfigError(f"model folder {path} has no weights (*.safetensors or *.bin)")
-    config = json.loads((path / "config.json").read_text())
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"model folder {path}: config.json cannot be read: {exc}") from None
+    _check_encoder(config, path)
+    limit = position_limit(config)
     return ModelSource(name=name, path=path, fingerprint=_fingerprint(path),
-                       max_length=_own_max_length(path), hidden_size=int(config["hidden_size"]))
+                       max_length=_own_max_length(path, limit),
+                       hidden_size=int(config.hidden_size), position_limit=limit,
+                       model_type=config.model_type)

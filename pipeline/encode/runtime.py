@@ -54,6 +54,11 @@ def resolve_runtime(model: ModelConfig, source: ModelSource, input_rows: int = 0
     """Every runtime choice for `model` on this machine. `input_rows` is the whole input's row
     count (done or not, so a rerun after a crash decides as the first run did); 0 for queries,
     which never repay compiling."""
+    if model.max_length is not None and model.max_length > source.position_limit:
+        raise ConfigError(
+            f"model.max_length = {model.max_length} is above what model {source.name!r} can read: "
+            f"{source.position_limit} tokens (its position embeddings); longer texts are "
+            f"truncated and flagged, so set max_length to {source.position_limit} or less")
     device = _device(model.device)
     dtype = _dtype(model.dtype, device)
     return Runtime(device=str(device), dtype=dtype, dtype_note=_dtype_note(model.dtype, device, dtype),

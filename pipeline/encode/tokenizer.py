@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import ConfigError
+
 
 @dataclass(frozen=True)
 class Tokenized:
@@ -24,9 +26,14 @@ class TextTokenizer:
     def __init__(self, model_path: Path, max_length: int):
         from transformers import AutoTokenizer
 
-        hf = AutoTokenizer.from_pretrained(model_path, use_fast=True)
+        try:
+            hf = AutoTokenizer.from_pretrained(model_path, use_fast=True)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"model folder {model_path}: its tokenizer cannot be loaded ({exc}); "
+                              f"{_tokenizer_files(model_path)}") from None
         if not hf.is_fast:
-            raise ValueError(f"model at {model_path} has no fast tokenizer (tokenizer.json)")
+            raise ConfigError(f"model folder {model_path} has no fast tokenizer (tokenizer.json); "
+                              f"{_tokenizer_files(model_path)}")
         self.backend = hf.backend_tokenizer
         self.backend.no_truncation()
         self.backend.no_padding()
@@ -49,6 +56,23 @@ class TextTokenizer:
             # keeps the tokenizer's own path.
             added = self.backend.get_added_tokens_decoder()
             self._verbatim = [t.content for t in added.values() if not t.normalized]
+        self._check(model_path, hf.unk_token_id)
+
+    def _check(self, model_path: Path, unk_id: int | None) -> None:
+        """Refuse a tokenizer that would make every text the same: one that turns plain words
+        into the unknown token (a folder without its vocabulary: transformers then builds an
+        empty one), or a max_length with no room for a single token between the specials."""
+        words = self.backend.encode(PROBE, add_special_tokens=False).ids
+        if not words or sum(i == unk_id for i in words) > len(words) // 2:
+            raise ConfigError(
+                f"model folder {model_path}: its tokenizer turns plain English words into the "
+                f"unknown token, so every text would get the same vector; "
+                f"{_tokenizer_files(model_path)}")
+        specials = len(self._template[0]) + len(self._template[1])
+        if self.max_length < specials + 1:
+            raise ConfigError(
+                f"model.max_length = {self.max_length} leaves no room for text: the model adds "
+                f"{specials} special tokens to each text; use at least {specials + 1}")
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text; encode_batch_fast skips the character offsets we never use."""
@@ -144,6 +168,18 @@ BERT_ASCII_NORMALIZER = {"type": "BertNormalizer", "clean_text": True, "handle_c
 
 WORD_CACHE_LIMIT = 100_000  # words' ids kept: ~20 MB at most, so memory stays flat
 SEPARATOR = "|"  # punctuation: a word of its own to BertPreTokenizer, one id in the vocabulary
+
+
+PROBE = "The quick brown fox jumps over the lazy dog near the river bank."
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                   "merges.txt", "sentencepiece.bpe.model", "spiece.model", "special_tokens_map.json")
+
+
+def _tokenizer_files(model_path: Path) -> str:
+    present = [f for f in TOKENIZER_FILES if (Path(model_path) / f).is_file()]
+    return (f"tokenizer files present: {', '.join(present) or 'none'}; a fast tokenizer needs "
+            f"tokenizer.json (or the vocabulary files it is built from: vocab.txt for WordPiece, "
+            f"vocab.json + merges.txt for BPE, a sentencepiece model)")
 
 
 def _special_tokens(backend) -> tuple[list[int], list[int]]:

@@ -7,7 +7,7 @@ import re
 
 import faiss
 
-from ..config import ConfigError, IndexConfig
+from ..config import ConfigError, IndexConfig, parse_memory
 
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 TRAIN_PER_CENTROID = 39  # FAISS warns below 39 training points per centroid
@@ -15,12 +15,6 @@ MIN_TRAIN = 10_000  # IVF kinds train on at least this many vectors when there a
 FLAT_MAX = 200_000  # auto: flat (exact) up to this many vectors, if it fits the budget
 HNSW_MAX = 10_000_000  # auto: HNSW up to this many, if it fits; IVF-PQ beyond
 
-
-def parse_memory(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text.upper())
-    if not match:
-        raise ConfigError(f"index.max_memory: {text!r} is not a size like 512MB or 4GB")
-    return int(float(match[1]) * 1024 ** " KMGT".index(match[2] or " "))
 
 def default_nlist(n: int) -> int:
     """About 4 sqrt(n) lists, but never more than the data can train (39 points per list)."""
@@ -105,3 +99,22 @@ def training_size(index: faiss.Index, n: int) -> int:
     elif ivf is None:
         centroids = 256
     return min(n, max(TRAIN_PER_CENTROID * centroids, MIN_TRAIN))
+
+
+def check_config(cfg: IndexConfig, dim: int) -> None:
+    """What can be refused before embedding, knowing the vectors' width but not their count: a
+    factory string FAISS cannot parse for this width, or a pq_m that does not divide it."""
+    if cfg.pq_m and dim % cfg.pq_m:
+        raise ConfigError(f"index.pq_m = {cfg.pq_m} must divide the vector dimension {dim}")
+    if cfg.type == "factory":
+        try:
+            faiss.index_factory(dim, cfg.factory, METRICS[cfg.metric])
+        except RuntimeError as exc:
+            raise ConfigError(f"index.factory = {cfg.factory!r}: FAISS cannot build it for "
+                              f"{dim}-d vectors ({faiss_reason(exc)})") from None
+
+
+def faiss_reason(exc: Exception) -> str:
+    """FAISS's message without its C++ location prefix ("Error in ... at file.cpp:64: ")."""
+    text = " ".join(str(exc).split())
+    return re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", text) or type(exc).__name__

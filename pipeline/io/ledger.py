@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import socket
 import threading
@@ -16,8 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ConfigError, settings_differences
+from .checks import FileCheck, damage
 from .reader import Unit
 from .storage import ConcurrentWrite, Store
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
@@ -61,6 +65,7 @@ class UnitRecord:
     reject_files: list[str] = field(default_factory=list)
     seconds: float = 0.0
     error: str | None = None
+    checks: dict[str, FileCheck] = field(default_factory=dict)  # per file: bytes, rows, footer
 
     @classmethod
     def for_unit(cls, unit: Unit, status: str, **fields: Any) -> "UnitRecord":
@@ -76,8 +81,13 @@ class UnitRecord:
     def files(self) -> list[str]:
         return self.vector_files + self.reject_files
 
+    def damage(self, store: Store) -> list[str]:
+        """Why the unit's committed files no longer match the record: one line a bad file."""
+        return [why for f in self.files if (why := damage(store, f, self.checks.get(f)))]
+
     def to_json(self) -> dict[str, Any]:
         data = {_FIELD_TO_KEY.get(k, k): v for k, v in dataclasses.asdict(self).items()}
+        data["checks"] = {f: c.to_json() for f, c in self.checks.items()}
         if not self.complete:  # a failed unit records where and why, nothing it produced
             data = {k: data[k] for k in ("key", "path", "first_row", "row_groups", "fingerprint",
                                          "status", "error")}
@@ -86,8 +96,13 @@ class UnitRecord:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "UnitRecord":
         known = {f.name for f in dataclasses.fields(cls)}
-        fields = {_KEY_TO_FIELD.get(k, k): v for k, v in data.items()}
-        return cls(**{k: v for k, v in fields.items() if k in known})
+        fields = {_KEY_TO_FIELD.get(k, k): v for k, v in data.items() if _KEY_TO_FIELD.get(k, k) in known}
+        fields["checks"] = {f: FileCheck.from_json(c) for f, c in (fields.get("checks") or {}).items()}
+        return cls(**fields)
+
+
+class ManifestError(ConfigError):
+    """The folder's manifest cannot be read, or is not embedpipe's."""
 
 
 class Ledger:
@@ -97,11 +112,15 @@ class Ledger:
         # On object stores the manifest is written only over the version read here (If-Match),
         # so two writers can never both commit on top of the same manifest.
         self._version = store.version(MANIFEST)
-        self.data: dict[str, Any] = store.read_json(MANIFEST) if store.exists(MANIFEST) else {}
+        self.data: dict[str, Any] = read_manifest(store) if store.exists(MANIFEST) else {}
         self.data.setdefault("format", FORMAT)
         self.data.setdefault("next_unit_id", 0)
-        self.units: dict[str, UnitRecord] = {
-            key: UnitRecord.from_json(record) for key, record in self.data.pop("units", {}).items()}
+        try:
+            self.units: dict[str, UnitRecord] = {
+                key: UnitRecord.from_json(record)
+                for key, record in self.data.pop("units", {}).items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise _unreadable(store, f"a unit record is malformed: {type(exc).__name__} {exc}")
 
     def check_settings(self, settings: dict[str, Any]) -> None:
         """Refuse when the folder was made with settings that change vectors."""
@@ -162,13 +181,52 @@ class Ledger:
 
 
 def read_manifest(store: Store) -> dict[str, Any]:
-    """An output folder's manifest, or a ConfigError saying the folder is not one."""
+    """An output folder's manifest, or a ConfigError saying the folder is not one (no manifest,
+    an unreadable one, or one that is not embedpipe's)."""
     if not store.exists(MANIFEST):
         raise ConfigError(f"{store.url}: no {MANIFEST}; is this an embedpipe output folder?")
-    return store.read_json(MANIFEST)
+    try:
+        data = json.loads(store.read_bytes(MANIFEST))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _unreadable(store, f"not JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("units"), dict) \
+            or data.get("format") != FORMAT:
+        raise ManifestError(
+            f"{store.uri(MANIFEST)} is not an embedpipe manifest (format {FORMAT} with a units "
+            f"record); refusing to touch the folder. Choose another output folder, or start "
+            f"this one afresh with `embedpipe run --mode overwrite`")
+    return data
+
+
+# What an output folder holds besides its manifest; anything else without a manifest is foreign.
+OWN_ENTRIES = {LOCK, "vectors", "rejects", "index", "heads"}
+
+
+def refuse_foreign_folder(store: Store) -> None:
+    """Refuse to write into a folder that holds other things and no embedpipe manifest: a run
+    sweeps and wipes what it does not recognise in its own folder."""
+    if store.fs.isfile(store.root):
+        raise ConfigError(f"output.path {store.url} is a file; it must be a folder (new or made "
+                          f"by embedpipe)")
+    if store.exists(MANIFEST):
+        return
+    foreign = [name for name in store.entries() if name not in OWN_ENTRIES]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(f"output.path {store.url} is not empty ({shown}) and holds no embedpipe "
+                          f"manifest; refusing to write into it. Choose a new or empty folder")
+
+
+def _unreadable(store: Store, why: str) -> ManifestError:
+    return ManifestError(
+        f"{store.uri(MANIFEST)} is unreadable ({why}); it is the folder's record of what it "
+        f"holds. Check the folder with `embedpipe verify {store.url}`, or start it afresh with "
+        f"`embedpipe run --mode overwrite`")
 
 
 def _process_alive(pid: int) -> bool:
+    if pid <= 0:  # os.kill(0 or -1) would ask about a whole process group
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -185,7 +243,14 @@ def acquire_lock(store: Store) -> LockInfo:
     store.makedirs("")
     took_over = None
     if store.exists(LOCK):
-        holder = store.read_json(LOCK)
+        try:
+            holder = store.read_json(LOCK)
+            if not isinstance(holder, dict):
+                raise ValueError(f"a JSON {type(holder).__name__}, not an object")
+            int(holder.get("pid", -1))
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+            log.warning("%s is unreadable (%s); taking it over as stale", store.uri(LOCK), exc)
+            holder = {"host": me["host"], "pid": -1, "note": "unreadable lock"}
         same_host = holder.get("host") == me["host"]
         if not same_host or _process_alive(int(holder.get("pid", -1))):
             raise LockedError(

@@ -46,6 +46,37 @@ def list_input_files(path: str) -> tuple[object, list[str]]:
     return fs, sorted(files)
 
 
+def refuse_overlap(input_path: str, output_path: str) -> None:
+    """An output folder at, inside or around the input's folder would have later runs read their
+    own parts as input (or sweep the input away): refuse it, for paths, globs and URLs alike."""
+    in_fs, in_root = filesystem(input_path)
+    out_fs, out_root = filesystem(output_path)
+    if _protocol(in_fs) != _protocol(out_fs):
+        return
+    if globlib.has_magic(in_root):
+        in_root = posixpath.dirname(in_root[:min(in_root.index(c) for c in "*?[" if c in in_root)])
+    elif in_fs.isfile(in_root):  # one file: only an output folder around it overlaps
+        if _inside(in_root, out_root):
+            raise ConfigError(f"input.path {input_path} lies inside output.path {output_path}; "
+                              f"keep inputs out of the output folder")
+        return
+    if _inside(out_root, in_root) or _inside(in_root, out_root):
+        raise ConfigError(
+            f"output.path {output_path} and input.path {input_path} overlap: later runs would "
+            f"read their own vector parts as input. Put the output folder outside the input folder")
+
+
+def _protocol(fs) -> str:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return {"s3a": "s3", "gcs": "gs"}.get(protocol, protocol)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """path is folder or lies below it (POSIX paths, no trailing slash)."""
+    path, folder = path.rstrip("/"), folder.rstrip("/")
+    return path == folder or path.startswith(folder + "/")
+
+
 def _fingerprint(info: dict, metadata: pq.FileMetaData | None) -> str:
     digest = hashlib.sha256(f"{info.get('size')}|{info.get('mtime') or info.get('LastModified')}"
                             f"|{info.get('ETag', '')}".encode())
@@ -66,6 +97,8 @@ def _schema_error(schema: pa.Schema, cfg: InputConfig, keep_columns: tuple[str, 
         if column not in names:
             return f"no column {column!r}; the file has: {', '.join(names)}"
     text_type = schema.field(cfg.text_column).type
+    if pa.types.is_dictionary(text_type):
+        text_type = text_type.value_type
     if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)
             or pa.types.is_string_view(text_type)):
         return f"text column {cfg.text_column!r} is {text_type}, not a string type"
@@ -77,7 +110,11 @@ def _schema_error(schema: pa.Schema, cfg: InputConfig, keep_columns: tuple[str, 
 
 
 def open_parquet(fs, path: str) -> pq.ParquetFile:
-    return pq.ParquetFile(path if is_local(fs) else fs.open(path, "rb"))
+    """The file's footer read; ConfigError naming the file when it is not a whole Parquet file."""
+    try:
+        return pq.ParquetFile(path if is_local(fs) else fs.open(path, "rb"))
+    except (pa.ArrowException, OSError) as exc:
+        raise ConfigError(f"{path}: unreadable Parquet file ({exc})") from None
 
 
 def plan_units(cfg: InputConfig, keep_columns: tuple[str, ...] = ()) -> list[Unit]:
@@ -89,9 +126,8 @@ def plan_units(cfg: InputConfig, keep_columns: tuple[str, ...] = ()) -> list[Uni
         info = fs.info(path)
         try:
             metadata = open_parquet(fs, path).metadata
-        except Exception as exc:  # pyarrow raises several types for a bad file
-            units.append(Unit(name, name, (), 0, 0, _fingerprint(info, None),
-                              error=f"unreadable Parquet file: {exc}"))
+        except ConfigError as exc:
+            units.append(Unit(name, name, (), 0, 0, _fingerprint(info, None), error=str(exc)))
             continue
         fingerprint = _fingerprint(info, metadata)
         error = _schema_error(metadata.schema.to_arrow_schema(), cfg, keep_columns)

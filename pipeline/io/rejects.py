@@ -1,7 +1,7 @@
 """The reject policy: which input rows cannot be embedded, and why.
 
-Reasons, in the order they are checked: null id, null text, empty text (empty or whitespace
-only), duplicate id. An id belongs to the first row, in input order, that has it and can be
+Reasons, in the order they are checked: null id, null text, invalid utf-8, empty text (empty
+or whitespace only), duplicate id. An id belongs to the first row, in input order, that has it and can be
 embedded; ids already stored in the output folder by earlier runs come before all of them.
 Duplicates are found in one pass over the ids before any unit is embedded, so units can then
 be embedded independently (in threads here, on other machines with Ray) with the same result.
@@ -15,6 +15,42 @@ import pyarrow.compute as pc
 from .reader import Unit, read_unit
 
 NULL_ID, NULL_TEXT, EMPTY_TEXT, DUPLICATE_ID = "null id", "null text", "empty text", "duplicate id"
+INVALID_UTF8 = "invalid utf-8"
+_BINARY_VIEWS = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary()}
+
+
+def plain_texts(texts: pa.Array) -> pa.Array:
+    """A text column as plain strings: dictionary-encoded columns decoded."""
+    return texts.dictionary_decode() if pa.types.is_dictionary(texts.type) else texts
+
+
+def invalid_utf8(texts: pa.Array) -> np.ndarray | None:
+    """Which rows hold bytes that are not UTF-8 (Parquet does not check them on write or read);
+    None when every row is valid, the common case, found without a per-row pass."""
+    try:
+        texts.validate(full=True)
+        return None
+    except pa.ArrowInvalid:
+        pass
+    raw = texts.cast(pa.string_view()).cast(pa.binary_view()) if texts.type not in _BINARY_VIEWS \
+        else texts.view(_BINARY_VIEWS[texts.type])
+    return np.array([value is not None and not _decodes(value) for value in raw.to_pylist()])
+
+
+def readable_texts(texts: pa.Array) -> pa.Array:
+    """Plain strings with the rows that are not UTF-8 made null (for texts that are skipped, not
+    rejected: queries, texts to classify)."""
+    texts = plain_texts(texts)
+    bad = invalid_utf8(texts)
+    return texts if bad is None else pc.if_else(pa.array(bad), pa.scalar(None, texts.type), texts)
+
+
+def _decodes(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def blank_texts(texts: pa.Array) -> pa.BooleanArray:
@@ -25,11 +61,16 @@ def blank_texts(texts: pa.Array) -> pa.BooleanArray:
 
 def row_reasons(ids: pa.Array, texts: pa.Array) -> list[str | None]:
     """Per-row reasons that need no other row (None: the row can be embedded)."""
+    texts = plain_texts(texts)
     id_null = ids.is_null().to_pylist()
     text_null = texts.is_null().to_pylist()
+    bad = invalid_utf8(texts)
+    if bad is not None:
+        texts = pc.if_else(pa.array(bad), pa.scalar(None, texts.type), texts)
     blank = blank_texts(texts).to_pylist()
-    return [NULL_ID if a else NULL_TEXT if b else EMPTY_TEXT if c else None
-            for a, b, c in zip(id_null, text_null, blank)]
+    bad = bad.tolist() if bad is not None else [False] * len(texts)
+    return [NULL_ID if a else NULL_TEXT if b else INVALID_UTF8 if u else EMPTY_TEXT if c else None
+            for a, b, u, c in zip(id_null, text_null, bad, blank)]
 
 
 def find_duplicates(units: list[Unit], id_column: str, text_column: str,

@@ -65,6 +65,14 @@ class Store:
             return []
         return sorted(posixpath.basename(e["name"]) for e in entries if e["type"] == "file")
 
+    def entries(self, rel: str = "") -> list[str]:
+        """Names directly inside rel, files and folders alike; [] when it does not exist."""
+        try:
+            return sorted(posixpath.basename(e.rstrip("/")) for e in self.fs.ls(self.path(rel),
+                                                                               detail=False))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
     def remove(self, rel: str) -> None:
         try:
             self.fs.rm_file(self.path(rel))
@@ -92,9 +100,11 @@ class Store:
                 os.fsync(handle.fileno())
             os.replace(tmp, final)
             _fsync_dir(directory)
-        except BaseException:
+        except BaseException as exc:
             if os.path.exists(tmp):
                 os.remove(tmp)
+            if isinstance(exc, OSError):
+                raise with_filename(exc, final) from exc
             raise
 
     def write_bytes(self, rel: str, data: bytes) -> None:
@@ -152,6 +162,13 @@ class Store:
         for name in stale:
             self.remove(posixpath.join(rel, name))
         return stale
+
+
+def with_filename(exc: OSError, path: str) -> OSError:
+    """A full disk or a dropped mount says so without naming the file: name it."""
+    if exc.filename or not exc.errno:
+        return exc
+    return OSError(exc.errno, exc.strerror, path)
 
 
 def _fsync_dir(directory: str) -> None:

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from ..config import ConfigError
 from ..faults import checkpoint
-from .storage import Store
+from .storage import Store, with_filename
 
 VECTORS_DIR = "vectors"
 REJECTS_DIR = "rejects"
@@ -68,6 +68,14 @@ class UnitWriter:
         if keep is not None:
             columns += [keep.column(i).combine_chunks() for i in range(keep.num_columns)]
         batch = pa.RecordBatch.from_arrays(columns, schema=self.schema)
+        try:
+            self._write(batch)
+        except OSError as exc:  # the disk filled: the unit's parts go, the error names the part
+            part = self.store.path(self.files[-1]) if self.files else self.store.path(VECTORS_DIR)
+            self.abort()
+            raise with_filename(exc, part) from exc
+
+    def _write(self, batch: pa.RecordBatch) -> None:
         while batch.num_rows:
             if self._open is None:
                 self._start_part()

@@ -13,16 +13,22 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..config import JobConfig, settings_hash
+from ..config import ConfigError, JobConfig, settings_hash
+from ..encode.encoder import EncoderSettings
 from ..encode.model_files import ModelSource, resolve_model
 from ..encode.runtime import Runtime, resolve_runtime, vector_settings
 from ..faults import checkpoint
 from ..index.build import build_index
-from ..index.files import INDEX_DIR, INDEX_FILE
-from ..io.ledger import MANIFEST, Ledger, UnitRecord, acquire_lock, release_lock
-from ..io.reader import Unit, open_parquet, plan_units
+from ..index.check import index_problems
+from ..index.choose import check_config as check_index_config, faiss_reason
+from ..index.files import INDEX_DIR
+from ..io.folder_check import unit_problems
+from ..io.ledger import (MANIFEST, Ledger, UnitRecord, acquire_lock, refuse_foreign_folder,
+                         release_lock)
+from ..io.reader import Unit, open_parquet, plan_units, refuse_overlap
 from ..io.rejects import find_duplicates
 from ..io.storage import Store, filesystem
+from ..io.vectors import VectorParts
 from ..io.writer import REJECTS_DIR, VECTORS_DIR, remove_files
 from ..version import package_versions
 from .embedder import EmbedPlan, UnitEmbedder
@@ -100,6 +106,8 @@ def unit_schema(unit: Unit) -> pa.Schema:
 
 def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
     started = time.perf_counter()
+    # Everything that can be refused is refused here, before the folder is touched.
+    refuse_overlap(job.input.path, job.output.path)
     units = plan_units(job.input, job.output.keep_columns)  # config errors before the model loads
     source = resolve_model(job.model.name)
     # Resolved once here, so that the manifest, the summary and every worker agree.
@@ -107,7 +115,11 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
     job = dataclasses.replace(job, model=dataclasses.replace(
         job.model, attention=runtime.attention, compile=runtime.compile))
     settings = vector_settings(job, source, runtime)
+    if job.index.enabled:
+        check_index_config(job.index, EncoderSettings.from_config(job.encode).width(
+            source.hidden_size))
     store = Store(job.output.path)
+    refuse_foreign_folder(store)
     lock = acquire_lock(store)
     try:
         if options.mode == "overwrite":
@@ -129,8 +141,15 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
 
 def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
     job, store, ledger, summary = ctx.job, ctx.store, ctx.ledger, ctx.summary
-    diff = diff_units(ledger.units, units)
+    damage = {k: why for k, r in ledger.units.items() if r.complete and (why := r.damage(store))}
+    diff = diff_units(ledger.units, units, set(damage))
     summary.units_skipped, summary.units_changed = len(diff.kept), len(diff.changed)
+    summary.units_repaired = len(diff.repaired)
+    for key in diff.repaired:
+        summary.repairs.append(f"{ledger.units[key].path}: {damage[key][0]}")
+        log.warning("unit %s is redone: %s", key, "; ".join(damage[key]))
+    # The model is loaded and checked (tokenizer, weights) before anything in the folder changes.
+    embedder = _prepare(ctx, diff.todo) if diff.todo else None
     dropped = _drop(ctx, diff)
     summary.stray_files_removed = _sweep(store, ledger)
     ledger.update(job=job.name, config=job.to_dict(), vector_settings=ctx.settings,
@@ -139,28 +158,49 @@ def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
                          "fingerprint": ctx.source.fingerprint},
                   versions=package_versions())
 
-    if diff.todo:
-        _embed(ctx, diff.todo)
+    if embedder is not None:
+        _embed(ctx, diff.todo, embedder)
         summary.stray_files_removed += _sweep(store, ledger)  # what a dead Ray worker left
     current = {u.key for u in units}
     summary.failures = [f"{r.path}: {r.error}" for k, r in ledger.units.items()
                         if not r.complete and k in current]
 
+    parts = VectorParts(store, ledger.vector_files())
     if job.index.enabled:
-        if diff.todo or dropped or not store.exists(INDEX_FILE):
-            tick = time.perf_counter()
-            checkpoint("index")
-            summary.index = build_index(store, ledger.vector_files(), job.index)
-            ctx.stats.seconds["index"] += time.perf_counter() - tick
+        stale = index_problems(store, parts)
+        if diff.todo or dropped or stale:
+            if stale and not (diff.todo or dropped):
+                log.warning("rebuilding the index: %s", "; ".join(stale))
+            _index(ctx, parts)
         else:
             summary.index = ledger.data.get("index", {})
     summary.real_tokens = ctx.stats.real_tokens
     summary.padded_tokens = ctx.stats.padded_tokens
     summary.seconds.update(ctx.stats.seconds)
-    summary.folder_vectors = sum(r.vectors_out for r in ledger.units.values())
+    summary.folder_vectors = sum(r.vectors_out for r in ledger.complete_units())
+    # What the folder now holds is checked as `embedpipe verify` would, files and counts only.
+    problems = unit_problems(ledger) + (index_problems(store, parts) if job.index.enabled
+                                        and not summary.index.get("error") else [])
+    summary.failures += [f"check: {p}" for p in problems]
     # The completion record is written last: a folder whose manifest says complete is whole.
     ledger.update(index=summary.index, dim=ledger.data.get("dim"),
                   complete=not summary.failures, last_run=summary.to_dict())
+
+
+def _index(ctx: RunContext, parts: VectorParts) -> None:
+    """Build the index; one that cannot be built for this data (too few vectors to train, a
+    memory budget too small) fails with one line, the vectors staying committed."""
+    tick = time.perf_counter()
+    checkpoint("index")
+    try:
+        ctx.summary.index = build_index(ctx.store, parts.files, ctx.job.index)
+    except (ConfigError, RuntimeError) as exc:
+        reason = faiss_reason(exc)
+        ctx.summary.index = {"error": reason}
+        ctx.summary.failures.append(
+            f"index: {reason}; the vectors are committed: rebuild it with other settings, e.g. "
+            f"`embedpipe index {ctx.store.url} --type flat`")
+    ctx.stats.seconds["index"] += time.perf_counter() - tick
 
 
 def _drop(ctx: RunContext, diff: UnitDiff) -> list[str]:
@@ -178,19 +218,27 @@ def _drop(ctx: RunContext, diff: UnitDiff) -> list[str]:
     return dropped
 
 
-def _embed(ctx: RunContext, todo: list[Unit]) -> None:
-    from tqdm import tqdm
-
-    job, ledger, summary = ctx.job, ctx.ledger, ctx.summary
+def _prepare(ctx: RunContext, todo: list[Unit]) -> UnitEmbedder:
+    """The embed plan and a loaded embedder. Loading refuses a model that would give wrong
+    vectors (a tokenizer without its vocabulary, weights the pooling needs that the files lack).
+    With Ray, the workers load their own; the driver's copy only checks the model."""
+    job = ctx.job
     healthy = [u for u in todo if not u.error]
     # The first healthy file sets the id type and the kept columns' types for the folder.
     first = unit_schema(healthy[0]) if healthy else pa.schema([])
-    id_type = ledger.data.get("id_type") or (
+    id_type = ctx.ledger.data.get("id_type") or (
         str(id_type_of(first, job.input.id_column)) if healthy else "string")
     keep_schema = pa.schema([first.field(c) for c in job.output.keep_columns]) if healthy else None
-    plan = EmbedPlan(job=job, source=ctx.source, runtime=ctx.runtime, id_type=id_type,
-                     keep_schema=keep_schema)
-    ledger.update(id_type=id_type, dim=plan.width)
+    return UnitEmbedder(EmbedPlan(job=job, source=ctx.source, runtime=ctx.runtime,
+                                  id_type=id_type, keep_schema=keep_schema))
+
+
+def _embed(ctx: RunContext, todo: list[Unit], embedder: UnitEmbedder) -> None:
+    from tqdm import tqdm
+
+    job, ledger, summary, plan = ctx.job, ctx.ledger, ctx.summary, embedder.plan
+    healthy = [u for u in todo if not u.error]
+    ledger.update(id_type=plan.id_type, dim=plan.width)
     duplicates = find_duplicates(healthy, job.input.id_column, job.input.text_column,
                                  claimed=_committed_ids(ctx.store, ledger.vector_files()))
     units = [(u, ledger.unit_id(u.key)) for u in todo]
@@ -217,7 +265,6 @@ def _embed(ctx: RunContext, todo: list[Unit]) -> None:
                                               ctx.stats, address=ctx.options.ray_address,
                                               workers=ctx.options.workers)
         else:
-            embedder = UnitEmbedder(plan)
             embedder.embed(units, duplicates, commit, bar.update, ctx.stats)
             summary.oom_splits = embedder.encoder.oom_splits
     finally:

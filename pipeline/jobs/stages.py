@@ -25,9 +25,10 @@ from ..encode.batching import Batch, collate, plan_batches
 from ..encode.runtime import Runtime
 from ..encode.tokenizer import TextTokenizer
 from ..faults import checkpoint
+from ..io.checks import check_file
 from ..io.ledger import UnitRecord
 from ..io.reader import Unit, read_unit
-from ..io.rejects import reasons_for_window
+from ..io.rejects import plain_texts, reasons_for_window
 from ..io.writer import UnitWriter, rejects_schema, write_rejects
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ class Channel:
 
 
 DONE = object()
+STOP_SECONDS = 30  # how long an interrupted run waits for a stage to finish its current step
 
 
 @dataclass
@@ -191,7 +193,7 @@ class PrepareStage:
             raise ValueError(f"id column {self.s.id_column!r} is {ids.type}, but this output "
                              f"folder holds {self.id_type} ids")
         ids = ids.cast(self.id_type)
-        texts = table.column(self.s.text_column).combine_chunks()
+        texts = plain_texts(table.column(self.s.text_column).combine_chunks())
         reasons = reasons_for_window(ids, texts, row_numbers, self.duplicates.get(unit.key, set()))
         good = np.array([r is None for r in reasons], dtype=bool)
         bad = np.flatnonzero(~good)
@@ -292,7 +294,8 @@ class WriteStage:
                     item.unit, "complete", unit_id=unit_id, rows_in=item.rows_in,
                     vectors_out=unit_stats["vectors"], rejects=sum(reasons.values()),
                     reject_reasons=dict(reasons), truncated=unit_stats["truncated"],
-                    vector_files=files, reject_files=reject_files, seconds=round(item.seconds, 3)))
+                    vector_files=files, reject_files=reject_files, seconds=round(item.seconds, 3),
+                    checks={f: check_file(self.store, f) for f in files + reject_files}))
                 writer = None
             elif isinstance(item, UnitFailed):
                 if writer is not None:
@@ -352,11 +355,17 @@ def run_stages(prepare: Callable[[Channel], None], encode: Callable[[Batch], np.
                threading.Thread(target=guarded(lambda: write(to_writer)), name="write", daemon=True)]
     for thread in threads:
         thread.start()
-    guarded(lambda: encode_loop(to_encoder, to_writer, encode, stats))()
-    for thread in threads:
-        while thread.is_alive():
-            thread.join(0.1)
-            if errors:
-                stop.set()
+    try:
+        guarded(lambda: encode_loop(to_encoder, to_writer, encode, stats))()
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.1)
+                if errors:
+                    stop.set()
+    except BaseException:  # a signal (Ctrl-C, SIGTERM) while waiting: stop the stages first
+        stop.set()
+        for thread in threads:
+            thread.join(STOP_SECONDS)
+        raise
     if errors:
         raise errors[0]

@@ -22,6 +22,8 @@ class RunSummary:
     units_failed: int = 0
     units_removed: int = 0
     units_removed_kept: int = 0
+    units_repaired: int = 0  # complete before, but their files were missing or altered: redone
+    repairs: list[str] = field(default_factory=list)  # one line a repaired unit: what was wrong
     rows_read: int = 0
     vectors_written: int = 0
     rejects: dict[str, int] = field(default_factory=dict)
@@ -89,6 +91,8 @@ class RunSummary:
         ]
         if self.oom_splits:
             lines.append(f"  memory     {self.oom_splits} batches split after running out of device memory")
+        for repair in self.repairs:
+            lines.append(f"  repaired   {repair} (unit redone)")
         if self.stray_files_removed:
             lines.append(f"  recovered  {self.stray_files_removed} files of an interrupted run removed")
         if self.lock_taken_over:

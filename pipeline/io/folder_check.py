@@ -1,0 +1,49 @@
+"""Checks of a finished output folder against its manifest, without the model: every committed
+file whole and as recorded, the counts adding up, ids unique. `embedpipe verify` runs them all;
+the end of every run runs the cheap ones (files and counts)."""
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .ledger import Ledger
+from .vectors import VectorParts
+
+
+def unit_problems(ledger: Ledger) -> list[str]:
+    """Per complete unit: its files present, whole and as recorded; rows read = vectors +
+    rejects; the parts' row counts equal to the recorded counts. One line a problem."""
+    problems = []
+    for record in ledger.complete_units():
+        where = f"unit {record.path}" + (f" (from row {record.first_row})" if record.first_row else "")
+        damaged = record.damage(ledger.store)
+        problems += [f"{where}: {why}" for why in damaged]
+        if damaged:
+            continue
+        if record.rows_in != record.vectors_out + record.rejects:
+            problems.append(f"{where}: {record.rows_in} rows read, but {record.vectors_out} "
+                            f"vectors + {record.rejects} rejects recorded")
+        for files, recorded, what in ((record.vector_files, record.vectors_out, "vectors"),
+                                      (record.reject_files, record.rejects, "rejects")):
+            rows = sum(_rows(ledger, record, f) for f in files)
+            if rows != recorded:
+                problems.append(f"{where}: its {what} parts hold {rows} rows, {recorded} recorded")
+    return problems
+
+
+def _rows(ledger: Ledger, record, name: str) -> int:
+    check = record.checks.get(name)
+    return check.rows if check is not None else VectorParts(ledger.store, [name]).rows()[0]
+
+
+def duplicate_ids(parts: VectorParts, shown: int = 5) -> list[str]:
+    """Ids stored more than once across the parts (reads the id column only)."""
+    ids = [c for t in parts.read(["id"]) for c in t.column("id").chunks]
+    if not ids:
+        return []
+    counts = pc.value_counts(pa.chunked_array(ids).combine_chunks())
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if not len(repeated):
+        return []
+    examples = ", ".join(repr(v) for v in repeated.field("values")[:shown].to_pylist())
+    return [f"{len(repeated)} ids are stored more than once (e.g. {examples})"]
