@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from ..index.check import index_problems
 from ..io.folder_check import duplicate_ids, unit_problems
-from ..io.ledger import Ledger
+from ..io.ledger import Ledger, read_manifest
 from ..io.storage import Store
 from ..io.vectors import VectorParts
 
@@ -43,7 +43,8 @@ class Verdict:
 
 def verify_folder(url: str) -> Verdict:
     store = Store(url)
-    ledger = Ledger(store)  # ConfigError when there is no manifest, or it is unreadable
+    read_manifest(store)  # ConfigError when there is none, or it is unreadable or foreign
+    ledger = Ledger(store)
     verdict = Verdict(url, units=len(ledger.units), complete=bool(ledger.data.get("complete")))
     failed = [r for r in ledger.units.values() if not r.complete]
     if not verdict.complete:

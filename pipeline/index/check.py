@@ -47,11 +47,11 @@ def index_problems(store: Store, parts: VectorParts, full: bool = False) -> list
     except DamagedFile as exc:
         problems.append(f"index: {exc}")
     if full and not problems:
-        problems += _content_problems(store, parts, n, infos)
+        problems += _content_problems(store, parts, n)
     return problems
 
 
-def _content_problems(store: Store, parts: VectorParts, n: int, infos: dict) -> list[str]:
+def _content_problems(store: Store, parts: VectorParts, n: int) -> list[str]:
     from .build import load_index
 
     try:
@@ -67,14 +67,22 @@ def _content_problems(store: Store, parts: VectorParts, n: int, infos: dict) -> 
             stored.cast(mapped.column("id").type)):
         return [f"index: {IDS_FILE} does not list the stored ids in order"]
     positions = even_positions(n, SAMPLE)
-    lossless = "PQ" not in str(infos.get("factory", "")) and infos.get("layout", "single") == "single"
-    copies = _reconstruct(index, positions) if lossless else None
+    copies = _reconstruct(index, positions) if _keeps_vectors_whole(index) else None
     if copies is not None:
         expected = parts.sample(positions)
         if not np.allclose(copies, expected, atol=1e-5):
             worst = int(np.abs(copies - expected).max(1).argmax())
             return [f"index: vector {int(positions[worst])} differs from the stored one"]
     return []
+
+
+def _keeps_vectors_whole(index: faiss.Index) -> bool:
+    """Flat, HNSW over flat storage and IVF-Flat in one index keep each vector exactly; scalar
+    and product quantizers keep approximations, and shards cannot reconstruct."""
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexHNSW):
+        return isinstance(faiss.downcast_index(inner.storage), faiss.IndexFlat)
+    return isinstance(inner, (faiss.IndexFlat, faiss.IndexIVFFlat))
 
 
 def _reconstruct(index: faiss.Index, positions: np.ndarray) -> np.ndarray | None:

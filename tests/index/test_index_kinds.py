@@ -17,7 +17,9 @@ from pipeline.config import ConfigError, IndexConfig
 from pipeline.index import choose
 from pipeline.index.build import build_index, load_index
 from pipeline.index.choose import TRAIN_PER_CENTROID, choose_kind
+from pipeline.index.check import index_problems
 from pipeline.index.files import IDS_FILE, INDEX_FILE
+from pipeline.io.vectors import VectorParts
 from pipeline.index.tuning import even_positions
 from pipeline.io.storage import Store
 from pipeline.io.writer import vector_array, vectors_schema
@@ -63,6 +65,9 @@ def test_kind_recall(snippets_out, vectors, tmp_path, kind, options, floor):
           f"brute force {measured:.4f}, {infos['size_bytes']} bytes, {infos['build_seconds']} s")
     assert infos["recall_at_10"] >= floor and measured >= floor
     assert abs(infos["recall_at_10"] - measured) < 0.05
+    # `embedpipe verify`'s index checks (count, id map, sampled vectors) pass for every kind
+    assert index_problems(Store(str(out)), VectorParts(Store(str(out)), [p["file"] for p in infos["parts"]]),
+                          full=True) == []
     index, _ = load_index(Store(str(out)))
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:

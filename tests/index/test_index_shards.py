@@ -110,6 +110,25 @@ def test_shard_and_ondisk_files(built, vectors):
     assert (out / INDEX_FILE).stat().st_size < infos["ivfdata_bytes"] / 10  # lists live outside
 
 
+def test_verify_accepts_every_layout_and_sees_a_missing_shard(built):
+    from pipeline.index.check import index_problems
+    from pipeline.io.vectors import VectorParts
+
+    for (kind, layout), (out, infos) in built.items():
+        store = Store(str(out))
+        parts = VectorParts(store, [p["file"] for p in infos["parts"]])
+        assert index_problems(store, parts, full=True) == [], (kind, layout)
+    out, infos = built["ivf-flat", "shards"]
+    moved = out / infos["shards"][1]["file"]
+    moved.rename(moved.with_suffix(".away"))
+    try:
+        store = Store(str(out))
+        problems = index_problems(store, VectorParts(store, [p["file"] for p in infos["parts"]]))
+        assert problems == [f"index: {infos['shards'][1]['file']} missing"]
+    finally:
+        moved.with_suffix(".away").rename(moved)
+
+
 def test_ondisk_folder_moves_and_rebuilds_clean_up(built, vectors, tmp_path):
     """A copied on-disk folder finds its .ivfdata next to index.faiss; a rebuild in another
     layout removes the previous build's files only after the new infos are written."""

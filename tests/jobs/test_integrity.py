@@ -384,10 +384,12 @@ def test_index_that_cannot_train_on_the_data_fails_with_vectors_committed(tmp_pa
     assert fixed.returncode == 0, fixed.stderr
 
 
-def test_index_command_refuses_a_foreign_manifest(tmp_path):
+def test_index_and_verify_refuse_a_foreign_manifest_or_none(tmp_path):
     (tmp_path / "manifest.json").write_text('{"name": "someone else"}')
     one_line(embedpipe("index", tmp_path), 2, "not an embedpipe manifest")
+    one_line(embedpipe("verify", tmp_path), 2, "not an embedpipe manifest")
     assert json.loads((tmp_path / "manifest.json").read_text()) == {"name": "someone else"}
+    one_line(embedpipe("verify", tmp_path / "nothing"), 2, "no manifest.json")
 
 
 # ---- downstream commands ----------------------------------------------------------------------
