@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 POOLING_PRESETS: dict[str, tuple[tuple[int, ...], str, str]] = {
     "cls": ((-1,), "concat", "cls"),
     "mean": ((-1,), "concat", "mean"),
+    "max": ((-1,), "concat", "max"),
     "concat-last-four": ((-4, -3, -2, -1), "concat", "mean"),
 }
 
@@ -47,16 +48,22 @@ class ModelConfig:
     # torch.compile the model: ~1.5x on CPU bf16, ~15-30 s to compile first. auto: when the input
     # (all its rows, done or not, so a rerun decides alike) is long enough to repay that
     compile: bool | str = "auto"
-    attention: str = "auto"  # auto: embedpipe's AMX kernel for bf16 on AMX CPUs, else SDPA / FA2
+    # auto: embedpipe's AMX kernel for bf16 on AMX CPUs, FA2 on CUDA if installed, else SDPA, or
+    # eager for model classes without SDPA (MPNet, DeBERTa)
+    attention: str = "auto"
 
 
 @dataclass(frozen=True)
 class EncodeConfig:
-    pooling: str = "mean"
+    # auto: the pooling a sentence-transformers folder was trained with (1_Pooling), else mean
+    pooling: str = "auto"
     layers: tuple[int, ...] | None = None
     layer_combine: str | None = None
     token_pooling: str | None = None
-    normalize: bool = False
+    normalize: bool | None = None  # None: as the model folder says (a Normalize module), else no
+    prompt: str | None = None  # put before every text, e.g. "passage: "
+    prompt_name: str | None = None  # or one of the model folder's prompts, by name
+    query_prompt: str | None = None  # for search queries; None: the folder's "query" prompt
     batch_tokens: int | None = None  # None: by device, see token_budget
     max_batch_size: int = 256
     sort_window: int = 4096
@@ -70,6 +77,8 @@ class EncodeConfig:
 
     def pooling_spec(self) -> tuple[tuple[int, ...], str, str] | None:
         """The effective (layers, layer_combine, token_pooling); None for the model's pooler."""
+        if self.pooling == "auto":
+            raise ValueError("pooling 'auto' is resolved against the model first (resolve_recipe)")
         if self.pooling == "pooler":
             return None
         layers, combine, token = POOLING_PRESETS[self.pooling]
@@ -82,6 +91,7 @@ class OutputConfig:
     vector_dtype: str = "float32"
     rows_per_file: int = 100_000
     keep_columns: tuple[str, ...] = ()
+    dimensions: int | None = None  # Matryoshka: keep the first N dimensions (re-normalised)
 
 
 @dataclass(frozen=True)
@@ -116,8 +126,9 @@ class JobConfig:
         return dataclasses.asdict(self)
 
     def vector_settings(self) -> dict[str, Any]:
-        """Everything that changes a stored row: its vector or its columns (not batch sizes)."""
-        spec = self.encode.pooling_spec()
+        """Everything that changes a stored row: its vector or its columns (not batch sizes).
+        Runs record them resolved against the model (pooling 'auto' made concrete)."""
+        spec = None if self.encode.pooling == "auto" else self.encode.pooling_spec()
         return {
             "model.name": self.model.name,
             "model.max_length": self.model.max_length,
@@ -128,14 +139,17 @@ class JobConfig:
             "encode.normalize": self.encode.normalize,
             "output.vector_dtype": self.output.vector_dtype,
             "output.keep_columns": list(self.output.keep_columns),
+            # recorded only when set, so folders made before these settings existed still match
+            **({"encode.prompt": self.encode.prompt} if self.encode.prompt else {}),
+            **({"output.dimensions": self.output.dimensions} if self.output.dimensions else {}),
         }
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "model.attention": ("auto", "sdpa", "amx", "flash_attention_2"),
+    "model.attention": ("auto", "sdpa", "eager", "amx", "flash_attention_2"),
     "model.compile": ("auto",),
-    "encode.pooling": ("cls", "mean", "concat-last-four", "pooler"),
+    "encode.pooling": ("auto", "cls", "mean", "max", "concat-last-four", "pooler"),
     "encode.layer_combine": ("concat", "mean", "sum"),
     "encode.token_pooling": ("mean", "cls", "max"),
     "output.vector_dtype": ("float32", "float16"),
@@ -147,6 +161,7 @@ POSITIVE = {
     "input.unit_rows", "model.max_length", "encode.batch_tokens", "encode.max_batch_size",
     "encode.sort_window", "output.rows_per_file", "index.hnsw_m", "index.ef_construction",
     "index.ef_search", "index.nlist", "index.nprobe", "index.pq_m", "index.shard_rows",
+    "output.dimensions",
 }
 _SECTION_CLASSES = {
     "input": InputConfig, "model": ModelConfig, "encode": EncodeConfig,
@@ -215,6 +230,8 @@ def _validate(job: JobConfig) -> None:
     enc = job.encode
     if enc.pooling == "pooler" and (enc.layers or enc.layer_combine or enc.token_pooling):
         raise ConfigError("encode.pooling = 'pooler' takes no layers / layer_combine / token_pooling")
+    if enc.prompt is not None and enc.prompt_name is not None:
+        raise ConfigError("encode.prompt and encode.prompt_name: give one of them")
     if enc.batch_tokens is not None and enc.max_batch_size > enc.batch_tokens:
         raise ConfigError("encode.max_batch_size must not exceed encode.batch_tokens")
     if job.index.type == "factory" and not job.index.factory:

@@ -22,7 +22,8 @@ def test_defaults_and_name_from_file_stem(tmp_path):
     for value in (True, False, "auto"):
         assert config_from_dict({"model": {"compile": value}}).model.compile == value
     assert (job.encode.pooling, job.encode.batch_tokens, job.encode.max_batch_size,
-            job.encode.sort_window, job.encode.normalize) == ("mean", None, 256, 4096, False)
+            job.encode.sort_window, job.encode.normalize) == ("auto", None, 256, 4096, None)
+    # auto / None follow the model folder (issue 14): resolved against the model before a run
     # the token budget goes by device unless set: 4,096 on CPU (measured faster), 8,192 on CUDA
     assert (job.encode.token_budget("cpu"), job.encode.token_budget("cuda")) == (4096, 8192)
     assert config_from_dict({"encode": {"batch_tokens": 999}}).encode.token_budget("cpu") == 999
@@ -36,7 +37,7 @@ def test_shipped_job_file_loads():
 
 
 @pytest.mark.parametrize("text, words", [
-    ('[encode]\npooling = "max"\n', ["encode.pooling", "cls", "mean", "concat-last-four", "pooler"]),
+    ('[encode]\npooling = "average"\n', ["encode.pooling", "cls", "mean", "max", "concat-last-four", "pooler"]),
     ('[model]\ndtype = "int8"\n', ["model.dtype", "float32", "bfloat16", "float16"]),
     ('[model]\ndevice = "tpu"\n', ["model.device", "cuda:N"]),
     ('[encode]\nbatch_tokens = 0\n', ["encode.batch_tokens", "positive"]),

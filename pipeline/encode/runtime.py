@@ -101,8 +101,18 @@ def _attention(requested: str, device: torch.device, dtype: str, source: ModelSo
     """The attention implementation transformers gets. `auto`: embedpipe's AMX kernel for bf16 on
     CPUs with AMX (2-3x SDPA's speed there), FlashAttention-2 on CUDA when flash_attn is
     installed, SDPA otherwise."""
+    if requested == "eager":
+        return "eager"
+    sdpa = _model_class_supports(source, "_supports_sdpa")
     if requested == "sdpa":
+        if not sdpa:
+            raise ConfigError(f"model.attention = 'sdpa': model type {source.model_type!r} has no "
+                              f"SDPA attention in transformers; use 'eager' or 'auto'")
         return "sdpa"
+    fallback = "sdpa" if sdpa else "eager"
+    if not sdpa and requested == "auto":
+        log.info("model type %r has no SDPA attention in transformers; attention eager",
+                 source.model_type)
     if device.type == "cuda" or requested == "flash_attention_2":
         if device.type != "cuda":
             raise ConfigError("model.attention = 'flash_attention_2' runs on cuda only")
@@ -110,20 +120,34 @@ def _attention(requested: str, device: torch.device, dtype: str, source: ModelSo
             raise ConfigError("model.attention = 'amx' runs on CPU only")
         try:
             import flash_attn  # noqa: F401
-            return "flash_attention_2"
+            if _model_class_supports(source, "_supports_flash_attn") or requested == "flash_attention_2":
+                return "flash_attention_2"
         except ImportError:
             if requested == "flash_attention_2":
                 raise ConfigError("model.attention = 'flash_attention_2' needs the flash_attn "
                                   "package") from None
-            return "sdpa"
+        return fallback
     reason, build_failed = _amx_unavailable(device, dtype, source)
     if reason is None:
         return "amx"
     if requested == "amx":
         raise ConfigError(f"model.attention = 'amx' cannot run here: {reason}")
     if build_failed:
-        log.warning("embedpipe's AMX attention kernel is unavailable (%s); using SDPA", reason)
-    return "sdpa"
+        log.warning("embedpipe's AMX attention kernel is unavailable (%s); using %s", reason,
+                    fallback.upper())
+    return fallback
+
+
+def _model_class_supports(source: ModelSource, flag: str) -> bool:
+    """Whether transformers' class for this model declares an attention implementation."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    try:
+        model_class = MODEL_MAPPING[type(AutoConfig.from_pretrained(source.path))]
+    except (KeyError, ValueError, OSError):
+        return False
+    return bool(getattr(model_class, flag, False))
 
 
 def _amx_unavailable(device: torch.device, dtype: str,
@@ -133,6 +157,8 @@ def _amx_unavailable(device: torch.device, dtype: str,
     from transformers import AutoConfig
 
     reason = cpu_attention.unsupported_reason(device, dtype, AutoConfig.from_pretrained(source.path))
+    if reason is None and not _model_class_supports(source, "_supports_attention_backend"):
+        reason = f"model type {source.model_type!r} takes no custom attention function"
     if reason is not None:
         return reason, False
     try:

@@ -23,9 +23,13 @@ class Tokenized:
 class TextTokenizer:
     """The model's fast tokenizer, truncating as Hugging Face does for single texts."""
 
-    def __init__(self, model_path: Path, max_length: int):
+    def __init__(self, model_path: Path, max_length: int, lowercase: bool = False,
+                 prompt: str = ""):
+        """lowercase: sentence-transformers' do_lower_case; prompt: put before every text (its
+        tokens count in pooling and in n_tokens, as in sentence-transformers)."""
         from transformers import AutoTokenizer
 
+        self.lowercase, self.prompt = lowercase, prompt
         try:
             hf = AutoTokenizer.from_pretrained(model_path, use_fast=True)
         except (OSError, ValueError, TypeError) as exc:
@@ -149,6 +153,10 @@ class TextTokenizer:
         return text.translate(self._char_table)
 
     def __call__(self, texts: list[str]) -> Tokenized:
+        if self.prompt:
+            texts = [self.prompt + text for text in texts]
+        if self.lowercase:
+            texts = [text.lower() for text in texts]
         ids = self._encode(texts)
         n_tokens = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
         truncated = n_tokens > self.max_length
@@ -173,6 +181,13 @@ SEPARATOR = "|"  # punctuation: a word of its own to BertPreTokenizer, one id in
 PROBE = "The quick brown fox jumps over the lazy dog near the river bank."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
                    "merges.txt", "sentencepiece.bpe.model", "spiece.model", "special_tokens_map.json")
+
+
+def tokenizer_for(source, runtime, encode, prompt: str | None = None) -> "TextTokenizer":
+    """The tokenizer a resolved job's texts go through: the model's, its max_length, its
+    lower-casing, and the job's prompt (or another one, for search queries)."""
+    return TextTokenizer(source.path, runtime.max_length, lowercase=source.lowercase,
+                         prompt=encode.prompt or "" if prompt is None else prompt)
 
 
 def _tokenizer_files(model_path: Path) -> str:

@@ -27,7 +27,7 @@ class EmbedPlan:
 
     @property
     def width(self) -> int:
-        return EncoderSettings.from_config(self.job.encode).width(self.source.hidden_size)
+        return EncoderSettings.for_job(self.job).width(self.source.hidden_size)
 
     def vectors_schema(self) -> pa.Schema:
         return vectors_schema(pa.type_for_alias(self.id_type), self.width,
@@ -39,11 +39,11 @@ class UnitEmbedder:
 
     def __init__(self, plan: EmbedPlan):
         from ..encode.encoder import Encoder
-        from ..encode.tokenizer import TextTokenizer
+        from ..encode.tokenizer import tokenizer_for
 
         job, runtime, self.plan = plan.job, plan.runtime, plan
-        self.tokenizer = TextTokenizer(plan.source.path, runtime.max_length)
-        self.encoder = Encoder(plan.source, runtime, EncoderSettings.from_config(job.encode))
+        self.tokenizer = tokenizer_for(plan.source, runtime, job.encode)
+        self.encoder = Encoder(plan.source, runtime, EncoderSettings.for_job(job))
         self.flow = FlowSettings.for_job(job, runtime)
 
     def embed(self, units: list[tuple[Unit, int]], duplicates: dict[str, set[int]],

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from ..config import ConfigError, JobConfig, settings_hash
 from ..encode.encoder import EncoderSettings
 from ..encode.model_files import ModelSource, resolve_model
+from ..encode.recipe import resolve_recipe
 from ..encode.runtime import Runtime, resolve_runtime, vector_settings
 from ..faults import checkpoint
 from ..index.build import build_index
@@ -110,14 +111,14 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
     refuse_overlap(job.input.path, job.output.path)
     units = plan_units(job.input, job.output.keep_columns)  # config errors before the model loads
     source = resolve_model(job.model.name)
+    job, recipe = resolve_recipe(job, source)  # pooling, normalize, prompt: concrete from here on
     # Resolved once here, so that the manifest, the summary and every worker agree.
     runtime = resolve_runtime(job.model, source, sum(u.num_rows for u in units))
     job = dataclasses.replace(job, model=dataclasses.replace(
         job.model, attention=runtime.attention, compile=runtime.compile))
     settings = vector_settings(job, source, runtime)
     if job.index.enabled:
-        check_index_config(job.index, EncoderSettings.from_config(job.encode).width(
-            source.hidden_size))
+        check_index_config(job.index, EncoderSettings.for_job(job).width(source.hidden_size))
     store = Store(job.output.path)
     refuse_foreign_folder(store)
     lock = acquire_lock(store)
@@ -129,7 +130,7 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
         summary = RunSummary(job=job.name, output=store.url, device=runtime.device,
                              dtype=runtime.dtype, dtype_note=runtime.dtype_note,
                              attention=runtime.attention, compiled=runtime.compile,
-                             model=source.name, units_total=len(units))
+                             model=source.name, units_total=len(units), recipe=recipe)
         _run_locked(RunContext(job, options, source, runtime, settings, store, ledger, summary),
                     units)
     finally:

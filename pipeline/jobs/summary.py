@@ -15,6 +15,7 @@ class RunSummary:
     dtype_note: str = ""  # why this dtype, when it was chosen automatically
     attention: str = ""  # the attention kernel: sdpa, amx (embedpipe's), flash_attention_2
     compiled: bool = False  # torch.compile (model.compile, or auto for a long enough input)
+    recipe: list[str] = field(default_factory=list)  # pooling, normalize, prompt: where from
     units_total: int = 0
     units_done: int = 0
     units_skipped: int = 0
@@ -73,6 +74,7 @@ class RunSummary:
             f"  model      {self.model} on {self.device} in {self.dtype_note or self.dtype}"
             + (f", attention {self.attention}" if self.attention else "")
             + (", compiled" if self.compiled else ""),
+            *([f"  encoding   {'; '.join(self.recipe)}"] if self.recipe else []),
             f"  units      {self.units_total} in input: {self.units_done} embedded, "
             f"{self.units_skipped} already done, {self.units_changed} changed, "
             f"{self.units_failed} failed, {self.units_removed} removed"

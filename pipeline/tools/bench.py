@@ -260,7 +260,8 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
     from ..encode.encoder import Encoder, EncoderSettings
     from ..encode.model_files import resolve_model
     from ..encode.runtime import resolve_runtime
-    from ..encode.tokenizer import TextTokenizer
+    from ..encode.recipe import resolve_recipe
+    from ..encode.tokenizer import tokenizer_for
 
     if opts.rounds < 1:
         raise ValueError("rounds must be at least 1")
@@ -302,7 +303,8 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
         log(f"bench: {len(texts):,} texts ({corpus}: {opts.input or source_path}), "
             f"{opts.rounds} rounds after a warm-up on {warm.num_rows} rows")
 
-        tokenizer = TextTokenizer(source.path, max_length)
+        recipe_job = resolve_recipe(_job(opts, source_path, work / "-", dtypes[0]), source)[0]
+        tokenizer = tokenizer_for(source, first, recipe_job.encode)
         tokens = tokenizer(texts)
         lengths = np.fromiter(map(len, tokens.ids), dtype=np.int64, count=len(texts))
         real = int(lengths.sum())
@@ -333,7 +335,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
 
             if opts.encode_only:
                 runtime = runtimes[dtype]
-                encoder = Encoder(source, runtime, EncoderSettings.from_config(job.encode))
+                encoder = Encoder(source, runtime, EncoderSettings.for_job(recipe_job))
                 made = runner_batches(job, runtime, tokenizer)
                 if made.rows != len(texts):
                     raise RuntimeError(f"the runner's batches hold {made.rows} rows, the bench "

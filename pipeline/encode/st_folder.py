@@ -1,0 +1,104 @@
+"""A sentence-transformers model folder, read as sentence-transformers reads it: which module
+holds the transformer, the pooling it was trained with, a Normalize module, lower-casing, and its
+prompts. Both the current layout (`pooling_mode`, sentence-transformers 5+) and the older one
+(`pooling_mode_mean_tokens` ...) are read. Modules embedpipe does not run (Dense, ...) are refused
+by name rather than silently skipped."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import ConfigError
+
+# sentence-transformers' pooling modes embedpipe computes, as token poolings of the last layer
+POOLINGS = {"cls": "cls", "mean": "mean", "max": "max"}
+_LEGACY_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                 "pooling_mode_mean_tokens": "mean",
+                 "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                 "pooling_mode_weightedmean_tokens": "weightedmean",
+                 "pooling_mode_lasttoken": "lasttoken"}
+
+
+@dataclass(frozen=True)
+class StFolder:
+    transformer: Path  # the folder holding config.json, the weights and the tokenizer
+    pooling: str | None = None  # cls | mean | max; None without a Pooling module
+    include_prompt: bool = True  # prompt tokens count in pooling (sentence-transformers' default)
+    normalize: bool = False  # a Normalize module follows the pooling
+    lowercase: bool = False  # do_lower_case: texts are lower-cased before tokenizing
+    max_seq_length: int | None = None
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    similarity: str | None = None  # cosine | dot | euclidean | manhattan
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} cannot be read as JSON: {exc}") from None
+    if not isinstance(data, (dict, list)):
+        raise ConfigError(f"{path}: expected a JSON object or list")
+    return data
+
+
+def _kind(module_type: str) -> str:
+    """The module's class name: 'sentence_transformers.models.Pooling' -> 'Pooling'."""
+    return module_type.rsplit(".", 1)[-1]
+
+
+def read_st_folder(path: Path) -> StFolder | None:
+    """The folder's sentence-transformers configuration; None when it has no modules.json."""
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return None
+    modules = _json(modules_file)
+    if not isinstance(modules, list) or not modules:
+        raise ConfigError(f"{modules_file}: expected a list of modules")
+    kinds = [(_kind(str(m.get("type", ""))), path / str(m.get("path", ""))) for m in modules]
+    if kinds[0][0] != "Transformer":
+        raise ConfigError(f"{modules_file}: the first module is {kinds[0][0]!r}; embedpipe runs "
+                          f"folders whose first module is a Transformer")
+    transformer = kinds[0][1]
+    found: dict = {"transformer": transformer}
+    for kind, where in kinds[1:]:
+        if kind == "Pooling":
+            found.update(_pooling(where / "config.json"))
+        elif kind == "Normalize":
+            found["normalize"] = True
+        else:
+            raise ConfigError(
+                f"{modules_file}: module {kind!r} is not one embedpipe runs (it runs Transformer, "
+                f"Pooling and Normalize); its vectors would differ from sentence-transformers'")
+    for name in ("sentence_bert_config.json", "sentence_xlnet_config.json"):
+        settings = transformer / name
+        if settings.is_file():
+            data = _json(settings)
+            found["lowercase"] = bool(data.get("do_lower_case", False))
+            if isinstance(data.get("max_seq_length"), int):
+                found["max_seq_length"] = data["max_seq_length"]
+    st_config = path / "config_sentence_transformers.json"
+    if st_config.is_file():
+        data = _json(st_config)
+        prompts = data.get("prompts") or {}
+        if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+            raise ConfigError(f"{st_config}: prompts must map names to strings")
+        found.update(prompts=prompts, default_prompt_name=data.get("default_prompt_name") or None,
+                     similarity=data.get("similarity_fn_name"))
+    return StFolder(**found)
+
+
+def _pooling(config_file: Path) -> dict:
+    config = _json(config_file)
+    mode = config.get("pooling_mode")
+    if mode is None:
+        active = [m for key, m in _LEGACY_MODES.items() if config.get(key)]
+        mode = active if len(active) != 1 else active[0]
+        mode = mode or "mean"
+    if isinstance(mode, list):
+        mode = mode[0] if len(mode) == 1 else tuple(mode)
+    if mode not in POOLINGS:
+        raise ConfigError(f"{config_file}: pooling mode {mode!r} is not one embedpipe computes "
+                          f"({', '.join(POOLINGS)})")
+    return {"pooling": POOLINGS[mode], "include_prompt": bool(config.get("include_prompt", True))}
