@@ -310,3 +310,45 @@ def test_do_lower_case_equals_sentence_transformers(family_folders, texts_dir, t
     assert not np.allclose(ours_old := matrix(read_vectors(tmp_path / "out-old")), cased,
                            atol=1e-4)  # the older layout really lower-cased
     assert ours_old.shape == cased.shape
+
+
+def test_folders_embedpipe_cannot_match_are_refused_in_one_line(family_folders, tmp_path):
+    """Modules it does not run, pooling modes it does not compute, prompts it would pool wrongly:
+    refused by name instead of vectors that differ from sentence-transformers'."""
+    import shutil
+
+    from pipeline.config import ConfigError, config_from_dict
+    from pipeline.encode.model_files import resolve_model
+    from pipeline.encode.recipe import resolve_recipe
+
+    dense = shutil.copytree(family_folders["bert"], tmp_path / "dense")
+    modules = json.loads((dense / "modules.json").read_text())
+    modules.append({"idx": 3, "name": "3", "path": "3_Dense",
+                    "type": "sentence_transformers.models.Dense"})
+    (dense / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ConfigError, match="'Dense' is not one embedpipe runs"):
+        resolve_model(str(dense))
+    weighted = shutil.copytree(family_folders["bert"], tmp_path / "weighted")
+    (weighted / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"embedding_dimension": 32, "pooling_mode": "weightedmean"}))
+    with pytest.raises(ConfigError, match="'weightedmean' is not one embedpipe computes"):
+        resolve_model(str(weighted))
+    instructor = shutil.copytree(family_folders["bert"], tmp_path / "instructor")
+    (instructor / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"embedding_dimension": 32, "pooling_mode": "mean", "include_prompt": False}))
+    with pytest.raises(ConfigError, match="include_prompt"):
+        resolve_recipe(config_from_dict({}), resolve_model(str(instructor)))
+    with pytest.raises(ConfigError, match="prompts are 'document', 'query'"):
+        resolve_recipe(config_from_dict({"encode": {"prompt_name": "passage"}}),
+                       resolve_model(str(family_folders["bert"])))
+
+
+def test_a_changed_prompt_or_dimensions_is_refused_by_the_config_guard(family_folders, texts_dir,
+                                                                       tmp_path):
+    from pipeline.io.ledger import SettingsMismatch
+
+    folder = family_folders["bert"]
+    assert run(make_job(texts_dir, tmp_path / "out", folder)).exit_code == 0
+    for change in ({"encode": {"prompt": "topic: "}}, {"output": {"dimensions": 8}}):
+        with pytest.raises(SettingsMismatch, match="encode.prompt|output.dimensions"):
+            run(make_job(texts_dir, tmp_path / "out", folder, **change))
