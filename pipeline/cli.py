@@ -168,9 +168,12 @@ def fetch_data(dest: str, bench_dest: str | None) -> None:
 @click.option("--id-column", default=None,
               help="With --queries: the queries' ids (default: the id column OUT's job read; "
                    "row numbers when the file has none).")
+@click.option("--text-pair-column", default=None,
+              help="With --queries, for a folder of sentence-pair vectors: the queries' second "
+                   "texts (default: the pair column OUT's job read).")
 @click.option("--json", "as_json", is_flag=True, help="Print the hits as JSON.")
 def search(out: str, query: str | None, k: int, queries: str | None, results: str | None,
-           text_column: str, id_column: str, as_json: bool) -> None:
+           text_column: str, id_column: str, text_pair_column: str | None, as_json: bool) -> None:
     """Search the index of output folder OUT for QUERY (or the texts of --queries).
 
     The query is encoded exactly as OUT's vectors were (model, pooling, max_length, dtype,
@@ -190,7 +193,8 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
     with one_line_errors(interruptible=True):
         searcher = Searcher(out)
         if queries:
-            done, skipped = searcher.search_file(queries, results, k, text_column, id_column)
+            done, skipped = searcher.search_file(queries, results, k, text_column, id_column,
+                                                 text_pair_column)
             click.echo(f"{done} queries searched ({skipped} blank skipped); hits in {results}; "
                        f"{searcher.query_columns.describe()}")
             return
@@ -300,7 +304,11 @@ def train_head_cmd(out: str, labels: str | None, label_column: str, id_column: s
 @click.option("--id-column", default=None,
               help="Copied to the output (default: the id column the head's job read; row "
                    "numbers when the input has none).")
-def predict(head: str, inputs: str, dest: str, text_column: str, id_column: str) -> None:
+@click.option("--text-pair-column", default=None,
+              help="For a head on sentence-pair vectors: the second texts (default: the pair "
+                   "column the head's job read).")
+def predict(head: str, inputs: str, dest: str, text_column: str, id_column: str,
+            text_pair_column: str | None) -> None:
     """Embed the texts of INPUT.parquet as HEAD's vectors were made, and classify them.
 
     Refuses a head whose embedding settings differ from what this machine's model produces.
@@ -308,7 +316,8 @@ def predict(head: str, inputs: str, dest: str, text_column: str, id_column: str)
     from .commands.heads import predict_file
 
     with one_line_errors(interruptible=True):
-        counts = predict_file(head, inputs, dest, text_column, id_column)
+        counts = predict_file(head, inputs, dest, text_column, id_column,
+                              pair_column=text_pair_column)
     click.echo(f"{counts['predicted']} texts classified ({counts['skipped_blank']} blank "
                f"skipped); predictions in {dest}; {counts['columns']}")
 

@@ -35,6 +35,10 @@ class InputConfig:
     path: str = "data/movie_reviews"
     text_column: str = "text"
     id_column: str = "id"
+    # Sentence pairs: each row is encoded as (text, text pair), [CLS] a [SEP] b [SEP] with
+    # segment ids 0 / 1 (or the family's own pair template)
+    text_pair_column: str | None = None
+    pair_truncation: str = "longest_first"  # longest_first | only_second
     # A Parquet file larger than this many rows is split into row-group ranges (units of work).
     unit_rows: int = 1_000_000
 
@@ -141,11 +145,14 @@ class JobConfig:
             "output.keep_columns": list(self.output.keep_columns),
             # recorded only when set, so folders made before these settings existed still match
             **({"encode.prompt": self.encode.prompt} if self.encode.prompt else {}),
+            **({"input.text_pair": True, "input.pair_truncation": self.input.pair_truncation}
+               if self.input.text_pair_column else {}),
             **({"output.dimensions": self.output.dimensions} if self.output.dimensions else {}),
         }
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
+    "input.pair_truncation": ("longest_first", "only_second"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.attention": ("auto", "sdpa", "eager", "amx", "flash_attention_2"),
     "model.compile": ("auto",),
@@ -241,6 +248,9 @@ def _validate(job: JobConfig) -> None:
                           f"ivf-flat, ivf-pq, or an IVF factory); got {job.index.type!r}")
     if not job.input.path:
         raise ConfigError("input.path: a value is required")
+    if job.input.text_pair_column in (job.input.text_column, job.input.id_column):
+        raise ConfigError(f"input.text_pair_column = {job.input.text_pair_column!r} names the "
+                          f"text or id column; it names the second text of each pair")
     parse_memory(job.index.max_memory)
     reserved = [c for c in job.output.keep_columns if c in STORED_COLUMNS]
     repeated = sorted({c for c in job.output.keep_columns if job.output.keep_columns.count(c) > 1})

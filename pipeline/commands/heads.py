@@ -273,7 +273,8 @@ def load_head(path: str) -> Head:
 
 
 def predict_file(head_path: str, inputs: str, out: str, text_column: str | None = None,
-                 id_column: str | None = None, device: str | None = None) -> dict[str, Any]:
+                 id_column: str | None = None, device: str | None = None,
+                 pair_column: str | None = None) -> dict[str, Any]:
     """Embed the texts of INPUTS with the head's recorded settings, write predictions to OUT.
     Columns not given are those the head's job read.
 
@@ -285,14 +286,14 @@ def predict_file(head_path: str, inputs: str, out: str, text_column: str | None 
         raise ConfigError(
             f"{head_path} was trained on vectors with settings hash {head.card['settings_hash']}, "
             f"but this machine's embedding settings hash to {embedder.settings_hash}; refusing")
-    columns = record.columns(text_column, id_column)
+    columns = record.columns(text_column, id_column, pair_column)
     counts: dict[str, Any] = {"predicted": 0, "skipped_blank": 0, "columns": columns.describe()}
     with ResultFile(out, f"{inputs}: no texts to predict") as results:
         for batch in read_text_batches(inputs, columns, PREDICT_BATCH):
             counts["skipped_blank"] += batch.skipped
             if not batch.texts:
                 continue
-            proba = head.predict_proba(embedder.embed(batch.texts))
+            proba = head.predict_proba(embedder.embed(batch.texts, batch.pairs))
             table = {"id": batch.ids,
                      "predicted": pa.array([head.classes[i] for i in proba.argmax(1)])}
             table.update({f"proba_{c}": pa.array(proba[:, j], pa.float32())

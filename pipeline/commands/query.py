@@ -42,14 +42,17 @@ class EmbeddingRecord:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def columns(self, text_column: str | None, id_column: str | None) -> "TextColumns":
-        """The columns to read new texts from: those given, else those the recorded job read."""
+    def columns(self, text_column: str | None, id_column: str | None,
+                pair_column: str | None = None) -> "TextColumns":
+        """The columns to read new texts from: those given, else those the recorded job read
+        (a job that embedded sentence pairs needs its pairs' second texts too)."""
         recorded = self.config.get("input", {})
         return TextColumns(text_column or recorded.get("text_column", "text"),
                            id_column or recorded.get("id_column", "id"),
                            id_required=id_column is not None,
                            defaulted=[name for name, given in (("text", text_column),
-                                                               ("id", id_column)) if not given])
+                                                               ("id", id_column)) if not given],
+                           pair=pair_column or recorded.get("text_pair_column"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +61,12 @@ class TextColumns:
     id: str
     id_required: bool  # given by the user: its absence is an error, not row numbers
     defaulted: list[str]  # which of the two came from the recorded job
+    pair: str | None = None  # the second text of each pair, when the job embedded pairs
 
     def describe(self) -> str:
-        return (f"text column {self.text!r}, ids from {self.id!r} (else row numbers)"
+        return (f"text column {self.text!r}"
+                + (f", pair column {self.pair!r}" if self.pair else "")
+                + f", ids from {self.id!r} (else row numbers)"
                 + (f"; {' and '.join(self.defaulted)} as the folder's job read them"
                    if self.defaulted else ""))
 
@@ -101,18 +107,24 @@ class TextEmbedder:
             from ..encode.encoder import Encoder, EncoderSettings
             from ..encode.tokenizer import tokenizer_for
 
-            self._loaded = (tokenizer_for(self.source, self.runtime, self.job.encode, self.prompt),
+            self._loaded = (tokenizer_for(self.source, self.runtime, self.job, self.prompt),
                             Encoder(self.source, self.runtime, EncoderSettings.for_job(self.job)))
         return self._loaded
 
-    def embed(self, texts: list[str]) -> np.ndarray:
-        """float32 [len(texts), width], rounded through the stored vector dtype like the run's."""
+    def embed(self, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
+        """float32 [len(texts), width], rounded through the stored vector dtype like the run's.
+        pairs: the second texts, for vectors made from sentence pairs (required there)."""
         from ..encode.batching import encode_texts
 
+        if (pairs is None) != (self.job.input.text_pair_column is None):
+            raise ConfigError(
+                "the vectors were made from sentence pairs (input.text_pair_column); give the "
+                "pairs' second texts (--queries FILE with --text-pair-column)"
+                if pairs is None else "the vectors were made from single texts, not pairs")
         tokenizer, encoder = self._load()
         enc = self.job.encode
         out = encode_texts(tokenizer, encoder, texts, enc.token_budget(encoder.device.type),
-                           enc.max_batch_size)
+                           enc.max_batch_size, pairs)
         vector_dtype = np.dtype(self.job.output.vector_dtype)
         return out.astype(vector_dtype).astype(np.float32) if vector_dtype != out.dtype else out
 
@@ -121,7 +133,8 @@ class TextEmbedder:
 class TextBatch:
     texts: list[str]
     ids: pa.Array  # the id column's values for these texts, else their row numbers (0-based)
-    skipped: int  # rows left out because their text is null or blank
+    skipped: int  # rows left out because their text (or pair text) is null or blank
+    pairs: list[str] | None = None  # the second texts, when reading sentence pairs
 
 
 def read_text_batches(path: str, columns: TextColumns, batch_rows: int = 1024) -> Iterator[TextBatch]:
@@ -134,16 +147,22 @@ def read_text_batches(path: str, columns: TextColumns, batch_rows: int = 1024) -
     for file in files:
         parquet = open_parquet(fs, file)
         names = parquet.schema_arrow.names
-        if text_column not in names:
-            raise ConfigError(f"{file}: no text column {text_column!r}; it has: {', '.join(names)}")
+        for column in [text_column] + ([columns.pair] if columns.pair else []):
+            if column not in names:
+                raise ConfigError(f"{file}: no text column {column!r}; it has: {', '.join(names)}")
         read = [text_column] + ([id_column] if id_column in names else [])
+        read += [columns.pair] if columns.pair else []
         if id_column not in names and columns.id_required:
             raise ConfigError(f"{file}: no id column {id_column!r}; it has: {', '.join(names)}")
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=read):
             texts = readable_texts(batch.column(text_column))
             good = pc.and_(texts.is_valid(), pc.invert(blank_texts(texts)))
+            pairs = readable_texts(batch.column(columns.pair)) if columns.pair else None
+            if pairs is not None:
+                good = pc.and_(good, pc.and_(pairs.is_valid(), pc.invert(blank_texts(pairs))))
             picked = pa.array(np.flatnonzero(good.to_numpy(zero_copy_only=False)), pa.int64())
-            ids = (batch.column(id_column).take(picked) if len(read) > 1
+            ids = (batch.column(id_column).take(picked) if id_column in read
                    else pc.add(picked, pa.scalar(first_row, pa.int64())))
-            yield TextBatch(texts.take(picked).to_pylist(), ids, len(texts) - len(picked))
+            yield TextBatch(texts.take(picked).to_pylist(), ids, len(texts) - len(picked),
+                            None if pairs is None else pairs.take(picked).to_pylist())
             first_row += batch.num_rows

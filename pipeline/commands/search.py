@@ -54,9 +54,10 @@ class Searcher:
         k = max(1, min(k, self.index.ntotal))
         return self.index.search(np.ascontiguousarray(vectors, np.float32), k)
 
-    def search(self, texts: list[str], k: int = 10) -> pa.Table:
-        """One row per hit: query (position in texts), rank (1-based), id, score, kept columns."""
-        scores, positions = self.search_vectors(self.embedder.embed(list(texts)), k)
+    def search(self, texts: list[str], k: int = 10, pairs: list[str] | None = None) -> pa.Table:
+        """One row per hit: query (position in texts), rank (1-based), id, score, kept columns.
+        pairs: the queries' second texts, for a folder of sentence-pair vectors."""
+        scores, positions = self.search_vectors(self.embedder.embed(list(texts), pairs), k)
         found = positions >= 0
         query = np.repeat(np.arange(len(texts)), found.sum(1))
         rank = np.concatenate([np.arange(1, c + 1) for c in found.sum(1)]) if len(texts) else []
@@ -93,20 +94,21 @@ class Searcher:
         return {name: merged.column(name).combine_chunks() for name in self.keep_columns}
 
     def search_file(self, queries: str, out: str, k: int = 10, text_column: str | None = None,
-                    id_column: str | None = None) -> tuple[int, int]:
+                    id_column: str | None = None,
+                    pair_column: str | None = None) -> tuple[int, int]:
         """Search every text of a Parquet file (or folder) in batches; write the hits to Parquet.
         Columns not given are those the folder's job read (`self.query_columns`).
 
         Output columns: query_id (the queries' id column, else the row number), query (the text),
         rank, id, score, kept columns. Returns (queries searched, null or blank texts skipped)."""
         done, skipped = 0, 0
-        self.query_columns = self.record.columns(text_column, id_column)
+        self.query_columns = self.record.columns(text_column, id_column, pair_column)
         with ResultFile(out, f"{queries}: no query texts found") as results:
             for batch in read_text_batches(queries, self.query_columns, QUERY_BATCH):
                 skipped += batch.skipped
                 if not batch.texts:
                     continue
-                hits = self.search(batch.texts, k)
+                hits = self.search(batch.texts, k, batch.pairs)
                 query = pa.array(hits.column("query").to_numpy())
                 hits = hits.drop_columns(["query"]).add_column(0, "query_id", batch.ids.take(query))
                 hits = hits.add_column(1, "query", pa.array(batch.texts, pa.string()).take(query))

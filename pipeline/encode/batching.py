@@ -17,6 +17,7 @@ class Batch:
     attention_mask: torch.Tensor
     real_tokens: int
     padded_tokens: int
+    token_type_ids: torch.Tensor | None = None  # segment ids, for sentence pairs
 
 
 def plan_batches(lengths: np.ndarray, batch_tokens: int, max_batch_size: int) -> list[np.ndarray]:
@@ -32,7 +33,8 @@ def plan_batches(lengths: np.ndarray, batch_tokens: int, max_batch_size: int) ->
 
 
 def collate(ids: list[list[int]], positions: np.ndarray, pad_id: int,
-            pad_to_multiple_of: int = 1, pin_memory: bool = False) -> Batch:
+            pad_to_multiple_of: int = 1, pin_memory: bool = False,
+            type_ids: list[list[int]] | None = None) -> Batch:
     """Pad the rows at `positions` to the batch's longest (rounded up to `pad_to_multiple_of`)."""
     rows = [ids[p] for p in positions]
     lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
@@ -46,8 +48,14 @@ def collate(ids: list[list[int]], positions: np.ndarray, pad_id: int,
     ids_t.numpy()[mask] = np.fromiter(chain.from_iterable(rows), dtype=np.int64,
                                       count=int(lengths.sum()))
     mask_t.numpy()[:] = mask
+    types_t = None
+    if type_ids is not None:
+        types_t = torch.zeros((len(rows), width), dtype=torch.int64, pin_memory=pin_memory)
+        types_t.numpy()[mask] = np.fromiter(chain.from_iterable(type_ids[p] for p in positions),
+                                            dtype=np.int64, count=int(lengths.sum()))
     return Batch(positions=positions, input_ids=ids_t, attention_mask=mask_t,
-                 real_tokens=int(lengths.sum()), padded_tokens=len(rows) * width)
+                 real_tokens=int(lengths.sum()), padded_tokens=len(rows) * width,
+                 token_type_ids=types_t)
 
 
 def encode_in_order(encode: Callable[[Batch], np.ndarray], batches: list[Batch], rows: int,
@@ -60,12 +68,13 @@ def encode_in_order(encode: Callable[[Batch], np.ndarray], batches: list[Batch],
 
 
 def encode_texts(tokenizer, encoder, texts: list[str], batch_tokens: int,
-                 max_batch_size: int) -> np.ndarray:
+                 max_batch_size: int, pairs: list[str] | None = None) -> np.ndarray:
     """float32 [len(texts), encoder.width]: tokenize, sort into padded batches, encode, unsort."""
     if not texts:
         return np.zeros((0, encoder.width), np.float32)
-    tokens = tokenizer(list(texts))
+    tokens = tokenizer(list(texts), pairs)
     lengths = np.fromiter(map(len, tokens.ids), np.int64, count=len(tokens.ids))
-    batches = [collate(tokens.ids, positions, tokenizer.pad_id, encoder.runtime.pad_multiple)
+    batches = [collate(tokens.ids, positions, tokenizer.pad_id, encoder.runtime.pad_multiple,
+                       type_ids=tokens.type_ids)
                for positions in plan_batches(lengths, batch_tokens, max_batch_size)]
     return encode_in_order(encoder.encode_batch, batches, len(texts), encoder.width)

@@ -13,6 +13,7 @@ Precision and kernels, as measured on all-MiniLM-L6-v2 (README, "Performance"):
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from dataclasses import dataclass
@@ -135,6 +136,9 @@ class Encoder:
                     f"encode.layers: {layer} is out of range for a model with {n_states} hidden "
                     f"states (0 = embeddings .. {n_states - 1}, or -1 .. -{n_states})")
         self.model = model
+        # segment ids go to models whose forward takes them (BERT: yes; DistilBERT: no)
+        self.takes_token_types = "token_type_ids" in inspect.signature(
+            getattr(model, "_orig_mod", model).forward).parameters
         self.hidden_size = model.config.hidden_size
         self.width = settings.width(self.hidden_size)
         self.pad_multiple = runtime.pad_multiple
@@ -150,13 +154,18 @@ class Encoder:
         enabled = self.dtype != "float32" and self.device.type == "cpu"
         return torch.autocast(self.device.type, dtype=TORCH_DTYPES[self.dtype], enabled=enabled)
 
-    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         s = self.settings
         need_states = s.layers is not None and tuple(s.layers) != (-1,)
         ids = input_ids.to(self.device, non_blocking=True)
         mask = attention_mask.to(self.device, non_blocking=True)
+        extra = {}
+        if token_type_ids is not None and self.takes_token_types:
+            extra["token_type_ids"] = token_type_ids.to(self.device, non_blocking=True)
         with torch.inference_mode(), self._autocast():
-            out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=need_states)
+            out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=need_states,
+                             **extra)
             if s.layers is None:
                 vectors = out.pooler_output.float()
             else:
@@ -170,15 +179,19 @@ class Encoder:
         return vectors
 
     def encode_batch(self, batch: Batch) -> np.ndarray:
-        return self.encode(batch.input_ids, batch.attention_mask)
+        if batch.token_type_ids is None:
+            return self.encode(batch.input_ids, batch.attention_mask)
+        return self.encode(batch.input_ids, batch.attention_mask, batch.token_type_ids)
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
-        """Encode one batch; on device out-of-memory halve it and retry, never dropping a row."""
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               *token_type_ids: torch.Tensor) -> np.ndarray:
+        """Encode one batch (with segment ids for sentence pairs); on device out-of-memory halve
+        it and retry, never dropping a row."""
         rows = len(input_ids)
         if rows > 1 and self.token_cap is not None and input_ids.numel() > self.token_cap:
-            return self._split(input_ids, attention_mask)
+            return self._split(input_ids, attention_mask, *token_type_ids)
         try:
-            return self._forward(input_ids, attention_mask).cpu().numpy()
+            return self._forward(input_ids, attention_mask, *token_type_ids).cpu().numpy()
         except torch.OutOfMemoryError:
             if rows == 1:
                 raise
@@ -190,14 +203,16 @@ class Encoder:
         self.token_cap = cap if self.token_cap is None else min(self.token_cap, cap)
         log.warning("out of memory on a batch of %d rows x %d tokens; retrying as two halves",
                     rows, input_ids.shape[1])
-        return self._split(input_ids, attention_mask)
+        return self._split(input_ids, attention_mask, *token_type_ids)
 
-    def _split(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+    def _split(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               *token_type_ids: torch.Tensor) -> np.ndarray:
         half = len(input_ids) // 2
+        types = token_type_ids[0] if token_type_ids else None
         return np.concatenate([
-            self.encode(*_trim(input_ids[:half], attention_mask[:half], self.pad_multiple)),
-            self.encode(*_trim(input_ids[half:], attention_mask[half:], self.pad_multiple)),
-        ])
+            self.encode(*_trim(input_ids[part], attention_mask[part], self.pad_multiple,
+                               None if types is None else types[part]))
+            for part in (slice(None, half), slice(half, None))])
 
 
 def _refuse_random_weights(source: ModelSource, settings: EncoderSettings, missing: list[str]) -> None:
@@ -215,9 +230,11 @@ def _refuse_random_weights(source: ModelSource, settings: EncoderSettings, missi
                       f"other vectors. {hint[0].upper() + hint[1:]}")
 
 
-def _trim(input_ids: torch.Tensor, attention_mask: torch.Tensor,
-          multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the padding columns no row of this (smaller) batch needs, keeping `multiple` alignment."""
+def _trim(input_ids: torch.Tensor, attention_mask: torch.Tensor, multiple: int = 1,
+          token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Drop the padding columns no row of this (smaller) batch needs, keeping `multiple` alignment
+    (segment ids, when given, are trimmed alike and returned third)."""
     longest = int(attention_mask.sum(1).max())
     width = min(-(-longest // multiple) * multiple, input_ids.shape[1])
-    return input_ids[:, :width], attention_mask[:, :width]
+    trimmed = (input_ids[:, :width], attention_mask[:, :width])
+    return trimmed if token_type_ids is None else (*trimmed, token_type_ids[:, :width])

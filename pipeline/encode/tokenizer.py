@@ -18,18 +18,20 @@ class Tokenized:
     ids: list[list[int]]  # truncated to max_length, special tokens included
     n_tokens: np.ndarray  # int32, before truncation
     truncated: np.ndarray  # bool
+    type_ids: list[list[int]] | None = None  # segment ids, for sentence pairs
 
 
 class TextTokenizer:
     """The model's fast tokenizer, truncating as Hugging Face does for single texts."""
 
     def __init__(self, model_path: Path, max_length: int, lowercase: bool = False,
-                 prompt: str = ""):
+                 prompt: str = "", pair_truncation: str = "longest_first"):
         """lowercase: sentence-transformers' do_lower_case; prompt: put before every text (its
-        tokens count in pooling and in n_tokens, as in sentence-transformers)."""
+        tokens count in pooling and in n_tokens, as in sentence-transformers); pair_truncation:
+        how a sentence pair over max_length is cut (Hugging Face's strategies)."""
         from transformers import AutoTokenizer
 
-        self.lowercase, self.prompt = lowercase, prompt
+        self.lowercase, self.prompt, self.pair_truncation = lowercase, prompt, pair_truncation
         try:
             hf = AutoTokenizer.from_pretrained(model_path, use_fast=True)
         except (OSError, ValueError, TypeError) as exc:
@@ -152,11 +154,15 @@ class TextTokenizer:
             return None
         return text.translate(self._char_table)
 
-    def __call__(self, texts: list[str]) -> Tokenized:
+    def __call__(self, texts: list[str], pairs: list[str] | None = None) -> Tokenized:
+        """Token ids of each text (with its pair's, when pairs are given)."""
         if self.prompt:
             texts = [self.prompt + text for text in texts]
         if self.lowercase:
             texts = [text.lower() for text in texts]
+            pairs = None if pairs is None else [text.lower() for text in pairs]
+        if pairs is not None:
+            return self._pairs(texts, pairs, self.pair_truncation)
         ids = self._encode(texts)
         n_tokens = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
         truncated = n_tokens > self.max_length
@@ -165,6 +171,28 @@ class TextTokenizer:
             row = ids[i]
             ids[i] = row[:keep_head] + row[len(row) - self.n_suffix:] if self.n_suffix else row[:keep_head]
         return Tokenized(ids=ids, n_tokens=n_tokens, truncated=truncated)
+
+    def _pairs(self, texts: list[str], pairs: list[str], strategy: str) -> Tokenized:
+        """Pairs through the tokenizer's own pair template (segment ids 0 / 1 for BERT); those
+        over max_length are encoded again with its truncation (longest_first: tokens come off
+        the longer text one at a time; only_second: off the second text only)."""
+        whole = self.backend.encode_batch_fast(list(zip(texts, pairs)))
+        ids, types = [e.ids for e in whole], [e.type_ids for e in whole]
+        n_tokens = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
+        truncated = n_tokens > self.max_length
+        over = np.flatnonzero(truncated).tolist()
+        if over:
+            self.backend.enable_truncation(self.max_length, strategy=strategy)
+            try:
+                cut = self.backend.encode_batch_fast([(texts[i], pairs[i]) for i in over])
+            except Exception as exc:  # only_second with a first text longer than max_length
+                raise ValueError(f"input.pair_truncation = {strategy!r} cannot fit a pair into "
+                                 f"{self.max_length} tokens: {exc}") from None
+            finally:
+                self.backend.no_truncation()
+            for i, encoding in zip(over, cut):
+                ids[i], types[i] = encoding.ids, encoding.type_ids
+        return Tokenized(ids=ids, n_tokens=n_tokens, truncated=truncated, type_ids=types)
 
 
 # What BertNormalizer(clean_text, lowercase) does to ASCII text: control characters go,
@@ -183,11 +211,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
                    "merges.txt", "sentencepiece.bpe.model", "spiece.model", "special_tokens_map.json")
 
 
-def tokenizer_for(source, runtime, encode, prompt: str | None = None) -> "TextTokenizer":
+def tokenizer_for(source, runtime, job, prompt: str | None = None) -> "TextTokenizer":
     """The tokenizer a resolved job's texts go through: the model's, its max_length, its
-    lower-casing, and the job's prompt (or another one, for search queries)."""
+    lower-casing, the job's prompt (or another one, for search queries) and pair truncation."""
     return TextTokenizer(source.path, runtime.max_length, lowercase=source.lowercase,
-                         prompt=encode.prompt or "" if prompt is None else prompt)
+                         prompt=job.encode.prompt or "" if prompt is None else prompt,
+                         pair_truncation=job.input.pair_truncation)
 
 
 def _tokenizer_files(model_path: Path) -> str:

@@ -93,15 +93,17 @@ def _fingerprint(info: dict, metadata: pq.FileMetaData | None) -> str:
 
 def _schema_error(schema: pa.Schema, cfg: InputConfig, keep_columns: tuple[str, ...]) -> str | None:
     names = schema.names
-    for column in (cfg.id_column, cfg.text_column, *keep_columns):
+    texts = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+    for column in (cfg.id_column, *texts, *keep_columns):
         if column not in names:
             return f"no column {column!r}; the file has: {', '.join(names)}"
-    text_type = schema.field(cfg.text_column).type
-    if pa.types.is_dictionary(text_type):
-        text_type = text_type.value_type
-    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)
-            or pa.types.is_string_view(text_type)):
-        return f"text column {cfg.text_column!r} is {text_type}, not a string type"
+    for column in texts:
+        text_type = schema.field(column).type
+        if pa.types.is_dictionary(text_type):
+            text_type = text_type.value_type
+        if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)
+                or pa.types.is_string_view(text_type)):
+            return f"text column {column!r} is {text_type}, not a string type"
     id_type = schema.field(cfg.id_column).type
     if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type)
             or pa.types.is_large_string(id_type)):

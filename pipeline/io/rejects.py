@@ -16,6 +16,7 @@ from .reader import Unit, read_unit
 
 NULL_ID, NULL_TEXT, EMPTY_TEXT, DUPLICATE_ID = "null id", "null text", "empty text", "duplicate id"
 INVALID_UTF8 = "invalid utf-8"
+NULL_PAIR_TEXT, EMPTY_PAIR_TEXT = "null pair text", "empty pair text"
 _BINARY_VIEWS = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary()}
 
 
@@ -59,22 +60,30 @@ def blank_texts(texts: pa.Array) -> pa.BooleanArray:
     return pc.fill_null(pc.equal(pc.utf8_trim_whitespace(texts), ""), False)
 
 
-def row_reasons(ids: pa.Array, texts: pa.Array) -> list[str | None]:
-    """Per-row reasons that need no other row (None: the row can be embedded)."""
+def _text_reasons(texts: pa.Array, null: str, empty: str) -> list[str | None]:
     texts = plain_texts(texts)
-    id_null = ids.is_null().to_pylist()
     text_null = texts.is_null().to_pylist()
     bad = invalid_utf8(texts)
     if bad is not None:
         texts = pc.if_else(pa.array(bad), pa.scalar(None, texts.type), texts)
     blank = blank_texts(texts).to_pylist()
     bad = bad.tolist() if bad is not None else [False] * len(texts)
-    return [NULL_ID if a else NULL_TEXT if b else INVALID_UTF8 if u else EMPTY_TEXT if c else None
-            for a, b, u, c in zip(id_null, text_null, bad, blank)]
+    return [null if b else INVALID_UTF8 if u else empty if c else None
+            for b, u, c in zip(text_null, bad, blank)]
 
 
-def find_duplicates(units: list[Unit], id_column: str, text_column: str,
-                    claimed: set) -> dict[str, set[int]]:
+def row_reasons(ids: pa.Array, texts: pa.Array, pairs: pa.Array | None = None) -> list[str | None]:
+    """Per-row reasons that need no other row (None: the row can be embedded). With sentence
+    pairs, the second text follows the first one's rules."""
+    id_null = ids.is_null().to_pylist()
+    first = _text_reasons(texts, NULL_TEXT, EMPTY_TEXT)
+    second = (_text_reasons(pairs, NULL_PAIR_TEXT, EMPTY_PAIR_TEXT) if pairs is not None
+              else [None] * len(first))
+    return [NULL_ID if a else b or c for a, b, c in zip(id_null, first, second)]
+
+
+def find_duplicates(units: list[Unit], id_column: str, text_column: str, claimed: set,
+                    pair_column: str | None = None) -> dict[str, set[int]]:
     """Row numbers, per unit key, whose id an earlier row (or the folder) already holds.
 
     `claimed` holds the ids stored by earlier runs and is updated with every id claimed here.
@@ -87,9 +96,11 @@ def find_duplicates(units: list[Unit], id_column: str, text_column: str,
         rows: set[int] = set()
         added: list = []
         try:
-            for batch, first_row in read_unit(unit, [id_column, text_column], 65536):
+            columns = [id_column, text_column] + ([pair_column] if pair_column else [])
+            for batch, first_row in read_unit(unit, columns, 65536):
                 ids = batch.column(0)
-                reasons = row_reasons(ids, batch.column(1))
+                reasons = row_reasons(ids, batch.column(1),
+                                      batch.column(2) if pair_column else None)
                 for offset, (row_id, reason) in enumerate(zip(ids.to_pylist(), reasons)):
                     if reason is not None:
                         continue
@@ -106,8 +117,8 @@ def find_duplicates(units: list[Unit], id_column: str, text_column: str,
 
 
 def reasons_for_window(ids: pa.Array, texts: pa.Array, row_numbers: np.ndarray,
-                       duplicate_rows: set[int]) -> list[str | None]:
-    reasons = row_reasons(ids, texts)
+                       duplicate_rows: set[int], pairs: pa.Array | None = None) -> list[str | None]:
+    reasons = row_reasons(ids, texts, pairs)
     if duplicate_rows:
         for i, row in enumerate(row_numbers.tolist()):
             if reasons[i] is None and row in duplicate_rows:

@@ -42,7 +42,7 @@ class UnitEmbedder:
         from ..encode.tokenizer import tokenizer_for
 
         job, runtime, self.plan = plan.job, plan.runtime, plan
-        self.tokenizer = tokenizer_for(plan.source, runtime, job.encode)
+        self.tokenizer = tokenizer_for(plan.source, runtime, job)
         self.encoder = Encoder(plan.source, runtime, EncoderSettings.for_job(job))
         self.flow = FlowSettings.for_job(job, runtime)
 

@@ -241,7 +241,8 @@ def _embed(ctx: RunContext, todo: list[Unit], embedder: UnitEmbedder) -> None:
     healthy = [u for u in todo if not u.error]
     ledger.update(id_type=plan.id_type, dim=plan.width)
     duplicates = find_duplicates(healthy, job.input.id_column, job.input.text_column,
-                                 claimed=_committed_ids(ctx.store, ledger.vector_files()))
+                                 claimed=_committed_ids(ctx.store, ledger.vector_files()),
+                                 pair_column=job.input.text_pair_column)
     units = [(u, ledger.unit_id(u.key)) for u in todo]
     bar = tqdm(total=sum(u.num_rows for u in healthy), unit="rows",
                disable=not ctx.options.progress, desc=job.name, dynamic_ncols=True)

@@ -131,10 +131,12 @@ class FlowSettings:
     max_batch_size: int
     pad_to_multiple_of: int
     pin_memory: bool
+    text_pair_column: str | None = None
 
     @classmethod
     def for_job(cls, job: JobConfig, runtime: Runtime) -> "FlowSettings":
         return cls(text_column=job.input.text_column, id_column=job.input.id_column,
+                   text_pair_column=job.input.text_pair_column,
                    keep_columns=job.output.keep_columns, sort_window=job.encode.sort_window,
                    batch_tokens=job.encode.token_budget(runtime.torch_device.type),
                    max_batch_size=job.encode.max_batch_size,
@@ -167,7 +169,9 @@ class PrepareStage:
         out.put(DONE)
 
     def _unit(self, unit: Unit, out: Channel) -> int:
-        columns = [self.s.id_column, self.s.text_column, *self.s.keep_columns]
+        pair = [self.s.text_pair_column] if self.s.text_pair_column else []
+        columns = list(dict.fromkeys([self.s.id_column, self.s.text_column, *pair,
+                                      *self.s.keep_columns]))
         rows_in, pending, pending_rows = 0, [], 0
         tick = time.perf_counter()
         for batch, first_row in read_unit(unit, columns, min(self.s.sort_window, 65536)):
@@ -194,7 +198,10 @@ class PrepareStage:
                              f"folder holds {self.id_type} ids")
         ids = ids.cast(self.id_type)
         texts = plain_texts(table.column(self.s.text_column).combine_chunks())
-        reasons = reasons_for_window(ids, texts, row_numbers, self.duplicates.get(unit.key, set()))
+        pairs = (plain_texts(table.column(self.s.text_pair_column).combine_chunks())
+                 if self.s.text_pair_column else None)
+        reasons = reasons_for_window(ids, texts, row_numbers, self.duplicates.get(unit.key, set()),
+                                     pairs)
         good = np.array([r is None for r in reasons], dtype=bool)
         bad = np.flatnonzero(~good)
         rejects = pa.table({
@@ -206,7 +213,8 @@ class PrepareStage:
         keep_idx = pa.array(np.flatnonzero(good), pa.int64())
         good_texts = texts.take(keep_idx).to_pylist()
         keep = table.select(list(self.s.keep_columns)).take(keep_idx) if self.s.keep_columns else None
-        tokens = self.tokenizer(good_texts)
+        tokens = self.tokenizer(good_texts, None if pairs is None else
+                                pairs.take(keep_idx).to_pylist())
         batches = plan_batches(np.array([len(x) for x in tokens.ids], dtype=np.int64),
                                self.s.batch_tokens, self.s.max_batch_size) if good_texts else []
         self.stats.seconds["tokenize"] += time.perf_counter() - tick
@@ -214,7 +222,7 @@ class PrepareStage:
                        keep=keep, rejects=rejects, n_batches=len(batches)))
         for positions in batches:
             out.put(collate(tokens.ids, positions, self.tokenizer.pad_id,
-                            self.s.pad_to_multiple_of, self.s.pin_memory))
+                            self.s.pad_to_multiple_of, self.s.pin_memory, tokens.type_ids))
 
 
 class BatchCollector:

@@ -232,7 +232,8 @@ def runner_batches(job, runtime, tokenizer):
     from ..jobs.stages import BatchCollector, FlowSettings, PrepareStage, Stats
 
     units = plan_units(job.input)
-    duplicates = find_duplicates(units, job.input.id_column, job.input.text_column, claimed=set())
+    duplicates = find_duplicates(units, job.input.id_column, job.input.text_column, claimed=set(),
+                                 pair_column=job.input.text_pair_column)
     id_type = id_type_of(unit_schema(units[0]), job.input.id_column)
     collector = BatchCollector()
     PrepareStage(FlowSettings.for_job(job, runtime), tokenizer, duplicates, id_type, Stats()).run(
@@ -304,7 +305,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
             f"{opts.rounds} rounds after a warm-up on {warm.num_rows} rows")
 
         recipe_job = resolve_recipe(_job(opts, source_path, work / "-", dtypes[0]), source)[0]
-        tokenizer = tokenizer_for(source, first, recipe_job.encode)
+        tokenizer = tokenizer_for(source, first, recipe_job)
         tokens = tokenizer(texts)
         lengths = np.fromiter(map(len, tokens.ids), dtype=np.int64, count=len(texts))
         real = int(lengths.sum())
