@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..index.check import index_problems
-from ..io.folder_check import duplicate_ids, unit_problems
+from ..io.folder_check import duplicate_ids, unit_damage, unit_problems
 from ..io.ledger import Ledger, read_manifest
 from ..io.storage import Store
 from ..io.vectors import VectorParts
@@ -51,10 +51,11 @@ def verify_folder(url: str) -> Verdict:
         verdict.problems.append("the manifest does not say complete: the last run failed or was "
                                 "interrupted")
     verdict.problems += [f"unit {r.path} failed: {r.error}" for r in failed]
-    verdict.problems += unit_problems(ledger)
+    damage = unit_damage(ledger)  # a stat and a footer read per file, once
+    verdict.problems += unit_problems(ledger, damage)
     parts = VectorParts(store, ledger.vector_files())
     verdict.vectors = sum(r.vectors_out for r in ledger.complete_units())
-    if not any(r.damage(store) for r in ledger.complete_units()):  # the parts can be read
+    if not any(damage.values()):  # the parts can be read
         verdict.problems += duplicate_ids(parts)
         if (ledger.data.get("config") or {}).get("index", {}).get("enabled", True):
             verdict.problems += index_problems(store, parts, full=True)

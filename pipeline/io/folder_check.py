@@ -10,13 +10,20 @@ from .ledger import Ledger
 from .vectors import VectorParts
 
 
-def unit_problems(ledger: Ledger) -> list[str]:
-    """Per complete unit: its files present, whole and as recorded; rows read = vectors +
-    rejects; the parts' row counts equal to the recorded counts. One line a problem."""
+def unit_damage(ledger: Ledger) -> dict[str, list[str]]:
+    """Per complete unit key: why its committed files no longer match the record ([] if none)."""
+    return {record.key: record.damage(ledger.store) for record in ledger.complete_units()}
+
+
+def unit_problems(ledger: Ledger, damage: dict[str, list[str]] | None = None) -> list[str]:
+    """Per complete unit: its files present, whole and as recorded (`damage`, when the caller
+    has it from unit_damage); rows read = vectors + rejects; the parts' row counts equal to the
+    recorded counts. One line a problem."""
+    damage = unit_damage(ledger) if damage is None else damage
     problems = []
     for record in ledger.complete_units():
         where = f"unit {record.path}" + (f" (from row {record.first_row})" if record.first_row else "")
-        damaged = record.damage(ledger.store)
+        damaged = damage[record.key]
         problems += [f"{where}: {why}" for why in damaged]
         if damaged:
             continue

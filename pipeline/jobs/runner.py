@@ -23,7 +23,7 @@ from ..index.build import build_index
 from ..index.check import index_problems
 from ..index.choose import check_config as check_index_config, faiss_reason
 from ..index.files import INDEX_DIR
-from ..io.folder_check import unit_problems
+from ..io.folder_check import unit_damage, unit_problems
 from ..io.ledger import (MANIFEST, Ledger, UnitRecord, acquire_lock, refuse_foreign_folder,
                          release_lock)
 from ..io.reader import Unit, open_parquet, plan_units, refuse_overlap
@@ -142,7 +142,7 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
 
 def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
     job, store, ledger, summary = ctx.job, ctx.store, ctx.ledger, ctx.summary
-    damage = {k: why for k, r in ledger.units.items() if r.complete and (why := r.damage(store))}
+    damage = {k: why for k, why in unit_damage(ledger).items() if why}
     diff = diff_units(ledger.units, units, set(damage))
     summary.units_skipped, summary.units_changed = len(diff.kept), len(diff.changed)
     summary.units_repaired = len(diff.repaired)
