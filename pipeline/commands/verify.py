@@ -13,7 +13,6 @@ from ..index.check import index_problems
 from ..io.folder_check import duplicate_ids, unit_damage, unit_problems
 from ..io.ledger import Ledger, read_manifest
 from ..io.storage import Store
-from ..io.vectors import VectorParts
 
 
 @dataclass
@@ -53,7 +52,7 @@ def verify_folder(url: str) -> Verdict:
     verdict.problems += [f"unit {r.path} failed: {r.error}" for r in failed]
     damage = unit_damage(ledger)  # a stat and a footer read per file, once
     verdict.problems += unit_problems(ledger, damage)
-    parts = VectorParts(store, ledger.vector_files())
+    parts = ledger.vector_parts()
     verdict.vectors = sum(r.vectors_out for r in ledger.complete_units())
     if not any(damage.values()):  # the parts can be read
         verdict.problems += duplicate_ids(parts)

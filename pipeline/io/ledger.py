@@ -20,6 +20,7 @@ from ..config import ConfigError, settings_differences
 from .checks import FileCheck, damage
 from .reader import Unit
 from .storage import ConcurrentWrite, Store
+from .vectors import VectorParts
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,14 @@ class Ledger:
 
     def vector_files(self) -> list[str]:
         return [f for r in self.complete_units() for f in r.vector_files]
+
+    def vector_parts(self) -> VectorParts:
+        """The committed vector parts, their row counts taken from the file checks recorded
+        here (read from the footers where a manifest predates them). Only for files already
+        checked against their records, as every run and `verify` does first."""
+        checks = [r.checks.get(f) for r in self.complete_units() for f in r.vector_files]
+        known = tuple(c.rows for c in checks) if all(checks) else None
+        return VectorParts(self.store, self.vector_files(), known)
 
     def reject_files(self) -> list[str]:
         return [f for r in self.complete_units() for f in r.reject_files]

@@ -15,15 +15,20 @@ READ_ROWS = 65_536  # rows per streamed block of a vector part
 
 @dataclass(frozen=True)
 class VectorParts:
-    """The committed vector parts of an output folder, in row order (= FAISS ids)."""
+    """The committed vector parts of an output folder, in row order (= FAISS ids). `known_rows`:
+    the parts' row counts when the caller has them already (the manifest's file checks, once
+    the files were checked against them), so they are not read from every footer again."""
     store: Store
     files: list[str]
+    known_rows: tuple[int, ...] | None = None
 
     def metadata(self, name: str) -> pq.FileMetaData:
         with self.store.fs.open(self.store.path(name), "rb") as handle:
             return pq.ParquetFile(handle).metadata
 
     def rows(self) -> list[int]:
+        if self.known_rows is not None:
+            return list(self.known_rows)
         return [self.metadata(f).num_rows for f in self.files]
 
     def dimension(self) -> int:

@@ -166,7 +166,7 @@ def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
     summary.failures = [f"{r.path}: {r.error}" for k, r in ledger.units.items()
                         if not r.complete and k in current]
 
-    parts = VectorParts(store, ledger.vector_files())
+    parts = ledger.vector_parts()  # every file was checked (kept) or just written
     if job.index.enabled:
         stale = index_problems(store, parts)
         if diff.todo or dropped or stale:
