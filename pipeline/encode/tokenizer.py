@@ -162,7 +162,7 @@ class TextTokenizer:
             texts = [text.lower() for text in texts]
             pairs = None if pairs is None else [text.lower() for text in pairs]
         if pairs is not None:
-            return self._pairs(texts, pairs, self.pair_truncation)
+            return self._pairs(texts, pairs)
         ids = self._encode(texts)
         n_tokens = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
         truncated = n_tokens > self.max_length
@@ -172,7 +172,7 @@ class TextTokenizer:
             ids[i] = row[:keep_head] + row[len(row) - self.n_suffix:] if self.n_suffix else row[:keep_head]
         return Tokenized(ids=ids, n_tokens=n_tokens, truncated=truncated)
 
-    def _pairs(self, texts: list[str], pairs: list[str], strategy: str) -> Tokenized:
+    def _pairs(self, texts: list[str], pairs: list[str]) -> Tokenized:
         """Pairs through the tokenizer's own pair template (segment ids 0 / 1 for BERT); those
         over max_length are encoded again with its truncation (longest_first: tokens come off
         the longer text one at a time; only_second: off the second text only)."""
@@ -181,6 +181,7 @@ class TextTokenizer:
         n_tokens = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
         truncated = n_tokens > self.max_length
         over = np.flatnonzero(truncated).tolist()
+        strategy = self.pair_truncation
         if over:
             self.backend.enable_truncation(self.max_length, strategy=strategy)
             try:

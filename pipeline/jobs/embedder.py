@@ -52,7 +52,7 @@ class UnitEmbedder:
         id_type = pa.type_for_alias(self.plan.id_type)
         preparer = PrepareStage(self.flow, self.tokenizer, duplicates, id_type, stats)
         writer = WriteStage(Store(job.output.path), self.plan.vectors_schema(),
-                        job.output.rows_per_file, job.output.vector_dtype, stats, on_unit_done,
-                        progress)
+                            job.output.rows_per_file, job.output.vector_dtype, stats, on_unit_done,
+                            progress)
         run_stages(lambda channel: preparer.run(units, channel), self.encoder.encode_batch,
                    writer.run, stats)
