@@ -171,14 +171,20 @@ def fetch_data(dest: str, bench_dest: str | None) -> None:
 @click.option("--text-pair-column", default=None,
               help="With --queries, for a folder of sentence-pair vectors: the queries' second "
                    "texts (default: the pair column OUT's job read).")
+@click.option("--per-chunk", is_flag=True,
+              help="For a folder of one row a token window ([output] chunks = \"rows\"): every "
+                   "matching window is a hit (default: each document's best window, k documents).")
 @click.option("--json", "as_json", is_flag=True, help="Print the hits as JSON.")
 def search(out: str, query: str | None, k: int, queries: str | None, results: str | None,
-           text_column: str, id_column: str, text_pair_column: str | None, as_json: bool) -> None:
+           text_column: str, id_column: str, text_pair_column: str | None, per_chunk: bool,
+           as_json: bool) -> None:
     """Search the index of output folder OUT for QUERY (or the texts of --queries).
 
     The query is encoded exactly as OUT's vectors were (model, pooling, max_length, dtype,
     normalisation from OUT/manifest.json); a model whose weights differ is refused. Prints
-    rank, id, score and the kept text, if the job kept one ([output] keep_columns).
+    rank, id, score and the kept text, if the job kept one ([output] keep_columns). In a folder
+    of one row a token window, hits are documents (their best window: its chunk number and its
+    slice of the kept text), or windows with --per-chunk.
 
     \b
     embedpipe search out/movie-reviews "a warm, funny film" -k 5
@@ -191,7 +197,7 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
     if queries and not results:
         raise click.UsageError("--queries needs --out FILE.parquet for the results")
     with one_line_errors(interruptible=True):
-        searcher = Searcher(out)
+        searcher = Searcher(out, per_chunk=per_chunk)
         if queries:
             done, skipped = searcher.search_file(queries, results, k, text_column, id_column,
                                                  text_pair_column)
@@ -275,11 +281,14 @@ def verify(out: str, as_json: bool) -> None:
 @click.option("--C", "c", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Inverse regularisation strength on standardised features (default: chosen "
                    "by 3-fold cross-validation on the training part).")
+@click.option("--pool", is_flag=True,
+              help="For a folder of one row a token window ([output] chunks = \"rows\"): train "
+                   "on each document's windows averaged by their tokens.")
 @click.option("--out", "dest", metavar="DIR", help="Head folder (default: OUT/heads/LABEL).")
 @click.option("--json", "as_json", is_flag=True, help="Print the head's card as JSON.")
 def train_head_cmd(out: str, labels: str | None, label_column: str, id_column: str,
-                   test_fraction: float, seed: int, c: float | None, dest: str | None,
-                   as_json: bool) -> None:
+                   test_fraction: float, seed: int, c: float | None, pool: bool,
+                   dest: str | None, as_json: bool) -> None:
     """Train a logistic-regression head on OUT's stored vectors and report held-out metrics.
 
     Vectors are joined by id to the labels; rows with a null label are left out and counted.
@@ -290,7 +299,7 @@ def train_head_cmd(out: str, labels: str | None, label_column: str, id_column: s
 
     with one_line_errors(interruptible=True):
         card = train_head(out, HeadOptions(label_column, labels, id_column, test_fraction, seed,
-                                           c), dest)
+                                           c, pool), dest)
     click.echo(json.dumps(card, indent=2) if as_json else render_card(card))
 
 

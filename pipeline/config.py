@@ -71,6 +71,12 @@ class EncodeConfig:
     batch_tokens: int | None = None  # None: by device, see token_budget
     max_batch_size: int = 256
     sort_window: int = 4096
+    # Texts longer than one window: truncate (embed the first max_length tokens, flag truncated),
+    # chunk (embed every window of chunk_tokens tokens, chunk_overlap shared), reject ("too long")
+    long_text: str = "truncate"
+    chunk_tokens: int | None = None  # content tokens a window; None: max_length less specials, prompt
+    chunk_overlap: int = 32
+    max_chunks: int = 1024  # windows a text at most; past them the text is flagged truncated
 
     def token_budget(self, device_type: str) -> int:
         """batch_tokens, or by device: 4,096 on CPU, where a batch's activations then stay in
@@ -96,6 +102,9 @@ class OutputConfig:
     rows_per_file: int = 100_000
     keep_columns: tuple[str, ...] = ()
     dimensions: int | None = None  # Matryoshka: keep the first N dimensions (re-normalised)
+    # encode.long_text = "chunk": pool (one row a text: its windows' token-weighted mean) or rows
+    # (one row a window, with its token and character offsets)
+    chunks: str = "pool"
 
 
 @dataclass(frozen=True)
@@ -148,7 +157,21 @@ class JobConfig:
             **({"input.text_pair": True, "input.pair_truncation": self.input.pair_truncation}
                if self.input.text_pair_column else {}),
             **({"output.dimensions": self.output.dimensions} if self.output.dimensions else {}),
+            **self.chunk_settings(),
         }
+
+    def chunk_settings(self) -> dict[str, Any]:
+        """How long texts are cut, recorded only when they are not truncated (folders made before
+        chunking existed still match)."""
+        enc = self.encode
+        if enc.long_text == "truncate":
+            return {}
+        settings = {"encode.long_text": enc.long_text, "encode.chunk_tokens": enc.chunk_tokens}
+        if enc.long_text == "chunk":
+            settings.update({"encode.chunk_overlap": enc.chunk_overlap,
+                             "encode.max_chunks": enc.max_chunks,
+                             "output.chunks": self.output.chunks})
+        return settings
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -159,6 +182,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "encode.pooling": ("auto", "cls", "mean", "max", "concat-last-four", "pooler"),
     "encode.layer_combine": ("concat", "mean", "sum"),
     "encode.token_pooling": ("mean", "cls", "max"),
+    "encode.long_text": ("truncate", "chunk", "reject"),
+    "output.chunks": ("pool", "rows"),
     "output.vector_dtype": ("float32", "float16"),
     "index.type": ("flat", "hnsw", "ivf-flat", "ivf-pq", "auto", "factory"),
     "index.metric": ("ip", "l2"),
@@ -168,7 +193,7 @@ POSITIVE = {
     "input.unit_rows", "model.max_length", "encode.batch_tokens", "encode.max_batch_size",
     "encode.sort_window", "output.rows_per_file", "index.hnsw_m", "index.ef_construction",
     "index.ef_search", "index.nlist", "index.nprobe", "index.pq_m", "index.shard_rows",
-    "output.dimensions",
+    "output.dimensions", "encode.chunk_tokens", "encode.max_chunks",
 }
 _SECTION_CLASSES = {
     "input": InputConfig, "model": ModelConfig, "encode": EncodeConfig,
@@ -251,6 +276,17 @@ def _validate(job: JobConfig) -> None:
     if job.input.text_pair_column in (job.input.text_column, job.input.id_column):
         raise ConfigError(f"input.text_pair_column = {job.input.text_pair_column!r} names the "
                           f"text or id column; it names the second text of each pair")
+    if enc.chunk_overlap < 0:
+        raise ConfigError(f"encode.chunk_overlap: must be 0 or more, got {enc.chunk_overlap}")
+    if enc.chunk_tokens is not None and enc.chunk_overlap >= enc.chunk_tokens:
+        raise ConfigError(f"encode.chunk_overlap = {enc.chunk_overlap} must be less than "
+                          f"encode.chunk_tokens = {enc.chunk_tokens}: windows must move forward")
+    if enc.long_text == "chunk" and job.input.text_pair_column:
+        raise ConfigError("encode.long_text = 'chunk' cuts single texts into windows; it does not "
+                          "take sentence pairs (input.text_pair_column): use 'truncate' or 'reject'")
+    if job.output.chunks == "rows" and enc.long_text != "chunk":
+        raise ConfigError("output.chunks = 'rows' writes one row per window: it needs "
+                          "encode.long_text = 'chunk'")
     parse_memory(job.index.max_memory)
     reserved = [c for c in job.output.keep_columns if c in STORED_COLUMNS]
     repeated = sorted({c for c in job.output.keep_columns if job.output.keep_columns.count(c) > 1})
@@ -262,8 +298,9 @@ def _validate(job: JobConfig) -> None:
                 + ([f"{', '.join(map(repr, repeated))} named twice"] if repeated else [])))
 
 
-# The columns of a vector part before any kept column.
-STORED_COLUMNS = ("id", "vector", "n_tokens", "truncated")
+# The columns of a vector part (besides any kept column), window columns included.
+STORED_COLUMNS = ("id", "vector", "n_tokens", "truncated", "n_chunks", "chunk", "token_start",
+                  "token_end", "char_start", "char_end")
 
 
 def parse_memory(text: str) -> int:

@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..config import ConfigError
+from ..config import STORED_COLUMNS, ConfigError
 from ..io.ledger import MANIFEST, Ledger, read_manifest
 from ..io.reader import list_input_files, open_parquet
 from ..io.storage import Store
 from ..io.vectors import VectorParts, to_matrix
 from ..io.writer import ResultFile
+from ..encode.chunking import pool_windows
 from ..version import __version__
 from .query import EmbeddingRecord, TextEmbedder, read_text_batches
 
@@ -45,6 +46,7 @@ class HeadOptions:
     test_fraction: float = 0.2
     seed: int = 0
     C: float | None = None  # inverse regularisation (standardised features); None: by CV
+    pool: bool = False  # a folder of one row a token window: train on documents' pooled windows
 
 
 @dataclass
@@ -83,33 +85,46 @@ def load_training_set(out: str, opts: HeadOptions) -> TrainingSet:
         if opts.label_column not in stored:
             raise ConfigError(
                 f"{out}: no kept column {opts.label_column!r} (kept: "
-                f"{', '.join(stored[4:]) or 'none'}); give --labels PATH, or keep the column with "
+                f"{', '.join(c for c in stored if c not in STORED_COLUMNS) or 'none'}); give --labels PATH, or keep the column with "
                 f"[output] keep_columns")
         columns, lookup = ["id", "vector", opts.label_column], None
     else:
         columns, lookup = ["id", "vector"], _read_labels(opts.labels, opts.id_column,
                                                          opts.label_column)
-    blocks, labels = [], []
-    rows = {"vectors": 0, "labelled": 0, "null_label": 0, "no_label_row": 0}
+    windows = "chunk" in stored  # one row a token window: pooled per document, on request
+    if windows and not opts.pool:
+        raise ConfigError(
+            f"{out} holds one row a token window (output.chunks = 'rows'); a head classifies "
+            f"documents: give --pool to train on each document's windows averaged by their "
+            f"tokens (predict then embeds new texts the same way)")
+    if windows:
+        columns.append("n_tokens")
+    ids, blocks, values, weights = [], [], [], []
     for table in parts.read(columns):
-        ids = table.column("id").to_pylist()
-        if lookup is None:
-            values = table.column(opts.label_column).to_pylist()
-        else:
-            values = [lookup.get(i, _MISSING) for i in ids]
-        rows["vectors"] += len(ids)
-        rows["no_label_row"] += sum(v is _MISSING for v in values)
-        rows["null_label"] += sum(v is None for v in values)
-        keep = [i for i, v in enumerate(values) if v is not None and v is not _MISSING]
-        if keep:
-            blocks.append(to_matrix(table.column("vector").take(pa.array(keep, pa.int64()))))
-            labels += [str(values[i]) for i in keep]
+        ids += table.column("id").to_pylist()
+        blocks.append(to_matrix(table.column("vector")))
+        values += (table.column(opts.label_column).to_pylist() if lookup is None else
+                   [lookup.get(i, _MISSING) for i in table.column("id").to_pylist()])
+        if windows:
+            weights.append(table.column("n_tokens").to_numpy())
+    vectors = np.concatenate(blocks)
+    if windows:  # a document's windows are consecutive rows
+        owner = np.cumsum([0] + [a != b for a, b in zip(ids, ids[1:])])
+        first = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+        normalize = bool(read_manifest(store)["vector_settings"].get("encode.normalize"))
+        vectors = pool_windows(vectors, owner, np.concatenate(weights), normalize)
+        ids, values = [ids[i] for i in first], [values[i] for i in first]
+    rows = {"vectors": len(ids), "labelled": 0,
+            "no_label_row": sum(v is _MISSING for v in values),
+            "null_label": sum(v is None for v in values)}
+    keep = [i for i, v in enumerate(values) if v is not None and v is not _MISSING]
+    labels = [str(values[i]) for i in keep]
     rows["labelled"] = len(labels)
     if not labels:
         raise ConfigError(
             f"no stored vector has a label: {rows['no_label_row']} ids found no label row and "
             f"{rows['null_label']} labels are null (are the id columns of the same kind?)")
-    return TrainingSet(np.concatenate(blocks), labels, rows)
+    return TrainingSet(vectors[keep], labels, rows)
 
 
 class _Missing:
@@ -196,6 +211,7 @@ def train_head(out: str, opts: HeadOptions, dest: str | None = None) -> dict[str
         "format": 1, "kind": "logistic-regression", "source": out,
         "label_column": opts.label_column, "id_column": opts.id_column,
         "labels": opts.labels or f"kept column {opts.label_column!r}",
+        "pooled_windows": opts.pool,
         "classes": [str(c) for c in model.classes_],
         "embedding": record.to_dict(), "settings_hash": record.settings_hash,
         "dimension": int(data.vectors.shape[1]),

@@ -88,6 +88,9 @@ class TextEmbedder:
         self.source = resolve_model(model.name)  # ConfigError when the model is not here
         self.job: JobConfig = resolve_recipe(dataclasses.replace(job, model=model), self.source)[0]
         self.prompt = self.job.encode.query_prompt if purpose == "query" else None
+        # Documents of a chunked folder are embedded window by window and pooled, as the run
+        # pooled them (or as train-head --pool pooled its window rows); queries are truncated.
+        self.pools = purpose == "document" and self.job.encode.long_text == "chunk"
         self.runtime = resolve_runtime(model, self.source)  # no input rows: never compiled
         self.settings = vector_settings(self.job, self.source, self.runtime)
         differ = settings_differences(record.vector_settings, self.settings)
@@ -107,8 +110,14 @@ class TextEmbedder:
             from ..encode.encoder import Encoder, EncoderSettings
             from ..encode.tokenizer import tokenizer_for
 
-            self._loaded = (tokenizer_for(self.source, self.runtime, self.job, self.prompt),
-                            Encoder(self.source, self.runtime, EncoderSettings.for_job(self.job)))
+            from ..encode.chunking import ChunkPolicy
+
+            tokenizer = tokenizer_for(self.source, self.runtime, self.job, self.prompt)
+            settings = EncoderSettings.for_job(self.job)
+            self.chunking = ChunkPolicy.for_job(self.job, tokenizer) if self.pools else None
+            if self.chunking is not None and self.chunking.pools:  # windows are normalised after pooling, as the run did
+                settings = dataclasses.replace(settings, normalize=False)
+            self._loaded = (tokenizer, Encoder(self.source, self.runtime, settings))
         return self._loaded
 
     def embed(self, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
@@ -124,7 +133,8 @@ class TextEmbedder:
         tokenizer, encoder = self._load()
         enc = self.job.encode
         out = encode_texts(tokenizer, encoder, texts, enc.token_budget(encoder.device.type),
-                           enc.max_batch_size, pairs)
+                           enc.max_batch_size, pairs,
+                           (self.chunking, bool(enc.normalize)) if self.pools else None)
         vector_dtype = np.dtype(self.job.output.vector_dtype)
         return out.astype(vector_dtype).astype(np.float32) if vector_dtype != out.dtype else out
 

@@ -9,6 +9,7 @@ import bisect
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import ConfigError
@@ -26,18 +27,26 @@ QUERY_BATCH = 1024  # queries embedded and searched together from a queries file
 class Searcher:
     """An output folder opened for search. The embedding settings are checked at open."""
 
-    def __init__(self, out: str, device: str | None = None):
+    def __init__(self, out: str, device: str | None = None, per_chunk: bool = False):
+        """per_chunk: in a folder of one row a token window, every matching window is a hit
+        (else the best window of each document)."""
         self.store = Store(out)
         manifest = read_manifest(self.store)
         self.record = EmbeddingRecord.from_manifest(manifest, f"{out}/{MANIFEST}")
         self.embedder = TextEmbedder(self.record, device, purpose="query")  # refuses other settings
         self.index, self.infos = load_index(self.store)
         with self.store.fs.open(self.store.path(IDS_FILE), "rb") as handle:
-            self.ids = pq.read_table(handle, columns=["id"]).column("id")
+            id_map = pq.read_table(handle)
+        self.ids = id_map.column("id")
+        # a folder of one row a window: the id map names each FAISS id's (id, chunk)
+        self.chunks = id_map.column("chunk") if "chunk" in id_map.column_names else None
+        self.collapse = self.chunks is not None and not per_chunk
         if len(self.ids) != self.index.ntotal:
             raise ConfigError(f"{out}: the index holds {self.index.ntotal} vectors but its id map "
                               f"{len(self.ids)}; rebuild it with `embedpipe index {out}`")
         self.keep_columns = list(manifest["config"].get("output", {}).get("keep_columns", []))
+        if self.chunks is not None:  # where in its text each window lies
+            self.keep_columns += ["char_start", "char_end"]
         parts = self.infos.get("parts")
         if parts is None:  # an index written before infos listed its parts
             files = Ledger(self.store).vector_files()
@@ -50,9 +59,34 @@ class Searcher:
         return self.infos.get("metric", "ip")
 
     def search_vectors(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, row positions), [queries, k]; a position of -1 means fewer than k found."""
-        k = max(1, min(k, self.index.ntotal))
-        return self.index.search(np.ascontiguousarray(vectors, np.float32), k)
+        """(scores, row positions), [queries, k]; a position of -1 means fewer than k found.
+        Collapsing windows to documents, each document's best window, k documents."""
+        vectors = np.ascontiguousarray(vectors, np.float32)
+        if not self.collapse:
+            return self.index.search(vectors, max(1, min(k, self.index.ntotal)))
+        return self._best_windows(vectors, k)
+
+    def _best_windows(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The best window of each of the k best documents: windows are searched k x 4 at a
+        time, more while some query has found fewer than k documents and windows remain."""
+        ids = self.ids.combine_chunks() if isinstance(self.ids, pa.ChunkedArray) else self.ids
+        doc = pc.dictionary_encode(ids).indices.to_numpy(zero_copy_only=False)  # id -> number
+        scores = np.full((len(vectors), k), np.nan, np.float32)
+        positions = np.full((len(vectors), k), -1, np.int64)
+        todo, fetch = np.arange(len(vectors)), k * 4
+        while len(todo):
+            fetch = min(fetch, self.index.ntotal)
+            found_scores, found = self.index.search(vectors[todo], max(1, fetch))
+            unfinished = []
+            for q, row_scores, rows in zip(todo, found_scores, found):
+                rows = rows[rows >= 0]
+                _, first = np.unique(doc[rows], return_index=True)
+                best = np.sort(first)[:k]  # rank order: the first window of each document
+                scores[q, :len(best)], positions[q, :len(best)] = row_scores[best], rows[best]
+                if len(best) < k and fetch < self.index.ntotal:
+                    unfinished.append(q)
+            todo, fetch = np.array(unfinished, np.int64), fetch * 4
+        return scores, positions
 
     def search(self, texts: list[str], k: int = 10, pairs: list[str] | None = None) -> pa.Table:
         """One row per hit: query (position in texts), rank (1-based), id, score, kept columns.
@@ -65,6 +99,8 @@ class Searcher:
         table = pa.table({"query": pa.array(query, pa.int64()), "rank": pa.array(rank, pa.int32()),
                           "id": self.ids.take(pa.array(rows, pa.int64())),
                           "score": pa.array(scores[found], pa.float32())})
+        if self.chunks is not None:  # the matching window
+            table = table.append_column("chunk", self.chunks.take(pa.array(rows, pa.int64())))
         for name, column in self.kept(rows).items():
             table = table.append_column(name, column)
         return table
@@ -117,12 +153,17 @@ class Searcher:
         return done, skipped
 
 
+WINDOW_KEYS = ("chunk", "char_start", "char_end")
+
+
 def render_hits(hits: list[dict], metric: str = "ip", width: int = 100) -> str:
     """rank, id, score and the first kept text column (cut to fit a line)."""
     if not hits:
         return "no hits"
-    extra = [k for k in hits[0] if k not in ("rank", "id", "score")]
+    extra = [k for k in hits[0] if k not in ("rank", "id", "score", *WINDOW_KEYS)]
     text = "text" if "text" in extra else (extra[0] if extra else None)
+    if "chunk" in hits[0]:  # a window of a document: id #chunk
+        hits = [{**h, "id": f"{h['id']} #{h['chunk']}"} for h in hits]
     id_width = max(2, *(len(str(h["id"])) for h in hits))
     score = "score" if metric == "ip" else "l2 dist"
     lines = [f"{'rank':>4}  {'id':>{id_width}}  {score:>7}" + (f"  {text}" if text else "")]

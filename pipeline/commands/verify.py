@@ -53,7 +53,7 @@ def verify_folder(url: str) -> Verdict:
     damage = unit_damage(ledger)  # a stat and a footer read per file, once
     verdict.problems += unit_problems(ledger, damage)
     parts = ledger.vector_parts()
-    verdict.vectors = sum(r.vectors_out for r in ledger.complete_units())
+    verdict.vectors = sum(r.stored_rows for r in ledger.complete_units())
     if not any(damage.values()):  # the parts can be read
         verdict.problems += duplicate_ids(parts)
         if (ledger.data.get("config") or {}).get("index", {}).get("enabled", True):

@@ -9,6 +9,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .chunking import ChunkPolicy, cut_windows, pool_windows
+
 
 @dataclass
 class Batch:
@@ -68,13 +70,23 @@ def encode_in_order(encode: Callable[[Batch], np.ndarray], batches: list[Batch],
 
 
 def encode_texts(tokenizer, encoder, texts: list[str], batch_tokens: int,
-                 max_batch_size: int, pairs: list[str] | None = None) -> np.ndarray:
-    """float32 [len(texts), encoder.width]: tokenize, sort into padded batches, encode, unsort."""
+                 max_batch_size: int, pairs: list[str] | None = None,
+                 pool_chunks: tuple[ChunkPolicy, bool] | None = None) -> np.ndarray:
+    """float32 [len(texts), encoder.width]: tokenize, sort into padded batches, encode, unsort.
+    pool_chunks: (policy, normalize): long texts cut into windows whose vectors are pooled into
+    one a text (chunking.py), then normalised if asked."""
     if not texts:
         return np.zeros((0, encoder.width), np.float32)
     tokens = tokenizer(list(texts), pairs)
-    lengths = np.fromiter(map(len, tokens.ids), np.int64, count=len(tokens.ids))
-    batches = [collate(tokens.ids, positions, tokenizer.pad_id, encoder.runtime.pad_multiple,
-                       type_ids=tokens.type_ids)
+    ids, type_ids = tokens.ids, tokens.type_ids
+    if pool_chunks is not None:
+        windows = cut_windows(tokenizer, list(texts), tokens, pool_chunks[0])
+        ids = windows.ids
+    lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
+    batches = [collate(ids, positions, tokenizer.pad_id, encoder.runtime.pad_multiple,
+                       type_ids=type_ids)
                for positions in plan_batches(lengths, batch_tokens, max_batch_size)]
-    return encode_in_order(encoder.encode_batch, batches, len(texts), encoder.width)
+    vectors = encode_in_order(encoder.encode_batch, batches, len(ids), encoder.width)
+    if pool_chunks is None:
+        return vectors
+    return pool_windows(vectors, windows.owner, windows.weights, pool_chunks[1])

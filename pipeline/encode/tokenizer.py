@@ -49,6 +49,10 @@ class TextTokenizer:
         # keeps those after it.
         self._template = _special_tokens(self.backend)
         self.n_suffix = len(self._template[1])
+        # The prompt's own tokens: every window of a long text starts with them (after [CLS]).
+        prompt_text = prompt.lower() if lowercase else prompt
+        self.prompt_ids = (self.backend.encode(prompt_text, add_special_tokens=False).ids
+                           if prompt else [])
         self.ascii_backend = _ascii_backend(self.backend)
         if self.ascii_backend is not None:
             # Characters met so far: what the normalizer makes of each one alone.
@@ -171,6 +175,33 @@ class TextTokenizer:
             row = ids[i]
             ids[i] = row[:keep_head] + row[len(row) - self.n_suffix:] if self.n_suffix else row[:keep_head]
         return Tokenized(ids=ids, n_tokens=n_tokens, truncated=truncated)
+
+    @property
+    def n_fixed(self) -> int:
+        """Tokens every text gets besides its own: special tokens and the prompt's."""
+        return len(self._template[0]) + len(self.prompt_ids) + len(self._template[1])
+
+    def content(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """A whole text's own tokens (no special tokens, no prompt) and each one's character span
+        in `text`: (ids int32 [n], offsets int32 [n, 2]), so text[start:end] is the token's text."""
+        lowered = text.lower() if self.lowercase else text
+        encoding = self.backend.encode(lowered, add_special_tokens=False)
+        ids = np.asarray(encoding.ids, dtype=np.int32)
+        offsets = np.asarray(encoding.offsets, dtype=np.int32).reshape(-1, 2)
+        if len(lowered) != len(text):  # a character whose lower case is longer ('İ' -> 'i̇')
+            # offsets into the lowered text, back to the original's characters
+            lengths = np.fromiter((len(c.lower()) for c in text), np.int32, count=len(text))
+            original = np.repeat(np.arange(len(text), dtype=np.int32), lengths)
+            original = np.append(original, len(text))
+            offsets = np.stack([original[offsets[:, 0]],
+                                original[np.maximum(offsets[:, 1] - 1, offsets[:, 0])] + 1], 1)
+        return ids, offsets
+
+    def window(self, content_ids: np.ndarray) -> list[int]:
+        """Some of a text's own tokens as the model takes them: the template's special tokens
+        around the prompt's tokens and these."""
+        head, tail = self._template
+        return head + self.prompt_ids + content_ids.tolist() + tail
 
     def _pairs(self, texts: list[str], pairs: list[str]) -> Tokenized:
         """Pairs through the tokenizer's own pair template (segment ids 0 / 1 for BERT); those

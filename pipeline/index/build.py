@@ -91,8 +91,8 @@ def build_index(store: Store, files: list[str], cfg: IndexConfig) -> dict:
                     "similarity; set encode.normalize = true for cosine")
     store.write_bytes(INDEX_FILE, index_bytes.tobytes())
 
-    ids = pa.chunked_array([c for t in parts.read(["id"]) for c in t.column("id").chunks])
-    id_map = pa.table({"faiss_id": pa.array(np.arange(n, dtype=np.int64)), "id": ids})
+    id_map = parts.keys()  # id, and chunk in a folder of one row a window
+    id_map = id_map.add_column(0, "faiss_id", pa.array(np.arange(n, dtype=np.int64)))
     with store.open_atomic(IDS_FILE) as handle:
         pq.write_table(id_map, handle)
     size = store.size(INDEX_FILE) + layout_infos.get("shards_bytes", 0) + layout_infos.get(

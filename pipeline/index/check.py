@@ -62,10 +62,13 @@ def _content_problems(store: Store, parts: VectorParts, n: int) -> list[str]:
         return [f"index: holds {index.ntotal} vectors, the folder stores {n}"]
     with store.fs.open(store.path(IDS_FILE), "rb") as handle:
         mapped = pq.read_table(handle)
-    stored = pa.chunked_array([c for t in parts.read(["id"]) for c in t.column("id").chunks])
-    if mapped.column("faiss_id").to_pylist() != list(range(n)) or not mapped.column("id").equals(
-            stored.cast(mapped.column("id").type)):
-        return [f"index: {IDS_FILE} does not list the stored ids in order"]
+    stored = parts.keys()
+    if mapped.column("faiss_id").to_pylist() != list(range(n)) or any(
+            name not in mapped.column_names
+            or not mapped.column(name).equals(stored.column(name).cast(mapped.column(name).type))
+            for name in stored.column_names):
+        return [f"index: {IDS_FILE} does not list the stored "
+                f"{' and '.join(stored.column_names)}s in order"]
     positions = even_positions(n, SAMPLE)
     copies = _reconstruct(index, positions) if _keeps_vectors_whole(index) else None
     if copies is not None:

@@ -30,7 +30,7 @@ def unit_problems(ledger: Ledger, damage: dict[str, list[str]] | None = None) ->
         if record.rows_in != record.vectors_out + record.rejects:
             problems.append(f"{where}: {record.rows_in} rows read, but {record.vectors_out} "
                             f"vectors + {record.rejects} rejects recorded")
-        for files, recorded, what in ((record.vector_files, record.vectors_out, "vectors"),
+        for files, recorded, what in ((record.vector_files, record.stored_rows, "vectors"),
                                       (record.reject_files, record.rejects, "rejects")):
             rows = sum(_rows(ledger, record, f) for f in files)
             if rows != recorded:
@@ -44,13 +44,17 @@ def _rows(ledger: Ledger, record, name: str) -> int:
 
 
 def duplicate_ids(parts: VectorParts, shown: int = 5) -> list[str]:
-    """Ids stored more than once across the parts (reads the id column only)."""
-    ids = [c for t in parts.read(["id"]) for c in t.column("id").chunks]
-    if not ids:
+    """Ids (or (id, chunk) windows, in a folder of window rows) stored more than once across the
+    parts (reads those columns only)."""
+    keys = parts.key_columns()
+    tables = list(parts.read(keys))
+    if not tables:
         return []
-    counts = pc.value_counts(pa.chunked_array(ids).combine_chunks())
-    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
-    if not len(repeated):
+    counts = pa.concat_tables(tables).group_by(keys).aggregate([([], "count_all")])
+    repeated = counts.filter(pc.greater(counts.column("count_all"), 1))
+    if not repeated.num_rows:
         return []
-    examples = ", ".join(repr(v) for v in repeated.field("values")[:shown].to_pylist())
-    return [f"{len(repeated)} ids are stored more than once (e.g. {examples})"]
+    rows = repeated.select(keys).slice(0, shown).to_pylist()
+    examples = ", ".join(repr(r["id"]) if len(keys) == 1 else repr(tuple(r.values())) for r in rows)
+    what = "ids are" if len(keys) == 1 else "(id, chunk) windows are"
+    return [f"{repeated.num_rows} {what} stored more than once (e.g. {examples})"]

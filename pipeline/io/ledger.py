@@ -62,6 +62,9 @@ class UnitRecord:
     rejects: int = 0
     reject_reasons: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
+    windows: int = 0  # long_text = "chunk": token windows embedded
+    chunked: int = 0  # long_text = "chunk": texts cut into more than one window
+    part_rows: int | None = None  # rows in the vector parts, when not one a text (a window each)
     vector_files: list[str] = field(default_factory=list)
     reject_files: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -77,6 +80,11 @@ class UnitRecord:
     @property
     def complete(self) -> bool:
         return self.status == "complete"
+
+    @property
+    def stored_rows(self) -> int:
+        """Rows in the unit's vector parts: a text each, or a token window each."""
+        return self.vectors_out if self.part_rows is None else self.part_rows
 
     @property
     def files(self) -> list[str]:

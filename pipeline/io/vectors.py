@@ -37,6 +37,19 @@ class VectorParts:
             return vector.list_size
         return 0
 
+    def key_columns(self) -> list[str]:
+        """What names a stored row: its id, and its chunk in a folder of one row a window."""
+        for name in self.files:
+            return ["id", "chunk"] if "chunk" in self.metadata(name).schema.names else ["id"]
+        return ["id"]
+
+    def keys(self) -> pa.Table:
+        """The key columns of every stored row, in row order (the index's id map)."""
+        keys = self.key_columns()
+        tables = list(self.read(keys))
+        return pa.concat_tables(tables) if tables else pa.table(
+            {k: pa.array([], pa.int32() if k == "chunk" else pa.string()) for k in keys})
+
     def read(self, columns: list[str], batch_rows: int = READ_ROWS) -> Iterator[pa.Table]:
         """The columns, part after part, at most batch_rows rows at a time."""
         for name in self.files:

@@ -23,11 +23,24 @@ def vector_array(vectors: np.ndarray, vector_dtype: str) -> pa.FixedSizeListArra
     return pa.FixedSizeListArray.from_arrays(pa.array(values), vectors.shape[1])
 
 
+# long_text = "chunk": the columns a row of a text's pooled windows, or of one window, adds
+WINDOW_COLUMNS = ("chunk", "token_start", "token_end", "char_start", "char_end")
+
+
 def vectors_schema(id_type: pa.DataType, dim: int, vector_dtype: str,
-                   keep: pa.Schema | None = None) -> pa.Schema:
+                   keep: pa.Schema | None = None, chunks: str | None = None) -> pa.Schema:
+    """id, vector, n_tokens, truncated, then the kept columns. chunks = "pool" adds n_chunks
+    (windows pooled into the row); "rows" makes a row a window: id, chunk, its token and
+    character spans (WINDOW_COLUMNS), vector, n_tokens (the window's), truncated."""
     value_type = pa.float16() if vector_dtype == "float16" else pa.float32()
-    fields = [pa.field("id", id_type), pa.field("vector", pa.list_(value_type, dim)),
-              pa.field("n_tokens", pa.int32()), pa.field("truncated", pa.bool_())]
+    int32 = pa.int32()
+    fields = [pa.field("id", id_type)]
+    if chunks == "rows":
+        fields += [pa.field(name, int32) for name in WINDOW_COLUMNS]
+    fields += [pa.field("vector", pa.list_(value_type, dim)), pa.field("n_tokens", int32),
+               pa.field("truncated", pa.bool_())]
+    if chunks == "pool":
+        fields.append(pa.field("n_chunks", int32))
     return pa.schema(fields + (list(keep) if keep is not None else []))
 
 
@@ -61,13 +74,18 @@ class UnitWriter:
         self._open: tuple[ExitStack, pq.ParquetWriter] | None = None
         self._rows_in_part = 0
 
-    def write(self, ids: pa.Array, vectors: np.ndarray, n_tokens: np.ndarray, truncated: np.ndarray,
-              keep: pa.Table | None = None) -> None:
-        columns = [ids.cast(self.schema.field("id").type), vector_array(vectors, self.vector_dtype),
-                   pa.array(n_tokens, pa.int32()), pa.array(truncated, pa.bool_())]
-        if keep is not None:
-            columns += [keep.column(i).combine_chunks() for i in range(keep.num_columns)]
-        batch = pa.RecordBatch.from_arrays(columns, schema=self.schema)
+    def write(self, ids: pa.Array, rows: dict[str, np.ndarray], keep: pa.Table | None = None) -> None:
+        """rows: the vectors (key "vector") and embedpipe's other columns, by name."""
+        values = {"id": ids.cast(self.schema.field("id").type),
+                  "vector": vector_array(rows["vector"], self.vector_dtype)}
+        for name in self.schema.names:
+            if name in values:
+                continue
+            if name in rows:
+                values[name] = pa.array(rows[name], self.schema.field(name).type)
+            else:
+                values[name] = keep.column(name).combine_chunks()
+        batch = pa.RecordBatch.from_arrays([values[n] for n in self.schema.names], schema=self.schema)
         try:
             self._write(batch)
         except OSError as exc:  # the disk filled: the unit's parts go, the error names the part

@@ -1,12 +1,14 @@
 """Embed units of work with one model: the same code in the local runner and in each Ray actor."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
 import pyarrow as pa
 
 from ..config import JobConfig
+from ..encode.chunking import ChunkPolicy
 from ..encode.encoder import EncoderSettings
 from ..encode.model_files import ModelSource
 from ..encode.runtime import Runtime
@@ -30,8 +32,9 @@ class EmbedPlan:
         return EncoderSettings.for_job(self.job).width(self.source.hidden_size)
 
     def vectors_schema(self) -> pa.Schema:
+        chunks = self.job.output.chunks if self.job.encode.long_text == "chunk" else None
         return vectors_schema(pa.type_for_alias(self.id_type), self.width,
-                              self.job.output.vector_dtype, self.keep_schema)
+                              self.job.output.vector_dtype, self.keep_schema, chunks)
 
 
 class UnitEmbedder:
@@ -43,16 +46,21 @@ class UnitEmbedder:
 
         job, runtime, self.plan = plan.job, plan.runtime, plan
         self.tokenizer = tokenizer_for(plan.source, runtime, job)
-        self.encoder = Encoder(plan.source, runtime, EncoderSettings.for_job(job))
+        self.chunking = ChunkPolicy.for_job(job, self.tokenizer)
+        settings = EncoderSettings.for_job(job)
+        if self.chunking.pools:  # windows are normalised after pooling, not each alone
+            settings = dataclasses.replace(settings, normalize=False)
+        self.encoder = Encoder(plan.source, runtime, settings)
         self.flow = FlowSettings.for_job(job, runtime)
 
     def embed(self, units: list[tuple[Unit, int]], duplicates: dict[str, set[int]],
               on_unit_done: Callable, progress: Callable[[int], None], stats: Stats) -> None:
         job = self.plan.job
         id_type = pa.type_for_alias(self.plan.id_type)
-        preparer = PrepareStage(self.flow, self.tokenizer, duplicates, id_type, stats)
+        preparer = PrepareStage(self.flow, self.tokenizer, duplicates, id_type, stats,
+                                self.chunking)
         writer = WriteStage(Store(job.output.path), self.plan.vectors_schema(),
                             job.output.rows_per_file, job.output.vector_dtype, stats, on_unit_done,
-                            progress)
+                            progress, normalize=self.chunking.pools and bool(job.encode.normalize))
         run_stages(lambda channel: preparer.run(units, channel), self.encoder.encode_batch,
                    writer.run, stats)

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import ConfigError, JobConfig, settings_hash
+from ..encode.chunking import resolve_chunking
 from ..encode.encoder import EncoderSettings
 from ..encode.model_files import ModelSource, resolve_model
 from ..encode.recipe import resolve_recipe
@@ -116,6 +117,7 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
     runtime = resolve_runtime(job.model, source, sum(u.num_rows for u in units))
     job = dataclasses.replace(job, model=dataclasses.replace(
         job.model, attention=runtime.attention, compile=runtime.compile))
+    job = resolve_chunking(job, source, runtime)
     settings = vector_settings(job, source, runtime)
     if job.index.enabled:
         check_index_config(job.index, EncoderSettings.for_job(job).width(source.hidden_size))
@@ -130,7 +132,8 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
         summary = RunSummary(job=job.name, output=store.url, device=runtime.device,
                              dtype=runtime.dtype, dtype_note=runtime.dtype_note,
                              attention=runtime.attention, compiled=runtime.compile,
-                             model=source.name, units_total=len(units), recipe=recipe)
+                             model=source.name, units_total=len(units), recipe=recipe,
+                             long_text=job.encode.long_text)
         _run_locked(RunContext(job, options, source, runtime, settings, store, ledger, summary),
                     units)
     finally:
@@ -178,7 +181,7 @@ def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
     summary.real_tokens = ctx.stats.real_tokens
     summary.padded_tokens = ctx.stats.padded_tokens
     summary.seconds.update(ctx.stats.seconds)
-    summary.folder_vectors = sum(r.vectors_out for r in ledger.complete_units())
+    summary.folder_vectors = sum(r.stored_rows for r in ledger.complete_units())
     # What the folder now holds is checked as `embedpipe verify` would, files and counts only.
     problems = unit_problems(ledger) + (index_problems(store, parts) if job.index.enabled
                                         and not summary.index.get("error") else [])
@@ -253,6 +256,8 @@ def _embed(ctx: RunContext, todo: list[Unit], embedder: UnitEmbedder) -> None:
             summary.rows_read += record.rows_in
             summary.vectors_written += record.vectors_out
             summary.truncated += record.truncated
+            summary.windows += record.windows
+            summary.texts_chunked += record.chunked
             for reason, count in record.reject_reasons.items():
                 summary.rejects[reason] = summary.rejects.get(reason, 0) + count
         else:

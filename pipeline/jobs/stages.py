@@ -22,8 +22,9 @@ import pyarrow as pa
 
 from ..config import JobConfig
 from ..encode.batching import Batch, collate, plan_batches
+from ..encode.chunking import TOO_LONG, ChunkPolicy, Windows, cut_windows, pool_windows, too_long
 from ..encode.runtime import Runtime
-from ..encode.tokenizer import TextTokenizer
+from ..encode.tokenizer import TextTokenizer, Tokenized
 from ..faults import checkpoint
 from ..io.checks import check_file
 from ..io.ledger import UnitRecord
@@ -66,6 +67,12 @@ class Window:
     keep: pa.Table | None
     rejects: pa.Table
     n_batches: int
+    windows: Windows | None = None  # long_text = "chunk": what goes through the model
+
+    @property
+    def n_vectors(self) -> int:
+        """Vectors the model returns for this window: one a text, or one a token window."""
+        return len(self.ids) if self.windows is None else len(self.windows.ids)
 
 
 @dataclass
@@ -147,9 +154,11 @@ class PrepareStage:
     """Reads units, sorts out rejects, tokenizes and cuts padded batches."""
 
     def __init__(self, settings: FlowSettings, tokenizer: TextTokenizer,
-                 duplicates: dict[str, set[int]], id_type: pa.DataType, stats: Stats):
+                 duplicates: dict[str, set[int]], id_type: pa.DataType, stats: Stats,
+                 chunking: ChunkPolicy | None = None):
         self.s, self.tokenizer, self.duplicates, self.id_type, self.stats = (
             settings, tokenizer, duplicates, id_type, stats)
+        self.chunking = chunking if chunking is not None and chunking.mode != "truncate" else None
 
     def run(self, units: Iterable[tuple[Unit, int]], out: "Channel | BatchCollector") -> None:
         for unit, unit_id in units:
@@ -203,26 +212,95 @@ class PrepareStage:
         reasons = reasons_for_window(ids, texts, row_numbers, self.duplicates.get(unit.key, set()),
                                      pairs)
         good = np.array([r is None for r in reasons], dtype=bool)
-        bad = np.flatnonzero(~good)
+        keep_idx = np.flatnonzero(good)
+        good_texts = texts.take(pa.array(keep_idx, pa.int64())).to_pylist()
+        tokens = self.tokenizer(good_texts, None if pairs is None else
+                                pairs.take(pa.array(keep_idx, pa.int64())).to_pylist())
+        if self.chunking is not None and self.chunking.mode == "reject":
+            long = too_long(self.tokenizer, tokens, self.chunking)
+            for i in keep_idx[long]:
+                reasons[i] = TOO_LONG
+            keep_idx, good_texts = keep_idx[~long], [t for t, x in zip(good_texts, long) if not x]
+            tokens = _subset(tokens, ~long)
+        bad = np.array([i for i, r in enumerate(reasons) if r is not None], np.int64)
         rejects = pa.table({
             "id": ids.take(pa.array(bad, pa.int64())),
             "input_file": pa.array([unit.path] * len(bad), pa.string()),
             "row_number": pa.array(row_numbers[bad], pa.int64()),
             "reason": pa.array([reasons[i] for i in bad], pa.string()),
         }, schema=rejects_schema(self.id_type))
-        keep_idx = pa.array(np.flatnonzero(good), pa.int64())
-        good_texts = texts.take(keep_idx).to_pylist()
+        keep_idx = pa.array(keep_idx, pa.int64())
         keep = table.select(list(self.s.keep_columns)).take(keep_idx) if self.s.keep_columns else None
-        tokens = self.tokenizer(good_texts, None if pairs is None else
-                                pairs.take(keep_idx).to_pylist())
-        batches = plan_batches(np.array([len(x) for x in tokens.ids], dtype=np.int64),
-                               self.s.batch_tokens, self.s.max_batch_size) if good_texts else []
+        ids = ids.take(keep_idx)
+        if self.chunking is not None and self.chunking.mode == "chunk":
+            self._chunked(ids, good_texts, tokens, keep, rejects, out, tick)
+            return
+        self._emit(Window(ids=ids, n_tokens=tokens.n_tokens, truncated=tokens.truncated,
+                          keep=keep, rejects=rejects, n_batches=0), tokens.ids, tokens.type_ids,
+                   out, tick)
+
+    def _chunked(self, ids: pa.Array, texts: list[str], tokens: Tokenized, keep: pa.Table | None,
+                 rejects: pa.Table, out: Channel, tick: float) -> None:
+        """Texts cut into windows, in groups of at most sort_window windows (so a window of long
+        texts holds as many vectors as a window of short ones), each its own Window."""
+        policy, fixed = self.chunking, self.tokenizer.n_fixed
+        counts = np.cumsum(policy.n_windows(tokens, fixed))
+        start = 0
+        while True:
+            # the texts whose windows fit in this group (at least one text)
+            before = counts[start - 1] if start else 0
+            end = max(start + 1, int(np.searchsorted(counts, before + self.s.sort_window, "right")))
+            end = min(end, len(texts))
+            rows = np.arange(start, end)
+            part = _subset(tokens, rows)
+            windows = cut_windows(self.tokenizer, texts[start:end], part, policy)
+            part_keep = None if keep is None else keep.slice(start, end - start)
+            if policy.rows and part_keep is not None:
+                part_keep = _window_columns(part_keep, texts[start:end], windows,
+                                            self.s.text_column)
+            self._emit(Window(ids=ids.slice(start, end - start), n_tokens=part.n_tokens,
+                              truncated=windows.truncated, keep=part_keep,
+                              rejects=rejects if start == 0 else rejects.slice(0, 0),
+                              n_batches=0, windows=windows), windows.ids, None, out, tick)
+            tick = time.perf_counter()
+            start = end
+            if start >= len(texts):
+                break
+
+    def _emit(self, window: Window, ids: list[list[int]], type_ids, out: Channel,
+              tick: float) -> None:
+        """A window's token rows sorted into batches: the Window first, then its batches."""
+        batches = plan_batches(np.fromiter(map(len, ids), np.int64, count=len(ids)),
+                               self.s.batch_tokens, self.s.max_batch_size) if ids else []
+        window.n_batches = len(batches)
         self.stats.seconds["tokenize"] += time.perf_counter() - tick
-        out.put(Window(ids=ids.take(keep_idx), n_tokens=tokens.n_tokens, truncated=tokens.truncated,
-                       keep=keep, rejects=rejects, n_batches=len(batches)))
+        out.put(window)
         for positions in batches:
-            out.put(collate(tokens.ids, positions, self.tokenizer.pad_id,
-                            self.s.pad_to_multiple_of, self.s.pin_memory, tokens.type_ids))
+            out.put(collate(ids, positions, self.tokenizer.pad_id, self.s.pad_to_multiple_of,
+                            self.s.pin_memory, type_ids))
+
+
+def _subset(tokens: Tokenized, rows: np.ndarray) -> Tokenized:
+    """The tokenized texts at `rows` (positions or a boolean mask)."""
+    positions = np.flatnonzero(rows) if rows.dtype == bool else rows
+    return Tokenized(ids=[tokens.ids[i] for i in positions], n_tokens=tokens.n_tokens[positions],
+                     truncated=tokens.truncated[positions],
+                     type_ids=None if tokens.type_ids is None else
+                     [tokens.type_ids[i] for i in positions])
+
+
+def _window_columns(keep: pa.Table, texts: list[str], windows: Windows,
+                    text_column: str) -> pa.Table:
+    """Kept columns for one row a window: each text's values repeated on its windows, except
+    the text itself, which becomes each window's own slice of it (a long text is not stored
+    again on every window)."""
+    per_window = keep.take(pa.array(windows.owner, pa.int64()))
+    if text_column in per_window.column_names:
+        slices = [texts[o][a:b] for o, a, b in zip(windows.owner, windows.char_start,
+                                                    windows.char_end)]
+        at = per_window.column_names.index(text_column)
+        per_window = per_window.set_column(at, text_column, pa.array(slices, pa.string()))
+    return per_window
 
 
 class BatchCollector:
@@ -265,10 +343,13 @@ class WriteStage:
 
     def __init__(self, store, schema: pa.Schema, rows_per_file: int,
                  vector_dtype: str, stats: Stats, on_unit_done: Callable[[UnitRecord], None],
-                 progress: Callable[[int], None]):
+                 progress: Callable[[int], None], normalize: bool = False):
+        """normalize: L2-normalise texts' pooled windows (long_text = "chunk", chunks = "pool")."""
         self.store, self.schema = store, schema
         self.rows_per_file, self.vector_dtype = rows_per_file, vector_dtype
         self.stats, self.on_unit_done, self.progress = stats, on_unit_done, progress
+        self.normalize = normalize
+        self.window_rows = "chunk" in schema.names  # one row a token window, not a text
 
     def run(self, inbox: Channel) -> None:
         writer: UnitWriter | None = None
@@ -290,7 +371,7 @@ class WriteStage:
                 rejects.append(item.rejects)
             elif isinstance(item, Encoded):
                 if vectors is None:
-                    vectors = np.empty((len(window.ids), item.vectors.shape[1]), np.float32)
+                    vectors = np.empty((window.n_vectors, item.vectors.shape[1]), np.float32)
                 vectors[item.positions] = item.vectors
                 filled += 1
             elif isinstance(item, UnitEnd):
@@ -302,6 +383,8 @@ class WriteStage:
                     item.unit, "complete", unit_id=unit_id, rows_in=item.rows_in,
                     vectors_out=unit_stats["vectors"], rejects=sum(reasons.values()),
                     reject_reasons=dict(reasons), truncated=unit_stats["truncated"],
+                    windows=unit_stats["windows"], chunked=unit_stats["chunked"],
+                    part_rows=unit_stats["rows"] if self.window_rows else None,
                     vector_files=files, reject_files=reject_files, seconds=round(item.seconds, 3),
                     checks={f: check_file(self.store, f) for f in files + reject_files}))
                 writer = None
@@ -316,11 +399,27 @@ class WriteStage:
             self.stats.seconds["write"] += time.perf_counter() - tick
 
     def _write_window(self, writer: UnitWriter, window: Window, vectors, unit_stats: Counter) -> None:
-        n = len(window.ids)
-        if n:
-            writer.write(window.ids, vectors, window.n_tokens, window.truncated, window.keep)
+        n, windows = len(window.ids), window.windows
+        if windows is None:
+            rows = {"vector": vectors, "n_tokens": window.n_tokens, "truncated": window.truncated}
+        elif not self.window_rows:  # one row a text: its windows pooled
+            rows = {"vector": pool_windows(vectors, windows.owner, windows.weights, self.normalize),
+                    "n_tokens": window.n_tokens, "truncated": window.truncated,
+                    "n_chunks": windows.n_chunks}
+        else:  # one row a window
+            rows = {"vector": vectors, "n_tokens": windows.weights.astype(np.int32),
+                    "truncated": window.truncated[windows.owner], "chunk": windows.chunk,
+                    "token_start": windows.token_start, "token_end": windows.token_end,
+                    "char_start": windows.char_start, "char_end": windows.char_end}
+        ids = window.ids.take(pa.array(windows.owner, pa.int64())) if self.window_rows else window.ids
+        if len(ids):
+            writer.write(ids, rows, window.keep)
         unit_stats["vectors"] += n
+        unit_stats["rows"] += len(ids)
         unit_stats["truncated"] += int(window.truncated.sum())
+        if windows is not None:
+            unit_stats["windows"] += len(windows.ids)
+            unit_stats["chunked"] += int((windows.n_chunks > 1).sum())
         self.progress(n + window.rejects.num_rows)
 
 

@@ -29,6 +29,9 @@ class RunSummary:
     vectors_written: int = 0
     rejects: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
+    long_text: str = "truncate"  # truncate | chunk | reject: what became of texts over a window
+    windows: int = 0  # long_text = "chunk": token windows through the model
+    texts_chunked: int = 0  # long_text = "chunk": texts cut into more than one window
     real_tokens: int = 0
     padded_tokens: int = 0
     oom_splits: int = 0
@@ -82,7 +85,10 @@ class RunSummary:
             f"  rows       {self.rows_read:,} read = {self.vectors_written:,} vectors + "
             f"{self.rejected:,} rejected ({check})",
             f"  rejects    {reasons}",
-            f"  truncated  {self.truncated:,} rows longer than max_length (embedded truncated)",
+            (f"  windows    {self.windows:,} token windows embedded; {self.texts_chunked:,} texts "
+             f"cut into more than one, {self.truncated:,} past max_chunks (flagged truncated)"
+             if self.long_text == "chunk" else
+             f"  truncated  {self.truncated:,} rows longer than max_length (embedded truncated)"),
             f"  tokens     {self.real_tokens:,} real, padding overhead {self.padding_overhead:.1f}%",
             f"  speed      {self.rate(self.rows_read):,.1f} rows/s, {self.rate(self.real_tokens):,.0f} tokens/s",
             "  seconds    " + ", ".join(f"{k} {s.get(k, 0.0):.2f}" for k in
