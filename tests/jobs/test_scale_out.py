@@ -170,3 +170,49 @@ def test_local_runner_never_imports_ray(tmp_path, shards, tiny_model):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "False"
+
+
+CHUNKED = {"model": {"max_length": 24}, "encode": {"long_text": "chunk", "chunk_overlap": 4}}
+
+
+@pytest.fixture(scope="module")
+def chunked_local(tmp_path_factory, shards, tiny_model):
+    """Local runs with texts past 24 tokens cut into windows: one row a window, and pooled."""
+    results = {}
+    for chunks in ("rows", "pool"):
+        tmp = tmp_path_factory.mktemp(f"chunked-{chunks}")
+        job = small_job(tmp / "job.toml", shards, tmp / "out", tiny_model,
+                        **CHUNKED, output={"chunks": chunks})
+        assert embedpipe("run", job).returncode == 0
+        results[chunks] = read_vectors(tmp / "out")
+    assert results["rows"].num_rows > results["pool"].num_rows == 360
+    return results
+
+
+@pytest.mark.ray
+def test_ray_writes_window_rows_as_the_local_runner_does(tmp_path, shards, tiny_model,
+                                                         chunked_local):
+    job = small_job(tmp_path / "job.toml", shards, tmp_path / "out", tiny_model, **CHUNKED,
+                    output={"chunks": "rows"})
+    result = embedpipe("run", job, "--runner", "ray", "--workers", "2", "--json",
+                       env={"RAY_AUTH_MODE": "disabled"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    got, local = read_vectors(tmp_path / "out"), chunked_local["rows"]
+    assert got.drop_columns(["vector"]).equals(local.drop_columns(["vector"]))
+    assert np.abs(matrix(got) - matrix(local)).max() <= 1e-6
+
+
+@pytest.mark.s3
+def test_s3_output_of_pooled_windows_equals_local(tmp_path, s3, shards, tiny_model, chunked_local):
+    fs, bucket = s3
+    out = f"s3://{bucket}/pooled"
+    job = small_job(tmp_path / "job.toml", shards, out, tiny_model, **CHUNKED,
+                    output={"chunks": "pool"})
+    result = embedpipe("run", job)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fs.invalidate_cache()
+    fs.get(f"{bucket}/pooled", str(tmp_path / "copy"), recursive=True)
+    got, local = read_vectors(tmp_path / "copy"), chunked_local["pool"]
+    assert got.drop_columns(["vector"]).equals(local.drop_columns(["vector"]))
+    np.testing.assert_array_equal(matrix(got), matrix(local))
+    assert embedpipe("verify", out).returncode == 0
