@@ -64,7 +64,7 @@ class ChunkPolicy:
 
 
 @dataclass
-class Windows:
+class TokenWindows:
     """The windows of a list of texts, text after text (a text's windows are consecutive)."""
     ids: list[list[int]]  # each window's token ids as the model takes them
     owner: np.ndarray  # int64: the text of each window
@@ -82,7 +82,7 @@ class Windows:
 
 
 def cut_windows(tokenizer: TextTokenizer, texts: list[str], tokens: Tokenized,
-                policy: ChunkPolicy) -> Windows:
+                policy: ChunkPolicy) -> TokenWindows:
     """Every text's windows. A text that fits keeps its ids from `tokens` (so it is embedded
     exactly as under truncate); a longer one is tokenized again whole, with offsets."""
     fixed = tokenizer.n_fixed
@@ -116,7 +116,7 @@ def cut_windows(tokenizer: TextTokenizer, texts: list[str], tokens: Tokenized,
                 (0 if chunk == 0 else int(offsets[start, 0]),
                  len(text) if last else int(offsets[end - 1, 1])))
     arrays = {k: np.asarray(v, np.int64 if k == "owner" else np.int32) for k, v in columns.items()}
-    return Windows(ids=ids, n_chunks=n_chunks, truncated=truncated, **arrays)
+    return TokenWindows(ids=ids, n_chunks=n_chunks, truncated=truncated, **arrays)
 
 
 def pool_windows(vectors: np.ndarray, owner: np.ndarray, weights: np.ndarray,
@@ -138,7 +138,10 @@ def pool_windows(vectors: np.ndarray, owner: np.ndarray, weights: np.ndarray,
 
 
 def too_long(tokenizer: TextTokenizer, tokens: Tokenized, policy: ChunkPolicy) -> np.ndarray:
-    """bool per text: more than one window (long_text = "reject")."""
+    """bool per text: more than one window (long_text = "reject"); a sentence pair, past
+    max_length."""
+    if tokens.type_ids is not None:
+        return tokens.truncated.copy()
     return ~policy.fits(tokens, tokenizer.n_fixed)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import faiss
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..io.checks import DamagedFile, check_file

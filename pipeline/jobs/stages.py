@@ -22,7 +22,8 @@ import pyarrow as pa
 
 from ..config import JobConfig
 from ..encode.batching import Batch, collate, plan_batches
-from ..encode.chunking import TOO_LONG, ChunkPolicy, Windows, cut_windows, pool_windows, too_long
+from ..encode.chunking import (TOO_LONG, ChunkPolicy, TokenWindows, cut_windows, pool_windows,
+                               too_long)
 from ..encode.runtime import Runtime
 from ..encode.tokenizer import TextTokenizer, Tokenized
 from ..faults import checkpoint
@@ -67,7 +68,7 @@ class Window:
     keep: pa.Table | None
     rejects: pa.Table
     n_batches: int
-    windows: Windows | None = None  # long_text = "chunk": what goes through the model
+    windows: TokenWindows | None = None  # long_text = "chunk": what goes through the model
 
     @property
     def n_vectors(self) -> int:
@@ -289,18 +290,19 @@ def _subset(tokens: Tokenized, rows: np.ndarray) -> Tokenized:
                      [tokens.type_ids[i] for i in positions])
 
 
-def _window_columns(keep: pa.Table, texts: list[str], windows: Windows,
+def _window_columns(keep: pa.Table, texts: list[str], windows: TokenWindows,
                     text_column: str) -> pa.Table:
     """Kept columns for one row a window: each text's values repeated on its windows, except
     the text itself, which becomes each window's own slice of it (a long text is not stored
     again on every window)."""
-    per_window = keep.take(pa.array(windows.owner, pa.int64()))
-    if text_column in per_window.column_names:
-        slices = [texts[o][a:b] for o, a, b in zip(windows.owner, windows.char_start,
-                                                    windows.char_end)]
-        at = per_window.column_names.index(text_column)
-        per_window = per_window.set_column(at, text_column, pa.array(slices, pa.string()))
-    return per_window
+    owner = pa.array(windows.owner, pa.int64())
+    if text_column not in keep.column_names:
+        return keep.take(owner)
+    at = keep.column_names.index(text_column)
+    per_window = keep.remove_column(at).take(owner)  # never the whole text once a window
+    slices = [texts[o][a:b] for o, a, b in zip(windows.owner, windows.char_start,
+                                                windows.char_end)]
+    return per_window.add_column(at, text_column, pa.array(slices, pa.string()))
 
 
 class BatchCollector:

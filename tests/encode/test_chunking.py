@@ -183,3 +183,15 @@ def test_chunk_tokens_that_do_not_fit_the_model_are_refused(bundled_model):
         ChunkPolicy.for_job(job, tokenizer)
     job = config_from_dict(make_job("in", "out", None, encode={"long_text": "chunk"}))
     assert ChunkPolicy.for_job(job, tokenizer).tokens == 60
+
+
+def test_reject_judges_a_sentence_pair_by_max_length(bundled_model):
+    from pipeline.encode.chunking import too_long
+
+    tokenizer = TextTokenizer(bundled_model.path, max_length=12)
+    policy = ChunkPolicy("reject", 10, 0, 1, rows=False)
+    pairs = tokenizer(["a b c", "one two three four five six seven"], ["d e", "eight nine ten"])
+    # [CLS] a b c [SEP] d e [SEP] = 8 tokens fits; the second pair (10 words + 3) does not
+    assert too_long(tokenizer, pairs, policy).tolist() == [False, True]
+    single = tokenizer(["a b c d e f g h i j", "a b c d e f g h i j k"])
+    assert too_long(tokenizer, single, policy).tolist() == [False, True]
