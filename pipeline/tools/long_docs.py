@@ -39,7 +39,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -800,7 +800,7 @@ def evaluate(docs: str | Path, queries: str | Path, work: str | Path, *,
     reported as unsupported, not as a failure. Returns the results, also written to
     ``work/results.json``; ``work/results.md`` holds the table.
     """
-    work = Path(work)
+    work = Path(work).resolve()  # job files hold absolute paths
     (work / "jobs").mkdir(parents=True, exist_ok=True)
     (work / "logs").mkdir(parents=True, exist_ok=True)
     doc_table = pq.read_table(docs, columns=["id", "text", "title", "tokens"]).sort_by("id")
