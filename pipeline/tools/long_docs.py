@@ -759,20 +759,30 @@ def _unsupported(stderr: str) -> bool:
 
 
 def _manifest_counts(out: Path) -> dict:
-    """Rows in/out, windows (if recorded), truncated rows and encode seconds from the manifest."""
+    """Rows in/out, windows (if recorded) and truncated rows, from the manifest's units."""
     manifest = json.loads((out / "manifest.json").read_text())
     units = list(manifest.get("units", {}).values())
-    total = {"rows_in": 0, "vectors_out": 0, "truncated": 0, "unit_seconds": 0.0,
-             "windows": None}
+    total = {"rows_in": 0, "vectors_out": 0, "truncated": 0, "windows": None}
     windows = [u.get("windows") for u in units]
     for u in units:
         total["rows_in"] += u.get("rows_in") or 0
         total["vectors_out"] += u.get("vectors_out") or 0
         total["truncated"] += u.get("truncated") or 0
-        total["unit_seconds"] += u.get("seconds") or 0.0
     if units and all(isinstance(w, int) for w in windows):
         total["windows"] = sum(windows)
     return total
+
+
+def _run_summary(output: str) -> dict:
+    """The JSON summary `embedpipe run --json` printed (its last top-level JSON object), or {}."""
+    for m in re.finditer(r"(?m)^\{", output):
+        try:
+            value, _ = json.JSONDecoder().raw_decode(output[m.start():])
+        except ValueError:
+            continue
+        if isinstance(value, dict) and "seconds" in value:
+            return value
+    return {}
 
 
 def _run(cmd: Sequence[str], env: Mapping[str, str], log_path: Path) -> tuple[int, str, float]:
@@ -803,9 +813,14 @@ def evaluate(docs: str | Path, queries: str | Path, work: str | Path, *,
     work = Path(work).resolve()  # job files hold absolute paths
     (work / "jobs").mkdir(parents=True, exist_ok=True)
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    doc_table = pq.read_table(docs, columns=["id", "text", "title", "tokens"]).sort_by("id")
+    doc_table = pq.read_table(docs).sort_by("id")
     if limit is not None:
         doc_table = doc_table.slice(0, limit)
+    if "tokens" not in doc_table.column_names:
+        doc_table = doc_table.append_column(
+            "tokens", pa.array(token_counts(doc_table.column("text").to_pylist()), pa.int64()))
+    if "title" not in doc_table.column_names:
+        doc_table = doc_table.append_column("title", pa.nulls(doc_table.num_rows, pa.string()))
     ids = set(doc_table.column("id").to_pylist())
     q_table = pq.read_table(queries, columns=["query_id", "text", "doc_id"])
     q_table = q_table.filter(pc.is_in(q_table.column("doc_id"),
@@ -841,7 +856,7 @@ def evaluate(docs: str | Path, queries: str | Path, work: str | Path, *,
         job = work / "jobs" / f"{name}.toml"
         job.write_text(_job_toml(name, input_dir, out, max_length))
         sets = [a for s in (*setting.overrides, *extra_sets) for a in ("--set", s)]
-        cmd = [*cli, "run", str(job), "--mode", "overwrite", "--no-progress", *sets]
+        cmd = [*cli, "run", str(job), "--mode", "overwrite", "--no-progress", "--json", *sets]
         rc, output, seconds = _run(cmd, env, work / "logs" / f"{name}-run.log")
         entry: dict = {"overrides": list(setting.overrides), "job": str(job),
                        "command": shlex.join(cmd)}
@@ -859,6 +874,8 @@ def evaluate(docs: str | Path, queries: str | Path, work: str | Path, *,
             log.warning("%s: %s", name, entry["message"])
             continue
         counts = _manifest_counts(out)
+        summary = _run_summary(output)
+        stage = summary.get("seconds") or {}
         hits_path = work / f"hits-{name}.parquet"
         cmd = [*cli, "search", str(out), "--queries", str(q_path), "--out", str(hits_path),
                "-k", str(search_k), "--text-column", "text", "--id-column", "query_id"]
@@ -891,8 +908,14 @@ def evaluate(docs: str | Path, queries: str | Path, work: str | Path, *,
             "windows_per_document": None if windows is None else windows / max(n_docs, 1),
             "run_seconds": round(seconds, 2),
             "seconds_per_document": seconds / max(n_docs, 1),
-            "encode_seconds": round(counts["unit_seconds"], 2),
-            "encode_seconds_per_document": counts["unit_seconds"] / max(n_docs, 1),
+            "job_seconds": stage.get("total"),
+            "encode_seconds": stage.get("encode"),
+            "encode_seconds_per_document": (None if stage.get("encode") is None
+                                            else stage["encode"] / max(n_docs, 1)),
+            "real_tokens": summary.get("real_tokens"),
+            "padded_tokens": summary.get("padded_tokens"),
+            "tokens_per_document": (None if summary.get("real_tokens") is None
+                                    else summary["real_tokens"] / max(n_docs, 1)),
             "search_seconds": round(search_seconds, 2),
         })
     base = results["settings"].get("truncate", {})
@@ -902,7 +925,8 @@ def evaluate(docs: str | Path, queries: str | Path, work: str | Path, *,
                                                   / base["seconds_per_document"])
             entry["encode_ratio_to_truncate"] = (
                 entry["encode_seconds_per_document"] / base["encode_seconds_per_document"]
-                if base["encode_seconds_per_document"] else None)
+                if entry["encode_seconds_per_document"] is not None
+                and base["encode_seconds_per_document"] else None)
     table = markdown_table(results)
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (work / "results.md").write_text(table + "\n")
@@ -923,20 +947,21 @@ def markdown_table(results: Mapping) -> str:
         f"{results['max_length']} tokens; tokens per document min {t['min']}, median "
         f"{t['median']:.0f}, max {t['max']}), {results['queries']} queries, k={k}",
         "",
-        f"| setting | recall@1 | recall@{k} | windows/doc | s/doc (run) | x truncate "
-        "| encode s/doc | x truncate | status |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| setting | recall@1 | recall@{k} | windows/doc | tokens/doc | s/doc (run) "
+        "| x truncate | encode s/doc | x truncate | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, e in results["settings"].items():
         if e.get("status") != "ok":
-            lines.append(f"| {name} | - | - | - | - | - | - | - | {e.get('status')}: "
+            lines.append(f"| {name} | - | - | - | - | - | - | - | - | {e.get('status')}: "
                          f"{e.get('message', '')} |")
             continue
         lines.append(
             f"| {name} | {e['recall@1']:.3f} | {e[f'recall@{k}']:.3f} "
-            f"| {_fmt(e['windows_per_document'], '.2f')} | {e['seconds_per_document']:.3f} "
+            f"| {_fmt(e['windows_per_document'], '.2f')} | {_fmt(e.get('tokens_per_document'), '.0f')} "
+            f"| {e['seconds_per_document']:.3f} "
             f"| {_fmt(e.get('seconds_ratio_to_truncate'), '.2f')} "
-            f"| {e['encode_seconds_per_document']:.3f} "
+            f"| {_fmt(e['encode_seconds_per_document'], '.3f')} "
             f"| {_fmt(e.get('encode_ratio_to_truncate'), '.2f')} | ok |")
     return "\n".join(lines)
 

@@ -191,6 +191,14 @@ def test_recall_over_collapsed_window_hits():
     assert ranked_ids(with_doc) == {1: [70, 70, 40], 2: [80, 90]}
 
 
+def test_run_summary_is_found_in_the_output():
+    from pipeline.tools.long_docs import _run_summary
+
+    out = 'some log line {not json}\n{\n  "job": "x",\n  "seconds": {"total": 1.5}\n}\nwarning\n'
+    assert _run_summary(out) == {"job": "x", "seconds": {"total": 1.5}}
+    assert _run_summary("error: unknown key") == {}
+
+
 def test_unsupported_setting_is_recognised_and_tabled():
     err = ("error: unknown key encode.long_text; [encode] accepts: pooling, layers, "
            "layer_combine, token_pooling, normalize")
@@ -202,13 +210,14 @@ def test_unsupported_setting_is_recognised_and_tabled():
                "settings": {
                    "truncate": {"status": "ok", "recall@1": 0.5, "recall@10": 1.0,
                                 "windows_per_document": 1.0, "seconds_per_document": 2.0,
+                                "tokens_per_document": 256.0,
                                 "seconds_ratio_to_truncate": 1.0,
                                 "encode_seconds_per_document": 0.1,
                                 "encode_ratio_to_truncate": 1.0},
                    "chunk-pool": {"status": "unsupported", "message": "no chunking"}}}
     table = markdown_table(results)
-    assert "| truncate | 0.500 | 1.000 | 1.00 | 2.000 | 1.00 | 0.100 | 1.00 | ok |" in table
-    assert "| chunk-pool | - | - | - | - | - | - | - | unsupported: no chunking |" in table
+    assert "| truncate | 0.500 | 1.000 | 1.00 | 256 | 2.000 | 1.00 | 0.100 | 1.00 | ok |" in table
+    assert "| chunk-pool | - | - | - | - | - | - | - | - | unsupported: no chunking |" in table
 
 
 @pytest.mark.slow
@@ -221,10 +230,8 @@ def test_evaluate_runs_the_cli_end_to_end(tmp_path):
              "A short note about gardening and planting tomatoes in early spring."]
     docs = tmp_path / "docs"
     docs.mkdir()
-    pq.write_table(pa.table({"id": pa.array([0, 1, 2], pa.int64()), "text": texts,
-                             "title": ["a", "b", "c"],
-                             "tokens": pa.array([800, 800, 15], pa.int64())}),
-                   docs / "part-00000.parquet")
+    pq.write_table(pa.table({"id": pa.array([0, 1, 2], pa.int64()), "text": texts}),
+                   docs / "part-00000.parquet")  # no title / tokens: eval fills them in
     queries = tmp_path / "queries.parquet"
     pq.write_table(pa.table({"query_id": pa.array([0, 1, 2], pa.int64()),
                              "text": ["lava flowing toward a village", "orchestra rehearsal",
@@ -236,7 +243,8 @@ def test_evaluate_runs_the_cli_end_to_end(tmp_path):
     assert t["status"] == "ok", t
     assert t["rows_in"] == 3 and t["truncated"] == 2 and t["windows_per_document"] == 1.0
     assert 0 <= t["recall@1"] <= t["recall@2"] <= 1
-    assert t["seconds_ratio_to_truncate"] == 1.0
+    assert t["seconds_ratio_to_truncate"] == 1.0 and t["encode_seconds"] > 0
+    assert t["real_tokens"] <= 256 + 256 + 20  # two truncated texts and a short one
     assert res["settings"]["chunk-pool"]["status"] in ("ok", "unsupported")
     saved = json.loads((work / "results.json").read_text())
     assert saved["settings"]["truncate"]["recall@2"] == t["recall@2"]
