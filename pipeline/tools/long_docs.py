@@ -785,9 +785,10 @@ def _run_summary(output: str) -> dict:
     return {}
 
 
-def _run(cmd: Sequence[str], env: Mapping[str, str], log_path: Path) -> tuple[int, str, float]:
+def _run(cmd: Sequence[str], env: Mapping[str, str], log_path: Path,
+         cwd: str | None = None) -> tuple[int, str, float]:
     t0 = time.perf_counter()
-    proc = subprocess.run(list(cmd), capture_output=True, text=True, env=dict(env))
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, env=dict(env), cwd=cwd)
     seconds = time.perf_counter() - t0
     log_path.write_text(f"$ {shlex.join(cmd)}\n# exit {proc.returncode}, {seconds:.1f}s\n"
                         f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
@@ -838,7 +839,9 @@ def evaluate(docs: str | Path, queries: str | Path, work: str | Path, *,
     n_docs = doc_table.num_rows
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    root = pythonpath or str(Path(__file__).resolve().parents[2])
+    # The CLI runs in ``root`` (``-m`` puts the working folder first on sys.path), so the
+    # pipeline it imports is that checkout's, whatever the venv's editable install points at.
+    root = str(Path(pythonpath).resolve()) if pythonpath else str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join([root, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else root
     cli = [python, "-m", "pipeline.cli"]
     search_k = search_k or k
@@ -857,7 +860,7 @@ def evaluate(docs: str | Path, queries: str | Path, work: str | Path, *,
         job.write_text(_job_toml(name, input_dir, out, max_length))
         sets = [a for s in (*setting.overrides, *extra_sets) for a in ("--set", s)]
         cmd = [*cli, "run", str(job), "--mode", "overwrite", "--no-progress", "--json", *sets]
-        rc, output, seconds = _run(cmd, env, work / "logs" / f"{name}-run.log")
+        rc, output, seconds = _run(cmd, env, work / "logs" / f"{name}-run.log", root)
         entry: dict = {"overrides": list(setting.overrides), "job": str(job),
                        "command": shlex.join(cmd)}
         results["settings"][name] = entry
@@ -879,7 +882,8 @@ def evaluate(docs: str | Path, queries: str | Path, work: str | Path, *,
         hits_path = work / f"hits-{name}.parquet"
         cmd = [*cli, "search", str(out), "--queries", str(q_path), "--out", str(hits_path),
                "-k", str(search_k), "--text-column", "text", "--id-column", "query_id"]
-        rc, output, search_seconds = _run(cmd, env, work / "logs" / f"{name}-search.log")
+        rc, output, search_seconds = _run(cmd, env, work / "logs" / f"{name}-search.log",
+                                          root)
         if rc != 0:
             entry["status"] = "failed"
             entry["message"] = f"embedpipe search exited {rc}: " + " | ".join(
@@ -888,12 +892,12 @@ def evaluate(docs: str | Path, queries: str | Path, work: str | Path, *,
             continue
         hits = pq.read_table(hits_path)
         ranked = ranked_ids(hits)
-        if counts["windows"] is not None:
+        if name == "truncate":  # the manifest records windows only for chunked texts (0 here)
+            windows, windows_from = counts["vectors_out"], "one per document"
+        elif counts["windows"]:
             windows, windows_from = counts["windows"], "manifest"
         elif name == "chunk-rows":
             windows, windows_from = counts["vectors_out"], "vector rows"
-        elif name == "truncate":
-            windows, windows_from = counts["vectors_out"], "one per document"
         else:
             windows, windows_from = None, "not recorded"
         short = sum(len(collapse_ids(ranked.get(q, ()))) < k for q in truth)
@@ -999,6 +1003,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--max-length", type=int, default=256)
     e.add_argument("--python", default=sys.executable,
                    help="interpreter that runs `-m pipeline.cli` (default: this one)")
+    e.add_argument("--pythonpath", default=None, metavar="DIR",
+                   help="checkout whose pipeline/ the CLI runs (default: this one)")
     e.add_argument("--set", dest="extra_sets", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="extra --set for every run")
     args = parser.parse_args(argv)
@@ -1020,7 +1026,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = evaluate(args.docs, args.queries, args.work,
                            settings=args.settings.split(","), limit=args.limit, k=args.k,
                            search_k=args.search_k, max_length=args.max_length,
-                           python=args.python, extra_sets=args.extra_sets)
+                           python=args.python, pythonpath=args.pythonpath,
+                           extra_sets=args.extra_sets)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
