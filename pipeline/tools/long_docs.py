@@ -754,10 +754,6 @@ def _job_toml(name: str, input_path: Path, output_path: Path, max_length: int) -
     ])
 
 
-def _unsupported(stderr: str) -> bool:
-    return "unknown key" in stderr and ("long_text" in stderr or "chunks" in stderr)
-
-
 def _manifest_counts(out: Path) -> dict:
     """Rows in/out, windows (if recorded) and truncated rows, from the manifest's units."""
     manifest = json.loads((out / "manifest.json").read_text())
@@ -807,8 +803,7 @@ def evaluate(docs: str | Path, queries: str | Path, work: str | Path, *,
     ``python -m pipeline.cli run JOB --mode overwrite`` (plus the setting's ``--set``
     overrides) and searched with ``search OUT --queries ... -k search_k``. recall@1 and
     recall@k count a query as found when its ``doc_id`` is among the first 1 / k distinct
-    document ids in rank order. A setting the config rejects (chunking not in this build) is
-    reported as unsupported, not as a failure. Returns the results, also written to
+    document ids in rank order. Returns the results, also written to
     ``work/results.json``; ``work/results.md`` holds the table.
     """
     work = Path(work).resolve()  # job files hold absolute paths
@@ -865,15 +860,9 @@ def evaluate(docs: str | Path, queries: str | Path, work: str | Path, *,
                        "command": shlex.join(cmd)}
         results["settings"][name] = entry
         if rc != 0:
-            if rc == 2 and _unsupported(output):
-                entry["status"] = "unsupported"
-                entry["message"] = (f"this build's config rejects {' '.join(setting.overrides)} "
-                                    "(chunking, issue #15, not merged yet): "
-                                    + output.strip().splitlines()[-1])
-            else:
-                entry["status"] = "failed"
-                entry["message"] = f"embedpipe run exited {rc}: " + " | ".join(
-                    output.strip().splitlines()[-3:])
+            entry["status"] = "failed"
+            entry["message"] = f"embedpipe run exited {rc}: " + " | ".join(
+                output.strip().splitlines()[-3:])
             log.warning("%s: %s", name, entry["message"])
             continue
         counts = _manifest_counts(out)

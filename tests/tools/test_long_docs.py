@@ -18,7 +18,6 @@ from pipeline.tools.long_docs import (
     PYDOC_DEBS,
     Block,
     _cached_deb,
-    _unsupported,
     blocks_to_text,
     collapse_ids,
     evaluate,
@@ -199,11 +198,7 @@ def test_run_summary_is_found_in_the_output():
     assert _run_summary("error: unknown key") == {}
 
 
-def test_unsupported_setting_is_recognised_and_tabled():
-    err = ("error: unknown key encode.long_text; [encode] accepts: pooling, layers, "
-           "layer_combine, token_pooling, normalize")
-    assert _unsupported(err)
-    assert not _unsupported("error: input.path: no *.parquet files under x")
+def test_results_are_tabled_with_failures_named():
     results = {"documents": 2, "queries": 2, "k": 10, "max_length": 256,
                "documents_over_max_length": 2,
                "tokens_per_document": {"min": 300, "median": 400, "max": 500},
@@ -214,16 +209,16 @@ def test_unsupported_setting_is_recognised_and_tabled():
                                 "seconds_ratio_to_truncate": 1.0,
                                 "encode_seconds_per_document": 0.1,
                                 "encode_ratio_to_truncate": 1.0},
-                   "chunk-pool": {"status": "unsupported", "message": "no chunking"}}}
+                   "chunk-pool": {"status": "failed", "message": "embedpipe run exited 1"}}}
     table = markdown_table(results)
     assert "| truncate | 0.500 | 1.000 | 1.00 | 256 | 2.000 | 1.00 | 0.100 | 1.00 | ok |" in table
-    assert "| chunk-pool | - | - | - | - | - | - | - | - | unsupported: no chunking |" in table
+    assert "| chunk-pool | - | - | - | - | - | - | - | - | failed: embedpipe run exited 1 |" in table
 
 
 @pytest.mark.slow
 def test_evaluate_runs_the_cli_end_to_end(tmp_path):
-    """Three real texts through `embedpipe run` and `search` (truncate), and chunk+pool either
-    scored (once #15 lands) or reported as unsupported, never as a failure."""
+    """Three real texts through `embedpipe run` and `search`, truncated and chunked: the needle
+    at the end of a long text is found when its window is searched."""
     lead = "Background material about an unrelated subject fills the start. " * 60
     texts = [lead + "The volcano erupted and lava flowed toward the fishing village at night.",
              lead + "The orchestra rehearsed the symphony in the old concert hall all week.",
@@ -238,14 +233,16 @@ def test_evaluate_runs_the_cli_end_to_end(tmp_path):
                                       "planting tomatoes in spring"],
                              "doc_id": pa.array([0, 1, 2], pa.int64())}), queries)
     work = tmp_path / "work"
-    res = evaluate(docs, queries, work, settings=("truncate", "chunk-pool"), k=2)
+    res = evaluate(docs, queries, work, settings=("truncate", "chunk-rows"), k=2)
     t = res["settings"]["truncate"]
     assert t["status"] == "ok", t
     assert t["rows_in"] == 3 and t["truncated"] == 2 and t["windows_per_document"] == 1.0
     assert 0 <= t["recall@1"] <= t["recall@2"] <= 1
     assert t["seconds_ratio_to_truncate"] == 1.0 and t["encode_seconds"] > 0
     assert t["real_tokens"] <= 256 + 256 + 20  # two truncated texts and a short one
-    assert res["settings"]["chunk-pool"]["status"] in ("ok", "unsupported")
+    chunked = res["settings"]["chunk-rows"]  # the needle's own window is searched
+    assert chunked["status"] == "ok", chunked
+    assert chunked["recall@1"] == 1.0 and chunked["windows_per_document"] > 1
     saved = json.loads((work / "results.json").read_text())
     assert saved["settings"]["truncate"]["recall@2"] == t["recall@2"]
     assert (work / "results.md").read_text().startswith("3 documents")
