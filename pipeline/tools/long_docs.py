@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -798,7 +799,7 @@ def evaluate(docs: str | Path, queries: str | Path, work: str | Path, *,
              extra_sets: Sequence[str] = ()) -> dict:
     """Embed ``docs`` with the real CLI once per setting, search ``queries`` and score them.
 
-    The first ``limit`` documents by id (all when None) and their queries are copied to
+    ``limit`` documents spread evenly over the ids (all when None) and their queries are copied to
     ``work``; for each setting a job file is written to ``work/jobs/``, run with
     ``python -m pipeline.cli run JOB --mode overwrite`` (plus the setting's ``--set``
     overrides) and searched with ``search OUT --queries ... -k search_k``. recall@1 and
@@ -810,8 +811,9 @@ def evaluate(docs: str | Path, queries: str | Path, work: str | Path, *,
     (work / "jobs").mkdir(parents=True, exist_ok=True)
     (work / "logs").mkdir(parents=True, exist_ok=True)
     doc_table = pq.read_table(docs).sort_by("id")
-    if limit is not None:
-        doc_table = doc_table.slice(0, limit)
+    if limit is not None and limit < doc_table.num_rows:  # evenly spread over both sources
+        spread = np.unique(np.linspace(0, doc_table.num_rows - 1, limit).round().astype(np.int64))
+        doc_table = doc_table.take(pa.array(spread))
     if "tokens" not in doc_table.column_names:
         doc_table = doc_table.append_column(
             "tokens", pa.array(token_counts(doc_table.column("text").to_pylist()), pa.int64()))
