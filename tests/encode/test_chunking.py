@@ -4,6 +4,8 @@ pooled vectors against a direct computation: each window through `AutoModel` alo
 token-weighted mean."""
 from __future__ import annotations
 
+import unicodedata
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -195,3 +197,34 @@ def test_reject_judges_a_sentence_pair_by_max_length(bundled_model):
     assert too_long(tokenizer, pairs, policy).tolist() == [False, True]
     single = tokenizer(["a b c d e f g h i j", "a b c d e f g h i j k"])
     assert too_long(tokenizer, single, policy).tolist() == [False, True]
+
+
+def test_every_window_gets_the_prompt_after_the_opening_special_token(bundled_model):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(bundled_model.path)
+    ours = TextTokenizer(bundled_model.path, max_length=24, prompt="passage: ")
+    prompt = hf("passage: ", add_special_tokens=False)["input_ids"]
+    policy = ChunkPolicy("chunk", 24 - ours.n_fixed, 4, max_chunks=100, rows=True)
+    text = MULTILINGUAL[1]
+    windows = cut_windows(ours, [text], ours([text]), policy)
+    own = hf(text, add_special_tokens=False)["input_ids"]
+    assert len(windows.ids) > 3
+    for ids, start, end in zip(windows.ids, windows.token_start, windows.token_end):
+        assert ids == [hf.cls_token_id, *prompt, *own[start:end], hf.sep_token_id]
+        assert len(ids) <= 24
+
+
+def test_offsets_of_lowercased_text_point_into_the_original(bundled_model):
+    """sentence-transformers' do_lower_case lower-cases before the tokenizer; 'İ' lower-cases to
+    two characters, so offsets into the lowered text are mapped back to the original's."""
+    ours = TextTokenizer(bundled_model.path, max_length=16, lowercase=True)
+    text = "İSTANBUL and İzmir are CITIES in Türkiye, İ İ İ and more words after them"
+    ids, offsets = ours.content(text)
+    lowered = ours.backend.encode(text.lower(), add_special_tokens=False)
+    assert ids.tolist() == lowered.ids
+    for (a, b), token in zip(offsets, lowered.tokens):
+        piece = "".join(c for c in unicodedata.normalize("NFD", text[a:b].lower())
+                        if not unicodedata.combining(c))  # as the tokenizer strips accents
+        assert token.removeprefix("##") in piece or token == "[UNK]", (token, text[a:b])
+    assert offsets[-1][1] == len(text)
