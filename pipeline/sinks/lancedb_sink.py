@@ -162,7 +162,7 @@ class LanceSink(Sink):
         out = []
         for query in queries:
             hits = (table.search(np.asarray(query, np.float32)).distance_type(distance)
-                    .select(["id", *columns]).limit(k).to_arrow())
+                    .select(["id", *columns, "_distance"]).limit(k).to_arrow())
             d = hits.column("_distance").to_numpy()
             score = 1.0 - d if distance == "dot" else d  # LanceDB's dot distance is 1 - dot
             out.append(pa.table({"id": hits.column("id"), "score": pa.array(score, pa.float32()),
