@@ -22,7 +22,8 @@ def pg_type(field: pa.Field, vector_type: str, dim: int) -> str:
     if pa.types.is_boolean(t):
         return "boolean"
     if pa.types.is_integer(t):
-        return "bigint" if t.bit_width > 16 or pa.types.is_unsigned(t) else "integer"
+        return "bigint" if t.bit_width > 32 or (t.bit_width == 32 and pa.types.is_unsigned_integer(t)) \
+            else "integer"
     if pa.types.is_floating(t):
         return "double precision"
     return "text"  # strings, and any other type as its text form
@@ -90,7 +91,7 @@ def encode(table: pa.Table, vector_type: str = "vector") -> bytes:
         elif pa.types.is_boolean(t):
             pieces.fixed(np.asarray(column.fill_null(False)).astype(np.uint8), valid)
         elif pa.types.is_integer(t):
-            kind = ">i8" if t.bit_width > 16 or pa.types.is_unsigned(t) else ">i4"
+            kind = ">i8" if pg_type(pa.field(name, t), "", 0) == "bigint" else ">i4"
             pieces.fixed(np.asarray(column.fill_null(0)).astype(kind), valid)
         elif pa.types.is_floating(t):
             pieces.fixed(np.asarray(column.cast(pa.float64()).fill_null(0)).astype(">f8"), valid)
