@@ -34,6 +34,9 @@ class SinkSearcher(Searcher):
         self.sink = sinks_of(config, [sink])[0]
         self.embedder = TextEmbedder(self.record, device, purpose="query")  # refuses other settings
         self.sink.open()
+        if self.sink.count() is None:
+            raise ConfigError(f'sink "{sink}": {self.sink.describe()} does not exist; '
+                              f"`embedpipe sync {out}` makes it")
         ledger = Ledger(self.store)
         Marker.of_folder(ledger, self.sink.cfg).refuse_other(self.sink, self.sink.marker())
         for why in pending(ledger, self.sink):

@@ -1,7 +1,7 @@
 """`embedpipe sync OUT`: bring OUT's sinks in step with its committed parts, without the model.
 
 The sinks are those the folder's last run recorded (its job's [[sink]] tables), or with
-`--job FILE` those of FILE, which are then recorded too (how a sink is added to a finished
+`--job FILE` those of FILE (or of them, those given with --sink), which are then recorded too (how a sink is added to a finished
 folder; the job file keeps it in step on later runs). Used after a table was wiped or dropped,
 after a sink failed at the end of a run, or with `--full` to rewrite every row.
 """
@@ -51,18 +51,24 @@ def sync_folder(url: str, job_file: str | None = None, names: tuple[str, ...] = 
         added = [dataclasses.asdict(s) for s in load_job(job_file).sink]
         if not added:
             raise ConfigError(f"{job_file} names no [[sink]]")
+        if names:  # only the chosen ones are synced and recorded
+            missing = [n for n in names if n not in {s["name"] for s in added}]
+            if missing:
+                raise ConfigError(f"{job_file} has no sink named {missing[0]!r}; it has: "
+                                  f"{', '.join(s['name'] for s in added)}")
+            added = [s for s in added if s["name"] in names]
         new = {s["name"] for s in added}
         recorded = [s for s in recorded if s.get("name") not in new] + added
     config["sink"] = recorded
-    everything = sinks_of(config)  # extras installed, DSN variables set: else one line
-    if not everything:
+    if not recorded:
         raise ConfigError(f"{url}: its job names no [[sink]]; add [[sink]] tables to the job "
                           f"file and give it with --job FILE")
-    unknown = [n for n in names if n not in {s.name for s in everything}]
+    have = [s.get("name") for s in recorded]
+    unknown = [n for n in names if n not in have]
     if unknown:
-        raise ConfigError(f"{url} has no sink named {unknown[0]!r}; it has: "
-                          f"{', '.join(s.name for s in everything)}")
-    sinks = [s for s in everything if not names or s.name in names]
+        raise ConfigError(f"{url} has no sink named {unknown[0]!r}; it has: {', '.join(have)}")
+    # only the chosen sinks are made: another's missing extra or DSN does not stop this one
+    sinks = sinks_of(config, list(names) or None)
     try:
         preflight(sinks, manifest.get("settings_hash") or "")
         acquire_lock(store)
