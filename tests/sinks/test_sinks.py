@@ -175,9 +175,37 @@ def run_and_kill(job: Path, point: str, tmp_path: Path, env: dict) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
+def changed_corpus(folder: Path, texts: list[str]) -> None:
+    """The incremental step of the crash tests: a file changed (120 -> 50 rows), one removed."""
+    write_shards(folder, [shard(texts[600:650], 1000)], ["part-00001.parquet"])
+    (folder / "part-00002.parquet").unlink()
+
+
+@pytest.fixture(scope="module")
+def clean_rows(tmp_path_factory, movie_table, tiny_model, pg_dsn):
+    """The sinks of an uninterrupted run on the changed input: (pgvector rows, LanceDB rows)."""
+    tmp = tmp_path_factory.mktemp("clean")
+    texts = movie_table.column("text").to_pylist()
+    write_shards(tmp / "input", [shard(texts[i * 120:(i + 1) * 120], i * 1000) for i in range(3)])
+    changed_corpus(tmp / "input", texts)
+    table = "t_clean_" + uuid.uuid4().hex[:8]
+    os.environ[DSN_ENV] = pg_dsn
+    try:
+        assert run(job_dict(tmp / "input", tmp / "out", tiny_model,
+                            sinks_for(tmp, table))).failures == []
+    finally:
+        del os.environ[DSN_ENV]
+    return pg_rows(pg_dsn, table), lance_rows(tmp / "db.lance", table)
+
+
+def assert_same_rows(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    assert all(np.array_equal(a[i][0], b[i][0]) and a[i][1:] == b[i][1:] for i in a)
+
+
 @pytest.mark.parametrize("point", ["sink-copy", "sink-merge", "sink:1", "sink:2"])
 def test_kill_minus_nine_during_a_sink_load_then_rerun_equals_a_clean_run(
-        tmp_path, corpus, tiny_model, pg_dsn, table_name, monkeypatch, point):
+        tmp_path, corpus, tiny_model, pg_dsn, table_name, monkeypatch, point, clean_rows):
     """sink-copy: in the middle of PostgreSQL's COPY; sink-merge: in the middle of LanceDB's
     merge_insert; sink:N: after the N-th sink committed, before the manifest records it. The
     kill comes in an incremental run (a file changed, one removed), so the tables hold old
@@ -188,8 +216,7 @@ def test_kill_minus_nine_during_a_sink_load_then_rerun_equals_a_clean_run(
     raw = job_dict(folder, out, tiny_model, sinks_for(tmp_path, table_name))
     assert run(raw).failures == []
     time.sleep(0.01)
-    write_shards(folder, [shard(texts[600:650], 1000)], ["part-00001.parquet"])
-    (folder / "part-00002.parquet").unlink()
+    changed_corpus(folder, texts)
     job = write_job_file(tmp_path / "job.toml", raw)
     run_and_kill(job, point, tmp_path, {DSN_ENV: pg_dsn})
     if point == "sink-copy":  # the transaction never committed: the old rows, untouched
@@ -199,15 +226,12 @@ def test_kill_minus_nine_during_a_sink_load_then_rerun_equals_a_clean_run(
     summary = json.loads(rerun.stdout)
     assert summary["folder_vectors"] == 120 + 50
     assert_both_equal(tmp_path, out, pg_dsn, table_name)
-    # ... and equal to a clean run of the same input into fresh tables
-    clean = job_dict(folder, tmp_path / "clean", tiny_model,
-                     sinks_for(tmp_path / "c", table_name + "_c"))
-    assert run(clean).failures == []
-    a, b = pg_rows(pg_dsn, table_name), pg_rows(pg_dsn, table_name + "_c")
-    assert sorted(a) == sorted(b)
-    assert all(np.array_equal(a[i][0], b[i][0]) and a[i][1:] == b[i][1:] for i in a)
-    verify = embedpipe("verify", out, env={DSN_ENV: pg_dsn})
-    assert verify.returncode == 0, verify.stdout + verify.stderr
+    # ... and equal to an uninterrupted run of the same input into fresh tables
+    assert_same_rows(pg_rows(pg_dsn, table_name), clean_rows[0])
+    assert_same_rows(lance_rows(tmp_path / "db.lance", table_name), clean_rows[1])
+    from pipeline.commands.verify import verify_folder
+    verdict = verify_folder(str(out))
+    assert verdict.ok and verdict.sinks == ["lance", "pg"], verdict.problems
 
 
 def test_sync_adds_a_sink_later_and_restores_a_wiped_one(
