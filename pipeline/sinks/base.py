@@ -148,24 +148,24 @@ class Sink:
         """Rows in the table; None when it does not exist."""
         raise NotImplementedError
 
-    def load(self, schema: pa.Schema, blocks: Iterator[pa.Table], keep: pa.Array | None,
+    def load(self, schema: pa.Schema, blocks: Iterator[pa.Table], keep: pa.Table | None,
              marker: Marker) -> tuple[int, int]:
-        """Upsert the blocks by id and, when keep is given, delete every id not in it; create
-        the table (with the marker) when missing. All or nothing where the engine allows.
-        Returns (rows upserted, rows deleted)."""
+        """Upsert the blocks by key (`key_columns(schema)`) and, when keep (a table of the key
+        columns) is given, delete every key not in it; create the table (with the marker) when
+        missing. All or nothing where the engine allows. Returns (rows upserted, deleted)."""
         raise NotImplementedError
 
     def ensure_index(self, rows: int) -> str:
         """Build the ANN index after a load if the config asks for one and it is missing."""
         return ""
 
-    def id_difference(self, ids: pa.Array) -> tuple[int, int, list]:
-        """(ids of the folder missing from the table, ids in the table not in the folder,
-        a few examples of either)."""
+    def id_difference(self, keys: pa.Table) -> tuple[int, int, list]:
+        """(keys of the folder missing from the table, keys in the table not in the folder,
+        a few examples of either); keys: a table of the key columns."""
         raise NotImplementedError
 
-    def vectors_of(self, ids: list) -> dict:
-        """id -> float32 vector, for the given ids that the table holds."""
+    def vectors_of(self, keys: list[tuple]) -> dict:
+        """key tuple -> float32 vector, for the given keys that the table holds."""
         raise NotImplementedError
 
     def search(self, queries: np.ndarray, k: int, columns: list[str]) -> list[pa.Table]:
@@ -217,9 +217,22 @@ def folder_state(ledger: Ledger) -> dict[str, str]:
     return {r.key: unit_version(r) for r in ledger.complete_units()}
 
 
-def folder_ids(store: Store, files: list[str]) -> pa.Array:
-    chunks = [c for t in VectorParts(store, files).read(["id"]) for c in t.column("id").chunks]
-    return pa.chunked_array(chunks).combine_chunks() if chunks else pa.array([], pa.int64())
+def key_columns(schema: pa.Schema) -> list[str]:
+    """A row's key in a sink: its id, or (id, chunk) where a row is one window of a text."""
+    return ["id", "chunk"] if "chunk" in schema.names else ["id"]
+
+
+def folder_keys(store: Store, files: list[str]) -> pa.Table:
+    """The key columns of every committed row, in row order."""
+    keys = key_columns(_part_schema(store, files))
+    tables = list(VectorParts(store, files).read(keys))
+    if not tables:
+        return pa.table({"id": pa.array([], pa.int64())})
+    return pa.concat_tables(t.replace_schema_metadata(None) for t in tables).combine_chunks()
+
+
+def key_tuples(keys: pa.Table) -> list[tuple]:
+    return list(zip(*(keys.column(c).to_pylist() for c in keys.column_names)))
 
 
 def recorded(ledger: Ledger, sink: Sink) -> dict | None:
@@ -262,7 +275,7 @@ def sync_sink(sink: Sink, ledger: Ledger, full: bool = False) -> SinkLoad:
     report.full = not trusted
     files = [f for r in todo for f in r.vector_files]
     if todo or stale or not trusted:
-        keep = folder_ids(store, ledger.vector_files()) if (stale or not trusted) else None
+        keep = folder_keys(store, ledger.vector_files()) if (stale or not trusted) else None
         parts = VectorParts(store, files)
         schema = _part_schema(store, ledger.vector_files())
         blocks = _blocks(parts, schema)
@@ -270,7 +283,7 @@ def sync_sink(sink: Sink, ledger: Ledger, full: bool = False) -> SinkLoad:
         report.units = len(todo)
     report.seconds = time.perf_counter() - tick
     after = sink.count() or 0
-    expected = sum(r.vectors_out for r in units)
+    expected = sum(ledger.vector_parts().rows())  # rows, also where a row is a window
     if after != expected:
         raise SinkError(f'sink "{sink.name}": after the sync {sink.describe()} holds {after:,} rows, the folder '
                         f"{expected:,}; was the table written by something else meanwhile?")
@@ -317,23 +330,26 @@ def compare_sink(sink: Sink, ledger: Ledger, seed: int = 0) -> list[str]:
         return [str(exc)]
     problems = pending(ledger, sink)
     files = ledger.vector_files()
-    ids = folder_ids(store, files)
+    keys = folder_keys(store, files)
     count = sink.count()
-    if count != len(ids):
-        problems.append(f"{where}: holds {count:,} rows, the folder {len(ids):,}")
-    missing, extra, examples = sink.id_difference(ids)
+    if count != keys.num_rows:
+        problems.append(f"{where}: holds {count:,} rows, the folder {keys.num_rows:,}")
+    missing, extra, examples = sink.id_difference(keys)
     if missing or extra:
+        shown = ", ".join(str(e[0] if len(e) == 1 else e) for e in examples[:5])
         problems.append(f"{where}: {missing:,} of the folder's ids missing, {extra:,} ids not "
-                        f"in the folder (e.g. {', '.join(map(str, examples[:5]))})")
-    if len(ids):
+                        f"in the folder (e.g. {shown})")
+    if keys.num_rows:
         rng = np.random.default_rng(seed)
-        positions = np.sort(rng.choice(len(ids), min(SAMPLE, len(ids)), replace=False))
+        positions = np.sort(rng.choice(keys.num_rows, min(SAMPLE, keys.num_rows), replace=False))
         want = VectorParts(store, files).sample(positions)
-        got = sink.vectors_of([ids[int(p)].as_py() for p in positions])
-        bad = [ids[int(p)].as_py() for p, v in zip(positions, want)
-               if (g := got.get(ids[int(p)].as_py())) is None or g.shape != v.shape
+        sample = key_tuples(keys.take(pa.array(positions)))
+        got = sink.vectors_of(sample)
+        bad = [key for key, v in zip(sample, want)
+               if (g := got.get(key)) is None or g.shape != v.shape
                or not np.allclose(g, v, rtol=sink.tolerance, atol=sink.tolerance)]
         if bad:
+            shown = bad[0][0] if len(bad[0]) == 1 else bad[0]
             problems.append(f"{where}: {len(bad)} of {len(positions)} sampled vectors differ "
-                            f"from the folder's (e.g. id {bad[0]})")
+                            f"from the folder's (e.g. id {shown})")
     return problems

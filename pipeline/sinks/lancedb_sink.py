@@ -13,11 +13,10 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from ..config import ConfigError, SinkConfig
 from ..faults import checkpoint
-from .base import Marker, Sink, SinkError, one_line
+from .base import Marker, Sink, SinkError, key_columns, key_tuples, one_line
 
 MARKER_KEY = b"embedpipe"
 DELETE_CHUNK = 2000  # ids per delete predicate
@@ -90,7 +89,7 @@ class LanceSink(Sink):
             return pa.field("vector", pa.list_(pa.float32(), field.type.list_size))
         return field
 
-    def load(self, schema: pa.Schema, blocks: Iterator[pa.Table], keep: pa.Array | None,
+    def load(self, schema: pa.Schema, blocks: Iterator[pa.Table], keep: pa.Table | None,
              marker: Marker) -> tuple[int, int]:
         table = self._table()
         if table is None:
@@ -115,41 +114,61 @@ class LanceSink(Sink):
             if first is not None:
                 stream = itertools.chain([first], batches_left)
                 reader = pa.RecordBatchReader.from_batches(target.remove_metadata(), stream)
-                (table.merge_insert("id").when_matched_update_all()
+                (table.merge_insert(key_columns(target)).when_matched_update_all()
                  .when_not_matched_insert_all().execute(reader))
             deleted = self._delete_absent(table, keep) if keep is not None else 0
         except (OSError, RuntimeError, ValueError) as exc:
             raise SinkError(f'sink "{self.name}": {self.describe()}: {one_line(exc)}') from None
         return counted[0], deleted
 
-    def _ids(self, table) -> pa.Array:
-        ids = table.search().select(["id"]).limit(None).to_arrow().column("id")
-        return ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    def _keys(self, table) -> pa.Table:
+        keys = key_columns(table.schema)
+        return table.search().select(keys).limit(None).to_arrow().select(keys).combine_chunks()
 
-    def _delete_absent(self, table, keep: pa.Array) -> int:
-        held = self._ids(table)
-        absent = held.filter(pc.invert(pc.is_in(held, value_set=keep.cast(held.type)))).to_pylist()
-        for start in range(0, len(absent), DELETE_CHUNK):
-            chunk = absent[start:start + DELETE_CHUNK]
-            table.delete(f"id IN ({', '.join(map(_literal, chunk))})")
-        return len(absent)
+    @staticmethod
+    def _absent(left: pa.Table, right: pa.Table) -> pa.Table:
+        """Rows of left whose key is not in right."""
+        keys = left.column_names
+        right = right.select(keys).cast(left.schema)
+        return left.join(right, keys, join_type="left anti")
 
-    def id_difference(self, ids: pa.Array) -> tuple[int, int, list]:
-        held = self._ids(self._table())
-        ids = ids.cast(held.type)
-        missing = ids.filter(pc.invert(pc.is_in(ids, value_set=held)))
-        extra = held.filter(pc.invert(pc.is_in(held, value_set=ids)))
-        return len(missing), len(extra), (missing.to_pylist()[:5] + extra.to_pylist()[:5])
+    def _predicates(self, keys: pa.Table) -> Iterator[str]:
+        """Filters matching exactly the given keys, a few thousand at a time."""
+        if keys.num_columns == 1:
+            values = keys.column(0).to_pylist()
+            for start in range(0, len(values), DELETE_CHUNK):
+                yield f"id IN ({', '.join(map(_literal, values[start:start + DELETE_CHUNK]))})"
+            return
+        by_id: dict = {}
+        for key, chunk in key_tuples(keys):
+            by_id.setdefault(key, []).append(chunk)
+        items = list(by_id.items())
+        for start in range(0, len(items), DELETE_CHUNK // 4):
+            yield " OR ".join(f"(id = {_literal(k)} AND chunk IN ({', '.join(map(str, c))}))"
+                              for k, c in items[start:start + DELETE_CHUNK // 4])
 
-    def vectors_of(self, ids: list) -> dict:
+    def _delete_absent(self, table, keep: pa.Table) -> int:
+        absent = self._absent(self._keys(table), keep)
+        for predicate in self._predicates(absent):
+            table.delete(predicate)
+        return absent.num_rows
+
+    def id_difference(self, keys: pa.Table) -> tuple[int, int, list]:
+        held = self._keys(self._table())
+        keys = keys.select(held.column_names)
+        missing, extra = self._absent(keys, held), self._absent(held, keys)
+        return (missing.num_rows, extra.num_rows,
+                key_tuples(missing.slice(0, 5)) + key_tuples(extra.slice(0, 5)))
+
+    def vectors_of(self, keys: list[tuple]) -> dict:
         table = self._table()
+        names = key_columns(table.schema)
+        wanted = pa.table({n: [k[i] for k in keys] for i, n in enumerate(names)})
         out = {}
-        for start in range(0, len(ids), DELETE_CHUNK):
-            chunk = ids[start:start + DELETE_CHUNK]
-            rows = (table.search().where(f"id IN ({', '.join(map(_literal, chunk))})")
-                    .select(["id", "vector"]).limit(None).to_arrow())
-            for i, v in zip(rows.column("id").to_pylist(), rows.column("vector").to_pylist()):
-                out[i] = np.asarray(v, np.float32)
+        for predicate in self._predicates(wanted):
+            rows = table.search().where(predicate).select([*names, "vector"]).limit(None).to_arrow()
+            for key, v in zip(key_tuples(rows.select(names)), rows.column("vector").to_pylist()):
+                out[key] = np.asarray(v, np.float32)
         return out
 
     def search(self, queries: np.ndarray, k: int, columns: list[str]) -> list[pa.Table]:

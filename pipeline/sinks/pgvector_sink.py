@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from ..config import ConfigError, SinkConfig
 from ..faults import checkpoint
-from .base import Marker, Sink, SinkError, one_line
+from .base import Marker, Sink, SinkError, key_columns, one_line
 from .pg_copy import HEADER, TRAILER, encode, pg_type
 
 HALFVEC_SINCE = (0, 7, 0)
@@ -125,10 +125,11 @@ class PgSink(Sink):
         columns = []
         for field in schema:
             kind = pg_type(field, self.cfg.vector_type, marker.dim)
-            extra = " PRIMARY KEY" if field.name == "id" else (
-                " NOT NULL" if field.name == "vector" else "")
+            extra = " NOT NULL" if field.name == "vector" else ""
             columns.append(sql.SQL("{} {}{}").format(sql.Identifier(field.name), sql.SQL(kind),
                                                      sql.SQL(extra)))
+        columns.append(sql.SQL("PRIMARY KEY ({})").format(
+            sql.SQL(", ").join(map(sql.Identifier, key_columns(schema)))))
         cur.execute(sql.SQL("CREATE TABLE {} ({})").format(self.ident, sql.SQL(", ").join(columns)))
         cur.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(self.ident,
                                                                 sql.Literal(marker.to_json())))
@@ -148,15 +149,26 @@ class PgSink(Sink):
             copy.write(TRAILER)
         return rows
 
-    def _keep_table(self, cur, keep: pa.Array, id_kind: str) -> None:
+    def _keep_table(self, cur, keep: pa.Table) -> None:
+        """The folder's keys in a temporary table, by binary COPY."""
         sql = self.sql
-        cur.execute(sql.SQL("CREATE TEMP TABLE embedpipe_keep (id {} PRIMARY KEY) "
-                            "ON COMMIT DROP").format(sql.SQL(id_kind)))
-        blocks = (pa.table({"id": keep.slice(s, 65536)}) for s in range(0, len(keep), 65536))
-        self._copy(cur, sql.Identifier("embedpipe_keep"), ["id"], blocks, "sink-keep")
+        names = keep.column_names
+        cur.execute(sql.SQL("CREATE TEMP TABLE embedpipe_keep ({}, PRIMARY KEY ({})) "
+                            "ON COMMIT DROP").format(
+            sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(f.name),
+                                                       sql.SQL(pg_type(f, "", 0)))
+                               for f in keep.schema),
+            sql.SQL(", ").join(map(sql.Identifier, names))))
+        blocks = (keep.slice(s, 65536) for s in range(0, keep.num_rows, 65536))
+        self._copy(cur, sql.Identifier("embedpipe_keep"), names, blocks, "sink-keep")
         cur.execute("ANALYZE embedpipe_keep")
 
-    def load(self, schema: pa.Schema, blocks: Iterator[pa.Table], keep: pa.Array | None,
+    def _same_key(self, names: list[str]):
+        sql = self.sql
+        return sql.SQL(" AND ").join(sql.SQL("k.{0} = t.{0}").format(sql.Identifier(n))
+                                     for n in names)
+
+    def load(self, schema: pa.Schema, blocks: Iterator[pa.Table], keep: pa.Table | None,
              marker: Marker) -> tuple[int, int]:
         sql = self.sql
         names = schema.names
@@ -176,12 +188,14 @@ class PgSink(Sink):
                     upserted = self._copy(cur, sql.Identifier("embedpipe_stage"), names, blocks,
                                           "sink-copy")
                     cols = sql.SQL(", ").join(map(sql.Identifier, names))
-                    rest = [n for n in names if n != "id"]
+                    keys = key_columns(schema)
+                    rest = [n for n in names if n not in keys]
                     cur.execute(sql.SQL(
                         "INSERT INTO {t} AS t ({cols}) SELECT {cols} FROM embedpipe_stage "
-                        "ON CONFLICT (id) DO UPDATE SET {sets} "
+                        "ON CONFLICT ({keys}) DO UPDATE SET {sets} "
                         "WHERE ({old}) IS DISTINCT FROM ({new})").format(
                         t=self.ident, cols=cols,
+                        keys=sql.SQL(", ").join(map(sql.Identifier, keys)),
                         sets=sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(
                             sql.Identifier(n)) for n in rest),
                         old=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(n))
@@ -189,10 +203,11 @@ class PgSink(Sink):
                         new=sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(n))
                                                for n in rest)))
                 if keep is not None:
-                    self._keep_table(cur, keep, "bigint" if marker.id_type == "int64" else "text")
+                    self._keep_table(cur, keep)
                     cur.execute(sql.SQL(
                         "DELETE FROM {} AS t WHERE NOT EXISTS "
-                        "(SELECT 1 FROM embedpipe_keep k WHERE k.id = t.id)").format(self.ident))
+                        "(SELECT 1 FROM embedpipe_keep k WHERE {})").format(
+                        self.ident, self._same_key(keep.column_names)))
                     deleted = cur.rowcount
         except self.psycopg.Error as exc:
             raise SinkError(f'sink "{self.name}": {self.describe()}: {one_line(exc)}') from None
@@ -239,28 +254,38 @@ class PgSink(Sink):
         return f"lists = {lists}"
 
     # -- reading back ----------------------------------------------------------------------
-    def id_difference(self, ids: pa.Array) -> tuple[int, int, list]:
+    def id_difference(self, keys: pa.Table) -> tuple[int, int, list]:
         sql = self.sql
-        id_kind = "bigint" if pa.types.is_integer(ids.type) else "text"
+        cols = sql.SQL(", ").join(sql.SQL("x.{}").format(sql.Identifier(n))
+                                  for n in keys.column_names)
+        found = {}
         try:
             with self.conn.transaction() as tx, self.conn.cursor() as cur:
-                self._keep_table(cur, ids, id_kind)
-                cur.execute(sql.SQL("SELECT k.id FROM embedpipe_keep k WHERE NOT EXISTS "
-                                    "(SELECT 1 FROM {} t WHERE t.id = k.id)").format(self.ident))
-                missing = [r[0] for r in cur.fetchall()]
-                cur.execute(sql.SQL("SELECT t.id FROM {} t WHERE NOT EXISTS "
-                                    "(SELECT 1 FROM embedpipe_keep k WHERE k.id = t.id)")
-                            .format(self.ident))
-                extra = [r[0] for r in cur.fetchall()]
+                self._keep_table(cur, keys)
+                for side, a, b in (("missing", "embedpipe_keep", self.ident),
+                                   ("extra", self.ident, "embedpipe_keep")):
+                    a = sql.Identifier(a) if isinstance(a, str) else a
+                    b = sql.Identifier(b) if isinstance(b, str) else b
+                    cur.execute(sql.SQL("SELECT {cols} FROM {a} x WHERE NOT EXISTS (SELECT 1 "
+                                        "FROM {b} y WHERE {same})").format(
+                        cols=cols, a=a, b=b, same=sql.SQL(" AND ").join(
+                            sql.SQL("x.{0} = y.{0}").format(sql.Identifier(n))
+                            for n in keys.column_names)))
+                    found[side] = cur.fetchall()
                 tx.force_rollback = True
         except self.psycopg.Error as exc:
             raise SinkError(f'sink "{self.name}": {one_line(exc)}') from None
-        return len(missing), len(extra), missing[:5] + extra[:5]
+        missing, extra = found["missing"], found["extra"]
+        return len(missing), len(extra), [tuple(r) for r in missing[:5] + extra[:5]]
 
-    def vectors_of(self, ids: list) -> dict:
-        rows = self._execute(self.sql.SQL("SELECT id, vector::text FROM {} WHERE id = ANY(%s)")
-                             .format(self.ident), (ids,))
-        return {i: np.asarray(json.loads(v), np.float32) for i, v in rows}
+    def vectors_of(self, keys: list[tuple]) -> dict:
+        names = ["id", "chunk"] if keys and len(keys[0]) == 2 else ["id"]
+        rows = self._execute(self.sql.SQL("SELECT {}, vector::text FROM {} WHERE id = ANY(%s)")
+                             .format(self.sql.SQL(", ").join(map(self.sql.Identifier, names)),
+                                     self.ident), ([k[0] for k in keys],))
+        wanted = set(keys)
+        return {tuple(r[:-1]): np.asarray(json.loads(r[-1]), np.float32) for r in rows
+                if tuple(r[:-1]) in wanted}
 
     @property
     def tolerance(self) -> float:

@@ -55,7 +55,7 @@ def measure(sink, rows: int, dim: int) -> list[tuple[str, float]]:
         tick = time.perf_counter()
         upserted, _ = sink.load(schema, iter(data), keep, marker)
         out.append((label, upserted / (time.perf_counter() - tick)))
-    keep = pa.array(np.arange(rows // 10, rows), pa.int64())
+    keep = pa.table({"id": pa.array(np.arange(rows // 10, rows), pa.int64())})
     tick = time.perf_counter()
     _, deleted = sink.load(schema, iter(()), keep, marker)
     out.append((f"delete {deleted:,} ids absent from the folder", deleted / (time.perf_counter() - tick)))

@@ -413,3 +413,41 @@ def test_binary_copy_of_kept_columns_with_nulls(pg_dsn, table_name):
         assert [r[2:] for r in rows] == [(5, True, 0.25, "héllo ✓", "2024-01-02"),
                                          (None, None, 1.5, None, None),
                                          (7, False, None, "", "1999-12-31")]
+
+
+@pytest.mark.parametrize("kind", ["lancedb", "pgvector"])
+def test_window_rows_are_keyed_by_id_and_chunk(tmp_path, pg_dsn, table_name, monkeypatch, kind):
+    """Where a row is one window of a text (a `chunk` column), the key is (id, chunk): a
+    document's windows are upserted and deleted one by one, string ids with quotes included."""
+    from pipeline.config import SinkConfig
+    from pipeline.sinks.base import Marker
+    from pipeline.sinks.make import make_sink
+
+    monkeypatch.setenv(DSN_ENV, pg_dsn)
+    cfg = SinkConfig(kind=kind, table=table_name, name="s", uri=str(tmp_path / "db.lance"))
+    sink = make_sink(cfg)
+    sink.open()
+    marker = Marker("h", 4, "string")
+
+    def rows(keys: list[tuple], seed: int) -> pa.Table:
+        v = np.random.default_rng(seed).standard_normal((len(keys), 4)).astype(np.float32)
+        return pa.table({"id": [k[0] for k in keys], "chunk": pa.array([k[1] for k in keys], pa.int32()),
+                         "vector": pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), 4),
+                         "n_tokens": pa.array([7] * len(keys), pa.int32()),
+                         "truncated": [False] * len(keys)})
+
+    first = [("a'b", 0), ("a'b", 1), ("a'b", 2), ("plain", 0), ('q"x', 0), ('q"x', 1)]
+    table = rows(first, 0)
+    assert sink.load(table.schema, iter([table]), None, marker) == (6, 0)
+    # "a'b" now has 2 windows (one changed), 'q"x' is gone, "new" arrives
+    second = [("a'b", 0), ("a'b", 1), ("plain", 0), ("new", 0)]
+    update = rows(second, 1)
+    keep = update.select(["id", "chunk"])
+    assert sink.load(update.schema, iter([update]), keep, marker) == (4, 3)
+    assert sink.count() == 4
+    assert sink.id_difference(keep)[:2] == (0, 0)
+    got = sink.vectors_of(second)
+    want = dict(zip(second, matrix(update)))
+    assert set(got) == set(second)
+    assert all(np.array_equal(got[k], want[k]) for k in second)
+    sink.close()
