@@ -1,9 +1,10 @@
 """`embedpipe sync OUT`: bring OUT's sinks in step with its committed parts, without the model.
 
 The sinks are those the folder's last run recorded (its job's [[sink]] tables), or with
-`--job FILE` those of FILE (or of them, those given with --sink), which are then recorded too (how a sink is added to a finished
-folder; the job file keeps it in step on later runs). Used after a table was wiped or dropped,
-after a sink failed at the end of a run, or with `--full` to rewrite every row.
+`--job FILE` those of FILE (or of them, those given with --sink), which are then recorded too:
+how a sink is added to a finished folder (a job file naming it keeps it in step on later runs;
+a run of a job that no longer names it forgets its record). Used after a table was wiped or
+dropped, after a sink failed at the end of a run, or with `--full` to rewrite every row.
 """
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ def sync_folder(url: str, job_file: str | None = None, names: tuple[str, ...] = 
                 try:
                     result.loads.append(sync_sink(sink, ledger, full=full))
                 except (SinkError, ConfigError) as exc:
-                    why = str(exc) if str(exc).startswith('sink "') else f'sink "{sink.name}": {exc}'
+                    why = str(exc)
+                    why = why if why.startswith('sink "') else f'sink "{sink.name}": {why}'
                     result.loads.append(SinkLoad(sink.name, sink.kind, sink.target(), error=why))
                     result.failures.append(why)
         finally:

@@ -37,7 +37,7 @@ class RunSummary:
     failures: list[str] = field(default_factory=list)
     index: dict = field(default_factory=dict)
     lock_taken_over: dict | None = None
-    sinks: list[dict] = field(default_factory=list)  # per [[sink]]: what its sync did (sinks/base.py)
+    sinks: list[dict] = field(default_factory=list)  # per [[sink]]: what its sync did
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property

@@ -246,7 +246,8 @@ def pending(ledger: Ledger, sink: Sink) -> list[str]:
     """Why the sink is not recorded as holding the folder's committed units ([] when it is)."""
     record = recorded(ledger, sink)
     if record is None:
-        return [f'sink "{sink.name}" ({sink.describe()}) has never been synced with the folder']
+        return [f'sink "{sink.name}" ({sink.describe()}): the manifest records no sync of the '
+                f"folder into it"]
     held, now = record.get("units") or {}, folder_state(ledger)
     behind = sum(1 for k, v in now.items() if held.get(k) != v)
     gone = sum(1 for k in held if k not in now)
@@ -285,8 +286,9 @@ def sync_sink(sink: Sink, ledger: Ledger, full: bool = False) -> SinkLoad:
     after = sink.count() or 0
     expected = sum(ledger.vector_parts().rows())  # rows, also where a row is a window
     if after != expected:
-        raise SinkError(f'sink "{sink.name}": after the sync {sink.describe()} holds {after:,} rows, the folder '
-                        f"{expected:,}; was the table written by something else meanwhile?")
+        raise SinkError(f'sink "{sink.name}": after the sync {sink.describe()} holds '
+                        f"{after:,} rows, the folder {expected:,}; was the table written by "
+                        f"something else meanwhile?")
     report.rows = after
     report.index = sink.ensure_index(after)
     checkpoint("sink")  # the sink committed, its record not yet written

@@ -22,8 +22,8 @@ def pg_type(field: pa.Field, vector_type: str, dim: int) -> str:
     if pa.types.is_boolean(t):
         return "boolean"
     if pa.types.is_integer(t):
-        return "bigint" if t.bit_width > 32 or (t.bit_width == 32 and pa.types.is_unsigned_integer(t)) \
-            else "integer"
+        wide = t.bit_width > 32 or (t.bit_width == 32 and pa.types.is_unsigned_integer(t))
+        return "bigint" if wide else "integer"
     if pa.types.is_floating(t):
         return "double precision"
     return "text"  # strings, and any other type as its text form

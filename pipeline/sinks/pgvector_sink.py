@@ -70,8 +70,8 @@ class PgSink(Sink):
         try:
             self.conn = self.psycopg.connect(self.dsn, autocommit=True, connect_timeout=15)
         except self.psycopg.Error as exc:
-            raise ConfigError(f'sink "{self.name}": cannot connect to PostgreSQL (${self.cfg.dsn_env}): '
-                              f"{one_line(exc)}") from None
+            raise ConfigError(f'sink "{self.name}": cannot connect to PostgreSQL '
+                              f"(${self.cfg.dsn_env}): {one_line(exc)}") from None
         info = self.conn.info
         self.where = f"{info.host}:{info.port}/{info.dbname}"
         version = self._scalar("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
@@ -237,11 +237,13 @@ class PgSink(Sink):
             with self.conn.transaction():
                 if found:
                     self._execute(sql.SQL("DROP INDEX {}").format(self.index_name))
-                self._execute(sql.SQL("CREATE INDEX {} ON {} USING {} (vector {}) WITH ({})").format(
+                create = sql.SQL("CREATE INDEX {} ON {} USING {} (vector {}) WITH ({})")
+                self._execute(create.format(
                     sql.Identifier(name), self.ident, sql.SQL(self.cfg.index),
                     sql.SQL(ops), sql.SQL(params)))
         except SinkError as exc:
-            raise SinkError(f'sink "{self.name}": building the {self.cfg.index} index: {exc}') from None
+            raise SinkError(f'sink "{self.name}": building the {self.cfg.index} index: '
+                            f"{exc}") from None
         return f"{self.cfg.index} built in {time.perf_counter() - tick:.1f} s ({params})"
 
     def _index_params(self, rows: int) -> str:
@@ -315,7 +317,8 @@ class PgSink(Sink):
                     cur.execute(sql.SQL("SET LOCAL ivfflat.probes = {}").format(
                         sql.Literal(int(cfg.nprobe))))
                 for vector in queries:
-                    text = "[" + ",".join(repr(float(x)) for x in np.asarray(vector, np.float32)) + "]"
+                    values = np.asarray(vector, np.float32).tolist()
+                    text = "[" + ",".join(map(repr, values)) + "]"
                     cur.execute(query, (text, k))
                     rows = cur.fetchall()
                     out.append(pa.table({
