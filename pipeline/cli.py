@@ -51,6 +51,7 @@ def one_line_errors(interruptible: bool = False) -> Iterator[None]:
     like Ctrl-C (the handler is the process's while the block runs)."""
     from .io.ledger import LockedError, SettingsMismatch
     from .io.storage import ConcurrentWrite
+    from .sinks.base import SinkError
     from .tools.datasets import DatasetError
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupted) if interruptible else None
@@ -58,6 +59,8 @@ def one_line_errors(interruptible: bool = False) -> Iterator[None]:
         yield
     except (ConfigError, LockedError, SettingsMismatch, ConcurrentWrite, DatasetError) as exc:
         _fail(str(exc), EXIT_USAGE)
+    except SinkError as exc:  # a vector store failed mid-way: nothing half-applied, rerun
+        _fail(str(exc), EXIT_FAILED)
     except OSError as exc:
         _fail(_os_error(exc), EXIT_USAGE)
     except KeyboardInterrupt:
@@ -182,9 +185,13 @@ def fetch_data(dest: str, bench_dest: str | None, long_docs_dest: str | None) ->
 @click.option("--per-chunk", is_flag=True,
               help="For a folder of one row a token window ([output] chunks = \"rows\"): every "
                    "matching window is a hit (default: each document's best window, k documents).")
+@click.option("--sink", default=None, metavar="NAME",
+              help="Search through this [[sink]] of OUT's job (LanceDB, pgvector) instead of "
+                   "the FAISS index.")
 @click.option("--json", "as_json", is_flag=True, help="Print the hits as JSON.")
 def search(out: str, query: str | None, k: int, queries: str | None, results: str | None,
            text_column: str, id_column: str, text_pair_column: str | None, per_chunk: bool,
+           sink: str | None,
            as_json: bool) -> None:
     """Search the index of output folder OUT for QUERY (or the texts of --queries).
 
@@ -197,6 +204,7 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
     \b
     embedpipe search out/movie-reviews "a warm, funny film" -k 5
     embedpipe search out/movie-reviews --queries q.parquet --out hits.parquet
+    embedpipe search out/movie-reviews "a warm, funny film" --sink movie_reviews
     """
     from .commands.search import Searcher, render_hits
 
@@ -205,7 +213,11 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
     if queries and not results:
         raise click.UsageError("--queries needs --out FILE.parquet for the results")
     with one_line_errors(interruptible=True):
-        searcher = Searcher(out, per_chunk=per_chunk)
+        if sink:
+            from .commands.sink_search import SinkSearcher
+            searcher = SinkSearcher(out, sink, per_chunk=per_chunk)
+        else:
+            searcher = Searcher(out, per_chunk=per_chunk)
         if queries:
             done, skipped = searcher.search_file(queries, results, k, text_column, id_column,
                                                  text_pair_column)
@@ -264,8 +276,9 @@ def verify(out: str, as_json: bool) -> None:
     Every file the manifest names exists with its recorded size, rows and footer checksum; rows
     read = vectors + rejects for every unit; ids are unique across the parts; the index holds
     exactly the stored vectors in order (its count, its id map, a sample of vectors where the
-    index keeps them whole). Exit 0 when all hold, 1 with one line per problem, 2 when OUT is
-    not an embedpipe folder.
+    index keeps them whole); each [[sink]] holds the same ids (and a sample of the same vectors)
+    as the folder. Exit 0 when all hold, 1 with one line per problem, 2 when OUT is not an
+    embedpipe folder.
     """
     from .commands.verify import verify_folder
 
@@ -273,6 +286,35 @@ def verify(out: str, as_json: bool) -> None:
         verdict = verify_folder(out)
     click.echo(json.dumps(verdict.to_dict(), indent=2) if as_json else verdict.render())
     sys.exit(0 if verdict.ok else EXIT_FAILED)
+
+
+@main.command()
+@click.argument("out")
+@click.option("--job", "job_file", type=click.Path(dir_okay=False), default=None,
+              help="Sync the [[sink]] tables of this job file (and record them in OUT), e.g. to "
+                   "add a sink to a finished folder; default: the sinks OUT's last run named.")
+@click.option("--sink", "names", multiple=True, metavar="NAME",
+              help="Only this sink (repeatable; default: all).")
+@click.option("--full", is_flag=True,
+              help="Upsert every row and delete every id not in OUT, whatever the record says.")
+@click.option("--json", "as_json", is_flag=True, help="Print what each sync did as JSON.")
+def sync(out: str, job_file: str | None, names: tuple[str, ...], full: bool,
+         as_json: bool) -> None:
+    """Bring OUT's vector-store sinks (LanceDB, pgvector) in step with its stored vectors,
+    without the model: rows of units a sink lacks are upserted by id, ids no longer in OUT
+    deleted. A wiped, dropped or half-loaded table is noticed (its row count differs from the
+    record) and synced in full. Exit 0 when every sink is in step, 1 when one failed.
+
+    \b
+    embedpipe sync out/movie-reviews
+    embedpipe sync out/movie-reviews --job jobs/movie_reviews.toml --sink movie_reviews
+    """
+    from .commands.sync import sync_folder
+
+    with one_line_errors(interruptible=True):
+        result = sync_folder(out, job_file, names, full)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.render())
+    sys.exit(EXIT_FAILED if result.failures else 0)
 
 
 @main.command("train-head")

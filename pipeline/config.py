@@ -127,6 +127,18 @@ class IndexConfig:
 
 
 @dataclass(frozen=True)
+class SinkConfig:
+    """One `[[sink]]`: a vector store kept in step with the folder (pipeline/sinks/)."""
+    kind: str  # lancedb | pgvector
+    table: str
+    name: str = ""  # how commands and the manifest name it; default: the table
+    uri: str | None = None  # lancedb: a local path or object-store URI
+    dsn_env: str = "EMBEDPIPE_PG_DSN"  # pgvector: the variable holding the connection string
+    vector_type: str = "vector"  # pgvector: vector | halfvec
+    index: str = "none"  # pgvector: none | hnsw | ivfflat, built after the load
+
+
+@dataclass(frozen=True)
 class JobConfig:
     name: str
     input: InputConfig = field(default_factory=InputConfig)
@@ -134,6 +146,7 @@ class JobConfig:
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    sink: tuple[SinkConfig, ...] = ()  # [[sink]] tables; they change no vector
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -303,6 +316,64 @@ STORED_COLUMNS = ("id", "vector", "n_tokens", "truncated", "n_chunks", "chunk", 
                   "token_end", "char_start", "char_end")
 
 
+SINK_KEYS = {"lancedb": ("kind", "name", "table", "uri"),
+             "pgvector": ("kind", "name", "table", "dsn_env", "vector_type", "index")}
+SINK_CHOICES = {"vector_type": ("vector", "halfvec"), "index": ("none", "hnsw", "ivfflat")}
+_SINK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+
+def _build_sinks(raw: Any) -> tuple[SinkConfig, ...]:
+    """`[[sink]]` tables, each checked against its kind's keys (a manifest's recorded config
+    lists every field, so a key of another kind is accepted when it holds its default)."""
+    if isinstance(raw, dict):
+        raw = [raw]
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        raise ConfigError("sink: expected [[sink]] tables")
+    defaults = {f.name: f.default for f in dataclasses.fields(SinkConfig)}
+    sinks: list[SinkConfig] = []
+    for i, table in enumerate(raw):
+        where = f"sink[{i}]"
+        kind = table.get("kind")
+        if kind not in SINK_KEYS:
+            raise ConfigError(f"{where}.kind: {kind!r} is not one of {', '.join(SINK_KEYS)}")
+        allowed = SINK_KEYS[kind]
+        for key, value in table.items():
+            if key not in defaults:
+                raise ConfigError(f"unknown key {where}.{key}; a {kind} sink accepts: "
+                                  f"{', '.join(allowed)}")
+            if key not in allowed and value != defaults[key]:
+                raise ConfigError(f"{where}.{key}: not a {kind} sink's key; it accepts: "
+                                  f"{', '.join(allowed)}")
+            if not isinstance(value, str) and not (value is None and key == "uri"):
+                raise ConfigError(f"{where}.{key}: expected a string, got {value!r}")
+            if key in SINK_CHOICES and value not in SINK_CHOICES[key]:
+                raise ConfigError(f"{where}.{key}: {value!r} is not one of "
+                                  f"{', '.join(SINK_CHOICES[key])}")
+        if not table.get("table"):
+            raise ConfigError(f"{where}.table: a value is required (the table to keep in step)")
+        sink = SinkConfig(**table)
+        sink = dataclasses.replace(sink, name=sink.name or sink.table.rpartition(".")[2])
+        if not sink.table or not re.fullmatch(rf"({_SINK_NAME.pattern}\.)?{_SINK_NAME.pattern}",
+                                              sink.table):
+            raise ConfigError(f"{where}.table: {sink.table!r} is not a table name (letters, "
+                              f"digits and _, optionally schema.table)")
+        if not _SINK_NAME.fullmatch(sink.name):
+            raise ConfigError(f"{where}.name: {sink.name!r}: letters, digits and _ only")
+        if kind == "lancedb" and not sink.uri:
+            raise ConfigError(f"{where}.uri: a lancedb sink needs uri (a folder or object-store "
+                              f"URI for the database)")
+        if kind == "pgvector" and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", sink.dsn_env):
+            raise ConfigError(f"{where}.dsn_env: {sink.dsn_env!r} is not an environment "
+                              f"variable's name; the connection string itself never goes in "
+                              f"the job file")
+        sinks.append(sink)
+    names = [s.name for s in sinks]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"sink: two sinks are named {twice[0]!r}; give each a distinct name")
+    return tuple(sinks)
+
+
 def parse_memory(text: str) -> int:
     """A size such as 512MB, 4GB or 1.5GiB, in bytes."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text.upper())
@@ -328,15 +399,16 @@ def config_from_dict(raw: dict[str, Any], default_name: str = "job") -> JobConfi
     name = raw.pop("name", default_name)
     if not isinstance(name, str) or not name:
         raise ConfigError(f"name: expected a non-empty string, got {name!r}")
+    sinks = _build_sinks(raw.pop("sink", []))
     unknown = sorted(set(raw) - set(_SECTION_CLASSES))
     if unknown:
         raise ConfigError(
-            f"unknown key {unknown[0]!r}; a job accepts: name, {', '.join(_SECTION_CLASSES)}"
+            f"unknown key {unknown[0]!r}; a job accepts: name, {', '.join(_SECTION_CLASSES)}, sink"
         )
     sections = {k: _build_section(k, raw.get(k, {})) for k in _SECTION_CLASSES}
     if not sections["output"].path:
         sections["output"] = dataclasses.replace(sections["output"], path=f"out/{name}")
-    job = JobConfig(name=name, **sections)
+    job = JobConfig(name=name, **sections, sink=sinks)
     _validate(job)
     return job
 

@@ -13,6 +13,7 @@ from ..index.check import index_problems
 from ..io.folder_check import duplicate_ids, unit_damage, unit_problems
 from ..io.ledger import Ledger, read_manifest
 from ..io.storage import Store
+from .sink_check import sink_problems
 
 
 @dataclass
@@ -21,6 +22,7 @@ class Verdict:
     units: int = 0
     vectors: int = 0
     complete: bool = False
+    sinks: list[str] = field(default_factory=list)  # the sinks compared with the folder
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -29,15 +31,20 @@ class Verdict:
 
     def to_dict(self) -> dict:
         return {"folder": self.folder, "ok": self.ok, "complete": self.complete,
-                "units": self.units, "vectors": self.vectors, "problems": self.problems}
+                "units": self.units, "vectors": self.vectors, "sinks": self.sinks,
+                "problems": self.problems}
 
     def render(self) -> str:
         if self.ok:
             return (f"ok: {self.folder}: {self.units} units, {self.vectors:,} vectors, every file "
-                    f"as recorded, counts add up, ids unique, the index matches")
+                    f"as recorded, counts add up, ids unique, the index matches"
+                    + (f"; sinks {', '.join(self.sinks)} hold the same ids and vectors"
+                       if self.sinks else ""))
         return "\n".join(f"problem: {p}" for p in self.problems) + (
             f"\n{len(self.problems)} problem(s) in {self.folder}; `embedpipe run` on the same job "
-            f"redoes damaged units and rebuilds the index, or start afresh with --mode overwrite")
+            f"redoes damaged units and rebuilds the index, or start afresh with --mode overwrite"
+            + (f"; `embedpipe sync {self.folder}` brings the sinks in step"
+               if any(p.startswith('sink "') for p in self.problems) else ""))
 
 
 def verify_folder(url: str) -> Verdict:
@@ -58,4 +65,5 @@ def verify_folder(url: str) -> Verdict:
         verdict.problems += duplicate_ids(parts)
         if (ledger.data.get("config") or {}).get("index", {}).get("enabled", True):
             verdict.problems += index_problems(store, parts, full=True)
+        verdict.problems += sink_problems(ledger, verdict.sinks)
     return verdict

@@ -32,6 +32,8 @@ from ..io.rejects import find_duplicates
 from ..io.storage import Store, filesystem
 from ..io.vectors import VectorParts
 from ..io.writer import REJECTS_DIR, VECTORS_DIR, remove_files
+from ..sinks.base import Sink, SinkError, SinkLoad, close_all, preflight, prune_records, sync_sink
+from ..sinks.make import make_sink
 from ..version import package_versions
 from .embedder import EmbedPlan, UnitEmbedder
 from .stages import Stats
@@ -63,6 +65,7 @@ class RunContext:
     ledger: Ledger
     summary: RunSummary
     stats: Stats = dataclasses.field(default_factory=Stats)
+    sinks: list[Sink] = dataclasses.field(default_factory=list)  # [[sink]], checked and open
 
 
 def id_type_of(unit_schema: pa.Schema, id_column: str) -> pa.DataType:
@@ -110,6 +113,7 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
     started = time.perf_counter()
     # Everything that can be refused is refused here, before the folder is touched.
     refuse_overlap(job.input.path, job.output.path)
+    sinks = [make_sink(s, job.index.metric, job.index) for s in job.sink]  # extras, env vars
     units = plan_units(job.input, job.output.keep_columns)  # config errors before the model loads
     source = resolve_model(job.model.name)
     job, recipe = resolve_recipe(job, source)  # pooling, normalize, prompt: concrete from here on
@@ -121,6 +125,7 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
     settings = vector_settings(job, source, runtime)
     if job.index.enabled:
         check_index_config(job.index, EncoderSettings.for_job(job).width(source.hidden_size))
+    preflight(sinks, settings_hash(settings))  # reachable; tables ours and alike, or absent
     store = Store(job.output.path)
     refuse_foreign_folder(store)
     lock = acquire_lock(store)
@@ -134,10 +139,11 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
                              attention=runtime.attention, compiled=runtime.compile,
                              model=source.name, units_total=len(units), recipe=recipe,
                              long_text=job.encode.long_text)
-        _run_locked(RunContext(job, options, source, runtime, settings, store, ledger, summary),
-                    units)
+        _run_locked(RunContext(job, options, source, runtime, settings, store, ledger, summary,
+                               sinks=sinks), units)
     finally:
         release_lock(store)
+        close_all(sinks)
     summary.lock_taken_over = lock.took_over
     summary.seconds["total"] = time.perf_counter() - started
     return summary
@@ -186,9 +192,29 @@ def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
     problems = unit_problems(ledger) + (index_problems(store, parts) if job.index.enabled
                                         and not summary.index.get("error") else [])
     summary.failures += [f"check: {p}" for p in problems]
+    _sync_sinks(ctx, healthy=not problems)
     # The completion record is written last: a folder whose manifest says complete is whole.
     ledger.update(index=summary.index, dim=ledger.data.get("dim"),
                   complete=not summary.failures, last_run=summary.to_dict())
+
+
+def _sync_sinks(ctx: RunContext, healthy: bool) -> None:
+    """Each [[sink]] brought in step with the committed parts (sinks/base.py: sync_sink); one
+    that fails is a failure line (exit 1) and is synced by the next run or `embedpipe sync`."""
+    prune_records(ctx.ledger, [s.name for s in ctx.sinks])
+    for sink in ctx.sinks:
+        if not healthy:
+            ctx.summary.failures.append(f'sink "{sink.name}": not synced, the folder failed '
+                                        f"its check")
+            continue
+        try:
+            load = sync_sink(sink, ctx.ledger)
+        except (SinkError, ConfigError) as exc:
+            why = str(exc) if str(exc).startswith('sink "') else f'sink "{sink.name}": {exc}'
+            load = SinkLoad(sink.name, sink.kind, sink.target(), error=why)
+            ctx.summary.failures.append(why)
+        ctx.summary.sinks.append(load.to_dict())
+        ctx.summary.seconds["sinks"] = ctx.summary.seconds.get("sinks", 0.0) + load.seconds
 
 
 def _index(ctx: RunContext, parts: VectorParts) -> None:

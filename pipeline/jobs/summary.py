@@ -40,6 +40,7 @@ class RunSummary:
     failures: list[str] = field(default_factory=list)
     index: dict = field(default_factory=dict)
     lock_taken_over: dict | None = None
+    sinks: list[dict] = field(default_factory=list)  # per [[sink]]: what its sync did
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -97,6 +98,14 @@ class RunSummary:
             + (f"{self.index.get('factory')} with {self.index.get('count', 0):,} vectors, "
                f"recall@10 {self.index.get('recall_at_10')}" if self.index.get("count") else "none"),
         ]
+        for sink in self.sinks:
+            lines.append(f"  sink       {sink['name']} ({sink['target']}): " + (
+                f"not synced" if sink.get("error") else
+                f"{sink['upserted']:,} upserted, {sink['deleted']:,} deleted"
+                + (" (full sync)" if sink["full"] else "")
+                + f", {sink['rows']:,} rows, {sink['seconds']:.2f} s"
+                + (f", {sink['rows_per_second']:,.0f} rows/s" if sink["upserted"] else "")
+                + (f"; {sink['index']}" if sink.get("index") else "")))
         if self.oom_splits:
             lines.append(f"  memory     {self.oom_splits} batches split after running out of device memory")
         for repair in self.repairs:

@@ -1,0 +1,98 @@
+"""`embedpipe sync OUT`: bring OUT's sinks in step with its committed parts, without the model.
+
+The sinks are those the folder's last run recorded (its job's [[sink]] tables), or with
+`--job FILE` those of FILE (or of them, those given with --sink), which are then recorded too:
+how a sink is added to a finished folder (a job file naming it keeps it in step on later runs;
+a run of a job that no longer names it forgets its record). Used after a table was wiped or
+dropped, after a sink failed at the end of a run, or with `--full` to rewrite every row.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..config import ConfigError, load_job
+from ..io.folder_check import unit_damage
+from ..io.ledger import Ledger, acquire_lock, read_manifest, release_lock
+from ..io.storage import Store
+from ..sinks.base import SinkError, SinkLoad, close_all, preflight, sync_sink
+from ..sinks.make import sinks_of
+
+
+@dataclasses.dataclass
+class SyncResult:
+    folder: str
+    loads: list[SinkLoad]
+    failures: list[str]
+
+    def to_dict(self) -> dict:
+        return {"folder": self.folder, "ok": not self.failures,
+                "sinks": [s.to_dict() for s in self.loads], "failures": self.failures}
+
+    def render(self) -> str:
+        lines = []
+        for s in self.loads:
+            if s.error:
+                continue
+            lines.append(f"synced {s.name} ({s.target}): {s.upserted:,} upserted, "
+                         f"{s.deleted:,} deleted" + (" (full sync)" if s.full else "")
+                         + f", {s.rows:,} rows, {s.seconds:.2f} s"
+                         + (f", {s.rows_per_second:,.0f} rows/s" if s.upserted else "")
+                         + (f"; {s.index}" if s.index else ""))
+        lines += [f"FAILED {f}" for f in self.failures]
+        return "\n".join(lines)
+
+
+def sync_folder(url: str, job_file: str | None = None, names: tuple[str, ...] = (),
+                full: bool = False) -> SyncResult:
+    store = Store(url)
+    manifest = read_manifest(store)
+    config = dict(manifest.get("config") or {})
+    recorded = list(config.get("sink") or [])
+    if job_file:
+        added = [dataclasses.asdict(s) for s in load_job(job_file).sink]
+        if not added:
+            raise ConfigError(f"{job_file} names no [[sink]]")
+        if names:  # only the chosen ones are synced and recorded
+            missing = [n for n in names if n not in {s["name"] for s in added}]
+            if missing:
+                raise ConfigError(f"{job_file} has no sink named {missing[0]!r}; it has: "
+                                  f"{', '.join(s['name'] for s in added)}")
+            added = [s for s in added if s["name"] in names]
+        new = {s["name"] for s in added}
+        recorded = [s for s in recorded if s.get("name") not in new] + added
+    config["sink"] = recorded
+    if not recorded:
+        raise ConfigError(f"{url}: its job names no [[sink]]; add [[sink]] tables to the job "
+                          f"file and give it with --job FILE")
+    have = [s.get("name") for s in recorded]
+    unknown = [n for n in names if n not in have]
+    if unknown:
+        raise ConfigError(f"{url} has no sink named {unknown[0]!r}; it has: {', '.join(have)}")
+    # only the chosen sinks are made: another's missing extra or DSN does not stop this one
+    sinks = sinks_of(config, list(names) or None)
+    try:
+        preflight(sinks, manifest.get("settings_hash") or "")
+        acquire_lock(store)
+        try:
+            ledger = Ledger(store)
+            damaged = [k for k, why in unit_damage(ledger).items() if why]
+            if damaged:
+                raise ConfigError(f"{url}: {len(damaged)} committed units' files are missing or "
+                                  f"altered (`embedpipe verify {url}` lists them); `embedpipe run` "
+                                  f"repairs the folder, then its sinks")
+            if job_file:
+                ledger.update(config={**ledger.data.get("config", {}), "sink": recorded})
+            result = SyncResult(url, [], [])
+            for sink in sinks:
+                try:
+                    result.loads.append(sync_sink(sink, ledger, full=full))
+                except (SinkError, ConfigError) as exc:
+                    why = str(exc)
+                    why = why if why.startswith('sink "') else f'sink "{sink.name}": {why}'
+                    result.loads.append(SinkLoad(sink.name, sink.kind, sink.target(), error=why))
+                    result.failures.append(why)
+        finally:
+            release_lock(store)
+    finally:
+        close_all(sinks)
+    return result

@@ -1,0 +1,1 @@
+"""Vector-store sinks (LanceDB, PostgreSQL/pgvector) kept in step with an output folder."""

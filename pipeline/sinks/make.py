@@ -1,0 +1,27 @@
+"""Sinks made from their config. The engine's module is imported here, when a job names a sink
+of its kind: a job without sinks never imports LanceDB or psycopg, and one whose extra is
+missing fails before any work with one line naming the extra to install."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import IndexConfig, SinkConfig
+from .base import Sink
+
+
+def make_sink(cfg: SinkConfig, metric: str = "ip", index_cfg: IndexConfig | None = None) -> Sink:
+    """The sink, its engine imported and its environment read (not yet connected)."""
+    if cfg.kind == "lancedb":
+        from .lancedb_sink import LanceSink
+        return LanceSink(cfg, metric, index_cfg)
+    from .pgvector_sink import PgSink
+    return PgSink(cfg, metric, index_cfg)
+
+
+def sinks_of(config: dict[str, Any], names: list[str] | None = None) -> list[Sink]:
+    """The sinks a recorded job config (a manifest's `config`) names, or those of `names`."""
+    from ..config import config_from_dict
+
+    job = config_from_dict({k: v for k, v in config.items() if k in ("index", "sink")})
+    chosen = [s for s in job.sink if names is None or s.name in names]
+    return [make_sink(s, job.index.metric, job.index) for s in chosen]
