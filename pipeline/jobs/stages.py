@@ -296,13 +296,12 @@ def _window_columns(keep: pa.Table, texts: list[str], windows: TokenWindows,
     the text itself, which becomes each window's own slice of it (a long text is not stored
     again on every window)."""
     owner = pa.array(windows.owner, pa.int64())
-    if text_column not in keep.column_names:
-        return keep.take(owner)
-    at = keep.column_names.index(text_column)
-    per_window = keep.remove_column(at).take(owner)  # never the whole text once a window
-    slices = [texts[o][a:b] for o, a, b in zip(windows.owner, windows.char_start,
-                                                windows.char_end)]
-    return per_window.add_column(at, text_column, pa.array(slices, pa.string()))
+    columns = {}
+    for name in keep.column_names:  # the whole text is never taken once a window
+        columns[name] = (pa.array([texts[o][a:b] for o, a, b in zip(
+            windows.owner, windows.char_start, windows.char_end)], keep.schema.field(name).type)
+            if name == text_column else keep.column(name).take(owner))
+    return pa.table(columns, schema=keep.schema)
 
 
 class BatchCollector:
