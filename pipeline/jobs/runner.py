@@ -31,7 +31,7 @@ from ..io.reader import Unit, open_parquet, plan_units, refuse_overlap
 from ..io.rejects import find_duplicates
 from ..io.storage import Store, filesystem
 from ..io.vectors import VectorParts
-from ..io.writer import REJECTS_DIR, VECTORS_DIR, remove_files
+from ..io.writer import REJECTS_DIR, TOKENS_DIR, VECTORS_DIR, remove_files
 from ..version import package_versions
 from .embedder import EmbedPlan, UnitEmbedder
 from .stages import Stats
@@ -73,7 +73,7 @@ def id_type_of(unit_schema: pa.Schema, id_column: str) -> pa.DataType:
 def _wipe(store: Store) -> None:
     """--mode overwrite: the manifest goes first, so a crash mid-wipe leaves only strays."""
     store.remove(MANIFEST)
-    for folder in (VECTORS_DIR, REJECTS_DIR, INDEX_DIR):
+    for folder in (VECTORS_DIR, REJECTS_DIR, TOKENS_DIR, INDEX_DIR):
         for name in store.listdir(folder):
             store.remove(posixpath.join(folder, name))
 
@@ -82,7 +82,7 @@ def _sweep(store: Store, ledger: Ledger) -> int:
     """Remove temporaries and parts that no committed unit names (left by a killed run)."""
     named = {f for r in ledger.units.values() for f in r.files}
     swept = 0
-    for folder in (VECTORS_DIR, REJECTS_DIR, INDEX_DIR):
+    for folder in (VECTORS_DIR, REJECTS_DIR, TOKENS_DIR, INDEX_DIR):
         swept += len(store.sweep_temporaries(folder))
         if folder == INDEX_DIR:
             continue
