@@ -75,17 +75,22 @@ def token_rows(texts: list[str], spans: list[TokenSpans], policy: TokenPolicy) -
         words = span.word_ids[own]
         # a word's sub-tokens are consecutive: a row starts where the word id changes
         first = np.flatnonzero(np.r_[True, words[1:] != words[:-1]]) if len(own) else own
-        last = np.r_[first[1:], len(own)] - 1
-        word_start = span.offsets[own[first], 0]
-        word_end = span.offsets[own[last], 1]
+        n_pieces = np.diff(np.r_[first, len(own)])
+        word_start, word_end, texts_of = _trimmed(text, span.offsets[own[first], 0],
+                                                  span.offsets[own[first + n_pieces - 1], 1])
+        real = np.fromiter(map(bool, texts_of), bool, count=len(texts_of))
+        if not real.all():  # a "word" of white space only (byte-level BPE's lone 'Ġ')
+            first, n_pieces = first[real], n_pieces[real]
+            word_start, word_end = word_start[real], word_end[real]
+            texts_of = [w for w, keep in zip(texts_of, real) if keep]
         owner.append(np.full(len(first), row, np.int64))
-        token += [text[a:b] for a, b in zip(word_start.tolist(), word_end.tolist())]
+        token += texts_of
         starts.append(word_start)
         ends.append(word_end)
         position.append(np.arange(len(first), dtype=np.int32))
         if policy.mean:
-            pieces.append(own)
-            counts.append(np.diff(np.r_[first, len(own)]))
+            pieces.append(own[np.repeat(first, n_pieces) + _ramp(n_pieces)])
+            counts.append(n_pieces)
         else:
             pieces.append(own[first])
             counts.append(np.ones(len(first), np.int64))
@@ -97,6 +102,28 @@ def token_rows(texts: list[str], spans: list[TokenSpans], policy: TokenPolicy) -
                      token=token, char_start=joined(starts, np.int32),
                      char_end=joined(ends, np.int32), pieces=joined(pieces, np.int32),
                      piece_start=np.r_[0, np.cumsum(joined(counts, np.int64))].astype(np.int64))
+
+
+def _trimmed(text: str, starts: np.ndarray, ends: np.ndarray):
+    """Word spans without the white space some tokenizers' offsets take in (a Metaspace '▁'
+    before a word): (starts, ends, the words' texts), '' for a span of white space only."""
+    starts, ends, words = starts.copy(), ends.copy(), []
+    for i, (a, b) in enumerate(zip(starts.tolist(), ends.tolist())):
+        word = text[a:b]
+        stripped = word.strip()
+        if len(stripped) != len(word):
+            if stripped:
+                starts[i] = a + len(word) - len(word.lstrip())
+                ends[i] = starts[i] + len(stripped)
+            else:
+                ends[i] = starts[i]
+        words.append(stripped)
+    return starts, ends, words
+
+
+def _ramp(counts: np.ndarray) -> np.ndarray:
+    """0, 1, .., c - 1 for each count c, concatenated."""
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
 def gather(states: list[np.ndarray], rows: TokenRows, mean: bool) -> np.ndarray:

@@ -58,3 +58,26 @@ def test_token_rows_and_gather_first_and_mean(bundled_model):
         first = states[0][pieces].mean(0) if pooling == "mean" else states[0][pieces[0]]
         np.testing.assert_array_equal(got[0], first)
         np.testing.assert_array_equal(got[2], states[1][1])
+
+
+@pytest.mark.parametrize("kind", ["roberta", "deberta-v2"])
+def test_words_of_byte_level_and_metaspace_tokenizers_are_trimmed(kind, bundled_model, tmp_path,
+                                                                  mixed_texts):
+    """Byte-level BPE has tokens of white space alone, and Metaspace offsets take in the space
+    before a word: words are never blank, and their text has no white space at either end."""
+    from test_model_families import _family
+
+    _, tokenizer = _family(kind, mixed_texts, bundled_model.path)
+    tokenizer.save_pretrained(tmp_path)
+    probe = ["  Hello,  world!  It's fine. ", "naïve café", "emoji 😀🚀 here", "tab\there"]
+    ours = TextTokenizer(tmp_path, 64)
+    spans = ours.with_spans(probe)
+    assert spans.ids == ours(probe).ids
+    for text, span in zip(probe, spans.spans):
+        for pooling in ("first", "mean"):
+            rows = token_rows([text], [span], TokenPolicy("word", pooling, False))
+            assert rows.token == [text[a:b] for a, b in zip(rows.char_start, rows.char_end)]
+            assert all(w and w == w.strip() for w in rows.token)
+            assert np.diff(rows.piece_start).min() >= 1
+    words = token_rows(probe[:1], spans.spans[:1], TokenPolicy("word", "first", False)).token
+    assert "".join(words) == "Hello,world!It'sfine."
