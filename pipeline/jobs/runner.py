@@ -133,7 +133,8 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
                              dtype=runtime.dtype, dtype_note=runtime.dtype_note,
                              attention=runtime.attention, compiled=runtime.compile,
                              model=source.name, units_total=len(units), recipe=recipe,
-                             long_text=job.encode.long_text)
+                             long_text=job.encode.long_text,
+                             granularity=job.output.granularity)
         _run_locked(RunContext(job, options, source, runtime, settings, store, ledger, summary),
                     units)
     finally:
@@ -258,6 +259,7 @@ def _embed(ctx: RunContext, todo: list[Unit], embedder: UnitEmbedder) -> None:
             summary.truncated += record.truncated
             summary.windows += record.windows
             summary.texts_chunked += record.chunked
+            summary.token_rows += record.token_rows
             for reason, count in record.reject_reasons.items():
                 summary.rejects[reason] = summary.rejects.get(reason, 0) + count
         else:

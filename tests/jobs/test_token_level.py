@@ -81,6 +81,7 @@ def test_subword_vectors_equal_a_direct_computation(token_input, direct, tmp_pat
     assert summary.exit_code == 0 and summary.truncated == 1
     table = read_tokens(out)
     assert table.schema.field("vector").type.list_size == 4 * 384
+    assert summary.token_rows == table.num_rows
     for text, mine, ref in zip(texts, per_id(table, len(texts)), direct):
         assert mine.column("position").to_pylist() == list(range(len(ref["tokens"])))
         assert mine.column("token").to_pylist() == ref["tokens"]
@@ -229,6 +230,7 @@ def test_incremental_run_adds_a_files_tokens(tmp_path, movie_table, tiny_model):
     summary = run(job)
     assert summary.units_skipped == 1 and summary.units_done == 1
     after = read_tokens(out)
+    assert summary.token_rows == after.num_rows - before.num_rows > 0
     assert after.slice(0, before.num_rows).equals(before)
     assert sorted(set(after.column("id").to_pylist())) == list(range(50))
     assert embedpipe("verify", out).returncode == 0
