@@ -258,3 +258,43 @@ def test_nonsense_combinations_are_refused_in_one_line(tmp_path, change, message
 def test_token_keys_without_a_token_table_are_refused(tmp_path, output, key):
     with pytest.raises(ConfigError, match=f"output.{key}"):
         config_from_dict(make_job(tmp_path, tmp_path / "out", output=output))
+
+
+def test_token_windows_hold_a_bounded_number_of_tokens(tmp_path, movie_table, bundled_model,
+                                                       monkeypatch):
+    """However large sort_window is, a Window of a token-level job holds at most TOKEN_WINDOW
+    tokens (one longer text alone), so the writer's per-token vectors stay bounded."""
+    from pipeline.config import InputConfig
+    from pipeline.encode.batching import Batch
+    from pipeline.encode.token_output import TokenPolicy
+    from pipeline.encode.tokenizer import TextTokenizer
+    from pipeline.io.reader import plan_units
+    from pipeline.jobs import stages
+
+    monkeypatch.setattr(stages, "TOKEN_WINDOW", 300)
+    texts = movie_table.column("text").to_pylist()[:150]
+    texts[7] = " ".join(texts[:20])  # one text past the budget on its own
+    texts[9] = None  # a reject, reported once
+    write_shards(tmp_path, [pa.table({"id": np.arange(150), "text": texts})])
+    settings = stages.FlowSettings("text", "id", (), sort_window=4096, batch_tokens=512,
+                                   max_batch_size=16, pad_to_multiple_of=1, pin_memory=False)
+    items = []
+
+    class Collect:
+        put = items.append
+
+    prepare = stages.PrepareStage(settings, TextTokenizer(bundled_model.path, 128), {},
+                                  pa.int64(), stages.Stats(),
+                                  token_policy=TokenPolicy("word", "first", False))
+    prepare.run([(unit, 0) for unit in plan_units(InputConfig(path=str(tmp_path)))], Collect())
+    windows = [i for i in items if isinstance(i, stages.Window)]
+    assert len(windows) > 5
+    ids = []
+    for window in windows:
+        tokens = int(window.n_tokens.clip(max=128).sum())
+        assert tokens <= 300 or len(window.ids) == 1
+        assert window.tokens is not None and set(window.tokens.owner) <= set(range(len(window.ids)))
+        ids += window.ids.to_pylist()
+    assert ids == [i for i in range(150) if i != 9]
+    assert sum(w.rejects.num_rows for w in windows) == 1
+    assert sum(isinstance(i, Batch) for i in items) == sum(w.n_batches for w in windows)
