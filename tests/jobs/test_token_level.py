@@ -12,6 +12,7 @@ import pytest
 
 from helpers import embedpipe, make_job, matrix, read_vectors, run, small_job, write_shards
 from test_reliability import make_corpus, run_and_kill
+from test_scale_out import s3, s3_server  # noqa: F401  (fixtures)
 
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.io.ledger import Ledger, SettingsMismatch
@@ -298,3 +299,41 @@ def test_token_windows_hold_a_bounded_number_of_tokens(tmp_path, movie_table, bu
     assert ids == [i for i in range(150) if i != 9]
     assert sum(w.rejects.num_rows for w in windows) == 1
     assert sum(isinstance(i, Batch) for i in items) == sum(w.n_batches for w in windows)
+
+
+@pytest.fixture(scope="module")
+def words_local(tmp_path_factory, crash_input, tiny_model):
+    """The crash tests' input as word rows, run locally (the reference for Ray and S3)."""
+    tmp = tmp_path_factory.mktemp("words_local")
+    assert embedpipe("run", small_job(tmp / "job.toml", crash_input, tmp / "out", tiny_model,
+                                      output=WORDS)).returncode == 0
+    return read_tokens(tmp / "out")
+
+
+@pytest.mark.ray
+def test_ray_writes_the_token_table_as_the_local_runner_does(tmp_path, crash_input, tiny_model,
+                                                            words_local):
+    job = small_job(tmp_path / "job.toml", crash_input, tmp_path / "out", tiny_model,
+                    output=WORDS)
+    result = embedpipe("run", job, "--runner", "ray", "--workers", "2",
+                       env={"RAY_AUTH_MODE": "disabled"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = read_tokens(tmp_path / "out")
+    assert got.drop_columns(["vector"]).equals(words_local.drop_columns(["vector"]))
+    assert np.abs(matrix(got) - matrix(words_local)).max() <= 1e-6
+    assert embedpipe("verify", tmp_path / "out").returncode == 0
+
+
+@pytest.mark.s3
+def test_s3_token_table_equals_local(tmp_path, s3, crash_input, tiny_model, words_local):
+    fs, bucket = s3
+    out = f"s3://{bucket}/words"
+    job = small_job(tmp_path / "job.toml", crash_input, out, tiny_model, output=WORDS)
+    result = embedpipe("run", job)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert embedpipe("verify", out).returncode == 0
+    fs.invalidate_cache()
+    fs.get(f"{bucket}/words", str(tmp_path / "copy"), recursive=True)
+    got = read_tokens(tmp_path / "copy")
+    assert got.drop_columns(["vector"]).equals(words_local.drop_columns(["vector"]))
+    np.testing.assert_array_equal(matrix(got), matrix(words_local))
