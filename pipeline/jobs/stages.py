@@ -481,7 +481,6 @@ class WriteStage:
             unit_stats["chunked"] += int((windows.n_chunks > 1).sum())
         self.progress(n + window.rejects.num_rows)
 
-
     def _write_tokens(self, writer: UnitWriter, window: Window, states: list[np.ndarray],
                       unit_stats: Counter) -> None:
         """The window's token-table rows, in input order, written before the next window's."""
