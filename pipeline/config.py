@@ -105,6 +105,11 @@ class OutputConfig:
     # encode.long_text = "chunk": pool (one row a text: its windows' token-weighted mean) or rows
     # (one row a window, with its token and character offsets)
     chunks: str = "pool"
+    # Token-level vectors, in a token table beside the text vectors (tokens/): text (none), subword
+    # (a row per token), word (a row per word: its first sub-token's vector, or their mean)
+    granularity: str = "text"
+    word_pooling: str = "first"  # first | mean
+    special_tokens: bool = False  # subword: rows for the model's special tokens ([CLS], [SEP])
 
 
 @dataclass(frozen=True)
@@ -171,7 +176,18 @@ class JobConfig:
                if self.input.text_pair_column else {}),
             **({"output.dimensions": self.output.dimensions} if self.output.dimensions else {}),
             **self.chunk_settings(),
+            **self.token_settings(),
         }
+
+    def token_settings(self) -> dict[str, Any]:
+        """What the token table holds, recorded only when there is one (folders made before
+        token-level output existed still match)."""
+        out = self.output
+        if out.granularity == "text":
+            return {}
+        return {"output.granularity": out.granularity,
+                **({"output.word_pooling": out.word_pooling} if out.granularity == "word" else
+                   {"output.special_tokens": out.special_tokens})}
 
     def chunk_settings(self) -> dict[str, Any]:
         """How long texts are cut, recorded only when they are not truncated (folders made before
@@ -197,6 +213,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "encode.token_pooling": ("mean", "cls", "max"),
     "encode.long_text": ("truncate", "chunk", "reject"),
     "output.chunks": ("pool", "rows"),
+    "output.granularity": ("text", "subword", "word"),
+    "output.word_pooling": ("first", "mean"),
     "output.vector_dtype": ("float32", "float16"),
     "index.type": ("flat", "hnsw", "ivf-flat", "ivf-pq", "auto", "factory"),
     "index.metric": ("ip", "l2"),
@@ -300,6 +318,7 @@ def _validate(job: JobConfig) -> None:
     if job.output.chunks == "rows" and enc.long_text != "chunk":
         raise ConfigError("output.chunks = 'rows' writes one row per window: it needs "
                           "encode.long_text = 'chunk'")
+    _validate_tokens(job)
     parse_memory(job.index.max_memory)
     reserved = [c for c in job.output.keep_columns if c in STORED_COLUMNS]
     repeated = sorted({c for c in job.output.keep_columns if job.output.keep_columns.count(c) > 1})
@@ -309,6 +328,33 @@ def _validate(job: JobConfig) -> None:
                 ([f"{', '.join(map(repr, reserved))} would clash with the stored column of that "
                   f"name ({', '.join(STORED_COLUMNS)} are embedpipe's own)"] if reserved else [])
                 + ([f"{', '.join(map(repr, repeated))} named twice"] if repeated else [])))
+
+
+def _validate_tokens(job: JobConfig) -> None:
+    out = job.output
+    if out.granularity == "text":
+        if out.special_tokens or out.word_pooling != "first":
+            key = "special_tokens" if out.special_tokens else "word_pooling"
+            raise ConfigError(f"output.{key} shapes the token table: it needs output.granularity "
+                              f"= 'subword' or 'word'")
+        return
+    if out.granularity == "word" and out.special_tokens:
+        raise ConfigError("output.special_tokens = true: special tokens are no word; it applies "
+                          "to output.granularity = 'subword'")
+    if out.granularity == "subword" and out.word_pooling != "first":
+        raise ConfigError("output.word_pooling pools a word's sub-tokens; it applies to "
+                          "output.granularity = 'word'")
+    if job.encode.long_text == "chunk":
+        raise ConfigError(f"output.granularity = {out.granularity!r} takes a text's tokens from "
+                          f"one pass of the model; it does not take encode.long_text = 'chunk' "
+                          f"(use 'truncate' or 'reject')")
+    if job.input.text_pair_column:
+        raise ConfigError(f"output.granularity = {out.granularity!r} is for single texts; it "
+                          f"does not take sentence pairs (input.text_pair_column)")
+    if job.encode.pooling == "pooler":
+        raise ConfigError(f"output.granularity = {out.granularity!r} takes token vectors from "
+                          f"hidden states; encode.pooling = 'pooler' has none: choose cls, mean, "
+                          f"max or concat-last-four")
 
 
 # The columns of a vector part (besides any kept column), window columns included.

@@ -40,6 +40,22 @@ def pool(hidden_states: tuple[torch.Tensor, ...], mask: torch.Tensor,
     return pool_tokens(combined, mask, token_pooling)
 
 
+def combine_layers(hidden_states: tuple[torch.Tensor, ...], layers: tuple[int, ...],
+                   layer_combine: str) -> torch.Tensor:
+    """Per-token vectors [batch, tokens, width] in float32: the chosen layers combined as pool
+    combines them, with no pooling over tokens (token-level output)."""
+    chosen = [hidden_states[i].float() for i in layers]
+    if len(chosen) == 1:
+        return chosen[0]
+    if layer_combine == "concat":
+        return torch.cat(chosen, dim=-1)
+    if layer_combine == "mean":
+        return torch.stack(chosen).mean(0)
+    if layer_combine == "sum":
+        return torch.stack(chosen).sum(0)
+    raise ValueError(f"unknown layer combine {layer_combine!r}")
+
+
 def output_width(hidden_size: int, layers: tuple[int, ...] | None, layer_combine: str | None) -> int:
     if layers is None:  # the model's pooler
         return hidden_size

@@ -19,6 +19,19 @@ class Tokenized:
     n_tokens: np.ndarray  # int32, before truncation
     truncated: np.ndarray  # bool
     type_ids: list[list[int]] | None = None  # segment ids, for sentence pairs
+    spans: list["TokenSpans"] | None = None  # per text, of the kept ids: token-level output
+
+
+@dataclass(frozen=True)
+class TokenSpans:
+    """One text's kept tokens (as in Tokenized.ids, specials and prompt included), each with its
+    string, its character span in the original text (before prompt and lower-casing), its word
+    (Encoding.word_ids: the pre-tokenizer's words) and whether it is the text's own token."""
+    tokens: list[str]
+    offsets: np.ndarray  # int32 [n, 2]; (0, 0) for special and prompt tokens
+    word_ids: np.ndarray  # int32 [n]; -1 for special tokens
+    own: np.ndarray  # bool [n]: neither a special token nor the prompt's
+    special: np.ndarray  # bool [n]: a special token of the template ([CLS], [SEP])
 
 
 class TextTokenizer:
@@ -176,6 +189,33 @@ class TextTokenizer:
             ids[i] = row[:keep_head] + row[len(row) - self.n_suffix:] if self.n_suffix else row[:keep_head]
         return Tokenized(ids=ids, n_tokens=n_tokens, truncated=truncated)
 
+    def with_spans(self, texts: list[str]) -> Tokenized:
+        """As calling the tokenizer on single texts (the same ids, truncated alike), through the
+        tokenizer's own encode_batch with offsets and word ids: each text's TokenSpans."""
+        prompted = [self.prompt + text for text in texts] if self.prompt else list(texts)
+        lowered = [text.lower() for text in prompted] if self.lowercase else prompted
+        n_prompt = len(self.prompt)
+        keep_head = self.max_length - self.n_suffix
+        ids, spans, n_tokens = [], [], np.zeros(len(texts), np.int32)
+        for row, (text, low, enc) in enumerate(zip(prompted, lowered,
+                                                   self.backend.encode_batch(lowered))):
+            n = n_tokens[row] = len(enc.ids)
+            keep = (np.r_[np.arange(keep_head), np.arange(n - self.n_suffix, n)]
+                    if n > self.max_length else np.arange(n))
+            offsets = np.asarray(enc.offsets, np.int32).reshape(-1, 2)[keep]
+            special = np.asarray(enc.special_tokens_mask, bool)[keep]
+            if len(low) != len(text):
+                offsets = _original_offsets(text, offsets)
+            own = ~special & (offsets[:, 0] >= n_prompt)
+            offsets = np.where(own[:, None], offsets - n_prompt, 0).astype(np.int32)
+            words = np.fromiter((-1 if w is None else w for w in enc.word_ids), np.int32, count=n)
+            all_ids, all_tokens = enc.ids, enc.tokens
+            ids.append([all_ids[i] for i in keep])
+            spans.append(TokenSpans(tokens=[all_tokens[i] for i in keep], offsets=offsets,
+                                    word_ids=words[keep], own=own, special=special))
+        return Tokenized(ids=ids, n_tokens=n_tokens, truncated=n_tokens > self.max_length,
+                         spans=spans)
+
     @property
     def n_fixed(self) -> int:
         """Tokens every text gets besides its own: special tokens and the prompt's."""
@@ -189,12 +229,7 @@ class TextTokenizer:
         ids = np.asarray(encoding.ids, dtype=np.int32)
         offsets = np.asarray(encoding.offsets, dtype=np.int32).reshape(-1, 2)
         if len(lowered) != len(text):  # a character whose lower case is longer ('İ' -> 'i̇')
-            # offsets into the lowered text, back to the original's characters
-            lengths = np.fromiter((len(c.lower()) for c in text), np.int32, count=len(text))
-            original = np.repeat(np.arange(len(text), dtype=np.int32), lengths)
-            original = np.append(original, len(text))
-            offsets = np.stack([original[offsets[:, 0]],
-                                original[np.maximum(offsets[:, 1] - 1, offsets[:, 0])] + 1], 1)
+            offsets = _original_offsets(text, offsets)
         return ids, offsets
 
     def window(self, content_ids: np.ndarray) -> list[int]:
@@ -256,6 +291,16 @@ def _tokenizer_files(model_path: Path) -> str:
     return (f"tokenizer files present: {', '.join(present) or 'none'}; a fast tokenizer needs "
             f"tokenizer.json (or the vocabulary files it is built from: vocab.txt for WordPiece, "
             f"vocab.json + merges.txt for BPE, a sentencepiece model)")
+
+
+def _original_offsets(text: str, offsets: np.ndarray) -> np.ndarray:
+    """Offsets into text.lower(), back to text's characters (a character whose lower case is
+    longer: 'İ' -> 'i̇')."""
+    lengths = np.fromiter((len(c.lower()) for c in text), np.int32, count=len(text))
+    original = np.repeat(np.arange(len(text), dtype=np.int32), lengths)
+    original = np.append(original, len(text))
+    return np.stack([original[offsets[:, 0]],
+                     original[np.maximum(offsets[:, 1] - 1, offsets[:, 0])] + 1], 1).astype(np.int32)
 
 
 def _special_tokens(backend) -> tuple[list[int], list[int]]:

@@ -31,7 +31,8 @@ def unit_problems(ledger: Ledger, damage: dict[str, list[str]] | None = None) ->
             problems.append(f"{where}: {record.rows_in} rows read, but {record.vectors_out} "
                             f"vectors + {record.rejects} rejects recorded")
         for files, recorded, what in ((record.vector_files, record.stored_rows, "vectors"),
-                                      (record.reject_files, record.rejects, "rejects")):
+                                      (record.reject_files, record.rejects, "rejects"),
+                                      (record.token_files, record.token_rows, "token")):
             rows = sum(_rows(ledger, record, f) for f in files)
             if rows != recorded:
                 problems.append(f"{where}: its {what} parts hold {rows} rows, {recorded} recorded")

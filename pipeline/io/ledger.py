@@ -67,6 +67,8 @@ class UnitRecord:
     part_rows: int | None = None  # rows in the vector parts, when not one a text (a window each)
     vector_files: list[str] = field(default_factory=list)
     reject_files: list[str] = field(default_factory=list)
+    token_files: list[str] = field(default_factory=list)  # the token table's parts (tokens/)
+    token_rows: int = 0  # rows in them: a token (or word) each
     seconds: float = 0.0
     error: str | None = None
     checks: dict[str, FileCheck] = field(default_factory=dict)  # per file: bytes, rows, footer
@@ -88,7 +90,7 @@ class UnitRecord:
 
     @property
     def files(self) -> list[str]:
-        return self.vector_files + self.reject_files
+        return self.vector_files + self.reject_files + self.token_files
 
     def damage(self, store: Store) -> list[str]:
         """Why the unit's committed files no longer match the record: one line a bad file."""
@@ -97,6 +99,8 @@ class UnitRecord:
     def to_json(self) -> dict[str, Any]:
         data = {_FIELD_TO_KEY.get(k, k): v for k, v in dataclasses.asdict(self).items()}
         data["checks"] = {f: c.to_json() for f, c in self.checks.items()}
+        if not self.token_files:  # a text-only unit's record as before token-level output
+            del data["token_files"], data["token_rows"]
         if not self.complete:  # a failed unit records where and why, nothing it produced
             data = {k: data[k] for k in ("key", "path", "first_row", "row_groups", "fingerprint",
                                          "status", "error")}
@@ -196,6 +200,10 @@ class Ledger:
     def reject_files(self) -> list[str]:
         return [f for r in self.complete_units() for f in r.reject_files]
 
+    def token_files(self) -> list[str]:
+        """The token table's committed parts, in row order (input order)."""
+        return [f for r in self.complete_units() for f in r.token_files]
+
 
 def read_manifest(store: Store) -> dict[str, Any]:
     """An output folder's manifest, or a ConfigError saying the folder is not one (no manifest,
@@ -216,7 +224,7 @@ def read_manifest(store: Store) -> dict[str, Any]:
 
 
 # What an output folder holds besides its manifest; anything else without a manifest is foreign.
-OWN_ENTRIES = {LOCK, "vectors", "rejects", "index", "heads"}
+OWN_ENTRIES = {LOCK, "vectors", "rejects", "tokens", "index", "heads"}
 
 
 def refuse_foreign_folder(store: Store) -> None:

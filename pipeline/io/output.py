@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from .ledger import Ledger, read_manifest
 from .storage import Store
-from .vectors import VectorParts
+from .vectors import VectorParts, to_matrix
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class Output:
     store: Store
     manifest: dict[str, Any]
     parts: VectorParts
+    token_parts: VectorParts | None = None  # the token table's (output.granularity subword | word)
 
     @property
     def files(self) -> list[str]:
@@ -55,11 +56,33 @@ class Output:
         return np.concatenate(blocks) if blocks else np.zeros((0, self.manifest.get("dim") or 0),
                                                                np.float32)
 
+    def token_batches(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """The token table (a row per token or word, in input order), a block of rows at a
+        time; nothing when the run wrote none."""
+        if self.token_parts is not None:
+            yield from self.token_parts.read(columns or list(TOKEN_COLUMNS))
+
+    def token_vectors(self) -> np.ndarray:
+        """float32 [token rows, width]: the token table's vectors, in its row order."""
+        blocks = [to_matrix(t.column("vector")) for t in self.token_batches(["vector"])]
+        return np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32)
+
+    def tokens(self, columns: list[str] | None = None) -> pa.Table:
+        """The whole token table: id, position, token, char_start, char_end, vector."""
+        tables = list(self.token_batches(columns))
+        return pa.concat_tables(tables) if tables else pa.table({})
+
+
+TOKEN_COLUMNS = ("id", "position", "token", "char_start", "char_end", "vector")
+
 
 def open_output(path: str) -> Output:
     store = Store(path)
     manifest = read_manifest(store)
-    return Output(store, manifest, VectorParts(store, Ledger(store).vector_files()))
+    ledger = Ledger(store)
+    tokens = ledger.token_files()
+    return Output(store, manifest, VectorParts(store, ledger.vector_files()),
+                  VectorParts(store, tokens) if tokens else None)
 
 
 __all__ = ["Output", "open_output"]

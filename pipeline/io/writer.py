@@ -14,6 +14,7 @@ from .storage import Store, with_filename
 
 VECTORS_DIR = "vectors"
 REJECTS_DIR = "rejects"
+TOKENS_DIR = "tokens"  # the token table (output.granularity = "subword" | "word")
 REJECT_SCHEMA_FIELDS = [("input_file", pa.string()), ("row_number", pa.int64()), ("reason", pa.string())]
 
 
@@ -44,6 +45,15 @@ def vectors_schema(id_type: pa.DataType, dim: int, vector_dtype: str,
     return pa.schema(fields + (list(keep) if keep is not None else []))
 
 
+def tokens_schema(id_type: pa.DataType, dim: int, vector_dtype: str) -> pa.Schema:
+    """The token table: a row per token (or word) of a text, in input order."""
+    value_type = pa.float16() if vector_dtype == "float16" else pa.float32()
+    return pa.schema([pa.field("id", id_type), pa.field("position", pa.int32()),
+                      pa.field("token", pa.string()), pa.field("char_start", pa.int32()),
+                      pa.field("char_end", pa.int32()),
+                      pa.field("vector", pa.list_(value_type, dim))])
+
+
 def rejects_schema(id_type: pa.DataType) -> pa.Schema:
     return pa.schema([pa.field("id", id_type)] + [pa.field(n, t) for n, t in REJECT_SCHEMA_FIELDS])
 
@@ -60,15 +70,16 @@ def part_options(schema: pa.Schema) -> dict:
 
 
 class UnitWriter:
-    """Parts `vectors/part-UUUUU-SSSS.parquet` of at most rows_per_file rows, in input order.
+    """Parts `vectors/part-UUUUU-SSSS.parquet` (or under `folder`: the token table's) of at most
+    rows_per_file rows, in input order.
 
     A part is streamed to a temporary name and renamed into place when it is full or the unit
     ends, so memory holds one window of rows, never a whole part.
     """
 
     def __init__(self, store: Store, unit_id: int, schema: pa.Schema, rows_per_file: int,
-                 vector_dtype: str):
-        self.store, self.unit_id, self.schema = store, unit_id, schema
+                 vector_dtype: str, folder: str = VECTORS_DIR):
+        self.store, self.unit_id, self.schema, self.folder = store, unit_id, schema, folder
         self.rows_per_file, self.vector_dtype = rows_per_file, vector_dtype
         self.files: list[str] = []
         self._open: tuple[ExitStack, pq.ParquetWriter] | None = None
@@ -89,7 +100,7 @@ class UnitWriter:
         try:
             self._write(batch)
         except OSError as exc:  # the disk filled: the unit's parts go, the error names the part
-            part = self.store.path(self.files[-1]) if self.files else self.store.path(VECTORS_DIR)
+            part = self.store.path(self.files[-1]) if self.files else self.store.path(self.folder)
             self.abort()
             raise with_filename(exc, part) from exc
 
@@ -105,7 +116,7 @@ class UnitWriter:
                 self._finish_part()
 
     def _start_part(self) -> None:
-        name = f"{VECTORS_DIR}/part-{self.unit_id:05d}-{len(self.files):04d}.parquet"
+        name = f"{self.folder}/part-{self.unit_id:05d}-{len(self.files):04d}.parquet"
         stack = ExitStack()
         handle = stack.enter_context(self.store.open_atomic(name))
         self._open = (stack, pq.ParquetWriter(handle, self.schema, **part_options(self.schema)))

@@ -11,10 +11,12 @@ from ..config import JobConfig
 from ..encode.chunking import ChunkPolicy
 from ..encode.encoder import EncoderSettings
 from ..encode.model_files import ModelSource
+from ..encode.pooling import output_width
 from ..encode.runtime import Runtime
+from ..encode.token_output import TokenPolicy
 from ..io.reader import Unit
 from ..io.storage import Store
-from ..io.writer import vectors_schema
+from ..io.writer import tokens_schema, vectors_schema
 from .stages import FlowSettings, PrepareStage, Stats, WriteStage, run_stages
 
 
@@ -36,6 +38,15 @@ class EmbedPlan:
         return vectors_schema(pa.type_for_alias(self.id_type), self.width,
                               self.job.output.vector_dtype, self.keep_schema, chunks)
 
+    def tokens_schema(self) -> pa.Schema | None:
+        """The token table's schema (output.granularity = subword | word), else None. Token
+        vectors are the layers combined, as wide as the text vector before output.dimensions."""
+        if TokenPolicy.for_job(self.job) is None:
+            return None
+        settings = EncoderSettings.for_job(self.job)
+        width = output_width(self.source.hidden_size, settings.layers, settings.layer_combine)
+        return tokens_schema(pa.type_for_alias(self.id_type), width, self.job.output.vector_dtype)
+
 
 class UnitEmbedder:
     """A loaded tokenizer and encoder; `embed` runs the three stages over a list of units."""
@@ -51,6 +62,11 @@ class UnitEmbedder:
         if self.chunking.pools:  # windows are normalised after pooling, not each alone
             settings = dataclasses.replace(settings, normalize=False)
         self.encoder = Encoder(plan.source, runtime, settings)
+        self.token_policy = TokenPolicy.for_job(job)
+        self.encode = self.encoder.encode_batch
+        if self.token_policy is not None:
+            from ..encode.token_output import TokenEncoder
+            self.encode = TokenEncoder(self.encoder)
         self.flow = FlowSettings.for_job(job, runtime)
 
     def embed(self, units: list[tuple[Unit, int]], duplicates: dict[str, set[int]],
@@ -58,9 +74,11 @@ class UnitEmbedder:
         job = self.plan.job
         id_type = pa.type_for_alias(self.plan.id_type)
         preparer = PrepareStage(self.flow, self.tokenizer, duplicates, id_type, stats,
-                                self.chunking)
+                                self.chunking, self.token_policy)
         writer = WriteStage(Store(job.output.path), self.plan.vectors_schema(),
                             job.output.rows_per_file, job.output.vector_dtype, stats, on_unit_done,
-                            progress, normalize=self.chunking.pools and bool(job.encode.normalize))
-        run_stages(lambda channel: preparer.run(units, channel), self.encoder.encode_batch,
+                            progress, normalize=self.chunking.pools and bool(job.encode.normalize),
+                            token_schema=self.plan.tokens_schema(),
+                            token_mean=self.token_policy is not None and self.token_policy.mean)
+        run_stages(lambda channel: preparer.run(units, channel), self.encode,
                    writer.run, stats)

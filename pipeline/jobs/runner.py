@@ -31,7 +31,7 @@ from ..io.reader import Unit, open_parquet, plan_units, refuse_overlap
 from ..io.rejects import find_duplicates
 from ..io.storage import Store, filesystem
 from ..io.vectors import VectorParts
-from ..io.writer import REJECTS_DIR, VECTORS_DIR, remove_files
+from ..io.writer import REJECTS_DIR, TOKENS_DIR, VECTORS_DIR, remove_files
 from ..sinks.base import Sink, SinkError, SinkLoad, close_all, preflight, prune_records, sync_sink
 from ..sinks.make import make_sink
 from ..version import package_versions
@@ -76,7 +76,7 @@ def id_type_of(unit_schema: pa.Schema, id_column: str) -> pa.DataType:
 def _wipe(store: Store) -> None:
     """--mode overwrite: the manifest goes first, so a crash mid-wipe leaves only strays."""
     store.remove(MANIFEST)
-    for folder in (VECTORS_DIR, REJECTS_DIR, INDEX_DIR):
+    for folder in (VECTORS_DIR, REJECTS_DIR, TOKENS_DIR, INDEX_DIR):
         for name in store.listdir(folder):
             store.remove(posixpath.join(folder, name))
 
@@ -85,7 +85,7 @@ def _sweep(store: Store, ledger: Ledger) -> int:
     """Remove temporaries and parts that no committed unit names (left by a killed run)."""
     named = {f for r in ledger.units.values() for f in r.files}
     swept = 0
-    for folder in (VECTORS_DIR, REJECTS_DIR, INDEX_DIR):
+    for folder in (VECTORS_DIR, REJECTS_DIR, TOKENS_DIR, INDEX_DIR):
         swept += len(store.sweep_temporaries(folder))
         if folder == INDEX_DIR:
             continue
@@ -138,7 +138,8 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
                              dtype=runtime.dtype, dtype_note=runtime.dtype_note,
                              attention=runtime.attention, compiled=runtime.compile,
                              model=source.name, units_total=len(units), recipe=recipe,
-                             long_text=job.encode.long_text)
+                             long_text=job.encode.long_text,
+                             granularity=job.output.granularity)
         _run_locked(RunContext(job, options, source, runtime, settings, store, ledger, summary,
                                sinks=sinks), units)
     finally:
@@ -284,6 +285,7 @@ def _embed(ctx: RunContext, todo: list[Unit], embedder: UnitEmbedder) -> None:
             summary.truncated += record.truncated
             summary.windows += record.windows
             summary.texts_chunked += record.chunked
+            summary.token_rows += record.token_rows
             for reason, count in record.reject_reasons.items():
                 summary.rejects[reason] = summary.rejects.get(reason, 0) + count
         else:

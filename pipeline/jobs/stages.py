@@ -25,13 +25,14 @@ from ..encode.batching import Batch, collate, plan_batches
 from ..encode.chunking import (TOO_LONG, ChunkPolicy, TokenWindows, cut_windows, pool_windows,
                                too_long)
 from ..encode.runtime import Runtime
+from ..encode.token_output import TokenPolicy, TokenRows, gather, token_rows
 from ..encode.tokenizer import TextTokenizer, Tokenized
 from ..faults import checkpoint
 from ..io.checks import check_file
 from ..io.ledger import UnitRecord
 from ..io.reader import Unit, read_unit
 from ..io.rejects import plain_texts, reasons_for_window
-from ..io.writer import UnitWriter, rejects_schema, write_rejects
+from ..io.writer import TOKENS_DIR, UnitWriter, rejects_schema, write_rejects
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class Window:
     rejects: pa.Table
     n_batches: int
     windows: TokenWindows | None = None  # long_text = "chunk": what goes through the model
+    tokens: TokenRows | None = None  # output.granularity = subword | word: the token table's rows
 
     @property
     def n_vectors(self) -> int:
@@ -80,6 +82,7 @@ class Window:
 class Encoded:
     positions: np.ndarray
     vectors: np.ndarray
+    tokens: list[np.ndarray] | None = None  # token-level output: each row's per-token vectors
 
 
 @dataclass
@@ -126,6 +129,9 @@ class Channel:
 
 
 DONE = object()
+# Token-level output: tokens a Window holds at most (one long text excepted), so the per-token
+# vectors waiting for a Window's last batch stay under ~100 MB even 4 x 384 wide
+TOKEN_WINDOW = 16_384
 STOP_SECONDS = 30  # how long an interrupted run waits for a stage to finish its current step
 
 
@@ -156,9 +162,10 @@ class PrepareStage:
 
     def __init__(self, settings: FlowSettings, tokenizer: TextTokenizer,
                  duplicates: dict[str, set[int]], id_type: pa.DataType, stats: Stats,
-                 chunking: ChunkPolicy | None = None):
+                 chunking: ChunkPolicy | None = None, token_policy: TokenPolicy | None = None):
         self.s, self.tokenizer, self.duplicates, self.id_type, self.stats = (
             settings, tokenizer, duplicates, id_type, stats)
+        self.token_policy = token_policy
         self.chunking = chunking if chunking is not None and chunking.mode != "truncate" else None
 
     def run(self, units: Iterable[tuple[Unit, int]], out: "Channel | BatchCollector") -> None:
@@ -215,8 +222,11 @@ class PrepareStage:
         good = np.array([r is None for r in reasons], dtype=bool)
         keep_idx = np.flatnonzero(good)
         good_texts = texts.take(pa.array(keep_idx, pa.int64())).to_pylist()
-        tokens = self.tokenizer(good_texts, None if pairs is None else
-                                pairs.take(pa.array(keep_idx, pa.int64())).to_pylist())
+        if self.token_policy is not None:  # the same ids, with offsets and word ids
+            tokens = self.tokenizer.with_spans(good_texts)
+        else:
+            tokens = self.tokenizer(good_texts, None if pairs is None else
+                                    pairs.take(pa.array(keep_idx, pa.int64())).to_pylist())
         if self.chunking is not None and self.chunking.mode == "reject":
             long = too_long(self.tokenizer, tokens, self.chunking)
             for i in keep_idx[long]:
@@ -235,6 +245,9 @@ class PrepareStage:
         ids = ids.take(keep_idx)
         if self.chunking is not None and self.chunking.mode == "chunk":
             self._chunked(ids, good_texts, tokens, keep, rejects, out, tick)
+            return
+        if self.token_policy is not None:
+            self._token_level(ids, good_texts, tokens, keep, rejects, out, tick)
             return
         self._emit(Window(ids=ids, n_tokens=tokens.n_tokens, truncated=tokens.truncated,
                           keep=keep, rejects=rejects, n_batches=0), tokens.ids, tokens.type_ids,
@@ -268,6 +281,31 @@ class PrepareStage:
             if start >= len(texts):
                 break
 
+    def _token_level(self, ids: pa.Array, texts: list[str], tokens: Tokenized,
+                     keep: pa.Table | None, rejects: pa.Table, out: Channel, tick: float) -> None:
+        """Texts in groups of at most TOKEN_WINDOW tokens (at least one text), each its own
+        Window: the writer holds a group's per-token vectors until its last batch is in, so
+        memory stays flat whatever sort_window is."""
+        counts = np.cumsum(np.fromiter(map(len, tokens.ids), np.int64, count=len(tokens.ids)))
+        start = 0
+        while start < len(texts):
+            before = counts[start - 1] if start else 0
+            end = max(start + 1, int(np.searchsorted(counts, before + TOKEN_WINDOW, "right")))
+            end = min(end, len(texts))
+            part = _subset(tokens, np.arange(start, end))
+            rows = token_rows(texts[start:end], part.spans, self.token_policy)
+            self._emit(Window(ids=ids.slice(start, end - start), n_tokens=part.n_tokens,
+                              truncated=part.truncated,
+                              keep=None if keep is None else keep.slice(start, end - start),
+                              rejects=rejects if start == 0 else rejects.slice(0, 0),
+                              n_batches=0, tokens=rows), part.ids, None, out, tick)
+            tick = time.perf_counter()
+            start = end
+        if not texts:  # a window of rejects only
+            self._emit(Window(ids=ids, n_tokens=tokens.n_tokens, truncated=tokens.truncated,
+                              keep=keep, rejects=rejects, n_batches=0,
+                              tokens=token_rows([], [], self.token_policy)), [], None, out, tick)
+
     def _emit(self, window: Window, ids: list[list[int]], type_ids, out: Channel,
               tick: float) -> None:
         """A window's token rows sorted into batches: the Window first, then its batches."""
@@ -287,7 +325,8 @@ def _subset(tokens: Tokenized, rows: np.ndarray) -> Tokenized:
     return Tokenized(ids=[tokens.ids[i] for i in positions], n_tokens=tokens.n_tokens[positions],
                      truncated=tokens.truncated[positions],
                      type_ids=None if tokens.type_ids is None else
-                     [tokens.type_ids[i] for i in positions])
+                     [tokens.type_ids[i] for i in positions],
+                     spans=None if tokens.spans is None else [tokens.spans[i] for i in positions])
 
 
 def _window_columns(keep: pa.Table, texts: list[str], windows: TokenWindows,
@@ -344,8 +383,12 @@ class WriteStage:
 
     def __init__(self, store, schema: pa.Schema, rows_per_file: int,
                  vector_dtype: str, stats: Stats, on_unit_done: Callable[[UnitRecord], None],
-                 progress: Callable[[int], None], normalize: bool = False):
-        """normalize: L2-normalise texts' pooled windows (long_text = "chunk", chunks = "pool")."""
+                 progress: Callable[[int], None], normalize: bool = False,
+                 token_schema: pa.Schema | None = None, token_mean: bool = False):
+        """normalize: L2-normalise texts' pooled windows (long_text = "chunk", chunks = "pool");
+        token_schema: the token table's (output.granularity = subword | word), whose rows are
+        their sub-tokens' mean when token_mean (word_pooling = "mean")."""
+        self.token_schema, self.token_mean = token_schema, token_mean
         self.store, self.schema = store, schema
         self.rows_per_file, self.vector_dtype = rows_per_file, vector_dtype
         self.stats, self.on_unit_done, self.progress = stats, on_unit_done, progress
@@ -354,10 +397,11 @@ class WriteStage:
 
     def run(self, inbox: Channel) -> None:
         writer: UnitWriter | None = None
+        token_writer: UnitWriter | None = None
         window: Window | None = None
         unit_stats: Counter = Counter()
         rejects: list[pa.Table] = []
-        vectors = None
+        vectors = token_states = None
         filled = 0
         while (item := inbox.get()) is not DONE:
             tick = time.perf_counter()
@@ -365,18 +409,26 @@ class WriteStage:
                 unit_id = item.unit_id
                 writer = UnitWriter(self.store, unit_id, self.schema, self.rows_per_file,
                                     self.vector_dtype)
+                if self.token_schema is not None:
+                    token_writer = UnitWriter(self.store, unit_id, self.token_schema,
+                                              self.rows_per_file, self.vector_dtype, TOKENS_DIR)
                 unit_stats, rejects = Counter(), []
             elif isinstance(item, Window):
                 window, filled = item, 0
                 vectors = None
+                token_states = None if item.tokens is None else [None] * item.n_vectors
                 rejects.append(item.rejects)
             elif isinstance(item, Encoded):
                 if vectors is None:
                     vectors = np.empty((window.n_vectors, item.vectors.shape[1]), np.float32)
                 vectors[item.positions] = item.vectors
+                if token_states is not None:
+                    for position, states in zip(item.positions.tolist(), item.tokens):
+                        token_states[position] = states
                 filled += 1
             elif isinstance(item, UnitEnd):
                 files = writer.close()
+                token_files = token_writer.close() if token_writer is not None else []
                 reject_table = pa.concat_tables(rejects) if rejects else None
                 reject_files = write_rejects(self.store, unit_id, reject_table) if reject_table else []
                 reasons = Counter(reject_table.column("reason").to_pylist()) if reject_table else {}
@@ -386,17 +438,22 @@ class WriteStage:
                     reject_reasons=dict(reasons), truncated=unit_stats["truncated"],
                     windows=unit_stats["windows"], chunked=unit_stats["chunked"],
                     part_rows=unit_stats["rows"] if self.window_rows else None,
-                    vector_files=files, reject_files=reject_files, seconds=round(item.seconds, 3),
-                    checks={f: check_file(self.store, f) for f in files + reject_files}))
-                writer = None
+                    vector_files=files, reject_files=reject_files, token_files=token_files,
+                    token_rows=unit_stats["token_rows"], seconds=round(item.seconds, 3),
+                    checks={f: check_file(self.store, f)
+                            for f in files + reject_files + token_files}))
+                writer = token_writer = None
             elif isinstance(item, UnitFailed):
-                if writer is not None:
-                    writer.abort()
-                    writer = None
+                for open_writer in (writer, token_writer):
+                    if open_writer is not None:
+                        open_writer.abort()
+                writer = token_writer = None
                 self.on_unit_done(UnitRecord.for_unit(item.unit, "failed", error=item.error))
             if window is not None and filled == window.n_batches:
                 self._write_window(writer, window, vectors, unit_stats)
-                window = None
+                if token_writer is not None:
+                    self._write_tokens(token_writer, window, token_states, unit_stats)
+                window = token_states = None
             self.stats.seconds["write"] += time.perf_counter() - tick
 
     def _write_window(self, writer: UnitWriter, window: Window, vectors, unit_stats: Counter) -> None:
@@ -423,6 +480,17 @@ class WriteStage:
             unit_stats["chunked"] += int((windows.n_chunks > 1).sum())
         self.progress(n + window.rejects.num_rows)
 
+    def _write_tokens(self, writer: UnitWriter, window: Window, states: list[np.ndarray],
+                      unit_stats: Counter) -> None:
+        """The window's token-table rows, in input order, written before the next window's."""
+        rows = window.tokens
+        if not len(rows):
+            return
+        columns = {"vector": gather(states, rows, self.token_mean), "position": rows.position,
+                   "token": rows.token, "char_start": rows.char_start, "char_end": rows.char_end}
+        writer.write(window.ids.take(pa.array(rows.owner, pa.int64())), columns)
+        unit_stats["token_rows"] += len(rows)
+
 
 def encode_loop(inbox: Channel, outbox: Channel, encode: Callable[[Batch], np.ndarray],
                 stats: Stats) -> None:
@@ -431,10 +499,13 @@ def encode_loop(inbox: Channel, outbox: Channel, encode: Callable[[Batch], np.nd
         if isinstance(item, Batch):
             tick = time.perf_counter()
             vectors = encode(item)
+            tokens = None
+            if isinstance(vectors, tuple):  # token-level output: (vectors, per-token vectors)
+                vectors, tokens = vectors
             stats.seconds["encode"] += time.perf_counter() - tick
             stats.real_tokens += item.real_tokens
             stats.padded_tokens += item.padded_tokens
-            outbox.put(Encoded(item.positions, vectors))
+            outbox.put(Encoded(item.positions, vectors, tokens))
             checkpoint("encode")
         else:
             outbox.put(item)

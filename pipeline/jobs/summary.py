@@ -32,6 +32,8 @@ class RunSummary:
     long_text: str = "truncate"  # truncate | chunk | reject: what became of texts over a window
     windows: int = 0  # long_text = "chunk": token windows through the model
     texts_chunked: int = 0  # long_text = "chunk": texts cut into more than one window
+    granularity: str = "text"  # subword | word: a token table is written beside the vectors
+    token_rows: int = 0  # rows this run wrote to the token table
     real_tokens: int = 0
     padded_tokens: int = 0
     oom_splits: int = 0
@@ -90,6 +92,8 @@ class RunSummary:
              f"cut into more than one, {self.truncated:,} past max_chunks (flagged truncated)"
              if self.long_text == "chunk" else
              f"  truncated  {self.truncated:,} rows longer than max_length (embedded truncated)"),
+            *([f"  token rows {self.token_rows:,} {self.granularity} rows written to the token "
+               f"table (tokens/)"] if self.granularity != "text" else []),
             f"  tokens     {self.real_tokens:,} real, padding overhead {self.padding_overhead:.1f}%",
             f"  speed      {self.rate(self.rows_read):,.1f} rows/s, {self.rate(self.real_tokens):,.0f} tokens/s",
             "  seconds    " + ", ".join(f"{k} {s.get(k, 0.0):.2f}" for k in
