@@ -104,7 +104,7 @@ class RunSummary:
         ]
         for sink in self.sinks:
             lines.append(f"  sink       {sink['name']} ({sink['target']}): " + (
-                f"not synced" if sink.get("error") else
+                "not synced" if sink.get("error") else
                 f"{sink['upserted']:,} upserted, {sink['deleted']:,} deleted"
                 + (" (full sync)" if sink["full"] else "")
                 + f", {sink['rows']:,} rows, {sink['seconds']:.2f} s"
