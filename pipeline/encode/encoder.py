@@ -59,7 +59,10 @@ def _load_model(source: ModelSource, runtime: Runtime):
 
     device, dtype = runtime.torch_device, runtime.dtype
     attn = ATTENTION if runtime.attention == "amx" else runtime.attention
-    kwargs = {"dtype": TORCH_DTYPES[dtype]} if device.type == "cuda" else {}
+    # Always name the dtype: transformers 5 loads a folder saved in float16 as a float16 model
+    # unless told otherwise. On CPU the model loads in float32 (bf16 casts only the Linear
+    # weights, below).
+    kwargs = {"dtype": TORCH_DTYPES[dtype] if device.type == "cuda" else torch.float32}
     kwargs["output_loading_info"] = True  # which weights were missing from the files
     try:
         try:
