@@ -59,6 +59,7 @@ class BenchOptions:
     max_batch_size: int | None = None
     compare_st: bool = True
     encode_only: bool = True
+    index: bool = True  # the runner builds its flat FAISS index (off: a machine without faiss)
     workdir: str | None = None  # None: a temporary folder, removed afterwards
 
 
@@ -208,7 +209,7 @@ def _job(opts: BenchOptions, input_path: str, out: Path, dtype: str):
         "name": "bench",
         "input": {"path": input_path, "text_column": opts.text_column, "id_column": opts.id_column},
         "model": model, "encode": encode, "output": {"path": str(out)},
-        "index": {"enabled": True, "type": "flat", "metric": "ip"},
+        "index": {"enabled": opts.index, "type": "flat", "metric": "ip"},
     })
 
 
@@ -356,10 +357,11 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
         for dtype in st_dtypes:
             from sentence_transformers import SentenceTransformer
 
-            model = SentenceTransformer(str(source.path), device=str(device))
+            model = SentenceTransformer(str(source.path), device=str(device),
+                                        model_kwargs={"dtype": torch.float32})
             model.max_seq_length = max_length
-            if dtype != "float32":
-                model = model.to(getattr(torch, dtype))
+            # cast both: transformers 5 loads a folder saved in float16 as float16
+            model = model.to(getattr(torch, dtype))
             name = f"{ST} {dtype}"
 
             def st_encode(name=name, model=model, batch=texts) -> None:
