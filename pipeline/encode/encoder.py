@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 
 from ..config import ConfigError, EncodeConfig
 from .batching import Batch
+from .hardware import process_age
 from .model_files import ModelSource
 from .pooling import output_width, pool
 from .runtime import TORCH_DTYPES, Runtime, check_here
@@ -121,6 +123,9 @@ def cached_model(source: ModelSource, runtime: Runtime) -> torch.nn.Module:
         return model
 
 
+_FIRST_BATCH_LOGGED = threading.Event()  # once per process
+
+
 class Encoder:
     """Turns padded token batches into float32 sentence vectors (numpy, one row per text)."""
 
@@ -183,8 +188,16 @@ class Encoder:
 
     def encode_batch(self, batch: Batch) -> np.ndarray:
         if batch.token_type_ids is None:
-            return self.encode(batch.input_ids, batch.attention_mask)
-        return self.encode(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+            out = self.encode(batch.input_ids, batch.attention_mask)
+        else:
+            out = self.encode(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        if not _FIRST_BATCH_LOGGED.is_set():
+            _FIRST_BATCH_LOGGED.set()
+            age = process_age()
+            if age is not None:  # start-up time: README, "Start-up"
+                log.info("first batch encoded %.2f s after the process started (%.2f s of CPU)",
+                         age, time.process_time())
+        return out
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                *token_type_ids: torch.Tensor) -> np.ndarray:
