@@ -13,6 +13,7 @@ Precision and kernels, as measured on all-MiniLM-L6-v2 (README, "Performance"):
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import threading
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, EncodeConfig
+from . import compile_cache
 from .batching import Batch
 from .hardware import process_age
 from .model_files import ModelSource
@@ -100,7 +102,8 @@ _MODELS_KEEP = 2
 
 def cached_model(source: ModelSource, runtime: Runtime) -> torch.nn.Module:
     key = (f"{source.path}:{source.fingerprint}",
-           (runtime.device, runtime.dtype, runtime.attention, runtime.compile))
+           (runtime.device, runtime.dtype, runtime.attention, runtime.compile,
+            runtime.compile_cache))
     with _MODELS_LOCK:
         model = _MODELS.pop(key, None)
         if model is None:
@@ -110,12 +113,13 @@ def cached_model(source: ModelSource, runtime: Runtime) -> torch.nn.Module:
                 # casts), which is most of a bf16 forward on CPU. dynamic=True: one compile
                 # serves every (rows, length) batch shape; it costs ~15-30 s once per process.
                 # freezing: the weights are constants (never trained here), so Inductor prepacks
-                # them for oneDNN and folds bias and GELU into the matrix products (+10 % on CPU).
-                # Set globally: compiling happens lazily at the first calls (and on recompiles),
-                # where torch.compile's `options` do not reach the freezing pass.
-                import torch._inductor.config as inductor_config
-
-                inductor_config.freezing = True
+                # them for oneDNN and folds bias and GELU into the matrix products; but Inductor's
+                # persistent caches refuse frozen graphs, so a compile through the cache
+                # (runtime.compile_cache, the default; compile_cache.py) runs without it. Compiling
+                # happens lazily at the first calls (and on recompiles), where torch.compile's
+                # `options` do not reach the freezing pass: Encoder._forward sets it per call.
+                if runtime.compile_cache:
+                    compile_cache.use_cache()
                 model = torch.compile(model, dynamic=True)
         _MODELS[key] = model  # most recently used last
         while len(_MODELS) > _MODELS_KEEP:
@@ -151,11 +155,22 @@ class Encoder:
         self.width = settings.width(self.hidden_size)
         self.pad_multiple = runtime.pad_multiple
         self.oom_splits = 0
+        self.source_name = source.name
+        self._cache_marked = False
         # After an out-of-memory error, batches above this many padded tokens are split before
         # they reach the device, so one OOM does not repeat on every later batch.
         self.token_cap: int | None = None
         log.info("encoder: %s on %s in %s, attention %s, width %d", source.name, self.device,
                  self.dtype, self.attention, self.width)
+
+    def _freezing(self):
+        """Inductor's freezing for this model's (lazy) compiles: on unless it compiles through
+        the persistent cache, which refuses frozen graphs."""
+        if not self.runtime.compile:
+            return contextlib.nullcontext()
+        import torch._inductor.config as inductor_config
+
+        return inductor_config.patch(freezing=not self.runtime.compile_cache)
 
     def _autocast(self):
         # On CUDA the weights are already half; on CPU autocast runs the products in bf16.
@@ -171,7 +186,7 @@ class Encoder:
         extra = {}
         if token_type_ids is not None and self.takes_token_types:
             extra["token_type_ids"] = token_type_ids.to(self.device, non_blocking=True)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._autocast(), self._freezing():
             out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=need_states,
                              **extra)
             if s.layers is None:
@@ -191,6 +206,12 @@ class Encoder:
             out = self.encode(batch.input_ids, batch.attention_mask)
         else:
             out = self.encode(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        if self.runtime.compile_cache and not self._cache_marked:
+            # compiled and run: later runs of this model, dtype and attention find it warm
+            self._cache_marked = True
+            compile_cache.mark_warm(self.runtime.compile_cache, {
+                "model": str(self.source_name), "dtype": self.dtype, "attention": self.attention,
+                "torch": torch.__version__, "device": self.runtime.device})
         if not _FIRST_BATCH_LOGGED.is_set():
             _FIRST_BATCH_LOGGED.set()
             age = process_age()

@@ -130,6 +130,7 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
         summary = RunSummary(job=job.name, output=store.url, device=runtime.device,
                              dtype=runtime.dtype, dtype_note=runtime.dtype_note,
                              attention=runtime.attention, compiled=runtime.compile,
+                             compile_note=runtime.compile_note,
                              model=source.name, units_total=len(units), recipe=recipe)
         _run_locked(RunContext(job, options, source, runtime, settings, store, ledger, summary),
                     units)
