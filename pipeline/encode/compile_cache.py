@@ -3,9 +3,12 @@
 Inductor keeps compiled graphs across processes in two caches: the FX-graph cache (generated code
 and built kernels) and the AOT-autograd cache (the traced forward). Both live under
 `TORCHINDUCTOR_CACHE_DIR`, which embedpipe points at `$EMBEDPIPE_CACHE/inductor` (default
-`~/.cache/embedpipe/inductor`) before it compiles. Neither cache takes a graph compiled with
-`freezing` (weights as constants: "Cannot cache a graph with freezing enabled", "mkldnn tensors
-unpickleable"), so a compile that uses the cache runs without freezing.
+`~/.cache/embedpipe/inductor`) before it compiles. The FX-graph cache takes a frozen graph (the
+weights as constants) as long as its weights are not prepacked for oneDNN ("mkldnn tensors
+unpickleable"), so a compile through the cache freezes without prepacking (encoder.py); its key
+holds the weights' shapes, not their values, which the compiled code reads from the model it
+runs. The AOT-autograd cache refuses frozen graphs, so the forward is traced again each process
+(a few seconds); Inductor's code generation and C++ builds are what the cache saves.
 
 Which compiles are warm is embedpipe's own record: after a compiled model's first batch, a marker
 named by `entry_key` (weights fingerprint, dtype, attention, torch version, device) is written

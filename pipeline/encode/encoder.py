@@ -112,12 +112,13 @@ def cached_model(source: ModelSource, runtime: Runtime) -> torch.nn.Module:
                 # Inductor fuses the element-wise work around the matrix products (norms, GELU,
                 # casts), which is most of a bf16 forward on CPU. dynamic=True: one compile
                 # serves every (rows, length) batch shape; it costs ~15-30 s once per process.
-                # freezing: the weights are constants (never trained here), so Inductor prepacks
-                # them for oneDNN and folds bias and GELU into the matrix products; but Inductor's
-                # persistent caches refuse frozen graphs, so a compile through the cache
-                # (runtime.compile_cache, the default; compile_cache.py) runs without it. Compiling
-                # happens lazily at the first calls (and on recompiles), where torch.compile's
-                # `options` do not reach the freezing pass: Encoder._forward sets it per call.
+                # freezing: the weights are constants (never trained here), folded into the
+                # graph. Through the persistent cache (runtime.compile_cache, the default;
+                # compile_cache.py) without oneDNN weight prepacking, which the FX-graph cache
+                # cannot store (and which measured slower on an AVX-512 bf16 EPYC: README, "The
+                # compile cache"). Compiling happens lazily at the first calls (and on
+                # recompiles), where torch.compile's `options` do not reach these passes:
+                # Encoder._forward sets them per call (_freezing).
                 if runtime.compile_cache:
                     compile_cache.use_cache()
                 model = torch.compile(model, dynamic=True)
@@ -164,13 +165,16 @@ class Encoder:
                  self.dtype, self.attention, self.width)
 
     def _freezing(self):
-        """Inductor's freezing for this model's (lazy) compiles: on unless it compiles through
-        the persistent cache, which refuses frozen graphs."""
+        """Inductor's settings for this model's (lazy) compiles: freezing (the weights are
+        constants: never trained here), with oneDNN weight prepacking only when uncached, since
+        Inductor's FX-graph cache cannot store prepacked (mkldnn) weights."""
         if not self.runtime.compile:
             return contextlib.nullcontext()
         import torch._inductor.config as inductor_config
 
-        return inductor_config.patch(freezing=not self.runtime.compile_cache)
+        if self.runtime.compile_cache:
+            return inductor_config.patch({"freezing": True, "cpp.weight_prepack": False})
+        return inductor_config.patch({"freezing": True, "cpp.weight_prepack": True})
 
     def _autocast(self):
         # On CUDA the weights are already half; on CPU autocast runs the products in bf16.

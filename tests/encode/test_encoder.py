@@ -63,8 +63,8 @@ def test_bfloat16_on_cpu_keeps_every_row_within_cosine_0999(bundled_model, token
 def test_compiled_bfloat16_keeps_every_row_within_cosine_0999(bundled_model, tokenizer, mixed_texts,
                                                             st_vectors, cache, tmp_path,
                                                             monkeypatch):
-    """model.compile: Inductor through the persistent compile cache (the default), or with frozen
-    weights (prepacked, bias and GELU folded into oneDNN matrix products; uncached), must give the
+    """model.compile: Inductor with frozen weights, through the persistent compile cache (the
+    default: no oneDNN weight prepacking), or uncached with prepacked weights, must give the
     vectors the eager model gives, within the bf16 bar."""
     import torch._inductor.config as inductor_config
 
@@ -77,12 +77,12 @@ def test_compiled_bfloat16_keeps_every_row_within_cosine_0999(bundled_model, tok
     real_forward = encoder.model.forward
 
     def forward(*args, **kwargs):
-        seen.append(inductor_config.freezing)
+        seen.append((inductor_config.freezing, inductor_config.cpp.weight_prepack))
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(encoder.model, "forward", forward)
     compiled = _encode_all(encoder, tokenizer, mixed_texts, batch_tokens=4096)
-    assert set(seen) == {cache == "0"}  # frozen exactly when not cached
+    assert set(seen) == {(True, cache == "0")}  # always frozen; prepacked only when uncached
     assert _cos(compiled, st_vectors).min() >= 0.999
     entries = list((tmp_path / "inductor" / "embedpipe-entries").glob("*.json"))
     assert len(entries) == (cache == "1")
