@@ -36,3 +36,26 @@ def test_the_first_batch_is_logged_once_with_the_process_age(tiny_model, monkeyp
         encoder.encode_batch(batch)
     lines = [r.getMessage() for r in caplog.records if "first batch" in r.getMessage()]
     assert len(lines) == 1 and "after the process started" in lines[0]
+
+
+def test_a_run_imports_none_of_what_it_does_not_use(tmp_path, tiny_model):
+    """`embedpipe run` loads no Ray, S3, scikit-learn or sentence-transformers: start-up is
+    torch, transformers and what the run itself needs (README, "Start-up")."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from helpers import write_job
+
+    pq.write_table(pa.table({"id": [1, 2, 3], "text": ["one text", "two", "and three"]}),
+                   tmp_path / "in.parquet")
+    job = write_job(tmp_path / "job.toml", tmp_path / "in.parquet", tmp_path / "out", tiny_model)
+    code = ("import sys; from pipeline.cli import main\n"
+            "try:\n    main(['run', sys.argv[1]])\nexcept SystemExit as exit:\n"
+            "    assert exit.code == 0, exit.code\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules}))")
+    done = subprocess.run([sys.executable, "-c", code, str(job)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = set(eval(done.stdout.strip().splitlines()[-1]))
+    assert {"torch", "transformers", "pyarrow", "faiss"} <= loaded  # the run really ran
+    assert loaded.isdisjoint({"ray", "s3fs", "sklearn", "sentence_transformers", "boto3",
+                              "botocore", "aiobotocore", "pandas"})
