@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test install install-test clean gpu-carry
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,19 @@ demo: install
 
 test: install-test
 	$(BIN)/python -m pytest -q -ra
+
+# What scripts/gpu_check.sh needs on a GPU machine without network, in the git-ignored gpu_carry/:
+# a faiss-cpu wheel for that machine's Python, the bundled model's folder in float16 and 2,000
+# rows of the bench corpus (about 62 MiB with the tree; the device machines take 64 MiB).
+GPU_PYTHON    ?= 3.12
+FAISS_VERSION ?= 1.15.1
+gpu-carry: $(BIN)/python
+	mkdir -p gpu_carry
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: -d gpu_carry \
+	  --python-version $(GPU_PYTHON) --implementation cp --platform manylinux_2_28_x86_64 \
+	  --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 faiss-cpu==$(FAISS_VERSION)
+	$(BIN)/python -m pipeline.tools.gpu_check --prepare --carry gpu_carry
 
 clean:
 	rm -rf out .pytest_cache

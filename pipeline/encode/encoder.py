@@ -13,16 +13,20 @@ Precision and kernels, as measured on all-MiniLM-L6-v2 (README, "Performance"):
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..config import ConfigError, EncodeConfig
+from . import compile_cache
 from .batching import Batch
+from .hardware import process_age
 from .model_files import ModelSource
 from .pooling import output_width, pool
 from .runtime import TORCH_DTYPES, Runtime, check_here
@@ -59,7 +63,10 @@ def _load_model(source: ModelSource, runtime: Runtime):
 
     device, dtype = runtime.torch_device, runtime.dtype
     attn = ATTENTION if runtime.attention == "amx" else runtime.attention
-    kwargs = {"dtype": TORCH_DTYPES[dtype]} if device.type == "cuda" else {}
+    # Always name the dtype: transformers 5 loads a folder saved in float16 as a float16 model
+    # unless told otherwise. On CPU the model loads in float32 (bf16 casts only the Linear
+    # weights, below).
+    kwargs = {"dtype": TORCH_DTYPES[dtype] if device.type == "cuda" else torch.float32}
     kwargs["output_loading_info"] = True  # which weights were missing from the files
     try:
         try:
@@ -95,7 +102,8 @@ _MODELS_KEEP = 2
 
 def cached_model(source: ModelSource, runtime: Runtime) -> torch.nn.Module:
     key = (f"{source.path}:{source.fingerprint}",
-           (runtime.device, runtime.dtype, runtime.attention, runtime.compile))
+           (runtime.device, runtime.dtype, runtime.attention, runtime.compile,
+            runtime.compile_cache))
     with _MODELS_LOCK:
         model = _MODELS.pop(key, None)
         if model is None:
@@ -104,18 +112,23 @@ def cached_model(source: ModelSource, runtime: Runtime) -> torch.nn.Module:
                 # Inductor fuses the element-wise work around the matrix products (norms, GELU,
                 # casts), which is most of a bf16 forward on CPU. dynamic=True: one compile
                 # serves every (rows, length) batch shape; it costs ~15-30 s once per process.
-                # freezing: the weights are constants (never trained here), so Inductor prepacks
-                # them for oneDNN and folds bias and GELU into the matrix products (+10 % on CPU).
-                # Set globally: compiling happens lazily at the first calls (and on recompiles),
-                # where torch.compile's `options` do not reach the freezing pass.
-                import torch._inductor.config as inductor_config
-
-                inductor_config.freezing = True
+                # freezing: the weights are constants (never trained here), folded into the
+                # graph. Through the persistent cache (runtime.compile_cache, the default;
+                # compile_cache.py) without oneDNN weight prepacking, which the FX-graph cache
+                # cannot store (and which measured slower on an AVX-512 bf16 EPYC: README, "The
+                # compile cache"). Compiling happens lazily at the first calls (and on
+                # recompiles), where torch.compile's `options` do not reach these passes:
+                # Encoder._forward sets them per call (_freezing).
+                if runtime.compile_cache:
+                    compile_cache.use_cache()
                 model = torch.compile(model, dynamic=True)
         _MODELS[key] = model  # most recently used last
         while len(_MODELS) > _MODELS_KEEP:
             _MODELS.pop(next(iter(_MODELS)))
         return model
+
+
+_FIRST_BATCH_LOGGED = threading.Event()  # once per process
 
 
 class Encoder:
@@ -143,11 +156,25 @@ class Encoder:
         self.width = settings.width(self.hidden_size)
         self.pad_multiple = runtime.pad_multiple
         self.oom_splits = 0
+        self.source_name = source.name
+        self._cache_marked = False
         # After an out-of-memory error, batches above this many padded tokens are split before
         # they reach the device, so one OOM does not repeat on every later batch.
         self.token_cap: int | None = None
         log.info("encoder: %s on %s in %s, attention %s, width %d", source.name, self.device,
                  self.dtype, self.attention, self.width)
+
+    def _freezing(self):
+        """Inductor's settings for this model's (lazy) compiles: freezing (the weights are
+        constants: never trained here), with oneDNN weight prepacking only when uncached, since
+        Inductor's FX-graph cache cannot store prepacked (mkldnn) weights."""
+        if not self.runtime.compile:
+            return contextlib.nullcontext()
+        import torch._inductor.config as inductor_config
+
+        if self.runtime.compile_cache:
+            return inductor_config.patch({"freezing": True, "cpp.weight_prepack": False})
+        return inductor_config.patch({"freezing": True, "cpp.weight_prepack": True})
 
     def _autocast(self):
         # On CUDA the weights are already half; on CPU autocast runs the products in bf16.
@@ -163,7 +190,7 @@ class Encoder:
         extra = {}
         if token_type_ids is not None and self.takes_token_types:
             extra["token_type_ids"] = token_type_ids.to(self.device, non_blocking=True)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._autocast(), self._freezing():
             out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=need_states,
                              **extra)
             if s.layers is None:
@@ -180,8 +207,22 @@ class Encoder:
 
     def encode_batch(self, batch: Batch) -> np.ndarray:
         if batch.token_type_ids is None:
-            return self.encode(batch.input_ids, batch.attention_mask)
-        return self.encode(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+            out = self.encode(batch.input_ids, batch.attention_mask)
+        else:
+            out = self.encode(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        if self.runtime.compile_cache and not self._cache_marked:
+            # compiled and run: later runs of this model, dtype and attention find it warm
+            self._cache_marked = True
+            compile_cache.mark_warm(self.runtime.compile_cache, {
+                "model": str(self.source_name), "dtype": self.dtype, "attention": self.attention,
+                "torch": torch.__version__, "device": self.runtime.device})
+        if not _FIRST_BATCH_LOGGED.is_set():
+            _FIRST_BATCH_LOGGED.set()
+            age = process_age()
+            if age is not None:  # start-up time: README, "Start-up"
+                log.info("first batch encoded %.2f s after the process started (%.2f s of CPU)",
+                         age, time.process_time())
+        return out
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                *token_type_ids: torch.Tensor) -> np.ndarray:

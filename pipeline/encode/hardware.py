@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 
 @functools.cache
@@ -39,3 +40,15 @@ def cpu_model() -> str:
     except OSError:
         line = ""
     return line.partition(":")[2].strip() or "unknown CPU"
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux: /proc), or None where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as handle:
+            start_ticks = int(handle.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as handle:
+            uptime = float(handle.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None

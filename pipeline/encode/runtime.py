@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, JobConfig, ModelConfig
-from . import cpu_attention, hardware
+from . import compile_cache, cpu_attention, hardware
 from .model_files import ModelSource
 
 log = logging.getLogger(__name__)
@@ -21,6 +21,9 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 # `compile = "auto"` compiles bf16 on CPU from this many input rows: the compiled model runs
 # ~1.5x faster there (README, Performance), so 15-30 s of compiling is repaid after ~25k rows.
 AUTO_COMPILE_ROWS = 50_000
+# ... and from this many when the compile cache holds this model, dtype and attention already
+# (compile_cache.py): a warm compile costs a few seconds (README, "The compile cache").
+WARM_COMPILE_ROWS = 10_000
 
 
 @dataclass(frozen=True)
@@ -29,8 +32,12 @@ class Runtime:
     dtype: str  # float32 | bfloat16 | float16
     dtype_note: str  # the dtype and, when chosen automatically, why: "bfloat16 (auto: CPU has ...)"
     attention: str  # sdpa | amx (embedpipe's kernel) | flash_attention_2
-    compile: bool  # torch.compile with frozen weights
+    compile: bool  # torch.compile
     max_length: int  # tokens per text, special tokens included
+    compile_note: str = ""  # why compile is on or off: "auto: warm compile cache, 12,000 rows ..."
+    # compiled through the persistent compile cache under this entry key (no freezing: the cache
+    # refuses frozen graphs); None: not compiled, or compiled with frozen weights, uncached
+    compile_cache: str | None = None
 
     @property
     def torch_device(self) -> torch.device:
@@ -61,10 +68,14 @@ def resolve_runtime(model: ModelConfig, source: ModelSource, input_rows: int = 0
             f"truncated and flagged, so set max_length to {source.position_limit} or less")
     device = _device(model.device)
     dtype = _dtype(model.dtype, device)
+    attention = _attention(model.attention, device, dtype, source)
+    key = compile_cache.entry_key(source.fingerprint, dtype, attention, str(device))
+    compiled, note = _compile(model.compile, device, dtype, input_rows,
+                              compile_cache.is_warm(key))
     return Runtime(device=str(device), dtype=dtype, dtype_note=_dtype_note(model.dtype, device, dtype),
-                   attention=_attention(model.attention, device, dtype, source),
-                   compile=_compile(model.compile, device, dtype, input_rows),
-                   max_length=model.max_length or source.max_length)
+                   attention=attention, compile=compiled,
+                   max_length=model.max_length or source.max_length, compile_note=note,
+                   compile_cache=key if compiled and _cacheable() else None)
 
 
 def _device(device: str) -> torch.device:
@@ -168,12 +179,32 @@ def _amx_unavailable(device: torch.device, dtype: str,
     return None, False
 
 
-def _compile(requested: bool | str, device: torch.device, dtype: str, rows: int) -> bool:
-    """`auto`: compile for bf16 on CPU when the input has at least AUTO_COMPILE_ROWS rows; float32
-    on CPU gains nothing measurable, CUDA is not measured here."""
+def _compile(requested: bool | str, device: torch.device, dtype: str, rows: int,
+             warm: bool = False) -> tuple[bool, str]:
+    """(compile or not, why). `auto`: bf16 on CPU, when the input has at least AUTO_COMPILE_ROWS
+    rows, or WARM_COMPILE_ROWS when the compile cache is warm for this model, dtype and attention
+    (`warm`); float32 on CPU gains nothing measurable, CUDA is not measured here."""
     if requested != "auto":
-        return bool(requested)
-    return device.type == "cpu" and dtype == "bfloat16" and rows >= AUTO_COMPILE_ROWS
+        return bool(requested), f"compile = {str(bool(requested)).lower()}"
+    if device.type != "cpu" or dtype != "bfloat16":
+        return False, "auto: only bfloat16 on CPU is compiled (no gain measured elsewhere)"
+    if rows >= AUTO_COMPILE_ROWS:
+        return True, (f"auto: {rows:,} input rows >= {AUTO_COMPILE_ROWS:,}"
+                      + ("; warm compile cache" if warm else "; no warm compile cache yet"))
+    if warm and rows >= WARM_COMPILE_ROWS:
+        return True, f"auto: warm compile cache and {rows:,} input rows >= {WARM_COMPILE_ROWS:,}"
+    if warm:
+        return False, (f"auto: {rows:,} input rows < {WARM_COMPILE_ROWS:,}, even with a warm "
+                       f"compile cache")
+    return False, f"auto: {rows:,} input rows < {AUTO_COMPILE_ROWS:,}; no warm compile cache"
+
+
+def _cacheable() -> bool:
+    """Compiles go through the persistent cache unless EMBEDPIPE_COMPILE_CACHE=0 (then with
+    frozen weights, uncached)."""
+    import os
+
+    return os.environ.get("EMBEDPIPE_COMPILE_CACHE", "1") != "0"
 
 
 def check_here(runtime: Runtime, source: ModelSource) -> None:

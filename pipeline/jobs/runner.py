@@ -137,6 +137,7 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
         summary = RunSummary(job=job.name, output=store.url, device=runtime.device,
                              dtype=runtime.dtype, dtype_note=runtime.dtype_note,
                              attention=runtime.attention, compiled=runtime.compile,
+                             compile_note=runtime.compile_note,
                              model=source.name, units_total=len(units), recipe=recipe,
                              long_text=job.encode.long_text,
                              granularity=job.output.granularity)

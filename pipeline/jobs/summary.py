@@ -15,6 +15,7 @@ class RunSummary:
     dtype_note: str = ""  # why this dtype, when it was chosen automatically
     attention: str = ""  # the attention kernel: sdpa, amx (embedpipe's), flash_attention_2
     compiled: bool = False  # torch.compile (model.compile, or auto for a long enough input)
+    compile_note: str = ""  # why compiled or not: "auto: warm compile cache, 12,000 input rows ..."
     recipe: list[str] = field(default_factory=list)  # pooling, normalize, prompt: where from
     units_total: int = 0
     units_done: int = 0
@@ -79,7 +80,9 @@ class RunSummary:
             f"embedpipe run {self.job} -> {self.output}",
             f"  model      {self.model} on {self.device} in {self.dtype_note or self.dtype}"
             + (f", attention {self.attention}" if self.attention else "")
-            + (", compiled" if self.compiled else ""),
+            + (", compiled" if self.compiled else "")
+            + (f" ({self.compile_note})" if self.compiled and self.compile_note.startswith("auto")
+               else ""),
             *([f"  encoding   {'; '.join(self.recipe)}"] if self.recipe else []),
             f"  units      {self.units_total} in input: {self.units_done} embedded, "
             f"{self.units_skipped} already done, {self.units_changed} changed, "

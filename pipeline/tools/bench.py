@@ -59,6 +59,7 @@ class BenchOptions:
     max_batch_size: int | None = None
     compare_st: bool = True
     encode_only: bool = True
+    index: bool = True  # the runner builds its flat FAISS index (off: a machine without faiss)
     workdir: str | None = None  # None: a temporary folder, removed afterwards
 
 
@@ -72,6 +73,7 @@ class Result:
     padded_tokens: int = 0
     seconds: list[float] = field(default_factory=list)
     peak_rss: list[int] = field(default_factory=list)
+    warmup_seconds: float = 0.0  # the warm-up run: with --compile, the compile (cold or cached)
     stages: list[dict[str, float]] = field(default_factory=list)
     vectors: np.ndarray | None = None
 
@@ -87,7 +89,8 @@ class Result:
                "real_tokens": self.real_tokens, "padded_tokens": self.padded_tokens,
                "padding_pct": round(100.0 * (self.padded_tokens - self.real_tokens)
                                     / max(self.real_tokens, 1), 1),
-               "peak_rss_mb": round(max(self.peak_rss) / 2**20, 1)}
+               "peak_rss_mb": round(max(self.peak_rss) / 2**20, 1),
+               "warmup_seconds": round(self.warmup_seconds, 2)}
         if self.stages:
             out["stages"] = {k: round(statistics.median(st.get(k, 0.0) for st in self.stages), 3)
                              for k in STAGES}
@@ -208,7 +211,7 @@ def _job(opts: BenchOptions, input_path: str, out: Path, dtype: str):
         "name": "bench",
         "input": {"path": input_path, "text_column": opts.text_column, "id_column": opts.id_column},
         "model": model, "encode": encode, "output": {"path": str(out)},
-        "index": {"enabled": True, "type": "flat", "metric": "ip"},
+        "index": {"enabled": opts.index, "type": "flat", "metric": "ip"},
     })
 
 
@@ -275,6 +278,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
     source = resolve_model(opts.model)
     requested = {d: resolve_runtime(_job(opts, "-", Path("-"), d).model, source) for d in opts.dtypes}
     runtimes = {rt.dtype: rt for rt in requested.values()}  # one contender per resolved dtype
+    compile_words = {d: _compile_words(rt) for d, rt in runtimes.items() if rt.compile}
     dtypes = list(runtimes)
     first = next(iter(runtimes.values()))
     device, max_length = first.torch_device, first.max_length
@@ -356,10 +360,11 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
         for dtype in st_dtypes:
             from sentence_transformers import SentenceTransformer
 
-            model = SentenceTransformer(str(source.path), device=str(device))
+            model = SentenceTransformer(str(source.path), device=str(device),
+                                        model_kwargs={"dtype": torch.float32})
             model.max_seq_length = max_length
-            if dtype != "float32":
-                model = model.to(getattr(torch, dtype))
+            # cast both: transformers 5 loads a folder saved in float16 as float16
+            model = model.to(getattr(torch, dtype))
             name = f"{ST} {dtype}"
 
             def st_encode(name=name, model=model, batch=texts) -> None:
@@ -373,7 +378,9 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
 
         for name, (_, warmup) in runs.items():
             log(f"  warm-up {name}")
+            start = time.perf_counter()
             warmup()
+            results[name].warmup_seconds = time.perf_counter() - start
         rates = {d: matmul_rate(d, str(device)) for d in dtypes}
         for r in range(opts.rounds):
             for name, (run, _) in runs.items():
@@ -390,12 +397,25 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
         model_config = AutoConfig.from_pretrained(source.path)
         return _report(opts, results, rates, encoder_flops(model_config, lengths), device,
                        [rt.dtype_note for rt in requested.values()],
-                       {d: rt.attention for d, rt in runtimes.items()}, source_path, corpus)
+                       {d: rt.attention for d, rt in runtimes.items()}, source_path, corpus,
+                       compile_words)
+
+
+def _compile_words(runtime) -> str:
+    """How the bench's compiled contender compiles: through the persistent cache (warm or cold,
+    as the cache held it when the bench started) or with frozen weights, uncached."""
+    from ..encode import compile_cache
+
+    if not runtime.compile_cache:
+        return "frozen weights, no cache"
+    warm = "warm" if compile_cache.is_warm(runtime.compile_cache) else "cold"
+    return f"through the compile cache, {warm} at start ({compile_cache.inductor_dir()})"
 
 
 def _report(opts: BenchOptions, results: dict[str, Result], rates: dict[str, float],
             flops: float, device, dtype_notes: list[str], attention: dict[str, str],
-            source_path: str, corpus: str) -> dict[str, Any]:
+            source_path: str, corpus: str,
+            compile_notes: dict[str, str] | None = None) -> dict[str, Any]:
     import torch
 
     ref = results.get(f"{ST} float32")
@@ -425,6 +445,7 @@ def _report(opts: BenchOptions, results: dict[str, Result], rates: dict[str, flo
         "device": str(device), "dtype": dtype_notes, "attention": attention, "rounds": opts.rounds,
         "st_batch_size": opts.st_batch_size, "torch_threads": torch.get_num_threads(),
         "cpus": os.cpu_count(), "cpu_model": cpu_model(), "encoder_gflop": round(flops / 1e9, 1),
+        "compile": compile_notes or {},
         "results": rows,
     }
 
@@ -457,6 +478,9 @@ def render(report: dict[str, Any]) -> str:
             "",
             f"  {r['name']}: stages (s, thread time, median) " + ", ".join(
                 f"{k} {s[k]:.2f}" for k in STAGES),
+            f"    warm-up {r['warmup_seconds']:.1f} s"
+            + (f" (compiled: {report['compile'][r['dtype']]})" if report.get("compile", {}).get(
+                r["dtype"]) else ""),
             f"    end to end {r['seconds_median']:.2f} s"
             + (f", {r['overhead_vs_encode_only_pct']:+.1f}% vs encode-only"
                if "overhead_vs_encode_only_pct" in r else ""),

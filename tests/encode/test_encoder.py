@@ -13,7 +13,7 @@ from pipeline.config import ConfigError
 from pipeline.encode import hardware, runtime as runtime_mod
 from pipeline.encode.batching import collate, encode_texts, plan_batches
 from pipeline.encode.encoder import Encoder, EncoderSettings, _trim
-from pipeline.encode.runtime import AUTO_COMPILE_ROWS
+from pipeline.encode.runtime import AUTO_COMPILE_ROWS, WARM_COMPILE_ROWS
 from pipeline.encode.tokenizer import TextTokenizer
 
 MEAN = EncoderSettings(layers=(-1,), layer_combine="concat", token_pooling="mean", normalize=True)
@@ -59,27 +59,53 @@ def test_bfloat16_on_cpu_keeps_every_row_within_cosine_0999(bundled_model, token
     assert not np.allclose(bf16, fp32_vectors, atol=1e-6)
 
 
-def test_compiled_bfloat16_keeps_every_row_within_cosine_0999(bundled_model, tokenizer,
-                                                            mixed_texts, st_vectors):
-    """model.compile: Inductor with frozen weights (prepacked, bias and GELU folded into oneDNN
-    matrix products) must give the vectors the eager model gives, within the bf16 bar."""
+@pytest.mark.parametrize("cache", ["1", "0"])
+def test_compiled_bfloat16_keeps_every_row_within_cosine_0999(bundled_model, tokenizer, mixed_texts,
+                                                            st_vectors, cache, tmp_path,
+                                                            monkeypatch):
+    """model.compile: Inductor with frozen weights, through the persistent compile cache (the
+    default: no oneDNN weight prepacking), or uncached with prepacked weights, must give the
+    vectors the eager model gives, within the bf16 bar."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setenv("EMBEDPIPE_CACHE", str(tmp_path))
+    monkeypatch.setenv("EMBEDPIPE_COMPILE_CACHE", cache)
     encoder = encoder_for(bundled_model, "cpu", "bfloat16", MEAN, compile=True)
     assert isinstance(encoder.model, torch._dynamo.eval_frame.OptimizedModule)
+    assert (encoder.runtime.compile_cache is not None) == (cache == "1")
+    seen = []
+    real_forward = encoder.model.forward
+
+    def forward(*args, **kwargs):
+        seen.append((inductor_config.freezing, inductor_config.cpp.weight_prepack))
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(encoder.model, "forward", forward)
     compiled = _encode_all(encoder, tokenizer, mixed_texts, batch_tokens=4096)
-    assert torch._inductor.config.freezing
+    assert set(seen) == {(True, cache == "0")}  # always frozen; prepacked only when uncached
     assert _cos(compiled, st_vectors).min() >= 0.999
+    entries = list((tmp_path / "inductor" / "embedpipe-entries").glob("*.json"))
+    assert len(entries) == (cache == "1")
 
 
-@pytest.mark.parametrize("requested, device, dtype, rows, expected", [
-    ("auto", "cpu", "bfloat16", AUTO_COMPILE_ROWS, True),
-    ("auto", "cpu", "bfloat16", AUTO_COMPILE_ROWS - 1, False),
-    ("auto", "cpu", "float32", 10 * AUTO_COMPILE_ROWS, False),  # no gain measured in float32
-    ("auto", "cuda", "bfloat16", 10 * AUTO_COMPILE_ROWS, False),  # not measured on a GPU
-    (True, "cpu", "float32", 1, True),
-    (False, "cpu", "bfloat16", 10 * AUTO_COMPILE_ROWS, False),
+@pytest.mark.parametrize("requested, device, dtype, rows, warm, expected", [
+    ("auto", "cpu", "bfloat16", AUTO_COMPILE_ROWS, False, True),
+    ("auto", "cpu", "bfloat16", AUTO_COMPILE_ROWS - 1, False, False),
+    ("auto", "cpu", "bfloat16", WARM_COMPILE_ROWS, True, True),  # a warm cache repays sooner
+    ("auto", "cpu", "bfloat16", WARM_COMPILE_ROWS - 1, True, False),
+    ("auto", "cpu", "bfloat16", WARM_COMPILE_ROWS, False, False),
+    ("auto", "cpu", "float32", 10 * AUTO_COMPILE_ROWS, True, False),  # no gain measured in fp32
+    ("auto", "cuda", "bfloat16", 10 * AUTO_COMPILE_ROWS, True, False),  # not measured on a GPU
+    (True, "cpu", "float32", 1, False, True),
+    (False, "cpu", "bfloat16", 10 * AUTO_COMPILE_ROWS, True, False),
 ])
-def test_compile_auto_goes_by_the_inputs_rows(requested, device, dtype, rows, expected):
-    assert runtime_mod._compile(requested, torch.device(device), dtype, rows) is expected
+def test_compile_auto_goes_by_the_inputs_rows_and_the_cache(requested, device, dtype, rows, warm,
+                                                            expected):
+    compiled, why = runtime_mod._compile(requested, torch.device(device), dtype, rows, warm)
+    assert compiled is expected
+    assert why.startswith("auto: " if requested == "auto" else "compile = ")
+    if requested == "auto" and device == "cpu" and dtype == "bfloat16":
+        assert ("warm compile cache" in why and "no warm" not in why) == warm
 
 
 def test_bfloat16_on_cpu_casts_only_the_linear_weights(bundled_model):
