@@ -225,6 +225,9 @@ def train_tagger(out: str, opts: TaggerOptions, dest: str | None = None) -> dict
     if len(classes) < 2:
         raise ConfigError(f"the training rows hold one tag ({classes[0]!r}); a tagger needs at "
                           f"least two")
+    if opts.C is None and len(train) < 3:
+        raise ConfigError(f"{len(train)} training rows are too few to choose C by 3-fold "
+                          f"cross-validation; give --C")
     groups = np.repeat(np.arange(n), np.diff(data.offsets))[train_words]
     model, C = _fit(data.vectors[train_words], y_train, groups, opts.C, opts.seed)
     predicted = model.predict(data.vectors[_rows_of(data, test)]).tolist()

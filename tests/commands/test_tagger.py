@@ -193,3 +193,15 @@ def test_refusals(word_run, tmp_path, tiny_model):
         predict_file(str(tmp_path / "h2"), str(folder / "texts.parquet"), str(tmp_path / "p"))
     done = embedpipe("train-head", out, "--level", "word", "--label-column", "tags")
     assert done.returncode == 2 and "--labels" in done.stderr
+
+
+@pytest.mark.slow
+def test_c_by_cross_validation_grouped_by_row(word_run, tmp_path):
+    folder, out, texts, _ = word_run
+    card = train_tagger(str(out), TaggerOptions(str(folder / "labels.parquet")),
+                        str(tmp_path / "cv"))
+    assert card["model"]["C_from"].startswith("3-fold CV grouped by row")
+    assert card["model"]["C"] in (0.001, 0.01, 0.1, 1.0)
+    assert card["split"]["test_rows"] == int(np.ceil(0.2 * len(texts)))
+    with pytest.raises(ConfigError, match="too few"):
+        train_tagger(str(out), TaggerOptions(str(folder / "labels.parquet"), test_fraction=0.95))
