@@ -334,20 +334,41 @@ def sync(out: str, job_file: str | None, names: tuple[str, ...], full: bool,
 @click.option("--pool", is_flag=True,
               help="For a folder of one row a token window ([output] chunks = \"rows\"): train "
                    "on each document's windows averaged by their tokens.")
+@click.option("--level", default="text", show_default=True, type=click.Choice(["text", "word"]),
+              help="text: a label per row on the text vectors; word: a tagger on the word token "
+                   "table ([output] granularity = \"word\"), LABEL-COLUMN a list of BIO tags per "
+                   "row aligned to the tokenizer's words, scored by entity F1.")
+@click.option("--skip-misaligned", is_flag=True,
+              help="--level word: leave out rows whose tag count differs from their word count "
+                   "(default: refuse).")
 @click.option("--out", "dest", metavar="DIR", help="Head folder (default: OUT/heads/LABEL).")
 @click.option("--json", "as_json", is_flag=True, help="Print the head's card as JSON.")
 def train_head_cmd(out: str, labels: str | None, label_column: str, id_column: str,
-                   test_fraction: float, seed: int, c: float | None, pool: bool,
-                   dest: str | None, as_json: bool) -> None:
+                   test_fraction: float, seed: int, c: float | None, pool: bool, level: str,
+                   skip_misaligned: bool, dest: str | None, as_json: bool) -> None:
     """Train a logistic-regression head on OUT's stored vectors and report held-out metrics.
 
     Vectors are joined by id to the labels; rows with a null label are left out and counted.
     Saves head.npz and head.json (embedding settings hash, label names, metrics) to the head
-    folder, for `embedpipe predict`.
+    folder, for `embedpipe predict`. With --level word: a word tagger, split by row, scored on
+    the held-out rows by entity precision / recall / F1 (conlleval chunking, micro-averaged).
     """
+    if level == "word":
+        from .commands.tagger import TaggerOptions, render_tagger_card, train_tagger
+
+        with one_line_errors(interruptible=True):
+            if not labels or pool:
+                raise ConfigError("--level word takes --labels PATH (a list of tags per row) and "
+                                  "no --pool")
+            card = train_tagger(out, TaggerOptions(labels, label_column, id_column,
+                                                   test_fraction, seed, c, skip_misaligned), dest)
+        click.echo(json.dumps(card, indent=2) if as_json else render_tagger_card(card))
+        return
     from .commands.heads import HeadOptions, render_card, train_head
 
     with one_line_errors(interruptible=True):
+        if skip_misaligned:
+            raise ConfigError("--skip-misaligned is for --level word")
         card = train_head(out, HeadOptions(label_column, labels, id_column, test_fraction, seed,
                                            c, pool), dest)
     click.echo(json.dumps(card, indent=2) if as_json else render_card(card))
@@ -357,7 +378,9 @@ def train_head_cmd(out: str, labels: str | None, label_column: str, id_column: s
 @click.argument("head")
 @click.argument("inputs", metavar="INPUT.parquet")
 @click.option("--out", "dest", required=True, metavar="PRED.parquet",
-              help="Predictions: id, predicted, proba_<class> per class.")
+              help="Predictions: id, predicted, proba_<class> per class; a word "
+                   "tagger's: a row a word (id, position, word, char_start, char_end, "
+                   "predicted, probability).")
 @click.option("--text-column", default=None,
               help="Default: the text column the head's job read.")
 @click.option("--id-column", default=None,
@@ -372,9 +395,19 @@ def predict(head: str, inputs: str, dest: str, text_column: str, id_column: str,
 
     Refuses a head whose embedding settings differ from what this machine's model produces.
     """
-    from .commands.heads import predict_file
+    from .commands.heads import load_head, predict_file
 
     with one_line_errors(interruptible=True):
+        if load_head(head).card.get("level") == "word":
+            from .commands.tagger import predict_tags
+
+            if text_pair_column:
+                raise ConfigError("a word tagger takes single texts, not --text-pair-column")
+            counts = predict_tags(head, inputs, dest, text_column, id_column)
+            click.echo(f"{counts['words']} words of {counts['texts']} texts tagged "
+                       f"({counts['skipped_blank']} blank skipped); tags in {dest} (a row a "
+                       f"word); {counts['columns']}")
+            return
         counts = predict_file(head, inputs, dest, text_column, id_column,
                               pair_column=text_pair_column)
     click.echo(f"{counts['predicted']} texts classified ({counts['skipped_blank']} blank "

@@ -296,6 +296,9 @@ def predict_file(head_path: str, inputs: str, out: str, text_column: str | None 
 
     Columns: id (the input's id column, else the row number), predicted, proba_<class>..."""
     head = load_head(head_path)
+    if head.card.get("level", "text") != "text":
+        raise ConfigError(f"{head_path} is a {head.card['level']}-level head: it tags words "
+                          f"(pipeline.commands.tagger.predict_tags), not texts")
     record = EmbeddingRecord(**head.card["embedding"])
     embedder = TextEmbedder(record, device)  # refuses other settings before the model loads
     if embedder.settings_hash != head.card["settings_hash"]:
