@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +81,46 @@ def snippets_out(tmp_path_factory, movie_table) -> Path:
     job["model"]["max_length"] = 128
     run(job)
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3 server on loopback for a test module; credentials and endpoint through the
+    usual AWS variables. s3fs caches its clients, which would still point at an earlier
+    module's (stopped) server: the cache is cleared as the server starts."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+@pytest.fixture
+def s3(s3_server):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    bucket = f"b{time.time_ns()}"
+    fs.mkdir(bucket)
+    return fs, bucket

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -74,45 +73,6 @@ def test_ray_equals_local_even_when_a_worker_is_killed(tmp_path, shards, tiny_mo
     manifest = json.loads((out / "manifest.json").read_text())
     named = {f for u in manifest["units"].values() for f in u["vectors"]}
     assert {f"vectors/{p.name}" for p in (out / "vectors").iterdir()} == named
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    """moto's S3 server on loopback; credentials and endpoint through the usual AWS variables."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield env
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
-
-
-@pytest.fixture
-def s3(s3_server):
-    import s3fs
-
-    fs = s3fs.S3FileSystem()
-    bucket = f"b{time.time_ns()}"
-    fs.mkdir(bucket)
-    return fs, bucket
 
 
 @pytest.mark.s3

@@ -12,7 +12,6 @@ import pytest
 
 from helpers import embedpipe, make_job, matrix, read_vectors, run, small_job, write_shards
 from test_reliability import make_corpus, run_and_kill
-from test_scale_out import s3, s3_server  # noqa: F401  (fixtures)
 
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.io.ledger import Ledger, SettingsMismatch
