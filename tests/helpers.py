@@ -88,6 +88,26 @@ def embedpipe(*args, env=None, **kwargs) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env={**os.environ, **(env or {})}, **kwargs)
 
 
+def run_and_kill(job: Path, point: str, tmp_path: Path, env: dict | None = None) -> None:
+    """Run the real CLI on a job until it pauses at a named point (faults.py), then SIGKILL it."""
+    import signal
+    import time
+
+    pause_file = tmp_path / f"paused-{point.replace(':', '-')}"
+    env = {**os.environ, **(env or {}), "EMBEDPIPE_PAUSE_AT": point,
+           "EMBEDPIPE_PAUSE_FILE": str(pause_file)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(job)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not pause_file.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline, "the run never reached " + point
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

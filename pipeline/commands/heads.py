@@ -153,23 +153,26 @@ def _check_classes(labels: list[str], test_fraction: float, column: str) -> list
     return classes.tolist()
 
 
-def fit_logistic(x: np.ndarray, y: list[str], C: float | None, seed: int):
-    """Standardise, fit (C by 3-fold stratified CV on these rows when not given), and fold the
-    scaling into the weights: one plain LogisticRegression that takes raw vectors."""
+def fit_logistic(x: np.ndarray, y: list[str], C: float | None, seed: int,
+                 groups: np.ndarray | None = None, max_iter: int = 2000):
+    """Standardise, fit (C by 3-fold CV on these rows when not given: stratified, or grouped so
+    no group straddles folds, e.g. a text's words), and fold the scaling into the weights: one
+    plain LogisticRegression that takes raw vectors."""
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import GroupKFold, StratifiedKFold
 
     mean, scale = x.mean(0, dtype=np.float64), x.std(0, dtype=np.float64)
     scale[scale < 1e-12] = 1.0
     z = ((x - mean) / scale).astype(np.float32)
     if C is None:
-        folds = StratifiedKFold(3, shuffle=True, random_state=seed)
+        folds = (StratifiedKFold(3, shuffle=True, random_state=seed) if groups is None
+                 else list(GroupKFold(3).split(z, y, groups)))
         with warnings.catch_warnings():  # scikit-learn 1.9 announces attribute changes
             warnings.simplefilter("ignore", FutureWarning)
-            cv = LogisticRegressionCV(Cs=C_GRID, cv=folds, max_iter=2000, random_state=seed,
+            cv = LogisticRegressionCV(Cs=C_GRID, cv=folds, max_iter=max_iter, random_state=seed,
                                       scoring="accuracy").fit(z, y)
         C = float(np.ravel(cv.C_)[0])
-    model = LogisticRegression(C=C, max_iter=2000, random_state=seed).fit(z, y)
+    model = LogisticRegression(C=C, max_iter=max_iter, random_state=seed).fit(z, y)
     model.coef_ = model.coef_ / scale
     model.intercept_ = model.intercept_ - model.coef_ @ mean
     return model, C

@@ -15,7 +15,6 @@ from __future__ import annotations
 import posixpath
 import re
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +27,8 @@ from ..io.output import open_output
 from ..io.storage import Store
 from ..io.vectors import to_matrix
 from ..io.writer import ResultFile
-from .heads import C_GRID, HEADS_DIR, PREDICT_BATCH, _read_labels, _versions, load_head, save_head
+from .heads import (C_GRID, HEADS_DIR, PREDICT_BATCH, _read_labels, _versions, fit_logistic,
+                    load_head, save_head)
 from .query import EmbeddingRecord, TextEmbedder, read_text_batches
 
 TAG = re.compile(r"^(O|[BI]-.+)$")
@@ -46,7 +46,7 @@ def entities(tags: list[str]) -> set[tuple[str, int, int]]:
     >>> sorted(entities(["B-PER", "I-PER", "O", "I-LOC", "B-LOC", "I-ORG"]))
     [('LOC', 3, 3), ('LOC', 4, 4), ('ORG', 5, 5), ('PER', 0, 1)]
     """
-    found, start, kind = set(), None, ""
+    found, start = set(), None
     prev_prefix, prev_kind = "O", ""
     for i, tag in enumerate(list(tags) + ["O"]):
         prefix, kind_i = _split(tag)
@@ -177,28 +177,6 @@ class _None:
 _NONE = _None()
 
 
-def _fit(x: np.ndarray, y: list[str], groups: np.ndarray, C: float | None, seed: int):
-    """Standardised multinomial logistic regression, C by 3-fold CV grouped by row when not
-    given; the scaling folded into the weights."""
-    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-    from sklearn.model_selection import GroupKFold
-
-    mean, scale = x.mean(0, dtype=np.float64), x.std(0, dtype=np.float64)
-    scale[scale < 1e-12] = 1.0
-    z = ((x - mean) / scale).astype(np.float32)
-    if C is None:
-        folds = list(GroupKFold(3).split(z, y, groups))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            cv = LogisticRegressionCV(Cs=C_GRID, cv=folds, max_iter=1000, random_state=seed,
-                                      scoring="accuracy").fit(z, y)
-        C = float(np.ravel(cv.C_)[0])
-    model = LogisticRegression(C=C, max_iter=1000, random_state=seed).fit(z, y)
-    model.coef_ = model.coef_ / scale
-    model.intercept_ = model.intercept_ - model.coef_ @ mean
-    return model, C
-
-
 def _rows_of(data: WordSet, rows: np.ndarray) -> np.ndarray:
     return np.concatenate([np.arange(data.offsets[r], data.offsets[r + 1]) for r in rows])
 
@@ -229,7 +207,8 @@ def train_tagger(out: str, opts: TaggerOptions, dest: str | None = None) -> dict
         raise ConfigError(f"{len(train)} training rows are too few to choose C by 3-fold "
                           f"cross-validation; give --C")
     groups = np.repeat(np.arange(n), np.diff(data.offsets))[train_words]
-    model, C = _fit(data.vectors[train_words], y_train, groups, opts.C, opts.seed)
+    model, C = fit_logistic(data.vectors[train_words], y_train, opts.C, opts.seed, groups,
+                            max_iter=1000)
     predicted = model.predict(data.vectors[_rows_of(data, test)]).tolist()
     lengths = np.diff(data.offsets)[test]
     y_pred = np.split(np.array(predicted, dtype=object), np.cumsum(lengths)[:-1])

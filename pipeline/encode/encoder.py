@@ -28,7 +28,7 @@ from . import compile_cache
 from .batching import Batch
 from .hardware import process_age
 from .model_files import ModelSource
-from .pooling import output_width, pool
+from .pooling import combine_layers, output_width, pool
 from .runtime import TORCH_DTYPES, Runtime, check_here
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,10 @@ class Encoder:
         return torch.autocast(self.device.type, dtype=TORCH_DTYPES[self.dtype], enabled=enabled)
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                 token_type_ids: torch.Tensor | None = None, per_token: bool = False):
+        """The batch's text vectors; with per_token also, for token-level output, each row's
+        token vectors as numpy [tokens, width]: the pooling's layers combined per token, in
+        float32, padding dropped (only then are they computed or copied)."""
         s = self.settings
         need_states = s.layers is not None and tuple(s.layers) != (-1,)
         ids = input_ids.to(self.device, non_blocking=True)
@@ -199,11 +202,16 @@ class Encoder:
                 states = out.hidden_states if need_states else (out.last_hidden_state,)
                 layers = s.layers if need_states else (0,)
                 vectors = pool(states, mask, layers, s.layer_combine, s.token_pooling)
+                if per_token:
+                    tokens = combine_layers(states, layers, s.layer_combine).cpu().numpy()
             if s.dimensions:
                 vectors = vectors[:, :s.dimensions]
             if s.normalize:
                 vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
-        return vectors
+        if not per_token:
+            return vectors
+        lengths = attention_mask.sum(1).tolist()
+        return vectors, [tokens[i, :n] for i, n in enumerate(lengths)]
 
     def encode_batch(self, batch: Batch) -> np.ndarray:
         if batch.token_type_ids is None:

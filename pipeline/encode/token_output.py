@@ -18,7 +18,6 @@ import torch
 
 from ..config import ConfigError, JobConfig
 from .batching import Batch
-from .pooling import combine_layers, pool
 from .tokenizer import TokenSpans
 
 log = logging.getLogger(__name__)
@@ -184,21 +183,6 @@ class TokenEncoder:
 
     def _forward(self, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor) -> tuple[np.ndarray, list[np.ndarray]]:
-        enc = self.encoder
-        s = enc.settings
-        need_states = tuple(s.layers) != (-1,)
-        ids = input_ids.to(enc.device, non_blocking=True)
-        mask = attention_mask.to(enc.device, non_blocking=True)
-        with torch.inference_mode(), enc._autocast():
-            out = enc.model(input_ids=ids, attention_mask=mask, output_hidden_states=need_states)
-            states = out.hidden_states if need_states else (out.last_hidden_state,)
-            layers = s.layers if need_states else (0,)
-            vectors = pool(states, mask, layers, s.layer_combine, s.token_pooling)
-            if s.dimensions:
-                vectors = vectors[:, :s.dimensions]
-            if s.normalize:
-                vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
-            per_token = combine_layers(states, layers, s.layer_combine).cpu().numpy()
-        lengths = attention_mask.sum(1).tolist()
-        return vectors.cpu().numpy(), [per_token[i, :n] for i, n in enumerate(lengths)]
+        vectors, tokens = self.encoder._forward(input_ids, attention_mask, per_token=True)
+        return vectors.cpu().numpy(), tokens
 

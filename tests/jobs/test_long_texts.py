@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import embedpipe, make_job, matrix, read_vectors, run, small_job, to_toml, write_shards
-from test_reliability import run_and_kill
+from helpers import (embedpipe, make_job, matrix, read_vectors, run, run_and_kill, small_job,
+                     to_toml, write_shards)
 
 from pipeline.io.ledger import SettingsMismatch
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import embedpipe, matrix, read_vectors, small_job, write_shards
+from helpers import embedpipe, matrix, read_vectors, run_and_kill, small_job, write_shards
 
 
 
@@ -70,21 +69,6 @@ def assert_consistent(out: Path) -> None:
     np.testing.assert_array_equal(index.reconstruct_n(0, index.ntotal), vectors)
     assert pq.read_table(out / "index" / "ids.parquet").column("id").to_pylist() == ids
     assert manifest["complete"] is True
-
-
-def run_and_kill(job: Path, point: str, tmp_path: Path) -> None:
-    pause_file = tmp_path / f"paused-{point.replace(':', '-')}"
-    env = {**os.environ, "EMBEDPIPE_PAUSE_AT": point, "EMBEDPIPE_PAUSE_FILE": str(pause_file)}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(job)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not pause_file.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.time() < deadline, "the run never reached " + point
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import embedpipe, make_job, matrix, read_vectors, run, small_job, write_shards
-from test_reliability import make_corpus, run_and_kill
+from helpers import run_and_kill
+from test_reliability import make_corpus
 
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.io.ledger import Ledger, SettingsMismatch

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from helpers import SMALL, embedpipe, make_job, matrix, read_vectors, run, to_toml, write_shards
+from helpers import (SMALL, embedpipe, make_job, matrix, read_vectors, run, run_and_kill, to_toml,
+                     write_shards)
 
 pytestmark = pytest.mark.sinks
 DSN_ENV = "EMBEDPIPE_PG_DSN"
@@ -158,21 +157,6 @@ def test_full_and_incremental_runs_keep_three_sinks_equal_to_the_folder(
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["sinks"]) == {"lance", "pg"}
     assert pg_dsn not in (out / "manifest.json").read_text()  # never the connection string
-
-
-def run_and_kill(job: Path, point: str, tmp_path: Path, env: dict) -> None:
-    pause_file = tmp_path / f"paused-{point}"
-    env = {**os.environ, **env, "EMBEDPIPE_PAUSE_AT": point, "EMBEDPIPE_PAUSE_FILE": str(pause_file)}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(job)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not pause_file.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.time() < deadline, "the run never reached " + point
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
 
 
 def changed_corpus(folder: Path, texts: list[str]) -> None:
