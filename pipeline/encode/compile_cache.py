@@ -74,7 +74,13 @@ def use_cache() -> Path:
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
-    folder = Path(_USER_DIR or inductor_dir())
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # torch writes its default into TORCHINDUCTOR_CACHE_DIR the first time anything asks for
+    # the folder (even before embedpipe is imported): that value is torch's, not the user's.
+    user = _USER_DIR if _USER_DIR and (os.path.abspath(_USER_DIR)
+                                       != os.path.abspath(default_cache_dir())) else None
+    folder = Path(user or inductor_dir())
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     folder.mkdir(parents=True, exist_ok=True)
     inductor_config.fx_graph_cache = True
