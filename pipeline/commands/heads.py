@@ -76,7 +76,7 @@ def _read_labels(path: str, id_column: str, label_column: str) -> dict:
 def load_training_set(out: str, opts: HeadOptions) -> TrainingSet:
     """The stored vectors joined by id to their labels; rows without a label are counted out."""
     store = Store(out)
-    read_manifest(store)
+    manifest = read_manifest(store)
     parts = VectorParts(store, Ledger(store).vector_files())
     if not parts.files:
         raise ConfigError(f"{out} holds no vectors")
@@ -111,7 +111,7 @@ def load_training_set(out: str, opts: HeadOptions) -> TrainingSet:
     if windows:  # a document's windows are consecutive rows
         owner = np.cumsum([0] + [a != b for a, b in zip(ids, ids[1:])])
         first = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-        normalize = bool(read_manifest(store)["vector_settings"].get("encode.normalize"))
+        normalize = bool(manifest["vector_settings"].get("encode.normalize"))
         vectors = pool_windows(vectors, owner, np.concatenate(weights), normalize)
         ids, values = [ids[i] for i in first], [values[i] for i in first]
     rows = {"vectors": len(ids), "labelled": 0,

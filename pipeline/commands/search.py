@@ -41,6 +41,7 @@ class Searcher:
         # a folder of one row a window: the id map names each FAISS id's (id, chunk)
         self.chunks = id_map.column("chunk") if "chunk" in id_map.column_names else None
         self.collapse = self.chunks is not None and not per_chunk
+        self._documents: np.ndarray | None = None  # a number per document, for collapsing
         if len(self.ids) != self.index.ntotal:
             raise ConfigError(f"{out}: the index holds {self.index.ntotal} vectors but its id map "
                               f"{len(self.ids)}; rebuild it with `embedpipe index {out}`")
@@ -69,8 +70,10 @@ class Searcher:
     def _best_windows(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The best window of each of the k best documents: windows are searched k x 4 at a
         time, more while some query has found fewer than k documents and windows remain."""
-        ids = self.ids.combine_chunks() if isinstance(self.ids, pa.ChunkedArray) else self.ids
-        doc = pc.dictionary_encode(ids).indices.to_numpy(zero_copy_only=False)  # id -> number
+        if self._documents is None:  # once, not for every batch of queries
+            ids = self.ids.combine_chunks() if isinstance(self.ids, pa.ChunkedArray) else self.ids
+            self._documents = pc.dictionary_encode(ids).indices.to_numpy(zero_copy_only=False)
+        doc = self._documents
         scores = np.full((len(vectors), k), np.nan, np.float32)
         positions = np.full((len(vectors), k), -1, np.int64)
         todo, fetch = np.arange(len(vectors)), k * 4
