@@ -77,6 +77,10 @@ class EncodeConfig:
     chunk_tokens: int | None = None  # content tokens a window; None: max_length less specials, prompt
     chunk_overlap: int = 32
     max_chunks: int = 1024  # windows a text at most; past them the text is flagged truncated
+    # Rows of new, changed or renamed input whose (id, text hash) - or text hash alone, with
+    # "content" - already has a vector in the folder take it instead of being encoded; "off"
+    # encodes every such row. Vectors do not depend on it, so it is not a vector setting.
+    reuse: str = "id+content"
 
     def token_budget(self, device_type: str) -> int:
         """batch_tokens, or by device: 4,096 on CPU, where a batch's activations then stay in
@@ -212,6 +216,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "encode.layer_combine": ("concat", "mean", "sum"),
     "encode.token_pooling": ("mean", "cls", "max"),
     "encode.long_text": ("truncate", "chunk", "reject"),
+    "encode.reuse": ("id+content", "content", "off"),
     "output.chunks": ("pool", "rows"),
     "output.granularity": ("text", "subword", "word"),
     "output.word_pooling": ("first", "mean"),
@@ -358,8 +363,8 @@ def _validate_tokens(job: JobConfig) -> None:
 
 
 # The columns of a vector part (besides any kept column), window columns included.
-STORED_COLUMNS = ("id", "vector", "n_tokens", "truncated", "n_chunks", "chunk", "token_start",
-                  "token_end", "char_start", "char_end")
+STORED_COLUMNS = ("id", "vector", "n_tokens", "truncated", "text_hash", "n_chunks", "chunk",
+                  "token_start", "token_end", "char_start", "char_end")
 
 
 SINK_KEYS = {"lancedb": ("kind", "name", "table", "uri"),

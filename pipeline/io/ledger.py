@@ -65,6 +65,8 @@ class UnitRecord:
     windows: int = 0  # long_text = "chunk": token windows embedded
     chunked: int = 0  # long_text = "chunk": texts cut into more than one window
     part_rows: int | None = None  # rows in the vector parts, when not one a text (a window each)
+    reused: int = 0  # rows that took a vector already stored in the folder (encode.reuse)
+    copied: int = 0  # rows that repeat a text encoded earlier in the run: encoded once
     vector_files: list[str] = field(default_factory=list)
     reject_files: list[str] = field(default_factory=list)
     token_files: list[str] = field(default_factory=list)  # the token table's parts (tokens/)
@@ -101,6 +103,9 @@ class UnitRecord:
         data["checks"] = {f: c.to_json() for f, c in self.checks.items()}
         if not self.token_files:  # a text-only unit's record as before token-level output
             del data["token_files"], data["token_rows"]
+        for name in ("reused", "copied"):
+            if not data[name]:
+                del data[name]
         if not self.complete:  # a failed unit records where and why, nothing it produced
             data = {k: data[k] for k in ("key", "path", "first_row", "row_groups", "fingerprint",
                                          "status", "error")}
@@ -159,6 +164,36 @@ class Ledger:
                 self.data["next_unit_id"] += 1
             return self.data["unit_ids"][key]
 
+    def unit_ids_forget(self, keys: list[str]) -> None:
+        """Units embedded anew get a fresh number, so their parts never take the names of
+        the parts they replace (those may still be read for reuse, and the index tells parts
+        apart by name)."""
+        for key in keys:
+            self.data.get("unit_ids", {}).pop(key, None)
+
+    @property
+    def retired(self) -> list[UnitRecord]:
+        """Units replaced or removed by a run that has not completed yet: out of the folder's
+        vectors, but their parts kept (and read for reuse) until a run completes."""
+        return [UnitRecord.from_json(r) for r in self.data.get("retired", [])]
+
+    def retire(self, keys: list[str]) -> None:
+        """Take the units out of the folder's vectors in one manifest write; their parts stay
+        on disk, named under `retired`, until `clear_retired`."""
+        with self._mutex:
+            records = [self.units.pop(k) for k in keys if k in self.units]
+            self.data["retired"] = self.data.get("retired", []) + [
+                r.to_json() for r in records if r.complete]
+            self.unit_ids_forget(keys)
+            self.save_locked()
+
+    def clear_retired(self) -> list[str]:
+        """Forget the retired units (one manifest write); returns their files to remove."""
+        files = [f for r in self.retired for f in r.files]
+        if self.data.get("retired"):
+            self.update(retired=[])
+        return files
+
     def commit_unit(self, record: UnitRecord) -> None:
         with self._mutex:
             self.units[record.key] = record
@@ -168,6 +203,7 @@ class Ledger:
         with self._mutex:
             for key in keys:
                 self.units.pop(key, None)
+            self.unit_ids_forget(keys)
             self.save_locked()
 
     def update(self, **fields: Any) -> None:

@@ -3,8 +3,9 @@
 Reasons, in the order they are checked: null id, null text, invalid utf-8, empty text (empty
 or whitespace only), duplicate id. An id belongs to the first row, in input order, that has it and can be
 embedded; ids already stored in the output folder by earlier runs come before all of them.
-Duplicates are found in one pass over the ids before any unit is embedded, so units can then
-be embedded independently (in threads here, on other machines with Ray) with the same result.
+Duplicates are found in one pass over the ids before any unit is embedded (registry.py:
+scan_input), so units can then be embedded independently (in threads here, on other machines
+with Ray) with the same result.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .reader import Unit, read_unit
 
 NULL_ID, NULL_TEXT, EMPTY_TEXT, DUPLICATE_ID = "null id", "null text", "empty text", "duplicate id"
 INVALID_UTF8 = "invalid utf-8"
@@ -80,40 +80,6 @@ def row_reasons(ids: pa.Array, texts: pa.Array, pairs: pa.Array | None = None) -
     second = (_text_reasons(pairs, NULL_PAIR_TEXT, EMPTY_PAIR_TEXT) if pairs is not None
               else [None] * len(first))
     return [NULL_ID if a else b or c for a, b, c in zip(id_null, first, second)]
-
-
-def find_duplicates(units: list[Unit], id_column: str, text_column: str, claimed: set,
-                    pair_column: str | None = None) -> dict[str, set[int]]:
-    """Row numbers, per unit key, whose id an earlier row (or the folder) already holds.
-
-    `claimed` holds the ids stored by earlier runs and is updated with every id claimed here.
-    Units that cannot be read are skipped: they fail later, when they are embedded.
-    """
-    duplicates: dict[str, set[int]] = {}
-    for unit in units:
-        if unit.error:
-            continue
-        rows: set[int] = set()
-        added: list = []
-        try:
-            columns = [id_column, text_column] + ([pair_column] if pair_column else [])
-            for batch, first_row in read_unit(unit, columns, 65536):
-                ids = batch.column(0)
-                reasons = row_reasons(ids, batch.column(1),
-                                      batch.column(2) if pair_column else None)
-                for offset, (row_id, reason) in enumerate(zip(ids.to_pylist(), reasons)):
-                    if reason is not None:
-                        continue
-                    if row_id in claimed:
-                        rows.add(first_row + offset)
-                    else:
-                        claimed.add(row_id)
-                        added.append(row_id)
-        except Exception:  # a unit that breaks mid-file fails when embedded; it claims nothing
-            claimed.difference_update(added)
-            continue
-        duplicates[unit.key] = rows
-    return duplicates
 
 
 def reasons_for_window(ids: pa.Array, texts: pa.Array, row_numbers: np.ndarray,

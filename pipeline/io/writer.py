@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 
 from ..config import ConfigError
 from ..faults import checkpoint
+from .content_hash import HASH_TYPE
 from .storage import Store, with_filename
 
 VECTORS_DIR = "vectors"
@@ -30,7 +31,8 @@ WINDOW_COLUMNS = ("chunk", "token_start", "token_end", "char_start", "char_end")
 
 def vectors_schema(id_type: pa.DataType, dim: int, vector_dtype: str,
                    keep: pa.Schema | None = None, chunks: str | None = None) -> pa.Schema:
-    """id, vector, n_tokens, truncated, then the kept columns. chunks = "pool" adds n_chunks
+    """id, vector, n_tokens, truncated, text_hash (what the model saw, hashed: content_hash.py),
+    then the kept columns. chunks = "pool" adds n_chunks
     (windows pooled into the row); "rows" makes a row a window: id, chunk, its token and
     character spans (WINDOW_COLUMNS), vector, n_tokens (the window's), truncated."""
     value_type = pa.float16() if vector_dtype == "float16" else pa.float32()
@@ -39,7 +41,7 @@ def vectors_schema(id_type: pa.DataType, dim: int, vector_dtype: str,
     if chunks == "rows":
         fields += [pa.field(name, int32) for name in WINDOW_COLUMNS]
     fields += [pa.field("vector", pa.list_(value_type, dim)), pa.field("n_tokens", int32),
-               pa.field("truncated", pa.bool_())]
+               pa.field("truncated", pa.bool_()), pa.field("text_hash", HASH_TYPE)]
     if chunks == "pool":
         fields.append(pa.field("n_chunks", int32))
     return pa.schema(fields + (list(keep) if keep is not None else []))
@@ -63,10 +65,13 @@ def part_options(schema: pa.Schema) -> dict:
 
     Float vectors neither repeat nor compress: a dictionary attempt and snappy on the vector
     column only cost time (4x slower writes, 3x slower reads, larger files, measured on
-    2,000 x 384 float32), and min/max statistics of embedding values help no query."""
-    others = [name for name in schema.names if name != "vector"]
+    2,000 x 384 float32), and min/max statistics of embedding values help no query. Text
+    hashes are random bytes: the same holds for them."""
+    raw = ("vector", "text_hash")
+    others = [name for name in schema.names if name not in raw]
     return {"use_dictionary": others, "write_statistics": others,
-            "compression": {**{name: "snappy" for name in others}, "vector": "none"}}
+            "compression": {**{name: "snappy" for name in others},
+                            **{name: "none" for name in raw if name in schema.names}}}
 
 
 class UnitWriter:
@@ -93,7 +98,12 @@ class UnitWriter:
             if name in values:
                 continue
             if name in rows:
-                values[name] = pa.array(rows[name], self.schema.field(name).type)
+                value = rows[name]
+                if isinstance(value, pa.ChunkedArray):
+                    value = value.combine_chunks()
+                values[name] = (value.cast(self.schema.field(name).type)
+                                if isinstance(value, pa.Array)
+                                else pa.array(value, self.schema.field(name).type))
             else:
                 values[name] = keep.column(name).combine_chunks()
         batch = pa.RecordBatch.from_arrays([values[n] for n in self.schema.names], schema=self.schema)

@@ -14,6 +14,7 @@ from typing import Callable
 
 from ..io.ledger import UnitRecord
 from ..io.reader import Unit
+from ..io.registry import ReuseSource
 from .embedder import EmbedPlan, UnitEmbedder
 from .stages import Stats
 
@@ -26,11 +27,14 @@ FORWARDED_ENV = ("EMBEDPIPE_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
 class EmbedActor:
     """Holds one loaded model for its whole life; embeds one unit per call."""
 
-    def __init__(self, plan: EmbedPlan, threads: int):
+    def __init__(self, plan: EmbedPlan, threads: int, reuse: ReuseSource | None = None):
+        """reuse: the stored-row lookup (shared through Ray's object store) and the texts
+        repeated in the run; each actor encodes a repeated text once for the units it embeds."""
         import torch
 
         torch.set_num_threads(threads)
         self.embedder = UnitEmbedder(plan)
+        self.reuse = reuse
 
     def pid(self) -> int:
         return os.getpid()
@@ -41,13 +45,14 @@ class EmbedActor:
         stats = Stats()
         before = self.embedder.encoder.oom_splits
         self.embedder.embed([(unit, unit_id)], {unit.key: duplicate_rows}, records.append,
-                            lambda rows: None, stats)
+                            lambda rows: None, stats, self.reuse)
         return records, stats, self.embedder.encoder.oom_splits - before
 
 
 def embed_on_ray(plan: EmbedPlan, units: list[tuple[Unit, int]], duplicates: dict[str, set[int]],
                  commit: Callable[[UnitRecord], None], progress: Callable[[int], None], stats: Stats,
-                 address: str | None = None, workers: int | None = None) -> int:
+                 address: str | None = None, workers: int | None = None,
+                 reuse: ReuseSource | None = None) -> int:
     """Embed `units` on Ray actors, committing each unit's record as it arrives. Returns OOM splits."""
     import ray
     from ray.exceptions import RayActorError, WorkerCrashedError
@@ -68,7 +73,8 @@ def embed_on_ray(plan: EmbedPlan, units: list[tuple[Unit, int]], duplicates: dic
                  len(units))
 
         queue = deque(units)
-        idle = [actor_class.remote(plan, threads) for _ in range(min(count, len(units)))]
+        reuse_ref = ray.put(reuse)  # one copy in the object store, not one per actor call
+        idle = [actor_class.remote(plan, threads, reuse_ref) for _ in range(min(count, len(units)))]
         pending: dict = {}
         attempts: dict[str, int] = {}
         oom_splits = 0
@@ -91,7 +97,7 @@ def embed_on_ray(plan: EmbedPlan, units: list[tuple[Unit, int]], duplicates: dic
                 else:
                     log.warning("ray: worker died on %s; retrying on a new worker", unit.key)
                     queue.appendleft((unit, unit_id))
-                idle.append(actor_class.remote(plan, threads))
+                idle.append(actor_class.remote(plan, threads, reuse_ref))
                 continue
             for record in records:
                 commit(record)

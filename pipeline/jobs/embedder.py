@@ -15,8 +15,10 @@ from ..encode.pooling import output_width
 from ..encode.runtime import Runtime
 from ..encode.token_output import TokenPolicy
 from ..io.reader import Unit
+from ..io.registry import ReuseSource
 from ..io.storage import Store
-from ..io.writer import tokens_schema, vectors_schema
+from ..io.writer import WINDOW_COLUMNS, tokens_schema, vectors_schema
+from .reuse import MEMORY_BYTES, ReusePlanner, RunMemory
 from .stages import FlowSettings, PrepareStage, Stats, WriteStage, run_stages
 
 
@@ -47,6 +49,19 @@ class EmbedPlan:
         width = output_width(self.source.hidden_size, settings.layers, settings.layer_combine)
         return tokens_schema(pa.type_for_alias(self.id_type), width, self.job.output.vector_dtype)
 
+    @property
+    def reusable(self) -> bool:
+        """Whether rows can skip the model: one row a text (not a row a window), no token
+        table (its rows would have to be carried too), and reuse not switched off."""
+        job = self.job
+        return (job.encode.reuse != "off" and job.output.granularity == "text"
+                and not (job.encode.long_text == "chunk" and job.output.chunks == "rows"))
+
+    def stored_columns(self) -> list[str]:
+        """The columns a reused row takes from its stored row: vector, n_tokens, ..."""
+        own = {"id", "text_hash", *self.job.output.keep_columns, *WINDOW_COLUMNS}
+        return [n for n in self.vectors_schema().names if n not in own]
+
 
 class UnitEmbedder:
     """A loaded tokenizer and encoder; `embed` runs the three stages over a list of units."""
@@ -68,17 +83,26 @@ class UnitEmbedder:
             from ..encode.token_output import TokenEncoder
             self.encode = TokenEncoder(self.encoder)
         self.flow = FlowSettings.for_job(job, runtime)
+        # repeated texts this worker encoded, for as long as it lives (across its units)
+        self.memory = RunMemory(capacity=MEMORY_BYTES // (4 * plan.width))
 
     def embed(self, units: list[tuple[Unit, int]], duplicates: dict[str, set[int]],
-              on_unit_done: Callable, progress: Callable[[int], None], stats: Stats) -> None:
+              on_unit_done: Callable, progress: Callable[[int], None], stats: Stats,
+              reuse: ReuseSource | None = None) -> None:
         job = self.plan.job
         id_type = pa.type_for_alias(self.plan.id_type)
+        planner = None
+        if reuse is not None and reuse.mode != "off" and self.plan.reusable:
+            planner = ReusePlanner(reuse, self.memory, self.plan.stored_columns(),
+                                   copies=job.encode.long_text != "reject")
         preparer = PrepareStage(self.flow, self.tokenizer, duplicates, id_type, stats,
-                                self.chunking, self.token_policy)
+                                self.chunking, self.token_policy, planner,
+                                prompt=job.encode.prompt or "")
         writer = WriteStage(Store(job.output.path), self.plan.vectors_schema(),
                             job.output.rows_per_file, job.output.vector_dtype, stats, on_unit_done,
                             progress, normalize=self.chunking.pools and bool(job.encode.normalize),
                             token_schema=self.plan.tokens_schema(),
-                            token_mean=self.token_policy is not None and self.token_policy.mean)
+                            token_mean=self.token_policy is not None and self.token_policy.mean,
+                            memory=self.memory)
         run_stages(lambda channel: preparer.run(units, channel), self.encode,
                    writer.run, stats)

@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..config import ConfigError, JobConfig, settings_hash
 from ..encode.chunking import resolve_chunking
@@ -28,7 +27,8 @@ from ..io.folder_check import unit_damage, unit_problems
 from ..io.ledger import (MANIFEST, Ledger, UnitRecord, acquire_lock, refuse_foreign_folder,
                          release_lock)
 from ..io.reader import Unit, open_parquet, plan_units, refuse_overlap
-from ..io.rejects import find_duplicates
+from ..io.content_hash import CONTENT_HASH
+from ..io.registry import ReuseSource, StoredRows, scan_input
 from ..io.storage import Store, filesystem
 from ..io.vectors import VectorParts
 from ..io.writer import REJECTS_DIR, TOKENS_DIR, VECTORS_DIR, remove_files
@@ -83,7 +83,7 @@ def _wipe(store: Store) -> None:
 
 def _sweep(store: Store, ledger: Ledger) -> int:
     """Remove temporaries and parts that no committed unit names (left by a killed run)."""
-    named = {f for r in ledger.units.values() for f in r.files}
+    named = {f for r in [*ledger.units.values(), *ledger.retired] for f in r.files}
     swept = 0
     for folder in (VECTORS_DIR, REJECTS_DIR, TOKENS_DIR, INDEX_DIR):
         swept += len(store.sweep_temporaries(folder))
@@ -94,14 +94,6 @@ def _sweep(store: Store, ledger: Ledger) -> int:
                 store.remove(posixpath.join(folder, name))
                 swept += 1
     return swept
-
-
-def _committed_ids(store: Store, files: list[str]) -> set:
-    ids: set = set()
-    for name in files:
-        with store.fs.open(store.path(name), "rb") as handle:
-            ids.update(pq.read_table(handle, columns=["id"]).column("id").to_pylist())
-    return ids
 
 
 def unit_schema(unit: Unit) -> pa.Schema:
@@ -162,16 +154,18 @@ def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
         log.warning("unit %s is redone: %s", key, "; ".join(damage[key]))
     # The model is loaded and checked (tokenizer, weights) before anything in the folder changes.
     embedder = _prepare(ctx, diff.todo) if diff.todo else None
+    hashed_alike = ledger.data.get("content_hash", CONTENT_HASH) == CONTENT_HASH
     dropped = _drop(ctx, diff)
     summary.stray_files_removed = _sweep(store, ledger)
     ledger.update(job=job.name, config=job.to_dict(), vector_settings=ctx.settings,
                   settings_hash=settings_hash(ctx.settings), complete=False,
+                  content_hash=CONTENT_HASH,
                   model={"name": ctx.source.name, "path": str(ctx.source.path),
                          "fingerprint": ctx.source.fingerprint},
                   versions=package_versions())
 
     if embedder is not None:
-        _embed(ctx, diff.todo, embedder)
+        _embed(ctx, diff.todo, embedder, hashed_alike)
         summary.stray_files_removed += _sweep(store, ledger)  # what a dead Ray worker left
     current = {u.key for u in units}
     summary.failures = [f"{r.path}: {r.error}" for k, r in ledger.units.items()
@@ -198,6 +192,8 @@ def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
     # The completion record is written last: a folder whose manifest says complete is whole.
     ledger.update(index=summary.index, dim=ledger.data.get("dim"),
                   complete=not summary.failures, last_run=summary.to_dict())
+    if not summary.failures:  # the replaced parts go once a run is whole (a crash keeps them)
+        remove_files(store, ledger.clear_retired())
 
 
 def _sync_sinks(ctx: RunContext, healthy: bool) -> None:
@@ -236,18 +232,22 @@ def _index(ctx: RunContext, parts: VectorParts) -> None:
 
 
 def _drop(ctx: RunContext, diff: UnitDiff) -> list[str]:
-    """Changed or failed units are redone from scratch; removed ones go unless kept on request."""
-    dropped = list(diff.redo)
+    """Changed or failed units are redone; removed ones go unless kept on request. Changed and
+    removed units are retired (out of the folder's vectors, their parts kept for reuse until
+    the run completes); damaged and failed ones are dropped with their files."""
+    removed = [] if ctx.options.keep_removed else list(diff.removed)
     if ctx.options.keep_removed:
         ctx.summary.units_removed_kept = len(diff.removed)
-    else:
-        dropped += diff.removed
-        ctx.summary.units_removed = len(diff.removed)
-    if dropped:
-        files = [f for k in dropped for f in ctx.ledger.units[k].files]
-        ctx.ledger.drop_units(dropped)
+    ctx.summary.units_removed = len(removed)
+    retire = [k for k in diff.changed + removed] if ctx.job.encode.reuse != "off" else []
+    drop = [k for k in diff.redo + removed if k not in set(retire)]
+    if retire:
+        ctx.ledger.retire(retire)
+    if drop:
+        files = [f for k in drop for f in ctx.ledger.units[k].files]
+        ctx.ledger.drop_units(drop)
         remove_files(ctx.store, files)
-    return dropped
+    return retire + drop
 
 
 def _prepare(ctx: RunContext, todo: list[Unit]) -> UnitEmbedder:
@@ -265,15 +265,36 @@ def _prepare(ctx: RunContext, todo: list[Unit]) -> UnitEmbedder:
                                   id_type=id_type, keep_schema=keep_schema))
 
 
-def _embed(ctx: RunContext, todo: list[Unit], embedder: UnitEmbedder) -> None:
+def _reuse_source(ctx: RunContext, plan: EmbedPlan, hashed_alike: bool) -> ReuseSource:
+    """Where stored vectors can be found: the retired parts (changed, renamed, removed units),
+    and with reuse = "content" the kept parts too (a kept id cannot come again: it is a
+    duplicate). Retired parts that no longer match their record are not read."""
+    mode = ctx.job.encode.reuse
+    if mode == "off" or not plan.reusable:
+        return ReuseSource(mode="off")
+    retired = [f for r in ctx.ledger.retired if not r.damage(ctx.store) for f in r.vector_files]
+    files = (ctx.ledger.vector_files() if mode == "content" else []) + retired
+    stored = StoredRows(ctx.store, files, mode) if files and hashed_alike else None
+    return ReuseSource(mode=mode, stored=stored)
+
+
+def _embed(ctx: RunContext, todo: list[Unit], embedder: UnitEmbedder, hashed_alike: bool) -> None:
     from tqdm import tqdm
 
     job, ledger, summary, plan = ctx.job, ctx.ledger, ctx.summary, embedder.plan
     healthy = [u for u in todo if not u.error]
     ledger.update(id_type=plan.id_type, dim=plan.width)
-    duplicates = find_duplicates(healthy, job.input.id_column, job.input.text_column,
-                                 claimed=_committed_ids(ctx.store, ledger.vector_files()),
-                                 pair_column=job.input.text_pair_column)
+    tick = time.perf_counter()
+    scan = scan_input(healthy, job.input.id_column, job.input.text_column, ctx.store,
+                      ledger.vector_files(), job.input.text_pair_column, job.encode.prompt or "",
+                      gone_files=[f for r in ledger.retired for f in r.vector_files])
+    duplicates = scan.duplicates
+    reuse = _reuse_source(ctx, plan, hashed_alike)
+    reuse.repeated = scan.repeated if reuse.mode != "off" else reuse.repeated
+    summary.reuse = reuse.mode
+    summary.rows_removed = scan.ids_gone
+    summary.registry_bytes = max(scan.key_bytes, reuse.stored.nbytes if reuse.stored else 0)
+    ctx.stats.seconds["scan"] += time.perf_counter() - tick
     units = [(u, ledger.unit_id(u.key)) for u in todo]
     bar = tqdm(total=sum(u.num_rows for u in healthy), unit="rows",
                disable=not ctx.options.progress, desc=job.name, dynamic_ncols=True)
@@ -285,6 +306,8 @@ def _embed(ctx: RunContext, todo: list[Unit], embedder: UnitEmbedder) -> None:
             summary.vectors_written += record.vectors_out
             summary.truncated += record.truncated
             summary.windows += record.windows
+            summary.rows_reused += record.reused
+            summary.rows_copied += record.copied
             summary.texts_chunked += record.chunked
             summary.token_rows += record.token_rows
             for reason, count in record.reject_reasons.items():
@@ -299,9 +322,9 @@ def _embed(ctx: RunContext, todo: list[Unit], embedder: UnitEmbedder) -> None:
             from .distributed import embed_on_ray
             summary.oom_splits = embed_on_ray(plan, units, duplicates, commit, bar.update,
                                               ctx.stats, address=ctx.options.ray_address,
-                                              workers=ctx.options.workers)
+                                              workers=ctx.options.workers, reuse=reuse)
         else:
-            embedder.embed(units, duplicates, commit, bar.update, ctx.stats)
+            embedder.embed(units, duplicates, commit, bar.update, ctx.stats, reuse)
             summary.oom_splits = embedder.encoder.oom_splits
     finally:
         bar.close()

@@ -29,10 +29,12 @@ from ..encode.token_output import TokenPolicy, TokenRows, gather, token_rows
 from ..encode.tokenizer import TextTokenizer, Tokenized
 from ..faults import checkpoint
 from ..io.checks import check_file
+from ..io.content_hash import text_hashes
 from ..io.ledger import UnitRecord
 from ..io.reader import Unit, read_unit
 from ..io.rejects import plain_texts, reasons_for_window
 from ..io.writer import TOKENS_DIR, UnitWriter, rejects_schema, write_rejects
+from .reuse import Assemble, HeldRows, ReusePlanner, RunMemory, merge_rows
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,10 @@ class Window:
     n_batches: int
     windows: TokenWindows | None = None  # long_text = "chunk": what goes through the model
     tokens: TokenRows | None = None  # output.granularity = subword | word: the token table's rows
+    text_hash: pa.Array | None = None  # each text's content hash (io/content_hash.py)
+    # when some rows of the sort window skip the model: where this Window's texts go among its
+    # good rows; the writer holds them until the window's Assemble (jobs/reuse.py)
+    rows_at: np.ndarray | None = None
 
     @property
     def n_vectors(self) -> int:
@@ -162,9 +168,13 @@ class PrepareStage:
 
     def __init__(self, settings: FlowSettings, tokenizer: TextTokenizer,
                  duplicates: dict[str, set[int]], id_type: pa.DataType, stats: Stats,
-                 chunking: ChunkPolicy | None = None, token_policy: TokenPolicy | None = None):
+                 chunking: ChunkPolicy | None = None, token_policy: TokenPolicy | None = None,
+                 planner: ReusePlanner | None = None, prompt: str = ""):
+        """planner: rows whose vector is stored or repeats an earlier text skip the model;
+        prompt: what the model sees before each text (part of its content hash)."""
         self.s, self.tokenizer, self.duplicates, self.id_type, self.stats = (
             settings, tokenizer, duplicates, id_type, stats)
+        self.planner, self.prompt = planner, prompt
         self.token_policy = token_policy
         self.chunking = chunking if chunking is not None and chunking.mode != "truncate" else None
 
@@ -222,16 +232,30 @@ class PrepareStage:
         good = np.array([r is None for r in reasons], dtype=bool)
         keep_idx = np.flatnonzero(good)
         good_texts = texts.take(pa.array(keep_idx, pa.int64())).to_pylist()
+        good_pairs = (None if pairs is None else
+                      pairs.take(pa.array(keep_idx, pa.int64())).to_pylist())
+        hashes = text_hashes(good_texts, good_pairs, self.prompt)
+        plan = rows_at = None
+        if self.planner is not None:
+            at = pa.array(keep_idx, pa.int64())
+            plan = self.planner.plan(ids.take(at), hashes, table.select(
+                list(self.s.keep_columns)).take(at) if self.s.keep_columns else None)
+            if plan.assemble is not None:  # only the rest goes on: positions among good rows
+                rows_at = plan.encode
+                keep_idx, hashes = keep_idx[rows_at], hashes.take(pa.array(rows_at, pa.int64()))
+                good_texts = [good_texts[i] for i in rows_at.tolist()]
+                good_pairs = None if good_pairs is None else [good_pairs[i] for i in rows_at.tolist()]
         if self.token_policy is not None:  # the same ids, with offsets and word ids
             tokens = self.tokenizer.with_spans(good_texts)
         else:
-            tokens = self.tokenizer(good_texts, None if pairs is None else
-                                    pairs.take(pa.array(keep_idx, pa.int64())).to_pylist())
+            tokens = self.tokenizer(good_texts, good_pairs)
         if self.chunking is not None and self.chunking.mode == "reject":
             long = too_long(self.tokenizer, tokens, self.chunking)
             for i in keep_idx[long]:
                 reasons[i] = TOO_LONG
             keep_idx, good_texts = keep_idx[~long], [t for t, x in zip(good_texts, long) if not x]
+            hashes = hashes.filter(pa.array(~long))
+            rows_at = None if rows_at is None else rows_at[~long]
             tokens = _subset(tokens, ~long)
         bad = np.array([i for i, r in enumerate(reasons) if r is not None], np.int64)
         rejects = pa.table({
@@ -244,17 +268,20 @@ class PrepareStage:
         keep = table.select(list(self.s.keep_columns)).take(keep_idx) if self.s.keep_columns else None
         ids = ids.take(keep_idx)
         if self.chunking is not None and self.chunking.mode == "chunk":
-            self._chunked(ids, good_texts, tokens, keep, rejects, out, tick)
-            return
-        if self.token_policy is not None:
-            self._token_level(ids, good_texts, tokens, keep, rejects, out, tick)
-            return
-        self._emit(Window(ids=ids, n_tokens=tokens.n_tokens, truncated=tokens.truncated,
-                          keep=keep, rejects=rejects, n_batches=0), tokens.ids, tokens.type_ids,
-                   out, tick)
+            self._chunked(ids, good_texts, tokens, keep, rejects, out, tick, hashes, rows_at)
+        elif self.token_policy is not None:
+            self._token_level(ids, good_texts, tokens, keep, rejects, out, tick, hashes)
+        else:
+            self._emit(Window(ids=ids, n_tokens=tokens.n_tokens, truncated=tokens.truncated,
+                              keep=keep, rejects=rejects, n_batches=0, text_hash=hashes,
+                              rows_at=rows_at), tokens.ids, tokens.type_ids, out, tick)
+        if plan is not None and plan.assemble is not None:
+            out.put(plan.assemble)
+            self.planner.sent(plan)
 
     def _chunked(self, ids: pa.Array, texts: list[str], tokens: Tokenized, keep: pa.Table | None,
-                 rejects: pa.Table, out: Channel, tick: float) -> None:
+                 rejects: pa.Table, out: Channel, tick: float, hashes: pa.Array,
+                 rows_at: np.ndarray | None) -> None:
         """Texts cut into windows, in groups of at most sort_window windows (so a window of long
         texts holds as many vectors as a window of short ones), each its own Window."""
         policy, fixed = self.chunking, self.tokenizer.n_fixed
@@ -275,14 +302,18 @@ class PrepareStage:
             self._emit(Window(ids=ids.slice(start, end - start), n_tokens=part.n_tokens,
                               truncated=windows.truncated, keep=part_keep,
                               rejects=rejects if start == 0 else rejects.slice(0, 0),
-                              n_batches=0, windows=windows), windows.ids, None, out, tick)
+                              n_batches=0, windows=windows,
+                              text_hash=hashes.slice(start, end - start),
+                              rows_at=None if rows_at is None else rows_at[start:end]),
+                       windows.ids, None, out, tick)
             tick = time.perf_counter()
             start = end
             if start >= len(texts):
                 break
 
     def _token_level(self, ids: pa.Array, texts: list[str], tokens: Tokenized,
-                     keep: pa.Table | None, rejects: pa.Table, out: Channel, tick: float) -> None:
+                     keep: pa.Table | None, rejects: pa.Table, out: Channel, tick: float,
+                     hashes: pa.Array) -> None:
         """Texts in groups of at most TOKEN_WINDOW tokens (at least one text), each its own
         Window: the writer holds a group's per-token vectors until its last batch is in, so
         memory stays flat whatever sort_window is."""
@@ -298,12 +329,14 @@ class PrepareStage:
                               truncated=part.truncated,
                               keep=None if keep is None else keep.slice(start, end - start),
                               rejects=rejects if start == 0 else rejects.slice(0, 0),
-                              n_batches=0, tokens=rows), part.ids, None, out, tick)
+                              n_batches=0, tokens=rows,
+                              text_hash=hashes.slice(start, end - start)),
+                       part.ids, None, out, tick)
             tick = time.perf_counter()
             start = end
         if not texts:  # a window of rejects only
             self._emit(Window(ids=ids, n_tokens=tokens.n_tokens, truncated=tokens.truncated,
-                              keep=keep, rejects=rejects, n_batches=0,
+                              keep=keep, rejects=rejects, n_batches=0, text_hash=hashes,
                               tokens=token_rows([], [], self.token_policy)), [], None, out, tick)
 
     def _emit(self, window: Window, ids: list[list[int]], type_ids, out: Channel,
@@ -384,7 +417,8 @@ class WriteStage:
     def __init__(self, store, schema: pa.Schema, rows_per_file: int,
                  vector_dtype: str, stats: Stats, on_unit_done: Callable[[UnitRecord], None],
                  progress: Callable[[int], None], normalize: bool = False,
-                 token_schema: pa.Schema | None = None, token_mean: bool = False):
+                 token_schema: pa.Schema | None = None, token_mean: bool = False,
+                 memory: RunMemory | None = None):
         """normalize: L2-normalise texts' pooled windows (long_text = "chunk", chunks = "pool");
         token_schema: the token table's (output.granularity = subword | word), whose rows are
         their sub-tokens' mean when token_mean (word_pooling = "mean")."""
@@ -394,6 +428,8 @@ class WriteStage:
         self.stats, self.on_unit_done, self.progress = stats, on_unit_done, progress
         self.normalize = normalize
         self.window_rows = "chunk" in schema.names  # one row a token window, not a text
+        self.memory = memory if memory is not None else RunMemory(capacity=0)
+        self.held: list[HeldRows] = []  # encoded rows waiting for their window's Assemble
 
     def run(self, inbox: Channel) -> None:
         writer: UnitWriter | None = None
@@ -418,6 +454,8 @@ class WriteStage:
                 vectors = None
                 token_states = None if item.tokens is None else [None] * item.n_vectors
                 rejects.append(item.rejects)
+            elif isinstance(item, Assemble):
+                self._assemble(writer, item, unit_stats)
             elif isinstance(item, Encoded):
                 if vectors is None:
                     vectors = np.empty((window.n_vectors, item.vectors.shape[1]), np.float32)
@@ -427,6 +465,8 @@ class WriteStage:
                         token_states[position] = states
                 filled += 1
             elif isinstance(item, UnitEnd):
+                if self.held:
+                    raise RuntimeError("internal: encoded rows left without their Assemble")
                 files = writer.close()
                 token_files = token_writer.close() if token_writer is not None else []
                 reject_table = pa.concat_tables(rejects) if rejects else None
@@ -437,6 +477,7 @@ class WriteStage:
                     vectors_out=unit_stats["vectors"], rejects=sum(reasons.values()),
                     reject_reasons=dict(reasons), truncated=unit_stats["truncated"],
                     windows=unit_stats["windows"], chunked=unit_stats["chunked"],
+                    reused=unit_stats["reused"], copied=unit_stats["copied"],
                     part_rows=unit_stats["rows"] if self.window_rows else None,
                     vector_files=files, reject_files=reject_files, token_files=token_files,
                     token_rows=unit_stats["token_rows"], seconds=round(item.seconds, 3),
@@ -448,6 +489,7 @@ class WriteStage:
                     if open_writer is not None:
                         open_writer.abort()
                 writer = token_writer = None
+                self.held = []
                 self.on_unit_done(UnitRecord.for_unit(item.unit, "failed", error=item.error))
             if window is not None and filled == window.n_batches:
                 self._write_window(writer, window, vectors, unit_stats)
@@ -469,8 +511,13 @@ class WriteStage:
                     "truncated": window.truncated[windows.owner], "chunk": windows.chunk,
                     "token_start": windows.token_start, "token_end": windows.token_end,
                     "char_start": windows.char_start, "char_end": windows.char_end}
-        ids = window.ids.take(pa.array(windows.owner, pa.int64())) if self.window_rows else window.ids
-        if len(ids):
+        owner = pa.array(windows.owner, pa.int64()) if self.window_rows else None
+        ids = window.ids.take(owner) if self.window_rows else window.ids
+        rows["text_hash"] = window.text_hash.take(owner) if self.window_rows else window.text_hash
+        if window.rows_at is not None:  # written with the window's reused rows
+            if len(ids):
+                self.held.append(HeldRows(window.rows_at, rows))
+        elif len(ids):
             writer.write(ids, rows, window.keep)
         unit_stats["vectors"] += n
         unit_stats["rows"] += len(ids)
@@ -479,6 +526,23 @@ class WriteStage:
             unit_stats["windows"] += len(windows.ids)
             unit_stats["chunked"] += int((windows.n_chunks > 1).sum())
         self.progress(n + window.rejects.num_rows)
+
+    def _assemble(self, writer: UnitWriter, plan: Assemble, unit_stats: Counter) -> None:
+        """A sort window's encoded rows (held) with its reused and copied rows, in input order."""
+        ids, rows, keep, skipped = merge_rows(self.held, plan, self.memory)
+        self.held = []
+        if len(ids):
+            writer.write(ids, rows, keep)
+        count = len(skipped.get("truncated", ()))
+        if count:
+            unit_stats["truncated"] += int(skipped["truncated"].sum())
+            if "n_chunks" in skipped:
+                unit_stats["chunked"] += int((skipped["n_chunks"] > 1).sum())
+        unit_stats["vectors"] += count
+        unit_stats["rows"] += count
+        unit_stats["reused"] += len(plan.donor_at)
+        unit_stats["copied"] += count - len(plan.donor_at)
+        self.progress(count)
 
     def _write_tokens(self, writer: UnitWriter, window: Window, states: list[np.ndarray],
                       unit_stats: Counter) -> None:

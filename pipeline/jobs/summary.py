@@ -28,6 +28,11 @@ class RunSummary:
     repairs: list[str] = field(default_factory=list)  # one line a repaired unit: what was wrong
     rows_read: int = 0
     vectors_written: int = 0
+    reuse: str = "off"  # encode.reuse as it applied (off where the output layout cannot reuse)
+    rows_reused: int = 0  # took a vector already stored in the folder
+    rows_copied: int = 0  # repeated a text encoded earlier in this run
+    rows_removed: int = 0  # ids stored before that the input no longer has
+    registry_bytes: int = 0  # the largest id / hash lookup arrays this run held
     rejects: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
     long_text: str = "truncate"  # truncate | chunk | reject: what became of texts over a window
@@ -45,6 +50,11 @@ class RunSummary:
     lock_taken_over: dict | None = None
     sinks: list[dict] = field(default_factory=list)  # per [[sink]]: what its sync did
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rows_encoded(self) -> int:
+        """Rows whose vector came from the model in this run."""
+        return self.vectors_written - self.rows_reused - self.rows_copied
 
     @property
     def rejected(self) -> int:
@@ -65,7 +75,7 @@ class RunSummary:
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
-        data.update(rejected=self.rejected, padding_overhead_pct=round(self.padding_overhead, 2),
+        data.update(rejected=self.rejected, rows_encoded=self.rows_encoded, padding_overhead_pct=round(self.padding_overhead, 2),
                     rows_per_second=round(self.rate(self.rows_read), 1),
                     tokens_per_second=round(self.rate(self.real_tokens), 1),
                     accounted=self.rows_read == self.vectors_written + self.rejected,
@@ -91,6 +101,10 @@ class RunSummary:
             f"  rows       {self.rows_read:,} read = {self.vectors_written:,} vectors + "
             f"{self.rejected:,} rejected ({check})",
             f"  rejects    {reasons}",
+            *([f"  reuse      {self.rows_encoded:,} rows encoded, {self.rows_reused:,} took a "
+               f"stored vector, {self.rows_copied:,} repeated a text of this run; "
+               f"{self.rows_removed:,} stored ids removed ({self.reuse})"]
+              if self.reuse != "off" or self.rows_removed else []),
             (f"  windows    {self.windows:,} token windows embedded; {self.texts_chunked:,} texts "
              f"cut into more than one, {self.truncated:,} past max_chunks (flagged truncated)"
              if self.long_text == "chunk" else
@@ -100,7 +114,8 @@ class RunSummary:
             f"  tokens     {self.real_tokens:,} real, padding overhead {self.padding_overhead:.1f}%",
             f"  speed      {self.rate(self.rows_read):,.1f} rows/s, {self.rate(self.real_tokens):,.0f} tokens/s",
             "  seconds    " + ", ".join(f"{k} {s.get(k, 0.0):.2f}" for k in
-                                        ("read", "tokenize", "encode", "write", "index", "total")),
+                                        ("scan", "read", "tokenize", "encode", "write", "index",
+                                         "total")),
             f"  folder     {self.folder_vectors:,} vectors; index: "
             + (f"{self.index.get('factory')} with {self.index.get('count', 0):,} vectors, "
                f"recall@10 {self.index.get('recall_at_10')}" if self.index.get("count") else "none"),

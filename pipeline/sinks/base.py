@@ -301,9 +301,12 @@ def sync_sink(sink: Sink, ledger: Ledger, full: bool = False) -> SinkLoad:
 
 
 def _part_schema(store: Store, files: list[str]) -> pa.Schema:
+    """The columns a sink holds: a part's, less the text hash (the folder's own bookkeeping,
+    absent from parts written before it existed)."""
     if not files:
         return pa.schema([])
-    return VectorParts(store, files).metadata(files[0]).schema.to_arrow_schema()
+    schema = VectorParts(store, files).metadata(files[0]).schema.to_arrow_schema()
+    return pa.schema([f for f in schema if f.name != "text_hash"])
 
 
 def _blocks(parts: VectorParts, schema: pa.Schema) -> Iterator[pa.Table]:

@@ -230,13 +230,13 @@ def runner_batches(job, runtime, tokenizer):
     """The batches the runner makes for this job's input (its own PrepareStage: rejects, windows,
     sorting, budget), with positions over the embedded rows in input order."""
     from ..io.reader import plan_units
-    from ..io.rejects import find_duplicates
+    from ..io.registry import scan_input
     from ..jobs.runner import id_type_of, unit_schema
     from ..jobs.stages import BatchCollector, FlowSettings, PrepareStage, Stats
 
     units = plan_units(job.input)
-    duplicates = find_duplicates(units, job.input.id_column, job.input.text_column, claimed=set(),
-                                 pair_column=job.input.text_pair_column)
+    duplicates = scan_input(units, job.input.id_column, job.input.text_column, None, [],
+                            job.input.text_pair_column).duplicates
     id_type = id_type_of(unit_schema(units[0]), job.input.id_column)
     collector = BatchCollector()
     PrepareStage(FlowSettings.for_job(job, runtime), tokenizer, duplicates, id_type, Stats()).run(
