@@ -39,7 +39,7 @@ SCAN_ROWS = 65_536
 
 @dataclass
 class InputScan:
-    duplicates: dict[str, set[int]]  # unit key -> row numbers rejected as "duplicate id"
+    duplicates: dict[str, np.ndarray]  # unit key -> sorted row numbers: "duplicate id"
     repeated: np.ndarray  # sorted uint64 text keys occurring more than once among valid rows
     ids_gone: int = 0  # ids stored in the `gone` parts that no input row (nor kept part) has
     rows_scanned: int = 0
@@ -47,11 +47,15 @@ class InputScan:
     seconds: float = 0.0
 
 
+def _parquet(store: Store, name: str) -> pq.ParquetFile:
+    """A stored part, read natively from a local disk (no Python buffers a column chunk)."""
+    return pq.ParquetFile(store.path(name) if store.local else store.fs.open(store.path(name), "rb"))
+
+
 def _part_ids(store: Store | None, files: list[str]) -> Iterator[pa.Array]:
     for name in files:
-        with store.fs.open(store.path(name), "rb") as handle:
-            for batch in pq.ParquetFile(handle).iter_batches(SCAN_ROWS, columns=["id"]):
-                yield batch.column(0)
+        for batch in _parquet(store, name).iter_batches(SCAN_ROWS, columns=["id"]):
+            yield batch.column(0)
 
 
 @dataclass
@@ -87,48 +91,47 @@ def scan_input(units: list[Unit], id_column: str, text_column: str, store: Store
 
     started = time.perf_counter()
     columns = [id_column, text_column] + ([pair_column] if pair_column else [])
-    keys: list[np.ndarray] = []
-    string_ids = False
+    # One array each, allocated at its largest size (stored rows + input rows) and filled in
+    # place: no list of pieces concatenated into a second copy.
+    n_kept = sum(_parquet(store, f).metadata.num_rows for f in kept_files)
+    room = n_kept + sum(u.num_rows for u in units if not u.error)
+    keys = np.empty(room, np.uint64)
+    text_keys = np.empty(room - n_kept, np.uint64)
+    string_ids, position = False, 0
     for ids in _part_ids(store, kept_files):
-        keys.append(id_keys(ids))
+        keys[position:position + len(ids)] = id_keys(ids)
         string_ids |= not pa.types.is_integer(ids.type)
-    n_kept = sum(len(k) for k in keys)
+        position += len(ids)
     scanned: list[_UnitRows] = []
-    text_keys: list[np.ndarray] = []
-    position = n_kept
     for unit in units:
         if unit.error:
             continue
-        unit_keys, offsets, unit_text_keys = [], [], []
+        end, offsets = position, []
         try:
             for ids, rows, texts, pairs in _valid_rows(unit, columns, pair_column is not None):
-                unit_keys.append(id_keys(ids))
+                keys[end:end + len(ids)] = id_keys(ids)
                 string_ids |= not pa.types.is_integer(ids.type)
                 offsets.append((rows - unit.first_row).astype(np.uint32))
                 plain = plain_texts(texts).to_pylist()
-                unit_text_keys.append(hash_keys(text_hashes(
-                    plain, plain_texts(pairs).to_pylist() if pairs is not None else None, prompt)))
+                text_keys[end - n_kept:end - n_kept + len(ids)] = hash_keys(text_hashes(
+                    plain, plain_texts(pairs).to_pylist() if pairs is not None else None, prompt))
+                end += len(ids)
         except Exception:  # a unit that breaks mid-file fails when embedded; it claims nothing
             continue
-        count = sum(len(k) for k in unit_keys)
         scanned.append(_UnitRows(unit, position, np.concatenate(offsets) if offsets
                                  else np.zeros(0, np.uint32)))
-        keys += unit_keys
-        text_keys += unit_text_keys
-        position += count
+        position = end
 
     # texts seen more than once: sorted in place, no copy kept
-    texts_sorted = np.concatenate(text_keys) if text_keys else np.zeros(0, np.uint64)
-    del text_keys
+    texts_sorted = text_keys[:position - n_kept]
     texts_sorted.sort()
     repeated = np.unique(texts_sorted[1:][texts_sorted[1:] == texts_sorted[:-1]])
-    del texts_sorted
+    del texts_sorted, text_keys
 
-    all_keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+    keys = keys[:position]  # a view: the unused tail is never touched
+    order = np.argsort(keys, kind="stable")  # equal keys keep input order
+    sorted_keys = keys[order]
     del keys
-    order = np.argsort(all_keys, kind="stable")  # equal keys keep input order
-    sorted_keys = all_keys[order]
-    del all_keys
     key_bytes = order.nbytes + sorted_keys.nbytes + sum(s.offsets.nbytes for s in scanned)
     same = sorted_keys[1:] == sorted_keys[:-1]
     later = order[1:][same]  # positions whose key an earlier position has
@@ -142,9 +145,9 @@ def scan_input(units: list[Unit], id_column: str, text_column: str, store: Store
                      seconds=time.perf_counter() - started)
 
 
-def _by_unit(positions: np.ndarray, scanned: list[_UnitRows]) -> dict[str, set[int]]:
+def _by_unit(positions: np.ndarray, scanned: list[_UnitRows]) -> dict[str, np.ndarray]:
     """Positions among all keys as row numbers per unit (positions of kept parts never repeat)."""
-    duplicates: dict[str, set[int]] = {s.unit.key: set() for s in scanned}
+    duplicates = {s.unit.key: np.zeros(0, np.int64) for s in scanned}
     if not len(positions) or not scanned:
         return duplicates
     starts = np.array([s.start for s in scanned], np.int64)
@@ -154,8 +157,7 @@ def _by_unit(positions: np.ndarray, scanned: list[_UnitRows]) -> dict[str, set[i
             continue
         unit = scanned[index]
         at = positions[owner == index] - unit.start
-        duplicates[unit.unit.key] = set((unit.offsets[at].astype(np.int64) + unit.unit.first_row)
-                                        .tolist())
+        duplicates[unit.unit.key] = np.sort(unit.offsets[at].astype(np.int64) + unit.unit.first_row)
     return duplicates
 
 
@@ -204,27 +206,30 @@ class StoredRows:
     def __init__(self, store: Store, files: list[str], mode: str):
         self.store, self.mode = store, mode
         self.files: list[str] = []
-        keys, locs = [], []
-        for name in files:
-            with store.fs.open(store.path(name), "rb") as handle:
-                parquet = pq.ParquetFile(handle)
-                if "text_hash" not in parquet.schema_arrow.names:
-                    continue
-                number = np.uint64(len(self.files)) << np.uint64(_ROW_BITS)
+        sizes = []
+        for name in files:  # footers first, so the arrays are allocated once, at their size
+            parquet = _parquet(store, name)
+            if "text_hash" in parquet.schema_arrow.names:
                 self.files.append(name)
-                row = 0
-                for batch in parquet.iter_batches(SCAN_ROWS, columns=["id", "text_hash"]):
-                    keys.append(self._keys(batch.column(0), hash_keys(batch.column(1))))
-                    locs.append(number | np.arange(row, row + batch.num_rows, dtype=np.uint64))
-                    row += batch.num_rows
-        all_keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
-        all_locs = np.concatenate(locs) if locs else np.zeros(0, np.uint64)
-        del keys, locs
-        order = np.argsort(all_keys, kind="stable")  # the first stored copy of a key wins
-        self.keys = all_keys[order]
-        del all_keys
-        self.locs = all_locs[order]
-        del all_locs, order
+                sizes.append(parquet.metadata.num_rows)
+        keys = np.empty(sum(sizes), np.uint64)
+        locs = np.empty(sum(sizes), np.uint64)
+        filled = 0
+        for number, name in enumerate(self.files):
+            high = np.uint64(number) << np.uint64(_ROW_BITS)
+            row = 0
+            for batch in _parquet(store, name).iter_batches(SCAN_ROWS, columns=["id", "text_hash"]):
+                end = filled + batch.num_rows
+                keys[filled:end] = self._keys(batch.column(0), hash_keys(batch.column(1)))
+                locs[filled:end] = high | np.arange(row, row + batch.num_rows, dtype=np.uint64)
+                filled, row = end, row + batch.num_rows
+        # any stored copy of a key will do (a hit is confirmed on its whole hash); quicksort
+        # sorts the order in place, where a stable sort would take more memory
+        order = np.argsort(keys)
+        self.keys = keys[order]
+        del keys
+        self.locs = locs[order]
+        del locs, order
         self._groups: dict[int, np.ndarray] = {}  # part number -> row group starts
         self._cache: OrderedDict = OrderedDict()  # (part, row group) -> table, a few recent
 
@@ -268,8 +273,7 @@ class StoredRows:
 
     def _row_groups(self, part: int) -> np.ndarray:
         if part not in self._groups:
-            with self.store.fs.open(self.store.path(self.files[part]), "rb") as handle:
-                meta = pq.ParquetFile(handle).metadata
+            meta = _parquet(self.store, self.files[part]).metadata
             sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
             self._groups[part] = np.cumsum([0] + sizes[:-1]).astype(np.int64)
         return self._groups[part]
@@ -277,8 +281,8 @@ class StoredRows:
     def _group(self, part: int, group: int, columns: list[str]) -> pa.Table:
         key = (part, group, tuple(columns))
         if key not in self._cache:
-            with self.store.fs.open(self.store.path(self.files[part]), "rb") as handle:
-                self._cache[key] = pq.ParquetFile(handle).read_row_group(group, columns=columns)
+            self._cache[key] = _parquet(self.store, self.files[part]).read_row_group(
+                group, columns=columns)
             while len(self._cache) > 8:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)

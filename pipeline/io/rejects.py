@@ -83,10 +83,11 @@ def row_reasons(ids: pa.Array, texts: pa.Array, pairs: pa.Array | None = None) -
 
 
 def reasons_for_window(ids: pa.Array, texts: pa.Array, row_numbers: np.ndarray,
-                       duplicate_rows: set[int], pairs: pa.Array | None = None) -> list[str | None]:
+                       duplicate_rows: np.ndarray, pairs: pa.Array | None = None) -> list[str | None]:
+    """duplicate_rows: the unit's row numbers whose id an earlier row holds (sorted)."""
     reasons = row_reasons(ids, texts, pairs)
-    if duplicate_rows:
-        for i, row in enumerate(row_numbers.tolist()):
-            if reasons[i] is None and row in duplicate_rows:
+    if len(duplicate_rows):
+        for i in np.flatnonzero(np.isin(row_numbers, duplicate_rows)).tolist():
+            if reasons[i] is None:
                 reasons[i] = DUPLICATE_ID
     return reasons

@@ -8,6 +8,8 @@ not in the manifest). Ray is an optional extra: nothing else in embedpipe import
 from __future__ import annotations
 
 import logging
+
+import numpy as np
 import os
 from collections import deque
 from typing import Callable
@@ -16,7 +18,7 @@ from ..io.ledger import UnitRecord
 from ..io.reader import Unit
 from ..io.registry import ReuseSource
 from .embedder import EmbedPlan, UnitEmbedder
-from .stages import Stats
+from .stages import NO_ROWS, Stats
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ class EmbedActor:
         return os.getpid()
 
     def embed(self, unit: Unit, unit_id: int,
-              duplicate_rows: set[int]) -> tuple[list[UnitRecord], Stats, int]:
+              duplicate_rows: np.ndarray) -> tuple[list[UnitRecord], Stats, int]:
         records: list[UnitRecord] = []
         stats = Stats()
         before = self.embedder.encoder.oom_splits
@@ -82,7 +84,7 @@ def embed_on_ray(plan: EmbedPlan, units: list[tuple[Unit, int]], duplicates: dic
             while idle and queue:
                 actor = idle.pop()
                 unit, unit_id = queue.popleft()
-                ref = actor.embed.remote(unit, unit_id, duplicates.get(unit.key, set()))
+                ref = actor.embed.remote(unit, unit_id, duplicates.get(unit.key, NO_ROWS))
                 pending[ref] = (actor, unit, unit_id)
             ready, _ = ray.wait(list(pending), num_returns=1)
             actor, unit, unit_id = pending.pop(ready[0])

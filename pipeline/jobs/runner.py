@@ -265,14 +265,14 @@ def _prepare(ctx: RunContext, todo: list[Unit]) -> UnitEmbedder:
                                   id_type=id_type, keep_schema=keep_schema))
 
 
-def _reuse_source(ctx: RunContext, plan: EmbedPlan, hashed_alike: bool) -> ReuseSource:
+def _reuse_source(ctx: RunContext, plan: EmbedPlan, retired: list[str],
+                  hashed_alike: bool) -> ReuseSource:
     """Where stored vectors can be found: the retired parts (changed, renamed, removed units),
     and with reuse = "content" the kept parts too (a kept id cannot come again: it is a
-    duplicate). Retired parts that no longer match their record are not read."""
+    duplicate)."""
     mode = ctx.job.encode.reuse
     if mode == "off" or not plan.reusable:
         return ReuseSource(mode="off")
-    retired = [f for r in ctx.ledger.retired if not r.damage(ctx.store) for f in r.vector_files]
     files = (ctx.ledger.vector_files() if mode == "content" else []) + retired
     stored = StoredRows(ctx.store, files, mode) if files and hashed_alike else None
     return ReuseSource(mode=mode, stored=stored)
@@ -285,11 +285,13 @@ def _embed(ctx: RunContext, todo: list[Unit], embedder: UnitEmbedder, hashed_ali
     healthy = [u for u in todo if not u.error]
     ledger.update(id_type=plan.id_type, dim=plan.width)
     tick = time.perf_counter()
+    # retired parts that no longer match their record (a hostile hand) are never read
+    retired = [f for r in ledger.retired if not r.damage(ctx.store) for f in r.vector_files]
     scan = scan_input(healthy, job.input.id_column, job.input.text_column, ctx.store,
                       ledger.vector_files(), job.input.text_pair_column, job.encode.prompt or "",
-                      gone_files=[f for r in ledger.retired for f in r.vector_files])
+                      gone_files=retired)
     duplicates = scan.duplicates
-    reuse = _reuse_source(ctx, plan, hashed_alike)
+    reuse = _reuse_source(ctx, plan, retired, hashed_alike)
     reuse.repeated = scan.repeated if reuse.mode != "off" else reuse.repeated
     summary.reuse = reuse.mode
     summary.rows_removed = scan.ids_gone

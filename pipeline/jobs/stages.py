@@ -135,6 +135,7 @@ class Channel:
 
 
 DONE = object()
+NO_ROWS = np.zeros(0, np.int64)
 # Token-level output: tokens a Window holds at most (one long text excepted), so the per-token
 # vectors waiting for a Window's last batch stay under ~100 MB even 4 x 384 wide
 TOKEN_WINDOW = 16_384
@@ -167,7 +168,7 @@ class PrepareStage:
     """Reads units, sorts out rejects, tokenizes and cuts padded batches."""
 
     def __init__(self, settings: FlowSettings, tokenizer: TextTokenizer,
-                 duplicates: dict[str, set[int]], id_type: pa.DataType, stats: Stats,
+                 duplicates: dict[str, np.ndarray], id_type: pa.DataType, stats: Stats,
                  chunking: ChunkPolicy | None = None, token_policy: TokenPolicy | None = None,
                  planner: ReusePlanner | None = None, prompt: str = ""):
         """planner: rows whose vector is stored or repeats an earlier text skip the model;
@@ -227,7 +228,7 @@ class PrepareStage:
         texts = plain_texts(table.column(self.s.text_column).combine_chunks())
         pairs = (plain_texts(table.column(self.s.text_pair_column).combine_chunks())
                  if self.s.text_pair_column else None)
-        reasons = reasons_for_window(ids, texts, row_numbers, self.duplicates.get(unit.key, set()),
+        reasons = reasons_for_window(ids, texts, row_numbers, self.duplicates.get(unit.key, NO_ROWS),
                                      pairs)
         good = np.array([r is None for r in reasons], dtype=bool)
         keep_idx = np.flatnonzero(good)
@@ -533,6 +534,7 @@ class WriteStage:
         self.held = []
         if len(ids):
             writer.write(ids, rows, keep)
+        checkpoint("reuse")  # reused rows written into the unit's open part
         count = len(skipped.get("truncated", ()))
         if count:
             unit_stats["truncated"] += int(skipped["truncated"].sum())

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.io.content_hash import text_hashes
 from pipeline.io.ledger import UnitRecord
 from pipeline.io.reader import Unit
 from pipeline.io.storage import Store
@@ -50,7 +51,8 @@ def test_writer_puts_sorted_batches_back_in_input_order(tmp_path):
                     rejects=pa.table({"id": pa.array([], pa.int64()),
                                       "input_file": pa.array([], pa.string()),
                                       "row_number": pa.array([], pa.int64()),
-                                      "reason": pa.array([], pa.string())}), n_batches=2)
+                                      "reason": pa.array([], pa.string())}), n_batches=2,
+                    text_hash=text_hashes(["a", "b", "c", "d", "e"]))
     first, second = np.array([1, 4]), np.array([2, 0, 3])  # sorted by length, as plan_batches does
     unit = _unit("a")
     records = []
@@ -63,6 +65,7 @@ def test_writer_puts_sorted_batches_back_in_input_order(tmp_path):
     table = pq.read_table(tmp_path / record.vector_files[0])
     assert table.column("id").to_pylist() == [10, 11, 12, 13, 14]
     assert table.column("n_tokens").to_pylist() == [3, 9, 5, 1, 7]
+    assert table.column("text_hash").combine_chunks().equals(window.text_hash)
     stored = np.stack(table.column("vector").to_numpy(zero_copy_only=False))
     assert np.array_equal(stored, vectors)
 
