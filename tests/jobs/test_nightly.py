@@ -282,5 +282,6 @@ def test_registry_memory_per_id(tmp_path):
         measured[n] = (held, peak, scan_peak)
     grow = {what: (measured[large][i] - measured[small][i]) / (large - small)
             for i, what in enumerate(("held", "peak", "scan peak"))}
+    print("registry bytes an id:", grow)
     assert grow["held"] < 16.5 and grow["peak"] < 33, grow
     assert grow["scan peak"] / 2 < 32, grow

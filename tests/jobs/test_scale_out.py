@@ -176,3 +176,37 @@ def test_s3_output_of_pooled_windows_equals_local(tmp_path, s3, shards, tiny_mod
     assert got.drop_columns(["vector"]).equals(local.drop_columns(["vector"]))
     np.testing.assert_array_equal(matrix(got), matrix(local))
     assert embedpipe("verify", out).returncode == 0
+
+
+@pytest.mark.ray
+def test_ray_reuses_stored_rows_as_the_local_runner_does(tmp_path, shards, tiny_model,
+                                                         local_result):
+    """A re-export under new names with one changed row, embedded on Ray actors: the stored
+    rows travel to the actors once (object store), only the changed row is encoded, and the
+    folder equals the local runner's."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    job = small_job(tmp_path / "job.toml", tmp_path / "in", out, tiny_model)
+    shutil.copytree(shards, tmp_path / "in")
+    assert embedpipe("run", job).returncode == 0
+    for path in sorted((tmp_path / "in").iterdir()):
+        path.rename(path.with_name("export-" + path.name))
+    changed = sorted((tmp_path / "in").iterdir())[2]
+    data = pq.read_table(changed).to_pydict()
+    data["text"][0] = texts_changed = "a changed row, the only one tonight"
+    pq.write_table(pa.table(data), changed)
+    done = embedpipe("run", job, "--runner", "ray", "--workers", "2", "--json",
+                     env={"RAY_AUTH_MODE": "disabled"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert (summary["rows_encoded"], summary["rows_reused"]) == (1, 359)
+    table = read_vectors(out)
+    ids, vectors = local_result
+    assert table.column("id").to_pylist() == ids
+    row = ids.index(200)  # the changed row (first of the third file)
+    keep = np.arange(len(ids)) != row
+    assert np.abs(matrix(table)[keep] - vectors[keep]).max() < 1e-5
+    assert texts_changed and np.abs(matrix(table)[row] - vectors[row]).max() > 1e-3
