@@ -192,8 +192,9 @@ def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
     # The completion record is written last: a folder whose manifest says complete is whole.
     ledger.update(index=summary.index, dim=ledger.data.get("dim"),
                   complete=not summary.failures, last_run=summary.to_dict())
-    if not summary.failures:  # the replaced parts go once a run is whole (a crash keeps them)
-        remove_files(store, ledger.clear_retired())
+    # The replaced parts go once a run reaches its end, failed units or not (so they never pile
+    # up night after night); a run killed before here leaves them named, for its rerun to reuse.
+    remove_files(store, ledger.clear_retired())
 
 
 def _sync_sinks(ctx: RunContext, healthy: bool) -> None:
