@@ -149,17 +149,15 @@ def _readable_infos(store: Store, parts: VectorParts, cfg: IndexConfig) -> dict:
         raise Rebuild("the ledger gives no unit labels for the parts")
     try:
         infos = store.read_json(INFOS_FILE)
+        if not int(infos.get("count", 0)):
+            raise Rebuild("no vectors indexed yet")
+        if infos.get("labels") != "unit-row":
+            raise Rebuild("the index was built over row positions")
         held = [(p["file"], int(p["rows"]), int(p["label"])) for p in infos["parts"]]
-        int(infos["count"])
     except FileNotFoundError:
         raise Rebuild(f"no {INFOS_FILE}") from None
     except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
-        raise Rebuild(f"{INFOS_FILE} unreadable or of an older kind ({type(exc).__name__} "
-                      f"{exc})") from None
-    if not infos["count"]:
-        raise Rebuild("no vectors indexed yet")
-    if infos.get("labels") != "unit-row":
-        raise Rebuild("the index was built over row positions")
+        raise Rebuild(f"{INFOS_FILE} unreadable ({type(exc).__name__} {exc})") from None
     if infos.get("config") != dataclasses.asdict(cfg):
         raise Rebuild("the index settings changed")
     if infos.get("layout", "single") != "single":
