@@ -83,8 +83,11 @@ def _maintain(store: Store, parts: VectorParts, cfg: IndexConfig, started: float
     if cfg.type == "auto" and choose_kind(cfg, n, infos["dimension"]) != infos["kind"]:
         raise Rebuild(f"auto now chooses {choose_kind(cfg, n, infos['dimension'])} for {n} "
                       f"vectors, not {infos['kind']}")
-    index, _ = load_index(store)
-    tombstones = read_tombstones(store, infos)
+    try:
+        index, _ = load_index(store)
+        tombstones = read_tombstones(store, infos)
+    except (RuntimeError, ValueError, OSError, EOFError) as exc:
+        raise Rebuild(f"the index cannot be loaded ({' '.join(str(exc).split())[:200]})") from None
     if index.ntotal != infos["count"] + len(tombstones):
         raise Rebuild(f"the index holds {index.ntotal} vectors, its infos say "
                       f"{infos['count']} live and {len(tombstones)} tombstones")
