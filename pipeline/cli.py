@@ -256,9 +256,9 @@ def index_cmd(out: str, kind: str | None, factory: str | None, as_json: bool, **
     """Rebuild OUT's FAISS index from its stored vectors, without encoding again.
 
     Vectors stream from the Parquet parts; IVF kinds train on an even sample (at least 39 per
-    list), then add part by part. Writes OUT/index/ (index.faiss, ids.parquet,
-    index_infos.json with recall@10 against exact search) and records it in the manifest.
-    """
+    list), then add part by part, every row under its (unit, row) label. Writes OUT/index/
+    (index-<build>.faiss, ids-<build>.parquet, then index_infos.json naming them, with recall@10
+    against exact search) and records it in the manifest. Always a full rebuild; runs maintain."""
     from .commands.reindex import rebuild_index, render_infos
 
     overrides = {"type": "factory" if factory and not kind else kind, "factory": factory, **knobs}

@@ -128,3 +128,10 @@ def encoder_for(source, device, dtype, settings, compile=False, attention="auto"
     from pipeline.encode.encoder import Encoder
 
     return Encoder(source, runtime_for(source, device, dtype, attention, compile), settings)
+
+
+def index_paths(out: Path) -> tuple[Path, Path]:
+    """(index file, id map) the folder's index_infos.json names (each build writes new ones)."""
+    infos = json.loads((Path(out) / "index" / "index_infos.json").read_text())
+    return (Path(out) / infos.get("index_file", "index/index.faiss"),
+            Path(out) / infos.get("ids_file", "index/ids.parquet"))

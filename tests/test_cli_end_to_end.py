@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import embedpipe, matrix, read_vectors, write_job, write_shards
+from helpers import embedpipe, index_paths, matrix, read_vectors, write_job, write_shards
 
 JOB = """
 name = "e2e"
@@ -92,15 +92,17 @@ def test_every_vector_is_its_own_nearest_neighbour_and_ids_round_trip(finished, 
     out, _, _ = finished
     _, ids, _ = shards
     vectors = matrix(read_vectors(out))
-    index = faiss.read_index(str(out / "index" / "index.faiss"))
+    index = faiss.read_index(str(index_paths(out)[0]))
     assert index.ntotal == 240 and index.d == 384
+    id_map = pq.read_table(index_paths(out)[1])
+    labels = id_map.column("faiss_id").to_numpy()  # FAISS labels, (unit << 32) | row, row order
+    assert (np.diff(labels) > 0).all() and (labels & 0xFFFFFFFF).min() == 0
     scores, found = index.search(vectors, 1)
+    found = np.searchsorted(labels, found)  # labels rise with the row order: rows
     # A few snippets repeat word for word; for those any copy is an equally good answer.
     exact = (vectors @ vectors.T)[np.arange(240), found[:, 0]]
     assert np.allclose(exact, 1.0, atol=1e-5)
     assert (found[:, 0] == np.arange(240)).mean() > 0.97
-    id_map = pq.read_table(out / "index" / "ids.parquet")
-    assert id_map.column("faiss_id").to_pylist() == list(range(240))
     assert id_map.column("id").to_pylist() == ids
     infos = json.loads((out / "index" / "index_infos.json").read_text())
     assert infos["count"] == 240 and infos["dimension"] == 384 and infos["recall_at_10"] == 1.0
@@ -114,7 +116,7 @@ def test_integer_ids_round_trip_through_the_index(tmp_path, movie_table):
                           pa.table({"id": pa.array(ids[30:], pa.int64()), "text": texts[30:]})])
     job = write_job(tmp_path / "job.toml", folder, tmp_path / "out", model={"max_length": 64})
     assert embedpipe("run", job).returncode == 0
-    id_map = pq.read_table(tmp_path / "out" / "index" / "ids.parquet")
+    id_map = pq.read_table(index_paths(tmp_path / "out")[1])
     assert id_map.schema.field("id").type == pa.int64()
     assert id_map.column("id").to_pylist() == ids
 

@@ -22,7 +22,7 @@ def rebuild_index(url: str, overrides: dict) -> dict:
         if overrides.get("type") in ("flat", "hnsw") and not overrides.get("layout"):
             merged["layout"] = "single"  # a recorded shards/ondisk layout has nothing to shard
         cfg = config_from_dict({"index": merged}).index
-        infos = build_index(store, ledger.vector_files(), cfg)
+        infos = build_index(store, ledger.vector_parts(), cfg)  # always whole, with labels
         ledger.update(index=infos)
     finally:
         release_lock(store)

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 
 from ..config import ConfigError
 from ..index.build import load_index
-from ..index.files import IDS_FILE
+from ..index.files import ids_file, read_tombstones
+from ..index.live import LiveIndex
 from ..io.ledger import MANIFEST, Ledger, read_manifest
 from ..io.storage import Store
 from ..io.vectors import VectorParts
@@ -35,16 +36,20 @@ class Searcher:
         self.record = EmbeddingRecord.from_manifest(manifest, f"{out}/{MANIFEST}")
         self.embedder = TextEmbedder(self.record, device, purpose="query")  # refuses other settings
         self.index, self.infos = load_index(self.store)
-        with self.store.fs.open(self.store.path(IDS_FILE), "rb") as handle:
+        with self.store.fs.open(self.store.path(ids_file(self.infos)), "rb") as handle:
             id_map = pq.read_table(handle)
         self.ids = id_map.column("id")
         # a folder of one row a window: the id map names each FAISS id's (id, chunk)
         self.chunks = id_map.column("chunk") if "chunk" in id_map.column_names else None
         self.collapse = self.chunks is not None and not per_chunk
         self._documents: np.ndarray | None = None  # a number per document, for collapsing
-        if len(self.ids) != self.index.ntotal:
-            raise ConfigError(f"{out}: the index holds {self.index.ntotal} vectors but its id map "
-                              f"{len(self.ids)}; rebuild it with `embedpipe index {out}`")
+        tombstones = read_tombstones(self.store, self.infos)
+        if len(self.ids) != self.index.ntotal - len(tombstones):
+            raise ConfigError(f"{out}: the index holds {self.index.ntotal - len(tombstones)} "
+                              f"vectors but its id map {len(self.ids)}; rebuild it with "
+                              f"`embedpipe index {out}`")
+        # hits come back as labels; the live index maps them to row positions
+        self.live = LiveIndex(self.index, id_map.column("faiss_id").to_numpy(), tombstones)
         self.keep_columns = list(manifest["config"].get("output", {}).get("keep_columns", []))
         if self.chunks is not None:  # where in its text each window lies
             self.keep_columns += ["char_start", "char_end"]
@@ -64,7 +69,7 @@ class Searcher:
         Collapsing windows to documents, each document's best window, k documents."""
         vectors = np.ascontiguousarray(vectors, np.float32)
         if not self.collapse:
-            return self.index.search(vectors, max(1, min(k, self.index.ntotal)))
+            return self.live.search(vectors, max(1, min(k, self.live.count)))
         return self._best_windows(vectors, k)
 
     def _best_windows(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,15 +83,15 @@ class Searcher:
         positions = np.full((len(vectors), k), -1, np.int64)
         todo, fetch = np.arange(len(vectors)), k * 4
         while len(todo):
-            fetch = min(fetch, self.index.ntotal)
-            found_scores, found = self.index.search(vectors[todo], max(1, fetch))
+            fetch = min(fetch, self.live.count)
+            found_scores, found = self.live.search(vectors[todo], max(1, fetch))
             unfinished = []
             for q, row_scores, rows in zip(todo, found_scores, found):
                 rows = rows[rows >= 0]
                 _, first = np.unique(doc[rows], return_index=True)
                 best = np.sort(first)[:k]  # rank order: the first window of each document
                 scores[q, :len(best)], positions[q, :len(best)] = row_scores[best], rows[best]
-                if len(best) < k and fetch < self.index.ntotal:
+                if len(best) < k and fetch < self.live.count:
                     unfinished.append(q)
             todo, fetch = np.array(unfinished, np.int64), fetch * 4
         return scores, positions

@@ -6,19 +6,23 @@ vector set is never in memory at once. The search-time knobs (efSearch, nprobe) 
 index_infos.json and applied by `load_index`, so a search runs the index as it was measured.
 
 Layouts (IVF kinds): `single` adds every part to one in-memory index. `shards` trains once, then
-adds each group of consecutive parts to its own copy of the trained index (ids = global row
-positions), written as index/shard-<build>-NNNNN.faiss and searched together, memory-mapped.
+adds each group of consecutive parts to its own copy of the trained index (ids = the rows'
+labels), written as index/shard-<build>-NNNNN.faiss and searched together, memory-mapped.
 `ondisk` merges those shards with FAISS's OnDiskInvertedLists into index/merged-<build>.ivfdata,
-which index.faiss references and search memory-maps (local disks only). With the same trained
-index and nprobe the three return the same ids and distances. index_infos.json, written last,
-names the layout's files; files of earlier builds are removed after it.
+which the index file references and search memory-maps (local disks only). With the same trained
+index and nprobe the three return the same ids and distances. index_infos.json, written last
+(commit.py), names the build's files; files of earlier builds are removed after it.
+
+FAISS ids are labels, (unit_id << 32) | row within the unit, so that maintenance (maintain.py)
+can add and remove a unit's rows without renumbering the rest; ids.parquet maps each stored row,
+in row order, to its label.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
-import uuid
 
 import faiss
 import numpy as np
@@ -29,50 +33,53 @@ from ..config import ConfigError, IndexConfig
 from ..io.storage import Store
 from ..io.vectors import VectorParts
 from .choose import new_index, training_size
-from .files import IDS_FILE, INDEX_FILE, INFOS_FILE, faiss_stdout_to_stderr, read_stored_index
-from .layouts import (build_shards, choose_layout, merge_shards_ondisk, open_shards,
-                      remove_earlier_builds)
-from .tuning import RECALL_QUERIES, apply_search_params, even_positions, measure
+from .commit import commit_index, new_build
+from .files import INFOS_FILE, faiss_stdout_to_stderr, index_file, read_stored_index
+from .layouts import build_shards, choose_layout, merge_shards_ondisk, open_shards
+from .tuning import RECALL_QUERIES, apply_search_params, even_positions, measure, training_error
 
 log = logging.getLogger(__name__)
 
 
-def build_index(store: Store, files: list[str], cfg: IndexConfig) -> dict:
+def build_index(store: Store, files: list[str] | VectorParts, cfg: IndexConfig) -> dict:
     """Build, write atomically, and describe the index for the given parts. Returns the infos.
 
-    The ip-without-cosine warning goes by the vectors themselves (a sample's norms), so a model
-    that normalises on its own draws no warning."""
+    Every vector is added under its label (VectorParts.row_labels: unit-row labels where the
+    ledger knows them, else row positions); flat and HNSW inside an IndexIDMap2, IVF kinds with
+    their own ids. The ip-without-cosine warning goes by the vectors themselves (a sample's
+    norms), so a model that normalises on its own draws no warning."""
     started = time.perf_counter()
-    parts = VectorParts(store, files)
+    parts = files if isinstance(files, VectorParts) else VectorParts(store, files)
     rows = parts.rows()
     n = sum(rows)
     dim = parts.dimension()
+    build = new_build()
     if n == 0:
-        store.remove(INDEX_FILE)
-        store.remove(IDS_FILE)
-        infos = {"type": cfg.type, "count": 0}
-        store.write_json(INFOS_FILE, infos)
-        remove_earlier_builds(store, set())
-        return infos
+        return commit_index(store, build, None, None, None, {"type": cfg.type, "count": 0})
     index, kind, factory = new_index(cfg, n, dim)
     layout = choose_layout(cfg, index, factory, store)
-    trained_on = 0
+    trained_on, fit = 0, None
     if not index.is_trained:
         trained_on = training_size(index, n)
-        index.train(parts.sample(even_positions(n, trained_on)))
+        sample = parts.sample(even_positions(n, trained_on))
+        index.train(sample)
+        fit = training_error(index, sample)
+    labels = parts.row_labels()
     layout_infos: dict = {"layout": layout}
     if layout == "single":
+        index = with_labels(index)
+        row = 0
         for block in parts.vectors():
-            index.add(block)
+            index.add_with_ids(block, labels[row:row + len(block)])
+            row += len(block)
         index_bytes = faiss.serialize_index(index)
     else:
-        build = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
         trained = faiss.serialize_index(index)
         shards = build_shards(store, parts, rows, trained, build, cfg.shard_rows)
         layout_infos["shard_rows"] = cfg.shard_rows
         if layout == "shards":
             index = open_shards(store, [s["file"] for s in shards])
-            index_bytes = trained  # index.faiss: the trained (empty) index the shards share
+            index_bytes = trained  # the index file: the trained (empty) index the shards share
             layout_infos["shards"] = shards
             layout_infos["shards_bytes"] = sum(store.size(s["file"]) for s in shards)
         else:
@@ -89,13 +96,9 @@ def build_index(store: Store, files: list[str], cfg: IndexConfig) -> dict:
     if cfg.metric == "ip" and not unit:
         log.warning("index.metric = 'ip' on vectors that are not normalised is not cosine "
                     "similarity; set encode.normalize = true for cosine")
-    store.write_bytes(INDEX_FILE, index_bytes.tobytes())
-
     id_map = parts.keys()  # id, and chunk in a folder of one row a window
-    id_map = id_map.add_column(0, "faiss_id", pa.array(np.arange(n, dtype=np.int64)))
-    with store.open_atomic(IDS_FILE) as handle:
-        pq.write_table(id_map, handle)
-    size = store.size(INDEX_FILE) + layout_infos.get("shards_bytes", 0) + layout_infos.get(
+    id_map = id_map.add_column(0, "faiss_id", pa.array(labels, pa.int64()))
+    size = len(index_bytes) + layout_infos.get("shards_bytes", 0) + layout_infos.get(
         "ivfdata_bytes", 0)
     infos = {
         "type": cfg.type, "kind": kind, "factory": factory, "count": n, "dimension": dim,
@@ -104,14 +107,32 @@ def build_index(store: Store, files: list[str], cfg: IndexConfig) -> dict:
         "recall_queries": min(n, RECALL_QUERIES), "search_params": params,
         "trained_on": trained_on, "max_memory": cfg.max_memory if cfg.type == "auto" else None,
         **layout_infos,
-        "parts": [{"file": f, "rows": r} for f, r in zip(files, rows)],
+        "labels": "position" if parts.labels is None else "unit-row",
+        "config": dataclasses.asdict(cfg), "built": build, "built_count": n,
+        "training_error": fit,
+        "parts": part_records(parts),
     }
-    store.write_json(INFOS_FILE, infos)
-    remove_earlier_builds(store, {s["file"] for s in layout_infos.get("shards", [])}
-                          | {layout_infos.get("ivfdata")})
+    infos = commit_index(store, build, index_bytes.tobytes(), id_map, None, infos)
     log.info("index: %s", json.dumps({k: v for k, v in infos.items()
-                                      if k not in ("parts", "shards")}))
+                                      if k not in ("parts", "shards", "config")}))
     return infos
+
+
+def with_labels(index: faiss.Index) -> faiss.Index:
+    """An index that takes add_with_ids: IVF kinds as they are, others in an IndexIDMap2
+    (which also reconstructs by label)."""
+    if faiss.try_extract_index_ivf(index) is not None or isinstance(
+            faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return index
+    return faiss.IndexIDMap2(index)
+
+
+def part_records(parts: VectorParts) -> list[dict]:
+    """What the infos record of each part: what tells it apart when the index is maintained."""
+    footers = parts.footers or [None] * len(parts.files)
+    return [{"file": f, "rows": r, "label": label, "footer": footer}
+            for f, r, label, footer in zip(parts.files, parts.rows(), parts.first_labels(),
+                                           footers)]
 
 def load_index(store: Store) -> tuple[faiss.Index, dict]:
     """The folder's index with the search parameters it was measured with, and its infos.
@@ -119,9 +140,9 @@ def load_index(store: Store) -> tuple[faiss.Index, dict]:
     shards: the shard files as one faiss.IndexShards (memory-mapped on a local disk, fetched
     into memory from an object store); ondisk: index.faiss with its lists memory-mapped from the
     .ivfdata file next to it."""
-    if not store.exists(INDEX_FILE) or not store.exists(INFOS_FILE):
+    infos = store.read_json(INFOS_FILE) if store.exists(INFOS_FILE) else None
+    if infos is None or not store.exists(index_file(infos)):
         raise ConfigError(f"{store.url} has no index; build one with `embedpipe index {store.url}`")
-    infos = store.read_json(INFOS_FILE)
     layout = infos.get("layout", "single")
     if layout == "shards":
         index = open_shards(store, [s["file"] for s in infos["shards"]])
@@ -130,9 +151,9 @@ def load_index(store: Store) -> tuple[faiss.Index, dict]:
             raise ConfigError(f"{store.url}: an ondisk index is memory-mapped and needs a local "
                               f"disk; copy the folder locally or rebuild with --layout shards")
         with faiss_stdout_to_stderr():  # FAISS prints the .ivfdata path it resolves
-            index = faiss.read_index(store.path(INDEX_FILE),
+            index = faiss.read_index(store.path(index_file(infos)),
                                      faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
     else:
-        index = read_stored_index(store, INDEX_FILE)
+        index = read_stored_index(store, index_file(infos))
     apply_search_params(index, infos.get("search_params", {}))
     return index, infos

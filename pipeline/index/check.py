@@ -1,6 +1,8 @@
-"""Does the folder's index hold exactly the stored vectors, in their order? The cheap checks
-(index_infos.json, the files, the id map's row count) run before a run skips the index and at
-its end; `embedpipe verify` adds the index itself, the id map's ids and a sample of vectors."""
+"""Does the folder's index hold exactly the stored vectors, under their labels? The cheap checks
+(index_infos.json, the files it names, the id map's row count) run before a run skips the index
+and at its end; `embedpipe verify` adds the index itself, the id map's ids and labels, and a
+sample of vectors reconstructed by label. An index of row positions where the ledger knows
+unit-row labels is stale: the next run rebuilds it."""
 from __future__ import annotations
 
 import faiss
@@ -10,8 +12,8 @@ import pyarrow.parquet as pq
 from ..io.checks import DamagedFile, check_file
 from ..io.storage import Store
 from ..io.vectors import VectorParts
-from .files import IDS_FILE, INDEX_FILE, INFOS_FILE
-from .tuning import even_positions
+from .files import INFOS_FILE, ids_file, index_file, read_tombstones
+from .tuning import even_positions, unwrapped
 
 SAMPLE = 200  # stored vectors compared with the index's own copies
 
@@ -23,6 +25,7 @@ def index_problems(store: Store, parts: VectorParts, full: bool = False) -> list
     try:
         infos = store.read_json(INFOS_FILE)
         recorded = [(p["file"], int(p["rows"])) for p in infos.get("parts", [])]
+        labels = [p.get("label") for p in infos.get("parts", [])]
         count = int(infos.get("count", -1))
     except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
         return [f"index: {INFOS_FILE} is unreadable ({exc})"]
@@ -33,43 +36,52 @@ def index_problems(store: Store, parts: VectorParts, full: bool = False) -> list
         problems.append(f"index: built over {count} vectors, the folder stores {n}")
     elif recorded != list(zip(parts.files, rows)):
         problems.append("index: built over other vector parts than the manifest names")
+    elif parts.labels is not None and (infos.get("labels") != "unit-row"
+                                       or labels != list(parts.labels)):
+        problems.append("index: built over row positions or other labels than the parts' "
+                        "(unit, row) labels")
     if n == 0 or problems:
         return problems
-    layout_files = [s["file"] for s in infos.get("shards", [])] + (
-        [infos["ivfdata"]] if infos.get("ivfdata") else [])
-    for rel in [INDEX_FILE, *layout_files]:
+    layout_files = [s["file"] for s in infos.get("shards", [])] + [
+        infos[k] for k in ("ivfdata", "tombstones_file") if infos.get(k)]
+    for rel in [index_file(infos), *layout_files]:
         if not store.exists(rel):
             problems.append(f"index: {rel} missing")
     try:
-        if check_file(store, IDS_FILE).rows != n:
-            problems.append(f"index: {IDS_FILE} does not map {n} ids")
+        if check_file(store, ids_file(infos)).rows != n:
+            problems.append(f"index: {ids_file(infos)} does not map {n} ids")
     except DamagedFile as exc:
         problems.append(f"index: {exc}")
     if full and not problems:
-        problems += _content_problems(store, parts, n)
+        problems += _content_problems(store, parts, n, infos)
     return problems
 
 
-def _content_problems(store: Store, parts: VectorParts, n: int) -> list[str]:
+def _content_problems(store: Store, parts: VectorParts, n: int, infos: dict) -> list[str]:
     from .build import load_index
 
     try:
         index, _ = load_index(store)
+        tombstones = read_tombstones(store, infos)
     except (RuntimeError, ValueError, OSError) as exc:
         return [f"index: cannot be loaded ({exc})"]
-    if index.ntotal != n:
-        return [f"index: holds {index.ntotal} vectors, the folder stores {n}"]
-    with store.fs.open(store.path(IDS_FILE), "rb") as handle:
+    if index.ntotal - len(tombstones) != n:
+        return [f"index: holds {index.ntotal - len(tombstones)} live vectors, the folder "
+                f"stores {n}"]
+    with store.fs.open(store.path(ids_file(infos)), "rb") as handle:
         mapped = pq.read_table(handle)
     stored = parts.keys()
-    if mapped.column("faiss_id").to_pylist() != list(range(n)) or any(
+    labels = parts.row_labels()
+    if np.isin(labels, tombstones).any():
+        return ["index: a stored row's label is among the tombstones"]
+    if not np.array_equal(mapped.column("faiss_id").to_numpy(), labels) or any(
             name not in mapped.column_names
             or not mapped.column(name).equals(stored.column(name).cast(mapped.column(name).type))
             for name in stored.column_names):
-        return [f"index: {IDS_FILE} does not list the stored "
-                f"{' and '.join(stored.column_names)}s in order"]
+        return [f"index: {ids_file(infos)} does not list the stored "
+                f"{' and '.join(stored.column_names)}s in order, under their labels"]
     positions = even_positions(n, SAMPLE)
-    copies = _reconstruct(index, positions) if _keeps_vectors_whole(index) else None
+    copies = _reconstruct(index, labels[positions]) if _keeps_vectors_whole(index) else None
     if copies is not None:
         expected = parts.sample(positions)
         if not np.allclose(copies, expected, atol=1e-5):
@@ -81,18 +93,19 @@ def _content_problems(store: Store, parts: VectorParts, n: int) -> list[str]:
 def _keeps_vectors_whole(index: faiss.Index) -> bool:
     """Flat, HNSW over flat storage and IVF-Flat in one index keep each vector exactly; scalar
     and product quantizers keep approximations, and shards cannot reconstruct."""
-    inner = faiss.downcast_index(index)
+    inner = unwrapped(index)
     if isinstance(inner, faiss.IndexHNSW):
         return isinstance(faiss.downcast_index(inner.storage), faiss.IndexFlat)
     return isinstance(inner, (faiss.IndexFlat, faiss.IndexIVFFlat))
 
 
-def _reconstruct(index: faiss.Index, positions: np.ndarray) -> np.ndarray | None:
-    """The index's own copies of these vectors, where its kind keeps them whole."""
+def _reconstruct(index: faiss.Index, labels: np.ndarray) -> np.ndarray | None:
+    """The index's own copies of the vectors under these labels, where its kind keeps them
+    whole (IVF through a hash table from label to list entry)."""
     try:
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None:
-            ivf.make_direct_map()
-        return np.stack([index.reconstruct(int(p)) for p in positions])
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        return np.stack([index.reconstruct(int(label)) for label in labels])
     except RuntimeError:
         return None

@@ -1,6 +1,7 @@
 """Where a folder's index lives, and reading its stored FAISS files."""
 from __future__ import annotations
 
+import io
 import os
 import sys
 from contextlib import contextmanager
@@ -35,3 +36,18 @@ def faiss_stdout_to_stderr() -> Iterator[None]:
     finally:
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def index_file(infos: dict) -> str:
+    """The index file the infos name (folders written before builds were named: index.faiss)."""
+    return infos.get("index_file", INDEX_FILE)
+
+def ids_file(infos: dict) -> str:
+    return infos.get("ids_file", IDS_FILE)
+
+def read_tombstones(store: Store, infos: dict) -> np.ndarray:
+    """Labels an HNSW index still holds but that are no longer stored, sorted (index/maintain.py)."""
+    name = infos.get("tombstones_file")
+    if not name:
+        return np.zeros(0, np.int64)
+    return np.load(io.BytesIO(store.read_bytes(name)))

@@ -1,7 +1,7 @@
 """Index layouts for IVF kinds beyond one in-memory index.
 
 `shards` trains once, then adds each group of consecutive parts to its own copy of the trained
-index (ids = global row positions), written as index/shard-<build>-NNNNN.faiss and searched
+index (ids = the rows' labels), written as index/shard-<build>-NNNNN.faiss and searched
 together, memory-mapped. `ondisk` merges those shards with FAISS's OnDiskInvertedLists into
 index/merged-<build>.ivfdata, which index.faiss references and search memory-maps (local disks
 only). With the same trained index and nprobe both return what `single` returns.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 
 import faiss
 import numpy as np
@@ -50,21 +49,20 @@ def shard_groups(rows: list[int], shard_rows: int) -> list[list[int]]:
         filled += r
     return groups
 
-def write_shard(store: Store, trained: np.ndarray, parts: VectorParts, first_row: int,
-                rel: str) -> int:
-    """Add the parts' vectors, with ids = their global row positions from first_row, to a copy
-    of the serialized trained index and write it to rel. The unit of work of a shard worker;
-    it holds only these parts' codes. Returns the rows added."""
+def write_shard(store: Store, trained: np.ndarray, parts: VectorParts, rel: str) -> int:
+    """Add the parts' vectors, with ids = their labels, to a copy of the serialized trained
+    index and write it to rel. The unit of work of a shard worker; it holds only these parts'
+    codes. Returns the rows added."""
     index = faiss.deserialize_index(trained)
-    row = first_row
+    labels, row = parts.row_labels(), 0
     for block in parts.vectors():
-        index.add_with_ids(block, np.arange(row, row + len(block), dtype=np.int64))
+        index.add_with_ids(block, labels[row:row + len(block)])
         row += len(block)
     store.write_bytes(rel, faiss.serialize_index(index).tobytes())
-    return row - first_row
+    return row
 
 def open_shards(store: Store, names: list[str]) -> faiss.IndexShards:
-    """The shard files as one index; their ids are global row positions, kept as they are.
+    """The shard files as one index; their ids are the rows' labels, kept as they are.
     On a local disk the inverted lists stay memory-mapped (IO_FLAG_MMAP)."""
     shards = None
     for name in names:
@@ -80,8 +78,7 @@ def build_shards(store: Store, parts: VectorParts, rows: list[int], trained: np.
     shards, first_row = [], 0
     for number, group in enumerate(shard_groups(rows, shard_rows)):
         rel = f"{INDEX_DIR}/shard-{build}-{number:05d}.faiss"
-        count = write_shard(store, trained, VectorParts(store, [parts.files[i] for i in group]),
-                            first_row, rel)
+        count = write_shard(store, trained, parts.subset(group), rel)
         shards.append({"file": rel, "rows": count, "first_row": first_row})
         first_row += count
     return shards
@@ -108,10 +105,3 @@ def merge_shards_ondisk(store: Store, trained: np.ndarray, shards: list[dict],
     invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
     invlists.filename = final  # index.faiss names the final file (search resolves it by basename)
     return index, rel
-
-def remove_earlier_builds(store: Store, keep: set[str]) -> None:
-    """Shard and ivfdata files of earlier builds, once index_infos.json names the new ones."""
-    for name in store.listdir(INDEX_DIR):
-        rel = f"{INDEX_DIR}/{name}"
-        if re.fullmatch(r"(shard-.+\.faiss|merged-.+\.ivfdata)", name) and rel not in keep:
-            store.remove(rel)

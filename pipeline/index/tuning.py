@@ -57,10 +57,29 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
     for ivf in ivf_indexes(index):
         ivf.nprobe = nprobe
 
+def unwrapped(index: faiss.Index) -> faiss.Index:
+    """The index inside its id map (flat and HNSW are kept in an IndexIDMap2 for their labels)."""
+    inner = faiss.downcast_index(index)
+    while isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        inner = faiss.downcast_index(inner.index)
+    return inner
+
+def training_error(index: faiss.Index, vectors: np.ndarray) -> float | None:
+    """Mean squared L2 distance of the vectors to their nearest IVF centroid: how well the
+    trained quantizer fits them (index/maintain.py compares added vectors with the training
+    sample). None for an index without a coarse quantizer, or one behind a pre-transform."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None or len(vectors) == 0 or not isinstance(
+            faiss.downcast_index(index), faiss.IndexIVF):
+        return None
+    _, nearest = ivf.quantizer.search(vectors, 1)
+    centroids = ivf.quantizer.reconstruct_batch(nearest.ravel())
+    return float(((vectors - centroids) ** 2).sum(1).mean())
+
 def search_params(index: faiss.Index) -> dict:
     """The search-time knobs an index carries, as stored in index_infos.json."""
     params = {}
-    inner = faiss.downcast_index(index)
+    inner = unwrapped(index)
     if isinstance(inner, faiss.IndexHNSW):
         params["efSearch"] = int(inner.hnsw.efSearch)
     ivfs = ivf_indexes(index)
@@ -69,7 +88,7 @@ def search_params(index: faiss.Index) -> dict:
     return params
 
 def apply_search_params(index: faiss.Index, params: dict) -> None:
-    inner = faiss.downcast_index(index)
+    inner = unwrapped(index)
     if "efSearch" in params and isinstance(inner, faiss.IndexHNSW):
         inner.hnsw.efSearch = int(params["efSearch"])
     if "nprobe" in params:
@@ -103,7 +122,7 @@ def measure(index: faiss.Index, parts: VectorParts, n: int,
     tune_pos = even_positions(n, RECALL_QUERIES, shift=0.5) if ivfs else report_pos
     positions = np.union1d(report_pos, tune_pos)
     queries = parts.sample(positions)
-    truth = exact_top_k(parts, queries, k, cfg.metric)
+    truth = parts.row_labels()[exact_top_k(parts, queries, k, cfg.metric)]  # as labels
     if ivfs:
         tune = np.isin(positions, tune_pos)
         set_nprobe(index, min(ivfs[0].nlist,

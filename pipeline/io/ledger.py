@@ -231,7 +231,22 @@ class Ledger:
         checked against their records, as every run and `verify` does first."""
         checks = [r.checks.get(f) for r in self.complete_units() for f in r.vector_files]
         known = tuple(c.rows for c in checks) if all(checks) else None
-        return VectorParts(self.store, self.vector_files(), known)
+        return VectorParts(self.store, self.vector_files(), known, self._labels(),
+                           tuple(c.footer for c in checks) if all(checks) else None)
+
+    def _labels(self) -> tuple[int, ...] | None:
+        """Each vector part's first FAISS label, (unit_id << 32) | its first row in the unit
+        (index/maintain.py); None where a unit lacks its id or its files' recorded rows."""
+        labels = []
+        for record in self.complete_units():
+            row = 0
+            for name in record.vector_files:
+                check = record.checks.get(name)
+                if record.unit_id is None or check is None:
+                    return None
+                labels.append((record.unit_id << 32) | row)
+                row += check.rows
+        return tuple(labels)
 
     def reject_files(self) -> list[str]:
         return [f for r in self.complete_units() for f in r.reject_files]

@@ -15,12 +15,39 @@ READ_ROWS = 65_536  # rows per streamed block of a vector part
 
 @dataclass(frozen=True)
 class VectorParts:
-    """The committed vector parts of an output folder, in row order (= FAISS ids). `known_rows`:
-    the parts' row counts when the caller has them already (the manifest's file checks, once
-    the files were checked against them), so they are not read from every footer again."""
+    """The committed vector parts of an output folder, in row order. `known_rows`: the parts'
+    row counts when the caller has them already (the manifest's file checks, once the files
+    were checked against them), so they are not read from every footer again.
+
+    `labels`: each file's first FAISS label, (unit_id << 32) | row within the unit, so a row's
+    label stays put when other units come and go (None: labels are row positions, as before).
+    `footers`: the recorded footer hash of each file, which tells a part's content apart where
+    its name and row count are the same (None: unknown)."""
     store: Store
     files: list[str]
     known_rows: tuple[int, ...] | None = None
+    labels: tuple[int, ...] | None = None
+    footers: tuple[str, ...] | None = None
+
+    def first_labels(self) -> list[int]:
+        """Each file's first label: the recorded ones, else its first row position."""
+        if self.labels is not None:
+            return list(self.labels)
+        return np.cumsum([0] + self.rows()[:-1]).tolist() if self.files else []
+
+    def row_labels(self) -> np.ndarray:
+        """Every stored row's label, in row order."""
+        pieces = [np.arange(first, first + r, dtype=np.int64)
+                  for first, r in zip(self.first_labels(), self.rows())]
+        return np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+
+    def subset(self, indices: list[int]) -> "VectorParts":
+        """These files (by position in `files`) with what is known of them; their labels are
+        those they have here (row positions in the whole, where labels are positions)."""
+        def pick(values):
+            return None if values is None else tuple(values[i] for i in indices)
+        return VectorParts(self.store, [self.files[i] for i in indices], pick(self.known_rows),
+                           pick(self.first_labels()), pick(self.footers))
 
     def metadata(self, name: str) -> pq.FileMetaData:
         with self.store.fs.open(self.store.path(name), "rb") as handle:

@@ -19,7 +19,7 @@ from ..encode.model_files import ModelSource, resolve_model
 from ..encode.recipe import resolve_recipe
 from ..encode.runtime import Runtime, resolve_runtime, vector_settings
 from ..faults import checkpoint
-from ..index.build import build_index
+from ..index.maintain import update_index
 from ..index.check import index_problems
 from ..index.choose import check_config as check_index_config, faiss_reason
 from ..index.files import INDEX_DIR
@@ -217,12 +217,13 @@ def _sync_sinks(ctx: RunContext, healthy: bool) -> None:
 
 
 def _index(ctx: RunContext, parts: VectorParts) -> None:
-    """Build the index; one that cannot be built for this data (too few vectors to train, a
-    memory budget too small) fails with one line, the vectors staying committed."""
+    """Bring the index in step with the parts (index/maintain.py: add and remove what changed,
+    or rebuild); one that cannot be built for this data (too few vectors to train, a memory
+    budget too small) fails with one line, the vectors staying committed."""
     tick = time.perf_counter()
     checkpoint("index")
     try:
-        ctx.summary.index = build_index(ctx.store, parts.files, ctx.job.index)
+        ctx.summary.index = update_index(ctx.store, parts, ctx.job.index)
     except (ConfigError, RuntimeError) as exc:
         reason = faiss_reason(exc)
         ctx.summary.index = {"error": reason}

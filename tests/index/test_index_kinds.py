@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from helpers import matrix, read_vectors
+from helpers import index_paths, matrix, read_vectors
 from pipeline.cli import main
 from pipeline.commands.reindex import rebuild_index
 from pipeline.config import ConfigError, IndexConfig
@@ -18,9 +18,8 @@ from pipeline.index import choose
 from pipeline.index.build import build_index, load_index
 from pipeline.index.choose import TRAIN_PER_CENTROID, choose_kind
 from pipeline.index.check import index_problems
-from pipeline.index.files import IDS_FILE, INDEX_FILE
 from pipeline.io.vectors import VectorParts
-from pipeline.index.tuning import even_positions
+from pipeline.index.tuning import even_positions, unwrapped
 from pipeline.io.storage import Store
 from pipeline.io.writer import vector_array, vectors_schema
 
@@ -58,7 +57,7 @@ def test_kind_recall(snippets_out, vectors, tmp_path, kind, options, floor):
     n, dim = vectors.shape
     assert (infos["count"], infos["dimension"], infos["metric"]) == (n, dim, "ip")
     assert infos["kind"] == kind and infos["normalized"] is True
-    assert infos["size_bytes"] == (out / INDEX_FILE).stat().st_size
+    assert infos["size_bytes"] == index_paths(out)[0].stat().st_size
     assert infos["build_seconds"] > 0 and infos["recall_queries"] == 1000
     measured = brute_force_recall(out, vectors)
     print(f"{kind}: {infos['factory']} reported recall@10 {infos['recall_at_10']}, "
@@ -75,7 +74,7 @@ def test_kind_recall(snippets_out, vectors, tmp_path, kind, options, floor):
         assert infos["trained_on"] >= min(n, TRAIN_PER_CENTROID * ivf.nlist)
         assert ivf.nprobe == infos["search_params"]["nprobe"]
     if kind == "hnsw":
-        assert faiss.downcast_index(index).hnsw.efSearch == infos["search_params"]["efSearch"] == 128
+        assert unwrapped(index).hnsw.efSearch == infos["search_params"]["efSearch"] == 128
 
 
 def test_stored_search_params_are_used(snippets_out, vectors, tmp_path):
@@ -93,15 +92,15 @@ def test_stored_search_params_are_used(snippets_out, vectors, tmp_path):
 def test_rebuild_equals_the_run_index(snippets_out, vectors, tmp_path):
     """`embedpipe index` from Parquet gives the run's flat index back: same search results."""
     out = copy_out(snippets_out, tmp_path)
-    before = faiss.read_index(str(snippets_out / INDEX_FILE))
+    before = faiss.read_index(str(index_paths(snippets_out)[0]))
     result = CliRunner().invoke(main, ["index", str(out), "--type", "flat", "--json"])
     assert result.exit_code == 0, result.output
-    after = faiss.read_index(str(out / INDEX_FILE))
+    after = faiss.read_index(str(index_paths(out)[0]))
     queries = vectors[even_positions(len(vectors), 200)]
     d0, i0 = before.search(queries, 10)
     d1, i1 = after.search(queries, 10)
     assert np.array_equal(i0, i1) and np.array_equal(d0, d1)
-    assert pq.read_table(snippets_out / IDS_FILE).equals(pq.read_table(out / IDS_FILE))
+    assert pq.read_table(index_paths(snippets_out)[1]).equals(pq.read_table(index_paths(out)[1]))
 
 
 def test_ivf_streams_parts_and_trains_on_an_even_sample(snippets_out, vectors, tmp_path,
@@ -113,8 +112,8 @@ def test_ivf_streams_parts_and_trains_on_an_even_sample(snippets_out, vectors, t
 
     def spy_factory(*args):
         index = real_factory(*args)
-        real_add, real_train = index.add, index.train
-        index.add = lambda x: (added.append(len(x)), real_add(x))[1]
+        real_add, real_train = index.add_with_ids, index.train  # added under their labels
+        index.add_with_ids = lambda x, ids: (added.append(len(x)), real_add(x, ids))[1]
         index.train = lambda x: (trained.append(x.copy()), real_train(x))[1]
         return index
 

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from helpers import embedpipe, matrix, read_vectors
+from helpers import embedpipe, index_paths, matrix, read_vectors
 from pipeline.index import layouts
 from pipeline.cli import main
 from pipeline.config import ConfigError, IndexConfig, config_from_dict
 from pipeline.commands.reindex import rebuild_index
 from pipeline.index.build import load_index
-from pipeline.index.files import INDEX_FILE, INFOS_FILE
+from pipeline.index.files import INFOS_FILE
 from pipeline.commands.search import Searcher
 from pipeline.io.storage import Store
 
@@ -66,7 +66,7 @@ def test_layouts_return_identical_hits(built, vectors, kind):
         index, _ = load_index(Store(str(out)))
         assert index.ntotal == len(vectors)
         results[layout] = index.search(q, 10)
-        stored = faiss.read_index(str(out / INDEX_FILE), faiss.IO_FLAG_MMAP)
+        stored = faiss.read_index(str(index_paths(out)[0]), faiss.IO_FLAG_MMAP)
         quantizer = faiss.extract_index_ivf(stored).quantizer
         centroids[layout] = quantizer.reconstruct_n(0, quantizer.ntotal)
     for layout in ("shards", "ondisk"):
@@ -94,20 +94,20 @@ def test_shard_and_ondisk_files(built, vectors):
         ids = np.concatenate([faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), ivf.invlists.list_size(lst))
                               for lst in range(ivf.nlist)])
         assert sorted(ids) == list(range(s["first_row"], s["first_row"] + s["rows"]))  # global ids
-    assert faiss.read_index(str(out / INDEX_FILE)).ntotal == 0  # the trained index they share
+    assert faiss.read_index(str(index_paths(out)[0])).ntotal == 0  # the trained index they share
     index, _ = load_index(Store(str(out)))
     assert isinstance(index, faiss.IndexShards) and index.count() == 3
     assert infos["size_bytes"] == sum((out / s["file"]).stat().st_size for s in shards) + (
-        out / INDEX_FILE).stat().st_size
+        index_paths(out)[0]).stat().st_size
 
     out, infos = built["ivf-flat", "ondisk"]
     names = sorted(p.name for p in (out / "index").iterdir())
-    assert names == sorted(["ids.parquet", "index.faiss", "index_infos.json",
+    assert names == sorted([*(p.name for p in index_paths(out)), "index_infos.json",
                             infos["ivfdata"].split("/")[-1]])  # the shards were merged away
     index, _ = load_index(Store(str(out)))
     lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
     assert isinstance(lists, faiss.OnDiskInvertedLists) and lists.read_only
-    assert (out / INDEX_FILE).stat().st_size < infos["ivfdata_bytes"] / 10  # lists live outside
+    assert index_paths(out)[0].stat().st_size < infos["ivfdata_bytes"] / 10  # lists live outside
 
 
 def test_verify_accepts_every_layout_and_sees_a_missing_shard(built):

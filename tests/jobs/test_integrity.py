@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import embedpipe, read_vectors, write_job, write_shards
+from helpers import embedpipe, index_paths, read_vectors, write_job, write_shards
 
 pytestmark = pytest.mark.integrity
 N_ROWS = 60
@@ -62,7 +62,7 @@ def folder_state(out: Path) -> dict:
     rejects, the index's ids."""
     vectors = read_vectors(out)
     return {"vectors": vectors.select(["id", "vector", "n_tokens", "truncated"]),
-            "ids": pq.read_table(out / "index" / "ids.parquet").column("id").to_pylist()}
+            "ids": pq.read_table(index_paths(out)[1]).column("id").to_pylist()}
 
 
 def assert_same_folder(a: Path, b: Path) -> None:
@@ -171,10 +171,10 @@ def _damage(out: Path, how: str) -> str:
         pq.write_table(table.slice(0, 5), parts[0])
         return "altered"
     if how == "delete ids":
-        (out / "index" / "ids.parquet").unlink()
+        index_paths(out)[1].unlink()
         return "index"
     if how == "delete index":
-        (out / "index" / "index.faiss").unlink()
+        index_paths(out)[0].unlink()
         return "index"
     raise AssertionError(how)
 

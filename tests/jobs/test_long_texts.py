@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import (embedpipe, make_job, matrix, read_vectors, run, run_and_kill, small_job,
+from helpers import (embedpipe, index_paths, make_job, matrix, read_vectors, run, run_and_kill, small_job,
                      to_toml, write_shards)
 
 from pipeline.io.ledger import SettingsMismatch
@@ -48,7 +48,7 @@ def test_window_rows_round_trip_through_the_index_and_search(long_dir, tmp_path,
             a, b = table.column("char_start")[row].as_py(), table.column("char_end")[row].as_py()
             assert table.column("text")[row].as_py() == text[a:b]
         assert table.column("char_end")[mine[-1]].as_py() == len(text)
-    id_map = pq.read_table(out / "index" / "ids.parquet")
+    id_map = pq.read_table(index_paths(out)[1])
     assert id_map.column("id").to_pylist() == ids.tolist()
     assert id_map.column("chunk").to_pylist() == chunks.tolist()
     assert embedpipe("verify", out).returncode == 0

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import embedpipe, matrix, read_vectors, run_and_kill, small_job, write_shards
+from helpers import embedpipe, index_paths, matrix, read_vectors, run_and_kill, small_job, write_shards
 
 
 
@@ -64,10 +64,13 @@ def assert_consistent(out: Path) -> None:
     assert on_disk == named
     ids, vectors = result_of(out)
     assert len(ids) == len(set(ids))
-    index = faiss.read_index(str(out / "index" / "index.faiss"))
+    index = faiss.read_index(str(index_paths(out)[0]))
     assert index.ntotal == len(ids)
-    np.testing.assert_array_equal(index.reconstruct_n(0, index.ntotal), vectors)
-    assert pq.read_table(out / "index" / "ids.parquet").column("id").to_pylist() == ids
+    id_map = pq.read_table(index_paths(out)[1])
+    labels = id_map.column("faiss_id").to_pylist()  # each row's label, in row order
+    np.testing.assert_array_equal(np.stack([index.reconstruct(label) for label in labels]),
+                                  vectors)
+    assert id_map.column("id").to_pylist() == ids
     assert manifest["complete"] is True
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from helpers import embedpipe, matrix, read_vectors, small_job, write_shards
+from helpers import embedpipe, index_paths, matrix, read_vectors, small_job, write_shards
 
 
 
@@ -103,7 +103,7 @@ def test_s3_in_and_out_with_resume_after_kill(tmp_path, s3, shards, tiny_model, 
     manifest = json.loads((local / "manifest.json").read_text())
     named = {f for u in manifest["units"].values() for f in u["vectors"]}
     assert {f"vectors/{p.name}" for p in (local / "vectors").iterdir()} == named
-    assert (local / "index" / "index.faiss").exists() and manifest["complete"] is True
+    assert index_paths(local)[0].exists() and manifest["complete"] is True
 
 
 @pytest.mark.s3

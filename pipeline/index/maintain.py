@@ -1,0 +1,192 @@
+"""Keeping a folder's index in step with its vector parts by adding and removing what changed,
+so a nightly run pays for the units it re-embedded, not for the whole index.
+
+Every row is stored under a stable label, (unit_id << 32) | row within the unit (build.py), and
+index_infos.json lists the parts the index holds as {file, rows, label, footer}. A part whose
+record is no longer among the committed ones is removed (its label range, IDSelectorRange); a
+committed part the infos lack is added with its labels; kept parts are not touched.
+
+Per kind:
+- flat (IndexIDMap2 over IndexFlat): remove and add; searches return what a fresh build returns.
+- IVF kinds (single layout): remove and add with the trained quantizer, while it still fits the
+  data. Drift is measured: at training the mean squared L2 distance of the training sample to its
+  nearest centroid is recorded (`training_error`); the added vectors' mean is compared with it,
+  and a ratio above DRIFT_RATIO (1.5) retrains (full rebuild). So does a count that has doubled
+  or halved since the build (the nlist was chosen for that count), and, for `auto`, a count for
+  which auto would now choose another kind.
+- HNSW cannot remove: removed labels become tombstones (tombstones-<build>.npy, named in the
+  infos), skipped by search through an ID selector (live.py). Over TOMBSTONE_FRACTION (10%) of
+  the vectors in the graph, a full rebuild. Added vectors join the existing graph.
+- shards / ondisk layouts: rebuilt (their files are written once per build).
+
+Anything that does not add up (infos unreadable, a file missing, the index holding another count
+than its infos say, other index settings or dimension, an index of row positions, a label that
+comes back) is a full rebuild, logged with its reason. The search parameters (nprobe, efSearch)
+tuned at build time are kept; recall is measured only when the index is rebuilt.
+Writing goes through commit.py: new files, then the infos naming them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from ..config import IndexConfig
+from ..io.storage import Store
+from ..io.vectors import VectorParts
+from .build import build_index, load_index, part_records
+from .choose import choose_kind
+from .commit import commit_index, new_build
+from .files import INFOS_FILE, ids_file, index_file, read_tombstones
+from .tuning import training_error, unwrapped
+
+log = logging.getLogger(__name__)
+
+DRIFT_RATIO = 1.5  # added vectors' mean squared distance to their centroid / the training sample's
+GROWTH = 2.0  # IVF: retrain once the count has doubled or halved since training
+TOMBSTONE_FRACTION = 0.10  # HNSW: rebuild once tombstones pass this share of the graph
+
+
+class Rebuild(Exception):
+    """Maintenance cannot keep this index; the message says why."""
+
+
+def update_index(store: Store, parts: VectorParts, cfg: IndexConfig) -> dict:
+    """Bring the folder's index in step with `parts` by adding and removing, or rebuild it where
+    the rules above say so. Returns the infos written."""
+    started = time.perf_counter()
+    try:
+        infos = _maintain(store, parts, cfg, started)
+    except Rebuild as why:
+        log.info("index: full rebuild (%s)", why)
+        infos = build_index(store, parts, cfg)
+        infos["rebuilt"] = str(why)
+        store.write_json(INFOS_FILE, infos)
+    return infos
+
+
+def _key(part: dict) -> tuple:
+    return part["file"], int(part["rows"]), part.get("label"), part.get("footer")
+
+
+def _maintain(store: Store, parts: VectorParts, cfg: IndexConfig, started: float) -> dict:
+    infos = _readable_infos(store, parts, cfg)
+    now = part_records(parts)
+    held = {_key(p): p for p in infos["parts"]}
+    gone = [p for p in infos["parts"] if _key(p) not in {_key(q) for q in now}]
+    new = [i for i, p in enumerate(now) if _key(p) not in held]
+    n, built = sum(parts.rows()), int(infos.get("built_count") or infos["count"])
+    if cfg.type == "auto" and choose_kind(cfg, n, infos["dimension"]) != infos["kind"]:
+        raise Rebuild(f"auto now chooses {choose_kind(cfg, n, infos['dimension'])} for {n} "
+                      f"vectors, not {infos['kind']}")
+    try:
+        index, _ = load_index(store)
+        tombstones = read_tombstones(store, infos)
+    except (RuntimeError, ValueError, OSError, EOFError) as exc:
+        raise Rebuild(f"the index cannot be loaded ({' '.join(str(exc).split())[:200]})") from None
+    if index.ntotal != infos["count"] + len(tombstones):
+        raise Rebuild(f"the index holds {index.ntotal} vectors, its infos say "
+                      f"{infos['count']} live and {len(tombstones)} tombstones")
+    added_parts = parts.subset(new)
+    added_labels = added_parts.row_labels()
+    removed_labels = np.concatenate([np.arange(p["label"], p["label"] + p["rows"], dtype=np.int64)
+                                     for p in gone]) if gone else np.zeros(0, np.int64)
+    inner = unwrapped(index)
+    ivf = faiss.try_extract_index_ivf(index)
+    if isinstance(inner, faiss.IndexHNSW):
+        tombstones = np.union1d(tombstones, removed_labels)
+        if np.isin(added_labels, tombstones).any():
+            raise Rebuild("an added part reuses labels that are tombstones in the graph")
+        if len(tombstones) > TOMBSTONE_FRACTION * (index.ntotal + len(added_labels)):
+            raise Rebuild(f"{len(tombstones)} tombstones would pass {TOMBSTONE_FRACTION:.0%} "
+                          f"of the graph")
+    else:
+        if ivf is not None and (n > GROWTH * built or n < built / GROWTH):
+            raise Rebuild(f"{n} vectors, {built} when the quantizer was trained")
+        if ivf is not None and infos.get("training_error"):
+            _check_drift(index, added_parts, float(infos["training_error"]))
+        for part in gone:
+            selector = faiss.IDSelectorRange(part["label"], part["label"] + part["rows"])
+            try:
+                removed = index.remove_ids(selector)
+            except RuntimeError as exc:
+                raise Rebuild(f"{type(inner).__name__} cannot remove ({exc})") from None
+            if removed != part["rows"]:
+                raise Rebuild(f"{part['file']}: {removed} vectors removed, {part['rows']} held")
+    row = 0
+    for block in added_parts.vectors():
+        index.add_with_ids(block, added_labels[row:row + len(block)])
+        row += len(block)
+    if index.ntotal != n + len(tombstones):
+        raise Rebuild(f"after maintenance the index holds {index.ntotal}, not {n} vectors")
+
+    id_map = parts.keys().add_column(0, "faiss_id", pa.array(parts.row_labels(), pa.int64()))
+    index_bytes = faiss.serialize_index(index).tobytes()
+    since = infos.get("maintained", {}).get("since_build", {"added": 0, "removed": 0, "updates": 0})
+    added, removed = len(added_labels), len(removed_labels)
+    updated = {
+        **{k: v for k, v in infos.items() if k != "rebuilt"},
+        "count": n, "size_bytes": len(index_bytes), "parts": now,
+        "tombstones": len(tombstones),
+        "maintained": {"added": added, "removed": removed,
+                       "seconds": round(time.perf_counter() - started, 3),
+                       "since_build": {"added": since["added"] + added,
+                                       "removed": since["removed"] + removed,
+                                       "updates": since["updates"] + 1}},
+        "recall_note": "recall_at_10 was measured at the build; maintenance keeps its search "
+                       "parameters and does not measure again",
+    }
+    updated = commit_index(store, new_build(), index_bytes, id_map, tombstones, updated)
+    log.info("index: maintained (%d added, %d removed, %d tombstones)", added, removed,
+             len(tombstones))
+    return updated
+
+
+def _readable_infos(store: Store, parts: VectorParts, cfg: IndexConfig) -> dict:
+    """The current infos, when they describe an index maintenance can start from."""
+    if parts.labels is None:
+        raise Rebuild("the ledger gives no unit labels for the parts")
+    try:
+        infos = store.read_json(INFOS_FILE)
+        if not int(infos.get("count", 0)):
+            raise Rebuild("no vectors indexed yet")
+        if infos.get("labels") != "unit-row":
+            raise Rebuild("the index was built over row positions")
+        held = [(p["file"], int(p["rows"]), int(p["label"])) for p in infos["parts"]]
+    except FileNotFoundError:
+        raise Rebuild(f"no {INFOS_FILE}") from None
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
+        raise Rebuild(f"{INFOS_FILE} unreadable ({type(exc).__name__} {exc})") from None
+    if infos.get("config") != dataclasses.asdict(cfg):
+        raise Rebuild("the index settings changed")
+    if infos.get("layout", "single") != "single":
+        raise Rebuild(f"layout {infos['layout']} is rebuilt, not maintained")
+    if parts.files and parts.dimension() != infos.get("dimension"):
+        raise Rebuild(f"vectors of {parts.dimension()} dimensions, the index "
+                      f"{infos.get('dimension')}")
+    if not parts.files:
+        raise Rebuild("no vectors stored")
+    if len({label for _, _, label in held}) != len(held):
+        raise Rebuild(f"{INFOS_FILE} lists a label twice")
+    for rel in (index_file(infos), ids_file(infos), infos.get("tombstones_file")):
+        if rel and not store.exists(rel):
+            raise Rebuild(f"{rel} missing")
+    return infos
+
+
+def _check_drift(index: faiss.Index, added: VectorParts, trained_error: float) -> None:
+    """Retrain when the added vectors sit farther from their centroids than the training sample
+    did, by more than DRIFT_RATIO (their mean squared distance over the sample's)."""
+    total, count = 0.0, 0
+    for block in added.vectors():
+        error = training_error(index, block)
+        if error is not None:
+            total, count = total + error * len(block), count + len(block)
+    if count and total / count > DRIFT_RATIO * trained_error:
+        raise Rebuild(f"data drift: the added vectors' mean squared distance to their centroid "
+                      f"is {total / count / trained_error:.2f} x the training sample's "
+                      f"(limit {DRIFT_RATIO})")
