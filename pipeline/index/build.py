@@ -25,9 +25,7 @@ import logging
 import time
 
 import faiss
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..config import ConfigError, IndexConfig
 from ..io.storage import Store

@@ -7,14 +7,12 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from pipeline.config import IndexConfig
 from pipeline.index.build import build_index, load_index
 from pipeline.index.check import index_problems
 from pipeline.index.files import ids_file, read_tombstones
 from pipeline.index.live import LiveIndex
-from pipeline.index.tuning import unwrapped
 from pipeline.index.maintain import update_index
 from pipeline.io.checks import check_file
 from pipeline.io.storage import Store
