@@ -153,11 +153,14 @@ def test_auto_builds_flat_for_few_vectors(snippets_out, tmp_path):
 def test_ip_on_unnormalised_vectors_warns(vectors, tmp_path, caplog):
     store = Store(str(tmp_path / "raw"))
     import pyarrow as pa
+
+    from pipeline.io.content_hash import text_hashes
     schema = vectors_schema(pa.int64(), vectors.shape[1], "float32")
     rows = vectors[:500] * np.linspace(0.5, 3, 500)[:, None]  # real directions, other lengths
     with store.open_atomic("vectors/part-0.parquet") as handle:
         pq.write_table(pa.table([pa.array(np.arange(500)), vector_array(rows, "float32"),
-                                 pa.array(np.ones(500, np.int32)), pa.array(np.zeros(500, bool))],
+                                 pa.array(np.ones(500, np.int32)), pa.array(np.zeros(500, bool)),
+                                 text_hashes([str(i) for i in range(500)])],
                                 schema=schema), handle)
     with caplog.at_level(logging.WARNING, logger="pipeline.index.build"):
         infos = build_index(store, ["vectors/part-0.parquet"], IndexConfig())

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import IndexConfig
+from pipeline.io.content_hash import text_hashes
 from pipeline.index.build import build_index, load_index
 from pipeline.index.check import index_problems
 from pipeline.index.files import ids_file, read_tombstones
@@ -36,9 +37,10 @@ class Folder:
         near = self.centres[self.rng.integers(0, 16, rows)]
         vectors = (near + self.rng.normal(size=(rows, DIM)) + shift).astype(np.float32)
         name = f"vectors/part-{unit_id:05d}-0000.parquet"
-        table = pa.table([pa.array([f"u{unit_id}-{i}" for i in range(rows)]),
-                          vector_array(vectors, "float32"), pa.array(np.ones(rows, np.int32)),
-                          pa.array(np.zeros(rows, bool))],
+        ids = [f"u{unit_id}-{i}" for i in range(rows)]
+        table = pa.table([pa.array(ids), vector_array(vectors, "float32"),
+                          pa.array(np.ones(rows, np.int32)), pa.array(np.zeros(rows, bool)),
+                          text_hashes(ids)],
                          schema=vectors_schema(pa.string(), DIM, "float32"))
         with self.store.open_atomic(name) as handle:
             pq.write_table(table, handle)

@@ -39,14 +39,28 @@ def _fresh(tmp_path, inp, model, **sections):
     encode = {**sections.pop("encode", {}), "reuse": "off"}
     summary = run(_job(inp, out, model, encode=encode, **sections))
     assert summary.exit_code == 0, summary.failures
-    return read_vectors(out)
+    return out
 
 
 def _same_as_fresh(tmp_path, out, inp, model, **sections):
-    mine, fresh = read_vectors(out), _fresh(tmp_path, inp, model, **sections)
+    """Same ids in the same order, vectors within 1e-5, and the maintained (flat) index answers
+    every stored vector as a query with the ids and scores of the fresh run's index."""
+    from pipeline.commands.search import Searcher
+
+    fresh_out = _fresh(tmp_path, inp, model, **sections)
+    mine, fresh = read_vectors(out), read_vectors(fresh_out)
     assert mine.column("id").equals(fresh.column("id"))
     assert np.abs(matrix(mine) - matrix(fresh)).max() < 1e-5
     assert mine.column("text_hash").equals(fresh.column("text_hash"))
+    queries = matrix(fresh)
+    answers = []
+    for folder in (out, fresh_out):
+        searcher = Searcher(str(folder), device="cpu")
+        scores, rows = searcher.search_vectors(queries, 10)
+        answers.append((scores, np.asarray(searcher.ids.to_pylist(), object)[rows]))
+    (mine_scores, mine_ids), (fresh_scores, fresh_ids) = answers
+    assert np.abs(mine_scores - fresh_scores).max() < 1e-4
+    assert (mine_ids[:, 0] == fresh_ids[:, 0]).mean() > 0.99  # ties aside
     return mine, fresh
 
 
