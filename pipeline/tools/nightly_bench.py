@@ -314,6 +314,7 @@ class RunResult:
     target_ratio: float | None = None
     ratio: float | None = None
     checks: dict[str, bool | None] = field(default_factory=dict)
+    load_before: float | None = None  # 1-minute load average as the run started: other work
 
     def get(self, key: str) -> Any:
         return self.summary.get(key)
@@ -327,13 +328,18 @@ _RUSAGE_WRAPPER = (
     "sys.exit(rc)\n")
 
 
-def run_embedpipe(job: Path, label: str, mode: str = "incremental") -> RunResult:
-    """`embedpipe run JOB --json` as a subprocess: wall seconds, peak RSS, the summary."""
+def run_embedpipe(job: Path, label: str, mode: str = "incremental",
+                  threads: int | None = None) -> RunResult:
+    """`embedpipe run JOB --json` as a subprocess: wall seconds, peak RSS, the summary.
+    threads: OMP_NUM_THREADS for the child (torch's intra-op threads); None: its default."""
     cmd = [sys.executable, "-m", "pipeline.cli", "run", str(job), "--json", "--no-progress",
            "--mode", mode]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(REPO_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
         "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false")}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="nightly-rss-") as tmp:
         rss_file = Path(tmp) / "rss"
         if Path("/usr/bin/time").is_file():
@@ -349,7 +355,7 @@ def run_embedpipe(job: Path, label: str, mode: str = "incremental") -> RunResult
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         raise BenchError(f"{label}: embedpipe run exited {proc.returncode}:\n{tail}")
-    return RunResult(label, seconds, rss, json.loads(proc.stdout))
+    return RunResult(label, seconds, rss, json.loads(proc.stdout), load_before=load)
 
 
 # --------------------------------------------------------------------------- equivalence
@@ -482,7 +488,7 @@ def cpu_name() -> str:
 
 def run_nights(work: Path, rows: int, files: int, model: str, max_length: int,
                index_type: str | None, seed: int = 0, cache_dir: Path | None = None,
-               log=print) -> dict[str, Any]:
+               log=print, threads: int | None = None) -> dict[str, Any]:
     """The whole benchmark on `rows` rows under `work` (emptied first). Returns the report."""
     phases: dict[str, float] = {}
     if work.exists():
@@ -514,12 +520,13 @@ def run_nights(work: Path, rows: int, files: int, model: str, max_length: int,
     results: list[RunResult] = []
 
     def do_run(label: str, job_file: Path, expected: int | None, mode: str = "incremental"):
-        r = run_embedpipe(job_file, label, mode)
+        r = run_embedpipe(job_file, label, mode, threads)
         r.expected_encoded = expected
         results.append(r)
         phases[label] = r.seconds
         log(f"{label}: {r.seconds:.1f} s, peak RSS {r.peak_rss_mb or 0:.0f} MB, "
-            f"rows read {r.get('rows_read')}, vectors written {r.get('vectors_written')}")
+            f"rows read {r.get('rows_read')}, vectors written {r.get('vectors_written')}, "
+            f"load average before {r.load_before:.1f}")
         return r
 
     full = do_run("full run", job, rows)
@@ -553,7 +560,7 @@ def run_nights(work: Path, rows: int, files: int, model: str, max_length: int,
     return {"rows": rows, "files": files, "input_rows_final": corpus.rows,
             "duplicate_share": DUPLICATE_SHARE, "unique_sentences": len(pool),
             "sentence_sources": source_counts, "model": model_info, "index_type": index_type,
-            "cpu": cpu_name(), "cores": os.cpu_count(), "sequential": True,
+            "cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads, "sequential": True,
             "night_a": night_a, "night_b": night_b,
             "runs": [asdict(r) for r in results], "checks": checks,
             "phases_seconds": {k: round(v, 2) for k, v in phases.items()}}
@@ -630,12 +637,13 @@ def table_rows(report: dict) -> list[list[str]]:
                      _fmt(s.get("rows_reused")), _fmt(s.get("rows_removed")),
                      f"{run['seconds']:.1f}",
                      "-" if run["ratio"] is None else f"{run['ratio']:.1%}",
-                     _fmt(run["peak_rss_mb"]), _target_text(run), _met_text(run)])
+                     _fmt(run["peak_rss_mb"]), _fmt(run.get("load_before")),
+                     _target_text(run), _met_text(run)])
     return rows
 
 
 HEADER = ["run", "read", "encoded", "reused", "removed", "seconds", "vs full", "peak RSS MB",
-          "target", "met?"]
+          "load", "target", "met?"]
 
 
 def render(report: dict, markdown: bool = False) -> str:
@@ -659,11 +667,13 @@ def render(report: dict, markdown: bool = False) -> str:
         f"nightly bench: {report['rows']:,} rows in {report['files']} files, "
         f"{report['duplicate_share']:.1%} duplicate texts, {report['unique_sentences']:,} unique "
         f"sentences; index {report['index_type'] or 'disabled'}; runs sequential on one folder",
-        f"CPU {report['cpu']} ({report['cores']} cores); {model}",
+        f"CPU {report['cpu']} ({report['cores']} cores, OMP threads "
+        f"{report.get('threads') or 'default'}); {model}",
         f"night a: {a['changed']:,} rows changed in {a['files_rewritten']} rewritten files; "
         f"night b: re-export into {b['files']} new files, {b['changed']:,} changed, "
         f"{b['added']:,} added, {b['removed']:,} removed; night c: nothing changed",
-        "encoded/reused/removed: '?' = not in this embedpipe's summary (read = rows read this run)",
+        "encoded/reused/removed: '?' = not in this embedpipe's summary (read = rows read this "
+        "run); load: 1-minute load average as the run started (other work skews seconds)",
         ""]
     tail = [""]
     for name, check in report["checks"].items():
@@ -696,6 +706,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index-type", choices=[*INDEX_TYPES, "none"], default="flat")
     p.add_argument("--work", default="out/nightly-bench", help="working folder (emptied)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS for every run (on a shared machine 1 is steadier)")
     p.add_argument("--scale", action="store_true",
                    help="also full runs at 1M and 5M rows (tiniest model, no index): peak RSS")
     p.add_argument("--scale-rows", default="1000000,5000000")
@@ -708,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     index_type = None if args.index_type == "none" else args.index_type
     try:
         report = run_nights(work / "nights", args.rows, args.files, args.model, args.max_length,
-                            index_type, args.seed, log=log)
+                            index_type, args.seed, log=log, threads=args.threads)
         if args.scale:
             sizes = [int(x) for x in args.scale_rows.split(",")]
             report["scale"] = run_scale(work / "scale", sizes, seed=args.seed, log=log)
