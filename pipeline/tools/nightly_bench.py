@@ -524,7 +524,8 @@ def run_nights(work: Path, rows: int, files: int, model: str, max_length: int,
         r.expected_encoded = expected
         results.append(r)
         phases[label] = r.seconds
-        log(f"{label}: {r.seconds:.1f} s, peak RSS {r.peak_rss_mb or 0:.0f} MB, "
+        log(f"{label}: {r.seconds:.1f} s (summary total {r.get('seconds', {}).get('total')} s), "
+            f"peak RSS {r.peak_rss_mb or 0:.0f} MB, "
             f"rows read {r.get('rows_read')}, vectors written {r.get('vectors_written')}, "
             f"load average before {r.load_before:.1f}")
         return r
