@@ -209,11 +209,13 @@ class Corpus:
         return len(self.ids)
 
     def table(self) -> pa.Table:
-        return pa.table({"id": pa.array(self.ids, pa.int64()), "text": pa.array(self.texts, pa.string())})
+        return pa.table({"id": pa.array(self.ids, pa.int64()),
+                         "text": pa.array(self.texts, pa.string())})
 
 
 def base_corpus(maker: TextMaker, rows: int, duplicate_share: float = DUPLICATE_SHARE) -> Corpus:
-    """rows distinct texts, then a duplicate_share of them replaced by copies of other rows' texts."""
+    """rows distinct texts, then a duplicate_share of them replaced by copies of other rows'
+    texts (exact duplicates, under other ids)."""
     texts = maker.make(rows)
     n_dup = int(round(rows * duplicate_share))
     if n_dup:
@@ -258,7 +260,8 @@ def night_b_corpus(corpus: Corpus, maker: TextMaker) -> tuple[Corpus, dict[str, 
     keep = np.sort(np.setdiff1d(np.arange(n), maker.rng.choice(n, n_removed, replace=False)))
     kept = Corpus(corpus.ids[keep], [corpus.texts[i] for i in keep])
     changed = change_rows(kept, maker, CHANGED_SHARE * n / kept.rows)
-    new_ids = np.arange(int(corpus.ids.max()) + 1, int(corpus.ids.max()) + 1 + n_added, dtype=np.int64)
+    top = int(corpus.ids.max()) + 1
+    new_ids = np.arange(top, top + n_added, dtype=np.int64)
     slots = np.sort(maker.rng.integers(0, kept.rows + 1, n_added))
     ids = np.insert(kept.ids, slots, new_ids)
     texts = list(kept.texts)
@@ -532,7 +535,8 @@ def run_nights(work: Path, rows: int, files: int, model: str, max_length: int,
         r.expected_encoded = expected
         results.append(r)
         phases[label] = r.seconds
-        log(f"{label}: {r.seconds:.1f} s (summary total {r.summary.get('seconds', {}).get('total')} s), "
+        total = r.summary.get("seconds", {}).get("total")
+        log(f"{label}: {r.seconds:.1f} s (summary total {total} s), "
             f"peak RSS {r.peak_rss_mb or 0:.0f} MB, "
             f"rows read {r.get('rows_read')}, vectors written {r.get('vectors_written')}, "
             f"load average before {r.load_before:.1f}")
@@ -694,7 +698,8 @@ def render(report: dict, markdown: bool = False) -> str:
         runs = ", ".join(f"{r['rows']:,} rows {_fmt(r['peak_rss_mb'])} MB" for r in scale["runs"])
         verdict = ("PASS" if scale.get("pass") else "FAIL") if "pass" in scale else "?"
         tail.append(f"{verdict}  registry scale (tiniest model, index disabled): {runs}; "
-                    f"ratio {scale.get('rss_ratio', float('nan')):.3f} (target <= {SCALE_RSS_TARGET})")
+                    f"ratio {scale.get('rss_ratio', float('nan')):.3f} "
+                    f"(target <= {SCALE_RSS_TARGET})")
     return "\n".join(head + lines + tail)
 
 

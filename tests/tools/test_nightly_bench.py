@@ -36,7 +36,8 @@ def test_corpus_edits_are_what_they_say():
 
 def test_nights_run_and_match_a_fresh_run(report):
     work, rep = report
-    assert [r["label"] for r in rep["runs"]] == ["full run", "night a", "night b", "night c", "fresh"]
+    labels = [r["label"] for r in rep["runs"]]
+    assert labels == ["full run", "night a", "night b", "night c", "fresh"]
     assert all(r["peak_rss_mb"] and r["seconds"] > 0 for r in rep["runs"])
     night_c = rep["runs"][3]["summary"]
     assert night_c["rows_read"] == 0  # nothing changed: nothing read
