@@ -38,7 +38,7 @@ README section (draft; the numbers are filled in from a 1M-row run):
 
     The model is a stand-in so that 1M rows fit a 2-core machine: a random 2-layer BERT, hidden
     128, 2 heads, feed-forward 256, with all-MiniLM-L6-v2's real WordPiece tokenizer,
-    max_length 64 (a 1M-row full run: ~6-7 minutes on a quiet 2-core AMD EPYC). Ratios, not
+    max_length 64 (a 1M-row full run: ~5-6 minutes on a quiet 2-core AMD EPYC). Ratios, not
     absolute speeds, are the point; `--model all-MiniLM-L6-v2` uses the real default model (on
     fewer rows).
 
@@ -76,8 +76,8 @@ WORDNET_FILE = "wordnet-base_1%3a3.0-37_all.deb"
 WORDNET_SHA256 = "61060d960f9ada8fa120872312eccd3ecebfbab8c4579e4f5a74e1cf67620752"
 
 # The stand-in model: (layers, hidden, heads, intermediate). "tiniest" is for --scale.
-# tiny: 20,000 rows in ~7.6 s of run time on a quiet 2-core AMD EPYC (FFN 512: ~8.8 s), so a
-# 1M-row full run takes ~6-7 minutes there.
+# tiny: 20,000 rows in ~7.6 s of run time on a quiet 2-core AMD EPYC (FFN 512: ~8.8 s), 200,000
+# in 56 s, so a 1M-row full run should take ~5-6 minutes there.
 TINY_SIZES = {"tiny": (2, 128, 2, 256), "tiniest": (1, 32, 2, 64)}
 DUPLICATE_SHARE = 0.005
 CHANGED_SHARE, ADDED_SHARE, REMOVED_SHARE = 0.01, 0.005, 0.005
@@ -322,6 +322,9 @@ class RunResult:
     ratio: float | None = None
     checks: dict[str, bool | None] = field(default_factory=dict)
     load_before: float | None = None  # 1-minute load average as the run started: other work
+    load_after: float | None = None
+    cpu_seconds: float | None = None  # the child's user + system CPU seconds
+    involuntary_switches: int | None = None  # the child preempted: other work on the cores
 
     def get(self, key: str) -> Any:
         return self.summary.get(key)
@@ -331,7 +334,8 @@ class RunResult:
 _RUSAGE_WRAPPER = (
     "import resource, subprocess, sys\n"
     "rc = subprocess.call(sys.argv[2:])\n"
-    "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n"
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "open(sys.argv[1], 'w').write(f'{u.ru_maxrss} {u.ru_nivcsw} {u.ru_utime} {u.ru_stime}')\n"
     "sys.exit(rc)\n")
 
 
@@ -350,19 +354,24 @@ def run_embedpipe(job: Path, label: str, mode: str = "incremental",
     with tempfile.TemporaryDirectory(prefix="nightly-rss-") as tmp:
         rss_file = Path(tmp) / "rss"
         if Path("/usr/bin/time").is_file():
-            cmd = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file)] + cmd
+            cmd = ["/usr/bin/time", "-f", "%M %c %U %S", "-o", str(rss_file)] + cmd
         else:
             cmd = [sys.executable, "-c", _RUSAGE_WRAPPER, str(rss_file)] + cmd
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         seconds = time.perf_counter() - start
         text = rss_file.read_text() if rss_file.is_file() else ""
-    found = re.findall(r"^\d+$", text, re.M)
-    rss = int(found[-1]) / 1024 if found else None  # KiB (both GNU time and Linux ru_maxrss)
+    # "maxrss_KiB nivcsw user_s system_s" (GNU time's %M %c %U %S, or the wrapper's rusage)
+    found = re.findall(r"^(\d+) (\d+) ([\d.]+) ([\d.]+)$", text, re.M)
+    rss = int(found[-1][0]) / 1024 if found else None  # KiB in both
+    switches = int(found[-1][1]) if found else None
+    cpu = float(found[-1][2]) + float(found[-1][3]) if found else None
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         raise BenchError(f"{label}: embedpipe run exited {proc.returncode}:\n{tail}")
-    return RunResult(label, seconds, rss, json.loads(proc.stdout), load_before=load)
+    return RunResult(label, seconds, rss, json.loads(proc.stdout), load_before=load,
+                     load_after=os.getloadavg()[0], cpu_seconds=cpu,
+                     involuntary_switches=switches)
 
 
 # --------------------------------------------------------------------------- equivalence
@@ -539,7 +548,8 @@ def run_nights(work: Path, rows: int, files: int, model: str, max_length: int,
         log(f"{label}: {r.seconds:.1f} s (summary total {total} s), "
             f"peak RSS {r.peak_rss_mb or 0:.0f} MB, "
             f"rows read {r.get('rows_read')}, vectors written {r.get('vectors_written')}, "
-            f"load average before {r.load_before:.1f}")
+            f"load average {r.load_before:.1f} -> {r.load_after:.1f}, CPU {r.cpu_seconds} s, "
+            f"involuntary context switches {r.involuntary_switches}")
         return r
 
     full = do_run("full run", job, rows)
@@ -650,7 +660,8 @@ def table_rows(report: dict) -> list[list[str]]:
                      _fmt(s.get("rows_reused")), _fmt(s.get("rows_removed")),
                      f"{run['seconds']:.1f}",
                      "-" if run["ratio"] is None else f"{run['ratio']:.1%}",
-                     _fmt(run["peak_rss_mb"]), _fmt(run.get("load_before")),
+                     _fmt(run["peak_rss_mb"]),
+                     f"{_fmt(run.get('load_before'))}>{_fmt(run.get('load_after'))}",
                      _target_text(run), _met_text(run)])
     return rows
 
@@ -686,7 +697,8 @@ def render(report: dict, markdown: bool = False) -> str:
         f"night b: re-export into {b['files']} new files, {b['changed']:,} changed, "
         f"{b['added']:,} added, {b['removed']:,} removed; night c: nothing changed",
         "encoded/reused/removed: '?' = not in this embedpipe's summary (read = rows read this "
-        "run); load: 1-minute load average as the run started (other work skews seconds)",
+        "run); load: 1-minute load average as the run started > ended (other work skews seconds; "
+        "--json has each run's CPU seconds and involuntary context switches)",
         ""]
     tail = [""]
     for name, check in report["checks"].items():
