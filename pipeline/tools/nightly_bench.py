@@ -396,14 +396,17 @@ def read_folder(out: Path) -> tuple[pa.Array, np.ndarray]:
 def _search(out: Path, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """(scores, ids as int positions into the folder's id map -> ids) of the folder's index."""
     from ..index.build import load_index
-    from ..index.files import IDS_FILE
+    from ..index.files import ids_file, read_tombstones
+    from ..index.live import LiveIndex
     from ..io.storage import Store
 
     store = Store(str(out))
     index, infos = load_index(store)
-    id_map = pq.read_table(store.path(IDS_FILE)).column("id").to_numpy()
-    scores, pos = index.search(np.ascontiguousarray(queries, np.float32), k)
-    return scores, np.where(pos >= 0, id_map[np.maximum(pos, 0)], -1), infos
+    id_map = pq.read_table(store.path(ids_file(infos)))
+    live = LiveIndex(index, id_map.column("faiss_id").to_numpy(), read_tombstones(store, infos))
+    ids = id_map.column("id").to_numpy()
+    scores, pos = live.search(np.ascontiguousarray(queries, np.float32), k)  # labels -> rows
+    return scores, np.where(pos >= 0, ids[np.maximum(pos, 0)], -1), infos
 
 
 def compare_folders(maintained: Path, fresh: Path, queries: int = 1000, k: int = 10,
