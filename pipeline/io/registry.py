@@ -243,13 +243,17 @@ class StoredRows:
     def _keys(self, ids: pa.Array, texts: np.ndarray) -> np.ndarray:
         return texts if self.mode == "content" else pair_keys(id_keys(ids), texts)
 
-    def find(self, ids: pa.Array, hashes: pa.Array) -> np.ndarray:
-        """Per row, the location of a stored row with its key, or -1."""
+    def find_all(self, ids: pa.Array, hashes: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """Every stored row with a row's key (a text's windows, in a folder of one row a window):
+        (row asked, location) pairs."""
         keys = self._keys(ids, hash_keys(hashes))
         if not len(self.keys) or not len(keys):
-            return np.full(len(keys), -1, np.int64)
-        at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-        return np.where(self.keys[at] == keys, self.locs[at].astype(np.int64), -1)
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        low = np.searchsorted(self.keys, keys, "left")
+        counts = np.searchsorted(self.keys, keys, "right") - low
+        owner = np.repeat(np.arange(len(keys)), counts)
+        starts = np.repeat(low - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+        return owner, self.locs[starts + np.arange(len(owner))].astype(np.int64)
 
     def fetch(self, locations: np.ndarray, columns: list[str]) -> pa.Table:
         """The stored rows at these locations (as `find` gives them), in that order, read row

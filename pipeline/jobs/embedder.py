@@ -17,7 +17,7 @@ from ..encode.token_output import TokenPolicy
 from ..io.reader import Unit
 from ..io.registry import ReuseSource
 from ..io.storage import Store
-from ..io.writer import WINDOW_COLUMNS, tokens_schema, vectors_schema
+from ..io.writer import tokens_schema, vectors_schema
 from .reuse import MEMORY_BYTES, ReusePlanner, RunMemory
 from .stages import FlowSettings, PrepareStage, Stats, WriteStage, run_stages
 
@@ -51,15 +51,14 @@ class EmbedPlan:
 
     @property
     def reusable(self) -> bool:
-        """Whether rows can skip the model: one row a text (not a row a window), no token
-        table (its rows would have to be carried too), and reuse not switched off."""
-        job = self.job
-        return (job.encode.reuse != "off" and job.output.granularity == "text"
-                and not (job.encode.long_text == "chunk" and job.output.chunks == "rows"))
+        """Whether rows can skip the model: reuse not switched off, and no token table (its
+        rows would have to be carried too)."""
+        return self.job.encode.reuse != "off" and self.job.output.granularity == "text"
 
     def stored_columns(self) -> list[str]:
-        """The columns a reused row takes from its stored row: vector, n_tokens, ..."""
-        own = {"id", "text_hash", *self.job.output.keep_columns, *WINDOW_COLUMNS}
+        """The columns a reused row takes from its stored row: vector, n_tokens, ... (and a
+        window's chunk and spans, in a folder of one row a window)."""
+        own = {"id", "text_hash", *self.job.output.keep_columns}
         return [n for n in self.vectors_schema().names if n not in own]
 
 
@@ -94,7 +93,9 @@ class UnitEmbedder:
         planner = None
         if reuse is not None and reuse.mode != "off" and self.plan.reusable:
             planner = ReusePlanner(reuse, self.memory, self.plan.stored_columns(),
-                                   copies=job.encode.long_text != "reject")
+                                   copies=job.encode.long_text != "reject",
+                                   text_column=job.input.text_column
+                                   if job.input.text_column in job.output.keep_columns else None)
         preparer = PrepareStage(self.flow, self.tokenizer, duplicates, id_type, stats,
                                 self.chunking, self.token_policy, planner,
                                 prompt=job.encode.prompt or "")

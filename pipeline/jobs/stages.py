@@ -240,7 +240,7 @@ class PrepareStage:
         if self.planner is not None:
             at = pa.array(keep_idx, pa.int64())
             plan = self.planner.plan(ids.take(at), hashes, table.select(
-                list(self.s.keep_columns)).take(at) if self.s.keep_columns else None)
+                list(self.s.keep_columns)).take(at) if self.s.keep_columns else None, good_texts)
             if plan.assemble is not None:  # only the rest goes on: positions among good rows
                 rows_at = plan.encode
                 keep_idx, hashes = keep_idx[rows_at], hashes.take(pa.array(rows_at, pa.int64()))
@@ -501,6 +501,9 @@ class WriteStage:
 
     def _write_window(self, writer: UnitWriter, window: Window, vectors, unit_stats: Counter) -> None:
         n, windows = len(window.ids), window.windows
+        if not n:  # every text of the window rejected, or taken from stored rows
+            self.progress(window.rejects.num_rows)
+            return
         if windows is None:
             rows = {"vector": vectors, "n_tokens": window.n_tokens, "truncated": window.truncated}
         elif not self.window_rows:  # one row a text: its windows pooled
@@ -516,8 +519,9 @@ class WriteStage:
         ids = window.ids.take(owner) if self.window_rows else window.ids
         rows["text_hash"] = window.text_hash.take(owner) if self.window_rows else window.text_hash
         if window.rows_at is not None:  # written with the window's reused rows
-            if len(ids):
-                self.held.append(HeldRows(window.rows_at, rows))
+            if len(ids):  # each row's text, among the sort window's good texts
+                self.held.append(HeldRows(window.rows_at[windows.owner] if self.window_rows
+                                          else window.rows_at, rows))
         elif len(ids):
             writer.write(ids, rows, window.keep)
         unit_stats["vectors"] += n
@@ -535,16 +539,13 @@ class WriteStage:
         if len(ids):
             writer.write(ids, rows, keep)
         checkpoint("reuse")  # reused rows written into the unit's open part
-        count = len(skipped.get("truncated", ()))
-        if count:
-            unit_stats["truncated"] += int(skipped["truncated"].sum())
-            if "n_chunks" in skipped:
-                unit_stats["chunked"] += int((skipped["n_chunks"] > 1).sum())
-        unit_stats["vectors"] += count
-        unit_stats["rows"] += count
-        unit_stats["reused"] += len(plan.donor_at)
-        unit_stats["copied"] += count - len(plan.donor_at)
-        self.progress(count)
+        unit_stats["vectors"] += skipped.texts
+        unit_stats["rows"] += skipped.rows
+        unit_stats["truncated"] += skipped.truncated
+        unit_stats["chunked"] += skipped.chunked
+        unit_stats["reused"] += skipped.reused
+        unit_stats["copied"] += skipped.texts - skipped.reused
+        self.progress(skipped.texts)
 
     def _write_tokens(self, writer: UnitWriter, window: Window, states: list[np.ndarray],
                       unit_stats: Counter) -> None:

@@ -299,3 +299,52 @@ def test_registry_memory_per_id(tmp_path):
     print("registry bytes an id:", grow)
     assert grow["held"] < 16.5 and grow["peak"] < 33, grow
     assert grow["scan peak"] / 2 < 32, grow
+
+
+@pytest.mark.parametrize("chunks", ["rows", "pool"])
+def test_long_texts_reuse_every_window(tmp_path, mixed_texts, tiny_model, chunks):
+    """Long texts cut into windows: a re-export with one text changed reuses the others' windows
+    (all of them: in a folder of one row a window, every window of the text, in order, with the
+    kept text sliced per window) and equals a fresh run."""
+    texts = mixed_texts[200:230] + mixed_texts[:10]
+    table = pa.table({"id": np.arange(len(texts)), "text": texts})
+    write_shards(tmp_path / "in", [table.slice(0, 20), table.slice(20)])
+    sections = {"encode": {"long_text": "chunk", "chunk_overlap": 8},
+                "output": {"chunks": chunks, "keep_columns": ["text"]}}
+    out = tmp_path / "out"
+    first = run(_job(tmp_path / "in", out, tiny_model, **sections))
+    assert first.texts_chunked > 10
+    shutil.move(tmp_path / "in", tmp_path / "export")
+    for i, path in enumerate(sorted((tmp_path / "export").iterdir())):
+        path.rename(path.with_name(f"export-{i}.parquet"))
+    _edit(tmp_path / "export" / "export-0.parquet", {4: texts[4] + " And one more sentence."})
+    night = run(_job(tmp_path / "export", out, tiny_model, **sections))
+    assert night.exit_code == 0, night.failures
+    assert (night.rows_encoded, night.rows_reused) == (1, len(texts) - 1)
+    assert night.windows < first.windows / 10  # only the changed text's windows were encoded
+    mine, fresh = _same_as_fresh(tmp_path, out, tmp_path / "export", tiny_model, **sections)
+    fresh_run = json.loads((tmp_path / "fresh-2" / "manifest.json").read_text())["last_run"]
+    for count in ("texts_chunked", "truncated", "vectors_written"):
+        assert getattr(night, count) == fresh_run[count], count
+    for column in mine.column_names:
+        if column != "vector":
+            assert mine.column(column).equals(fresh.column(column)), column
+    assert embedpipe("verify", out).returncode == 0
+
+
+def test_sentence_pairs_hash_both_texts(tmp_path, corpus, tiny_model):
+    """A pair is reused only when both of its texts are the same: a changed second text alone
+    sends the row back through the model."""
+    texts = corpus.column("text").to_pylist()
+    table = corpus.append_column("second", pa.array(texts[1:] + texts[:1]))
+    paths = write_shards(tmp_path / "in", [table.slice(0, 150), table.slice(150)])
+    job = _job(tmp_path / "in", tmp_path / "out", tiny_model,
+               input={"text_pair_column": "second"})
+    run(job)
+    data = pq.read_table(paths[1]).to_pydict()
+    data["second"][10] = "only the second text changed"
+    pq.write_table(pa.table(data), paths[1])
+    night = run(job)
+    assert (night.rows_encoded, night.rows_reused) == (1, 149)
+    _same_as_fresh(tmp_path, tmp_path / "out", tmp_path / "in", tiny_model,
+                   input={"text_pair_column": "second"})
