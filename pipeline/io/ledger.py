@@ -139,6 +139,13 @@ class Ledger:
                 for key, record in self.data.pop("units", {}).items()}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise _unreadable(store, f"a unit record is malformed: {type(exc).__name__} {exc}")
+        try:
+            if not isinstance(self.data.get("retired", []), list):
+                raise TypeError("retired is not a list")
+            self.retired  # parsed once here, so a malformed record is refused at open
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise _unreadable(store, f"a retired unit record is malformed: "
+                                     f"{type(exc).__name__} {exc}")
 
     def check_settings(self, settings: dict[str, Any]) -> None:
         """Refuse when the folder was made with settings that change vectors."""

@@ -34,10 +34,13 @@ class Output:
 
     @property
     def columns(self) -> list[str]:
-        """id, vector, n_tokens, truncated, then the kept columns."""
+        """id, vector, n_tokens, truncated, text_hash, then the kept columns: those every part
+        has (parts written before text hashes existed lack text_hash)."""
         if not self.files:
             return []
-        return self.parts.metadata(self.files[0]).schema.to_arrow_schema().names
+        names = [set(self.parts.metadata(f).schema.to_arrow_schema().names) for f in self.files]
+        first = self.parts.metadata(self.files[0]).schema.to_arrow_schema().names
+        return [n for n in first if all(n in other for other in names)]
 
     def batches(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         """The columns (default all), part after part, a block of rows at a time."""

@@ -348,3 +348,17 @@ def test_sentence_pairs_hash_both_texts(tmp_path, corpus, tiny_model):
     assert (night.rows_encoded, night.rows_reused) == (1, 149)
     _same_as_fresh(tmp_path, tmp_path / "out", tmp_path / "in", tiny_model,
                    input={"text_pair_column": "second"})
+
+
+def test_a_malformed_retired_record_is_refused_in_one_line(tmp_path, corpus, tiny_model):
+    write_shards(tmp_path / "in", [corpus.slice(0, 50)])
+    job = small_job(tmp_path / "job.toml", tmp_path / "in", tmp_path / "out", tiny_model)
+    assert embedpipe("run", job).returncode == 0
+    manifest_path = tmp_path / "out" / "manifest.json"
+    for garbage in ("garbage", [{"path": "x"}]):
+        manifest = json.loads(manifest_path.read_text())
+        manifest["retired"] = garbage
+        manifest_path.write_text(json.dumps(manifest))
+        result = embedpipe("run", job)
+        assert result.returncode == 2 and "retired unit record is malformed" in result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
