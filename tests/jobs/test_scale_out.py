@@ -210,3 +210,30 @@ def test_ray_reuses_stored_rows_as_the_local_runner_does(tmp_path, shards, tiny_
     keep = np.arange(len(ids)) != row
     assert np.abs(matrix(table)[keep] - vectors[keep]).max() < 1e-5
     assert texts_changed and np.abs(matrix(table)[row] - vectors[row]).max() > 1e-3
+
+
+@pytest.mark.s3
+def test_s3_output_reuses_stored_rows(tmp_path, s3, shards, tiny_model, local_result):
+    """An output folder on S3: a renamed input reuses every stored row (read back from the
+    object store row group by row group) and the folder equals the local runner's."""
+    import shutil
+
+    fs, bucket = s3
+    out = f"s3://{bucket}/nightly"
+    shutil.copytree(shards, tmp_path / "in")
+    job = small_job(tmp_path / "job.toml", tmp_path / "in", out, tiny_model)
+    assert embedpipe("run", job).returncode == 0
+    for path in sorted((tmp_path / "in").iterdir()):
+        path.rename(path.with_name("export-" + path.name))
+    done = embedpipe("run", job, "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert (summary["rows_encoded"], summary["rows_reused"]) == (0, 360)
+    fs.invalidate_cache()
+    fs.get(f"{bucket}/nightly", str(tmp_path / "copy"), recursive=True)
+    table = read_vectors(tmp_path / "copy")
+    ids, vectors = local_result
+    assert table.column("id").to_pylist() == ids
+    assert np.abs(matrix(table) - vectors).max() < 1e-5
+    assert not json.loads((tmp_path / "copy" / "manifest.json").read_text())["retired"]
+    assert embedpipe("verify", out).returncode == 0
