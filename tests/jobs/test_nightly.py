@@ -204,17 +204,25 @@ def test_sigkill_mid_reuse_then_rerun_equals_a_clean_run(tmp_path, corpus, tiny_
 
 
 def test_reuse_off_drops_replaced_parts_at_once(tmp_path, corpus, tiny_model):
+    """With reuse off nothing is retired: a run killed after its first unit has already deleted
+    the replaced parts, and its rerun encodes every row of the changed units."""
     paths = write_shards(tmp_path / "in", [corpus.slice(0, 150), corpus.slice(150)])
     out = tmp_path / "out"
-    job = _job(tmp_path / "in", out, tiny_model, encode={"reuse": "off"})
-    run(job)
+    job = small_job(tmp_path / "job.toml", tmp_path / "in", out, tiny_model,
+                    encode={"reuse": "off"})
+    assert embedpipe("run", job).returncode == 0
+    before = {p.name for p in (out / "vectors").iterdir()}
     _edit(paths[0], {1: "changed"})
-    summary = run(job)
-    assert (summary.rows_encoded, summary.rows_reused, summary.reuse) == (150, 0, "off")
+    _edit(paths[1], {1: "changed too"})
+    run_and_kill(job, "unit:1", tmp_path)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest.get("retired", []) == []
-    named = {f for u in manifest["units"].values() for f in u["vectors"]}
-    assert {f"vectors/{p.name}" for p in (out / "vectors").iterdir()} == named
+    old_second = [f for f in before if f.startswith("part-00001")]
+    assert old_second and not any((out / "vectors" / f).exists() for f in old_second)
+    done = embedpipe("run", job, "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["rows_encoded"], summary["rows_reused"], summary["reuse"]) == (150, 0, "off")
 
 
 def test_a_retired_part_damaged_before_the_rerun_is_not_reused(tmp_path, corpus, tiny_model):
