@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from .content_hash import hash_bytes, hash_keys, id_keys, pair_keys, text_hashes
 from .reader import Unit, read_unit
-from .rejects import row_reasons
+from .rejects import plain_texts, row_reasons
 from .storage import Store
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ class InputScan:
     ids_gone: int = 0  # ids stored in the `gone` parts that no input row (nor kept part) has
     rows_scanned: int = 0
     key_bytes: int = 0  # the scan's largest array allocation, for the memory-per-id check
-    seconds: float = 0.0
 
 
 def _parquet(store: Store, name: str) -> pq.ParquetFile:
@@ -85,11 +84,6 @@ def scan_input(units: list[Unit], id_column: str, text_column: str, store: Store
     An id belongs to the first row, in input order, that has it and can be embedded; ids kept in
     the folder come before all of them. A unit that cannot be read to its end claims nothing
     (it fails later, when embedded)."""
-    import time
-
-    from .rejects import plain_texts
-
-    started = time.perf_counter()
     columns = [id_column, text_column] + ([pair_column] if pair_column else [])
     # One array each, allocated at its largest size (stored rows + input rows) and filled in
     # place: no list of pieces concatenated into a second copy.
@@ -141,8 +135,7 @@ def scan_input(units: list[Unit], id_column: str, text_column: str, store: Store
     duplicates = _by_unit(later, scanned)
     ids_gone = _count_gone(sorted_keys, store, list(gone_files))
     return InputScan(duplicates=duplicates, repeated=repeated, ids_gone=ids_gone,
-                     rows_scanned=len(sorted_keys) - n_kept, key_bytes=key_bytes,
-                     seconds=time.perf_counter() - started)
+                     rows_scanned=len(sorted_keys) - n_kept, key_bytes=key_bytes)
 
 
 def _by_unit(positions: np.ndarray, scanned: list[_UnitRows]) -> dict[str, np.ndarray]:
