@@ -55,6 +55,9 @@ class ModelConfig:
     # auto: embedpipe's AMX kernel for bf16 on AMX CPUs, FA2 on CUDA if installed, else SDPA, or
     # eager for model classes without SDPA (MPNet, DeBERTa)
     attention: str = "auto"
+    # auto: embedpipe's fused forward (fused_forward.py) for BERT-family models run eagerly on a
+    # CPU with oneDNN, transformers' forward otherwise
+    forward: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.attention": ("auto", "sdpa", "eager", "amx", "flash_attention_2"),
     "model.compile": ("auto",),
+    "model.forward": ("auto", "fused", "transformers"),
     "encode.pooling": ("auto", "cls", "mean", "max", "concat-last-four", "pooler"),
     "encode.layer_combine": ("concat", "mean", "sum"),
     "encode.token_pooling": ("mean", "cls", "max"),

@@ -114,20 +114,21 @@ def copy_tree(src: Path, dst: Path) -> Path:
 
 
 def runtime_for(source, device="cpu", dtype="float32", attention="auto", compile=False,
-                max_length=None):
+                max_length=None, forward="auto"):
     """The runtime a job with these model settings resolves to on this machine."""
     from pipeline.config import ModelConfig
     from pipeline.encode.runtime import resolve_runtime
 
     return resolve_runtime(ModelConfig(name=str(source.path), device=device, dtype=dtype,
                                        attention=attention, compile=compile,
-                                       max_length=max_length), source)
+                                       max_length=max_length, forward=forward), source)
 
 
-def encoder_for(source, device, dtype, settings, compile=False, attention="auto"):
+def encoder_for(source, device, dtype, settings, compile=False, attention="auto", forward="auto"):
     from pipeline.encode.encoder import Encoder
 
-    return Encoder(source, runtime_for(source, device, dtype, attention, compile), settings)
+    return Encoder(source, runtime_for(source, device, dtype, attention, compile,
+                                       forward=forward), settings)
 
 
 def index_paths(out: Path) -> tuple[Path, Path]:

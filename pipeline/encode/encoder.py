@@ -26,6 +26,7 @@ import torch
 from ..config import ConfigError, EncodeConfig
 from . import compile_cache
 from .batching import Batch
+from .fused_forward import FusedForward
 from .hardware import process_age
 from .model_files import ModelSource
 from .pooling import combine_layers, output_width, pool
@@ -103,7 +104,7 @@ _MODELS_KEEP = 2
 def cached_model(source: ModelSource, runtime: Runtime) -> torch.nn.Module:
     key = (f"{source.path}:{source.fingerprint}",
            (runtime.device, runtime.dtype, runtime.attention, runtime.compile,
-            runtime.compile_cache))
+            runtime.compile_cache, runtime.forward))
     with _MODELS_LOCK:
         model = _MODELS.pop(key, None)
         if model is None:
@@ -122,6 +123,8 @@ def cached_model(source: ModelSource, runtime: Runtime) -> torch.nn.Module:
                 if runtime.compile_cache:
                     compile_cache.use_cache()
                 model = torch.compile(model, dynamic=True)
+            elif runtime.forward == "fused":
+                model = FusedForward(model, TORCH_DTYPES[runtime.dtype], runtime.attention)
         _MODELS[key] = model  # most recently used last
         while len(_MODELS) > _MODELS_KEEP:
             _MODELS.pop(next(iter(_MODELS)))
@@ -177,8 +180,10 @@ class Encoder:
         return inductor_config.patch({"freezing": True, "cpp.weight_prepack": True})
 
     def _autocast(self):
-        # On CUDA the weights are already half; on CPU autocast runs the products in bf16.
-        enabled = self.dtype != "float32" and self.device.type == "cpu"
+        # On CUDA the weights are already half; on CPU autocast runs the products in bf16 (the
+        # fused forward runs in the run's dtype itself).
+        enabled = (self.dtype != "float32" and self.device.type == "cpu"
+                   and self.runtime.forward != "fused")
         return torch.autocast(self.device.type, dtype=TORCH_DTYPES[self.dtype], enabled=enabled)
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

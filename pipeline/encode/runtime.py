@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, JobConfig, ModelConfig
-from . import compile_cache, cpu_attention, hardware
+from . import compile_cache, cpu_attention, fused_forward, hardware
 from .model_files import ModelSource
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,9 @@ class Runtime:
     # compiled through the persistent compile cache under this entry key (no freezing: the cache
     # refuses frozen graphs); None: not compiled, or compiled with frozen weights, uncached
     compile_cache: str | None = None
+    # fused: embedpipe's forward for BERT-family models on CPU (fused_forward.py); transformers:
+    # the model's own forward (every other case, and compiled models)
+    forward: str = "transformers"
 
     @property
     def torch_device(self) -> torch.device:
@@ -72,8 +75,9 @@ def resolve_runtime(model: ModelConfig, source: ModelSource, input_rows: int = 0
     key = compile_cache.entry_key(source.fingerprint, dtype, attention, str(device))
     compiled, note = _compile(model.compile, device, dtype, input_rows,
                               compile_cache.is_warm(key))
+    forward = _forward(model.forward, device, dtype, attention, compiled, source)
     return Runtime(device=str(device), dtype=dtype, dtype_note=_dtype_note(model.dtype, device, dtype),
-                   attention=attention, compile=compiled,
+                   attention=attention, compile=compiled, forward=forward,
                    max_length=model.max_length or source.max_length, compile_note=note,
                    compile_cache=key if compiled and _cacheable() else None)
 
@@ -149,6 +153,38 @@ def _attention(requested: str, device: torch.device, dtype: str, source: ModelSo
     return fallback
 
 
+def _forward(requested: str, device: torch.device, dtype: str, attention: str, compiled: bool,
+             source: ModelSource) -> str:
+    """`auto`: embedpipe's fused forward where it runs (a BERT-family model, on CPU, eager, with
+    SDPA or embedpipe's attention kernel, oneDNN in this torch): 1.2-1.7x transformers' eager
+    forward there (README, "The fused forward"); transformers' forward otherwise. An explicit
+    "fused" that cannot run is a configuration error saying why."""
+    if requested == "transformers":
+        return "transformers"
+    reason = _fused_unavailable(device, dtype, attention, compiled, source)
+    if reason is None:
+        return "fused"
+    if requested == "fused":
+        raise ConfigError(f"model.forward = 'fused' cannot run here: {reason}; use 'auto' or "
+                          f"'transformers'")
+    return "transformers"
+
+
+def _fused_unavailable(device: torch.device, dtype: str, attention: str, compiled: bool,
+                       source: ModelSource) -> str | None:
+    from transformers import AutoConfig
+
+    if device.type != "cpu":
+        return "it runs on CPU only"
+    if compiled:
+        return "a compiled model runs transformers' forward (model.compile)"
+    if attention not in ("sdpa", "amx", "avx512"):
+        return f"it takes attention sdpa, amx or avx512, not {attention!r}"
+    if not fused_forward.onednn_products(dtype):
+        return f"this torch has no oneDNN {dtype} products"
+    return fused_forward.unsupported_reason(AutoConfig.from_pretrained(source.path))
+
+
 def _model_class_supports(source: ModelSource, flag: str) -> bool:
     """Whether transformers' class for this model declares an attention implementation."""
     from transformers import AutoConfig
@@ -213,6 +249,10 @@ def check_here(runtime: Runtime, source: ModelSource) -> None:
     if runtime.on_cuda and not torch.cuda.is_available():
         raise ConfigError(f"the run was planned for {runtime.device}, but this worker has no CUDA "
                           f"device; set model.device for the cluster's machines")
+    if runtime.forward == "fused" and not fused_forward.onednn_products(runtime.dtype):
+        raise ConfigError(f"the run was planned with the fused forward, which needs oneDNN "
+                          f"{runtime.dtype} products that this worker's torch lacks; set "
+                          f"model.forward = 'transformers' on mixed clusters")
     if runtime.attention == "amx":
         reason, _ = _amx_unavailable(device, runtime.dtype, source)
         if reason is not None:

@@ -112,7 +112,7 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
     # Resolved once here, so that the manifest, the summary and every worker agree.
     runtime = resolve_runtime(job.model, source, sum(u.num_rows for u in units))
     job = dataclasses.replace(job, model=dataclasses.replace(
-        job.model, attention=runtime.attention, compile=runtime.compile))
+        job.model, attention=runtime.attention, compile=runtime.compile, forward=runtime.forward))
     job = resolve_chunking(job, source, runtime)
     settings = vector_settings(job, source, runtime)
     if job.index.enabled:
@@ -128,7 +128,8 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
         ledger.check_settings(settings)
         summary = RunSummary(job=job.name, output=store.url, device=runtime.device,
                              dtype=runtime.dtype, dtype_note=runtime.dtype_note,
-                             attention=runtime.attention, compiled=runtime.compile,
+                             attention=runtime.attention, forward=runtime.forward,
+                             compiled=runtime.compile,
                              compile_note=runtime.compile_note,
                              model=source.name, units_total=len(units), recipe=recipe,
                              long_text=job.encode.long_text,

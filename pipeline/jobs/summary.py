@@ -14,6 +14,7 @@ class RunSummary:
     dtype: str
     dtype_note: str = ""  # why this dtype, when it was chosen automatically
     attention: str = ""  # the attention kernel: sdpa, amx (embedpipe's), flash_attention_2
+    forward: str = ""  # fused (embedpipe's, fused_forward.py) | transformers
     compiled: bool = False  # torch.compile (model.compile, or auto for a long enough input)
     compile_note: str = ""  # why compiled or not: "auto: warm compile cache, 12,000 input rows ..."
     recipe: list[str] = field(default_factory=list)  # pooling, normalize, prompt: where from
@@ -90,6 +91,7 @@ class RunSummary:
             f"embedpipe run {self.job} -> {self.output}",
             f"  model      {self.model} on {self.device} in {self.dtype_note or self.dtype}"
             + (f", attention {self.attention}" if self.attention else "")
+            + (", fused forward" if self.forward == "fused" else "")
             + (", compiled" if self.compiled else "")
             + (f" ({self.compile_note})" if self.compiled and self.compile_note.startswith("auto")
                else ""),

@@ -109,7 +109,7 @@ def test_compile_auto_goes_by_the_inputs_rows_and_the_cache(requested, device, d
 
 
 def test_bfloat16_on_cpu_casts_only_the_linear_weights(bundled_model):
-    model = encoder_for(bundled_model, "cpu", "bfloat16", MEAN).model
+    model = encoder_for(bundled_model, "cpu", "bfloat16", MEAN, forward="transformers").model
     linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert linear and norms
@@ -124,7 +124,9 @@ def test_models_are_loaded_once_per_device_and_dtype(bundled_model):
     c = encoder_for(bundled_model, "cpu", "bfloat16", MEAN)
     assert a.model is b.model
     assert c.model is not a.model
-    assert next(a.model.parameters()).dtype == torch.float32
+    d = encoder_for(bundled_model, "cpu", "float32", MEAN, forward="transformers")
+    assert d.model is not a.model  # the forward is part of the key too
+    assert next(d.model.parameters()).dtype == torch.float32
 
 
 @pytest.mark.parametrize("flags, expected", [

@@ -1,0 +1,168 @@
+"""embedpipe's fused forward (fused_forward.py) against transformers' own forward of the same
+weights: every hidden state of each family it takes, the pooler, sentence pairs, bf16 against
+float32, and when the runtime chooses it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import encoder_for, runtime_for
+from pipeline.config import ConfigError
+from pipeline.encode import fused_forward, hardware
+from pipeline.encode.batching import encode_texts
+from pipeline.encode.encoder import EncoderSettings
+from pipeline.encode.fused_forward import FusedForward
+from pipeline.encode.model_files import resolve_model
+from pipeline.encode.tokenizer import TextTokenizer
+
+MEAN = EncoderSettings(layers=(-1,), layer_combine="concat", token_pooling="mean", normalize=True)
+LAST_FOUR = EncoderSettings(layers=(-1, -2, -3, -4), layer_combine="concat", token_pooling="cls",
+                            normalize=False)
+ONEDNN = fused_forward.onednn_products("float32")
+needs_onednn = pytest.mark.skipif(not ONEDNN, reason="this torch has no oneDNN products")
+# each family with another activation, so every epilogue the fused forward maps is exercised
+FAMILIES = {"bert": "gelu", "roberta": "gelu_new", "xlm-roberta": "relu",
+            "camembert": "gelu_pytorch_tanh"}
+
+
+def _tiny(kind: str, activation: str):
+    import transformers as tf
+
+    config = tf.AutoConfig.for_model(
+        kind, vocab_size=120, hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
+        intermediate_size=128, max_position_embeddings=80, hidden_act=activation,
+        pad_token_id=1, type_vocab_size=2, initializer_range=0.3)
+    torch.manual_seed(len(kind))
+    model = tf.AutoModel.from_config(config, attn_implementation="sdpa").eval()
+    with torch.no_grad():  # non-trivial norms and biases, so none of them can be dropped unseen
+        for name, param in model.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def _batch(rows: int, length: int, seed: int):
+    """Right-padded ids (as collate makes them), lengths 1..length, and segment ids."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, length + 1, (rows,), generator=gen)
+    lengths[0] = length
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(3, 120, (rows, length), generator=gen) * mask + (1 - mask)  # pad id 1
+    types = (torch.arange(length)[None, :] >= (lengths[:, None] // 2)).long() * mask
+    return ids, mask, types
+
+
+@needs_onednn
+@pytest.mark.parametrize("kind", sorted(FAMILIES))
+def test_every_hidden_state_equals_transformers_in_float32(kind):
+    model = _tiny(kind, FAMILIES[kind])
+    ids, mask, types = _batch(6, 37, seed=3)
+    with torch.inference_mode():
+        want = model(input_ids=ids, attention_mask=mask, token_type_ids=types,
+                     output_hidden_states=True)
+        fused = FusedForward(model, torch.float32, "sdpa")
+        got = fused(ids, mask, types, output_hidden_states=True)
+    assert len(got.hidden_states) == len(want.hidden_states) == 4
+    real = mask.bool()
+    for mine, theirs in zip(got.hidden_states, want.hidden_states):
+        assert (mine[real] - theirs[real]).abs().max().item() < 2e-5
+    assert (got.last_hidden_state[real] - want.last_hidden_state[real]).abs().max().item() < 2e-5
+    if want.pooler_output is not None:
+        assert (got.pooler_output - want.pooler_output).abs().max().item() < 2e-5
+    # segment ids matter (a BERT pair's second text): another segment gives other states
+    with torch.inference_mode():
+        other = fused(ids, mask, torch.zeros_like(types)).last_hidden_state
+    assert (other[real] - got.last_hidden_state[real]).abs().max().item() > 1e-3
+
+
+def _kernels() -> list[str]:
+    kinds = ["sdpa"]
+    if hardware.cpu_has_amx_bf16():
+        kinds.append("amx")
+    if "avx512_bf16" in hardware.cpu_flags():
+        kinds.append("avx512")
+    return kinds
+
+
+@needs_onednn
+@pytest.mark.skipif(not fused_forward.onednn_products("bfloat16"), reason="no oneDNN bf16")
+@pytest.mark.parametrize("attention", _kernels())
+@pytest.mark.parametrize("settings", [MEAN, LAST_FOUR], ids=["mean", "concat-last-four"])
+def test_bundled_model_fused_against_transformers(bundled_model, mixed_texts, attention, settings):
+    """float32: transformers' vectors to 1e-5; bfloat16 (with each attention this CPU runs):
+    cosine >= 0.999 to float32 on every row, as the transformers bf16 forward holds."""
+    tokenizer = TextTokenizer(bundled_model.path, bundled_model.max_length)
+
+    def vectors(dtype: str, forward: str, attention: str = "sdpa") -> np.ndarray:
+        encoder = encoder_for(bundled_model, "cpu", dtype, settings, attention=attention,
+                              forward=forward)
+        assert encoder.runtime.forward == forward
+        return encode_texts(tokenizer, encoder, mixed_texts, 4096, 256)
+
+    reference = vectors("float32", "transformers")
+    fp32 = vectors("float32", "fused")
+    assert np.abs(fp32 - reference).max() < 1e-5
+    bf16 = vectors("bfloat16", "fused", attention)
+    cos = (bf16 * reference).sum(1) / np.linalg.norm(bf16, axis=1) / np.linalg.norm(reference, axis=1)
+    assert cos.min() >= 0.999
+    assert not np.allclose(bf16, reference, atol=1e-6)  # it did run in bf16
+
+
+def test_runtime_chooses_the_fused_forward_where_it_runs(bundled_model, tmp_path):
+    auto = runtime_for(bundled_model)
+    assert auto.forward == ("fused" if ONEDNN else "transformers")
+    assert runtime_for(bundled_model, forward="transformers").forward == "transformers"
+    # compiled models run transformers' forward; an explicit fused one is refused, saying why
+    assert runtime_for(bundled_model, compile=True).forward == "transformers"
+    with pytest.raises(ConfigError, match="compiled"):
+        runtime_for(bundled_model, compile=True, forward="fused")
+    assert runtime_for(bundled_model, attention="eager").forward == "transformers"
+    # a family it does not take: transformers' forward, and an explicit fused one refused
+    import transformers as tf
+
+    folder = tmp_path / "distilbert"
+    tf.DistilBertModel(tf.DistilBertConfig(vocab_size=bundled_model_vocab(bundled_model), dim=32,
+                                           n_layers=1, n_heads=2, hidden_dim=64)).save_pretrained(folder)
+    tf.AutoTokenizer.from_pretrained(bundled_model.path).save_pretrained(folder)
+    other = resolve_model(str(folder))
+    assert runtime_for(other).forward == "transformers"
+    with pytest.raises(ConfigError, match="distilbert"):
+        runtime_for(other, forward="fused")
+
+
+def bundled_model_vocab(source) -> int:
+    import json
+
+    return json.loads((source.path / "config.json").read_text())["vocab_size"]
+
+
+def test_without_onednn_the_fallback_is_transformers_forward(bundled_model, mixed_texts,
+                                                            monkeypatch):
+    """A torch without oneDNN (an Arm build): auto falls back to transformers' forward, whose
+    vectors equal sentence-transformers' (test_parity); an explicit fused one is refused."""
+    monkeypatch.setattr(fused_forward, "onednn_products", lambda dtype: False)
+    assert runtime_for(bundled_model).forward == "transformers"
+    with pytest.raises(ConfigError, match="oneDNN"):
+        runtime_for(bundled_model, forward="fused")
+    encoder = encoder_for(bundled_model, "cpu", "float32", MEAN)
+    assert not isinstance(encoder.model, FusedForward)
+
+
+def test_a_worker_without_onednn_refuses_a_fused_plan(bundled_model, monkeypatch):
+    from pipeline.encode.runtime import check_here
+
+    planned = runtime_for(bundled_model, forward="auto")
+    monkeypatch.setattr(fused_forward, "onednn_products", lambda dtype: False)
+    if planned.forward == "fused":
+        with pytest.raises(ConfigError, match="model.forward = 'transformers'"):
+            check_here(planned, bundled_model)
+
+
+def test_unsupported_configs_say_why():
+    import transformers as tf
+
+    assert fused_forward.unsupported_reason(tf.BertConfig()) is None
+    assert "activation" in fused_forward.unsupported_reason(tf.BertConfig(hidden_act="silu"))
+    assert "bidirectional" in fused_forward.unsupported_reason(tf.BertConfig(is_decoder=True))
+    assert "electra" in fused_forward.unsupported_reason(tf.ElectraConfig())
