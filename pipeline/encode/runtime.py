@@ -185,8 +185,17 @@ def _fused_unavailable(device: torch.device, dtype: str, attention: str, compile
     return fused_forward.unsupported_reason(AutoConfig.from_pretrained(source.path))
 
 
+# what transformers' classes of fused_forward.FAMILIES declare (tests/encode/test_fused_forward.py
+# checks it against the classes)
+KNOWN_FAMILY_FLAGS = ("_supports_sdpa", "_supports_attention_backend")
+
+
 def _model_class_supports(source: ModelSource, flag: str) -> bool:
-    """Whether transformers' class for this model declares an attention implementation."""
+    """Whether transformers' class for this model declares an attention implementation. The
+    fused forward's families declare SDPA and the attention backend: known without importing
+    their class (transformers' model modules cost ~1.5 s of start-up)."""
+    if source.model_type in fused_forward.FAMILIES and flag in KNOWN_FAMILY_FLAGS:
+        return True
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 

@@ -61,7 +61,7 @@ def test_every_hidden_state_equals_transformers_in_float32(kind):
     with torch.inference_mode():
         want = model(input_ids=ids, attention_mask=mask, token_type_ids=types,
                      output_hidden_states=True)
-        fused = FusedForward(model, torch.float32, "sdpa")
+        fused = FusedForward(model.state_dict(), model.config, torch.float32, "sdpa")
         got = fused(ids, mask, types, output_hidden_states=True)
     assert len(got.hidden_states) == len(want.hidden_states) == 4
     real = mask.bool()
@@ -74,6 +74,57 @@ def test_every_hidden_state_equals_transformers_in_float32(kind):
     with torch.inference_mode():
         other = fused(ids, mask, torch.zeros_like(types)).last_hidden_state
     assert (other[real] - got.last_hidden_state[real]).abs().max().item() > 1e-3
+
+
+@needs_onednn
+@pytest.mark.parametrize("saved", ["safetensors", "bin", "masked-lm safetensors"])
+def test_folders_load_as_transformers_loads_them(tmp_path, bundled_model, saved):
+    """From a folder: its safetensors read directly (a masked-LM checkpoint's "bert." names
+    too), or a .bin-only folder through transformers; vectors equal transformers' forward."""
+    import transformers as tf
+
+    model = _tiny("bert", "gelu")
+    folder = tmp_path / "model"
+    if saved == "masked-lm safetensors":
+        head = tf.BertForMaskedLM(model.config).eval()
+        head.bert.load_state_dict(model.state_dict(), strict=False)
+        head.save_pretrained(folder)
+        model = tf.AutoModel.from_pretrained(folder, attn_implementation="sdpa").eval()
+    else:
+        model.save_pretrained(folder)
+        if saved == "bin":  # (transformers 5 writes safetensors only)
+            torch.save(model.state_dict(), folder / "pytorch_model.bin")
+            (folder / "model.safetensors").unlink()
+    tf.AutoTokenizer.from_pretrained(bundled_model.path).save_pretrained(folder)
+    assert any(folder.glob("*.safetensors")) == (saved != "bin")
+    source = resolve_model(str(folder))
+    encoder = encoder_for(source, "cpu", "float32", MEAN)
+    assert isinstance(encoder.model, FusedForward)
+    ids, mask, types = _batch(5, 21, seed=9)
+    with torch.inference_mode():
+        want = model(input_ids=ids.clamp(max=119), attention_mask=mask).last_hidden_state
+    got = encoder.model(ids.clamp(max=119), mask).last_hidden_state
+    real = mask.bool()
+    assert (got[real] - want[real]).abs().max().item() < 2e-5
+    assert (encoder.model.pooler is None) == (saved == "masked-lm safetensors")  # no pooler saved
+
+
+def test_weight_files_that_do_not_match_the_config_are_refused(tmp_path, bundled_model):
+    from safetensors.torch import load_file, save_file
+
+    model = _tiny("bert", "gelu")
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tf_tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(bundled_model.path)
+    tf_tokenizer.save_pretrained(folder)
+    state = load_file(folder / "model.safetensors")
+    del state["encoder.layer.2.output.dense.weight"]
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(ConfigError, match="encoder.layer.2.output.dense.weight"):
+        encoder_for(resolve_model(str(folder)), "cpu", "float32", MEAN)
+    (folder / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        encoder_for(resolve_model(str(folder)), "cpu", "float32", MEAN)
 
 
 def _kernels() -> list[str]:
@@ -166,3 +217,14 @@ def test_unsupported_configs_say_why():
     assert "activation" in fused_forward.unsupported_reason(tf.BertConfig(hidden_act="silu"))
     assert "bidirectional" in fused_forward.unsupported_reason(tf.BertConfig(is_decoder=True))
     assert "electra" in fused_forward.unsupported_reason(tf.ElectraConfig())
+
+
+@pytest.mark.parametrize("kind", sorted(fused_forward.FAMILIES))
+def test_what_the_runtime_knows_of_the_families_is_what_their_classes_declare(kind):
+    import transformers as tf
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    from pipeline.encode.runtime import KNOWN_FAMILY_FLAGS
+
+    model_class = MODEL_MAPPING[type(tf.AutoConfig.for_model(kind))]
+    assert all(getattr(model_class, flag, False) for flag in KNOWN_FAMILY_FLAGS)
