@@ -62,7 +62,7 @@ def _load_model(source: ModelSource, runtime: Runtime):
     from .cpu_attention import ATTENTION
 
     device, dtype = runtime.torch_device, runtime.dtype
-    attn = ATTENTION if runtime.attention == "amx" else runtime.attention
+    attn = runtime.attn_implementation
     # Always name the dtype: transformers 5 loads a folder saved in float16 as a float16 model
     # unless told otherwise. On CPU the model loads in float32 (bf16 casts only the Linear
     # weights, below).
