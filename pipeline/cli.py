@@ -438,7 +438,8 @@ def predict(head: str, inputs: str, dest: str, text_column: str, id_column: str,
               help="torch.compile embedpipe's model (model.compile = true); compiled in the warm-up.")
 @click.option("--attention", default="auto", show_default=True,
               type=click.Choice(CHOICES["model.attention"]),
-              help="embedpipe's attention kernel (model.attention); auto: amx for bf16 on AMX CPUs.")
+              help="embedpipe's attention kernel (model.attention); auto: amx for bf16 on AMX CPUs, "
+                   "avx512 on AVX-512 BF16 CPUs without AMX.")
 def bench(input_path, rows, text_column, id_column, model, dtypes, device, max_length, rounds,
           st_batch_size, batch_tokens, no_st, workdir, as_json, compile_model, attention) -> None:
     """Benchmark embedpipe's full path against SentenceTransformer.encode on this machine.

@@ -213,7 +213,7 @@ class JobConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "input.pair_truncation": ("longest_first", "only_second"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "model.attention": ("auto", "sdpa", "eager", "amx", "flash_attention_2"),
+    "model.attention": ("auto", "sdpa", "eager", "amx", "avx512", "flash_attention_2"),
     "model.compile": ("auto",),
     "model.forward": ("auto", "fused", "transformers"),
     "encode.pooling": ("auto", "cls", "mean", "max", "concat-last-four", "pooler"),

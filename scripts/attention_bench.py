@@ -1,10 +1,12 @@
-"""embedpipe's AMX attention kernel against SDPA, per call, on bf16 inputs shaped as a BERT model
-hands them over (12 heads of 32 by default), with random key-padding masks.
+"""embedpipe's attention kernel, each kind this CPU has (AMX tiles, AVX-512 BF16), against SDPA,
+per call, on bf16 inputs shaped as a BERT model hands them over (12 heads of 32 by default), with
+random key-padding masks.
 
     .venv/bin/python scripts/attention_bench.py [--heads 12] [--dim 32] [--calls 20]
 
-Prints, per (batch x length): SDPA's and the kernel's median time per call over interleaved
-repeats, the ratio, and each one's largest error against attention computed in float64.
+Prints, per (batch x length): SDPA's and each kernel's median time per call over interleaved
+repeats, each kernel's speed-up over SDPA, and each one's largest error against attention
+computed in float64.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pipeline.encode import cpu_attention
+from pipeline.encode import cpu_attention, hardware
 
 SHAPES = [(33, 122), (128, 32), (64, 64), (16, 256), (2, 300), (3, 7)]
 
@@ -35,10 +37,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     cpu_attention.build()
-    kernel = torch.ops.embedpipe.padded_attention
+    kinds = [kind for kind, present in (("amx", hardware.cpu_has_amx_bf16()),
+                                        ("avx512", hardware.cpu_has_avx512_bf16())) if present]
+    print(f"{hardware.cpu_model()}, torch threads {torch.get_num_threads()}, "
+          f"{args.heads} heads of {args.dim}")
     gen = torch.Generator().manual_seed(0)
-    print(f"{'batch x length':>15} {'SDPA ms':>9} {'kernel ms':>10} {'speed-up':>9} "
-          f"{'SDPA err':>9} {'kernel err':>11}")
+    header = f"{'batch x length':>15} {'SDPA ms':>9}"
+    for kind in kinds:
+        header += f" {kind + ' ms':>10} {'speed-up':>9}"
+    header += f" {'SDPA err':>9}" + "".join(f" {kind + ' err':>11}" for kind in kinds)
+    print(header)
     for batch, length in SHAPES:
         x = (torch.randn(batch, length, 3, args.heads, args.dim, generator=gen) * 2).bfloat16()
         q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))
@@ -50,21 +58,25 @@ def main() -> None:
                 return F.scaled_dot_product_attention(
                     q, k, v, attn_mask=keep[:, None, None, :], scale=scale).transpose(1, 2).contiguous()
 
-            def ours():
-                return kernel(q, k, v, keep, scale)
-
-            sdpa(), ours()  # warm
-            times = {"sdpa": [], "ours": []}
-            for _ in range(args.rounds):  # interleaved, so machine load falls on both
-                times["sdpa"].append(timed(sdpa, args.calls))
-                times["ours"].append(timed(ours, args.calls))
+            calls = {"sdpa": sdpa}
+            for kind in kinds:
+                calls[kind] = (lambda op: lambda: op(q, k, v, keep, scale))(cpu_attention.op(kind))
+            for fn in calls.values():
+                fn()  # warm
+            times = {name: [] for name in calls}
+            for _ in range(args.rounds):  # interleaved, so machine load falls on all
+                for name, fn in calls.items():
+                    times[name].append(timed(fn, args.calls))
             qd, kd, vd = (t.double() for t in (q, k, v))
             scores = (qd @ kd.transpose(-1, -2) * scale).masked_fill(~keep[:, None, None, :], -torch.inf)
             exact = (scores.softmax(-1) @ vd).transpose(1, 2)
-            errors = [(f().double() - exact).abs().max().item() for f in (sdpa, ours)]
-        a, b = statistics.median(times["sdpa"]), statistics.median(times["ours"])
-        print(f"{f'{batch} x {length}':>15} {a:>9.2f} {b:>10.2f} {a / b:>8.2f}x "
-              f"{errors[0]:>9.4f} {errors[1]:>11.4f}")
+            errors = {name: (fn().double() - exact).abs().max().item() for name, fn in calls.items()}
+        ms = {name: statistics.median(t) for name, t in times.items()}
+        line = f"{f'{batch} x {length}':>15} {ms['sdpa']:>9.2f}"
+        for kind in kinds:
+            line += f" {ms[kind]:>10.2f} {ms['sdpa'] / ms[kind]:>8.2f}x"
+        line += f" {errors['sdpa']:>9.4f}" + "".join(f" {errors[kind]:>11.4f}" for kind in kinds)
+        print(line)
 
 
 if __name__ == "__main__":

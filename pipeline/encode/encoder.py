@@ -2,12 +2,13 @@
 
 Precision and kernels, as measured on all-MiniLM-L6-v2 (README, "Performance"):
 
-* CPU bfloat16: the Linear weights are stored in bfloat16 once, and the forward pass runs under
-  autocast, so every matrix product runs in bfloat16 (AMX / AVX-512 bf16) while layer norms,
-  softmax and the residual stream stay in float32. That is what holds cosine >= 0.999 to the
-  float32 vectors on every row; casting the whole model (what `model.to(torch.bfloat16)` does)
-  drifts further on long texts. Attention runs in embedpipe's AMX kernel (cpu_attention.py)
-  when the CPU has AMX, SDPA otherwise.
+* CPU, BERT-family models: embedpipe's fused forward (fused_forward.py; runtime.forward), in
+  float32 or bfloat16, attention in embedpipe's kernel (cpu_attention.py: AMX, or AVX-512 bf16)
+  where the CPU has one, SDPA otherwise.
+* CPU bfloat16, other models (and compiled ones): the Linear weights are stored in bfloat16 once,
+  and transformers' forward runs under autocast, so every matrix product runs in bfloat16 while
+  layer norms, softmax and the residual stream stay in float32. Both hold cosine >= 0.999 to
+  the float32 vectors on every row.
 * CUDA float16 / bfloat16: the whole model in half precision (the GPU's norms accumulate in
   float32), SDPA attention, or FlashAttention-2 when the flash_attn package is installed.
 """
@@ -60,10 +61,12 @@ class EncoderSettings:
 def _load_model(source: ModelSource, runtime: Runtime):
     from transformers import AutoModel
 
-    from .cpu_attention import ATTENTION
+    from . import cpu_attention
 
     device, dtype = runtime.torch_device, runtime.dtype
-    attn = ATTENTION if runtime.attention == "amx" else runtime.attention
+    attn = runtime.attn_implementation
+    if runtime.attention in cpu_attention.KINDS:
+        cpu_attention.register_with_transformers()
     # Always name the dtype: transformers 5 loads a folder saved in float16 as a float16 model
     # unless told otherwise. On CPU the model loads in float32 (bf16 casts only the Linear
     # weights, below).

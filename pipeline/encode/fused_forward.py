@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
+from . import cpu_attention
 from .model_files import PADDING_OFFSET_FAMILIES
 
 # model_type -> transformers' layers are BERT's layer for layer (self-attention with absolute
@@ -230,12 +231,11 @@ class FusedForward:
 
 
 def _kernel(attention: str, dtype: torch.dtype, head_dim: int):
-    """embedpipe's attention op for the runtime's choice, or None for SDPA."""
+    """embedpipe's attention op for the runtime's choice (built by the runtime), None for SDPA."""
     if attention == "sdpa":
         return None
+    if attention not in cpu_attention.KINDS:
+        raise ValueError(f"the fused forward takes attention sdpa, amx or avx512, not {attention!r}")
     if dtype != torch.bfloat16 or head_dim % 32:
         raise ValueError(f"attention {attention!r} runs bfloat16 heads of a multiple of 32 only")
-    op = {"amx": "padded_attention", "avx512": "padded_attention_avx512"}.get(attention)
-    if op is None:
-        raise ValueError(f"the fused forward takes attention sdpa, amx or avx512, not {attention!r}")
-    return getattr(torch.ops.embedpipe, op)
+    return cpu_attention.op(attention)

@@ -18,6 +18,12 @@ def cpu_has_amx_bf16() -> bool:
     return {"amx_bf16", "amx_tile", "avx512_bf16"} <= cpu_flags()
 
 
+def cpu_has_avx512_bf16() -> bool:
+    """VDPBF16PS and the AVX-512 it comes with (Cooper Lake, Zen 4 and later): embedpipe's
+    attention kernel without AMX."""
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= cpu_flags()
+
+
 def cpu_has_fast_bf16() -> bool:
     """AMX or AVX-512 bf16: bf16 matrix products run several times faster than float32."""
     flags = cpu_flags()

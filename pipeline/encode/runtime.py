@@ -31,7 +31,7 @@ class Runtime:
     device: str  # cpu | cuda | cuda:N
     dtype: str  # float32 | bfloat16 | float16
     dtype_note: str  # the dtype and, when chosen automatically, why: "bfloat16 (auto: CPU has ...)"
-    attention: str  # sdpa | amx (embedpipe's kernel) | flash_attention_2
+    attention: str  # sdpa | eager | amx | avx512 (embedpipe's kernels) | flash_attention_2
     compile: bool  # torch.compile
     max_length: int  # tokens per text, special tokens included
     compile_note: str = ""  # why compile is on or off: "auto: warm compile cache, 12,000 rows ..."
@@ -45,6 +45,11 @@ class Runtime:
     @property
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
+
+    @property
+    def attn_implementation(self) -> str:
+        """What transformers loads the model with: embedpipe's kernels by their registered names."""
+        return cpu_attention.transformers_name(self.attention)
 
     @property
     def on_cuda(self) -> bool:
@@ -113,9 +118,9 @@ def _dtype_note(requested: str, device: torch.device, dtype: str) -> str:
 
 
 def _attention(requested: str, device: torch.device, dtype: str, source: ModelSource) -> str:
-    """The attention implementation transformers gets. `auto`: embedpipe's AMX kernel for bf16 on
-    CPUs with AMX (2-3x SDPA's speed there), FlashAttention-2 on CUDA when flash_attn is
-    installed, SDPA otherwise."""
+    """The attention implementation transformers gets. `auto`: embedpipe's kernel for bf16 on CPU,
+    with AMX products on CPUs with AMX, else with AVX-512 BF16 products where the CPU has them
+    (2-3x SDPA's speed), FlashAttention-2 on CUDA when flash_attn is installed, SDPA otherwise."""
     if requested == "eager":
         return "eager"
     sdpa = _model_class_supports(source, "_supports_sdpa")
@@ -131,8 +136,8 @@ def _attention(requested: str, device: torch.device, dtype: str, source: ModelSo
     if device.type == "cuda" or requested == "flash_attention_2":
         if device.type != "cuda":
             raise ConfigError("model.attention = 'flash_attention_2' runs on cuda only")
-        if requested == "amx":
-            raise ConfigError("model.attention = 'amx' runs on CPU only")
+        if requested in cpu_attention.KINDS:
+            raise ConfigError(f"model.attention = {requested!r} runs on CPU only")
         try:
             import flash_attn  # noqa: F401
             if _model_class_supports(source, "_supports_flash_attn") or requested == "flash_attention_2":
@@ -142,14 +147,19 @@ def _attention(requested: str, device: torch.device, dtype: str, source: ModelSo
                 raise ConfigError("model.attention = 'flash_attention_2' needs the flash_attn "
                                   "package") from None
         return fallback
-    reason, build_failed = _amx_unavailable(device, dtype, source)
+    if requested in cpu_attention.KINDS:
+        reason, _ = _kernel_unavailable(device, dtype, source, requested)
+        if reason is not None:
+            raise ConfigError(f"model.attention = {requested!r} cannot run here: {reason}")
+        return requested
+    # auto: AMX products where the CPU has them, else AVX-512 BF16 ones, else SDPA
+    kind = "amx" if hardware.cpu_has_amx_bf16() else "avx512"
+    reason, build_failed = _kernel_unavailable(device, dtype, source, kind)
     if reason is None:
-        return "amx"
-    if requested == "amx":
-        raise ConfigError(f"model.attention = 'amx' cannot run here: {reason}")
+        return kind
     if build_failed:
-        log.warning("embedpipe's AMX attention kernel is unavailable (%s); using %s", reason,
-                    fallback.upper())
+        log.warning("embedpipe's %s attention kernel is unavailable (%s); using %s",
+                    _KERNEL_WORDS[kind], reason, fallback.upper())
     return fallback
 
 
@@ -206,13 +216,17 @@ def _model_class_supports(source: ModelSource, flag: str) -> bool:
     return bool(getattr(model_class, flag, False))
 
 
-def _amx_unavailable(device: torch.device, dtype: str,
-                     source: ModelSource) -> tuple[str | None, bool]:
-    """(why embedpipe's AMX kernel cannot run this model here, or None; whether its build failed).
-    The kernel is built when it could run."""
+_KERNEL_WORDS = {"amx": "AMX", "avx512": "AVX-512 BF16"}
+
+
+def _kernel_unavailable(device: torch.device, dtype: str, source: ModelSource,
+                        kind: str = "amx") -> tuple[str | None, bool]:
+    """(why embedpipe's kernel `kind` ("amx", "avx512") cannot run this model here, or None;
+    whether its build failed). The kernel is built when it could run."""
     from transformers import AutoConfig
 
-    reason = cpu_attention.unsupported_reason(device, dtype, AutoConfig.from_pretrained(source.path))
+    reason = cpu_attention.unsupported_reason(device, dtype, AutoConfig.from_pretrained(source.path),
+                                              kind)
     if reason is None and not _model_class_supports(source, "_supports_attention_backend"):
         reason = f"model type {source.model_type!r} takes no custom attention function"
     if reason is not None:
@@ -262,11 +276,12 @@ def check_here(runtime: Runtime, source: ModelSource) -> None:
         raise ConfigError(f"the run was planned with the fused forward, which needs oneDNN "
                           f"{runtime.dtype} products that this worker's torch lacks; set "
                           f"model.forward = 'transformers' on mixed clusters")
-    if runtime.attention == "amx":
-        reason, _ = _amx_unavailable(device, runtime.dtype, source)
+    if runtime.attention in cpu_attention.KINDS:
+        reason, _ = _kernel_unavailable(device, runtime.dtype, source, runtime.attention)
         if reason is not None:
-            raise ConfigError(f"the run was planned with attention 'amx', which cannot run on this "
-                              f"worker: {reason}; set model.attention = 'sdpa' on mixed clusters")
+            raise ConfigError(f"the run was planned with attention {runtime.attention!r}, which "
+                              f"cannot run on this worker: {reason}; set model.attention = 'sdpa' "
+                              f"on mixed clusters")
 
 
 def vector_settings(job: JobConfig, source: ModelSource, runtime: Runtime) -> dict[str, Any]:

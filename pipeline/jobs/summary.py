@@ -13,7 +13,7 @@ class RunSummary:
     device: str
     dtype: str
     dtype_note: str = ""  # why this dtype, when it was chosen automatically
-    attention: str = ""  # the attention kernel: sdpa, amx (embedpipe's), flash_attention_2
+    attention: str = ""  # the attention kernel: sdpa, amx / avx512 (embedpipe's), flash_attention_2
     forward: str = ""  # fused (embedpipe's, fused_forward.py) | transformers
     compiled: bool = False  # torch.compile (model.compile, or auto for a long enough input)
     compile_note: str = ""  # why compiled or not: "auto: warm compile cache, 12,000 input rows ..."

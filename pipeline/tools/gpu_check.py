@@ -237,7 +237,7 @@ def check_attention(source, device: str, dtype: str, texts: list[str], tokenizer
     from torch.profiler import ProfilerActivity, profile
 
     from ..encode.batching import collate
-    from ..encode.cpu_attention import ATTENTION
+    from ..encode.cpu_attention import transformers_name
 
     encoder = _encoder(source, device, dtype)
     model = getattr(encoder.model, "_orig_mod", encoder.model)
@@ -253,7 +253,7 @@ def check_attention(source, device: str, dtype: str, texts: list[str], tokenizer
     names = sorted({e.name for e in prof.events()
                     if any(k in e.name.lower() for k in ("scaled_dot_product", "flash", "fmha",
                                                          "efficient_attention", "attention"))})
-    expected = {"amx": ATTENTION}.get(chosen, chosen)
+    expected = transformers_name(chosen)
     kernel_seen = {"sdpa": any("scaled_dot_product" in n for n in names),
                    "flash_attention_2": any("flash" in n.lower() for n in names)}.get(chosen, True)
     try:

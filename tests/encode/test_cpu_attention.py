@@ -1,5 +1,6 @@
-"""embedpipe's AMX attention kernel against float64 attention computed by hand, against SDPA,
-inside the model (eager and compiled), and its choice by `model.attention`."""
+"""embedpipe's attention kernel, both kinds of products (AMX tiles, AVX-512 BF16), against
+float64 attention computed by hand, against SDPA, inside the model (eager and compiled), and its
+choice by `model.attention`. Each kind's kernel tests run only on a CPU that has it."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,23 +11,45 @@ import torch.nn.functional as F
 from helpers import encoder_for, runtime_for
 from pipeline.config import ConfigError
 from pipeline.encode import cpu_attention, hardware
+from pipeline.encode import runtime as runtime_mod
 from pipeline.encode.batching import encode_texts
 from pipeline.encode.encoder import EncoderSettings
 from pipeline.encode.tokenizer import TextTokenizer
 
 MEAN = EncoderSettings(layers=(-1,), layer_combine="concat", token_pooling="mean", normalize=True)
 AMX = {"amx_bf16", "amx_tile", "avx512_bf16"} <= hardware.cpu_flags()
+AVX512_BF16 = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= hardware.cpu_flags()
 needs_amx = pytest.mark.skipif(not AMX, reason="the kernel needs a CPU with AMX bf16")
+needs_avx512 = pytest.mark.skipif(not AVX512_BF16, reason="the kernel needs a CPU with AVX-512 BF16")
+# every kind of the kernel, each run where this CPU has it
+KINDS = [pytest.param("amx", marks=needs_amx), pytest.param("avx512", marks=needs_avx512)]
+FLAGS = {"amx": {"amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx512bw", "avx512vl"},
+         "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"},
+         "neither": {"avx2", "fma"}}
 
 
 class _Config:
     num_attention_heads, hidden_size = 12, 384
 
 
+@pytest.fixture(scope="module", params=KINDS)
+def kind(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def kernel():
+def kernel(kind):
     cpu_attention.build()
-    return torch.ops.embedpipe.padded_attention
+    return cpu_attention.op(kind)
+
+
+@pytest.fixture
+def buildable():
+    """The kernel builds here (tests that fake the CPU flags still build it for real)."""
+    try:
+        cpu_attention.build()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
 
 
 def _inputs(batch: int, length: int, heads: int, dim: int, seed: int):
@@ -45,7 +68,6 @@ def _reference(q, k, v, keep, scale):
     return (scores.softmax(-1) @ v).transpose(1, 2)
 
 
-@needs_amx
 @pytest.mark.parametrize("batch, length, heads, dim", [
     (3, 1, 12, 32), (4, 7, 12, 32), (5, 16, 12, 32), (6, 17, 2, 32), (2, 31, 12, 32),
     (2, 33, 4, 32), (33, 122, 12, 32), (2, 300, 12, 32), (3, 45, 4, 64), (2, 70, 2, 128),
@@ -70,7 +92,6 @@ def test_kernel_matches_float64_attention_as_closely_as_sdpa(kernel, batch, leng
     assert ours_error < 0.05
 
 
-@needs_amx
 def test_kernel_takes_any_key_mask_not_only_right_padding(kernel):
     q, k, v = _inputs(4, 50, 12, 32, seed=1)
     gen = torch.Generator().manual_seed(2)
@@ -87,10 +108,10 @@ def test_kernel_takes_any_key_mask_not_only_right_padding(kernel):
         assert torch.equal(kernel(q, k, v2, keep, 0.2), ours)
 
 
-@needs_amx
-def test_kernel_leaves_pytorchs_own_amx_kernels_working(kernel):
+def test_kernel_leaves_pytorchs_own_kernels_working(kernel):
     """The tile configuration is per thread and PyTorch's brgemm caches it: SDPA's bf16 flash
-    kernel and a bf16 oneDNN product must give the same bits after the kernel ran as before."""
+    kernel and a bf16 oneDNN product must give the same bits after the kernel ran as before (the
+    AVX-512 kind touches no tile state; it must not disturb them either)."""
     q, k, v = _inputs(8, 100, 12, 32, seed=3)
     a = torch.randn(256, 384).to(torch.bfloat16)
     w = torch.randn(1536, 384).to(torch.bfloat16)
@@ -103,31 +124,38 @@ def test_kernel_leaves_pytorchs_own_amx_kernels_working(kernel):
         assert torch.equal(F.linear(a, w), linear_before)
 
 
-@needs_amx
-def test_inputs_the_kernel_does_not_take_go_to_sdpa(kernel):
+def test_inputs_the_kernel_does_not_take_go_to_sdpa(kernel, kind):
     q, k, v = (t.float() for t in _inputs(2, 9, 4, 32, seed=4))
     keep = torch.ones(2, 9, dtype=torch.bool)
     keep[1, 6:] = False
     module = torch.nn.Module().eval()
+    forward = {"amx": cpu_attention.attention_forward,
+               "avx512": cpu_attention.avx512_attention_forward}[kind]
     with torch.inference_mode():
-        out, _ = cpu_attention.attention_forward(module, q, k, v, keep, scaling=0.3)
+        out, _ = forward(module, q, k, v, keep, scaling=0.3)
     exact = _reference(q, k, v, keep, 0.3)
     assert out.dtype == torch.float32
     assert (out.double() - exact).abs().max().item() < 1e-5
 
 
-@needs_amx
+def test_kernel_and_attention_names():
+    assert cpu_attention.transformers_name("amx") == cpu_attention.ATTENTION == "embedpipe_amx"
+    assert cpu_attention.transformers_name("avx512") == "embedpipe_avx512"
+    assert cpu_attention.transformers_name("sdpa") == "sdpa"
+
+
 @pytest.mark.parametrize("compile", [False, True])
-def test_model_with_the_kernel_matches_sdpa_and_float32(bundled_model, mixed_texts, compile):
+def test_model_with_the_kernel_matches_sdpa_and_float32(bundled_model, mixed_texts, kind, compile):
     tokenizer = TextTokenizer(bundled_model.path, bundled_model.max_length)
 
     def encode(encoder):
         return encode_texts(tokenizer, encoder, mixed_texts, 4096, 256)
 
-    amx = encoder_for(bundled_model, "cpu", "bfloat16", MEAN, compile=compile, attention="amx")
-    assert amx.attention == "amx"
-    assert amx.model.config._attn_implementation == cpu_attention.ATTENTION
-    ours = encode(amx)
+    kernel = encoder_for(bundled_model, "cpu", "bfloat16", MEAN, compile=compile, attention=kind)
+    assert kernel.attention == kind
+    model = getattr(kernel.model, "_orig_mod", kernel.model)
+    assert model.config._attn_implementation == cpu_attention.transformers_name(kind)
+    ours = encode(kernel)
     sdpa = encode(encoder_for(bundled_model, "cpu", "bfloat16", MEAN, attention="sdpa"))
     fp32 = encode(encoder_for(bundled_model, "cpu", "float32", MEAN))
     cos = lambda a, b: (a * b).sum(1)  # noqa: E731 (normalised vectors)
@@ -136,32 +164,56 @@ def test_model_with_the_kernel_matches_sdpa_and_float32(bundled_model, mixed_tex
     assert not np.array_equal(ours, sdpa)  # it really ran another kernel
 
 
-@needs_amx
-def test_auto_attention_is_the_kernel_for_bf16_on_an_amx_cpu(bundled_model):
-    assert runtime_for(bundled_model, "cpu", "bfloat16", "auto").attention == "amx"
+@pytest.mark.skipif(not AVX512_BF16, reason="a CPU with AMX or AVX-512 BF16")
+def test_auto_attention_is_the_kernel_for_bf16_on_this_cpu(bundled_model):
+    """On real hardware: AMX products on an AMX CPU, else the AVX-512 BF16 ones."""
+    assert runtime_for(bundled_model, "cpu", "bfloat16", "auto").attention == ("amx" if AMX else "avx512")
     assert runtime_for(bundled_model, "cpu", "float32", "auto").attention == "sdpa"
     assert runtime_for(bundled_model, "cpu", "bfloat16", "sdpa").attention == "sdpa"
 
 
-def test_auto_attention_without_amx_is_sdpa_and_amx_is_refused(bundled_model, monkeypatch):
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
-    assert runtime_for(bundled_model, "cpu", "bfloat16", "auto").attention == "sdpa"
-    with pytest.raises(ConfigError, match="no AMX"):
-        runtime_for(bundled_model, "cpu", "bfloat16", "amx").attention
+@pytest.mark.parametrize("cpu, expected", [("amx", "amx"), ("avx512", "avx512"), ("neither", "sdpa")])
+def test_auto_attention_follows_the_cpu_flags(bundled_model, buildable, monkeypatch, cpu, expected):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: FLAGS[cpu])
+    assert runtime_for(bundled_model, "cpu", "bfloat16", "auto").attention == expected
+    assert runtime_for(bundled_model, "cpu", "float32", "auto").attention == "sdpa"
 
 
-def test_amx_attention_in_float32_is_refused(bundled_model):
+@pytest.mark.parametrize("cpu, refused, reason", [
+    ("avx512", "amx", "no AMX"), ("neither", "amx", "no AMX"),
+    ("neither", "avx512", "no AVX-512 BF16"), ({"avx512f", "avx512_bf16"}, "avx512", "no AVX-512 BF16"),
+])
+def test_a_kernel_the_cpu_lacks_is_refused(bundled_model, monkeypatch, cpu, refused, reason):
+    flags = FLAGS[cpu] if isinstance(cpu, str) else cpu
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
+    with pytest.raises(ConfigError, match=f"'{refused}' cannot run here: .*{reason}"):
+        runtime_for(bundled_model, "cpu", "bfloat16", refused)
+
+
+@pytest.mark.parametrize("kind", cpu_attention.KINDS)
+def test_kernel_attention_in_float32_is_refused(bundled_model, kind):
     with pytest.raises(ConfigError, match="bfloat16 on CPU only"):
-        runtime_for(bundled_model, "cpu", "float32", "amx").attention
+        runtime_for(bundled_model, "cpu", "float32", kind)
 
 
+@needs_avx512
+def test_a_worker_without_the_planned_kernel_refuses_the_run(bundled_model, monkeypatch):
+    planned = runtime_for(bundled_model, "cpu", "bfloat16", "avx512")
+    assert planned.attn_implementation == "embedpipe_avx512"
+    runtime_mod.check_here(planned, bundled_model)  # this machine can
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: FLAGS["neither"])
+    with pytest.raises(ConfigError, match="planned with attention 'avx512'.*no AVX-512 BF16"):
+        runtime_mod.check_here(planned, bundled_model)
+
+
+@pytest.mark.parametrize("kind", cpu_attention.KINDS)
 @pytest.mark.parametrize("changes, reason", [
     ({"num_attention_heads": 8}, "head width 48"),
     ({"is_decoder": True}, "bidirectional"),
 ])
-def test_kernel_refuses_models_it_does_not_compute(monkeypatch, changes, reason):
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"amx_bf16", "amx_tile", "avx512_bf16"})
+def test_kernel_refuses_models_it_does_not_compute(monkeypatch, kind, changes, reason):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: FLAGS["amx"])
     config = _Config()
     for key, value in changes.items():
         setattr(config, key, value)
-    assert reason in cpu_attention.unsupported_reason(torch.device("cpu"), "bfloat16", config)
+    assert reason in cpu_attention.unsupported_reason(torch.device("cpu"), "bfloat16", config, kind)

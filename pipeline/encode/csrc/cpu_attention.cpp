@@ -1,12 +1,14 @@
-// Bidirectional attention with a key-padding mask, bfloat16, on x86 CPUs with AMX.
+// Bidirectional attention with a key-padding mask, bfloat16, on x86 CPUs with AMX or with
+// AVX-512 BF16.
 //
 // Why: PyTorch's CPU flash-attention kernel works on blocks of 32 queries and pays a fixed cost
 // per block; with BERT's short heads (32 wide) and sequences of ~100 tokens that overhead, not
 // the arithmetic, sets its speed (~40 % of a bf16 MiniLM forward). Here one (sequence, head) is
-// one piece of work: Q, K and V are packed once into the layouts the AMX tile unit reads, the
-// products run as 16 x 16 tile operations, and the softmax runs in float32 with the flash
-// kernel's numerics (scores and sums in fp32, probabilities rounded to bf16 for the product with
-// V, the output divided by the fp32 sum).
+// one piece of work: Q, K and V are packed once (K^T in dimension pairs, V in key pairs), the
+// two products run either as 16 x 16 AMX tile operations (AmxProducts) or as register-blocked
+// AVX-512 VDPBF16PS (Avx512Products, for CPUs without AMX), and the softmax runs in float32 with
+// the flash kernel's numerics (scores and sums in fp32, probabilities rounded to bf16 for the
+// product with V, the output divided by the fp32 sum), shared by both.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -115,9 +117,116 @@ inline __mmask16 lanes_below(int64_t j, int64_t end) {
   return j + 16 <= end ? __mmask16(0xFFFF) : j >= end ? __mmask16(0) : __mmask16((1u << (end - j)) - 1);
 }
 
+// The two products on AMX tiles: the caller has loaded attention_tiles() on this thread.
+struct AmxProducts {
+  // Per thread, around its share of the work: the tile configuration is per thread and shared
+  // with oneDNN / PyTorch's own AMX kernels, which may cache it, so put back whatever was
+  // configured before.
+  struct Thread {
+    TileConfig previous, mine = attention_tiles();
+    Thread() { _tile_storeconfig(&previous); _tile_loadconfig(&mine); }
+    ~Thread() { if (previous.palette_id != 0) _tile_loadconfig(&previous); else _tile_release(); }
+  };
+
+  // buf.scores (16 queries from i0 x Lp keys) = Q K^T, 32 keys and 32 dimensions per step
+  static void scores(Buffers& buf, int64_t i0, int /*rows*/, int64_t Lp, int64_t D) {
+    for (int64_t j0 = 0; j0 < Lp; j0 += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      for (int64_t d0 = 0; d0 < D; d0 += 32) {
+        _tile_loadd(2, &buf.q[i0 * D + d0], D * 2);
+        _tile_loadd(3, &buf.k[(d0 / 2) * Lp + j0], Lp * 4);
+        _tile_loadd(4, &buf.k[(d0 / 2) * Lp + j0 + 16], Lp * 4);
+        _tile_dpbf16ps(0, 2, 3);
+        _tile_dpbf16ps(1, 2, 4);
+      }
+      _tile_stored(0, &buf.scores[j0], Lp * 4);
+      _tile_stored(1, &buf.scores[j0 + 16], Lp * 4);
+    }
+  }
+
+  // buf.out (16 queries x dimensions d0..d0+31) = probs V, 32 keys per step
+  static void weighted_values(Buffers& buf, int64_t d0, int /*rows*/, int64_t Lp, int64_t D) {
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t j0 = 0; j0 < Lp; j0 += 32) {
+      _tile_loadd(2, &buf.probs[j0], Lp * 2);
+      _tile_loadd(3, &buf.v[(j0 / 2) * D + d0], D * 4);
+      _tile_loadd(4, &buf.v[(j0 / 2) * D + d0 + 16], D * 4);
+      _tile_dpbf16ps(0, 2, 3);
+      _tile_dpbf16ps(1, 2, 4);
+    }
+    _tile_stored(0, &buf.out[0], 32 * 4);
+    _tile_stored(1, &buf.out[16], 32 * 4);
+  }
+};
+
+// Two bf16 side by side (a dimension pair of a query, a key pair of probabilities) in all 16
+// 32-bit lanes.
+inline __m512bh broadcast_pair(const uint16_t* pair) {
+  uint32_t bits;
+  std::memcpy(&bits, pair, 4);
+  return (__m512bh)_mm512_set1_epi32(int(bits));
+}
+
+// The same two products with AVX-512 BF16 (VDPBF16PS: 16 fp32 lanes += the dot product of a
+// bf16 pair), for CPUs without AMX: 8 queries x 32 keys (or dimensions) in 16 accumulators, the
+// packed K^T / V rows loaded once per 8 queries and the query's (probabilities') pair broadcast.
+// Only the first `rows` queries of the 16 are needed (rounded up to 8).
+struct Avx512Products {
+  struct Thread {};
+
+  static void scores(Buffers& buf, int64_t i0, int rows, int64_t Lp, int64_t D) {
+    const int64_t P = D / 2;
+    for (int r0 = 0; r0 < rows; r0 += 8) {
+      const uint16_t* q = &buf.q[(i0 + r0) * D];
+      float* s = &buf.scores[r0 * Lp];
+      for (int64_t j0 = 0; j0 < Lp; j0 += 32) {
+        __m512 acc[8][2];
+        for (int r = 0; r < 8; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < P; ++p) {
+          const __m512bh k0 = (__m512bh)_mm512_loadu_si512(&buf.k[p * Lp + j0]);
+          const __m512bh k1 = (__m512bh)_mm512_loadu_si512(&buf.k[p * Lp + j0 + 16]);
+          for (int r = 0; r < 8; ++r) {
+            const __m512bh qp = broadcast_pair(q + r * D + 2 * p);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], qp, k0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], qp, k1);
+          }
+        }
+        for (int r = 0; r < 8; ++r) {
+          _mm512_storeu_ps(s + r * Lp + j0, acc[r][0]);
+          _mm512_storeu_ps(s + r * Lp + j0 + 16, acc[r][1]);
+        }
+      }
+    }
+  }
+
+  static void weighted_values(Buffers& buf, int64_t d0, int rows, int64_t Lp, int64_t D) {
+    for (int r0 = 0; r0 < rows; r0 += 8) {
+      const uint16_t* pr = &buf.probs[r0 * Lp];
+      __m512 acc[8][2];
+      for (int r = 0; r < 8; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+      for (int64_t jp = 0; jp < Lp / 2; ++jp) {
+        const __m512bh v0 = (__m512bh)_mm512_loadu_si512(&buf.v[jp * D + d0]);
+        const __m512bh v1 = (__m512bh)_mm512_loadu_si512(&buf.v[jp * D + d0 + 16]);
+        for (int r = 0; r < 8; ++r) {
+          const __m512bh pp = broadcast_pair(pr + r * Lp + 2 * jp);
+          acc[r][0] = _mm512_dpbf16_ps(acc[r][0], pp, v0);
+          acc[r][1] = _mm512_dpbf16_ps(acc[r][1], pp, v1);
+        }
+      }
+      for (int r = 0; r < 8; ++r) {
+        _mm512_storeu_ps(&buf.out[(r0 + r) * 32], acc[r][0]);
+        _mm512_storeu_ps(&buf.out[(r0 + r) * 32 + 16], acc[r][1]);
+      }
+    }
+  }
+};
+
 // One (sequence, head): out[i, :] = softmax(scale * q_i . K^T over kept keys) V for every query
 // i < L. Queries are padded to a multiple of 16, keys to a multiple of 32 past the last kept key;
-// padded and masked keys get probability 0.
+// padded and masked keys get probability 0. Products: AmxProducts or Avx512Products.
+template <class Products>
 void attend_head(const Head& h, const Keys& keys, int64_t L, int64_t D, float scale,
                  uint16_t* out, int64_t out_row, Buffers& buf) {
   const int64_t Lq = (L + 15) / 16 * 16, Lp = (keys.end + 31) / 32 * 32, P = D / 2;
@@ -156,23 +265,12 @@ void attend_head(const Head& h, const Keys& keys, int64_t L, int64_t D, float sc
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
 
   for (int64_t i0 = 0; i0 < Lq; i0 += kRows) {
-    // scores (16 queries x Lp keys) = Q K^T, 32 keys and 32 dimensions per step
-    for (int64_t j0 = 0; j0 < Lp; j0 += 32) {
-      _tile_zero(0);
-      _tile_zero(1);
-      for (int64_t d0 = 0; d0 < D; d0 += 32) {
-        _tile_loadd(2, &buf.q[i0 * D + d0], D * 2);
-        _tile_loadd(3, &buf.k[(d0 / 2) * Lp + j0], Lp * 4);
-        _tile_loadd(4, &buf.k[(d0 / 2) * Lp + j0 + 16], Lp * 4);
-        _tile_dpbf16ps(0, 2, 3);
-        _tile_dpbf16ps(1, 2, 4);
-      }
-      _tile_stored(0, &buf.scores[j0], Lp * 4);
-      _tile_stored(1, &buf.scores[j0 + 16], Lp * 4);
-    }
+    // the queries of this block that exist; their outputs are the only ones stored
+    const int rows = int(std::min<int64_t>(kRows, L - i0));
+    Products::scores(buf, i0, rows, Lp, D);
     // softmax numerators: fp32 for the sums, bf16 for the product with V; 0 past the kept keys
     float inv_sum[kRows];
-    for (int r = 0; r < kRows; ++r) {
+    for (int r = 0; r < rows; ++r) {
       const float* s = &buf.scores[r * Lp];
       uint16_t* pr = &buf.probs[r * Lp];
       __m512 m = minus_inf, sum = _mm512_setzero_ps();
@@ -201,20 +299,9 @@ void attend_head(const Head& h, const Keys& keys, int64_t L, int64_t D, float sc
       }
       inv_sum[r] = 1.0f / _mm512_reduce_add_ps(sum);
     }
-    // out (16 queries x 32 dimensions) = probs V / sum, 32 keys per step
-    const int rows = int(std::min<int64_t>(kRows, L - i0));
+    // out (16 queries x 32 dimensions at a time) = probs V / sum
     for (int64_t d0 = 0; d0 < D; d0 += 32) {
-      _tile_zero(0);
-      _tile_zero(1);
-      for (int64_t j0 = 0; j0 < Lp; j0 += 32) {
-        _tile_loadd(2, &buf.probs[j0], Lp * 2);
-        _tile_loadd(3, &buf.v[(j0 / 2) * D + d0], D * 4);
-        _tile_loadd(4, &buf.v[(j0 / 2) * D + d0 + 16], D * 4);
-        _tile_dpbf16ps(0, 2, 3);
-        _tile_dpbf16ps(1, 2, 4);
-      }
-      _tile_stored(0, &buf.out[0], 32 * 4);
-      _tile_stored(1, &buf.out[16], 32 * 4);
+      Products::weighted_values(buf, d0, rows, Lp, D);
       for (int r = 0; r < rows; ++r) {
         const __m512 inv = _mm512_set1_ps(inv_sum[r]);
         uint16_t* dst = out + (i0 + r) * out_row + d0;
@@ -228,23 +315,26 @@ void attend_head(const Head& h, const Keys& keys, int64_t L, int64_t D, float sc
 
 }  // namespace
 
+namespace {
+
 // query, key, value: (batch, heads, length, head_dim) bfloat16 with head_dim contiguous and a
 // multiple of 32; key_mask: (batch, length), true = attend. Returns (batch, length, heads,
-// head_dim) bfloat16, the layout the model reshapes to (batch, length, hidden) next.
-at::Tensor padded_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                            const at::Tensor& key_mask, double scale) {
+// head_dim) bfloat16, the layout the model reshapes to (batch, length, hidden) next. `name`: the
+// op's, for its error messages.
+template <class Products>
+at::Tensor attention(const char* name, const at::Tensor& query, const at::Tensor& key,
+                     const at::Tensor& value, const at::Tensor& key_mask, double scale) {
   TORCH_CHECK(query.scalar_type() == at::kBFloat16 && key.scalar_type() == at::kBFloat16 &&
-              value.scalar_type() == at::kBFloat16, "padded_attention: bfloat16 inputs only");
+              value.scalar_type() == at::kBFloat16, name, ": bfloat16 inputs only");
   TORCH_CHECK(query.dim() == 4 && key.sizes() == query.sizes() && value.sizes() == query.sizes(),
-              "padded_attention: query, key and value must be (batch, heads, length, dim) alike");
+              name, ": query, key and value must be (batch, heads, length, dim) alike");
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2), D = query.size(3);
-  TORCH_CHECK(D % 32 == 0, "padded_attention: head_dim must be a multiple of 32");
-  TORCH_CHECK(scale > 0, "padded_attention: scale must be positive");
+  TORCH_CHECK(D % 32 == 0, name, ": head_dim must be a multiple of 32");
+  TORCH_CHECK(scale > 0, name, ": scale must be positive");
   TORCH_CHECK(query.stride(3) == 1 && key.stride(3) == 1 && value.stride(3) == 1,
-              "padded_attention: head_dim must be contiguous");
+              name, ": head_dim must be contiguous");
   TORCH_CHECK(key_mask.dim() == 2 && key_mask.size(0) == B && key_mask.size(1) == L,
-              "padded_attention: key_mask must be (batch, length)");
-  TORCH_CHECK(amx_permitted(), "padded_attention: the kernel refused AMX state");
+              name, ": key_mask must be (batch, length)");
   auto out = at::empty({B, L, H, D}, query.options());
   if (out.numel() == 0) return out;
   const auto keep = key_mask.to(at::kBool).contiguous();
@@ -258,7 +348,7 @@ at::Tensor padded_attention(const at::Tensor& query, const at::Tensor& key, cons
     for (int64_t j = 0; j < L; ++j) {
       if (kept[b * L + j]) { bias[b * Lp + j] = 0.0f; ends[b] = j + 1; ++counts[b]; }
     }
-    TORCH_CHECK(ends[b] > 0, "padded_attention: a sequence has no key to attend to");
+    TORCH_CHECK(ends[b] > 0, name, ": a sequence has no key to attend to");
   }
 
   const auto* q = reinterpret_cast<const uint16_t*>(query.data_ptr<at::BFloat16>());
@@ -266,11 +356,7 @@ at::Tensor padded_attention(const at::Tensor& query, const at::Tensor& key, cons
   const auto* v = reinterpret_cast<const uint16_t*>(value.data_ptr<at::BFloat16>());
   auto* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    // The tile configuration is per thread and shared with oneDNN / PyTorch's own AMX kernels,
-    // which may cache it: put back whatever was configured before.
-    TileConfig previous, mine = attention_tiles();
-    _tile_storeconfig(&previous);
-    _tile_loadconfig(&mine);
+    typename Products::Thread thread;  // AMX: its tile configuration, restored after
     Buffers buf;
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / H, hd = w % H;
@@ -280,17 +366,36 @@ at::Tensor padded_attention(const at::Tensor& query, const at::Tensor& key, cons
                       query.stride(2), key.stride(2), value.stride(2)};
       const bool holes = counts[b] < ends[b];  // a masked key before the last kept one
       const Keys keys{ends[b], holes ? &bias[b * Lp] : nullptr};
-      attend_head(head, keys, L, D, float(scale), o + b * L * H * D + hd * D, H * D, buf);
+      attend_head<Products>(head, keys, L, D, float(scale), o + b * L * H * D + hd * D, H * D, buf);
     }
-    if (previous.palette_id != 0) _tile_loadconfig(&previous); else _tile_release();
   });
   return out;
 }
 
+}  // namespace
+
+// The products on AMX tiles (Sapphire Rapids and later).
+at::Tensor padded_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                            const at::Tensor& key_mask, double scale) {
+  TORCH_CHECK(amx_permitted(), "padded_attention: the kernel refused AMX state");
+  return attention<AmxProducts>("padded_attention", query, key, value, key_mask, scale);
+}
+
+// The products with AVX-512 BF16 (VDPBF16PS: Cooper Lake, Zen 4 and later), no AMX needed.
+at::Tensor padded_attention_avx512(const at::Tensor& query, const at::Tensor& key,
+                                   const at::Tensor& value, const at::Tensor& key_mask, double scale) {
+  TORCH_CHECK(__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512vl"),
+              "padded_attention_avx512: this CPU has no AVX-512 BF16");
+  return attention<Avx512Products>("padded_attention_avx512", query, key, value, key_mask, scale);
+}
+
 TORCH_LIBRARY(embedpipe, m) {
   m.def("padded_attention(Tensor query, Tensor key, Tensor value, Tensor key_mask, float scale) -> Tensor");
+  m.def("padded_attention_avx512(Tensor query, Tensor key, Tensor value, Tensor key_mask, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(embedpipe, CPU, m) {
   m.impl("padded_attention", &padded_attention);
+  m.impl("padded_attention_avx512", &padded_attention_avx512);
 }
