@@ -78,8 +78,10 @@ def resolve_runtime(model: ModelConfig, source: ModelSource, input_rows: int = 0
     dtype = _dtype(model.dtype, device)
     attention = _attention(model.attention, device, dtype, source)
     key = compile_cache.entry_key(source.fingerprint, dtype, attention, str(device))
+    fused = (model.forward != "transformers"
+             and _fused_unavailable(device, dtype, attention, False, source) is None)
     compiled, note = _compile(model.compile, device, dtype, input_rows,
-                              compile_cache.is_warm(key))
+                              compile_cache.is_warm(key), fused)
     forward = _forward(model.forward, device, dtype, attention, compiled, source)
     return Runtime(device=str(device), dtype=dtype, dtype_note=_dtype_note(model.dtype, device, dtype),
                    attention=attention, compile=compiled, forward=forward,
@@ -239,12 +241,16 @@ def _kernel_unavailable(device: torch.device, dtype: str, source: ModelSource,
 
 
 def _compile(requested: bool | str, device: torch.device, dtype: str, rows: int,
-             warm: bool = False) -> tuple[bool, str]:
-    """(compile or not, why). `auto`: bf16 on CPU, when the input has at least AUTO_COMPILE_ROWS
-    rows, or WARM_COMPILE_ROWS when the compile cache is warm for this model, dtype and attention
-    (`warm`); float32 on CPU gains nothing measurable, CUDA is not measured here."""
+             warm: bool = False, fused: bool = False) -> tuple[bool, str]:
+    """(compile or not, why). `auto`: never where the fused forward can run (`fused`), which is
+    faster eager than transformers' forward compiled (README, "The fused forward"); otherwise
+    bf16 on CPU, when the input has at least AUTO_COMPILE_ROWS rows, or WARM_COMPILE_ROWS when
+    the compile cache is warm for this model, dtype and attention (`warm`); float32 on CPU gains
+    nothing measurable, CUDA is not measured here."""
     if requested != "auto":
         return bool(requested), f"compile = {str(bool(requested)).lower()}"
+    if fused:
+        return False, "auto: the fused forward runs eagerly (faster than compiled transformers)"
     if device.type != "cpu" or dtype != "bfloat16":
         return False, "auto: only bfloat16 on CPU is compiled (no gain measured elsewhere)"
     if rows >= AUTO_COMPILE_ROWS:

@@ -27,8 +27,9 @@ from pipeline.encode.tokenizer import TextTokenizer
 
 path, rows, compile_ = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 source = resolve_model(path)
-runtime = resolve_runtime(ModelConfig(name=path, dtype="bfloat16", compile=compile_, max_length=64),
-                          source, input_rows=rows)
+# transformers' forward: what compiles (the fused forward, auto's choice for BERT, runs eagerly)
+runtime = resolve_runtime(ModelConfig(name=path, dtype="bfloat16", compile=compile_, max_length=64,
+                                      forward="transformers"), source, input_rows=rows)
 encoder = Encoder(source, runtime, EncoderSettings((-1,), "concat", "mean", True))
 texts = ["a short one", "a somewhat longer text about a film and its cast", "three words here",
          "and one more text, of middling length, for a second batch shape"] * 3

@@ -144,19 +144,27 @@ def test_kernel_and_attention_names():
     assert cpu_attention.transformers_name("sdpa") == "sdpa"
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_model_with_the_kernel_matches_sdpa_and_float32(bundled_model, mixed_texts, kind, compile):
+@pytest.mark.parametrize("compile, forward", [(False, "transformers"), (False, "fused"),
+                                              (True, "transformers")])
+def test_model_with_the_kernel_matches_sdpa_and_float32(bundled_model, mixed_texts, kind, compile,
+                                                        forward):
+    """In transformers' model (eager and compiled) and in embedpipe's fused forward."""
     tokenizer = TextTokenizer(bundled_model.path, bundled_model.max_length)
 
     def encode(encoder):
         return encode_texts(tokenizer, encoder, mixed_texts, 4096, 256)
 
-    kernel = encoder_for(bundled_model, "cpu", "bfloat16", MEAN, compile=compile, attention=kind)
-    assert kernel.attention == kind
-    model = getattr(kernel.model, "_orig_mod", kernel.model)
-    assert model.config._attn_implementation == cpu_attention.transformers_name(kind)
+    kernel = encoder_for(bundled_model, "cpu", "bfloat16", MEAN, compile=compile, attention=kind,
+                         forward=forward)
+    assert kernel.attention == kind and kernel.runtime.forward == forward
+    if forward == "fused":
+        assert kernel.model.kernel is cpu_attention.op(kind)
+    else:
+        model = getattr(kernel.model, "_orig_mod", kernel.model)
+        assert model.config._attn_implementation == cpu_attention.transformers_name(kind)
     ours = encode(kernel)
-    sdpa = encode(encoder_for(bundled_model, "cpu", "bfloat16", MEAN, attention="sdpa"))
+    sdpa = encode(encoder_for(bundled_model, "cpu", "bfloat16", MEAN, attention="sdpa",
+                              forward=forward))
     fp32 = encode(encoder_for(bundled_model, "cpu", "float32", MEAN))
     cos = lambda a, b: (a * b).sum(1)  # noqa: E731 (normalised vectors)
     assert cos(ours, fp32).min() >= 0.9995

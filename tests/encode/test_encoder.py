@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import encoder_for
-from pipeline.config import ConfigError
+from helpers import encoder_for, runtime_for
+from pipeline.config import ConfigError, ModelConfig
 from pipeline.encode import hardware, runtime as runtime_mod
 from pipeline.encode.batching import collate, encode_texts, plan_batches
 from pipeline.encode.encoder import Encoder, EncoderSettings, _trim
@@ -106,6 +106,18 @@ def test_compile_auto_goes_by_the_inputs_rows_and_the_cache(requested, device, d
     assert why.startswith("auto: " if requested == "auto" else "compile = ")
     if requested == "auto" and device == "cpu" and dtype == "bfloat16":
         assert ("warm compile cache" in why and "no warm" not in why) == warm
+
+
+def test_compile_auto_leaves_the_fused_forward_eager(bundled_model):
+    """The fused forward runs faster eagerly than transformers' compiled (README): auto never
+    compiles where it runs, however long the input; an explicit compile takes transformers'."""
+    compiled, why = runtime_mod._compile("auto", torch.device("cpu"), "bfloat16",
+                                         10 * AUTO_COMPILE_ROWS, True, fused=True)
+    assert not compiled and "fused forward" in why
+    runtime = runtime_mod.resolve_runtime(ModelConfig(dtype="bfloat16"), bundled_model,
+                                          10 * AUTO_COMPILE_ROWS)
+    assert (runtime.compile, runtime.forward) == (False, "fused")
+    assert runtime_for(bundled_model, dtype="bfloat16", compile=True).forward == "transformers"
 
 
 def test_bfloat16_on_cpu_casts_only_the_linear_weights(bundled_model):
