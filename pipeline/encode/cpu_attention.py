@@ -71,7 +71,15 @@ def unsupported_reason(device: torch.device, dtype: str, model_config,
 def build() -> None:
     """Compile (or find the cached build of) the kernel and register it with torch; raises
     RuntimeError saying why when it cannot."""
-    from torch.utils import cpp_extension
+    # Importing cpp_extension warns "No CUDA runtime is found" on every CPU machine: a line on
+    # every run that says nothing about the CPU kernel built here.
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        quiet.setLevel(level)
 
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise RuntimeError("no C++ compiler (c++) on PATH")
