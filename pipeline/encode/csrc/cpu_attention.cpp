@@ -169,6 +169,27 @@ inline __m512bh broadcast_pair(const uint16_t* pair) {
   return (__m512bh)_mm512_set1_epi32(int(bits));
 }
 
+// 8 rows x 32 columns of a @ b in fp32: row r of `a` holds bf16 pairs (pair t at a + r * a_row
+// + 2t), and b + t * b_step holds the 32 columns' pair t (two 512-bit registers of 16 pairs).
+inline void product_8x32(const uint16_t* a, int64_t a_row, const uint32_t* b, int64_t b_step,
+                         int64_t steps, float* out, int64_t out_row) {
+  __m512 acc[8][2];
+  for (int r = 0; r < 8; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < steps; ++t) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + t * b_step);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + t * b_step + 16);
+    for (int r = 0; r < 8; ++r) {
+      const __m512bh pair = broadcast_pair(a + r * a_row + 2 * t);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], pair, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], pair, b1);
+    }
+  }
+  for (int r = 0; r < 8; ++r) {
+    _mm512_storeu_ps(out + r * out_row, acc[r][0]);
+    _mm512_storeu_ps(out + r * out_row + 16, acc[r][1]);
+  }
+}
+
 // The same two products with AVX-512 BF16 (VDPBF16PS: 16 fp32 lanes += the dot product of a
 // bf16 pair), for CPUs without AMX: 8 queries x 32 keys (or dimensions) in 16 accumulators, the
 // packed K^T / V rows loaded once per 8 queries and the query's (probabilities') pair broadcast.
@@ -176,50 +197,17 @@ inline __m512bh broadcast_pair(const uint16_t* pair) {
 struct Avx512Products {
   struct Thread {};
 
+  // scores (rows x Lp) = Q K^T: the query's dimension pairs against K^T's packed pair rows
   static void scores(Buffers& buf, int64_t i0, int rows, int64_t Lp, int64_t D) {
-    const int64_t P = D / 2;
-    for (int r0 = 0; r0 < rows; r0 += 8) {
-      const uint16_t* q = &buf.q[(i0 + r0) * D];
-      float* s = &buf.scores[r0 * Lp];
-      for (int64_t j0 = 0; j0 < Lp; j0 += 32) {
-        __m512 acc[8][2];
-        for (int r = 0; r < 8; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-        for (int64_t p = 0; p < P; ++p) {
-          const __m512bh k0 = (__m512bh)_mm512_loadu_si512(&buf.k[p * Lp + j0]);
-          const __m512bh k1 = (__m512bh)_mm512_loadu_si512(&buf.k[p * Lp + j0 + 16]);
-          for (int r = 0; r < 8; ++r) {
-            const __m512bh qp = broadcast_pair(q + r * D + 2 * p);
-            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], qp, k0);
-            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], qp, k1);
-          }
-        }
-        for (int r = 0; r < 8; ++r) {
-          _mm512_storeu_ps(s + r * Lp + j0, acc[r][0]);
-          _mm512_storeu_ps(s + r * Lp + j0 + 16, acc[r][1]);
-        }
-      }
-    }
+    for (int r0 = 0; r0 < rows; r0 += 8)
+      for (int64_t j0 = 0; j0 < Lp; j0 += 32)
+        product_8x32(&buf.q[(i0 + r0) * D], D, &buf.k[j0], Lp, D / 2, &buf.scores[r0 * Lp + j0], Lp);
   }
 
+  // out (rows x 32) = probs V for dimensions d0..d0+31: probability key pairs against V's
   static void weighted_values(Buffers& buf, int64_t d0, int rows, int64_t Lp, int64_t D) {
-    for (int r0 = 0; r0 < rows; r0 += 8) {
-      const uint16_t* pr = &buf.probs[r0 * Lp];
-      __m512 acc[8][2];
-      for (int r = 0; r < 8; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-      for (int64_t jp = 0; jp < Lp / 2; ++jp) {
-        const __m512bh v0 = (__m512bh)_mm512_loadu_si512(&buf.v[jp * D + d0]);
-        const __m512bh v1 = (__m512bh)_mm512_loadu_si512(&buf.v[jp * D + d0 + 16]);
-        for (int r = 0; r < 8; ++r) {
-          const __m512bh pp = broadcast_pair(pr + r * Lp + 2 * jp);
-          acc[r][0] = _mm512_dpbf16_ps(acc[r][0], pp, v0);
-          acc[r][1] = _mm512_dpbf16_ps(acc[r][1], pp, v1);
-        }
-      }
-      for (int r = 0; r < 8; ++r) {
-        _mm512_storeu_ps(&buf.out[(r0 + r) * 32], acc[r][0]);
-        _mm512_storeu_ps(&buf.out[(r0 + r) * 32 + 16], acc[r][1]);
-      }
-    }
+    for (int r0 = 0; r0 < rows; r0 += 8)
+      product_8x32(&buf.probs[r0 * Lp], Lp, &buf.v[d0], D, Lp / 2, &buf.out[r0 * 32], 32);
   }
 };
 
