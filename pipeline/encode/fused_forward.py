@@ -16,7 +16,8 @@ its own modules), so a model loads, checks and pools as before. Activations are 
 dtype: float32, or bfloat16, where layer norms and softmax accumulate in float32 inside their
 kernels and every product accumulates in float32.
 
-Families: those whose transformers layers are BERT's (`FAMILIES`), tested against transformers'
+Families: those whose transformers layers are BERT's arithmetic, post-norm (`FAMILIES`: BERT,
+RoBERTa, XLM-R, CamemBERT by BERT's names, DistilBERT by its own), tested against transformers'
 own forward for each (tests/encode/test_fused_forward.py); any other model runs transformers'.
 """
 from __future__ import annotations
@@ -32,7 +33,30 @@ from .model_files import PADDING_OFFSET_FAMILIES
 
 # model_type -> transformers' layers are BERT's layer for layer (self-attention with absolute
 # positions in the embeddings, post-norm, no cross-attention)
-FAMILIES = frozenset({"bert", "roberta", "xlm-roberta", "camembert"})
+@dataclass(frozen=True)
+class LayerNames:
+    """Where a family's checkpoint keeps each weight of a post-norm encoder layer."""
+    layers: str  # the layers' prefix: f"{layers}.{i}.{query}.weight", ...
+    query: str
+    key: str
+    value: str
+    out: str
+    norm1: str
+    up: str
+    down: str
+    norm2: str
+    heads: tuple[str, ...]  # prefixes of checkpoints saved with a task head ("bert." ...)
+
+
+BERT = LayerNames("encoder.layer", "attention.self.query", "attention.self.key",
+                  "attention.self.value", "attention.output.dense", "attention.output.LayerNorm",
+                  "intermediate.dense", "output.dense", "output.LayerNorm", ("bert.", "roberta."))
+DISTILBERT = LayerNames("transformer.layer", "attention.q_lin", "attention.k_lin",
+                        "attention.v_lin", "attention.out_lin", "sa_layer_norm", "ffn.lin1",
+                        "ffn.lin2", "output_layer_norm", ("distilbert.",))
+# model_type -> its names; transformers' layers of these families are BERT's arithmetic
+FAMILIES = {"bert": BERT, "roberta": BERT, "xlm-roberta": BERT, "camembert": BERT,
+            "distilbert": DISTILBERT}
 # config.hidden_act -> oneDNN's post-op (name, algorithm)
 ACTIVATIONS = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"),
                "gelu_pytorch_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
@@ -46,11 +70,16 @@ def unsupported_reason(config) -> str | None:
         return f"model type {config.model_type!r} is not one of {', '.join(sorted(FAMILIES))}"
     if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
         return "it computes bidirectional encoder attention only"
-    if getattr(config, "hidden_act", None) not in ACTIVATIONS:
-        return f"activation {getattr(config, 'hidden_act', None)!r} is not one of {', '.join(ACTIVATIONS)}"
+    if _activation(config) not in ACTIVATIONS:
+        return f"activation {_activation(config)!r} is not one of {', '.join(ACTIVATIONS)}"
     if getattr(config, "position_embedding_type", "absolute") != "absolute":
         return f"position embeddings {config.position_embedding_type!r} are not absolute"
     return None
+
+
+def _activation(config) -> str | None:
+    """config.hidden_act (DistilBERT: config.activation)."""
+    return getattr(config, "hidden_act", None) or getattr(config, "activation", None)
 
 
 def onednn_products(dtype: str) -> bool:
@@ -101,14 +130,14 @@ class _Layer:
 
 
 class _Weights:
-    """A checkpoint's tensors by transformers' BertModel names, whatever head it was saved with
-    ("bert." / "roberta." prefixes dropped, old gamma/beta norms renamed)."""
+    """A checkpoint's tensors by transformers' base-model names, whatever head it was saved with
+    ("bert." / "roberta." / "distilbert." prefixes dropped, old gamma/beta norms renamed)."""
 
-    def __init__(self, state: dict[str, torch.Tensor], eps: float):
+    def __init__(self, state: dict[str, torch.Tensor], eps: float, heads: tuple[str, ...]):
         self.eps = eps
         self.state = {}
         for name, tensor in state.items():
-            for prefix in ("bert.", "roberta."):
+            for prefix in heads:
                 name = name.removeprefix(prefix)
             self.state[name.replace("LayerNorm.gamma", "LayerNorm.weight")
                            .replace("LayerNorm.beta", "LayerNorm.bias")] = tensor
@@ -170,11 +199,13 @@ class FusedForward:
         self.config, self.dtype = config, dtype
         self.heads = config.num_attention_heads
         self.head_dim = config.hidden_size // self.heads
-        self.activation = ACTIVATIONS[config.hidden_act]
+        self.activation = ACTIVATIONS[_activation(config)]
+        self.names = FAMILIES[config.model_type]
         self.kernel = _kernel(attention, dtype, self.head_dim)
-        weights = _Weights(state, config.layer_norm_eps)
+        # (DistilBERT's norms use 1e-12 without saying so in its config)
+        weights = _Weights(state, getattr(config, "layer_norm_eps", 1e-12), self.names.heads)
         self.embeddings = _Embeddings(weights, config)
-        self.layers = [self._layer(weights, f"encoder.layer.{i}")
+        self.layers = [self._layer(weights, f"{self.names.layers}.{i}")
                        for i in range(config.num_hidden_layers)]
         # The pooler only matters to pooling = "pooler", which a model without one refuses.
         pooler = [weights.state.get(f"pooler.dense.{n}") for n in ("weight", "bias")]
@@ -182,15 +213,12 @@ class FusedForward:
         self.pooler = self._pool if self._pooler is not None else None
 
     def _layer(self, weights: _Weights, prefix: str) -> _Layer:
-        dtype = self.dtype
+        n, dtype = self.names, self.dtype
         return _Layer(
-            *weights.product(dtype, f"{prefix}.attention.self.query", f"{prefix}.attention.self.key",
-                             f"{prefix}.attention.self.value"),
-            *weights.product(dtype, f"{prefix}.attention.output.dense"),
-            weights.norm(f"{prefix}.attention.output.LayerNorm"),
-            *weights.product(dtype, f"{prefix}.intermediate.dense"),
-            *weights.product(dtype, f"{prefix}.output.dense"),
-            weights.norm(f"{prefix}.output.LayerNorm"))
+            *weights.product(dtype, f"{prefix}.{n.query}", f"{prefix}.{n.key}", f"{prefix}.{n.value}"),
+            *weights.product(dtype, f"{prefix}.{n.out}"), weights.norm(f"{prefix}.{n.norm1}"),
+            *weights.product(dtype, f"{prefix}.{n.up}"), *weights.product(dtype, f"{prefix}.{n.down}"),
+            weights.norm(f"{prefix}.{n.norm2}"))
 
     def _pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """BERT's pooler: tanh(dense(the first token's state))."""
