@@ -241,6 +241,7 @@ class FusedForward:
                 states.append(x)
         pooled = self.pooler(x) if self.pooler is not None else None
         return ForwardOutput(x, tuple(states) if states is not None else None, pooled)
+
     def _layer_forward(self, layer: _Layer, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         batch, length, hidden = x.shape
         qkv = _linear(x, layer.qkv, layer.qkv_bias).view(batch, length, 3, self.heads, self.head_dim)
@@ -251,11 +252,9 @@ class FusedForward:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
             context = context.transpose(1, 2)
         context = context.reshape(batch, length, hidden)
-        x = F.layer_norm(_linear_add(context, x, layer.out, layer.out_bias), (hidden,),
-                         layer.norm1[0], layer.norm1[1], layer.norm1[2])
+        x = F.layer_norm(_linear_add(context, x, layer.out, layer.out_bias), (hidden,), *layer.norm1)
         up = _linear(x, layer.up, layer.up_bias, self.activation)
-        return F.layer_norm(_linear_add(up, x, layer.down, layer.down_bias), (hidden,),
-                            layer.norm2[0], layer.norm2[1], layer.norm2[2])
+        return F.layer_norm(_linear_add(up, x, layer.down, layer.down_bias), (hidden,), *layer.norm2)
 
 
 def _kernel(attention: str, dtype: torch.dtype, head_dim: int):
