@@ -440,8 +440,13 @@ def predict(head: str, inputs: str, dest: str, text_column: str, id_column: str,
               type=click.Choice(CHOICES["model.attention"]),
               help="embedpipe's attention kernel (model.attention); auto: amx for bf16 on AMX CPUs, "
                    "avx512 on AVX-512 BF16 CPUs without AMX.")
+@click.option("--forward", default="auto", show_default=True,
+              type=click.Choice(CHOICES["model.forward"]),
+              help="embedpipe's forward pass (model.forward); auto: the fused forward for "
+                   "BERT-family models on CPU, transformers' otherwise (and with --compile).")
 def bench(input_path, rows, text_column, id_column, model, dtypes, device, max_length, rounds,
-          st_batch_size, batch_tokens, no_st, workdir, as_json, compile_model, attention) -> None:
+          st_batch_size, batch_tokens, no_st, workdir, as_json, compile_model, attention,
+          forward) -> None:
     """Benchmark embedpipe's full path against SentenceTransformer.encode on this machine.
 
     Interleaved rounds in one process; reports texts/s, tokens/s, padding, peak RSS, the
@@ -453,7 +458,7 @@ def bench(input_path, rows, text_column, id_column, model, dtypes, device, max_l
                         model=model, dtypes=tuple(dtypes), device=device, max_length=max_length,
                         rounds=rounds, st_batch_size=st_batch_size, batch_tokens=batch_tokens,
                         compare_st=not no_st, workdir=workdir, compile=compile_model,
-                        attention=attention)
+                        attention=attention, forward=forward)
     with one_line_errors(interruptible=True):
         try:
             report = run_bench(opts, log=lambda line: click.echo(line, err=True))

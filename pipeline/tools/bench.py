@@ -56,6 +56,7 @@ class BenchOptions:
     batch_tokens: int | None = None  # None: the job default
     compile: bool = False  # torch.compile embedpipe's model (both its contenders)
     attention: str = "auto"  # model.attention for embedpipe's contenders
+    forward: str = "auto"  # model.forward for embedpipe's contenders
     max_batch_size: int | None = None
     compare_st: bool = True
     encode_only: bool = True
@@ -212,7 +213,7 @@ def _job(opts: BenchOptions, input_path: str, out: Path, dtype: str):
     if opts.max_batch_size:
         encode["max_batch_size"] = opts.max_batch_size
     model = {"name": opts.model, "dtype": dtype, "device": opts.device, "compile": opts.compile,
-             "attention": opts.attention}
+             "attention": opts.attention, "forward": opts.forward}
     if opts.max_length:
         model["max_length"] = opts.max_length
     return config_from_dict({
@@ -406,7 +407,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
         return _report(opts, results, rates, encoder_flops(model_config, lengths), device,
                        [rt.dtype_note for rt in requested.values()],
                        {d: rt.attention for d, rt in runtimes.items()}, source_path, corpus,
-                       compile_words)
+                       compile_words, {d: rt.forward for d, rt in runtimes.items()})
 
 
 def _compile_words(runtime) -> str:
@@ -422,8 +423,8 @@ def _compile_words(runtime) -> str:
 
 def _report(opts: BenchOptions, results: dict[str, Result], rates: dict[str, float],
             flops: float, device, dtype_notes: list[str], attention: dict[str, str],
-            source_path: str, corpus: str,
-            compile_notes: dict[str, str] | None = None) -> dict[str, Any]:
+            source_path: str, corpus: str, compile_notes: dict[str, str] | None = None,
+            forward: dict[str, str] | None = None) -> dict[str, Any]:
     import torch
 
     ref = results.get(f"{ST} float32")
@@ -450,7 +451,8 @@ def _report(opts: BenchOptions, results: dict[str, Result], rates: dict[str, flo
     return {
         "corpus": corpus, "input": source_path, "texts": next(iter(results.values())).rows,
         "real_tokens": next(iter(results.values())).real_tokens, "model": opts.model,
-        "device": str(device), "dtype": dtype_notes, "attention": attention, "rounds": opts.rounds,
+        "device": str(device), "dtype": dtype_notes, "attention": attention,
+        "forward": forward or {}, "rounds": opts.rounds,
         "st_batch_size": opts.st_batch_size, "torch_threads": torch.get_num_threads(),
         "cpus": os.cpu_count(), "cpu_model": cpu_model(), "encoder_gflop": round(flops / 1e9, 1),
         "compile": compile_notes or {},
@@ -463,7 +465,8 @@ def render(report: dict[str, Any]) -> str:
         f"embedpipe bench: {report['texts']:,} texts, {report['real_tokens']:,} real tokens "
         f"({report['corpus']}: {report['input']})",
         f"  model {report['model']} on {report['device']}, dtype {', '.join(report['dtype'])}, "
-        f"attention {', '.join(f'{a} ({d})' for d, a in report['attention'].items())}; "
+        f"attention {', '.join(f'{a} ({d})' for d, a in report['attention'].items())}, "
+        f"forward {', '.join(f'{f} ({d})' for d, f in report.get('forward', {}).items()) or '-'}; "
         f"{report['cpus']} CPUs ({report['cpu_model']}), torch threads {report['torch_threads']}; "
         f"median of {report['rounds']} interleaved rounds after a warm-up",
         "",
