@@ -142,25 +142,33 @@ def _kernels() -> list[str]:
     return kinds
 
 
+@pytest.fixture(scope="module")
+def bundled_vectors(bundled_model, mixed_texts):
+    """vectors(dtype, forward, attention, settings) of the mixed texts, each computed once."""
+    tokenizer = TextTokenizer(bundled_model.path, bundled_model.max_length)
+    done = {}
+
+    def vectors(dtype: str, forward: str, attention: str, settings: EncoderSettings) -> np.ndarray:
+        key = (dtype, forward, attention, settings)
+        if key not in done:
+            encoder = encoder_for(bundled_model, "cpu", dtype, settings, attention=attention,
+                                  forward=forward)
+            assert encoder.runtime.forward == forward
+            done[key] = encode_texts(tokenizer, encoder, mixed_texts, 4096, 256)
+        return done[key]
+    return vectors
+
+
 @needs_onednn
 @pytest.mark.skipif(not fused_forward.onednn_products("bfloat16"), reason="no oneDNN bf16")
 @pytest.mark.parametrize("attention", _kernels())
 @pytest.mark.parametrize("settings", [MEAN, LAST_FOUR], ids=["mean", "concat-last-four"])
-def test_bundled_model_fused_against_transformers(bundled_model, mixed_texts, attention, settings):
+def test_bundled_model_fused_against_transformers(bundled_vectors, attention, settings):
     """float32: transformers' vectors to 1e-5; bfloat16 (with each attention this CPU runs):
     cosine >= 0.999 to float32 on every row, as the transformers bf16 forward holds."""
-    tokenizer = TextTokenizer(bundled_model.path, bundled_model.max_length)
-
-    def vectors(dtype: str, forward: str, attention: str = "sdpa") -> np.ndarray:
-        encoder = encoder_for(bundled_model, "cpu", dtype, settings, attention=attention,
-                              forward=forward)
-        assert encoder.runtime.forward == forward
-        return encode_texts(tokenizer, encoder, mixed_texts, 4096, 256)
-
-    reference = vectors("float32", "transformers")
-    fp32 = vectors("float32", "fused")
-    assert np.abs(fp32 - reference).max() < 1e-5
-    bf16 = vectors("bfloat16", "fused", attention)
+    reference = bundled_vectors("float32", "transformers", "sdpa", settings)
+    assert np.abs(bundled_vectors("float32", "fused", "sdpa", settings) - reference).max() < 1e-5
+    bf16 = bundled_vectors("bfloat16", "fused", attention, settings)
     cos = (bf16 * reference).sum(1) / np.linalg.norm(bf16, axis=1) / np.linalg.norm(reference, axis=1)
     assert cos.min() >= 0.999
     assert not np.allclose(bf16, reference, atol=1e-6)  # it did run in bf16
