@@ -161,9 +161,9 @@ class Encoder:
         self.runtime, self.settings = runtime, settings
         self.device, self.dtype, self.attention = runtime.torch_device, runtime.dtype, runtime.attention
         model = cached_model(source, runtime)
+        _refuse_random_weights(source, settings, getattr(model, "embedpipe_missing_weights", []))
         if settings.layers is None and getattr(model, "pooler", None) is None:
             raise ConfigError(f"encode.pooling = 'pooler' but model {source.name!r} has no pooler")
-        _refuse_random_weights(source, settings, getattr(model, "embedpipe_missing_weights", []))
         n_states = model.config.num_hidden_layers + 1
         for layer in settings.layers or ():
             if not -n_states <= layer < n_states:

@@ -46,14 +46,15 @@ class LayerNames:
     down: str
     norm2: str
     heads: tuple[str, ...]  # prefixes of checkpoints saved with a task head ("bert." ...)
+    pooler: bool  # the family's model has a pooler (transformers builds one, saved or not)
 
 
 BERT = LayerNames("encoder.layer", "attention.self.query", "attention.self.key",
                   "attention.self.value", "attention.output.dense", "attention.output.LayerNorm",
-                  "intermediate.dense", "output.dense", "output.LayerNorm", ("bert.", "roberta."))
+                  "intermediate.dense", "output.dense", "output.LayerNorm", ("bert.", "roberta."), True)
 DISTILBERT = LayerNames("transformer.layer", "attention.q_lin", "attention.k_lin",
                         "attention.v_lin", "attention.out_lin", "sa_layer_norm", "ffn.lin1",
-                        "ffn.lin2", "output_layer_norm", ("distilbert.",))
+                        "ffn.lin2", "output_layer_norm", ("distilbert.",), False)
 # model_type -> its names; transformers' layers of these families are BERT's arithmetic
 FAMILIES = {"bert": BERT, "roberta": BERT, "xlm-roberta": BERT, "camembert": BERT,
             "distilbert": DISTILBERT}
@@ -207,10 +208,13 @@ class FusedForward:
         self.embeddings = _Embeddings(weights, config)
         self.layers = [self._layer(weights, f"{self.names.layers}.{i}")
                        for i in range(config.num_hidden_layers)]
-        # The pooler only matters to pooling = "pooler", which a model without one refuses.
-        pooler = [weights.state.get(f"pooler.dense.{n}") for n in ("weight", "bias")]
-        self._pooler = None if None in pooler else tuple(t.to(dtype) for t in pooler)
+        # The pooler only matters to pooling = "pooler". Weights a family's pooler lacks are
+        # reported as transformers reports them (the encoder refuses that pooling, saying why).
+        names = [f"pooler.dense.{n}" for n in ("weight", "bias")] if self.names.pooler else []
+        pooler = [weights.state.get(n) for n in names]
+        self._pooler = tuple(t.to(dtype) for t in pooler) if names and None not in pooler else None
         self.pooler = self._pool if self._pooler is not None else None
+        self.embedpipe_missing_weights = [n for n, t in zip(names, pooler) if t is None]
 
     def _layer(self, weights: _Weights, prefix: str) -> _Layer:
         n, dtype = self.names, self.dtype

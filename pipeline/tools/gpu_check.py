@@ -237,12 +237,17 @@ def check_attention(source, device: str, dtype: str, texts: list[str], tokenizer
     from torch.profiler import ProfilerActivity, profile
 
     from ..encode.batching import collate
-    from ..encode.cpu_attention import transformers_name
+    from ..encode import cpu_attention
 
     encoder = _encoder(source, device, dtype)
     model = getattr(encoder.model, "_orig_mod", encoder.model)
-    loaded = getattr(model.config, "_attn_implementation", None)
     chosen = encoder.runtime.attention
+    if encoder.runtime.forward == "fused":  # embedpipe's forward (CPU) calls the kernel itself
+        kinds = [k for k in cpu_attention.KINDS if model.kernel is cpu_attention.op(k)]
+        loaded, expected = ("sdpa" if model.kernel is None else kinds[0] if kinds else None), chosen
+    else:
+        loaded = getattr(model.config, "_attn_implementation", None)
+        expected = cpu_attention.transformers_name(chosen)
     tokens = tokenizer(texts[:64])
     batch = collate(tokens.ids, np.arange(len(tokens.ids)), tokenizer.pad_id, encoder.pad_multiple)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda")
@@ -253,7 +258,6 @@ def check_attention(source, device: str, dtype: str, texts: list[str], tokenizer
     names = sorted({e.name for e in prof.events()
                     if any(k in e.name.lower() for k in ("scaled_dot_product", "flash", "fmha",
                                                          "efficient_attention", "attention"))})
-    expected = transformers_name(chosen)
     kernel_seen = {"sdpa": any("scaled_dot_product" in n for n in names),
                    "flash_attention_2": any("flash" in n.lower() for n in names)}.get(chosen, True)
     try:

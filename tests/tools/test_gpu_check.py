@@ -52,12 +52,15 @@ def test_the_float16_copy_holds_half_weights_and_gives_the_float32_vectors(carry
 
     copy = resolve_model(str(folder))
     settings = EncoderSettings((-1,), "concat", "mean", True)
-    encoder = encoder_for(copy, "cpu", "float32", settings)
+    encoder = encoder_for(copy, "cpu", "float32", settings, forward="transformers")
     # transformers 5 would load these weights as a float16 model; float32 means float32
     assert {p.dtype for p in encoder.model.parameters()} == {torch.float32}
     texts = mixed_texts[:40] + mixed_texts[-8:]
     tokenizer = TextTokenizer(bundled_model.path, 256)
     ours = encode_texts(tokenizer, encoder, texts, 4096, 256)
+    # the fused forward (auto on CPU) reads the float16 file into float32 too
+    fused = encode_texts(tokenizer, encoder_for(copy, "cpu", "float32", settings), texts, 4096, 256)
+    assert np.abs(fused - ours).max() < 1e-5
     ref = encode_texts(tokenizer, encoder_for(bundled_model, "cpu", "float32", settings), texts,
                        4096, 256)
     cos = _cos(ours, ref)
@@ -79,8 +82,15 @@ def test_smoke_run_on_cpu_passes_and_writes_its_report(carry, tmp_path, capsys):
     oom = checks["out-of-memory back-off"]
     assert oom["ok"] is True and oom["figures"]["oom_splits"] >= 2
     attention = checks["attention"]["figures"]
-    assert attention["chosen"] == attention["loaded"] == "sdpa"
-    assert any("scaled_dot_product" in k for k in attention["kernels"])
+    # on CPU: embedpipe's kernel where the CPU has AMX or AVX-512 BF16 (run by the fused
+    # forward), SDPA otherwise; the check reports the one the model really ran
+    from pipeline.encode import hardware
+
+    kernel = ("amx" if hardware.cpu_has_amx_bf16() else
+              "avx512" if hardware.cpu_has_avx512_bf16() else "sdpa")
+    assert attention["chosen"] == attention["loaded"] == kernel
+    seen = "scaled_dot_product" if kernel == "sdpa" else "padded_attention"
+    assert any(seen in k for k in attention["kernels"])
     speed = checks["throughput vs sentence-transformers"]
     assert speed["ok"] is None and speed["figures"]["x_vs_st_same_dtype"] > 0  # no bar in smoke
     assert report["bench"]["results"][0]["rows"] == 48
