@@ -141,9 +141,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
             query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0,
             scale=scaling)
         return out.transpose(1, 2).contiguous(), None
-    kernel = (torch.ops.embedpipe.padded_attention_avx512 if kind == "avx512"
-              else torch.ops.embedpipe.padded_attention)
-    return kernel(query, key, value, attention_mask, scaling), None
+    return op(kind)(query, key, value, attention_mask, scaling), None
 
 
 def avx512_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,

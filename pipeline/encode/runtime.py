@@ -78,11 +78,11 @@ def resolve_runtime(model: ModelConfig, source: ModelSource, input_rows: int = 0
     dtype = _dtype(model.dtype, device)
     attention = _attention(model.attention, device, dtype, source)
     key = compile_cache.entry_key(source.fingerprint, dtype, attention, str(device))
-    fused = (model.forward != "transformers"
-             and _fused_unavailable(device, dtype, attention, False, source) is None)
-    compiled, note = _compile(model.compile, device, dtype, input_rows,
-                              compile_cache.is_warm(key), fused)
-    forward = _forward(model.forward, device, dtype, attention, compiled, source)
+    fused_reason = ("model.forward = 'transformers'" if model.forward == "transformers"
+                    else _fused_unavailable(device, dtype, attention, source))
+    compiled, note = _compile(model.compile, device, dtype, input_rows, compile_cache.is_warm(key),
+                              fused_reason is None)
+    forward = _forward(model.forward, compiled, fused_reason)
     return Runtime(device=str(device), dtype=dtype, dtype_note=_dtype_note(model.dtype, device, dtype),
                    attention=attention, compile=compiled, forward=forward,
                    max_length=model.max_length or source.max_length, compile_note=note,
@@ -165,15 +165,15 @@ def _attention(requested: str, device: torch.device, dtype: str, source: ModelSo
     return fallback
 
 
-def _forward(requested: str, device: torch.device, dtype: str, attention: str, compiled: bool,
-             source: ModelSource) -> str:
-    """`auto`: embedpipe's fused forward where it runs (a BERT-family model, on CPU, eager, with
-    SDPA or embedpipe's attention kernel, oneDNN in this torch): 1.2-1.7x transformers' eager
-    forward there (README, "The fused forward"); transformers' forward otherwise. An explicit
-    "fused" that cannot run is a configuration error saying why."""
+def _forward(requested: str, compiled: bool, fused_reason: str | None) -> str:
+    """`auto`: embedpipe's fused forward where it runs (`fused_reason` None: a BERT-family model,
+    on CPU, with SDPA or embedpipe's attention kernel, oneDNN in this torch) and the model is not
+    compiled: 1.2-1.7x transformers' eager forward there (README, "The fused forward");
+    transformers' forward otherwise. An explicit "fused" that cannot run is a configuration
+    error saying why."""
     if requested == "transformers":
         return "transformers"
-    reason = _fused_unavailable(device, dtype, attention, compiled, source)
+    reason = "a compiled model runs transformers' forward (model.compile)" if compiled else fused_reason
     if reason is None:
         return "fused"
     if requested == "fused":
@@ -182,16 +182,15 @@ def _forward(requested: str, device: torch.device, dtype: str, attention: str, c
     return "transformers"
 
 
-def _fused_unavailable(device: torch.device, dtype: str, attention: str, compiled: bool,
+def _fused_unavailable(device: torch.device, dtype: str, attention: str,
                        source: ModelSource) -> str | None:
+    """Why the fused forward cannot run this model eagerly here, or None when it can."""
     from transformers import AutoConfig
 
     if device.type != "cpu":
         return "it runs on CPU only"
-    if compiled:
-        return "a compiled model runs transformers' forward (model.compile)"
-    if attention not in ("sdpa", "amx", "avx512"):
-        return f"it takes attention sdpa, amx or avx512, not {attention!r}"
+    if attention not in ("sdpa", *cpu_attention.KINDS):
+        return f"it takes attention sdpa, {' or '.join(cpu_attention.KINDS)}, not {attention!r}"
     if not fused_forward.onednn_products(dtype):
         return f"this torch has no oneDNN {dtype} products"
     return fused_forward.unsupported_reason(AutoConfig.from_pretrained(source.path))
