@@ -52,8 +52,8 @@ class ModelConfig:
     # torch.compile the model: ~1.5x on CPU bf16, ~15-30 s to compile first. auto: when the input
     # (all its rows, done or not, so a rerun decides alike) is long enough to repay that
     compile: bool | str = "auto"
-    # auto: embedpipe's AMX kernel for bf16 on AMX CPUs, FA2 on CUDA if installed, else SDPA, or
-    # eager for model classes without SDPA (MPNet, DeBERTa)
+    # auto: embedpipe's kernel for bf16 on CPU (amx on AMX CPUs, avx512 on AVX-512 BF16 ones),
+    # FA2 on CUDA if installed, else SDPA, or eager for model classes without SDPA (MPNet, DeBERTa)
     attention: str = "auto"
     # auto: embedpipe's fused forward (fused_forward.py) for BERT-family models run eagerly on a
     # CPU with oneDNN, transformers' forward otherwise

@@ -38,9 +38,9 @@ class Output:
         has (parts written before text hashes existed lack text_hash)."""
         if not self.files:
             return []
-        names = [set(self.parts.metadata(f).schema.to_arrow_schema().names) for f in self.files]
-        first = self.parts.metadata(self.files[0]).schema.to_arrow_schema().names
-        return [n for n in first if all(n in other for other in names)]
+        names = [self.parts.metadata(f).schema.to_arrow_schema().names for f in self.files]
+        every = set(names[0]).intersection(*names[1:])
+        return [n for n in names[0] if n in every]
 
     def batches(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         """The columns (default all), part after part, a block of rows at a time."""
