@@ -37,8 +37,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     cpu_attention.build()
-    kinds = [kind for kind, present in (("amx", hardware.cpu_has_amx_bf16()),
-                                        ("avx512", hardware.cpu_has_avx512_bf16())) if present]
+    kinds = [kind for kind, present in (("amx", hardware.this_cpu().amx_bf16),
+                                        ("avx512", hardware.this_cpu().avx512_bf16)) if present]
     print(f"{hardware.cpu_model()}, torch threads {torch.get_num_threads()}, "
           f"{args.heads} heads of {args.dim}")
     gen = torch.Generator().manual_seed(0)

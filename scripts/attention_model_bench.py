@@ -49,8 +49,8 @@ def main() -> None:
     source = resolve_model("all-MiniLM-L6-v2")
     corpus = texts(args.texts)
     tokenizer = TextTokenizer(source.path, source.max_length)
-    kinds = [kind for kind, present in (("amx", hardware.cpu_has_amx_bf16()),
-                                        ("avx512", hardware.cpu_has_avx512_bf16())) if present]
+    kinds = [kind for kind, present in (("amx", hardware.this_cpu().amx_bf16),
+                                        ("avx512", hardware.this_cpu().avx512_bf16)) if present]
     encoders = {}
     for attention in ["sdpa", *kinds]:
         runtime = resolve_runtime(ModelConfig(name=str(source.path), device="cpu", dtype="bfloat16",

@@ -114,14 +114,15 @@ def copy_tree(src: Path, dst: Path) -> Path:
 
 
 def runtime_for(source, device="cpu", dtype="float32", attention="auto", compile=False,
-                max_length=None, forward="auto"):
-    """The runtime a job with these model settings resolves to on this machine."""
+                max_length=None, forward="auto", cpu=None):
+    """The runtime a job with these model settings resolves to on this machine (or planned for
+    `cpu`, a hardware.Cpu made by hand)."""
     from pipeline.config import ModelConfig
     from pipeline.encode.runtime import resolve_runtime
 
     return resolve_runtime(ModelConfig(name=str(source.path), device=device, dtype=dtype,
                                        attention=attention, compile=compile,
-                                       max_length=max_length, forward=forward), source)
+                                       max_length=max_length, forward=forward), source, cpu=cpu)
 
 
 def encoder_for(source, device, dtype, settings, compile=False, attention="auto", forward="auto"):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from . import cpu_attention
+from .hardware import Cpu
 from .model_files import PADDING_OFFSET_FAMILIES
 
 # model_type -> transformers' layers are BERT's layer for layer (self-attention with absolute
@@ -83,12 +84,14 @@ def _activation(config) -> str | None:
     return getattr(config, "hidden_act", None) or getattr(config, "activation", None)
 
 
-def onednn_products(dtype: str) -> bool:
-    """Whether this torch has oneDNN's packed linear with fused epilogues in `dtype` (x86 builds
-    do; bfloat16 where the CPU has native bf16)."""
+def onednn_products(dtype: str, cpu: Cpu) -> bool:
+    """Whether this torch has oneDNN's packed linear with fused epilogues in `dtype` on `cpu`
+    (x86 builds do; bfloat16 where the CPU has AVX-512: torch answers for this machine's own)."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return False
-    return dtype == "float32" or (dtype == "bfloat16" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype != "bfloat16":
+        return dtype == "float32"
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported() if cpu.here else cpu.onednn_bf16
 
 
 @dataclass

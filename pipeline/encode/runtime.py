@@ -5,6 +5,7 @@ runtime resolved elsewhere fails with a message saying why (`check_here`).
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -65,25 +66,28 @@ class Runtime:
         return self.on_cuda
 
 
-def resolve_runtime(model: ModelConfig, source: ModelSource, input_rows: int = 0) -> Runtime:
+def resolve_runtime(model: ModelConfig, source: ModelSource, input_rows: int = 0,
+                    cpu: hardware.Cpu | None = None) -> Runtime:
     """Every runtime choice for `model` on this machine. `input_rows` is the whole input's row
     count (done or not, so a rerun after a crash decides as the first run did); 0 for queries,
-    which never repay compiling."""
+    which never repay compiling. `cpu`: this machine's (the default) or one made by hand to
+    plan for another kind (a made-up CPU never builds the attention kernel)."""
+    cpu = cpu or hardware.this_cpu()
     if model.max_length is not None and model.max_length > source.position_limit:
         raise ConfigError(
             f"model.max_length = {model.max_length} is above what model {source.name!r} can read: "
             f"{source.position_limit} tokens (its position embeddings); longer texts are "
             f"truncated and flagged, so set max_length to {source.position_limit} or less")
     device = _device(model.device)
-    dtype = _dtype(model.dtype, device)
-    attention = _attention(model.attention, device, dtype, source)
+    dtype = _dtype(model.dtype, device, cpu)
+    attention = _attention(model.attention, device, dtype, source, cpu)
     key = compile_cache.entry_key(source.fingerprint, dtype, attention, str(device))
     fused_reason = ("model.forward = 'transformers'" if model.forward == "transformers"
-                    else _fused_unavailable(device, dtype, attention, source))
+                    else _fused_unavailable(device, dtype, attention, source, cpu))
     compiled, note = _compile(model.compile, device, dtype, input_rows, compile_cache.is_warm(key),
                               fused_reason is None)
     forward = _forward(model.forward, compiled, fused_reason)
-    return Runtime(device=str(device), dtype=dtype, dtype_note=_dtype_note(model.dtype, device, dtype),
+    return Runtime(device=str(device), dtype=dtype, dtype_note=_dtype_note(model.dtype, device, dtype, cpu),
                    attention=attention, compile=compiled, forward=forward,
                    max_length=model.max_length or source.max_length, compile_note=note,
                    compile_cache=key if compiled and _cacheable() else None)
@@ -97,29 +101,50 @@ def _device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _dtype(dtype: str, device: torch.device) -> str:
-    """`auto` picks the fastest dtype that keeps cosine >= 0.999 to float32 on this hardware."""
+# bfloat16 on a CPU without AMX or AVX-512 BF16 is emulated: encode time on an AMD EPYC Zen 3
+# (AVX2 only), 300 movie snippets, bfloat16 16.07 s vs float32 2.97 s (issue 25)
+EMULATED_BF16_SLOWDOWN = 5.4
+
+
+def _dtype(dtype: str, device: torch.device, cpu: hardware.Cpu) -> str:
+    """`auto` picks the fastest dtype that keeps cosine >= 0.999 to float32 on this hardware:
+    never an emulated half precision. An explicit bfloat16 on a CPU without native bf16 runs,
+    with one warning saying what it costs."""
     if dtype == "auto":
         if device.type == "cuda":
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return "bfloat16" if hardware.cpu_has_fast_bf16() else "float32"
+        return "bfloat16" if cpu.fast_bf16 else "float32"
     if dtype == "float16" and device.type != "cuda":
         raise ConfigError("model.dtype = 'float16' runs on cuda only; use bfloat16 or float32 on cpu")
+    if dtype == "bfloat16" and device.type == "cpu" and not cpu.fast_bf16:
+        _warn_emulated_bf16(cpu)
     return dtype
 
 
-def _dtype_note(requested: str, device: torch.device, dtype: str) -> str:
-    """The dtype and, when chosen automatically, why: "bfloat16 (auto: CPU has AMX bf16)"."""
+@functools.cache
+def _warn_emulated_bf16(cpu: hardware.Cpu) -> None:
+    log.warning("model.dtype = 'bfloat16' is emulated on this CPU (%s: %s, no AVX-512 BF16 or "
+                "AMX): about %.1fx slower than float32 as measured on an AMD EPYC Zen 3; use "
+                "dtype = 'float32' (or 'auto', which picks it here)", cpu.model, cpu.kind,
+                EMULATED_BF16_SLOWDOWN)
+
+
+def _dtype_note(requested: str, device: torch.device, dtype: str, cpu: hardware.Cpu) -> str:
+    """The dtype and, when chosen automatically, why: "bfloat16 (auto: CPU has AMX bf16)"; an
+    emulated bfloat16 says so."""
     if requested != "auto":
+        if dtype == "bfloat16" and device.type == "cpu" and not cpu.fast_bf16:
+            return f"bfloat16 (emulated on this CPU: ~{EMULATED_BF16_SLOWDOWN:.0f}x slower than float32)"
         return dtype
     if device.type == "cuda":
         why = "GPU supports bf16" if dtype == "bfloat16" else "GPU lacks bf16"
     else:
-        why = hardware.cpu_bf16_kind()
+        why = cpu.bf16_kind
     return f"{dtype} (auto: {why})"
 
 
-def _attention(requested: str, device: torch.device, dtype: str, source: ModelSource) -> str:
+def _attention(requested: str, device: torch.device, dtype: str, source: ModelSource,
+               cpu: hardware.Cpu) -> str:
     """The attention implementation transformers gets. `auto`: embedpipe's kernel for bf16 on CPU,
     with AMX products on CPUs with AMX, else with AVX-512 BF16 products where the CPU has them
     (2-3x SDPA's speed), FlashAttention-2 on CUDA when flash_attn is installed, SDPA otherwise."""
@@ -150,13 +175,13 @@ def _attention(requested: str, device: torch.device, dtype: str, source: ModelSo
                                   "package") from None
         return fallback
     if requested in cpu_attention.KINDS:
-        reason, _ = _kernel_unavailable(device, dtype, source, requested)
+        reason, _ = _kernel_unavailable(device, dtype, source, requested, cpu)
         if reason is not None:
             raise ConfigError(f"model.attention = {requested!r} cannot run here: {reason}")
         return requested
     # auto: AMX products where the CPU has them, else AVX-512 BF16 ones, else SDPA
-    kind = "amx" if hardware.cpu_has_amx_bf16() else "avx512"
-    reason, build_failed = _kernel_unavailable(device, dtype, source, kind)
+    kind = "amx" if cpu.amx_bf16 else "avx512"
+    reason, build_failed = _kernel_unavailable(device, dtype, source, kind, cpu)
     if reason is None:
         return kind
     if build_failed:
@@ -182,8 +207,8 @@ def _forward(requested: str, compiled: bool, fused_reason: str | None) -> str:
     return "transformers"
 
 
-def _fused_unavailable(device: torch.device, dtype: str, attention: str,
-                       source: ModelSource) -> str | None:
+def _fused_unavailable(device: torch.device, dtype: str, attention: str, source: ModelSource,
+                       cpu: hardware.Cpu) -> str | None:
     """Why the fused forward cannot run this model eagerly here, or None when it can."""
     from transformers import AutoConfig
 
@@ -191,7 +216,7 @@ def _fused_unavailable(device: torch.device, dtype: str, attention: str,
         return "it runs on CPU only"
     if attention not in ("sdpa", *cpu_attention.KINDS):
         return f"it takes attention sdpa, {' or '.join(cpu_attention.KINDS)}, not {attention!r}"
-    if not fused_forward.onednn_products(dtype):
+    if not fused_forward.onednn_products(dtype, cpu):
         return f"this torch has no oneDNN {dtype} products"
     return fused_forward.unsupported_reason(AutoConfig.from_pretrained(source.path))
 
@@ -220,17 +245,18 @@ def _model_class_supports(source: ModelSource, flag: str) -> bool:
 _KERNEL_WORDS = {"amx": "AMX", "avx512": "AVX-512 BF16"}
 
 
-def _kernel_unavailable(device: torch.device, dtype: str, source: ModelSource,
-                        kind: str = "amx") -> tuple[str | None, bool]:
-    """(why embedpipe's kernel `kind` ("amx", "avx512") cannot run this model here, or None;
-    whether its build failed). The kernel is built when it could run."""
+def _kernel_unavailable(device: torch.device, dtype: str, source: ModelSource, kind: str,
+                        cpu: hardware.Cpu) -> tuple[str | None, bool]:
+    """(why embedpipe's kernel `kind` ("amx", "avx512") cannot run this model on `cpu`, or
+    None; whether its build failed). The kernel is built when it could run on this machine's
+    own CPU; a CPU made by hand is planned for, never built for."""
     from transformers import AutoConfig
 
     reason = cpu_attention.unsupported_reason(device, dtype, AutoConfig.from_pretrained(source.path),
-                                              kind)
+                                              kind, cpu)
     if reason is None and not _model_class_supports(source, "_supports_attention_backend"):
         reason = f"model type {source.model_type!r} takes no custom attention function"
-    if reason is not None:
+    if reason is not None or not cpu.here:
         return reason, False
     try:
         cpu_attention.build()
@@ -277,12 +303,13 @@ def check_here(runtime: Runtime, source: ModelSource) -> None:
     if runtime.on_cuda and not torch.cuda.is_available():
         raise ConfigError(f"the run was planned for {runtime.device}, but this worker has no CUDA "
                           f"device; set model.device for the cluster's machines")
-    if runtime.forward == "fused" and not fused_forward.onednn_products(runtime.dtype):
+    cpu = hardware.this_cpu()
+    if runtime.forward == "fused" and not fused_forward.onednn_products(runtime.dtype, cpu):
         raise ConfigError(f"the run was planned with the fused forward, which needs oneDNN "
                           f"{runtime.dtype} products that this worker's torch lacks; set "
                           f"model.forward = 'transformers' on mixed clusters")
     if runtime.attention in cpu_attention.KINDS:
-        reason, _ = _kernel_unavailable(device, runtime.dtype, source, runtime.attention)
+        reason, _ = _kernel_unavailable(device, runtime.dtype, source, runtime.attention, cpu)
         if reason is not None:
             raise ConfigError(f"the run was planned with attention {runtime.attention!r}, which "
                               f"cannot run on this worker: {reason}; set model.attention = 'sdpa' "

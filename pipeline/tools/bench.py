@@ -143,13 +143,14 @@ def matmul_rate(dtype: str, device: str = "cpu", m: int = 4096, k: int = 384, n:
     import torch
 
     from ..encode.fused_forward import onednn_products
+    from ..encode.hardware import this_cpu
     from ..encode.runtime import TORCH_DTYPES
 
     torch_dtype = TORCH_DTYPES[dtype]
     a = torch.randn(m, k, device=device).to(torch_dtype)
     b = torch.randn(k, n, device=device).to(torch_dtype)
     products = [lambda: a @ b]
-    if device == "cpu" and onednn_products(dtype):
+    if device == "cpu" and onednn_products(dtype, this_cpu()):
         packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), m)
         products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)

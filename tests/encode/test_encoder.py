@@ -114,10 +114,19 @@ def test_compile_auto_leaves_the_fused_forward_eager(bundled_model):
     compiled, why = runtime_mod._compile("auto", torch.device("cpu"), "bfloat16",
                                          10 * AUTO_COMPILE_ROWS, True, fused=True)
     assert not compiled and "fused forward" in why
+    for cpu in (AMX_CPU, AVX512_CPU):  # CPUs with oneDNN bf16 products, made by hand
+        runtime = runtime_mod.resolve_runtime(ModelConfig(dtype="bfloat16"), bundled_model,
+                                              10 * AUTO_COMPILE_ROWS, cpu=cpu)
+        assert (runtime.compile, runtime.forward) == (False, "fused")
+        assert runtime_for(bundled_model, dtype="bfloat16", compile=True,
+                           cpu=cpu).forward == "transformers"
+    # an AVX2 CPU has no oneDNN bf16 products: bf16 there is transformers' forward, compiled
     runtime = runtime_mod.resolve_runtime(ModelConfig(dtype="bfloat16"), bundled_model,
-                                          10 * AUTO_COMPILE_ROWS)
-    assert (runtime.compile, runtime.forward) == (False, "fused")
-    assert runtime_for(bundled_model, dtype="bfloat16", compile=True).forward == "transformers"
+                                          10 * AUTO_COMPILE_ROWS, cpu=AVX2_CPU)
+    assert (runtime.compile, runtime.forward) == (True, "transformers")
+    float32 = runtime_mod.resolve_runtime(ModelConfig(dtype="float32"), bundled_model,
+                                          10 * AUTO_COMPILE_ROWS, cpu=AVX2_CPU)
+    assert (float32.compile, float32.forward) == (False, "fused")
 
 
 def test_bfloat16_on_cpu_casts_only_the_linear_weights(bundled_model):
@@ -141,30 +150,49 @@ def test_models_are_loaded_once_per_device_and_dtype(bundled_model):
     assert next(d.model.parameters()).dtype == torch.float32
 
 
-@pytest.mark.parametrize("flags, expected", [
-    ({"amx_bf16", "avx512f"}, "bfloat16"),
-    ({"avx512_bf16"}, "bfloat16"),
-    ({"avx2", "fma"}, "float32"),
-])
-def test_auto_dtype_on_cpu_follows_the_cpu_flags(monkeypatch, flags, expected):
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
-    cpu = torch.device("cpu")
-    assert runtime_mod._dtype("auto", cpu) == expected
-    assert runtime_mod._dtype_note("auto", cpu, expected).startswith(f"{expected} (auto: CPU ")
-    assert runtime_mod._dtype("float32", cpu) == "float32"
+AMX_CPU = hardware.cpu_with("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx512bw",
+                            "avx512vl", "avx512dq")
+AVX512_CPU = hardware.cpu_with("avx512_bf16", "avx512f", "avx512bw", "avx512vl", "avx512dq")
+AVX2_CPU = hardware.cpu_with("avx2", "fma")
+
+
+@pytest.mark.parametrize("cpu, expected", [(AMX_CPU, "bfloat16"), (AVX512_CPU, "bfloat16"),
+                                           (AVX2_CPU, "float32"), (hardware.cpu_with(), "float32")])
+def test_auto_dtype_on_cpu_follows_the_cpu(cpu, expected):
+    device = torch.device("cpu")
+    assert runtime_mod._dtype("auto", device, cpu) == expected
+    assert runtime_mod._dtype_note("auto", device, expected, cpu).startswith(f"{expected} (auto: CPU ")
+    assert runtime_mod._dtype("float32", device, cpu) == "float32"
+
+
+def test_explicit_bfloat16_on_a_cpu_without_it_warns_once_and_says_so(caplog):
+    """Emulated bf16 runs (the user asked for it) with one warning naming the cost and the fix;
+    the summary's dtype note says it too. A CPU with native bf16 gets no warning."""
+    device = torch.device("cpu")
+    runtime_mod._warn_emulated_bf16.cache_clear()
+    with caplog.at_level("WARNING", logger="pipeline.encode.runtime"):
+        assert runtime_mod._dtype("bfloat16", device, AVX512_CPU) == "bfloat16"
+        assert not caplog.records
+        for _ in range(2):
+            assert runtime_mod._dtype("bfloat16", device, AVX2_CPU) == "bfloat16"
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "emulated" in message and "slower than float32" in message and "'float32'" in message
+    assert "emulated" in runtime_mod._dtype_note("bfloat16", device, "bfloat16", AVX2_CPU)
+    assert runtime_mod._dtype_note("bfloat16", device, "bfloat16", AVX512_CPU) == "bfloat16"
 
 
 @pytest.mark.parametrize("bf16_ok, expected", [(True, "bfloat16"), (False, "float16")])
 def test_auto_dtype_on_cuda_is_half(monkeypatch, bf16_ok, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
-    assert runtime_mod._dtype("auto", torch.device("cuda")) == expected
-    assert runtime_mod._dtype_note("auto", torch.device("cuda"), expected).startswith(
+    assert runtime_mod._dtype("auto", torch.device("cuda"), AVX2_CPU) == expected
+    assert runtime_mod._dtype_note("auto", torch.device("cuda"), expected, AVX2_CPU).startswith(
         f"{expected} (auto: GPU")
 
 
 def test_float16_on_cpu_is_a_config_error():
     with pytest.raises(ConfigError, match="float16"):
-        runtime_mod._dtype("float16", torch.device("cpu"))
+        runtime_mod._dtype("float16", torch.device("cpu"), AMX_CPU)
 
 
 def test_device_auto_picks_cuda_when_present(monkeypatch):

@@ -19,7 +19,7 @@ from pipeline.encode.tokenizer import TextTokenizer
 MEAN = EncoderSettings(layers=(-1,), layer_combine="concat", token_pooling="mean", normalize=True)
 LAST_FOUR = EncoderSettings(layers=(-1, -2, -3, -4), layer_combine="concat", token_pooling="cls",
                             normalize=False)
-ONEDNN = fused_forward.onednn_products("float32")
+ONEDNN = fused_forward.onednn_products("float32", hardware.this_cpu())
 needs_onednn = pytest.mark.skipif(not ONEDNN, reason="this torch has no oneDNN products")
 # each family with another activation, so every epilogue the fused forward maps is exercised
 FAMILIES = {"bert": "gelu", "roberta": "gelu_new", "xlm-roberta": "relu",
@@ -135,9 +135,9 @@ def test_weight_files_that_do_not_match_the_config_are_refused(tmp_path, bundled
 
 def _kernels() -> list[str]:
     kinds = ["sdpa"]
-    if hardware.cpu_has_amx_bf16():
+    if hardware.this_cpu().amx_bf16:
         kinds.append("amx")
-    if "avx512_bf16" in hardware.cpu_flags():
+    if hardware.this_cpu().avx512_bf16:
         kinds.append("avx512")
     return kinds
 
@@ -160,7 +160,8 @@ def bundled_vectors(bundled_model, mixed_texts):
 
 
 @needs_onednn
-@pytest.mark.skipif(not fused_forward.onednn_products("bfloat16"), reason="no oneDNN bf16")
+@pytest.mark.skipif(not fused_forward.onednn_products("bfloat16", hardware.this_cpu()),
+                    reason="this CPU has no oneDNN bf16 products (no AVX-512)")
 @pytest.mark.parametrize("attention", _kernels())
 @pytest.mark.parametrize("settings", [MEAN, LAST_FOUR], ids=["mean", "concat-last-four"])
 def test_bundled_model_fused_against_transformers(bundled_vectors, attention, settings):
@@ -207,7 +208,7 @@ def test_without_onednn_the_fallback_is_transformers_forward(bundled_model, mixe
                                                             monkeypatch):
     """A torch without oneDNN (an Arm build): auto falls back to transformers' forward, whose
     vectors equal sentence-transformers' (test_parity); an explicit fused one is refused."""
-    monkeypatch.setattr(fused_forward, "onednn_products", lambda dtype: False)
+    monkeypatch.setattr(fused_forward, "onednn_products", lambda dtype, cpu: False)
     assert runtime_for(bundled_model).forward == "transformers"
     with pytest.raises(ConfigError, match="oneDNN"):
         runtime_for(bundled_model, forward="fused")
@@ -219,7 +220,7 @@ def test_a_worker_without_onednn_refuses_a_fused_plan(bundled_model, monkeypatch
     from pipeline.encode.runtime import check_here
 
     planned = runtime_for(bundled_model, forward="auto")
-    monkeypatch.setattr(fused_forward, "onednn_products", lambda dtype: False)
+    monkeypatch.setattr(fused_forward, "onednn_products", lambda dtype, cpu: False)
     if planned.forward == "fused":
         with pytest.raises(ConfigError, match="model.forward = 'transformers'"):
             check_here(planned, bundled_model)

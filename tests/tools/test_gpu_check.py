@@ -86,8 +86,8 @@ def test_smoke_run_on_cpu_passes_and_writes_its_report(carry, tmp_path, capsys):
     # forward), SDPA otherwise; the check reports the one the model really ran
     from pipeline.encode import hardware
 
-    kernel = ("amx" if hardware.cpu_has_amx_bf16() else
-              "avx512" if hardware.cpu_has_avx512_bf16() else "sdpa")
+    kernel = ("amx" if hardware.this_cpu().amx_bf16 else
+              "avx512" if hardware.this_cpu().avx512_bf16 else "sdpa")
     assert attention["chosen"] == attention["loaded"] == kernel
     seen = "scaled_dot_product" if kernel == "sdpa" else "padded_attention"
     assert any(seen in k for k in attention["kernels"])
