@@ -11,11 +11,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# The editable install compiles the attention kernel in place (setup.py) with this venv's torch,
+# hence torch and the build tools first and no build isolation (which would install torch again).
+BUILD_DEPS := torch==2.13.0 'setuptools>=64' wheel
+
 install: $(BIN)/python
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q $(BUILD_DEPS)
+	$(BIN)/pip install -q --no-build-isolation -e .
 
 install-test: $(BIN)/python
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q $(BUILD_DEPS)
+	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
 
 # Fetch the movie snippets, embed them, train a sentiment head, run one search query.
 demo: install

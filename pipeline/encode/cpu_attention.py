@@ -90,7 +90,7 @@ def build() -> None:
         if not cpu.avx512_bf16:
             raise RuntimeError(f"this CPU ({cpu.model}: {cpu.kind}) has neither AMX nor AVX-512 "
                                f"BF16, so embedpipe's attention kernel is not loaded here")
-        load_library()
+        log.info("embedpipe's attention kernel: %s", load_library())
     except RuntimeError as exc:
         _LOADED["error"] = str(exc)
         log.info("%s", exc)
@@ -124,13 +124,14 @@ _LOADED: dict = {}  # build()'s outcome in this process: {"done": True} or {"err
 
 
 def _prebuilt() -> Path | None:
-    """The wheel's library, unless this is a source checkout whose kernel sources changed since
-    it was built."""
+    """The wheel's library (or an editable install's), unless this is a git checkout whose kernel
+    sources changed since it was built."""
+    checkout = (Path(__file__).parents[2] / ".git").exists()
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         path = Path(__file__).with_name(PREBUILT + suffix)
         if path.exists():
             built = path.stat().st_mtime
-            if any(src.exists() and src.stat().st_mtime > built for src in SOURCES + HEADERS):
+            if checkout and any(src.stat().st_mtime > built for src in SOURCES + HEADERS):
                 log.info("%s is older than csrc/: compiling the kernel from source", path.name)
                 return None
             return path
