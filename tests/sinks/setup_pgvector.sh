@@ -23,10 +23,6 @@ PACKAGES=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR build-essential)
 say() { echo "setup_pgvector: $*" >&2; }
 cannot() { say "skipped, the pgvector sink tests will skip: $*"; exit 0; }
 
-mkdir -p "$CACHE"
-exec 9>"$CACHE/pgvector.lock"
-flock 9   # two runs at once (make test in two checkouts) build once
-
 # Every file of the staged install tree is in place, byte for byte.
 installed() {
     local stage=$1/root f
@@ -47,17 +43,34 @@ copy_in() {
     done < <(cd "$stage" && find . -type f -print0)
 }
 
-for built in "$CACHE"/pgvector-*-pg$PG_MAJOR; do
-    [[ -f $built/done ]] || continue
-    if installed "$built"; then
-        say "pgvector $(cat "$built/version") for PostgreSQL $PG_MAJOR already installed ($built)"
-        exit 0
-    fi
-done
+already_installed() {
+    local built
+    for built in "$CACHE"/pgvector-*-pg$PG_MAJOR; do
+        if installed "$built"; then
+            say "pgvector $(cat "$built/version") for PostgreSQL $PG_MAJOR already installed ($built)"
+            return 0
+        fi
+    done
+    return 1
+}
+
+already_installed && exit 0
 
 if [[ $(id -u) != 0 ]]; then
+    if [[ -f /usr/share/postgresql/$PG_MAJOR/extension/vector.control &&
+          -f /usr/lib/postgresql/$PG_MAJOR/lib/vector.so ]]; then
+        say "not root; PostgreSQL $PG_MAJOR has a pgvector installed, not from $CACHE (test_pgvector_build.py checks it)"
+        exit 0
+    fi
     cannot "not root, so cannot apt-get install ${PACKAGES[*]} nor install pgvector into /usr; run 'make pgvector' as root"
 fi
+
+if ! { mkdir -p "$CACHE" && touch "$CACHE/pgvector.lock"; } 2>/dev/null; then
+    cannot "cannot write the cache folder $CACHE (set EMBEDPIPE_CACHE)"
+fi
+exec 9>"$CACHE/pgvector.lock"
+flock 9   # two runs at once (make test in two checkouts): the second finds the first's install
+already_installed && exit 0
 
 # --- Debian's PostgreSQL and the build tools, when missing ---
 missing=()
@@ -105,8 +118,8 @@ echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror
     >"$apt_dir/sources.list"
 apt_opts=(-q -o "Dir::Etc::SourceList=$apt_dir/sources.list" -o "Dir::Etc::SourceParts=$apt_dir/sources.list.d"
           -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache" -o APT::Sandbox::User=root)
-apt-get "${apt_opts[@]}" update >"$CACHE/apt-source.log" 2>&1 ||
-    cannot "apt-get update of the $SOURCE_SUITE source index failed: $(tail -n 1 "$CACHE/apt-source.log")"
+apt-get "${apt_opts[@]}" update --error-on=any >"$CACHE/apt-source.log" 2>&1 ||
+    cannot "apt-get update of Debian $SOURCE_SUITE's source index failed: $(grep -m 1 -A 1 -E '^(Err|E|W):' "$CACHE/apt-source.log" | tr -s '\n ' ' ')"
 work=$(mktemp -d "$CACHE/pgvector-build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 (cd "$work" && apt-get "${apt_opts[@]}" source pgvector) >>"$CACHE/apt-source.log" 2>&1 ||
