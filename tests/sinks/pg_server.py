@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-SETUP = "make pgvector (tests/sinks/setup_pgvector.sh, as root: apt-installs PostgreSQL 15, builds pgvector)"
+SETUP = ("make pgvector (tests/sinks/setup_pgvector.sh, as root: apt-installs PostgreSQL 15, "
+         "builds pgvector)")
 
 
 @dataclass(frozen=True)

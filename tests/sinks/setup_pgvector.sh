@@ -59,10 +59,12 @@ already_installed && exit 0
 if [[ $(id -u) != 0 ]]; then
     if [[ -f /usr/share/postgresql/$PG_MAJOR/extension/vector.control &&
           -f /usr/lib/postgresql/$PG_MAJOR/lib/vector.so ]]; then
-        say "not root; PostgreSQL $PG_MAJOR has a pgvector installed, not from $CACHE (test_pgvector_build.py checks it)"
+        say "not root; PostgreSQL $PG_MAJOR has a pgvector, not installed from $CACHE" \
+            "(tests/sinks/test_pgvector_build.py checks what it was built for)"
         exit 0
     fi
-    cannot "not root, so cannot apt-get install ${PACKAGES[*]} nor install pgvector into /usr; run 'make pgvector' as root"
+    cannot "not root, so cannot apt-get install ${PACKAGES[*]} nor install pgvector into /usr;" \
+        "run 'make pgvector' as root"
 fi
 
 if ! { mkdir -p "$CACHE" && touch "$CACHE/pgvector.lock"; } 2>/dev/null; then
@@ -95,7 +97,8 @@ if ((${#missing[@]})); then
     say "apt-get install ${missing[*]}"
     if ! apt_install; then
         apt-get update -q >"$CACHE/apt-update.log" 2>&1 || true
-        apt_install || cannot "apt-get install ${missing[*]} failed: $(tail -n 1 "$CACHE/apt-install.log")"
+        apt_install ||
+            cannot "apt-get install ${missing[*]} failed: $(tail -n 1 "$CACHE/apt-install.log")"
     fi
 fi
 
@@ -116,10 +119,13 @@ apt_dir=$CACHE/apt-$SOURCE_SUITE
 mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$apt_dir/sources.list.d"
 echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror $SOURCE_SUITE main" \
     >"$apt_dir/sources.list"
-apt_opts=(-q -o "Dir::Etc::SourceList=$apt_dir/sources.list" -o "Dir::Etc::SourceParts=$apt_dir/sources.list.d"
-          -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache" -o APT::Sandbox::User=root)
-apt-get "${apt_opts[@]}" update --error-on=any >"$CACHE/apt-source.log" 2>&1 ||
-    cannot "apt-get update of Debian $SOURCE_SUITE's source index failed: $(grep -m 1 -A 1 -E '^(Err|E|W):' "$CACHE/apt-source.log" | tr -s '\n ' ' ')"
+apt_opts=(-q -o "Dir::Etc::SourceList=$apt_dir/sources.list"
+          -o "Dir::Etc::SourceParts=$apt_dir/sources.list.d" -o "Dir::State::Lists=$apt_dir/lists"
+          -o "Dir::Cache=$apt_dir/cache" -o APT::Sandbox::User=root)
+if ! apt-get "${apt_opts[@]}" update --error-on=any >"$CACHE/apt-source.log" 2>&1; then
+    why=$(grep -m 1 -A 1 -E '^(Err|E|W):' "$CACHE/apt-source.log" | tr -s '\n ' ' ')
+    cannot "apt-get update of Debian $SOURCE_SUITE's source index failed: $why"
+fi
 work=$(mktemp -d "$CACHE/pgvector-build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 (cd "$work" && apt-get "${apt_opts[@]}" source pgvector) >>"$CACHE/apt-source.log" 2>&1 ||
@@ -129,11 +135,13 @@ version=$(basename "$dsc" .dsc); version=${version#pgvector_}
 src=$(find "$work" -mindepth 1 -maxdepth 1 -type d -name 'pgvector-*')
 
 # --- build for baseline x86-64 and stage the install ---
-# OPTFLAGS="": no -march=native. with_llvm=no: no JIT bitcode (it would need clang).
+# OPTFLAGS="": no -march=native. with_llvm=no: no JIT bitcode (JIT-compiled queries call
+# pgvector's functions instead of inlining them).
 say "building pgvector $version with OPTFLAGS=\"\" against $($PG_CONFIG --version)"
 make_args=(PG_CONFIG="$PG_CONFIG" OPTFLAGS="" with_llvm=no)
 if ! { make -C "$src" -j"$(nproc)" "${make_args[@]}" &&
-       make -C "$src" "${make_args[@]}" install DESTDIR="$work/root"; } >"$CACHE/pgvector-build.log" 2>&1; then
+       make -C "$src" "${make_args[@]}" install DESTDIR="$work/root"
+     } >"$CACHE/pgvector-build.log" 2>&1; then
     say "building pgvector $version failed; the log: $CACHE/pgvector-build.log"
     exit 1
 fi
@@ -146,4 +154,5 @@ echo "$version" >"$built/version"
 touch "$built/done"
 rm -rf "$apt_dir"   # the suite's source index (22 MB): only a new build needs it
 copy_in "$built"
-say "pgvector $version for PostgreSQL $PG_MAJOR installed (Debian $SOURCE_SUITE source, OPTFLAGS=\"\"), staged in $built"
+say "pgvector $version for PostgreSQL $PG_MAJOR installed (Debian $SOURCE_SUITE source," \
+    "OPTFLAGS=\"\"), staged in $built"

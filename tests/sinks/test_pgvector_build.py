@@ -169,6 +169,13 @@ def test_pgvector_answers_on_a_cpu_without_avx512(pg_install, cpu):
                 queries.append(f"SELECT '{_literal(x)}'::{kind} {op} '{_literal(y)}'::{kind} "
                                f"AS {name};")
                 want[name] = value
+    # An HNSW index built and searched: its graph is made with the same distance functions.
+    queries += ["CREATE TABLE t (id int, v vector(16));",
+                "INSERT INTO t SELECT i, (SELECT array_agg(sin(i * 16 + j))::vector(16) "
+                "FROM generate_series(1, 16) j) FROM generate_series(1, 300) i;",
+                "CREATE INDEX ON t USING hnsw (v vector_l2_ops);",
+                "SET enable_seqscan = off; SET jit = off;",
+                "SELECT id AS hnsw FROM t ORDER BY v <-> (SELECT v FROM t WHERE id = 42) LIMIT 1;"]
     user = server_user()
     root, data = new_cluster(pg_install, user)
     try:
@@ -179,8 +186,10 @@ def test_pgvector_answers_on_a_cpu_without_avx512(pg_install, cpu):
             capture_output=True, text=True, user=user, timeout=300)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    assert run.returncode == 0, f"{cpu} ({EMULATED[cpu]}): exit {run.returncode}\n{run.stderr[-2000:]}"
-    got = dict(re.findall(r'\d+: (q\d+) = "([^"]*)"', run.stdout))
+    assert run.returncode == 0, (f"{cpu} ({EMULATED[cpu]}): exit {run.returncode}\n"
+                                 f"{run.stderr[-2000:]}")
+    got = dict(re.findall(r'\d+: (q\d+|hnsw) = "([^"]*)"', run.stdout))
+    assert got.pop("hnsw", None) == "42", run.stdout[-2000:]
     assert set(got) == set(want), run.stdout[-2000:]
     for name, value in want.items():
         assert float(got[name]) == pytest.approx(value, rel=1e-4, abs=1e-4), name
