@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test install install-test clean gpu-carry
+.PHONY: demo test install install-test pgvector clean gpu-carry
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,13 @@ demo: install
 	$(BIN)/embedpipe train-head out/movie-reviews --label-column label --out out/movie-reviews-head
 	$(BIN)/embedpipe search out/movie-reviews "a warm, funny film with a great cast" -k 5
 
-test: install-test
+test: install-test pgvector
 	$(BIN)/python -m pytest -q -ra
+
+# Debian's PostgreSQL 15 with pgvector built for baseline x86-64, for the sink tests (as root;
+# cached: a second run does nothing; where it cannot install, the pgvector tests skip).
+pgvector:
+	bash tests/sinks/setup_pgvector.sh
 
 # What scripts/gpu_check.sh needs on a GPU machine without network, in the git-ignored gpu_carry/:
 # a faiss-cpu wheel for that machine's Python, the bundled model's folder in float16 and 2,000
