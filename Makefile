@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test install install-test pgvector clean gpu-carry
+.PHONY: demo test install install-test pgvector cpu-emulator clean gpu-carry
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,16 @@ demo: install
 	$(BIN)/embedpipe train-head out/movie-reviews --label-column label --out out/movie-reviews-head
 	$(BIN)/embedpipe search out/movie-reviews "a warm, funny film with a great cast" -k 5
 
-test: install-test pgvector
+test: install-test pgvector cpu-emulator
 	$(BIN)/python -m pytest -q -ra
+
+# QEMU's user-mode emulator, so that the tests also run the attention kernel's library and
+# pgvector on an emulated AVX2-only CPU (AMD Zen 3) whatever CPU this is (as root, with apt;
+# elsewhere those tests skip and say why).
+cpu-emulator:
+	@command -v qemu-x86_64 >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && (apt-get install -y -qq qemu-user >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq qemu-user >/dev/null; }) \
+	  || echo "qemu-user not installed: the emulated-CPU tests will skip" >&2; }
 
 # Debian's PostgreSQL 15 with pgvector built for baseline x86-64, for the sink tests (as root;
 # cached: a second run does nothing; where it cannot install, the pgvector tests skip).

@@ -91,7 +91,7 @@ def onednn_products(dtype: str, cpu: Cpu) -> bool:
         return False
     if dtype != "bfloat16":
         return dtype == "float32"
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported() if cpu.here else cpu.onednn_bf16
+    return cpu.onednn_bf16 and (not cpu.here or torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @dataclass

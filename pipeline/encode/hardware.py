@@ -71,9 +71,27 @@ def cpu_with(*flags: str, model: str = "a CPU made by hand") -> Cpu:
     return Cpu(frozenset(flags), model)
 
 
+# EMBEDPIPE_CPU_CAP: run as a CPU with at most these features would (a cap only takes away, so
+# nothing the CPU lacks is ever run): how the test suite is run as on an AVX2-only CPU (docs,
+# "Every CPU"), together with ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY for torch's own kernels.
+CAPS = {"avx2": frozenset({"avx2", "fma"}),
+        "avx512": frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+                             "avx512_vnni"}),
+        "avx512_bf16": AVX512_BF16 | {"avx2", "fma", "avx512_vnni"}}
+
+
 @functools.cache
 def this_cpu() -> Cpu:
-    return Cpu(_cpuid_flags() or _proc_flags(), _model_name(), here=True)
+    flags, model = _cpuid_flags() or _proc_flags(), _model_name()
+    cap = os.environ.get("EMBEDPIPE_CPU_CAP", "")
+    if cap in CAPS:
+        flags, model = flags & CAPS[cap], f"{model} (capped at {cap})"
+    elif cap:
+        import logging
+
+        logging.getLogger(__name__).warning("EMBEDPIPE_CPU_CAP=%r is not one of %s; ignored",
+                                            cap, ", ".join(CAPS))
+    return Cpu(flags, model, here=True)
 
 
 def _cpuid_flags() -> frozenset[str]:
