@@ -174,7 +174,7 @@ def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
 
     parts = ledger.vector_parts()  # every file was checked (kept) or just written
     if job.index.enabled:
-        stale = index_problems(store, parts)
+        stale = _index_problems(store, parts)
         if diff.todo or dropped or stale:
             if stale and not (diff.todo or dropped):
                 log.warning("rebuilding the index: %s", "; ".join(stale))
@@ -186,7 +186,7 @@ def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
     summary.seconds.update(ctx.stats.seconds)
     summary.folder_vectors = sum(r.stored_rows for r in ledger.complete_units())
     # What the folder now holds is checked as `embedpipe verify` would, files and counts only.
-    problems = unit_problems(ledger) + (index_problems(store, parts) if job.index.enabled
+    problems = unit_problems(ledger) + (_index_problems(store, parts) if job.index.enabled
                                         and not summary.index.get("error") else [])
     summary.failures += [f"check: {p}" for p in problems]
     _sync_sinks(ctx, healthy=not problems)
@@ -196,6 +196,12 @@ def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
     # The replaced parts go once a run reaches its end, failed units or not (so they never pile
     # up night after night); a run killed before here leaves them named, for its rerun to reuse.
     remove_files(store, ledger.clear_retired())
+
+
+def _index_problems(store: Store, parts: VectorParts) -> list[str]:
+    """How the index differs from the parts; nothing to compare in a folder with no vectors
+    (every unit failed or rejected every row), whose index is empty."""
+    return index_problems(store, parts) if sum(parts.rows()) else []
 
 
 def _sync_sinks(ctx: RunContext, healthy: bool) -> None:
@@ -317,8 +323,10 @@ def _embed(ctx: RunContext, todo: list[Unit], embedder: UnitEmbedder, hashed_ali
             summary.token_rows += record.token_rows
             for reason, count in record.reject_reasons.items():
                 summary.rejects[reason] = summary.rejects.get(reason, 0) + count
-        else:
+        else:  # its rows were read, none is stored: the rerun retries them
             summary.units_failed += 1
+            summary.rows_read += record.rows_in
+            summary.rows_failed += record.rows_in
         ledger.commit_unit(record)
         checkpoint("unit")
 
