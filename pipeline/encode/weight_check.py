@@ -98,9 +98,13 @@ def _safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _bin_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    import zipfile
+
     import torch
 
-    state = torch.load(file, map_location="meta", weights_only=True, mmap=True)
+    # mapped, not read; a file in torch's legacy (pre-zip) format cannot be mapped: read
+    state = torch.load(file, map_location="meta", weights_only=True,
+                       mmap=zipfile.is_zipfile(file))
     return {name: tuple(t.shape) for name, t in state.items() if isinstance(t, torch.Tensor)}
 
 
