@@ -22,7 +22,7 @@ from ..faults import checkpoint
 from ..index.maintain import update_index
 from ..index.check import index_problems
 from ..index.choose import check_config as check_index_config, faiss_reason
-from ..index.files import INDEX_DIR
+from ..index.files import INDEX_DIR, INFOS_FILE
 from ..io.folder_check import unit_damage, unit_problems
 from ..io.ledger import (MANIFEST, Ledger, UnitRecord, acquire_lock, refuse_foreign_folder,
                          release_lock)
@@ -226,9 +226,16 @@ def _failure_after_work(exc: Exception) -> str:
 
 
 def _index_problems(store: Store, parts: VectorParts) -> list[str]:
-    """How the index differs from the parts; nothing to compare in a folder with no vectors
-    (every unit failed or rejected every row), whose index is empty."""
-    return index_problems(store, parts) if sum(parts.rows()) else []
+    """How the index differs from the parts. An empty index over a folder with no vectors (every
+    unit failed, or rejected every row) matches it: it records no labels to compare."""
+    problems = index_problems(store, parts)
+    if problems and not sum(parts.rows()):
+        try:
+            if int(store.read_json(INFOS_FILE).get("count", -1)) == 0:
+                return []
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+    return problems
 
 
 def _sync_sinks(ctx: RunContext, healthy: bool) -> None:

@@ -124,3 +124,14 @@ def test_a_unit_that_fails_once_read_counts_its_rows_and_no_index_check_fails(tm
     assert len(failed) == 1 and str(path) in failed[0], failed
     summary = json.loads(embedpipe("run", job, "--json").stdout)  # the rerun: the same, counted
     assert summary["rows_read"] == summary["rows_failed"] == 30 and summary["accounted"]
+
+
+def test_a_folder_whose_every_row_is_rejected_completes(tmp_path, tiny_model):
+    """No vectors at all: its empty index is no check failure, run or rerun."""
+    write_shards(tmp_path / "in", [pa.table({"id": pa.array([1, 2, 3], pa.int64()),
+                                             "text": ["", "  ", None]})])
+    job = write_job(tmp_path / "job.toml", tmp_path / "in", tmp_path / "out", tiny_model)
+    for _ in range(2):
+        result = embedpipe("run", job, "--json")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert json.loads(result.stdout)["failures"] == []
