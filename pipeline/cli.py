@@ -13,7 +13,8 @@ import click
 
 from .config import CHOICES, ConfigError
 
-EXIT_FAILED, EXIT_USAGE = 1, 2  # 1: some units (or the index) failed; 2: usage, config, environment
+EXIT_FAILED, EXIT_USAGE = 1, 2  # 1: some units (or the index) failed, or a failure once the folder
+# changed (in the summary); 2: usage, config, environment, found before any work
 EXIT_SIGNAL = 128  # + the signal's number: 130 for SIGINT (Ctrl-C), 143 for SIGTERM
 log = logging.getLogger("pipeline.cli")
 
@@ -95,8 +96,9 @@ def main(verbose: int) -> None:
     """Embed text from Parquet shards into Parquet vectors and a FAISS index.
 
     A job is a TOML file (see jobs/movie_reviews.toml). Exit codes: 0 complete,
-    1 some units of work (or the index) failed: a rerun retries only those; 2 usage,
-    configuration or environment error (nothing was done); 130 / 143 interrupted by
+    1 some units of work (or the index) failed, or anything failed once the folder began to
+    change (the summary says what): a rerun retries only those; 2 usage, configuration or
+    environment error found before any work (nothing was done); 130 / 143 interrupted by
     SIGINT / SIGTERM (committed units are kept; a rerun finishes the rest).
     """
     _setup_logging(verbose)
@@ -213,6 +215,12 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
     if queries and not results:
         raise click.UsageError("--queries needs --out FILE.parquet for the results")
     with one_line_errors(interruptible=True):
+        if query is not None:
+            import pyarrow as pa
+
+            from .io.rejects import blank_texts
+            if blank_texts(pa.array([query], pa.string()))[0].as_py():
+                raise ConfigError("QUERY is empty or white space only: give the text to search for")
         if sink:
             from .commands.sink_search import SinkSearcher
             searcher = SinkSearcher(out, sink, per_chunk=per_chunk)

@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..config import ConfigError
 from .chunking import ChunkPolicy, cut_windows, pool_windows
 
 
@@ -78,6 +79,11 @@ def encode_texts(tokenizer, encoder, texts: list[str], batch_tokens: int,
     if not texts:
         return np.zeros((0, encoder.width), np.float32)
     tokens = tokenizer(list(texts), pairs)
+    if tokens.unfit is not None and tokens.unfit.any():
+        row = int(np.flatnonzero(tokens.unfit)[0])
+        raise ConfigError(f"text pair {row} (0-based) cannot be embedded as the run did: "
+                          f"input.pair_truncation = {tokenizer.pair_truncation!r} cannot fit it "
+                          f"into {tokenizer.max_length} tokens (its first text alone is longer)")
     ids, type_ids = tokens.ids, tokens.type_ids
     if pool_chunks is not None:
         windows = cut_windows(tokenizer, list(texts), tokens, pool_chunks[0])

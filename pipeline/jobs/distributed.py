@@ -95,7 +95,8 @@ def embed_on_ray(plan: EmbedPlan, units: list[tuple[Unit, int]], duplicates: dic
                 if attempts[unit.key] >= MAX_ATTEMPTS:
                     commit(UnitRecord.for_unit(
                         unit, "failed",
-                        error=f"worker died {MAX_ATTEMPTS} times: {type(exc).__name__}"))
+                        error=f"worker died {MAX_ATTEMPTS} times: {type(exc).__name__}",
+                        rows_in=unit.num_rows))
                 else:
                     log.warning("ray: worker died on %s; retrying on a new worker", unit.key)
                     queue.appendleft((unit, unit_id))

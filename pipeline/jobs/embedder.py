@@ -92,8 +92,11 @@ class UnitEmbedder:
         id_type = pa.type_for_alias(self.plan.id_type)
         planner = None
         if reuse is not None and reuse.mode != "off" and self.plan.reusable:
-            planner = ReusePlanner(reuse, self.memory, self.plan.stored_columns(),
-                                   copies=job.encode.long_text != "reject",
+            # a repeated text is copied only where a text cannot be refused once tokenized
+            # (long_text = "reject" and only_second pairs may refuse it)
+            copies = job.encode.long_text != "reject" and not (
+                job.input.text_pair_column and job.input.pair_truncation == "only_second")
+            planner = ReusePlanner(reuse, self.memory, self.plan.stored_columns(), copies=copies,
                                    text_column=job.input.text_column
                                    if job.input.text_column in job.output.keep_columns else None)
         preparer = PrepareStage(self.flow, self.tokenizer, duplicates, id_type, stats,

@@ -22,7 +22,7 @@ from ..faults import checkpoint
 from ..index.maintain import update_index
 from ..index.check import index_problems
 from ..index.choose import check_config as check_index_config, faiss_reason
-from ..index.files import INDEX_DIR
+from ..index.files import INDEX_DIR, INFOS_FILE
 from ..io.folder_check import unit_damage, unit_problems
 from ..io.ledger import (MANIFEST, Ledger, UnitRecord, acquire_lock, refuse_foreign_folder,
                          release_lock)
@@ -66,6 +66,7 @@ class RunContext:
     summary: RunSummary
     stats: Stats = dataclasses.field(default_factory=Stats)
     sinks: list[Sink] = dataclasses.field(default_factory=list)  # [[sink]], checked and open
+    changed: bool = False  # the folder has begun to change: a failure from here on is exit 1
 
 
 def id_type_of(unit_schema: pa.Schema, id_column: str) -> pa.DataType:
@@ -134,8 +135,15 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
                              model=source.name, units_total=len(units), recipe=recipe,
                              long_text=job.encode.long_text,
                              granularity=job.output.granularity)
-        _run_locked(RunContext(job, options, source, runtime, settings, store, ledger, summary,
-                               sinks=sinks), units)
+        ctx = RunContext(job, options, source, runtime, settings, store, ledger, summary,
+                         sinks=sinks)
+        try:
+            _run_locked(ctx, units)
+        except Exception as exc:  # signals (BaseException) still stop the run as they do
+            if not ctx.changed:
+                raise  # found before any work: the command's one line, exit 2
+            summary.failures.append(_failure_after_work(exc))
+            _record_stats(ctx)
     finally:
         release_lock(store)
         close_all(sinks)
@@ -158,12 +166,14 @@ def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
     hashed_alike = ledger.data.get("content_hash", CONTENT_HASH) == CONTENT_HASH
     dropped = _drop(ctx, diff)
     summary.stray_files_removed = _sweep(store, ledger)
+    ctx.changed = bool(dropped or summary.stray_files_removed)
     ledger.update(job=job.name, config=job.to_dict(), vector_settings=ctx.settings,
                   settings_hash=settings_hash(ctx.settings), complete=False,
                   content_hash=CONTENT_HASH,
                   model={"name": ctx.source.name, "path": str(ctx.source.path),
                          "fingerprint": ctx.source.fingerprint},
                   versions=package_versions())
+    ctx.changed = True  # from here on the run writes parts, the index, sinks
 
     if embedder is not None:
         _embed(ctx, diff.todo, embedder, hashed_alike)
@@ -174,19 +184,16 @@ def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
 
     parts = ledger.vector_parts()  # every file was checked (kept) or just written
     if job.index.enabled:
-        stale = index_problems(store, parts)
+        stale = _index_problems(store, parts)
         if diff.todo or dropped or stale:
             if stale and not (diff.todo or dropped):
                 log.warning("rebuilding the index: %s", "; ".join(stale))
             _index(ctx, parts)
         else:
             summary.index = ledger.data.get("index", {})
-    summary.real_tokens = ctx.stats.real_tokens
-    summary.padded_tokens = ctx.stats.padded_tokens
-    summary.seconds.update(ctx.stats.seconds)
-    summary.folder_vectors = sum(r.stored_rows for r in ledger.complete_units())
+    _record_stats(ctx)
     # What the folder now holds is checked as `embedpipe verify` would, files and counts only.
-    problems = unit_problems(ledger) + (index_problems(store, parts) if job.index.enabled
+    problems = unit_problems(ledger) + (_index_problems(store, parts) if job.index.enabled
                                         and not summary.index.get("error") else [])
     summary.failures += [f"check: {p}" for p in problems]
     _sync_sinks(ctx, healthy=not problems)
@@ -196,6 +203,39 @@ def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
     # The replaced parts go once a run reaches its end, failed units or not (so they never pile
     # up night after night); a run killed before here leaves them named, for its rerun to reuse.
     remove_files(store, ledger.clear_retired())
+
+
+def _record_stats(ctx: RunContext) -> None:
+    """The stages' counts and times, and what the folder holds, into the summary."""
+    ctx.summary.real_tokens = ctx.stats.real_tokens
+    ctx.summary.padded_tokens = ctx.stats.padded_tokens
+    ctx.summary.seconds.update(ctx.stats.seconds)
+    ctx.summary.folder_vectors = sum(r.stored_rows for r in ctx.ledger.complete_units())
+
+
+def _failure_after_work(exc: Exception) -> str:
+    """A failure once the folder began to change (a full disk writing the index, ...): a line of
+    the summary (exit 1), the committed units kept for the rerun."""
+    log.debug("the run failed after the folder began to change", exc_info=True)
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        what = f"{where}{exc.strerror or exc}"
+    else:
+        what = f"{type(exc).__name__}: {exc}"
+    return f"{what}; the committed units are kept: a rerun finishes the rest"
+
+
+def _index_problems(store: Store, parts: VectorParts) -> list[str]:
+    """How the index differs from the parts. An empty index over a folder with no vectors (every
+    unit failed, or rejected every row) matches it: it records no labels to compare."""
+    problems = index_problems(store, parts)
+    if problems and not sum(parts.rows()):
+        try:
+            if int(store.read_json(INFOS_FILE).get("count", -1)) == 0:
+                return []
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+    return problems
 
 
 def _sync_sinks(ctx: RunContext, healthy: bool) -> None:
@@ -317,8 +357,10 @@ def _embed(ctx: RunContext, todo: list[Unit], embedder: UnitEmbedder, hashed_ali
             summary.token_rows += record.token_rows
             for reason, count in record.reject_reasons.items():
                 summary.rejects[reason] = summary.rejects.get(reason, 0) + count
-        else:
+        else:  # its rows were read, none is stored: the rerun retries them
             summary.units_failed += 1
+            summary.rows_read += record.rows_in
+            summary.rows_failed += record.rows_in
         ledger.commit_unit(record)
         checkpoint("unit")
 

@@ -26,7 +26,7 @@ from ..encode.chunking import (TOO_LONG, ChunkPolicy, TokenWindows, cut_windows,
                                too_long)
 from ..encode.runtime import Runtime
 from ..encode.token_output import TokenPolicy, TokenRows, gather, token_rows
-from ..encode.tokenizer import TextTokenizer, Tokenized
+from ..encode.tokenizer import TextTokenizer, Tokenized, pair_too_long
 from ..faults import checkpoint
 from ..io.checks import check_file
 from ..io.content_hash import text_hashes
@@ -102,6 +102,7 @@ class UnitEnd:
 class UnitFailed:
     unit: Unit
     error: str
+    rows_in: int = 0  # its rows, when it failed once read (0: refused before reading)
 
 
 class Stop(Exception):
@@ -191,7 +192,7 @@ class PrepareStage:
             except Stop:
                 raise
             except Exception as exc:  # a bad file fails its unit, not the run
-                out.put(UnitFailed(unit, f"{type(exc).__name__}: {exc}"))
+                out.put(UnitFailed(unit, f"{type(exc).__name__}: {exc}", unit.num_rows))
                 continue
             out.put(UnitEnd(unit, rows, time.perf_counter() - started))
         out.put(DONE)
@@ -250,14 +251,23 @@ class PrepareStage:
             tokens = self.tokenizer.with_spans(good_texts)
         else:
             tokens = self.tokenizer(good_texts, good_pairs)
-        if self.chunking is not None and self.chunking.mode == "reject":
-            long = too_long(self.tokenizer, tokens, self.chunking)
-            for i in keep_idx[long]:
-                reasons[i] = TOO_LONG
-            keep_idx, good_texts = keep_idx[~long], [t for t, x in zip(good_texts, long) if not x]
-            hashes = hashes.filter(pa.array(~long))
-            rows_at = None if rows_at is None else rows_at[~long]
-            tokens = _subset(tokens, ~long)
+        # rows refused once tokenized: too long under long_text = "reject", pairs the pair
+        # truncation cannot fit (each a reject; the unit's other rows go on)
+        refused = np.zeros(len(keep_idx), bool)
+        for reason, mask in (
+                (TOO_LONG, too_long(self.tokenizer, tokens, self.chunking)
+                 if self.chunking is not None and self.chunking.mode == "reject" else None),
+                (pair_too_long(self.tokenizer.pair_truncation), tokens.unfit)):
+            if mask is not None and mask.any():
+                for i in keep_idx[mask & ~refused]:
+                    reasons[i] = reason
+                refused |= mask
+        if refused.any():
+            keep_idx = keep_idx[~refused]
+            good_texts = [t for t, x in zip(good_texts, refused) if not x]
+            hashes = hashes.filter(pa.array(~refused))
+            rows_at = None if rows_at is None else rows_at[~refused]
+            tokens = _subset(tokens, ~refused)
         bad = np.array([i for i, r in enumerate(reasons) if r is not None], np.int64)
         rejects = pa.table({
             "id": ids.take(pa.array(bad, pa.int64())),
@@ -491,7 +501,8 @@ class WriteStage:
                         open_writer.abort()
                 writer = token_writer = None
                 self.held = []
-                self.on_unit_done(UnitRecord.for_unit(item.unit, "failed", error=item.error))
+                self.on_unit_done(UnitRecord.for_unit(item.unit, "failed", error=item.error,
+                                                      rows_in=item.rows_in))
             if window is not None and filled == window.n_batches:
                 self._write_window(writer, window, vectors, unit_stats)
                 if token_writer is not None:

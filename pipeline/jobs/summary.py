@@ -28,6 +28,7 @@ class RunSummary:
     units_repaired: int = 0  # complete before, but their files were missing or altered: redone
     repairs: list[str] = field(default_factory=list)  # one line a repaired unit: what was wrong
     rows_read: int = 0
+    rows_failed: int = 0  # rows read in units that failed: neither vector nor reject, retried
     vectors_written: int = 0
     reuse: str = "off"  # encode.reuse as it applied (off where the output layout cannot reuse)
     rows_reused: int = 0  # took a vector already stored in the folder
@@ -62,6 +63,11 @@ class RunSummary:
         return sum(self.rejects.values())
 
     @property
+    def accounted(self) -> bool:
+        """Every row read is a vector, a reject, or in a unit that failed (retried next run)."""
+        return self.rows_read == self.vectors_written + self.rejected + self.rows_failed
+
+    @property
     def padding_overhead(self) -> float:
         """Padded tokens the model computed beyond the real ones, as a % of the real ones."""
         return 100.0 * (self.padded_tokens - self.real_tokens) / self.real_tokens if self.real_tokens else 0.0
@@ -79,14 +85,14 @@ class RunSummary:
         data.update(rejected=self.rejected, rows_encoded=self.rows_encoded, padding_overhead_pct=round(self.padding_overhead, 2),
                     rows_per_second=round(self.rate(self.rows_read), 1),
                     tokens_per_second=round(self.rate(self.real_tokens), 1),
-                    accounted=self.rows_read == self.vectors_written + self.rejected,
+                    accounted=self.accounted,
                     seconds={k: round(v, 3) for k, v in self.seconds.items()})
         return data
 
     def render(self) -> str:
         s = self.seconds
         reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(self.rejects.items())) or "none"
-        check = "ok" if self.rows_read == self.vectors_written + self.rejected else "MISMATCH"
+        check = "ok" if self.accounted else "MISMATCH"
         lines = [
             f"embedpipe run {self.job} -> {self.output}",
             f"  model      {self.model} on {self.device} in {self.dtype_note or self.dtype}"
@@ -101,7 +107,8 @@ class RunSummary:
             f"{self.units_failed} failed, {self.units_removed} removed"
             + (f", {self.units_removed_kept} gone from input but kept" if self.units_removed_kept else ""),
             f"  rows       {self.rows_read:,} read = {self.vectors_written:,} vectors + "
-            f"{self.rejected:,} rejected ({check})",
+            f"{self.rejected:,} rejected"
+            + (f" + {self.rows_failed:,} in failed units" if self.rows_failed else "") + f" ({check})",
             f"  rejects    {reasons}",
             *([f"  reuse      {self.rows_encoded:,} rows encoded, {self.rows_reused:,} took a "
                f"stored vector, {self.rows_copied:,} repeated a text of this run; "

@@ -150,3 +150,13 @@ def test_missing_model_is_refused(snippets_out, tmp_path):
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match="no model found"):
         Searcher(str(out))
+
+
+@pytest.mark.parametrize("query", ["", "   ", "\t\n", "\u3000\u2003"])
+def test_an_empty_or_blank_query_is_refused_in_one_line(snippets_out, query):
+    from helpers import embedpipe
+
+    result = embedpipe("search", snippets_out, query)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "error: QUERY is empty or white space only: give the text to search for"]

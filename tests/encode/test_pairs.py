@@ -123,3 +123,55 @@ def test_predict_and_search_take_the_pair_column(pairs_dir, tmp_path):
     assert pq.read_table(tmp_path / "hits.parquet").num_rows == 6
     single = runner.invoke(main, ["search", str(tmp_path / "out"), "a film"])
     assert single.exit_code == 2 and "sentence pairs" in single.output
+
+
+def test_a_pair_only_second_cannot_fit_is_a_reject_and_the_rest_is_embedded(tmp_path, mixed_texts):
+    """pair_truncation = "only_second" cannot fit a pair whose first text alone is over
+    max_length: that row (and its repeat) is a reject naming why, the unit's other rows are
+    embedded as a run without those rows embeds them, and the rerun has nothing to do."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from helpers import embedpipe, write_job
+
+    firsts = [t[:120] for t in mixed_texts[:40]]
+    seconds = [f"second text {i}: " + t[:200] for i, t in enumerate(mixed_texts[40:80])]
+    long_first = "a very long first text " * 40  # ~200 tokens: over max_length alone
+    for row in (7, 21):  # the same pair twice: a repeated text refused once tokenized
+        firsts[row], seconds[row] = long_first, "its short second"
+    table = pa.table({"id": np.arange(40), "premise": firsts, "hypothesis": seconds})
+    write_shards(tmp_path / "in", [table])
+    good = np.array([i not in (7, 21) for i in range(40)])
+    write_shards(tmp_path / "clean", [table.filter(pa.array(good))])
+    pair = {"text_column": "premise", "text_pair_column": "hypothesis",
+            "pair_truncation": "only_second"}
+    job = write_job(tmp_path / "job.toml", tmp_path / "in", tmp_path / "out", None,
+                    model={"max_length": MAX_LENGTH}, input=pair)
+    result = embedpipe("run", job, "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["rows_read"] == 40 and summary["vectors_written"] == 38
+    assert summary["rejects"] == {"pair too long for only_second": 2} and summary["accounted"]
+    rejects = pq.read_table(next((tmp_path / "out" / "rejects").glob("*.parquet")))
+    assert sorted(zip(rejects.column("row_number").to_pylist(),
+                      rejects.column("reason").to_pylist())) == [
+        (7, "pair too long for only_second"), (21, "pair too long for only_second")]
+    clean = write_job(tmp_path / "clean.toml", tmp_path / "clean", tmp_path / "clean-out", None,
+                      model={"max_length": MAX_LENGTH}, input=pair)
+    assert embedpipe("run", clean).returncode == 0
+    ours, theirs = read_vectors(tmp_path / "out"), read_vectors(tmp_path / "clean-out")
+    assert ours.column("id").to_pylist() == theirs.column("id").to_pylist()
+    np.testing.assert_array_equal(matrix(ours), matrix(theirs))
+    again = embedpipe("run", job, "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["units_skipped"] == 1
+    # a query pair that cannot fit is refused in one line, naming it
+    pq.write_table(pa.table({"premise": ["a film", long_first], "hypothesis": ["good", "bad"]}),
+                   tmp_path / "queries.parquet")
+    searched = embedpipe("search", tmp_path / "out", "--queries", tmp_path / "queries.parquet",
+                         "--out", tmp_path / "hits.parquet")
+    assert searched.returncode == 2
+    assert searched.stderr.strip().splitlines() == [
+        f"error: text pair 1 (0-based) cannot be embedded as the run did: "
+        f"input.pair_truncation = 'only_second' cannot fit it into {MAX_LENGTH} tokens (its "
+        f"first text alone is longer)"]

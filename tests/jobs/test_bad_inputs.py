@@ -99,3 +99,39 @@ def test_all_files_missing_the_column_is_a_config_error(tmp_path):
     assert result.returncode == 2
     assert "no column 'text'" in result.stderr and "id, body" in result.stderr
     assert "not-loaded" not in result.stderr  # refused before the model was looked at
+
+
+def test_a_unit_that_fails_once_read_counts_its_rows_and_no_index_check_fails(tmp_path,
+                                                                                tiny_model):
+    """A file whose footer reads but whose data page is damaged fails its unit once read: the
+    summary counts its rows as read, in failed units, and a folder left with no vectors gets no
+    index check failure of its own."""
+    table = pa.table({"id": pa.array(range(30), pa.int64()),
+                      "text": [f"a short text number {i} about a film" for i in range(30)]})
+    write_shards(tmp_path / "in", [table])
+    path = tmp_path / "in" / "part-00000.parquet"
+    pq.write_table(table, path, compression="snappy", use_dictionary=False)
+    page = pq.ParquetFile(path).metadata.row_group(0).column(1).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[page + 40:page + 100] = b"\xff" * 60  # the text column's page, the footer intact
+    path.write_bytes(bytes(data))
+    job = write_job(tmp_path / "job.toml", tmp_path / "in", tmp_path / "out", tiny_model)
+    result = embedpipe("run", job)
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.splitlines()
+    assert "  rows       30 read = 0 vectors + 0 rejected + 30 in failed units (ok)" in lines
+    failed = [line for line in lines if "FAILED" in line]
+    assert len(failed) == 1 and str(path) in failed[0], failed
+    summary = json.loads(embedpipe("run", job, "--json").stdout)  # the rerun: the same, counted
+    assert summary["rows_read"] == summary["rows_failed"] == 30 and summary["accounted"]
+
+
+def test_a_folder_whose_every_row_is_rejected_completes(tmp_path, tiny_model):
+    """No vectors at all: its empty index is no check failure, run or rerun."""
+    write_shards(tmp_path / "in", [pa.table({"id": pa.array([1, 2, 3], pa.int64()),
+                                             "text": ["", "  ", None]})])
+    job = write_job(tmp_path / "job.toml", tmp_path / "in", tmp_path / "out", tiny_model)
+    for _ in range(2):
+        result = embedpipe("run", job, "--json")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert json.loads(result.stdout)["failures"] == []

@@ -313,24 +313,101 @@ def _mount_tmpfs(path: Path, options: str) -> bool:
                           capture_output=True).returncode == 0
 
 
+def after_work(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """The run failed after the folder began to change: exit 1, the summary printed, one FAILED
+    line naming the cause, no traceback."""
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.startswith("embedpipe run ") and "  rows       " in result.stdout
+    failed = [line for line in result.stdout.splitlines() if all(n in line for n in needles)]
+    assert len(failed) == 1 and failed[0].startswith("  FAILED     "), result.stdout
+    return failed[0]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs (needs root)")
 @pytest.mark.parametrize("options, needle", [("ro,size=1m", "Read-only file system"),
                                              ("size=20k", "No space left on device")])
 def test_unwritable_or_full_output_is_one_line_and_the_rerun_completes(tmp_path, inputs,
                                                                        tiny_model, clean,
                                                                        options, needle):
+    """Read-only: refused before any work (2, one line). Full once parts are being written: the
+    folder has changed, so 1 with the summary and the failure in it."""
     disk = tmp_path / "disk"
     if not _mount_tmpfs(disk, options):
         pytest.skip("tmpfs cannot be mounted here")
     try:
         job = job_for(tmp_path, inputs, tiny_model, out=disk / "out")
-        one_line(embedpipe("run", job), 2, needle, str(disk / "out"))  # the path and the reason
+        if options.startswith("ro"):
+            one_line(embedpipe("run", job), 2, needle, str(disk / "out"))  # the path, the reason
+        else:
+            after_work(embedpipe("run", job), needle, str(disk / "out"))
         subprocess.run(["mount", "-o", "remount,rw,size=8m", str(disk)], check=True)
         rerun = embedpipe("run", job)
         assert rerun.returncode == 0, rerun.stderr
         assert_same_folder(disk / "out", clean)
     finally:
         subprocess.run(["umount", "-l", str(disk)])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs (needs root)")
+def test_disk_full_writing_the_index_after_units_committed_is_1_with_the_summary(tmp_path):
+    """A disk with room for the parts but not for the index (the bundled model's 384-wide
+    vectors, 1,200 rows: the flat index is as large as the parts): the units commit, the index
+    cannot be written: exit 1 with the summary; with room again the rerun completes the folder
+    as a clean run made it."""
+    rows = 1200
+    write_shards(tmp_path / "in", [pa.table({"id": np.arange(i * 400, (i + 1) * 400),
+                                             "text": _texts(400, 10 + i)}) for i in range(3)])
+    sections = {"model": {"max_length": 32}, "index": {"type": "flat"}}
+    clean_job = write_job(tmp_path / "clean.toml", tmp_path / "in", tmp_path / "clean", None,
+                          **sections)
+    assert embedpipe("run", clean_job).returncode == 0
+    pages = sum(-(-f.stat().st_size // 4096) * 4096 for f in (tmp_path / "clean").rglob("*")
+                if f.is_file() and "index" not in f.relative_to(tmp_path / "clean").parts)
+    index_bytes = sum(f.stat().st_size for f in (tmp_path / "clean" / "index").iterdir())
+    assert index_bytes > rows * 384 * 4  # the index needs more than the room left below
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, f"size={pages // 1024 + 512}k"):
+        pytest.skip("tmpfs cannot be mounted here")
+    try:
+        job = write_job(tmp_path / "job.toml", tmp_path / "in", disk / "out", None, **sections)
+        result = embedpipe("run", job)
+        after_work(result, "No space left on device")
+        assert "  units      3 in input: 3 embedded" in result.stdout
+        assert "  rows       1,200 read = 1,200 vectors + 0 rejected (ok)" in result.stdout
+        assert "  folder     1,200 vectors; index: none" in result.stdout
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        rerun = embedpipe("run", job)
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        assert "3 already done" in rerun.stdout
+        assert_same_folder(disk / "out", tmp_path / "clean")
+        assert embedpipe("verify", disk / "out").returncode == 0
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
+
+
+def test_a_failure_in_the_index_stage_after_units_committed_is_1_with_the_summary(
+        tmp_path, inputs, tiny_model, clean):
+    """Without root: the index's infos path blocked (a directory in its place) while a new input
+    file is embedded: the unit commits, the index stage fails: 1 with the summary naming the
+    path; unblocked, the rerun completes the folder as a clean run made it."""
+    job = job_for(tmp_path, inputs, tiny_model, input={"path": str(tmp_path / "in")})
+    shutil.copytree(inputs, tmp_path / "in")
+    first = sorted((tmp_path / "in").glob("*.parquet"))[0]
+    held = first.rename(tmp_path / first.name)
+    assert embedpipe("run", job).returncode == 0
+    held.rename(first)
+    infos = tmp_path / "out" / "index" / "index_infos.json"
+    infos.unlink()
+    (infos / "blocked").mkdir(parents=True)
+    result = embedpipe("run", job)
+    after_work(result, "index_infos.json")
+    assert "  units      3 in input: 1 embedded, 2 already done" in result.stdout
+    assert "  folder     60 vectors; index: none" in result.stdout
+    shutil.rmtree(infos)
+    rerun = embedpipe("run", job)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert_same_folder(tmp_path / "out", clean)
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00\xff garbage", b"[1, 2]", b'{"format": 1, "units": []}',
