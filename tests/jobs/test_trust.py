@@ -105,7 +105,7 @@ def damage(out: Path, how: str) -> str:
         return "footer"
     if how == "swapped ids":
         swap_ids(ids_file)
-        return "does not list the stored ids in order"
+        return "index/ids-"
     if how == "truncated index":
         index_file.write_bytes(index_file.read_bytes()[:1000])
         return "recorded when it was written (truncated or replaced)"
