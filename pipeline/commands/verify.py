@@ -44,9 +44,9 @@ class Verdict:
     def render(self) -> str:
         if self.ok:
             files = ("every file's size and footer as recorded" if self.quick else
-                     "every byte as recorded" + (
-                         f" ({self.undigested} files from before digests: size and footer)"
-                         if self.undigested else ""))
+                     f"every file as recorded ({self.undigested} from before digests: size, "
+                     f"footer and page checksums only)" if self.undigested else
+                     "every byte as recorded")
             return (f"ok: {self.folder}: {self.units} units, {self.vectors:,} vectors, {files}, "
                     f"counts add up, ids unique, the index matches"
                     + (f"; sinks {', '.join(self.sinks)} hold the same ids and vectors"
