@@ -50,6 +50,7 @@ def _os_error(exc: OSError) -> str:
 def one_line_errors(interruptible: bool = False) -> Iterator[None]:
     """Map every failure to one line and its exit code; with interruptible, SIGTERM is handled
     like Ctrl-C (the handler is the process's while the block runs)."""
+    from .io.checks import DamagedFile
     from .io.ledger import LockedError, SettingsMismatch
     from .io.storage import ConcurrentWrite
     from .sinks.base import SinkError
@@ -61,6 +62,8 @@ def one_line_errors(interruptible: bool = False) -> Iterator[None]:
     except (ConfigError, LockedError, SettingsMismatch, ConcurrentWrite, DatasetError) as exc:
         _fail(str(exc), EXIT_USAGE)
     except SinkError as exc:  # a vector store failed mid-way: nothing half-applied, rerun
+        _fail(str(exc), EXIT_FAILED)
+    except DamagedFile as exc:  # a committed file is not what was written: the line names it
         _fail(str(exc), EXIT_FAILED)
     except OSError as exc:
         _fail(_os_error(exc), EXIT_USAGE)
@@ -277,21 +280,25 @@ def index_cmd(out: str, kind: str | None, factory: str | None, as_json: bool, **
 
 @main.command()
 @click.argument("out")
+@click.option("--quick", is_flag=True,
+              help="Sizes, rows and footers only (a stat and a footer read per file), a sample "
+                   "of each sink's vectors: no file is read whole.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
-def verify(out: str, as_json: bool) -> None:
+def verify(out: str, quick: bool, as_json: bool) -> None:
     """Check output folder OUT end to end, without the model.
 
-    Every file the manifest names exists with its recorded size, rows and footer checksum; rows
-    read = vectors + rejects for every unit; ids are unique across the parts; the index holds
-    exactly the stored vectors in order (its count, its id map, a sample of vectors where the
-    index keeps them whole); each [[sink]] holds the same ids (and a sample of the same vectors)
-    as the folder. Exit 0 when all hold, 1 with one line per problem, 2 when OUT is not an
-    embedpipe folder.
+    Every file the manifest names exists with its recorded size, rows, footer checksum and the
+    sha256 of every byte (--quick: not read whole); rows read = vectors + rejects for every
+    unit; ids are unique across the parts; the index files are as written (size, sha256) and
+    the index holds exactly the stored vectors in order (its count, its id map, a sample of
+    vectors where the index keeps them whole); each [[sink]] holds the same ids and the same
+    vectors as the folder (every row; --quick: a sample). Exit 0 when all hold, 1 with one line
+    per problem and the command that repairs it, 2 when OUT is not an embedpipe folder.
     """
     from .commands.verify import verify_folder
 
     with one_line_errors(interruptible=True):
-        verdict = verify_folder(out)
+        verdict = verify_folder(out, quick)
     click.echo(json.dumps(verdict.to_dict(), indent=2) if as_json else verdict.render())
     sys.exit(0 if verdict.ok else EXIT_FAILED)
 

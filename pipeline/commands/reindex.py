@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from ..config import config_from_dict
 from ..index.build import build_index
+from ..io.checks import DamagedFile
+from ..io.folder_check import unit_damage
 from ..io.ledger import Ledger, acquire_lock, read_manifest, release_lock
 from ..io.storage import Store
 
@@ -22,6 +24,13 @@ def rebuild_index(url: str, overrides: dict) -> dict:
         if overrides.get("type") in ("flat", "hnsw") and not overrides.get("layout"):
             merged["layout"] = "single"  # a recorded shards/ondisk layout has nothing to shard
         cfg = config_from_dict({"index": merged}).index
+        # an index is never built from a part that is not what was committed (every byte read)
+        damaged = [why for whys in unit_damage(ledger, full=True).values() for why in whys]
+        if damaged:
+            more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+            raise DamagedFile(f"{url}: {damaged[0]}{more}; the index is not built from damaged "
+                              f"parts: `embedpipe run` on the same job re-embeds their units and "
+                              f"rebuilds the index")
         infos = build_index(store, ledger.vector_parts(), cfg)  # always whole, with labels
         ledger.update(index=infos)
     finally:

@@ -16,6 +16,7 @@ from ..config import ConfigError
 from ..index.build import load_index
 from ..index.files import ids_file, read_tombstones
 from ..index.live import LiveIndex
+from ..io.checks import PAGE_CHECKSUMS, DamagedFile, reading
 from ..io.ledger import MANIFEST, Ledger, read_manifest
 from ..io.storage import Store
 from ..io.vectors import VectorParts
@@ -35,9 +36,15 @@ class Searcher:
         manifest = read_manifest(self.store)
         self.record = EmbeddingRecord.from_manifest(manifest, f"{out}/{MANIFEST}")
         self.embedder = TextEmbedder(self.record, device, purpose="query")  # refuses other settings
-        self.index, self.infos = load_index(self.store)
-        with self.store.fs.open(self.store.path(ids_file(self.infos)), "rb") as handle:
-            id_map = pq.read_table(handle)
+        repair = f"`embedpipe index {out}` (or the job's next run) rebuilds the index"
+        try:
+            self.index, self.infos = load_index(self.store)
+        except RuntimeError as exc:  # FAISS's reader on a truncated or overwritten file
+            raise DamagedFile(f"{out}: its index file cannot be loaded "
+                              f"({' '.join(str(exc).split())[:200]}); {repair}") from None
+        rel = ids_file(self.infos)
+        with reading(rel, repair), self.store.fs.open(self.store.path(rel), "rb") as handle:
+            id_map = pq.read_table(handle, **PAGE_CHECKSUMS)
         self.ids = id_map.column("id")
         # a folder of one row a window: the id map names each FAISS id's (id, chunk)
         self.chunks = id_map.column("chunk") if "chunk" in id_map.column_names else None
@@ -122,8 +129,9 @@ class Searcher:
         for part in np.unique(part_of):
             wanted = np.flatnonzero(part_of == part)
             local = rows[wanted] - self.part_starts[part]
-            with self.store.fs.open(self.store.path(self.part_files[part]), "rb") as handle:
-                parquet = pq.ParquetFile(handle)
+            name = self.part_files[part]
+            with reading(name), self.store.fs.open(self.store.path(name), "rb") as handle:
+                parquet = pq.ParquetFile(handle, **PAGE_CHECKSUMS)
                 sizes = [parquet.metadata.row_group(g).num_rows
                          for g in range(parquet.metadata.num_row_groups)]
                 starts = np.cumsum([0] + sizes)

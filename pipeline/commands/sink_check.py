@@ -1,5 +1,6 @@
 """`verify`'s look at the sinks: each [[sink]] the folder's job names compared with the
-committed parts (counts, the id sets, a sample of vectors), one line per problem."""
+committed parts (counts, the id sets, every row's vector digest or with --quick a sample of
+vectors), one line per problem."""
 from __future__ import annotations
 
 from ..config import ConfigError
@@ -8,7 +9,7 @@ from ..sinks.base import SinkError, close_all, compare_sink
 from ..sinks.make import sinks_of
 
 
-def sink_problems(ledger: Ledger, checked: list[str]) -> list[str]:
+def sink_problems(ledger: Ledger, checked: list[str], full: bool = True) -> list[str]:
     """Problems of every sink; `checked` gets the names of those compared."""
     config = ledger.data.get("config") or {}
     problems = []
@@ -19,7 +20,7 @@ def sink_problems(ledger: Ledger, checked: list[str]) -> list[str]:
             sinks = sinks_of({**config, "sink": [raw]})
             for sink in sinks:
                 sink.open()
-                problems += compare_sink(sink, ledger)
+                problems += compare_sink(sink, ledger, full=full)
                 checked.append(name)
         except (ConfigError, SinkError) as exc:
             why = str(exc)

@@ -37,7 +37,11 @@ class SyncResult:
                          f"{s.deleted:,} deleted" + (" (full sync)" if s.full else "")
                          + f", {s.rows:,} rows, {s.seconds:.2f} s"
                          + (f", {s.rows_per_second:,.0f} rows/s" if s.upserted else "")
-                         + (f"; {s.index}" if s.index else ""))
+                         + (f"; {s.index}" if s.index else "")
+                         + (f"; {s.rewritten:,} rows differed from the folder (rewritten), "
+                            f"{s.removed:,} not in it (deleted)" if s.rewritten or s.removed
+                            else "; every row's vector compared: as the folder's"
+                            if s.compared else ""))
         lines += [f"FAILED {f}" for f in self.failures]
         return "\n".join(lines)
 
@@ -75,17 +79,18 @@ def sync_folder(url: str, job_file: str | None = None, names: tuple[str, ...] = 
         acquire_lock(store)
         try:
             ledger = Ledger(store)
-            damaged = [k for k, why in unit_damage(ledger).items() if why]
+            # a sink is never loaded from a part that is not what was committed (every byte read)
+            damaged = [why for whys in unit_damage(ledger, full=True).values() for why in whys]
             if damaged:
-                raise ConfigError(f"{url}: {len(damaged)} committed units' files are missing or "
-                                  f"altered (`embedpipe verify {url}` lists them); `embedpipe run` "
-                                  f"repairs the folder, then its sinks")
+                raise ConfigError(f"{url}: {len(damaged)} committed files are missing or "
+                                  f"altered (e.g. {damaged[0]}); `embedpipe run` on the same "
+                                  f"job repairs the folder and then its sinks")
             if job_file:
                 ledger.update(config={**ledger.data.get("config", {}), "sink": recorded})
             result = SyncResult(url, [], [])
             for sink in sinks:
                 try:
-                    result.loads.append(sync_sink(sink, ledger, full=full))
+                    result.loads.append(sync_sink(sink, ledger, full=full, compare=True))
                 except (SinkError, ConfigError) as exc:
                     why = str(exc)
                     why = why if why.startswith('sink "') else f'sink "{sink.name}": {why}'

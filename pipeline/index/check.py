@@ -1,7 +1,8 @@
 """Does the folder's index hold exactly the stored vectors, under their labels? The cheap checks
 (index_infos.json, the files it names, the id map's row count) run before a run skips the index
-and at its end; `embedpipe verify` adds the index itself, the id map's ids and labels, and a
-sample of vectors reconstructed by label. An index of row positions where the ledger knows
+and at its end; the files' sizes and digests as the infos record them (`index_damage`, every
+byte read) before it skips, and in `verify` unless --quick; `embedpipe verify` adds the index
+itself, the id map's ids and labels, and a sample of vectors reconstructed by label. An index of row positions where the ledger knows
 unit-row labels is stale: the next run rebuilds it."""
 from __future__ import annotations
 
@@ -9,17 +10,47 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..io.checks import DamagedFile, check_file
+from ..io.checks import PAGE_CHECKSUMS, DamagedFile, check_file, file_digest, reading
 from ..io.storage import Store
 from ..io.vectors import VectorParts
 from .files import INFOS_FILE, ids_file, index_file, read_tombstones
 from .tuning import even_positions, unwrapped
 
 SAMPLE = 200  # stored vectors compared with the index's own copies
+REPAIR = "the job's next `embedpipe run`, or `embedpipe index OUT`, rebuilds the index"
 
 
-def index_problems(store: Store, parts: VectorParts, full: bool = False) -> list[str]:
-    """One line per way the index differs from the stored vectors ([] when it matches)."""
+def index_damage(store: Store) -> list[str]:
+    """The index files whose size or sha256 is not what the infos recorded when they were
+    written (every byte read; infos written before digests were kept: nothing to compare)."""
+    try:
+        files = store.read_json(INFOS_FILE).get("files") or {}
+        recorded = {rel: (int(f["bytes"]), str(f["digest"])) for rel, f in files.items()}
+    except FileNotFoundError:
+        return []
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
+        return [f"index: {INFOS_FILE} is unreadable ({exc})"]
+    problems = []
+    for rel, (size, digest) in recorded.items():
+        try:
+            found = store.size(rel)
+            if found != size:
+                problems.append(f"index: {rel}: {found} bytes, {size} recorded when it was "
+                                f"written (truncated or replaced)")
+            elif file_digest(store, rel) != digest:
+                problems.append(f"index: {rel}: its bytes changed since it was written (same "
+                                f"size, another sha256)")
+        except FileNotFoundError:
+            problems.append(f"index: {rel} missing")
+        except OSError as exc:
+            problems.append(f"index: {rel} cannot be read ({exc.strerror or exc})")
+    return problems
+
+
+def index_problems(store: Store, parts: VectorParts, full: bool = False,
+                   digests: bool = False) -> list[str]:
+    """One line per way the index differs from the stored vectors ([] when it matches);
+    `digests`: the index files' bytes too (index_damage); `full`: the index's content."""
     if not store.exists(INFOS_FILE):
         return [f"index: no {INFOS_FILE}"]
     try:
@@ -47,6 +78,8 @@ def index_problems(store: Store, parts: VectorParts, full: bool = False) -> list
     for rel in [index_file(infos), *layout_files]:
         if not store.exists(rel):
             problems.append(f"index: {rel} missing")
+    if digests:
+        problems += [p for p in index_damage(store) if p not in problems]
     try:
         if check_file(store, ids_file(infos)).rows != n:
             problems.append(f"index: {ids_file(infos)} does not map {n} ids")
@@ -68,8 +101,11 @@ def _content_problems(store: Store, parts: VectorParts, n: int, infos: dict) -> 
     if index.ntotal - len(tombstones) != n:
         return [f"index: holds {index.ntotal - len(tombstones)} live vectors, the folder "
                 f"stores {n}"]
-    with store.fs.open(store.path(ids_file(infos)), "rb") as handle:
-        mapped = pq.read_table(handle)
+    try:
+        with reading(ids_file(infos), REPAIR), store.fs.open(store.path(ids_file(infos)), "rb") as handle:
+            mapped = pq.read_table(handle, **PAGE_CHECKSUMS)
+    except DamagedFile as exc:
+        return [f"index: {exc}"]
     stored = parts.keys()
     labels = parts.row_labels()
     if np.isin(labels, tombstones).any():

@@ -8,6 +8,7 @@ in between leaves only strays, removed by the next commit.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import time
@@ -18,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..faults import checkpoint
+from ..io.checks import WRITE_CHECKSUMS, file_digest
 from ..io.storage import TMP_MARK, Store
 from .files import INDEX_DIR, INFOS_FILE
 
@@ -35,19 +37,29 @@ def commit_index(store: Store, build: str, index_bytes: bytes | None, id_map: pa
     """Write the index and id map (and tombstones, if any) under the build's names, then the
     infos naming them (the commit), then remove what earlier builds left. Returns the infos."""
     infos = {k: v for k, v in infos.items()
-             if k not in ("index_file", "ids_file", "tombstones_file")}
+             if k not in ("index_file", "ids_file", "tombstones_file", "files")}
+    written: dict[str, bytes] = {}
     if index_bytes is not None:
         infos["index_file"] = f"{INDEX_DIR}/index-{build}.faiss"
-        store.write_bytes(infos["index_file"], index_bytes)
+        written[infos["index_file"]] = index_bytes
     if id_map is not None:
         infos["ids_file"] = f"{INDEX_DIR}/ids-{build}.parquet"
-        with store.open_atomic(infos["ids_file"]) as handle:
-            pq.write_table(id_map, handle)
+        buffer = io.BytesIO()
+        pq.write_table(id_map, buffer, **WRITE_CHECKSUMS)
+        written[infos["ids_file"]] = buffer.getvalue()
     if tombstones is not None and len(tombstones):
         infos["tombstones_file"] = f"{INDEX_DIR}/tombstones-{build}.npy"
         buffer = io.BytesIO()
         np.save(buffer, np.sort(np.asarray(tombstones, np.int64)))
-        store.write_bytes(infos["tombstones_file"], buffer.getvalue())
+        written[infos["tombstones_file"]] = buffer.getvalue()
+    for rel, body in written.items():
+        store.write_bytes(rel, body)
+    # every file the infos name, with its size and sha256 (index/check.py: index_damage); the
+    # layouts' shard and ivfdata files were written before, and are read back once here
+    infos["files"] = {rel: {"bytes": len(body), "digest": hashlib.sha256(body).hexdigest()[:32]}
+                      for rel, body in written.items()}
+    for rel in sorted(named_files(infos) - set(written)):
+        infos["files"][rel] = {"bytes": store.size(rel), "digest": file_digest(store, rel)}
     checkpoint("index-commit")  # new files whole, the infos still name the earlier ones
     store.write_json(INFOS_FILE, infos)
     remove_unnamed(store, infos)

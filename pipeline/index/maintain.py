@@ -55,11 +55,15 @@ class Rebuild(Exception):
     """Maintenance cannot keep this index; the message says why."""
 
 
-def update_index(store: Store, parts: VectorParts, cfg: IndexConfig) -> dict:
+def update_index(store: Store, parts: VectorParts, cfg: IndexConfig,
+                 rebuild: str | None = None) -> dict:
     """Bring the folder's index in step with `parts` by adding and removing, or rebuild it where
-    the rules above say so. Returns the infos written."""
+    the rules above say so, or where `rebuild` gives a reason (its files are damaged: nothing
+    in them is kept). Returns the infos written."""
     started = time.perf_counter()
     try:
+        if rebuild:
+            raise Rebuild(rebuild)
         infos = _maintain(store, parts, cfg, started)
     except Rebuild as why:
         log.info("index: full rebuild (%s)", why)

@@ -10,9 +10,10 @@ from .ledger import Ledger
 from .vectors import VectorParts
 
 
-def unit_damage(ledger: Ledger) -> dict[str, list[str]]:
-    """Per complete unit key: why its committed files no longer match the record ([] if none)."""
-    return {record.key: record.damage(ledger.store) for record in ledger.complete_units()}
+def unit_damage(ledger: Ledger, full: bool = False) -> dict[str, list[str]]:
+    """Per complete unit key: why its committed files no longer match the record ([] if none);
+    `full` reads every byte against the recorded digests."""
+    return {record.key: record.damage(ledger.store, full) for record in ledger.complete_units()}
 
 
 def unit_problems(ledger: Ledger, damage: dict[str, list[str]] | None = None) -> list[str]:

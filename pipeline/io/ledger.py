@@ -73,7 +73,7 @@ class UnitRecord:
     token_rows: int = 0  # rows in them: a token (or word) each
     seconds: float = 0.0
     error: str | None = None
-    checks: dict[str, FileCheck] = field(default_factory=dict)  # per file: bytes, rows, footer
+    checks: dict[str, FileCheck] = field(default_factory=dict)  # per file: bytes, rows, footer, digest
 
     @classmethod
     def for_unit(cls, unit: Unit, status: str, **fields: Any) -> "UnitRecord":
@@ -94,9 +94,14 @@ class UnitRecord:
     def files(self) -> list[str]:
         return self.vector_files + self.reject_files + self.token_files
 
-    def damage(self, store: Store) -> list[str]:
-        """Why the unit's committed files no longer match the record: one line a bad file."""
-        return [why for f in self.files if (why := damage(store, f, self.checks.get(f)))]
+    def damage(self, store: Store, full: bool = False) -> list[str]:
+        """Why the unit's committed files no longer match the record: one line a bad file
+        (`full`: every byte against the recorded digest, else size, rows and footer)."""
+        return [why for f in self.files if (why := damage(store, f, self.checks.get(f), full))]
+
+    def undigested(self) -> int:
+        """Files whose record has no digest (committed before digests were kept)."""
+        return sum(1 for f in self.files if (c := self.checks.get(f)) is None or c.digest is None)
 
     def to_json(self) -> dict[str, Any]:
         data = {_FIELD_TO_KEY.get(k, k): v for k, v in dataclasses.asdict(self).items()}

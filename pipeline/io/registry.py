@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .checks import PAGE_CHECKSUMS, reading
 from .content_hash import hash_bytes, hash_keys, id_keys, pair_keys, text_hashes
 from .reader import Unit, read_unit
 from .rejects import plain_texts, row_reasons
@@ -47,14 +48,17 @@ class InputScan:
 
 
 def _parquet(store: Store, name: str) -> pq.ParquetFile:
-    """A stored part, read natively from a local disk (no Python buffers a column chunk)."""
-    return pq.ParquetFile(store.path(name) if store.local else store.fs.open(store.path(name), "rb"))
+    """A stored part, read natively from a local disk (no Python buffers a column chunk), its
+    pages' checksums verified on every read."""
+    return pq.ParquetFile(store.path(name) if store.local else store.fs.open(store.path(name), "rb"),
+                          **PAGE_CHECKSUMS)
 
 
 def _part_ids(store: Store | None, files: list[str]) -> Iterator[pa.Array]:
     for name in files:
-        for batch in _parquet(store, name).iter_batches(SCAN_ROWS, columns=["id"]):
-            yield batch.column(0)
+        with reading(name):
+            for batch in _parquet(store, name).iter_batches(SCAN_ROWS, columns=["id"]):
+                yield batch.column(0)
 
 
 @dataclass
@@ -211,11 +215,14 @@ class StoredRows:
         for number, name in enumerate(self.files):
             high = np.uint64(number) << np.uint64(_ROW_BITS)
             row = 0
-            for batch in _parquet(store, name).iter_batches(SCAN_ROWS, columns=["id", "text_hash"]):
-                end = filled + batch.num_rows
-                keys[filled:end] = self._keys(batch.column(0), hash_keys(batch.column(1)))
-                locs[filled:end] = high | np.arange(row, row + batch.num_rows, dtype=np.uint64)
-                filled, row = end, row + batch.num_rows
+            with reading(name):
+                for batch in _parquet(store, name).iter_batches(SCAN_ROWS,
+                                                                columns=["id", "text_hash"]):
+                    end = filled + batch.num_rows
+                    keys[filled:end] = self._keys(batch.column(0), hash_keys(batch.column(1)))
+                    locs[filled:end] = high | np.arange(row, row + batch.num_rows,
+                                                        dtype=np.uint64)
+                    filled, row = end, row + batch.num_rows
         # any stored copy of a key will do (a hit is confirmed on its whole hash); quicksort
         # sorts the order in place, where a stable sort would take more memory
         order = np.argsort(keys)
@@ -278,8 +285,9 @@ class StoredRows:
     def _group(self, part: int, group: int, columns: list[str]) -> pa.Table:
         key = (part, group, tuple(columns))
         if key not in self._cache:
-            self._cache[key] = _parquet(self.store, self.files[part]).read_row_group(
-                group, columns=columns)
+            with reading(self.files[part]):
+                self._cache[key] = _parquet(self.store, self.files[part]).read_row_group(
+                    group, columns=columns)
             while len(self._cache) > 8:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .checks import PAGE_CHECKSUMS, reading
 from .storage import Store
 
 READ_ROWS = 65_536  # rows per streamed block of a vector part
@@ -78,11 +79,14 @@ class VectorParts:
             {k: pa.array([], pa.int32() if k == "chunk" else pa.string()) for k in keys})
 
     def read(self, columns: list[str], batch_rows: int = READ_ROWS) -> Iterator[pa.Table]:
-        """The columns, part after part, at most batch_rows rows at a time."""
+        """The columns, part after part, at most batch_rows rows at a time, every page's
+        checksum verified (parts written before checksums: none to verify). A page that fails,
+        or a part that cannot be read, is DamagedFile naming the part."""
         for name in self.files:
-            with self.store.fs.open(self.store.path(name), "rb") as handle:
-                for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_rows,
-                                                                 columns=columns):
+            with reading(name), self.store.fs.open(self.store.path(name), "rb") as handle:
+                batches = pq.ParquetFile(handle, **PAGE_CHECKSUMS).iter_batches(
+                    batch_size=batch_rows, columns=columns)
+                for batch in batches:
                     yield pa.Table.from_batches([batch])
 
     def vectors(self) -> Iterator[np.ndarray]:

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 
 from ..config import ConfigError
 from ..faults import checkpoint
+from .checks import WRITE_CHECKSUMS
 from .content_hash import HASH_TYPE
 from .storage import Store, with_filename
 
@@ -69,7 +70,7 @@ def part_options(schema: pa.Schema) -> dict:
     hashes are random bytes: the same holds for them."""
     raw = ("vector", "text_hash")
     others = [name for name in schema.names if name not in raw]
-    return {"use_dictionary": others, "write_statistics": others,
+    return {"use_dictionary": others, "write_statistics": others, **WRITE_CHECKSUMS,
             "compression": {**{name: "snappy" for name in others},
                             **{name: "none" for name in raw if name in schema.names}}}
 
@@ -160,7 +161,7 @@ def write_rejects(store: Store, unit_id: int, table: pa.Table) -> list[str]:
         return []
     name = f"{REJECTS_DIR}/part-{unit_id:05d}.parquet"
     with store.open_atomic(name) as handle:
-        pq.write_table(table, handle)
+        pq.write_table(table, handle, **WRITE_CHECKSUMS)
     return [name]
 
 

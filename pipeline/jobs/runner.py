@@ -20,7 +20,7 @@ from ..encode.recipe import resolve_recipe
 from ..encode.runtime import Runtime, resolve_runtime, vector_settings
 from ..faults import checkpoint
 from ..index.maintain import update_index
-from ..index.check import index_problems
+from ..index.check import index_damage, index_problems
 from ..index.choose import check_config as check_index_config, faiss_reason
 from ..index.files import INDEX_DIR, INFOS_FILE
 from ..io.folder_check import unit_damage, unit_problems
@@ -154,7 +154,8 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
 
 def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
     job, store, ledger, summary = ctx.job, ctx.store, ctx.ledger, ctx.summary
-    damage = {k: why for k, why in unit_damage(ledger).items() if why}
+    # every committed file read whole against its recorded digest, as `verify` does
+    damage = {k: why for k, why in unit_damage(ledger, full=True).items() if why}
     diff = diff_units(ledger.units, units, set(damage))
     summary.units_skipped, summary.units_changed = len(diff.kept), len(diff.changed)
     summary.units_repaired = len(diff.repaired)
@@ -184,11 +185,12 @@ def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
 
     parts = ledger.vector_parts()  # every file was checked (kept) or just written
     if job.index.enabled:
-        stale = _index_problems(store, parts)
+        damaged = index_damage(store)  # the index files' sizes and digests, every byte read
+        stale = damaged + _index_problems(store, parts)
         if diff.todo or dropped or stale:
             if stale and not (diff.todo or dropped):
                 log.warning("rebuilding the index: %s", "; ".join(stale))
-            _index(ctx, parts)
+            _index(ctx, parts, rebuild=damaged[0] if damaged else None)
         else:
             summary.index = ledger.data.get("index", {})
     _record_stats(ctx)
@@ -257,14 +259,15 @@ def _sync_sinks(ctx: RunContext, healthy: bool) -> None:
         ctx.summary.seconds["sinks"] = ctx.summary.seconds.get("sinks", 0.0) + load.seconds
 
 
-def _index(ctx: RunContext, parts: VectorParts) -> None:
+def _index(ctx: RunContext, parts: VectorParts, rebuild: str | None = None) -> None:
     """Bring the index in step with the parts (index/maintain.py: add and remove what changed,
-    or rebuild); one that cannot be built for this data (too few vectors to train, a memory
-    budget too small) fails with one line, the vectors staying committed."""
+    or rebuild; always rebuild when `rebuild` says why: its files are damaged); one that cannot
+    be built for this data (too few vectors to train, a memory budget too small) fails with one
+    line, the vectors staying committed."""
     tick = time.perf_counter()
     checkpoint("index")
     try:
-        ctx.summary.index = update_index(ctx.store, parts, ctx.job.index)
+        ctx.summary.index = update_index(ctx.store, parts, ctx.job.index, rebuild)
     except (ConfigError, RuntimeError) as exc:
         reason = faiss_reason(exc)
         ctx.summary.index = {"error": reason}
@@ -329,7 +332,8 @@ def _embed(ctx: RunContext, todo: list[Unit], embedder: UnitEmbedder, hashed_ali
     ledger.update(id_type=plan.id_type, dim=plan.width)
     tick = time.perf_counter()
     # retired parts that no longer match their record (a hostile hand) are never read
-    retired = [f for r in ledger.retired if not r.damage(ctx.store) for f in r.vector_files]
+    retired = [f for r in ledger.retired if not r.damage(ctx.store, full=True)
+               for f in r.vector_files]
     scan = scan_input(healthy, job.input.id_column, job.input.text_column, ctx.store,
                       ledger.vector_files(), job.input.text_pair_column, job.encode.prompt or "",
                       gone_files=retired)

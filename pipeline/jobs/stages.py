@@ -492,7 +492,7 @@ class WriteStage:
                     part_rows=unit_stats["rows"] if self.window_rows else None,
                     vector_files=files, reject_files=reject_files, token_files=token_files,
                     token_rows=unit_stats["token_rows"], seconds=round(item.seconds, 3),
-                    checks={f: check_file(self.store, f)
+                    checks={f: check_file(self.store, f, full=True)
                             for f in files + reject_files + token_files}))
                 writer = token_writer = None
             elif isinstance(item, UnitFailed):

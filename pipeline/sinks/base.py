@@ -10,6 +10,12 @@ one. When the record cannot be trusted (none yet, another table, a row count tha
 the recorded one: a wiped, truncated or half-applied table) the sync is full: every row is
 upserted and every id not in the folder deleted.
 
+`embedpipe sync` also compares content (`compare`): every row's vector digest in the table
+(sha256 of the vector as the engine stores it, computed by the engine where it can: PostgreSQL's
+`sha256(vector_send(vector))`) against the same digest of the folder's rows, keyed by id; rows
+missing, differing or not in the folder are rewritten or deleted whatever the record says, so a
+row changed or swapped in the table behind embedpipe's back is repaired.
+
 Each table carries a marker (LanceDB: schema metadata; PostgreSQL: a COMMENT on the table) with
 the folder's vector-settings hash; a table without one (not made by embedpipe) or with another
 hash is refused, like the folder's own config guard.
@@ -24,16 +30,18 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..config import ConfigError, SinkConfig
 from ..faults import checkpoint
 from ..io.ledger import Ledger, UnitRecord
 from ..io.storage import Store
-from ..io.vectors import VectorParts
+from ..io.vectors import VectorParts, to_matrix
 
 MARKER_FORMAT = 1
 LOAD_ROWS = 8192  # rows per block streamed from the parts into a sink
-SAMPLE = 256  # vectors compared by verify
+SAMPLE = 256  # vectors compared by verify --quick
+DIGEST_BYTES = 16  # a row's vector digest: sha256, first 16 bytes
 
 
 class SinkError(RuntimeError):
@@ -102,6 +110,9 @@ class SinkLoad:
     seconds: float = 0.0
     index: str = ""  # what was done about the ANN index, if anything
     error: str | None = None
+    compared: bool = False  # every row's content compared with the folder (sync's check)
+    rewritten: int = 0  # rows found missing or differing by that comparison, written again
+    removed: int = 0  # rows found in the table but not in the folder by it, deleted
 
     @property
     def rows_per_second(self) -> float:
@@ -112,6 +123,7 @@ class SinkLoad:
                 "units": self.units, "upserted": self.upserted, "deleted": self.deleted,
                 "rows": self.rows, "seconds": round(self.seconds, 3),
                 "rows_per_second": round(self.rows_per_second, 1), "index": self.index,
+                "compared": self.compared, "rewritten": self.rewritten, "removed": self.removed,
                 "error": self.error}
 
 
@@ -166,6 +178,16 @@ class Sink:
 
     def vectors_of(self, keys: list[tuple]) -> dict:
         """key tuple -> float32 vector, for the given keys that the table holds."""
+        raise NotImplementedError
+
+    def vector_bytes(self, vectors: np.ndarray) -> np.ndarray:
+        """[rows, dim] float32 vectors as the engine stores them, a row of bytes each (what a
+        row's digest is taken over): float32, little-endian, unless the engine says otherwise."""
+        return np.ascontiguousarray(vectors, "<f4").view(np.uint8)
+
+    def row_digests(self, keys: list[str]) -> pa.Table:
+        """Every row of the table: its key columns `keys` and `digest`, the digest of its
+        vector as stored (vector_digests over vector_bytes)."""
         raise NotImplementedError
 
     def search(self, queries: np.ndarray, k: int, columns: list[str]) -> list[pa.Table]:
@@ -257,8 +279,9 @@ def pending(ledger: Ledger, sink: Sink) -> list[str]:
     return []
 
 
-def sync_sink(sink: Sink, ledger: Ledger, full: bool = False) -> SinkLoad:
-    """Bring the sink in step with the folder's committed parts, then record it (see above)."""
+def sync_sink(sink: Sink, ledger: Ledger, full: bool = False, compare: bool = False) -> SinkLoad:
+    """Bring the sink in step with the folder's committed parts, then record it (see above);
+    `compare`: then every row's content against the folder's, rewriting what differs."""
     store = ledger.store
     report = SinkLoad(sink.name, sink.kind, sink.target())
     tick = time.perf_counter()
@@ -282,6 +305,8 @@ def sync_sink(sink: Sink, ledger: Ledger, full: bool = False) -> SinkLoad:
         blocks = _blocks(parts, schema)
         report.upserted, report.deleted = sink.load(schema, blocks, keep, marker)
         report.units = len(todo)
+    if compare and ledger.vector_files():
+        _repair_content(sink, ledger, marker, report)
     report.seconds = time.perf_counter() - tick
     after = sink.count() or 0
     expected = sum(ledger.vector_parts().rows())  # rows, also where a row is a window
@@ -300,6 +325,26 @@ def sync_sink(sink: Sink, ledger: Ledger, full: bool = False) -> SinkLoad:
     return report
 
 
+def _repair_content(sink: Sink, ledger: Ledger, marker: Marker, report: SinkLoad) -> None:
+    """Rows the table lacks or holds with another vector are written again from the parts; rows
+    it holds that the folder does not are deleted (one load, all or nothing where the engine
+    allows)."""
+    store, files = ledger.store, ledger.vector_files()
+    diff = content_difference(sink, store, files)
+    report.compared = True
+    if not diff:
+        return
+    wrong = pa.concat_tables([diff.missing, diff.differ])
+    ids = pc.unique(wrong.column("id").combine_chunks()) if wrong.num_rows else pa.array(
+        [], diff.missing.schema.field("id").type)
+    schema = _part_schema(store, files)
+    keep = folder_keys(store, files) if diff.extra.num_rows else None
+    upserted, deleted = sink.load(schema, _rows_of(store, files, schema, ids), keep, marker)
+    report.rewritten, report.removed = wrong.num_rows, diff.extra.num_rows
+    report.upserted += upserted
+    report.deleted += deleted
+
+
 def _part_schema(store: Store, files: list[str]) -> pa.Schema:
     """The columns a sink holds: a part's, less the text hash (the folder's own bookkeeping,
     absent from parts written before it existed)."""
@@ -314,6 +359,66 @@ def _blocks(parts: VectorParts, schema: pa.Schema) -> Iterator[pa.Table]:
         yield table.replace_schema_metadata(None)
 
 
+def vector_digests(payload: np.ndarray) -> pa.Array:
+    """Per row of bytes, its sha256 (first DIGEST_BYTES bytes), as fixed-size binary."""
+    digests = b"".join(hashlib.sha256(row).digest()[:DIGEST_BYTES] for row in payload)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(DIGEST_BYTES), len(payload),
+                                                 [None, pa.py_buffer(digests)])
+
+
+def folder_digests(sink: Sink, store: Store, files: list[str]) -> pa.Table:
+    """The folder's key columns and each row's vector digest as `sink` would store the vector,
+    every committed row (each part's page checksums verified as it is read)."""
+    keys = key_columns(_part_schema(store, files)) if files else ["id"]
+    tables = [pa.table({**{k: t.column(k) for k in keys},
+                        "digest": vector_digests(sink.vector_bytes(to_matrix(t.column("vector"))))})
+              for t in VectorParts(store, files).read([*keys, "vector"], LOAD_ROWS)]
+    if not tables:
+        return pa.table({"id": pa.array([], pa.int64()), "digest": pa.array([], pa.binary(DIGEST_BYTES))})
+    return pa.concat_tables(t.replace_schema_metadata(None) for t in tables).combine_chunks()
+
+
+@dataclass
+class ContentDiff:
+    """Keys of the folder's rows the table lacks, of rows it holds with another vector, and of
+    rows it holds that the folder does not."""
+    missing: pa.Table
+    differ: pa.Table
+    extra: pa.Table
+
+    def __bool__(self) -> bool:
+        return bool(self.missing.num_rows or self.differ.num_rows or self.extra.num_rows)
+
+
+def content_difference(sink: Sink, store: Store, files: list[str]) -> ContentDiff:
+    """Every row of the table against the folder's, by key and vector digest."""
+    mine = folder_digests(sink, store, files)
+    keys = [c for c in mine.column_names if c != "digest"]
+    held = sink.row_digests(keys)
+    held = pa.table({**{k: held.column(k).cast(mine.schema.field(k).type) for k in keys},
+                     "stored": held.column("digest").cast(pa.binary(DIGEST_BYTES))})
+    both = mine.join(held, keys, join_type="full outer")
+    have, stored = both.column("digest"), both.column("stored")
+    missing = pc.is_null(stored)
+    extra = pc.is_null(have)
+    differ = pc.and_(pc.and_(pc.is_valid(have), pc.is_valid(stored)),
+                     pc.not_equal(have.cast(pa.binary()), stored.cast(pa.binary())))
+    pick = both.select(keys)
+    return ContentDiff(pick.filter(missing), pick.filter(differ), pick.filter(extra))
+
+
+def _rows_of(store: Store, files: list[str], schema: pa.Schema, ids: pa.Array) -> Iterator[pa.Table]:
+    """The folder's rows (every column a sink holds) whose id is among `ids`."""
+    for table in _blocks(VectorParts(store, files), schema):
+        picked = table.filter(pc.is_in(table.column("id"), value_set=ids))
+        if picked.num_rows:
+            yield picked
+
+
+def _examples(keys: pa.Table, shown: int = 5) -> str:
+    return ", ".join(str(k[0] if len(k) == 1 else k) for k in key_tuples(keys.slice(0, shown)))
+
+
 def prune_records(ledger: Ledger, names: list[str]) -> None:
     """Forget the records of sinks the job no longer names (their tables are left alone)."""
     sinks = ledger.data.get("sinks") or {}
@@ -321,9 +426,11 @@ def prune_records(ledger: Ledger, names: list[str]) -> None:
         ledger.update(sinks={k: v for k, v in sinks.items() if k in names})
 
 
-def compare_sink(sink: Sink, ledger: Ledger, seed: int = 0) -> list[str]:
-    """Problems between the sink and the folder's committed parts: counts, the id sets, and a
-    sample of vectors within the sink's tolerance (halfvec: float16 rounding)."""
+def compare_sink(sink: Sink, ledger: Ledger, seed: int = 0, full: bool = True) -> list[str]:
+    """Problems between the sink and the folder's committed parts: counts, the id sets, and
+    every row's vector by digest (`full`), or a sample of vectors within the sink's tolerance
+    (halfvec: float16 rounding). A missing id is reported as missing, never as a vector that
+    differs."""
     store = ledger.store
     where = f'sink "{sink.name}" ({sink.describe()})'
     found = sink.marker()
@@ -339,6 +446,17 @@ def compare_sink(sink: Sink, ledger: Ledger, seed: int = 0) -> list[str]:
     count = sink.count()
     if count != keys.num_rows:
         problems.append(f"{where}: holds {count:,} rows, the folder {keys.num_rows:,}")
+    if full:
+        diff = content_difference(sink, store, files)
+        if diff.missing.num_rows or diff.extra.num_rows:
+            problems.append(
+                f"{where}: {diff.missing.num_rows:,} of the folder's ids missing (e.g. "
+                f"{_examples(diff.missing) or '-'}), {diff.extra.num_rows:,} ids not in the folder "
+                f"(e.g. {_examples(diff.extra) or '-'})")
+        if diff.differ.num_rows:
+            problems.append(f"{where}: {diff.differ.num_rows:,} of {keys.num_rows:,} vectors differ "
+                            f"from the folder's (e.g. id {_examples(diff.differ, 1)})")
+        return problems
     missing, extra, examples = sink.id_difference(keys)
     if missing or extra:
         shown = ", ".join(str(e[0] if len(e) == 1 else e) for e in examples[:5])
@@ -350,11 +468,11 @@ def compare_sink(sink: Sink, ledger: Ledger, seed: int = 0) -> list[str]:
         want = VectorParts(store, files).sample(positions)
         sample = key_tuples(keys.take(pa.array(positions)))
         got = sink.vectors_of(sample)
-        bad = [key for key, v in zip(sample, want)
-               if (g := got.get(key)) is None or g.shape != v.shape
-               or not np.allclose(g, v, rtol=sink.tolerance, atol=sink.tolerance)]
+        held = [(key, v) for key, v in zip(sample, want) if key in got]  # missing: said above
+        bad = [key for key, v in held if got[key].shape != v.shape
+               or not np.allclose(got[key], v, rtol=sink.tolerance, atol=sink.tolerance)]
         if bad:
             shown = bad[0][0] if len(bad[0]) == 1 else bad[0]
-            problems.append(f"{where}: {len(bad)} of {len(positions)} sampled vectors differ "
+            problems.append(f"{where}: {len(bad)} of {len(held)} sampled vectors differ "
                             f"from the folder's (e.g. id {shown})")
     return problems

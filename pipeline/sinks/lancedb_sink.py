@@ -16,7 +16,8 @@ import pyarrow as pa
 
 from ..config import ConfigError, SinkConfig
 from ..faults import checkpoint
-from .base import Marker, Sink, SinkError, key_columns, key_tuples, one_line
+from ..io.vectors import to_matrix
+from .base import Marker, Sink, SinkError, key_columns, key_tuples, one_line, vector_digests
 
 MARKER_KEY = b"embedpipe"
 DELETE_CHUNK = 2000  # ids per delete predicate
@@ -170,6 +171,14 @@ class LanceSink(Sink):
             for key, v in zip(key_tuples(rows.select(names)), rows.column("vector").to_pylist()):
                 out[key] = np.asarray(v, np.float32)
         return out
+
+    def row_digests(self, keys: list[str]) -> pa.Table:
+        """Each row's vector digest, over the float32 vectors read back from the table."""
+        rows = (self._table().search().select([*keys, "vector"]).limit(None).to_arrow()
+                .combine_chunks())
+        payload = self.vector_bytes(to_matrix(rows.column("vector"))) if rows.num_rows else \
+            np.zeros((0, 0), np.uint8)
+        return pa.table({**{k: rows.column(k) for k in keys}, "digest": vector_digests(payload)})
 
     def search(self, queries: np.ndarray, k: int, columns: list[str]) -> list[pa.Table]:
         """Exact (brute-force) search: LanceDB scans when the table has no vector index."""

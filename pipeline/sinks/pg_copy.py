@@ -71,6 +71,17 @@ class _Pieces:
         return out.tobytes()
 
 
+def vector_payload(flat: np.ndarray, vector_type: str = "vector") -> np.ndarray:
+    """[rows, dim] vectors as pgvector's binary form, a row of bytes each: int16 dim, int16 0,
+    the values as big-endian float4 (`halfvec`: float2). What `vector_send` returns for them."""
+    rows, dim = flat.shape
+    head = np.zeros((rows, 2), ">i2")
+    head[:, 0] = dim
+    body = flat.astype(">f2" if vector_type == "halfvec" else ">f4")
+    return np.concatenate([head.view(np.uint8).reshape(rows, 4),
+                           body.view(np.uint8).reshape(rows, -1)], axis=1)
+
+
 def encode(table: pa.Table, vector_type: str = "vector") -> bytes:
     """The rows of `table` as binary COPY tuples (no header or trailer)."""
     rows = table.num_rows
@@ -80,14 +91,8 @@ def encode(table: pa.Table, vector_type: str = "vector") -> bytes:
         valid = None if column.null_count == 0 else np.asarray(column.is_valid())
         t = column.type
         if name == "vector":
-            dim = t.list_size
-            flat = column.flatten().to_numpy(zero_copy_only=False).reshape(rows, dim)
-            head = np.zeros((rows, 2), ">i2")
-            head[:, 0] = dim
-            body = flat.astype(">f2" if vector_type == "halfvec" else ">f4")
-            packed = np.concatenate([head.view(np.uint8).reshape(rows, 4),
-                                     body.view(np.uint8).reshape(rows, -1)], axis=1)
-            pieces.fixed(packed, valid)
+            flat = column.flatten().to_numpy(zero_copy_only=False).reshape(rows, t.list_size)
+            pieces.fixed(vector_payload(flat, vector_type), valid)
         elif pa.types.is_boolean(t):
             pieces.fixed(np.asarray(column.fill_null(False)).astype(np.uint8), valid)
         elif pa.types.is_integer(t):

@@ -21,8 +21,8 @@ import pyarrow as pa
 
 from ..config import ConfigError, SinkConfig
 from ..faults import checkpoint
-from .base import Marker, Sink, SinkError, key_columns, one_line
-from .pg_copy import HEADER, TRAILER, encode, pg_type
+from .base import DIGEST_BYTES, Marker, Sink, SinkError, key_columns, one_line
+from .pg_copy import HEADER, TRAILER, encode, pg_type, vector_payload
 
 HALFVEC_SINCE = (0, 7, 0)
 
@@ -292,6 +292,23 @@ class PgSink(Sink):
     @property
     def tolerance(self) -> float:
         return 2e-3 if self.cfg.vector_type == "halfvec" else 1e-6
+
+    def vector_bytes(self, vectors: np.ndarray) -> np.ndarray:
+        return vector_payload(vectors, self.cfg.vector_type)  # what COPY sent, vector_send returns
+
+    def row_digests(self, keys: list[str]) -> pa.Table:
+        """Each row's vector digest computed by the server (sha256 of vector_send): only the key
+        and 16 bytes a row travel."""
+        sql = self.sql
+        send = sql.SQL("halfvec_send" if self.cfg.vector_type == "halfvec" else "vector_send")
+        rows = self._execute(sql.SQL("SELECT {}, substring(sha256({}(vector)) FROM 1 FOR {}) "
+                                     "FROM {}").format(
+            sql.SQL(", ").join(map(sql.Identifier, keys)), send, sql.Literal(DIGEST_BYTES),
+            self.ident))
+        columns = list(zip(*rows)) if rows else [[] for _ in range(len(keys) + 1)]
+        return pa.table({**{k: list(columns[i]) for i, k in enumerate(keys)},
+                         "digest": pa.array([bytes(d) for d in columns[-1]],
+                                            pa.binary(DIGEST_BYTES))})
 
     def search(self, queries: np.ndarray, k: int, columns: list[str]) -> list[pa.Table]:
         """Nearest rows by the folder's metric: exact with index = "none", else through the

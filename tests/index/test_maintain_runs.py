@@ -152,7 +152,7 @@ def test_old_position_index_is_searchable_then_rebuilt(tiny_model, texts, tmp_pa
     ids_file.unlink()
     old_infos = {k: v for k, v in infos.items()
                  if k not in ("index_file", "ids_file", "labels", "config", "built", "built_count",
-                              "training_error")}
+                              "training_error", "files")}
     old_infos["parts"] = [{"file": p["file"], "rows": p["rows"]} for p in infos["parts"]]
     (out / INFOS_FILE).write_text(json.dumps(old_infos))
 
