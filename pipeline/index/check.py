@@ -63,11 +63,13 @@ def index_problems(store: Store, parts: VectorParts, full: bool = False,
     rows = parts.rows()
     n = sum(rows)
     problems = []
+    # an empty index over a folder with no vectors (every unit failed, or rejected every row)
+    # matches it: there are no labels to compare
     if count != n:
         problems.append(f"index: built over {count} vectors, the folder stores {n}")
     elif recorded != list(zip(parts.files, rows)):
         problems.append("index: built over other vector parts than the manifest names")
-    elif parts.labels is not None and (infos.get("labels") != "unit-row"
+    elif n and parts.labels is not None and (infos.get("labels") != "unit-row"
                                        or labels != list(parts.labels)):
         problems.append("index: built over row positions or other labels than the parts' "
                         "(unit, row) labels")

@@ -22,7 +22,7 @@ from ..faults import checkpoint
 from ..index.maintain import update_index
 from ..index.check import index_damage, index_problems
 from ..index.choose import check_config as check_index_config, faiss_reason
-from ..index.files import INDEX_DIR, INFOS_FILE
+from ..index.files import INDEX_DIR
 from ..io.folder_check import unit_damage, unit_problems
 from ..io.ledger import (MANIFEST, Ledger, UnitRecord, acquire_lock, refuse_foreign_folder,
                          release_lock)
@@ -186,7 +186,7 @@ def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
     parts = ledger.vector_parts()  # every file was checked (kept) or just written
     if job.index.enabled:
         damaged = index_damage(store)  # the index files' sizes and digests, every byte read
-        stale = damaged + _index_problems(store, parts)
+        stale = damaged + index_problems(store, parts)
         if diff.todo or dropped or stale:
             if stale and not (diff.todo or dropped):
                 log.warning("rebuilding the index: %s", "; ".join(stale))
@@ -195,7 +195,7 @@ def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
             summary.index = ledger.data.get("index", {})
     _record_stats(ctx)
     # What the folder now holds is checked as `embedpipe verify` would, files and counts only.
-    problems = unit_problems(ledger) + (_index_problems(store, parts) if job.index.enabled
+    problems = unit_problems(ledger) + (index_problems(store, parts) if job.index.enabled
                                         and not summary.index.get("error") else [])
     summary.failures += [f"check: {p}" for p in problems]
     _sync_sinks(ctx, healthy=not problems)
@@ -225,19 +225,6 @@ def _failure_after_work(exc: Exception) -> str:
     else:
         what = f"{type(exc).__name__}: {exc}"
     return f"{what}; the committed units are kept: a rerun finishes the rest"
-
-
-def _index_problems(store: Store, parts: VectorParts) -> list[str]:
-    """How the index differs from the parts. An empty index over a folder with no vectors (every
-    unit failed, or rejected every row) matches it: it records no labels to compare."""
-    problems = index_problems(store, parts)
-    if problems and not sum(parts.rows()):
-        try:
-            if int(store.read_json(INFOS_FILE).get("count", -1)) == 0:
-                return []
-        except (OSError, ValueError, TypeError, AttributeError):
-            pass
-    return problems
 
 
 def _sync_sinks(ctx: RunContext, healthy: bool) -> None:

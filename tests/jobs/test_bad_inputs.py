@@ -127,7 +127,7 @@ def test_a_unit_that_fails_once_read_counts_its_rows_and_no_index_check_fails(tm
 
 
 def test_a_folder_whose_every_row_is_rejected_completes(tmp_path, tiny_model):
-    """No vectors at all: its empty index is no check failure, run or rerun."""
+    """No vectors at all: its empty index is no check failure, run, rerun or verify."""
     write_shards(tmp_path / "in", [pa.table({"id": pa.array([1, 2, 3], pa.int64()),
                                              "text": ["", "  ", None]})])
     job = write_job(tmp_path / "job.toml", tmp_path / "in", tmp_path / "out", tiny_model)
@@ -135,3 +135,5 @@ def test_a_folder_whose_every_row_is_rejected_completes(tmp_path, tiny_model):
         result = embedpipe("run", job, "--json")
         assert result.returncode == 0, result.stdout + result.stderr
         assert json.loads(result.stdout)["failures"] == []
+    verified = embedpipe("verify", tmp_path / "out")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
