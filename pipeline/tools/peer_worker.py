@@ -162,5 +162,6 @@ if __name__ == "__main__":
         import traceback
 
         traceback.print_exc()
-        print(f"{type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        words = " ".join(str(exc).split())  # OpenVINO's messages span lines
+        print(f"{type(exc).__name__}: {words[:400]}", file=sys.stderr)
         sys.exit(1)

@@ -57,8 +57,26 @@ def peers_python():
         pytest.skip(str(exc))
 
 
+@pytest.fixture(scope="module")
+def tiny_model_512(tmp_path_factory, bundled_model):
+    """A 2-layer, 32-wide random BERT with the real tokenizer and 512 positions (the OpenVINO
+    calibration pads its texts to 384 tokens)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_bert_512")
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
+    BertModel(config).eval().save_pretrained(path)
+    AutoTokenizer.from_pretrained(bundled_model.path).save_pretrained(path)
+    return path
+
+
 @pytest.mark.slow
-def test_peers_bench_on_a_tiny_model(peers_python, tiny_model, mixed_texts, tmp_path, monkeypatch):
+def test_peers_bench_on_a_tiny_model(peers_python, tiny_model_512, mixed_texts, tmp_path,
+                                     monkeypatch):
+    tiny_model = tiny_model_512
     folder = tmp_path / "in"
     folder.mkdir()
     texts = mixed_texts[:40]
