@@ -176,6 +176,8 @@ def run_peers(opts: PeerOptions, log: Callable[[str], None] = lambda _: None) ->
     flags = cpu_flags() if opts.flags is None else opts.flags
     int8 = int8_config(flags)
     peers = [p for p in opts.peers if p != "st-onnx-int8" or int8]
+    if len(peers) < len(opts.peers):
+        log("bench: no ONNX dynamic int8 here: sentence-transformers' x86 int8 exports need AVX2")
     if REFERENCE not in peers:
         peers.insert(0, REFERENCE)
     source = resolve_model(opts.model)
