@@ -103,9 +103,19 @@ def peers_venv(folder: Path | None = None, log: Callable[[str], None] = lambda _
     folder = folder or venv_dir()
     if venv_ready(folder):
         return venv_python(folder)
-    if folder.exists():
-        shutil.rmtree(folder)
+    if folder.exists() and not folder.is_dir():
+        raise PeersUnavailable(f"the peers' venv {folder} is a file: pass a new or empty folder")
+    if folder.exists() and any(folder.iterdir()):
+        if not (folder / MARKER).exists():  # never remove a folder embedpipe did not make
+            raise PeersUnavailable(f"{folder} is not empty and not a peers' venv embedpipe made: "
+                                   f"pass a new or empty folder")
+        shutil.rmtree(folder)  # ours, half-made or with other pins: made again
     log(f"bench: making the peers' venv in {folder} (pip from the registries; once)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / MARKER).write_text("(being made)")
+    except OSError as exc:
+        raise PeersUnavailable(f"could not make the peers' venv in {folder}: {exc}") from None
     base = getattr(sys, "_base_executable", sys.executable)
     steps = ([base, "-m", "venv", str(folder)],
              [str(venv_python(folder)), "-m", "pip", "install", "-q", *PEER_REQUIREMENTS])

@@ -46,6 +46,17 @@ def test_a_venv_that_cannot_be_made_is_one_line(tmp_path, monkeypatch):
     assert not venv_ready(folder)
 
 
+def test_a_folder_embedpipe_did_not_make_is_never_removed(tmp_path):
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(PeersUnavailable, match="not a peers' venv embedpipe made"):
+        peers_venv(mine)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    with pytest.raises(PeersUnavailable, match="is a file"):
+        peers_venv(mine / "notes.txt")
+
+
 @pytest.fixture(scope="module")
 def peers_python():
     if not venv_ready() and os.environ.get("EMBEDPIPE_TEST_PEERS") != "1":
