@@ -51,14 +51,16 @@ PEER_REQUIREMENTS = (
     "datasets==5.0.1",
     "pyarrow==26.0.1",
 )
-PEERS = ("st-torch", "st-onnx", "st-onnx-o3", "st-onnx-int8", "st-openvino", "st-openvino-int8")
+PEERS = ("st-torch", "st-onnx", "st-onnx-o3", "st-onnx-int8", "st-openvino", "st-openvino-f32",
+         "st-openvino-int8")
 REFERENCE = "st-torch"
 LABELS = {
     "st-torch": "ST torch float32",
     "st-onnx": 'ST backend="onnx"',
     "st-onnx-o3": "ST onnx O3",
     "st-onnx-int8": "ST onnx dynamic int8 ({int8})",
-    "st-openvino": 'ST backend="openvino"',
+    "st-openvino": 'ST backend="openvino" (default precision)',
+    "st-openvino-f32": "ST openvino, f32 precision hint",
     "st-openvino-int8": "ST openvino static int8",
     "fastembed": "FastEmbed",
 }

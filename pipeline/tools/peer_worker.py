@@ -35,6 +35,7 @@ CONTENDERS = {
     "st-onnx-o3": ("onnx", "onnx/model_O3.onnx"),
     "st-onnx-int8": ("onnx", "onnx/model_qint8_{int8}.onnx"),
     "st-openvino": ("openvino", None),
+    "st-openvino-f32": ("openvino", None),  # its default precision is bf16 on bf16 CPUs
     "st-openvino-int8": ("openvino", "openvino/openvino_model_qint8_quantized.xml"),
     "fastembed": ("fastembed", "onnx/model.onnx"),
 }
@@ -97,7 +98,10 @@ def load(contender: str, exports: Path, int8: str, max_length: int):
         return lambda texts, batch_size: np.stack(list(model.embed(texts, batch_size=batch_size)))
     from sentence_transformers import SentenceTransformer
 
-    kwargs = {"model_kwargs": {"file_name": file_name}} if file_name else {}
+    model_kwargs = {"file_name": file_name} if file_name else {}
+    if contender == "st-openvino-f32":
+        model_kwargs["ov_config"] = {"INFERENCE_PRECISION_HINT": "f32"}
+    kwargs = {"model_kwargs": model_kwargs} if model_kwargs else {}
     model = SentenceTransformer(str(exports), device="cpu", backend=backend, **kwargs)
     model.max_seq_length = max_length
     return lambda texts, batch_size: model.encode(texts, batch_size=batch_size,

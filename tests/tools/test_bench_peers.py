@@ -99,9 +99,11 @@ def test_peers_bench_on_a_tiny_model(peers_python, tiny_model_512, mixed_texts, 
     by = {r["name"]: r for r in report["results"]}
     assert set(by) == set(PEERS) | {"embedpipe float32"}
     assert by["st-torch"]["x_vs_st_torch_float32"] == 1.0
-    # float32 backends compute the same function; int8 ones differ by their quantization
-    for name in ("st-onnx", "st-onnx-o3", "st-openvino", "embedpipe float32"):
+    # float32 backends compute the same function; OpenVINO's default is bf16 on a bf16 CPU;
+    # int8 ones differ by their quantization
+    for name in ("st-onnx", "st-onnx-o3", "st-openvino-f32", "embedpipe float32"):
         assert by[name]["min_cosine"] >= 0.9999, name
+    assert by["st-openvino"]["min_cosine"] >= 0.99
     for name in ("st-onnx-int8", "st-openvino-int8"):
         assert 0.5 < by[name]["min_cosine"] <= 1.0, name
     for row in by.values():
