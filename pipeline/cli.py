@@ -459,15 +459,43 @@ def predict(head: str, inputs: str, dest: str, text_column: str, id_column: str,
               type=click.Choice(CHOICES["model.forward"]),
               help="embedpipe's forward pass (model.forward); auto: the fused forward for "
                    "BERT-family models on CPU, transformers' otherwise (and with --compile).")
+@click.option("--peers", "with_peers", is_flag=True,
+              help="Bench the peers' own CPU backends instead (sentence-transformers torch, ONNX, "
+                   "ONNX O3 and int8, OpenVINO and static int8), whole processes, in a venv of "
+                   "their own made on first use under $EMBEDPIPE_CACHE (pip, several GB).")
+@click.option("--peer", "peer_names", multiple=True,
+              help="With --peers: only these peers (repeat; default: all sentence-transformers "
+                   "backends; 'fastembed' where the peers' venv has it).")
+@click.option("--peers-venv", default=None, metavar="DIR",
+              help="With --peers: the peers' venv (default: $EMBEDPIPE_CACHE/bench-peers-venv).")
 def bench(input_path, rows, text_column, id_column, model, dtypes, device, max_length, rounds,
           st_batch_size, batch_tokens, no_st, workdir, as_json, compile_model, attention,
-          forward) -> None:
+          forward, with_peers, peer_names, peers_venv) -> None:
     """Benchmark embedpipe's full path against SentenceTransformer.encode on this machine.
 
     Interleaved rounds in one process; reports texts/s, tokens/s, padding, peak RSS, the
     ratios, the stage breakdown and the share of the machine's matmul rate the encoder reaches.
+    With --peers: embedpipe and each peer backend as whole processes over the same texts.
     """
     from .tools.bench import BenchOptions, render, run_bench, to_json
+
+    if with_peers:
+        from .tools.bench_peers import (PEERS, PeerFailed, PeerOptions, PeersUnavailable,
+                                        render_peers, run_peers)
+
+        popts = PeerOptions(input=input_path, rows=rows, text_column=text_column,
+                            id_column=id_column, model=model, dtypes=tuple(dtypes), rounds=rounds,
+                            max_length=max_length, batch_size=st_batch_size,
+                            peers=tuple(peer_names) or PEERS, venv=peers_venv, workdir=workdir)
+        with one_line_errors(interruptible=True):
+            try:
+                report = run_peers(popts, log=lambda line: click.echo(line, err=True))
+            except (ValueError, PeersUnavailable) as exc:
+                raise ConfigError(str(exc)) from exc
+            except PeerFailed as exc:
+                _fail(str(exc), EXIT_FAILED)
+        click.echo(to_json(report) if as_json else render_peers(report))
+        return
 
     opts = BenchOptions(input=input_path, rows=rows, text_column=text_column, id_column=id_column,
                         model=model, dtypes=tuple(dtypes), device=device, max_length=max_length,
