@@ -21,6 +21,8 @@ Gate: recall@10 and nDCG@10 within 1% (relative) of float32, head accuracy withi
     PYTHONPATH=. python scripts/int8_task_gate.py quality [--json]
     PYTHONPATH=. python scripts/int8_task_gate.py speed VARIANT --texts 400   # one timed encode
         (whole processes: time it with /usr/bin/time or any repeat harness, A/B interleaved)
+    PYTHONPATH=. python scripts/int8_task_gate.py interleave [--variants "int8 all,int8 -down"]
+        (in one process: float32 and the variants alternated, encode seconds per round)
 """
 from __future__ import annotations
 
@@ -234,6 +236,32 @@ def speed(args) -> None:
     print(f"{args.variant}: {len(texts)} texts encoded in {time.perf_counter() - t:.2f} s")
 
 
+def interleave(args) -> None:
+    """float32 and each variant on the same texts in one process, alternated round by round
+    after a warm-up: encode seconds per round and the median of the per-round ratios."""
+    import pyarrow.parquet as pq
+    import statistics
+
+    src = resolve_model(MODEL)
+    tok = TextTokenizer(src.path, MAX_LENGTH)
+    texts = pq.read_table(BENCH).column("text").to_pylist()[:args.texts]
+    encs = {v: encoder(src, v) for v in ["float32", *args.variants]}
+    for enc in encs.values():
+        embed(enc, tok, texts[:64])
+    secs = {v: [] for v in encs}
+    for _ in range(args.rounds):
+        for v, enc in encs.items():
+            t = time.perf_counter()
+            embed(enc, tok, texts)
+            secs[v].append(time.perf_counter() - t)
+    print(f"{cpu_name()}, torch threads {torch.get_num_threads()}, {len(texts)} texts, "
+          f"{args.rounds} rounds, load {Path('/proc/loadavg').read_text().split()[0]} at the end")
+    for v, s in secs.items():
+        ratios = [f / x for f, x in zip(secs["float32"], s)]
+        print(f"  {v}: min {min(s):.2f} s, median {statistics.median(s):.2f} s; float32 / it per "
+              f"round: {', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f}x)")
+
+
 def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -252,9 +280,17 @@ def main(argv=None) -> int:
     s = sub.add_parser("speed")
     s.add_argument("variant", choices=["float32", *VARIANTS])
     s.add_argument("--texts", type=int, default=400)
+    i = sub.add_parser("interleave")
+    i.add_argument("--variants", default="int8 all")
+    i.add_argument("--texts", type=int, default=400)
+    i.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
     if args.cmd == "speed":
         speed(args)
+        return 0
+    if args.cmd == "interleave":
+        args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        interleave(args)
         return 0
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     res = quality(args)
