@@ -212,7 +212,7 @@ class JobConfig:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "input.pair_truncation": ("longest_first", "only_second"),
-    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16", "int8"),
     "model.attention": ("auto", "sdpa", "eager", "amx", "avx512", "flash_attention_2"),
     "model.compile": ("auto",),
     "model.forward": ("auto", "fused", "transformers"),

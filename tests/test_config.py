@@ -38,7 +38,7 @@ def test_shipped_job_file_loads():
 
 @pytest.mark.parametrize("text, words", [
     ('[encode]\npooling = "average"\n', ["encode.pooling", "cls", "mean", "max", "concat-last-four", "pooler"]),
-    ('[model]\ndtype = "int8"\n', ["model.dtype", "float32", "bfloat16", "float16"]),
+    ('[model]\ndtype = "int4"\n', ["model.dtype", "float32", "bfloat16", "float16", "int8"]),
     ('[model]\ndevice = "tpu"\n', ["model.device", "cuda:N"]),
     ('[encode]\nbatch_tokens = 0\n', ["encode.batch_tokens", "positive"]),
     ('[encode]\nbatch_tokens = "big"\n', ["encode.batch_tokens", "integer"]),

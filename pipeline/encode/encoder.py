@@ -108,7 +108,8 @@ def _load_fused(source: ModelSource, runtime: Runtime) -> FusedForward:
         state = _load_model(source, runtime).state_dict()
     try:
         return FusedForward(state, AutoConfig.from_pretrained(source.path),
-                            TORCH_DTYPES[runtime.dtype], runtime.attention)
+                            TORCH_DTYPES[runtime.dtype], runtime.attention,
+                            int8=runtime.dtype == "int8")
     except ConfigError as exc:
         raise ConfigError(f"model folder {source.path}: {exc}") from None
 

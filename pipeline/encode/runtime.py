@@ -18,7 +18,9 @@ from .model_files import ModelSource
 
 log = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# int8: int8 weight products inside the fused forward, float32 activations between them
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                "int8": torch.float32}
 # `compile = "auto"` compiles bf16 on CPU from this many input rows: the compiled model runs
 # ~1.5x faster there (README, Performance), so 15-30 s of compiling is repaid after ~25k rows.
 AUTO_COMPILE_ROWS = 50_000
@@ -87,6 +89,10 @@ def resolve_runtime(model: ModelConfig, source: ModelSource, input_rows: int = 0
     compiled, note = _compile(model.compile, device, dtype, input_rows, compile_cache.is_warm(key),
                               fused_reason is None)
     forward = _forward(model.forward, compiled, fused_reason)
+    if dtype == "int8" and forward != "fused":
+        raise ConfigError(f"model.dtype = 'int8' runs in embedpipe's fused forward only, which "
+                          f"cannot run here: {fused_reason or 'model.compile = true'}; use "
+                          f"dtype = 'float32'")
     return Runtime(device=str(device), dtype=dtype, dtype_note=_dtype_note(model.dtype, device, dtype, cpu),
                    attention=attention, compile=compiled, forward=forward,
                    max_length=model.max_length or source.max_length, compile_note=note,
@@ -116,6 +122,8 @@ def _dtype(dtype: str, device: torch.device, cpu: hardware.Cpu) -> str:
         return "bfloat16" if cpu.fast_bf16 else "float32"
     if dtype == "float16" and device.type != "cuda":
         raise ConfigError("model.dtype = 'float16' runs on cuda only; use bfloat16 or float32 on cpu")
+    if dtype == "int8" and device.type != "cpu":
+        raise ConfigError("model.dtype = 'int8' runs on cpu only; use bfloat16 or float16 on cuda")
     if dtype == "bfloat16" and device.type == "cpu" and not cpu.fast_bf16:
         _warn_emulated_bf16(cpu)
     return dtype
