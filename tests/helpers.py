@@ -26,6 +26,20 @@ def write_shards(folder: Path, tables: list[pa.Table], names: list[str] | None =
     return paths
 
 
+def film_texts(n: int, offset: int = 0) -> list[str]:
+    """n short random texts of film words, the same for the same offset."""
+    words = "the a film story cast warm funny slow plot music ending scene actor great".split()
+    rng = np.random.default_rng(offset)
+    return [" ".join(rng.choice(words, int(rng.integers(3, 30)))) for _ in range(n)]
+
+
+def three_shards(folder: Path) -> Path:
+    """Three shards of 20 film texts, ids 0..59."""
+    write_shards(folder, [pa.table({"id": np.arange(i * 20, i * 20 + 20),
+                                    "text": film_texts(20, i)}) for i in range(3)])
+    return folder
+
+
 def make_job(input_path, output_path, model_name=None, **sections) -> dict:
     """A job dict; sections override keys, e.g. encode={"pooling": "cls"}."""
     raw = {"name": "test", "input": {"path": str(input_path)},

@@ -182,6 +182,18 @@ def encoder_flops(config, lengths: np.ndarray) -> float:
 
 # ---- inputs -----------------------------------------------------------------------------------
 
+def bench_source(opts) -> tuple[str, str]:
+    """(where the bench's texts come from, its words for them): the user's `--input`, else the
+    built-in corpus of `--rows` (default 4,000) rows, built once and cached."""
+    if opts.input:
+        return opts.input, "input"
+    from .datasets import fetch_bench_corpus
+
+    n = opts.rows or 4000
+    folder = DEFAULT_CORPUS_DIR.expanduser() / f"corpus-{n}"
+    return str(fetch_bench_corpus(folder, n_rows=n)[0].parent), "built-in"
+
+
 def load_rows(path: str, text_column: str, id_column: str, limit: int | None) -> pa.Table:
     """(id, text, file) of the rows embedpipe embeds: an id, a non-blank text, the id's first row."""
     import pyarrow.dataset as ds
@@ -296,14 +308,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
     with contextlib.ExitStack() as stack:
         work = Path(opts.workdir) if opts.workdir else Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="embedpipe-bench-")))
-        if opts.input:
-            source_path, corpus = opts.input, "input"
-        else:
-            from .datasets import fetch_bench_corpus
-
-            n = opts.rows or 4000
-            folder = DEFAULT_CORPUS_DIR.expanduser() / f"corpus-{n}"
-            source_path, corpus = str(fetch_bench_corpus(folder, n_rows=n)[0].parent), "built-in"
+        source_path, corpus = bench_source(opts)
         rows = load_rows(source_path, opts.text_column, opts.id_column, opts.rows)
         if opts.input and opts.rows:
             # a slice of the user's input, written as-is (id, text) for the runner

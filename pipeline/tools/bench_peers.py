@@ -206,15 +206,9 @@ def run_peers(opts: PeerOptions, log: Callable[[str], None] = lambda _: None) ->
     with tempfile.TemporaryDirectory(prefix="embedpipe-peers-") as tmp:
         work = Path(opts.workdir) if opts.workdir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        if opts.input:
-            source_path, corpus = opts.input, "input"
-        else:
-            from .bench import DEFAULT_CORPUS_DIR
-            from .datasets import fetch_bench_corpus
+        from .bench import bench_source
 
-            n = opts.rows or 4000
-            folder = DEFAULT_CORPUS_DIR.expanduser() / f"corpus-{n}"
-            source_path, corpus = str(fetch_bench_corpus(folder, n_rows=n)[0].parent), "built-in"
+        source_path, corpus = bench_source(opts)
         rows = load_rows(source_path, opts.text_column, opts.id_column, opts.rows)
         texts = rows["text"].to_pylist()
         (work / "input").mkdir(exist_ok=True)

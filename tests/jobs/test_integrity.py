@@ -20,24 +20,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import embedpipe, index_paths, read_vectors, write_job, write_shards
+from helpers import (embedpipe, film_texts, index_paths, read_vectors, three_shards, write_job,
+                     write_shards)
 
 pytestmark = pytest.mark.integrity
 N_ROWS = 60
 
 
-def _texts(n: int, offset: int = 0) -> list[str]:
-    words = "the a film story cast warm funny slow plot music ending scene actor great".split()
-    rng = np.random.default_rng(offset)
-    return [" ".join(rng.choice(words, int(rng.integers(3, 30)))) for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("integrity") / "in"
-    write_shards(folder, [pa.table({"id": np.arange(i * 20, i * 20 + 20),
-                                    "text": _texts(20, i)}) for i in range(3)])
-    return folder
+    return three_shards(tmp_path_factory.mktemp("integrity") / "in")
 
 
 def one_line(result: subprocess.CompletedProcess, code: int, *needles: str) -> str:
@@ -357,7 +349,7 @@ def test_disk_full_writing_the_index_after_units_committed_is_1_with_the_summary
     as a clean run made it."""
     rows = 1200
     write_shards(tmp_path / "in", [pa.table({"id": np.arange(i * 400, (i + 1) * 400),
-                                             "text": _texts(400, 10 + i)}) for i in range(3)])
+                                             "text": film_texts(400, 10 + i)}) for i in range(3)])
     sections = {"model": {"max_length": 32}, "index": {"type": "flat"}}
     clean_job = write_job(tmp_path / "clean.toml", tmp_path / "in", tmp_path / "clean", None,
                           **sections)
@@ -478,7 +470,7 @@ def test_index_and_verify_refuse_a_foreign_manifest_or_none(tmp_path):
 def body_folder(tmp_path_factory, tiny_model) -> tuple[Path, Path]:
     """A job that read `body` / `doc_id`, with a label kept, and a head trained on it."""
     tmp = tmp_path_factory.mktemp("body")
-    texts = _texts(40, 3)
+    texts = film_texts(40, 3)
     write_shards(tmp / "in", [pa.table({"doc_id": [f"d{i}" for i in range(40)], "body": texts,
                                         "label": ["a" if i % 2 else "b" for i in range(40)]})])
     job = write_job(tmp / "job.toml", tmp / "in", tmp / "out", tiny_model,

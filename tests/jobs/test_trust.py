@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,23 +15,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import embedpipe, index_paths, read_vectors, write_job, write_shards
+from helpers import (embedpipe, film_texts, index_paths, read_vectors, three_shards, write_job,
+                     write_shards)
 
 pytestmark = pytest.mark.integrity
 
 
-def _texts(n: int, offset: int) -> list[str]:
-    words = "the a film story cast warm funny slow plot music ending scene actor great".split()
-    rng = np.random.default_rng(offset)
-    return [" ".join(rng.choice(words, int(rng.integers(3, 30)))) for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("trust") / "in"
-    write_shards(folder, [pa.table({"id": np.arange(i * 20, i * 20 + 20),
-                                    "text": _texts(20, i)}) for i in range(3)])
-    return folder
+    return three_shards(tmp_path_factory.mktemp("trust") / "in")
 
 
 def job_for(tmp: Path, inputs: Path, model: Path, **index) -> Path:
@@ -178,11 +169,11 @@ def test_hnsw_tombstones_changed_are_found_and_rebuilt(tmp_path, tiny_model):
     """An HNSW index keeps removed rows as tombstones (a file the infos name): one changed in
     place is found by verify, and the next run rebuilds the index."""
     inputs = tmp_path / "in"
-    write_shards(inputs, [pa.table({"id": np.arange(i * 20, i * 20 + 20), "text": _texts(20, i)})
+    write_shards(inputs, [pa.table({"id": np.arange(i * 20, i * 20 + 20), "text": film_texts(20, i)})
                           for i in range(10)])
     job = job_for(tmp_path, inputs, tiny_model, type="hnsw")
     assert embedpipe("run", job).returncode == 0
-    write_shards(inputs, [pa.table({"id": np.arange(20, 40), "text": _texts(20, 99)})],
+    write_shards(inputs, [pa.table({"id": np.arange(20, 40), "text": film_texts(20, 99)})],
                  ["part-00001.parquet"])
     assert embedpipe("run", job).returncode == 0
     out = tmp_path / "out"
