@@ -6,14 +6,12 @@ dependencies was checked by hand too: docs/, "Install"; here the wheel is instal
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 
 from helpers import SMALL, write_job, write_shards
@@ -53,21 +51,21 @@ def test_installed_from_the_wheel_a_job_runs_without_a_compiler(wheel, tmp_path,
     job = write_job(tmp_path / "job.toml", tmp_path / "in", out,
                     model={**SMALL["model"], "dtype": "bfloat16" if hardware.this_cpu().fast_bf16
                            else "float32"})
-    # PATH: only this Python's folder (no c++, no ninja); torch's JIT cache: a fresh folder that
-    # must stay empty; cwd: away from the checkout, so the wheel's package is the one imported
+    # PATH: an empty folder (no c++, no ninja; this venv's Python by its full path); torch's JIT
+    # cache: a fresh folder that must stay empty; cwd: away from the checkout, so the wheel's
+    # package is the one imported
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    os.symlink(sys.executable, bin_dir / "python")
     env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "PYTHONPATH": str(site),
            "TORCH_EXTENSIONS_DIR": str(tmp_path / "jit"), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([str(bin_dir / "python"), "-m", "pipeline.cli", "-v", "run", str(job),
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "-v", "run", str(job),
                            "--json"], capture_output=True, text=True, cwd=tmp_path, env=env,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     assert summary["rows_read"] == summary["vectors_written"] == 200
-    where = subprocess.run([str(bin_dir / "python"), "-c", "import pipeline; print(pipeline.__file__)"],
+    where = subprocess.run([sys.executable, "-c", "import pipeline; print(pipeline.__file__)"],
                            capture_output=True, text=True, cwd=tmp_path, env=env, check=True).stdout
     assert where.startswith(str(site))  # the installed package ran, not the checkout
     assert not (tmp_path / "jit").exists() or not any((tmp_path / "jit").iterdir())
