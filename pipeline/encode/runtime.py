@@ -124,9 +124,26 @@ def _dtype(dtype: str, device: torch.device, cpu: hardware.Cpu) -> str:
         raise ConfigError("model.dtype = 'float16' runs on cuda only; use bfloat16 or float32 on cpu")
     if dtype == "int8" and device.type != "cpu":
         raise ConfigError("model.dtype = 'int8' runs on cpu only; use bfloat16 or float16 on cuda")
+    if dtype == "int8" and not exact_int8(cpu):
+        raise ConfigError(
+            f"model.dtype = 'int8' needs AVX-512 VNNI, which this CPU ({cpu.model}: {cpu.kind}) "
+            f"lacks or FBGEMM_ENABLE_INSTRUCTIONS caps away: without it fbgemm's 8-bit products "
+            f"saturate in 16 bits (outputs off by up to half their range, measured), which would "
+            f"give wrong vectors; use dtype = 'float32'")
     if dtype == "bfloat16" and device.type == "cpu" and not cpu.fast_bf16:
         _warn_emulated_bf16(cpu)
     return dtype
+
+
+def exact_int8(cpu: hardware.Cpu) -> bool:
+    """fbgemm's int8 products are exact integer sums with VNNI (VPDPBUSD, 32-bit sums); its AVX2
+    kernels add pairs of 8-bit products in 16 bits with saturation (VPMADDUBSW), which on
+    activations with outlier dimensions (MiniLM's residual stream has them) is wrong by up to half
+    an output's range (tests/encode/test_int8.py)."""
+    import os
+
+    capped = cpu.here and os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper() in ("AVX2", "AVX")
+    return "avx512_vnni" in cpu.flags and not capped
 
 
 @functools.cache

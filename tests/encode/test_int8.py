@@ -15,8 +15,11 @@ from pipeline.encode.encoder import EncoderSettings
 from pipeline.encode.fused_forward import FusedForward, Int8Product
 from pipeline.encode.tokenizer import TextTokenizer
 
-INT8 = fused_forward.onednn_products("int8", hardware.this_cpu())
-needs_int8 = pytest.mark.skipif(not INT8, reason="this torch has no oneDNN / fbgemm int8 products")
+from pipeline.encode.runtime import exact_int8
+
+INT8 = fused_forward.onednn_products("int8", hardware.this_cpu()) and exact_int8(hardware.this_cpu())
+needs_int8 = pytest.mark.skipif(not INT8, reason="int8 runs where fbgemm has exact int8 products "
+                                "(AVX-512 VNNI), not on this CPU")
 MEAN = EncoderSettings(layers=(-1,), layer_combine="concat", token_pooling="mean", normalize=True)
 
 
@@ -103,6 +106,14 @@ CPUS = {"amx": hardware.cpu_with("amx_bf16", "amx_tile", "avx512_bf16", "avx512f
         "avx512": hardware.cpu_with("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16",
                                     "avx512_vnni", "avx2", "fma"),
         "avx2": hardware.cpu_with("avx2", "fma")}
+
+
+def test_int8_is_refused_where_its_products_would_saturate(bundled_model):
+    """An AVX2 CPU: fbgemm's VPMADDUBSW saturates (up to half an output's range off, measured
+    with FBGEMM_ENABLE_INSTRUCTIONS=AVX2), so int8 there would be wrong vectors: refused."""
+    with pytest.raises(ConfigError, match="int8.*needs AVX-512 VNNI.*saturate"):
+        runtime_for(bundled_model, dtype="int8", cpu=CPUS["avx2"])
+    assert runtime_for(bundled_model, dtype="int8", cpu=CPUS["avx512"]).dtype == "int8"
 
 
 @pytest.mark.parametrize("cpu", sorted(CPUS))
