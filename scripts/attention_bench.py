@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pipeline.encode import cpu_attention, hardware
+from pipeline.runtime import cpu_attention, hardware
 
 SHAPES = [(33, 122), (128, 32), (64, 64), (16, 256), (2, 300), (3, 7)]
 

@@ -18,11 +18,11 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.encode import hardware
+from pipeline.runtime import hardware
 from pipeline.encode.batching import encode_texts
 from pipeline.encode.encoder import Encoder, EncoderSettings
-from pipeline.encode.model_files import resolve_model
-from pipeline.encode.runtime import resolve_runtime
+from pipeline.models.model_files import resolve_model
+from pipeline.runtime.runtime import resolve_runtime
 from pipeline.encode.tokenizer import TextTokenizer
 from pipeline.tools.datasets import fetch_movie_reviews
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.encode.fused_forward import FusedForward, _Layer, _Weights
+from pipeline.runtime.fused_forward import FusedForward, _Layer, _Weights
 
 EAGER = {"gelu": F.gelu, "gelu_new": lambda y: F.gelu(y, approximate="tanh"),
          "gelu_pytorch_tanh": lambda y: F.gelu(y, approximate="tanh"), "relu": torch.relu_}
@@ -79,10 +79,10 @@ def main() -> None:
 
     from pipeline.encode.batching import encode_in_order
     from pipeline.encode.encoder import Encoder, EncoderSettings
-    from pipeline.encode.hardware import cpu_model
-    from pipeline.encode.model_files import read_safetensors, resolve_model
-    from pipeline.encode.recipe import resolve_recipe
-    from pipeline.encode.runtime import resolve_runtime
+    from pipeline.runtime.hardware import cpu_model
+    from pipeline.models.model_files import read_safetensors, resolve_model
+    from pipeline.models.recipe import resolve_recipe
+    from pipeline.runtime.runtime import resolve_runtime
     from pipeline.encode.tokenizer import tokenizer_for
     from pipeline.tools.bench import (DEFAULT_CORPUS_DIR, BenchOptions, _job, encoder_flops,
                                       matmul_rate, runner_batches)

@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=0.25, help="per variant per round")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    from pipeline.encode.hardware import cpu_model
+    from pipeline.runtime.hardware import cpu_model
 
     header = {"cpu": cpu_model(), "aten_capability": torch.backends.cpu.get_cpu_capability(),
               "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "-"),

@@ -33,8 +33,8 @@ import torch
 from pipeline.config import ModelConfig
 from pipeline.encode.batching import collate, encode_in_order, plan_batches
 from pipeline.encode.encoder import Encoder, EncoderSettings
-from pipeline.encode.model_files import resolve_model
-from pipeline.encode.runtime import resolve_runtime
+from pipeline.models.model_files import resolve_model
+from pipeline.runtime.runtime import resolve_runtime
 from pipeline.encode.tokenizer import TextTokenizer
 
 MODEL = "all-MiniLM-L6-v2"

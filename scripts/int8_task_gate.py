@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from pipeline.config import ModelConfig
 from pipeline.encode.batching import collate, encode_in_order, plan_batches
 from pipeline.encode.encoder import Encoder, EncoderSettings
-from pipeline.encode.fused_forward import FusedForward, _linear, _linear_add, _Weights
-from pipeline.encode.model_files import read_safetensors, resolve_model
-from pipeline.encode.runtime import resolve_runtime
+from pipeline.runtime.fused_forward import FusedForward, _linear, _linear_add, _Weights
+from pipeline.models.model_files import read_safetensors, resolve_model
+from pipeline.runtime.runtime import resolve_runtime
 from pipeline.encode.tokenizer import TextTokenizer
 
 MODEL = "all-MiniLM-L6-v2"

@@ -16,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pipeline.tools.datasets import fetch_movie_reviews  # noqa: E402
-from pipeline.encode.model_files import resolve_model  # noqa: E402
+from pipeline.models.model_files import resolve_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

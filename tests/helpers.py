@@ -132,7 +132,7 @@ def runtime_for(source, device="cpu", dtype="float32", attention="auto", compile
     """The runtime a job with these model settings resolves to on this machine (or planned for
     `cpu`, a hardware.Cpu made by hand)."""
     from pipeline.config import ModelConfig
-    from pipeline.encode.runtime import resolve_runtime
+    from pipeline.runtime.runtime import resolve_runtime
 
     return resolve_runtime(ModelConfig(name=str(source.path), device=device, dtype=dtype,
                                        attention=attention, compile=compile,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 # Lower numbers are lower floors; a module may import from its own floor or below.
-LAYERS = {"config": 0, "faults": 0, "version": 0, "io": 1, "encode": 2, "index": 2, "sinks": 2,
+LAYERS = {"config": 0, "faults": 0, "version": 0, "io": 1, "models": 2, "runtime": 2, "encode": 2, "index": 2, "sinks": 2,
           "jobs": 3, "commands": 3, "tools": 4, "cli": 5, "__init__": 5}
 
 
@@ -79,5 +79,5 @@ def test_the_runtime_is_resolved_in_one_function():
                         if called in steps:
                             callers.setdefault(called, set()).add(f"{name}.{fn.name}")
     assert set(callers) == steps
-    assert set().union(*callers.values()) <= {"pipeline.encode.runtime.resolve_runtime",
-                                              "pipeline.encode.runtime._attention"}
+    assert set().union(*callers.values()) <= {"pipeline.runtime.runtime.resolve_runtime",
+                                              "pipeline.runtime.runtime._attention"}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from helpers import SMALL, write_job, write_shards
-from pipeline.encode import hardware
+from pipeline.runtime import hardware
 
 ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_the_wheel_carries_the_compiled_kernel(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    kernels = [n for n in names if n.startswith("pipeline/encode/_attention_kernel") and n.endswith(".so")]
+    kernels = [n for n in names if n.startswith("pipeline/runtime/_attention_kernel") and n.endswith(".so")]
     if platform.machine().lower() in ("x86_64", "amd64"):
         assert len(kernels) == 1, names
         assert "linux_x86_64" in wheel.name

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..config import ConfigError, JobConfig, config_from_dict, settings_differences, settings_hash
-from ..encode.model_files import resolve_model
-from ..encode.recipe import resolve_recipe
-from ..encode.runtime import resolve_runtime, vector_settings
+from ..models.model_files import resolve_model
+from ..models.recipe import resolve_recipe
+from ..runtime.runtime import resolve_runtime, vector_settings
 from ..io.reader import list_input_files, open_parquet
 from ..io.rejects import blank_texts, readable_texts
 

@@ -1,1 +1,1 @@
-"""Texts to vectors: the runtime (device, dtype, kernels) resolved once, the tokenizer, batching with dynamic padding, the model forward pass and pooling."""
+"""Texts to vectors: token ids, long texts cut into windows, batches with dynamic padding, the model on its device (forward, pooling, normalisation) and token-level vectors."""

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, EncodeConfig
-from . import compile_cache
+from ..runtime import compile_cache
 from .batching import Batch
-from .fused_forward import FusedForward
-from .hardware import process_age
-from .model_files import ModelSource, read_safetensors
+from ..runtime.fused_forward import FusedForward
+from ..runtime.hardware import process_age
+from ..models.model_files import ModelSource, read_safetensors
 from .pooling import combine_layers, output_width, pool
-from .runtime import TORCH_DTYPES, Runtime, check_here
+from ..runtime.runtime import TORCH_DTYPES, Runtime, check_here
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class EncoderSettings:
 def _load_model(source: ModelSource, runtime: Runtime):
     from transformers import AutoModel
 
-    from . import cpu_attention
+    from ..runtime import cpu_attention
 
     device, dtype = runtime.torch_device, runtime.dtype
     attn = runtime.attn_implementation

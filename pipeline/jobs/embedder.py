@@ -10,9 +10,9 @@ import pyarrow as pa
 from ..config import JobConfig
 from ..encode.chunking import ChunkPolicy
 from ..encode.encoder import EncoderSettings
-from ..encode.model_files import ModelSource
+from ..models.model_files import ModelSource
 from ..encode.pooling import output_width
-from ..encode.runtime import Runtime
+from ..runtime.runtime import Runtime
 from ..encode.token_output import TokenPolicy
 from ..io.reader import Unit
 from ..io.registry import ReuseSource

@@ -15,9 +15,9 @@ import pyarrow as pa
 from ..config import ConfigError, JobConfig, settings_hash
 from ..encode.chunking import resolve_chunking
 from ..encode.encoder import EncoderSettings
-from ..encode.model_files import ModelSource, resolve_model
-from ..encode.recipe import resolve_recipe
-from ..encode.runtime import Runtime, resolve_runtime, vector_settings
+from ..models.model_files import ModelSource, resolve_model
+from ..models.recipe import resolve_recipe
+from ..runtime.runtime import Runtime, resolve_runtime, vector_settings
 from ..faults import checkpoint
 from ..index.maintain import update_index
 from ..index.check import index_damage, index_problems

@@ -24,7 +24,7 @@ from ..config import JobConfig
 from ..encode.batching import Batch, collate, plan_batches
 from ..encode.chunking import (TOO_LONG, ChunkPolicy, TokenWindows, cut_windows, pool_windows,
                                too_long)
-from ..encode.runtime import Runtime
+from ..runtime.runtime import Runtime
 from ..encode.token_output import TokenPolicy, TokenRows, gather, token_rows
 from ..encode.tokenizer import TextTokenizer, Tokenized, pair_too_long
 from ..faults import checkpoint

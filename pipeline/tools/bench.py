@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import DEFAULT_MODEL
-from ..encode.hardware import cpu_model
+from ..runtime.hardware import cpu_model
 from ..io.rejects import blank_texts
 
 STAGES = ("read", "tokenize", "encode", "write", "index", "total")
@@ -142,9 +142,9 @@ def matmul_rate(dtype: str, device: str = "cpu", m: int = 4096, k: int = 384, n:
     forward's), so that the encoder is measured against the fastest product this machine runs."""
     import torch
 
-    from ..encode.fused_forward import onednn_products
-    from ..encode.hardware import this_cpu
-    from ..encode.runtime import TORCH_DTYPES
+    from ..runtime.fused_forward import onednn_products
+    from ..runtime.hardware import this_cpu
+    from ..runtime.runtime import TORCH_DTYPES
 
     torch_dtype = TORCH_DTYPES[dtype]
     a = torch.randn(m, k, device=device).to(torch_dtype)
@@ -284,9 +284,9 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
 
     from ..encode.batching import encode_in_order
     from ..encode.encoder import Encoder, EncoderSettings
-    from ..encode.model_files import resolve_model
-    from ..encode.runtime import resolve_runtime
-    from ..encode.recipe import resolve_recipe
+    from ..models.model_files import resolve_model
+    from ..runtime.runtime import resolve_runtime
+    from ..models.recipe import resolve_recipe
     from ..encode.tokenizer import tokenizer_for
 
     if opts.rounds < 1:
@@ -419,7 +419,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
 def _compile_words(runtime) -> str:
     """How the bench's compiled contender compiles: through the persistent cache (warm or cold,
     as the cache held it when the bench started) or with frozen weights, uncached."""
-    from ..encode import compile_cache
+    from ..runtime import compile_cache
 
     if not runtime.compile_cache:
         return "frozen weights, no cache"

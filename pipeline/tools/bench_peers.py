@@ -29,8 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import DEFAULT_MODEL
-from ..encode.compile_cache import cache_root
-from ..encode.hardware import cpu_flags, cpu_model
+from ..runtime.compile_cache import cache_root
+from ..runtime.hardware import cpu_flags, cpu_model
 
 WORKER = Path(__file__).with_name("peer_worker.py")
 # What `pip install 'sentence-transformers[onnx,openvino]' datasets pyarrow` resolved to on
@@ -176,8 +176,8 @@ def _embedpipe_env() -> dict[str, str]:
 def run_peers(opts: PeerOptions, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..encode.model_files import resolve_model
-    from ..encode.runtime import resolve_runtime
+    from ..models.model_files import resolve_model
+    from ..runtime.runtime import resolve_runtime
     from .bench import BenchOptions, _cosines, _job, encoder_flops, load_rows, matmul_rate
 
     if opts.rounds < 1:

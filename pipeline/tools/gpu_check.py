@@ -93,7 +93,7 @@ def prepare_carry(dest: Path = CARRY, rows: int = CARRY_CORPUS_ROWS) -> dict[str
     entry."""
     import pyarrow.parquet as pq
 
-    from ..encode.model_files import bundled_model_path
+    from ..models.model_files import bundled_model_path
     from .datasets import DatasetError, fetch_bench_corpus
 
     dest = Path(dest)
@@ -127,7 +127,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _encoder(source, device: str, dtype: str):
     from ..config import ModelConfig
     from ..encode.encoder import Encoder, EncoderSettings
-    from ..encode.runtime import resolve_runtime
+    from ..runtime.runtime import resolve_runtime
 
     runtime = resolve_runtime(ModelConfig(name=str(source.path), device=device, dtype=dtype,
                                           compile=False), source)
@@ -237,7 +237,7 @@ def check_attention(source, device: str, dtype: str, texts: list[str], tokenizer
     from torch.profiler import ProfilerActivity, profile
 
     from ..encode.batching import collate
-    from ..encode import cpu_attention
+    from ..runtime import cpu_attention
 
     encoder = _encoder(source, device, dtype)
     model = getattr(encoder.model, "_orig_mod", encoder.model)
@@ -373,7 +373,7 @@ def _environment(device: str) -> dict[str, Any]:
                    memory_gib=round(props.total_memory / 2**30, 1),
                    bf16=torch.cuda.is_bf16_supported())
     else:
-        from ..encode.hardware import cpu_model
+        from ..runtime.hardware import cpu_model
 
         env["cpu"] = cpu_model()
     try:
@@ -393,7 +393,7 @@ def run_checks(opts: GpuCheckOptions, log=lambda _: None) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from ..config import ConfigError
-    from ..encode.model_files import resolve_model
+    from ..models.model_files import resolve_model
     from ..encode.tokenizer import TextTokenizer
 
     carry = Path(opts.carry)

@@ -540,7 +540,7 @@ def _man_pages(debs: Sequence[Path], min_source_words: int) -> list[_Page]:
 def _tokenizer(model: str):
     from transformers import AutoTokenizer
 
-    from ..encode.model_files import resolve_model
+    from ..models.model_files import resolve_model
 
     tok = AutoTokenizer.from_pretrained(str(resolve_model(model).path))
     tok.model_max_length = 1 << 30  # count only; silences the "longer than maximum" warning

@@ -278,7 +278,7 @@ def build_tiny_model(dest: Path, size: str = "tiny", max_positions: int = 128) -
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from ..encode.model_files import resolve_model
+    from ..models.model_files import resolve_model
 
     layers, hidden, heads, intermediate = TINY_SIZES[size]
     sizes = {"layers": layers, "hidden": hidden, "heads": heads, "intermediate": intermediate}

@@ -136,7 +136,7 @@ def build(texts_dest: str | Path, labels_dest: str | Path, rows: int = 3000, see
     sampled with `seed`; returns counts (sentences, split words fixed, rows dropped)."""
     from tokenizers import Tokenizer
 
-    from ..encode.model_files import resolve_model
+    from ..models.model_files import resolve_model
 
     tokenizer = Tokenizer.from_file(str(resolve_model(model).path / "tokenizer.json"))
     sentences = brown_sentences(fetch_brown(cache_dir))

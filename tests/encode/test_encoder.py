@@ -10,10 +10,10 @@ import torch
 
 from helpers import encoder_for, runtime_for
 from pipeline.config import ConfigError, ModelConfig
-from pipeline.encode import hardware, runtime as runtime_mod
+from pipeline.runtime import hardware, runtime as runtime_mod
 from pipeline.encode.batching import collate, encode_texts, plan_batches
 from pipeline.encode.encoder import Encoder, EncoderSettings, _trim
-from pipeline.encode.runtime import AUTO_COMPILE_ROWS, WARM_COMPILE_ROWS
+from pipeline.runtime.runtime import AUTO_COMPILE_ROWS, WARM_COMPILE_ROWS
 from pipeline.encode.tokenizer import TextTokenizer
 
 MEAN = EncoderSettings(layers=(-1,), layer_combine="concat", token_pooling="mean", normalize=True)
@@ -170,7 +170,7 @@ def test_explicit_bfloat16_on_a_cpu_without_it_warns_once_and_says_so(caplog):
     the summary's dtype note says it too. A CPU with native bf16 gets no warning."""
     device = torch.device("cpu")
     runtime_mod._warn_emulated_bf16.cache_clear()
-    with caplog.at_level("WARNING", logger="pipeline.encode.runtime"):
+    with caplog.at_level("WARNING", logger="pipeline.runtime.runtime"):
         assert runtime_mod._dtype("bfloat16", device, AVX512_CPU) == "bfloat16"
         assert not caplog.records
         for _ in range(2):

@@ -253,7 +253,7 @@ def test_matryoshka_dimensions_equal_truncate_dim(kind, dims, family_folders, te
 def test_attention_falls_back_to_eager_where_a_family_has_no_sdpa(family_folders):
     from helpers import runtime_for
     from pipeline.config import ConfigError
-    from pipeline.encode.model_files import resolve_model
+    from pipeline.models.model_files import resolve_model
 
     mpnet = resolve_model(str(family_folders["mpnet"]))
     assert runtime_for(mpnet).attention == "eager"
@@ -264,7 +264,7 @@ def test_attention_falls_back_to_eager_where_a_family_has_no_sdpa(family_folders
 
 
 def test_position_limits_by_family(family_folders):
-    from pipeline.encode.model_files import resolve_model
+    from pipeline.models.model_files import resolve_model
 
     for kind in FAMILIES:
         source = resolve_model(str(family_folders[kind]))
@@ -273,7 +273,7 @@ def test_position_limits_by_family(family_folders):
 
 def test_a_hub_name_is_one_line_about_local_folders(tmp_path):
     from pipeline.config import ConfigError
-    from pipeline.encode.model_files import resolve_model
+    from pipeline.models.model_files import resolve_model
 
     with pytest.raises(ConfigError, match="never downloads") as caught:
         resolve_model("BAAI/bge-small-en-v1.5")
@@ -289,7 +289,7 @@ def test_do_lower_case_equals_sentence_transformers(family_folders, texts_dir, t
 
     from sentence_transformers import SentenceTransformer, models
 
-    from pipeline.encode.model_files import resolve_model
+    from pipeline.models.model_files import resolve_model
 
     old = shutil.copytree(family_folders["roberta"], tmp_path / "old")
     settings = json.loads((old / "sentence_bert_config.json").read_text())
@@ -318,8 +318,8 @@ def test_folders_embedpipe_cannot_match_are_refused_in_one_line(family_folders, 
     import shutil
 
     from pipeline.config import ConfigError, config_from_dict
-    from pipeline.encode.model_files import resolve_model
-    from pipeline.encode.recipe import resolve_recipe
+    from pipeline.models.model_files import resolve_model
+    from pipeline.models.recipe import resolve_recipe
 
     dense = shutil.copytree(family_folders["bert"], tmp_path / "dense")
     modules = json.loads((dense / "modules.json").read_text())

@@ -12,7 +12,7 @@ from pipeline.encode import encoder as encoder_mod
 
 
 def test_process_age_counts_from_the_process_start():
-    code = ("import time; time.sleep(0.6); from pipeline.encode.hardware import process_age; "
+    code = ("import time; time.sleep(0.6); from pipeline.runtime.hardware import process_age; "
             "print(process_age())")
     age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                check=True).stdout)
@@ -23,7 +23,7 @@ def test_the_first_batch_is_logged_once_with_the_process_age(tiny_model, monkeyp
     from helpers import encoder_for
     from pipeline.encode.batching import collate
     from pipeline.encode.encoder import EncoderSettings
-    from pipeline.encode.model_files import resolve_model
+    from pipeline.models.model_files import resolve_model
     from pipeline.encode.tokenizer import TextTokenizer
 
     monkeypatch.setattr(encoder_mod, "_FIRST_BATCH_LOGGED", threading.Event())

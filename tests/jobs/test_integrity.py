@@ -128,7 +128,7 @@ def test_roberta_family_default_length_leaves_the_padding_offset(tmp_path, tiny_
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["truncated"] == 1 and summary["vectors_written"] == 2
-    from pipeline.encode.model_files import resolve_model
+    from pipeline.models.model_files import resolve_model
 
     assert resolve_model(str(model)).max_length == 64
 

@@ -17,7 +17,7 @@ set -euo pipefail
 PG_MAJOR=15
 SOURCE_SUITE=trixie   # the Debian suite whose pgvector source is built (bookworm has none)
 PG_CONFIG=/usr/lib/postgresql/$PG_MAJOR/bin/pg_config
-CACHE=${EMBEDPIPE_CACHE:-$HOME/.cache/embedpipe}   # as pipeline/encode/compile_cache.py
+CACHE=${EMBEDPIPE_CACHE:-$HOME/.cache/embedpipe}   # as pipeline/runtime/compile_cache.py
 PACKAGES=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR build-essential)
 
 say() { echo "setup_pgvector: $*" >&2; }

@@ -39,7 +39,7 @@ def test_the_float16_copy_holds_half_weights_and_gives_the_float32_vectors(carry
     from helpers import encoder_for
     from pipeline.encode.batching import encode_texts
     from pipeline.encode.encoder import EncoderSettings
-    from pipeline.encode.model_files import resolve_model
+    from pipeline.models.model_files import resolve_model
     from pipeline.encode.tokenizer import TextTokenizer
 
     folder = carry / CARRY_MODEL
@@ -84,7 +84,7 @@ def test_smoke_run_on_cpu_passes_and_writes_its_report(carry, tmp_path, capsys):
     attention = checks["attention"]["figures"]
     # on CPU: embedpipe's kernel where the CPU has AMX or AVX-512 BF16 (run by the fused
     # forward), SDPA otherwise; the check reports the one the model really ran
-    from pipeline.encode import hardware
+    from pipeline.runtime import hardware
 
     kernel = ("amx" if hardware.this_cpu().amx_bf16 else
               "avx512" if hardware.this_cpu().avx512_bf16 else "sdpa")
@@ -101,7 +101,7 @@ def test_smoke_run_on_cpu_passes_and_writes_its_report(carry, tmp_path, capsys):
 
 def test_the_oom_check_fails_when_the_back_off_loses_rows(carry, mixed_texts, monkeypatch):
     from pipeline.encode.encoder import Encoder
-    from pipeline.encode.model_files import resolve_model
+    from pipeline.models.model_files import resolve_model
     from pipeline.encode.tokenizer import TextTokenizer
 
     real_split = Encoder._split

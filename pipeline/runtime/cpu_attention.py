@@ -108,7 +108,7 @@ def build() -> None:
 def load_library() -> Path:
     """The library loaded into this process whatever the CPU (the prebuilt one, else compiled
     from csrc/), and its path: safe on any x86-64 CPU, since only the ops' own code, after their
-    CPU check, runs an ISA's instructions (tests/encode/test_kernel_loading.py)."""
+    CPU check, runs an ISA's instructions (tests/runtime/test_kernel_loading.py)."""
     library = _prebuilt()
     try:
         if library is not None:

@@ -14,7 +14,7 @@ import torch
 
 from ..config import ConfigError, JobConfig, ModelConfig
 from . import compile_cache, cpu_attention, fused_forward, hardware
-from .model_files import ModelSource
+from ..models.model_files import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def exact_int8(cpu: hardware.Cpu) -> bool:
     """fbgemm's int8 products are exact integer sums with VNNI (VPDPBUSD, 32-bit sums); its AVX2
     kernels add pairs of 8-bit products in 16 bits with saturation (VPMADDUBSW), which on
     activations with outlier dimensions (MiniLM's residual stream has them) is wrong by up to half
-    an output's range (tests/encode/test_int8.py)."""
+    an output's range (tests/runtime/test_int8.py)."""
     import os
 
     capped = cpu.here and os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper() in ("AVX2", "AVX")
@@ -246,7 +246,7 @@ def _fused_unavailable(device: torch.device, dtype: str, attention: str, source:
     return fused_forward.unsupported_reason(AutoConfig.from_pretrained(source.path))
 
 
-# what transformers' classes of fused_forward.FAMILIES declare (tests/encode/test_fused_forward.py
+# what transformers' classes of fused_forward.FAMILIES declare (tests/runtime/test_fused_forward.py
 # checks it against the classes)
 KNOWN_FAMILY_FLAGS = ("_supports_sdpa", "_supports_attention_backend")
 

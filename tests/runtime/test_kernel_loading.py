@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.encode import cpu_attention, hardware
+from pipeline.runtime import cpu_attention, hardware
 
 x86_only = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
                               reason="the kernel is x86-64 code; elsewhere nothing is built")
@@ -23,7 +23,7 @@ x86_only = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
 # Loads the library whatever the CPU, calls both ops, prints one line per op.
 CHILD = """
 import torch
-from pipeline.encode import cpu_attention
+from pipeline.runtime import cpu_attention
 cpu_attention.load_library()
 q = torch.randn(2, 3, 20, 32).to(torch.bfloat16)
 keep = torch.ones(2, 20, dtype=torch.bool)
@@ -111,7 +111,7 @@ def test_a_cpu_without_either_kind_loads_nothing(monkeypatch, caplog):
     monkeypatch.setattr(hardware, "this_cpu", lambda: hardware.cpu_with("avx2", "fma", model="Zen 3"))
     monkeypatch.setattr(cpu_attention, "_LOADED", {})
     monkeypatch.setattr(cpu_attention, "load_library", lambda: pytest.fail("loaded anyway"))
-    with caplog.at_level("INFO", logger="pipeline.encode.cpu_attention"):
+    with caplog.at_level("INFO", logger="pipeline.runtime.cpu_attention"):
         for _ in range(2):
             with pytest.raises(RuntimeError, match="neither AMX nor AVX-512 BF16"):
                 cpu_attention.build()

@@ -18,7 +18,7 @@ kernels and every product accumulates in float32.
 
 Families: those whose transformers layers are BERT's arithmetic, post-norm (`FAMILIES`: BERT,
 RoBERTa, XLM-R, CamemBERT by BERT's names, DistilBERT by its own), tested against transformers'
-own forward for each (tests/encode/test_fused_forward.py); any other model runs transformers'.
+own forward for each (tests/runtime/test_fused_forward.py); any other model runs transformers'.
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from ..config import ConfigError
 from . import cpu_attention
 from .hardware import Cpu
-from .model_files import PADDING_OFFSET_FAMILIES
-from .weight_check import LAYOUTS, base_name
+from ..models.model_files import PADDING_OFFSET_FAMILIES
+from ..models.weight_check import LAYOUTS, base_name
 
 # model_type -> where its checkpoint keeps the weights (weight_check.py); transformers' layers of
 # these families are BERT's arithmetic

@@ -9,11 +9,11 @@ import torch
 
 from helpers import encoder_for, runtime_for
 from pipeline.config import ConfigError
-from pipeline.encode import fused_forward, hardware
+from pipeline.runtime import fused_forward, hardware
 from pipeline.encode.batching import encode_texts
 from pipeline.encode.encoder import EncoderSettings
-from pipeline.encode.fused_forward import FusedForward
-from pipeline.encode.model_files import resolve_model
+from pipeline.runtime.fused_forward import FusedForward
+from pipeline.models.model_files import resolve_model
 from pipeline.encode.tokenizer import TextTokenizer
 
 MEAN = EncoderSettings(layers=(-1,), layer_combine="concat", token_pooling="mean", normalize=True)
@@ -217,7 +217,7 @@ def test_without_onednn_the_fallback_is_transformers_forward(bundled_model, mixe
 
 
 def test_a_worker_without_onednn_refuses_a_fused_plan(bundled_model, monkeypatch):
-    from pipeline.encode.runtime import check_here
+    from pipeline.runtime.runtime import check_here
 
     planned = runtime_for(bundled_model, forward="auto")
     monkeypatch.setattr(fused_forward, "onednn_products", lambda dtype, cpu: False)
@@ -240,7 +240,7 @@ def test_what_the_runtime_knows_of_the_families_is_what_their_classes_declare(ki
     import transformers as tf
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-    from pipeline.encode.runtime import KNOWN_FAMILY_FLAGS
+    from pipeline.runtime.runtime import KNOWN_FAMILY_FLAGS
 
     model_class = MODEL_MAPPING[type(tf.AutoConfig.for_model(kind))]
     assert all(getattr(model_class, flag, False) for flag in KNOWN_FAMILY_FLAGS)

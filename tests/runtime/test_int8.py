@@ -9,13 +9,13 @@ import torch
 
 from helpers import encoder_for, runtime_for
 from pipeline.config import ConfigError
-from pipeline.encode import fused_forward, hardware
+from pipeline.runtime import fused_forward, hardware
 from pipeline.encode.batching import encode_texts
 from pipeline.encode.encoder import EncoderSettings
-from pipeline.encode.fused_forward import FusedForward, Int8Product
+from pipeline.runtime.fused_forward import FusedForward, Int8Product
 from pipeline.encode.tokenizer import TextTokenizer
 
-from pipeline.encode.runtime import exact_int8
+from pipeline.runtime.runtime import exact_int8
 
 INT8 = fused_forward.onednn_products("int8", hardware.this_cpu()) and exact_int8(hardware.this_cpu())
 needs_int8 = pytest.mark.skipif(not INT8, reason="int8 runs where fbgemm has exact int8 products "

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.encode.runtime import AUTO_COMPILE_ROWS, WARM_COMPILE_ROWS
+from pipeline.runtime.runtime import AUTO_COMPILE_ROWS, WARM_COMPILE_ROWS
 
 RUN = r"""
 import json, sys
@@ -21,8 +21,8 @@ from torch._dynamo.utils import counters
 from pipeline.config import ModelConfig
 from pipeline.encode.batching import encode_texts
 from pipeline.encode.encoder import Encoder, EncoderSettings
-from pipeline.encode.model_files import resolve_model
-from pipeline.encode.runtime import resolve_runtime
+from pipeline.models.model_files import resolve_model
+from pipeline.runtime.runtime import resolve_runtime
 from pipeline.encode.tokenizer import TextTokenizer
 
 path, rows, compile_ = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from helpers import encoder_for, runtime_for
 from pipeline.config import ConfigError
-from pipeline.encode import cpu_attention, hardware
-from pipeline.encode import runtime as runtime_mod
+from pipeline.runtime import cpu_attention, hardware
+from pipeline.runtime import runtime as runtime_mod
 from pipeline.encode.batching import encode_texts
 from pipeline.encode.encoder import EncoderSettings
 from pipeline.encode.tokenizer import TextTokenizer

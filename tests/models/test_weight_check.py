@@ -60,8 +60,8 @@ def test_real_checkpoint_layouts_are_accepted(kind, tmp_path, caplog):
 
     import transformers as tf
 
-    from pipeline.encode.model_files import resolve_model
-    from pipeline.encode.weight_check import expected_weights
+    from pipeline.models.model_files import resolve_model
+    from pipeline.models.weight_check import expected_weights
 
     config = _configs()[kind]
     encoder_roots = expected_weights(config).roots
@@ -70,7 +70,7 @@ def test_real_checkpoint_layouts_are_accepted(kind, tmp_path, caplog):
             torch.manual_seed(0)
             folder = _save(cls.from_config(config), tmp_path / f"{cls.__name__}-{form}", form)
             caplog.clear()
-            with caplog.at_level(logging.INFO, logger="pipeline.encode.weight_check"):
+            with caplog.at_level(logging.INFO, logger="pipeline.models.weight_check"):
                 source = resolve_model(str(folder))
             assert source.model_type == kind
             aside = [r.getMessage() for r in caplog.records if "left aside" in r.getMessage()]
@@ -88,7 +88,7 @@ def test_real_checkpoint_layouts_are_accepted(kind, tmp_path, caplog):
 def test_the_bundled_sentence_transformers_folder_is_accepted(bundled_model):
     from transformers import AutoConfig
 
-    from pipeline.encode.weight_check import check_weights
+    from pipeline.models.weight_check import check_weights
 
     path = bundled_model.path
     assert check_weights(path, AutoConfig.from_pretrained(path)) == ["embeddings.position_ids"]

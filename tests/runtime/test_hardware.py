@@ -8,12 +8,12 @@ import sys
 import torch
 
 from helpers import runtime_for
-from pipeline.encode import hardware
+from pipeline.runtime import hardware
 
 
 def _child_cpu(env_cap: str | None) -> str:
     env = {"EMBEDPIPE_CPU_CAP": env_cap} if env_cap else {}
-    code = ("from pipeline.encode import hardware; c = hardware.this_cpu(); "
+    code = ("from pipeline.runtime import hardware; c = hardware.this_cpu(); "
             "print(sorted(c.flags), c.kind, c.here, c.model, sep='|')")
     import os
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

@@ -1,0 +1,1 @@
+"""A model folder on this machine: found (never a hub), its weights checked against its config, a sentence-transformers folder read as sentence-transformers reads it, and the recipe (pooling, prompt, normalize, dimensions) resolved once from the job and the folder."""

@@ -1,0 +1,1 @@
+"""Where and how the forward runs, decided once: the CPU's features, device, dtype and attention (`resolve_runtime`), embedpipe's own fused forward for BERT families, its AMX / AVX-512 attention kernel (csrc/), and torch.compile's cache."""
