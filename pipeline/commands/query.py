@@ -113,10 +113,9 @@ class TextEmbedder:
             from ..encode.chunking import ChunkPolicy
 
             tokenizer = tokenizer_for(self.source, self.runtime, self.job, self.prompt)
-            settings = EncoderSettings.for_job(self.job)
             self.chunking = ChunkPolicy.for_job(self.job, tokenizer) if self.pools else None
-            if self.chunking is not None and self.chunking.pools:  # windows are normalised after pooling, as the run did
-                settings = dataclasses.replace(settings, normalize=False)
+            settings = EncoderSettings.for_job(
+                self.job, windows_pooled=self.chunking is not None and self.chunking.pools)
             self._loaded = (tokenizer, Encoder(self.source, self.runtime, settings))
         return self._loaded
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import ConfigError, EncodeConfig
+from ..config import ConfigError
 from ..runtime import compile_cache
 from .batching import Batch
 from ..runtime.fused_forward import FusedForward
@@ -45,14 +45,14 @@ class EncoderSettings:
     dimensions: int | None = None  # Matryoshka: the first N dimensions, then normalised
 
     @classmethod
-    def from_config(cls, encode: EncodeConfig, dimensions: int | None = None) -> "EncoderSettings":
-        """A resolved job's pooling preset or general form; all None for the pooler."""
-        layers, combine, token = encode.pooling_spec() or (None, None, None)
-        return cls(layers, combine, token, bool(encode.normalize), dimensions)
-
-    @classmethod
-    def for_job(cls, job) -> "EncoderSettings":
-        return cls.from_config(job.encode, job.output.dimensions)
+    def for_job(cls, job, windows_pooled: bool = False) -> "EncoderSettings":
+        """A resolved job's pooling (its preset or general form; all None for the pooler): the one
+        place it is made, for the run, its workers and `search`'s queries alike. windows_pooled:
+        each window's vector is pooled with its text's other windows and normalised after that,
+        not alone."""
+        layers, combine, token = job.encode.pooling_spec() or (None, None, None)
+        normalize = bool(job.encode.normalize) and not windows_pooled
+        return cls(layers, combine, token, normalize, job.output.dimensions)
 
     def width(self, hidden_size: int) -> int:
         return self.dimensions or output_width(hidden_size, self.layers, self.layer_combine)
@@ -74,12 +74,14 @@ def _load_model(source: ModelSource, runtime: Runtime):
     kwargs["output_loading_info"] = True  # which weights were missing from the files
     try:
         try:
-            model, info = AutoModel.from_pretrained(source.path, attn_implementation=attn, **kwargs)
+            model, info = AutoModel.from_pretrained(source.path, config=source.config,
+                                                    attn_implementation=attn, **kwargs)
         except (ImportError, ValueError):
             if attn == "sdpa":
                 raise
             log.warning("model %s does not take attention %r; using SDPA", source.name, attn)
-            model, info = AutoModel.from_pretrained(source.path, attn_implementation="sdpa",
+            model, info = AutoModel.from_pretrained(source.path, config=source.config,
+                                                    attn_implementation="sdpa",
                                                     **kwargs)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load model from {source.path}: {exc}") from exc
@@ -101,13 +103,11 @@ def _load_fused(source: ModelSource, runtime: Runtime) -> FusedForward:
     """The fused forward, built from the folder's safetensors without importing transformers'
     model classes (whose imports are most of a run's start-up: README, "Start-up"); a folder
     with .bin weights only goes through a loaded transformers model's tensors."""
-    from transformers import AutoConfig
-
     state = read_safetensors(source.path)
     if state is None:
         state = _load_model(source, runtime).state_dict()
     try:
-        return FusedForward(state, AutoConfig.from_pretrained(source.path),
+        return FusedForward(state, source.config,
                             TORCH_DTYPES[runtime.dtype], runtime.attention,
                             int8=runtime.dtype == "int8")
     except ConfigError as exc:

@@ -1,7 +1,6 @@
 """Embed units of work with one model: the same code in the local runner and in each Ray actor."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -72,10 +71,8 @@ class UnitEmbedder:
         job, runtime, self.plan = plan.job, plan.runtime, plan
         self.tokenizer = tokenizer_for(plan.source, runtime, job)
         self.chunking = ChunkPolicy.for_job(job, self.tokenizer)
-        settings = EncoderSettings.for_job(job)
-        if self.chunking.pools:  # windows are normalised after pooling, not each alone
-            settings = dataclasses.replace(settings, normalize=False)
-        self.encoder = Encoder(plan.source, runtime, settings)
+        self.encoder = Encoder(plan.source, runtime,
+                               EncoderSettings.for_job(job, windows_pooled=self.chunking.pools))
         self.token_policy = TokenPolicy.for_job(job)
         self.encode = self.encoder.encode_batch
         if self.token_policy is not None:

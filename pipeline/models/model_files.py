@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import DEFAULT_MODEL, ConfigError
@@ -33,6 +33,9 @@ class ModelSource:
     position_limit: int  # the most tokens per text its position embeddings allow
     model_type: str = "bert"
     st: StFolder | None = None  # its sentence-transformers settings, when it is such a folder
+    # transformers' parsed config.json (PretrainedConfig), read once here: the runtime's checks,
+    # the fused forward and the model's loading all take this one
+    config: object = field(default=None, compare=False, repr=False)
 
     @property
     def lowercase(self) -> bool:
@@ -180,4 +183,4 @@ def resolve_model(name: str) -> ModelSource:
     own = min(st.max_seq_length, limit) if st and st.max_seq_length else _own_max_length(path, limit)
     return ModelSource(name=name, path=path, fingerprint=_fingerprint(path), max_length=own,
                        hidden_size=int(config.hidden_size), position_limit=limit,
-                       model_type=config.model_type, st=st)
+                       model_type=config.model_type, st=st, config=config)

@@ -235,15 +235,13 @@ def _forward(requested: str, compiled: bool, fused_reason: str | None) -> str:
 def _fused_unavailable(device: torch.device, dtype: str, attention: str, source: ModelSource,
                        cpu: hardware.Cpu) -> str | None:
     """Why the fused forward cannot run this model eagerly here, or None when it can."""
-    from transformers import AutoConfig
-
     if device.type != "cpu":
         return "it runs on CPU only"
     if attention not in ("sdpa", *cpu_attention.KINDS):
         return f"it takes attention sdpa, {' or '.join(cpu_attention.KINDS)}, not {attention!r}"
     if not fused_forward.onednn_products(dtype, cpu):
         return f"this torch has no oneDNN {dtype} products"
-    return fused_forward.unsupported_reason(AutoConfig.from_pretrained(source.path))
+    return fused_forward.unsupported_reason(source.config)
 
 
 # what transformers' classes of fused_forward.FAMILIES declare (tests/runtime/test_fused_forward.py
@@ -257,11 +255,10 @@ def _model_class_supports(source: ModelSource, flag: str) -> bool:
     their class (transformers' model modules cost ~1.5 s of start-up)."""
     if source.model_type in fused_forward.FAMILIES and flag in KNOWN_FAMILY_FLAGS:
         return True
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     try:
-        model_class = MODEL_MAPPING[type(AutoConfig.from_pretrained(source.path))]
+        model_class = MODEL_MAPPING[type(source.config)]
     except (KeyError, ValueError, OSError):
         return False
     return bool(getattr(model_class, flag, False))
@@ -275,10 +272,7 @@ def _kernel_unavailable(device: torch.device, dtype: str, source: ModelSource, k
     """(why embedpipe's kernel `kind` ("amx", "avx512") cannot run this model on `cpu`, or
     None; whether its build failed). The kernel is built when it could run on this machine's
     own CPU; a CPU made by hand is planned for, never built for."""
-    from transformers import AutoConfig
-
-    reason = cpu_attention.unsupported_reason(device, dtype, AutoConfig.from_pretrained(source.path),
-                                              kind, cpu)
+    reason = cpu_attention.unsupported_reason(device, dtype, source.config, kind, cpu)
     if reason is None and not _model_class_supports(source, "_supports_attention_backend"):
         reason = f"model type {source.model_type!r} takes no custom attention function"
     if reason is not None or not cpu.here:
