@@ -19,11 +19,11 @@ POOLING_PRESETS: dict[str, tuple[tuple[int, ...], str, str]] = {
 
 
 def key(default: Any = MISSING, doc: str = "", *, choices: tuple[str, ...] = (),
-        factory: Any = MISSING) -> Any:
-    """A job-file key: its default, what it does in one sentence, and its allowed values."""
-    meta = {"doc": doc, **({"choices": choices} if choices else {})}
-    if factory is not MISSING:
-        return field(default_factory=factory, metadata=meta)
+        shown: str = "") -> Any:
+    """A job-file key: its default, what it does in one sentence, and its allowed values;
+    `shown`: how the reference states the default of a key the dataclass requires."""
+    meta = {"doc": doc, **({"choices": choices} if choices else {}),
+            **({"shown": shown} if shown else {})}
     return field(default=default, metadata=meta)
 
 
@@ -209,8 +209,8 @@ class SinkConfig:
 
 @dataclass(frozen=True)
 class JobConfig:
-    name: str = key(doc="The job's name (default: the job file's stem); output.path defaults "
-                    "to out/<name>.")
+    name: str = key(doc="The job's name; output.path defaults to out/<name>.",
+                    shown="the job file's stem")
     input: InputConfig = field(default_factory=InputConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
