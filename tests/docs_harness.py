@@ -310,7 +310,11 @@ class Services:
         import requests
 
         if self.moto is None:
+            import logging
+
             from moto.server import ThreadedMotoServer
+
+            logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line a request else
 
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))

@@ -4,6 +4,7 @@ itself against the synthetic pages in tests/docs_fixtures/: it passes what passe
 fails, skips what it cannot provide, and catches a command example left unmarked."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,15 @@ import pytest
 import docs_harness as harness
 
 FIXTURES = Path(__file__).resolve().parent / "docs_fixtures"
-# Pages measured past ~30 s on 2 cores (they still run in CI); add a page when it grows so.
-SLOW_PAGES: set[str] = set()
+
+
+def is_slow(path: Path) -> bool:
+    """Past ~30 s on 2 cores, by what the page runs: a model-loading command (run, predict,
+    bench) took ~15-25 s on the 400-row subset here, so two of them, or a Ray start, is slow."""
+    blocks = harness.parse_page(path, path.name).runnable
+    text = "".join(b.text for b in blocks)
+    heavy = len(re.findall(r"\bembedpipe\s+(?:-\S+\s+)*(?:run|predict|bench)\b", text))
+    return heavy >= 2 or any("ray" in b.needs for b in blocks) or "--runner ray" in text
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +57,7 @@ def check_page(path: Path, name: str, tmp_path: Path, request) -> harness.Page:
 
 
 @pytest.mark.parametrize("page", [
-    pytest.param(p, id=p, marks=[pytest.mark.slow] if p in SLOW_PAGES else [])
+    pytest.param(p, id=p, marks=[pytest.mark.slow] if is_slow(harness.ROOT / p) else [])
     for p in harness.pages()])
 def test_page_examples(page, tmp_path, request):
     check_page(harness.ROOT / page, page, tmp_path, request)
@@ -142,3 +150,13 @@ def test_a_service_not_provided_skips_the_rest_of_the_page(tmp_path, request):
 def test_services_pgvector_s3_lancedb(tmp_path, request):
     """The services are real: a database with pgvector, an empty bucket on moto's server."""
     check_page(FIXTURES / "services.md", "services.md", tmp_path, request)
+
+
+def test_slow_marks_pages_that_load_the_model_twice(tmp_path):
+    assert not is_slow(FIXTURES / "passing.md")  # one `embedpipe run`, refused at once
+    page = tmp_path / "p.md"
+    page.write_text("<!-- example -->\n```bash\nembedpipe run a.toml\nembedpipe -v run b.toml\n```\n"
+                    "```bash\nembedpipe run c.toml\n```\n")
+    assert is_slow(page)
+    page.write_text(page.read_text().replace("embedpipe -v run b.toml", "embedpipe verify out"))
+    assert not is_slow(page)  # the unmarked block's run is not run, so it does not count
