@@ -288,7 +288,11 @@ class Services:
                 raise Unavailable(pg_server.missing_reason())
             if importlib.util.find_spec("psycopg") is None:
                 raise Unavailable("psycopg is not installed: pip install 'embedpipe[pgvector]'")
-            self.pg = pg_server.PostgresServer(install)
+            try:
+                self.pg = pg_server.PostgresServer(install)
+            except Exception as exc:  # e.g. no `nobody` user, no shared memory: say so, skip
+                raise Unavailable(f"the local PostgreSQL did not start: "
+                                  f"{str(exc).splitlines()[-1] if str(exc) else exc!r}") from exc
         import psycopg
 
         self.pages += 1
@@ -319,8 +323,12 @@ class Services:
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
-            self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-            self.moto.start()
+            server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+            try:
+                server.start()
+            except Exception as exc:
+                raise Unavailable(f"moto's S3 server did not start: {exc}") from exc
+            self.moto = server
             self.s3_env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
                            "AWS_DEFAULT_REGION": "us-east-1",
                            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
