@@ -104,6 +104,13 @@ def render() -> str:
     return "\n".join(out) + "\n"
 
 
+def on_files(files, config):
+    """MkDocs event: the hooks folder sits in docs/, but its code is no page of the site."""
+    for file in [f for f in files if f.src_uri.startswith("hooks/")]:
+        files.remove(file)
+    return files
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
     """MkDocs event: the placeholder page's markdown is replaced by the generated reference."""
     if page.file.src_uri == PAGE:
