@@ -1,8 +1,5 @@
-"""Job configuration: a frozen dataclass tree loaded from TOML and validated at load.
-
-Every key has a type and, where it is an enumeration, a closed set of values; an unknown
-key or a bad value raises ConfigError naming the key and what is allowed.
-"""
+"""Loading a job: TOML parsed, `--set` overrides applied, every value checked against its
+key's type and choices (sections.py), the cross-key rules, and the settings hash."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,235 +7,15 @@ import hashlib
 import json
 import re
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEFAULT_MODEL = "all-MiniLM-L6-v2"
+from .sections import (CHOICES, POSITIVE, SECTIONS, SINK_CHOICES, SINK_KEYS, JobConfig,
+                       SinkConfig)
 
 
 class ConfigError(ValueError):
     """The job file (or an override) is not valid; the message names the key."""
-
-
-# Named pooling modes are presets of the general (layers, layer_combine, token_pooling) form.
-POOLING_PRESETS: dict[str, tuple[tuple[int, ...], str, str]] = {
-    "cls": ((-1,), "concat", "cls"),
-    "mean": ((-1,), "concat", "mean"),
-    "max": ((-1,), "concat", "max"),
-    "concat-last-four": ((-4, -3, -2, -1), "concat", "mean"),
-}
-
-
-@dataclass(frozen=True)
-class InputConfig:
-    path: str = "data/movie_reviews"
-    text_column: str = "text"
-    id_column: str = "id"
-    # Sentence pairs: each row is encoded as (text, text pair), [CLS] a [SEP] b [SEP] with
-    # segment ids 0 / 1 (or the family's own pair template)
-    text_pair_column: str | None = None
-    pair_truncation: str = "longest_first"  # longest_first | only_second
-    # A Parquet file larger than this many rows is split into row-group ranges (units of work).
-    unit_rows: int = 1_000_000
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    name: str = DEFAULT_MODEL
-    max_length: int | None = None  # None: the model's own limit
-    device: str = "auto"
-    dtype: str = "float32"
-    # torch.compile the model: ~1.5x on CPU bf16, ~15-30 s to compile first. auto: when the input
-    # (all its rows, done or not, so a rerun decides alike) is long enough to repay that
-    compile: bool | str = "auto"
-    # auto: embedpipe's kernel for bf16 on CPU (amx on AMX CPUs, avx512 on AVX-512 BF16 ones),
-    # FA2 on CUDA if installed, else SDPA, or eager for model classes without SDPA (MPNet, DeBERTa)
-    attention: str = "auto"
-    # auto: embedpipe's fused forward (fused_forward.py) for BERT-family models run eagerly on a
-    # CPU with oneDNN, transformers' forward otherwise
-    forward: str = "auto"
-
-
-@dataclass(frozen=True)
-class EncodeConfig:
-    # auto: the pooling a sentence-transformers folder was trained with (1_Pooling), else mean
-    pooling: str = "auto"
-    layers: tuple[int, ...] | None = None
-    layer_combine: str | None = None
-    token_pooling: str | None = None
-    normalize: bool | None = None  # None: as the model folder says (a Normalize module), else no
-    prompt: str | None = None  # put before every text, e.g. "passage: "
-    prompt_name: str | None = None  # or one of the model folder's prompts, by name
-    query_prompt: str | None = None  # for search queries; None: the folder's "query" prompt
-    batch_tokens: int | None = None  # None: by device, see token_budget
-    max_batch_size: int = 256
-    sort_window: int = 4096
-    # Texts longer than one window: truncate (embed the first max_length tokens, flag truncated),
-    # chunk (embed every window of chunk_tokens tokens, chunk_overlap shared), reject ("too long")
-    long_text: str = "truncate"
-    chunk_tokens: int | None = None  # content tokens a window; None: max_length less specials, prompt
-    chunk_overlap: int = 32
-    max_chunks: int = 1024  # windows a text at most; past them the text is flagged truncated
-    # Rows of new, changed or renamed input whose (id, text hash) - or text hash alone, with
-    # "content" - already has a vector in the folder take it instead of being encoded; "off"
-    # encodes every such row. Vectors do not depend on it, so it is not a vector setting.
-    reuse: str = "id+content"
-
-    def token_budget(self, device_type: str) -> int:
-        """batch_tokens, or by device: 4,096 on CPU, where a batch's activations then stay in
-        cache (float32 ran 20% faster than at 8,192 here; bfloat16 the same), 8,192 on CUDA."""
-        if self.batch_tokens is not None:
-            return self.batch_tokens
-        return 8192 if device_type == "cuda" else 4096
-
-    def pooling_spec(self) -> tuple[tuple[int, ...], str, str] | None:
-        """The effective (layers, layer_combine, token_pooling); None for the model's pooler."""
-        if self.pooling == "auto":
-            raise ValueError("pooling 'auto' is resolved against the model first (resolve_recipe)")
-        if self.pooling == "pooler":
-            return None
-        layers, combine, token = POOLING_PRESETS[self.pooling]
-        return (self.layers or layers, self.layer_combine or combine, self.token_pooling or token)
-
-
-@dataclass(frozen=True)
-class OutputConfig:
-    path: str = ""  # default: out/<job name>
-    vector_dtype: str = "float32"
-    rows_per_file: int = 100_000
-    keep_columns: tuple[str, ...] = ()
-    dimensions: int | None = None  # Matryoshka: keep the first N dimensions (re-normalised)
-    # encode.long_text = "chunk": pool (one row a text: its windows' token-weighted mean) or rows
-    # (one row a window, with its token and character offsets)
-    chunks: str = "pool"
-    # Token-level vectors, in a token table beside the text vectors (tokens/): text (none), subword
-    # (a row per token), word (a row per word: its first sub-token's vector, or their mean)
-    granularity: str = "text"
-    word_pooling: str = "first"  # first | mean
-    special_tokens: bool = False  # subword: rows for the model's special tokens ([CLS], [SEP])
-
-
-@dataclass(frozen=True)
-class IndexConfig:
-    enabled: bool = True
-    type: str = "flat"
-    metric: str = "ip"
-    hnsw_m: int = 32
-    ef_construction: int = 200
-    ef_search: int = 128
-    nlist: int | None = None
-    nprobe: int | None = None
-    pq_m: int | None = None
-    factory: str | None = None
-    max_memory: str = "4GB"
-    # IVF kinds only: single (one index in RAM), shards (one IVF index per group of parts,
-    # searched together, memory-mapped), ondisk (shards merged into memory-mapped lists)
-    layout: str = "single"
-    shard_rows: int = 1_000_000  # shards/ondisk: consecutive parts grouped up to this many rows
-
-
-@dataclass(frozen=True)
-class SinkConfig:
-    """One `[[sink]]`: a vector store kept in step with the folder (pipeline/sinks/)."""
-    kind: str  # lancedb | pgvector
-    table: str
-    name: str = ""  # how commands and the manifest name it; default: the table
-    uri: str | None = None  # lancedb: a local path or object-store URI
-    dsn_env: str = "EMBEDPIPE_PG_DSN"  # pgvector: the variable holding the connection string
-    vector_type: str = "vector"  # pgvector: vector | halfvec
-    index: str = "none"  # pgvector: none | hnsw | ivfflat, built after the load
-
-
-@dataclass(frozen=True)
-class JobConfig:
-    name: str
-    input: InputConfig = field(default_factory=InputConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    encode: EncodeConfig = field(default_factory=EncodeConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    index: IndexConfig = field(default_factory=IndexConfig)
-    sink: tuple[SinkConfig, ...] = ()  # [[sink]] tables; they change no vector
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def vector_settings(self) -> dict[str, Any]:
-        """Everything that changes a stored row: its vector or its columns (not batch sizes).
-        Runs record them resolved against the model (pooling 'auto' made concrete)."""
-        spec = None if self.encode.pooling == "auto" else self.encode.pooling_spec()
-        return {
-            "model.name": self.model.name,
-            "model.max_length": self.model.max_length,
-            "model.dtype": self.model.dtype,
-            "encode.pooling": self.encode.pooling,
-            "encode.pooling_spec": None if spec is None else {
-                "layers": list(spec[0]), "layer_combine": spec[1], "token_pooling": spec[2]},
-            "encode.normalize": self.encode.normalize,
-            "output.vector_dtype": self.output.vector_dtype,
-            "output.keep_columns": list(self.output.keep_columns),
-            # recorded only when set, so folders made before these settings existed still match
-            **({"encode.prompt": self.encode.prompt} if self.encode.prompt else {}),
-            **({"input.text_pair": True, "input.pair_truncation": self.input.pair_truncation}
-               if self.input.text_pair_column else {}),
-            **({"output.dimensions": self.output.dimensions} if self.output.dimensions else {}),
-            **self.chunk_settings(),
-            **self.token_settings(),
-        }
-
-    def token_settings(self) -> dict[str, Any]:
-        """What the token table holds, recorded only when there is one (folders made before
-        token-level output existed still match)."""
-        out = self.output
-        if out.granularity == "text":
-            return {}
-        return {"output.granularity": out.granularity,
-                **({"output.word_pooling": out.word_pooling} if out.granularity == "word" else
-                   {"output.special_tokens": out.special_tokens})}
-
-    def chunk_settings(self) -> dict[str, Any]:
-        """How long texts are cut, recorded only when they are not truncated (folders made before
-        chunking existed still match)."""
-        enc = self.encode
-        if enc.long_text == "truncate":
-            return {}
-        settings = {"encode.long_text": enc.long_text, "encode.chunk_tokens": enc.chunk_tokens}
-        if enc.long_text == "chunk":
-            settings.update({"encode.chunk_overlap": enc.chunk_overlap,
-                             "encode.max_chunks": enc.max_chunks,
-                             "output.chunks": self.output.chunks})
-        return settings
-
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "input.pair_truncation": ("longest_first", "only_second"),
-    "model.dtype": ("auto", "float32", "bfloat16", "float16", "int8"),
-    "model.attention": ("auto", "sdpa", "eager", "amx", "avx512", "flash_attention_2"),
-    "model.compile": ("auto",),
-    "model.forward": ("auto", "fused", "transformers"),
-    "encode.pooling": ("auto", "cls", "mean", "max", "concat-last-four", "pooler"),
-    "encode.layer_combine": ("concat", "mean", "sum"),
-    "encode.token_pooling": ("mean", "cls", "max"),
-    "encode.long_text": ("truncate", "chunk", "reject"),
-    "encode.reuse": ("id+content", "content", "off"),
-    "output.chunks": ("pool", "rows"),
-    "output.granularity": ("text", "subword", "word"),
-    "output.word_pooling": ("first", "mean"),
-    "output.vector_dtype": ("float32", "float16"),
-    "index.type": ("flat", "hnsw", "ivf-flat", "ivf-pq", "auto", "factory"),
-    "index.metric": ("ip", "l2"),
-    "index.layout": ("single", "shards", "ondisk"),
-}
-POSITIVE = {
-    "input.unit_rows", "model.max_length", "encode.batch_tokens", "encode.max_batch_size",
-    "encode.sort_window", "output.rows_per_file", "index.hnsw_m", "index.ef_construction",
-    "index.ef_search", "index.nlist", "index.nprobe", "index.pq_m", "index.shard_rows",
-    "output.dimensions", "encode.chunk_tokens", "encode.max_chunks",
-}
-_SECTION_CLASSES = {
-    "input": InputConfig, "model": ModelConfig, "encode": EncodeConfig,
-    "output": OutputConfig, "index": IndexConfig,
-}
 
 
 def _check_value(key: str, value: Any, annotation: Any) -> Any:
@@ -282,7 +59,7 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
 
 
 def _build_section(name: str, raw: Any) -> Any:
-    cls = _SECTION_CLASSES[name]
+    cls = SECTIONS[name]
     if not isinstance(raw, dict):
         raise ConfigError(f"[{name}] must be a table, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -371,9 +148,6 @@ STORED_COLUMNS = ("id", "vector", "n_tokens", "truncated", "text_hash", "n_chunk
                   "token_start", "token_end", "char_start", "char_end")
 
 
-SINK_KEYS = {"lancedb": ("kind", "name", "table", "uri"),
-             "pgvector": ("kind", "name", "table", "dsn_env", "vector_type", "index")}
-SINK_CHOICES = {"vector_type": ("vector", "halfvec"), "index": ("none", "hnsw", "ivfflat")}
 _SINK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 
@@ -455,12 +229,12 @@ def config_from_dict(raw: dict[str, Any], default_name: str = "job") -> JobConfi
     if not isinstance(name, str) or not name:
         raise ConfigError(f"name: expected a non-empty string, got {name!r}")
     sinks = _build_sinks(raw.pop("sink", []))
-    unknown = sorted(set(raw) - set(_SECTION_CLASSES))
+    unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(
-            f"unknown key {unknown[0]!r}; a job accepts: name, {', '.join(_SECTION_CLASSES)}, sink"
+            f"unknown key {unknown[0]!r}; a job accepts: name, {', '.join(SECTIONS)}, sink"
         )
-    sections = {k: _build_section(k, raw.get(k, {})) for k in _SECTION_CLASSES}
+    sections = {k: _build_section(k, raw.get(k, {})) for k in SECTIONS}
     if not sections["output"].path:
         sections["output"] = dataclasses.replace(sections["output"], path=f"out/{name}")
     job = JobConfig(name=name, **sections, sink=sinks)

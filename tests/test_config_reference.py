@@ -1,0 +1,155 @@
+"""The generated job-file reference (docs/hooks/job_reference.py) against the config's own
+dataclasses: every key, its real default, every allowed value, a description for each."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import (CHOICES, SINK_CHOICES, SINK_KEYS, EncodeConfig, IndexConfig,
+                             InputConfig, JobConfig, ModelConfig, OutputConfig, SinkConfig,
+                             config_from_dict)
+
+ROOT = Path(__file__).resolve().parent.parent
+HOOK = ROOT / "docs" / "hooks" / "job_reference.py"
+# The tables a job file has, and an instance holding each one's defaults, built here (not by
+# the generator): SinkConfig needs kind and table, so its defaults come from its fields.
+SECTIONS = {"input": InputConfig(), "model": ModelConfig(), "encode": EncodeConfig(),
+            "output": OutputConfig(), "index": IndexConfig()}
+
+
+def load_hook():
+    spec = importlib.util.spec_from_file_location("job_reference", HOOK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def page() -> str:
+    return load_hook().render()
+
+
+def rows(page: str, heading: str) -> dict[str, list[str]]:
+    """The table under `## heading`: key -> its cells (type, default, allowed, description)."""
+    part = page.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    found = {}
+    for line in part.splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        found[cells[0].strip("`")] = cells[1:]
+    return found
+
+
+def parse_default(cell: str):
+    """A default cell back to a Python value, read as TOML."""
+    if cell == "unset":
+        return None
+    assert cell.startswith("`") and cell.endswith("`"), cell
+    value = tomllib.loads(f"v = {cell[1:-1]}")["v"]
+    return tuple(value) if isinstance(value, list) else value
+
+
+def parse_allowed(cell: str) -> list:
+    return [tomllib.loads(f"v = {v.strip().strip('`')}")["v"] for v in cell.split(",") if v.strip()]
+
+
+@pytest.mark.parametrize("section", list(SECTIONS))
+def test_every_key_with_its_real_default_and_a_description(page, section):
+    instance = SECTIONS[section]
+    table = rows(page, f"`[{section}]`")
+    names = [f.name for f in dataclasses.fields(instance)]
+    assert list(table) == names
+    for name in names:
+        _type, default, allowed, description = table[name]
+        assert parse_default(default) == getattr(instance, name), f"{section}.{name}"
+        assert description.strip(), f"{section}.{name} has no description"
+
+
+def test_every_enumeration_lists_its_values(page):
+    assert CHOICES  # the enumerations the loader enforces
+    for dotted, values in CHOICES.items():
+        section, name = dotted.split(".")
+        allowed = parse_allowed(rows(page, f"`[{section}]`")[name][2])
+        extra = [True, False] if dotted == "model.compile" else []
+        assert allowed == extra + list(values), dotted
+    sinks = rows(page, "`[[sink]]`")
+    for name, values in {**SINK_CHOICES, "kind": tuple(SINK_KEYS)}.items():
+        assert parse_allowed(sinks[name][2]) == list(values), f"sink.{name}"
+    # keys without a closed set show none
+    assert rows(page, "`[input]`")["path"][2] == ""
+
+
+def test_sink_and_top_level_keys(page):
+    sinks = rows(page, "`[[sink]]`")
+    fields = dataclasses.fields(SinkConfig)
+    assert list(sinks) == [f.name for f in fields]
+    for f in fields:
+        _type, default, _allowed, description = sinks[f.name]
+        expected = "required" if f.default is dataclasses.MISSING else f.default
+        assert (default if expected == "required" else parse_default(default)) == expected
+        assert description.strip(), f"sink.{f.name} has no description"
+    top = rows(page, "Top level")
+    assert list(top) == ["name"] and top["name"][3].strip()
+    # the stated default is true: a job without name takes the file's stem
+    assert config_from_dict({}, default_name="nightly").name == "nightly"
+    assert [f.name for f in dataclasses.fields(JobConfig)][1:] == [*SECTIONS, "sink"]
+
+
+def test_a_key_without_a_description_fails(page):
+    """The check above can fail: a section whose field lacks a description renders empty."""
+    @dataclasses.dataclass(frozen=True)
+    class Bare:
+        size: int = 3
+
+    rendered = "\n".join(load_hook().table(Bare, "bare."))
+    cells = rows("\n## x\n" + rendered, "x")["size"]
+    assert parse_default(cells[1]) == 3 and cells[3] == ""
+
+
+def test_the_hook_replaces_only_its_page():
+    hook = load_hook()
+
+    class File:
+        def __init__(self, uri):
+            self.src_uri = uri
+
+    class Page:
+        def __init__(self, uri):
+            self.file = File(uri)
+
+    placeholder = "<!-- generated by docs/hooks/job_reference.py -->\n"
+    assert hook.on_page_markdown(placeholder, Page("reference/job-file.md"), None, None) \
+        == hook.render()
+    assert hook.on_page_markdown(placeholder, Page("index.md"), None, None) == placeholder
+
+
+def test_mkdocs_builds_the_page(tmp_path):
+    """A real `mkdocs build` with the hook: the HTML page holds every key."""
+    pytest.importorskip("mkdocs", reason="mkdocs is not installed (pip install 'mkdocs>=1.6')")
+    docs = tmp_path / "docs"  # the repo's layout: the hook inside docs/hooks/
+    (docs / "reference").mkdir(parents=True)
+    (docs / "hooks").mkdir()
+    (docs / "hooks" / HOOK.name).write_text(HOOK.read_text())
+    (docs / "index.md").write_text("# Home\n")
+    (docs / "reference" / "job-file.md").write_text(
+        "<!-- generated by docs/hooks/job_reference.py -->\n")
+    (tmp_path / "mkdocs.yml").write_text(
+        "site_name: t\ndocs_dir: docs\nhooks:\n  - docs/hooks/job_reference.py\n")
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "-q", "-f",
+                           str(tmp_path / "mkdocs.yml"), "-d", str(tmp_path / "site")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    html = (tmp_path / "site" / "reference" / "job-file" / "index.html").read_text()
+    for section, instance in SECTIONS.items():
+        for f in dataclasses.fields(instance):
+            assert f"<code>{f.name}</code>" in html, f"{section}.{f.name}"
+    assert "<code>\"concat-last-four\"</code>" in html and html.count("<table>") == 7
+    assert not (tmp_path / "site" / "hooks").exists()  # the hook's code is not published
