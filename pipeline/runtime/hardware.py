@@ -47,6 +47,19 @@ class Cpu:
         return self.amx_bf16 or self.avx512_bf16
 
     @property
+    def emulates_bf16(self) -> bool:
+        """bf16 products here are emulated in float32 (slower than float32 itself)."""
+        return not self.fast_bf16
+
+    @property
+    def exact_int8(self) -> bool:
+        """fbgemm's int8 products are exact integer sums with VNNI (VPDPBUSD, 32-bit sums); its
+        AVX2 kernels add pairs of 8-bit products in 16 bits with saturation (VPMADDUBSW), which
+        on activations with outlier dimensions (MiniLM's residual stream has them) is wrong by up
+        to half an output's range (tests/runtime/test_int8.py)."""
+        return "avx512_vnni" in self.flags
+
+    @property
     def onednn_bf16(self) -> bool:
         """oneDNN's bf16 products exist (what torch's mkldnn bf16 check asks on x86: AVX-512
         BW/VL/DQ); on this machine torch itself answers (fused_forward.onednn_products)."""
@@ -91,6 +104,8 @@ def this_cpu() -> Cpu:
 
         logging.getLogger(__name__).warning("EMBEDPIPE_CPU_CAP=%r is not one of %s; ignored",
                                             cap, ", ".join(CAPS))
+    if os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper() in ("AVX2", "AVX"):
+        flags -= {"avx512_vnni"}  # fbgemm's own cap: its int8 products run as on AVX2
     return Cpu(flags, model, here=True)
 
 

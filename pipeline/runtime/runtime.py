@@ -124,26 +124,19 @@ def _dtype(dtype: str, device: torch.device, cpu: hardware.Cpu) -> str:
         raise ConfigError("model.dtype = 'float16' runs on cuda only; use bfloat16 or float32 on cpu")
     if dtype == "int8" and device.type != "cpu":
         raise ConfigError("model.dtype = 'int8' runs on cpu only; use bfloat16 or float16 on cuda")
-    if dtype == "int8" and not exact_int8(cpu):
+    if dtype == "int8" and not cpu.exact_int8:
         raise ConfigError(
             f"model.dtype = 'int8' needs AVX-512 VNNI, which this CPU ({cpu.model}: {cpu.kind}) "
             f"lacks or FBGEMM_ENABLE_INSTRUCTIONS caps away: without it fbgemm's 8-bit products "
             f"saturate in 16 bits (outputs off by up to half their range, measured), which would "
             f"give wrong vectors; use dtype = 'float32'")
-    if dtype == "bfloat16" and device.type == "cpu" and not cpu.fast_bf16:
+    if _emulated_bf16(dtype, device, cpu):
         _warn_emulated_bf16(cpu)
     return dtype
 
 
-def exact_int8(cpu: hardware.Cpu) -> bool:
-    """fbgemm's int8 products are exact integer sums with VNNI (VPDPBUSD, 32-bit sums); its AVX2
-    kernels add pairs of 8-bit products in 16 bits with saturation (VPMADDUBSW), which on
-    activations with outlier dimensions (MiniLM's residual stream has them) is wrong by up to half
-    an output's range (tests/runtime/test_int8.py)."""
-    import os
-
-    capped = cpu.here and os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper() in ("AVX2", "AVX")
-    return "avx512_vnni" in cpu.flags and not capped
+def _emulated_bf16(dtype: str, device: torch.device, cpu: hardware.Cpu) -> bool:
+    return dtype == "bfloat16" and device.type == "cpu" and cpu.emulates_bf16
 
 
 @functools.cache
@@ -158,7 +151,7 @@ def _dtype_note(requested: str, device: torch.device, dtype: str, cpu: hardware.
     """The dtype and, when chosen automatically, why: "bfloat16 (auto: CPU has AMX bf16)"; an
     emulated bfloat16 says so."""
     if requested != "auto":
-        if dtype == "bfloat16" and device.type == "cpu" and not cpu.fast_bf16:
+        if _emulated_bf16(dtype, device, cpu):
             return f"bfloat16 (emulated on this CPU: ~{EMULATED_BF16_SLOWDOWN:.0f}x slower than float32)"
         return dtype
     if device.type == "cuda":

@@ -11,8 +11,8 @@ from helpers import runtime_for
 from pipeline.runtime import hardware
 
 
-def _child_cpu(env_cap: str | None) -> str:
-    env = {"EMBEDPIPE_CPU_CAP": env_cap} if env_cap else {}
+def _child_cpu(env_cap: str | None, **more_env: str) -> str:
+    env = ({"EMBEDPIPE_CPU_CAP": env_cap} if env_cap else {}) | more_env
     code = ("from pipeline.runtime import hardware; c = hardware.this_cpu(); "
             "print(sorted(c.flags), c.kind, c.here, c.model, sep='|')")
     import os
@@ -38,6 +38,14 @@ def test_a_cap_only_takes_features_away():
     real = set(hardware._cpuid_flags())
     capped = set(eval(_child_cpu("avx512_bf16").split("|")[0]))
     assert capped <= real and not {"amx_tile", "amx_bf16"} & capped
+
+
+def test_fbgemms_own_cap_takes_exact_int8_away():
+    """FBGEMM_ENABLE_INSTRUCTIONS=AVX2 makes fbgemm run its AVX2 int8 kernels (which saturate):
+    this machine's Cpu then has no VNNI, so int8 is refused as on an AVX2 CPU."""
+    flags = set(eval(_child_cpu(None, FBGEMM_ENABLE_INSTRUCTIONS="AVX2").split("|")[0]))
+    assert "avx512_vnni" not in flags
+    assert flags == set(eval(_child_cpu(None).split("|")[0])) - {"avx512_vnni"}
 
 
 def test_without_cpuinfo_nothing_is_assumed(monkeypatch, bundled_model):

@@ -15,9 +15,8 @@ from pipeline.encode.encoder import EncoderSettings
 from pipeline.runtime.fused_forward import FusedForward, Int8Product
 from pipeline.encode.tokenizer import TextTokenizer
 
-from pipeline.runtime.runtime import exact_int8
 
-INT8 = fused_forward.onednn_products("int8", hardware.this_cpu()) and exact_int8(hardware.this_cpu())
+INT8 = fused_forward.onednn_products("int8", hardware.this_cpu()) and hardware.this_cpu().exact_int8
 needs_int8 = pytest.mark.skipif(not INT8, reason="int8 runs where fbgemm has exact int8 products "
                                 "(AVX-512 VNNI), not on this CPU")
 MEAN = EncoderSettings(layers=(-1,), layer_combine="concat", token_pooling="mean", normalize=True)
