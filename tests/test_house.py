@@ -81,3 +81,26 @@ def test_the_runtime_is_resolved_in_one_function():
     assert set(callers) == steps
     assert set().union(*callers.values()) <= {"pipeline.runtime.runtime.resolve_runtime",
                                               "pipeline.runtime.runtime._attention"}
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines())
+
+
+def test_no_module_is_over_500_lines():
+    """A module past 500 lines holds more than one role: split it by role."""
+    long = {name: _lines(path) for name, path in _modules().items() if _lines(path) > 500}
+    assert long == {}
+
+
+def test_no_folder_holds_over_a_fifth_of_the_package():
+    """Rooms of like size: a folder past a fifth of the package's lines (its C++ sources too)
+    hides more than one stage; split it (as encode/ became encode/, models/ and runtime/)."""
+    sources = [p for p in PACKAGE.rglob("*") if p.suffix in (".py", ".cpp", ".h")]
+    by_folder: dict[str, int] = {}
+    for path in sources:
+        parts = path.relative_to(PACKAGE).parts
+        room = parts[0] if len(parts) > 1 else path.name
+        by_folder[room] = by_folder.get(room, 0) + _lines(path)
+    total = sum(by_folder.values())
+    assert {room: round(n / total, 3) for room, n in by_folder.items() if n > total / 5} == {}
