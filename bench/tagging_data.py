@@ -19,8 +19,8 @@ pre-tokenizer split that text into (BertPreTokenizer splits ``Atlanta's`` into `
 the first piece keeps the word's tag, the others continue its entity or stay ``O``); every row is
 checked against the tokenizer's own word ids, and rows longer than ``max_tokens`` are dropped.
 
-    python -m pipeline.tools.tagging_data build data/brown_np --rows 3000
-    python -m pipeline.tools.tagging_data table out/brown-table --rows 3000
+    python -m bench.tagging_data build data/brown_np --rows 3000
+    python -m bench.tagging_data table out/brown-table --rows 3000
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .datasets import DEFAULT_CACHE_DIR, DatasetError, _sha256
+from pipeline.tools.datasets import DEFAULT_CACHE_DIR, DatasetError, _sha256
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def build(texts_dest: str | Path, labels_dest: str | Path, rows: int = 3000, see
     sampled with `seed`; returns counts (sentences, split words fixed, rows dropped)."""
     from tokenizers import Tokenizer
 
-    from ..encode.model_files import resolve_model
+    from pipeline.encode.model_files import resolve_model
 
     tokenizer = Tokenizer.from_file(str(resolve_model(model).path / "tokenizer.json"))
     sentences = brown_sentences(fetch_brown(cache_dir))
@@ -191,9 +191,9 @@ def table(workdir: str | Path, rows: int = 3000, seed: int = 0,
           mixes: list | None = None, log_line=print) -> list[dict[str, Any]]:
     """Embed the data set once per layer mix (a word-level run each: first sub-token of each
     word, as the BERT paper), train a tagger on each, and return one result a mix."""
-    from ..commands.tagger import TaggerOptions, train_tagger
-    from ..config import config_from_dict
-    from ..jobs.runner import RunOptions, run_job
+    from pipeline.commands.tagger import TaggerOptions, train_tagger
+    from pipeline.config import config_from_dict
+    from pipeline.jobs.runner import RunOptions, run_job
 
     work = Path(workdir)
     texts, labels = work / "texts.parquet", work / "labels.parquet"
@@ -235,7 +235,7 @@ def render_table(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tools.tagging_data",
+    parser = argparse.ArgumentParser(prog="python -m bench.tagging_data",
                                      description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="write DEST/texts.parquet and DEST/labels.parquet")

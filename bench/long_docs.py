@@ -17,8 +17,8 @@ tokens can then find it only by topic; one that embeds every window can match th
 around the missing sentence. :func:`evaluate` runs the real CLI for truncate / chunk+pool /
 chunk+rows and reports recall@1/@10 against the document ids, windows per document and cost.
 
-    python -m pipeline.tools.long_docs fetch data/long_docs data/long_docs_queries
-    python -m pipeline.tools.long_docs eval data/long_docs data/long_docs_queries \
+    python -m bench.long_docs fetch data/long_docs data/long_docs_queries
+    python -m bench.long_docs eval data/long_docs data/long_docs_queries \
         --work out/long-docs-eval --limit 40
 """
 
@@ -48,7 +48,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .datasets import (
+from bench import REPO_ROOT
+from pipeline.tools.datasets import (
     _TAG_KEY,
     DEFAULT_CACHE_DIR,
     DatasetError,
@@ -540,7 +541,7 @@ def _man_pages(debs: Sequence[Path], min_source_words: int) -> list[_Page]:
 def _tokenizer(model: str):
     from transformers import AutoTokenizer
 
-    from ..encode.model_files import resolve_model
+    from pipeline.encode.model_files import resolve_model
 
     tok = AutoTokenizer.from_pretrained(str(resolve_model(model).path))
     tok.model_max_length = 1 << 30  # count only; silences the "longer than maximum" warning
@@ -744,7 +745,7 @@ SETTINGS = {
 
 def _job_toml(name: str, input_path: Path, output_path: Path, max_length: int) -> str:
     return "\n".join([
-        f"# written by pipeline.tools.long_docs eval ({name})",
+        f"# written by bench.long_docs eval ({name})",
         f'name = "long-docs-{name}"',
         "", "[input]", f"path = {json.dumps(str(input_path))}",
         'text_column = "text"', 'id_column = "id"',
@@ -838,7 +839,7 @@ def evaluate(docs: str | Path, queries: str | Path, work: str | Path, *,
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     # The CLI runs in ``root`` (``-m`` puts the working folder first on sys.path), so the
     # pipeline it imports is that checkout's, whatever the venv's editable install points at.
-    root = str(Path(pythonpath).resolve()) if pythonpath else str(Path(__file__).resolve().parents[2])
+    root = str(Path(pythonpath).resolve()) if pythonpath else str(REPO_ROOT)
     env["PYTHONPATH"] = os.pathsep.join([root, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else root
     cli = [python, "-m", "pipeline.cli"]
     search_k = search_k or k
@@ -965,7 +966,7 @@ def markdown_table(results: Mapping) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tools.long_docs",
+    parser = argparse.ArgumentParser(prog="python -m bench.long_docs",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -8,7 +8,7 @@ subject). Each pair is embedded by `embedpipe run` as `[CLS] lead [SEP] descript
 vectors (stratified 80/20 split). The bi-encoder baseline embeds lead and description apart and
 thresholds their cosine (threshold chosen on the same training split).
 
-    python scripts/pair_classification.py --pairs 2000 --work out/pair-task
+    python -m bench.pair_classification --pairs 2000 --work out/pair-task
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Peak RSS of full embedpipe runs at several input sizes: it should stay flat.
 
-    .venv/bin/python scripts/rss_flatness.py --rows 100000 --rows 1000000
+    .venv/bin/python -m bench.rss_flatness --rows 100000 --rows 1000000
 
 Each size gets synthetic rows (pipeline.tools.datasets.generate_rows: spans of real English words with
 the bench corpus' length spread) and one `run_job` in a fresh child process, whose peak RSS

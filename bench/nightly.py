@@ -5,10 +5,10 @@ README section (draft; the numbers are filled in from a 1M-row run):
     ## Nightly runs cost what changed
 
     ```
-    python -m pipeline.tools.nightly_bench                      # 1,000,000 rows, tiny stand-in model
-    python -m pipeline.tools.nightly_bench --rows 200000 --index-type hnsw --json bench.json
-    python -m pipeline.tools.nightly_bench --model all-MiniLM-L6-v2 --rows 20000
-    python -m pipeline.tools.nightly_bench --scale              # also 1M vs 5M rows: peak RSS
+    python -m bench.nightly                      # 1,000,000 rows, tiny stand-in model
+    python -m bench.nightly --rows 200000 --index-type hnsw --json bench.json
+    python -m bench.nightly --model all-MiniLM-L6-v2 --rows 20000
+    python -m bench.nightly --scale              # also 1M vs 5M rows: peak RSS
     ```
 
     One invocation builds a corpus of real English sentences (Brown corpus, movie-review
@@ -67,9 +67,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .datasets import DEFAULT_CACHE_DIR, DatasetError, _movie_rows, _sha256, _wiki_extracts
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from bench import REPO_ROOT
+from pipeline.tools.datasets import DEFAULT_CACHE_DIR, DatasetError, _movie_rows, _sha256, _wiki_extracts
 
 # Debian's wordnet-base 3.0-37 (apt-get download wordnet-base): the glosses of data.{noun,...}
 WORDNET_FILE = "wordnet-base_1%3a3.0-37_all.deb"
@@ -153,7 +152,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
 
 def sentence_pool(cache_dir: Path | None = None) -> tuple[list[str], dict[str, int]]:
     """Unique real English sentences, sorted (deterministic), and how many each source gave."""
-    from .tagging_data import _plain, brown_sentences, fetch_brown
+    from bench.tagging_data import _plain, brown_sentences, fetch_brown
 
     sources: dict[str, list[str]] = {}
     brown = [" ".join(_plain(w) for w, _ in pairs)
@@ -278,7 +277,7 @@ def build_tiny_model(dest: Path, size: str = "tiny", max_positions: int = 128) -
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from ..encode.model_files import resolve_model
+    from pipeline.encode.model_files import resolve_model
 
     layers, hidden, heads, intermediate = TINY_SIZES[size]
     sizes = {"layers": layers, "hidden": hidden, "heads": heads, "intermediate": intermediate}
@@ -379,9 +378,9 @@ def run_embedpipe(job: Path, label: str, mode: str = "incremental",
 
 def read_folder(out: Path) -> tuple[pa.Array, np.ndarray]:
     """Ids and vectors of an output folder, in the manifest's unit order."""
-    from ..io.ledger import Ledger
-    from ..io.storage import Store
-    from ..io.vectors import to_matrix
+    from pipeline.io.ledger import Ledger
+    from pipeline.io.storage import Store
+    from pipeline.io.vectors import to_matrix
 
     store = Store(str(out))
     files = Ledger(store).vector_files()
@@ -395,10 +394,10 @@ def read_folder(out: Path) -> tuple[pa.Array, np.ndarray]:
 
 def _search(out: Path, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """(scores, ids as int positions into the folder's id map -> ids) of the folder's index."""
-    from ..index.build import load_index
-    from ..index.files import ids_file, read_tombstones
-    from ..index.live import LiveIndex
-    from ..io.storage import Store
+    from pipeline.index.build import load_index
+    from pipeline.index.files import ids_file, read_tombstones
+    from pipeline.index.live import LiveIndex
+    from pipeline.io.storage import Store
 
     store = Store(str(out))
     index, infos = load_index(store)
@@ -724,7 +723,7 @@ def failed(report: dict) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.tools.nightly_bench",
+    p = argparse.ArgumentParser(prog="python -m bench.nightly",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--files", type=int, default=20, help="Parquet shards of the base corpus")

@@ -6,7 +6,7 @@ batches of the bench corpus (encode only, one process, rounds interleaved):
 * ``transformers``: transformers' own forward (its Linear modules: MKL's sgemm).
 Prints min and median seconds, and the share of the measured float32 matmul rate at the best.
 
-    PYTHONPATH=. python scripts/fused_forward_products_bench.py --rows 100 --rounds 3
+    python -m bench.kernels.fused_forward_products_bench --rows 100 --rounds 3
 Cap the ISA from outside to see an AVX2 CPU on an AVX-512 one (README, "The fused forward's
 products on AVX2"): ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2
 """

