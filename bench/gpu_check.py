@@ -94,7 +94,8 @@ def prepare_carry(dest: Path = CARRY, rows: int = CARRY_CORPUS_ROWS) -> dict[str
     import pyarrow.parquet as pq
 
     from pipeline.encode.model_files import bundled_model_path
-    from pipeline.tools.datasets import DatasetError, fetch_bench_corpus
+    from pipeline.tools.artifacts import FetchError
+    from pipeline.tools.datasets import fetch_bench_corpus
 
     dest = Path(dest)
     model = dest / CARRY_MODEL
@@ -104,7 +105,7 @@ def prepare_carry(dest: Path = CARRY, rows: int = CARRY_CORPUS_ROWS) -> dict[str
     with tempfile.TemporaryDirectory() as tmp:
         try:
             paths = fetch_bench_corpus(Path(tmp), n_rows=rows, shards=1)
-        except DatasetError as exc:
+        except FetchError as exc:
             raise EnvironmentProblem(f"the bench corpus cannot be fetched: {exc}") from None
         corpus = dest / CARRY_CORPUS
         corpus.mkdir(parents=True, exist_ok=True)

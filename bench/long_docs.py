@@ -49,19 +49,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bench import REPO_ROOT
-from pipeline.tools.datasets import (
-    _TAG_KEY,
-    DEFAULT_CACHE_DIR,
-    DatasetError,
-    _atomic,
-    _sha256,
-    _tag,
-    _write_shards,
-)
+from pipeline.tools.artifacts import FetchError, fetch_pinned, pinned_deb, sha256_of
+from pipeline.tools.datasets import TAG_KEY, DatasetError, atomic_path, dataset_tag, write_shards
 
 __all__ = [
     "Block",
-    "DebArtifact",
     "PickedQuery",
     "html_to_blocks",
     "html_to_text",
@@ -85,84 +77,22 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- the .deb
 
 
-@dataclass(frozen=True)
-class DebArtifact:
-    """A pinned Debian package version: what to ask apt for and what must come back."""
-
-    package: str
-    version: str
-    sha256: str
-
-    @property
-    def filename(self) -> str:
-        # apt-get download names the file <package>_<version with ':' as %3a>_<arch>.deb
-        return f"{self.package}_{self.version.replace(':', '%3a')}_all.deb"
-
-
 # Either build is accepted (same documentation, 3.11.2): bookworm-security carries +deb12u9,
 # bookworm main +deb12u8. Whichever the mirror still serves is used; a point release that
 # replaces both needs a new pin here (apt-cache show python3.11-doc | grep -E 'Vers|SHA256').
 PYDOC_DEBS = (
-    DebArtifact("python3.11-doc", "3.11.2-6+deb12u9",
-                "5b3594189d6ef9a6963ce0347fd307a1cc67620ad697e144db366070e2e146be"),
-    DebArtifact("python3.11-doc", "3.11.2-6+deb12u8",
-                "50eb63e7f636c4281e9ce1b8f10386f1def42159eddce34fc1f41c46261df71b"),
+    pinned_deb("python3.11-doc", "3.11.2-6+deb12u9",
+               "5b3594189d6ef9a6963ce0347fd307a1cc67620ad697e144db366070e2e146be"),
+    pinned_deb("python3.11-doc", "3.11.2-6+deb12u8",
+               "50eb63e7f636c4281e9ce1b8f10386f1def42159eddce34fc1f41c46261df71b"),
 )
 # The Linux man pages (bookworm main), the second source: ~125 pages of 1,500+ words.
-MANPAGES_DEBS = (DebArtifact("manpages", "6.03-2",
+MANPAGES_DEBS = (pinned_deb("manpages", "6.03-2",
                              "efa1ba4cd19ad7baeae959c9209a7eb74be2ebb858bcabb412597bfc9f588c91"),)
-MANPAGES_DEV_DEBS = (DebArtifact("manpages-dev", "6.03-2",
+MANPAGES_DEV_DEBS = (pinned_deb("manpages-dev", "6.03-2",
                                  "96f55cb5e26231d5567c89b692bced63825a14a2d5bd18fdf16ea2ed44eb9838"),)
 _HTML_ROOT = "usr/share/doc/python3.11/html"
 _MAN_ROOT = "usr/share/man"
-
-
-def _cached_deb(arts: Sequence[DebArtifact], cache_dir: Path | None) -> Path | None:
-    cache = (cache_dir or DEFAULT_CACHE_DIR).expanduser()
-    for art in arts:
-        target = cache / art.filename
-        if target.is_file():
-            if _sha256(target) == art.sha256:
-                return target
-            log.warning("cached %s has the wrong sha256; ignoring it", target)
-    return None
-
-
-def fetch_deb(arts: Sequence[DebArtifact], cache_dir: Path | None = None) -> Path:
-    """The cached, sha256-verified .deb of the first of ``arts`` apt can provide."""
-    hit = _cached_deb(arts, cache_dir)
-    if hit is not None:
-        return hit
-    if shutil.which("apt-get") is None:
-        raise DatasetError("apt-get is not available: cannot download "
-                           f"{arts[0].package} (put {arts[0].filename} in the download cache)")
-    cache = (cache_dir or DEFAULT_CACHE_DIR).expanduser()
-    cache.mkdir(parents=True, exist_ok=True)
-    errors = []
-    for art in arts:
-        with tempfile.TemporaryDirectory(dir=cache, prefix=".apt-") as tmp:
-            os.chmod(tmp, 0o755)  # lets apt's sandbox user write when run as root
-            cmd = ["apt-get", "download", "-q", f"{art.package}={art.version}"]
-            log.info("downloading %s=%s", art.package, art.version)
-            try:
-                proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=900)
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                errors.append(f"{art.version}: {exc}")
-                continue
-            got = Path(tmp) / art.filename
-            if proc.returncode != 0 or not got.is_file():
-                tail = " ".join(proc.stderr.strip().splitlines()[-2:])
-                errors.append(f"{art.version}: exit {proc.returncode}: {tail}")
-                continue
-            digest = _sha256(got)
-            if digest != art.sha256:
-                raise DatasetError(f"sha256 mismatch for {art.filename}: expected {art.sha256}, "
-                                   f"got {digest}; refusing to use it")
-            target = cache / art.filename
-            os.replace(got, target)
-            return target
-    raise DatasetError(f"apt-get download {arts[0].package} failed for every pinned version "
-                       f"(run `apt-get update` first?): " + "; ".join(errors))
 
 
 # --------------------------------------------------------------------------- HTML -> text
@@ -588,10 +518,10 @@ def fetch_long_docs(dest: str | Path, queries_dest: str | Path, *, min_words: in
     rerun with the same parameters and packages returns the stored statistics.
     """
     dest, queries_dest = Path(dest), Path(queries_dest)
-    debs = {name: fetch_deb(arts, cache_dir) for name, arts in
+    debs = {name: fetch_pinned(arts, cache_dir) for name, arts in
             (("python-doc", PYDOC_DEBS), ("manpages", MANPAGES_DEBS),
              ("manpages-dev", MANPAGES_DEV_DEBS)) if name.startswith(sources)}
-    shas = {name: _sha256(deb) for name, deb in debs.items()}
+    shas = {name: sha256_of(path) for name, path in debs.items()}
     params = dict(name="long_docs", sha256=shas, min_words=min_words, max_words=max_words,
                   max_docs=max_docs, seed=seed, model=model, shards=shards, algo=_ALGO_VERSION)
     stats_path = dest.with_name(dest.name + ".stats.json")  # beside: readers glob the folder
@@ -647,10 +577,10 @@ def fetch_long_docs(dest: str | Path, queries_dest: str | Path, *, min_words: in
     tokens = token_counts(docs["text"], model)
     docs["tokens"] = tokens
 
-    doc_paths = _write_shards(pa.table(docs, schema=_DOCS_SCHEMA), dest,
-                              min(shards, len(docs["id"])), _tag(**params))
-    q_paths = _write_shards(pa.table(queries, schema=_QUERIES_SCHEMA), queries_dest, 1,
-                            _tag(part="queries", **params))
+    doc_paths = write_shards(pa.table(docs, schema=_DOCS_SCHEMA), dest,
+                              min(shards, len(docs["id"])), dataset_tag(**params))
+    q_paths = write_shards(pa.table(queries, schema=_QUERIES_SCHEMA), queries_dest, 1,
+                            dataset_tag(part="queries", **params))
 
     sections: dict[str, int] = {}
     for src, sec in zip(docs["source"], docs["section"], strict=True):
@@ -670,7 +600,7 @@ def fetch_long_docs(dest: str | Path, queries_dest: str | Path, *, min_words: in
         "documents_paths": [str(p) for p in doc_paths], "queries_paths": [str(p) for p in q_paths],
         "params": params,
     }
-    with _atomic(stats_path) as tmp:
+    with atomic_path(stats_path) as tmp:
         tmp.write_text(json.dumps(stats, indent=2) + "\n")
     return stats
 
@@ -684,7 +614,7 @@ def _up_to_date(stats_path: Path, params: dict) -> dict | None:
             return None
         for path in stats["documents_paths"] + stats["queries_paths"]:
             meta = pq.read_metadata(path)
-            if not (meta.metadata or {}).get(_TAG_KEY):
+            if not (meta.metadata or {}).get(TAG_KEY):
                 return None
         return stats
     except (OSError, ValueError, KeyError, TypeError, pa.ArrowInvalid):
@@ -1020,7 +950,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            search_k=args.search_k, max_length=args.max_length,
                            python=args.python, pythonpath=args.pythonpath,
                            extra_sets=args.extra_sets)
-    except DatasetError as exc:
+    except FetchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(results["table"])

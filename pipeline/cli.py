@@ -54,12 +54,12 @@ def one_line_errors(interruptible: bool = False) -> Iterator[None]:
     from .io.ledger import LockedError, SettingsMismatch
     from .io.storage import ConcurrentWrite
     from .sinks.base import SinkError
-    from .tools.datasets import DatasetError
+    from .tools.artifacts import FetchError
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupted) if interruptible else None
     try:
         yield
-    except (ConfigError, LockedError, SettingsMismatch, ConcurrentWrite, DatasetError) as exc:
+    except (ConfigError, LockedError, SettingsMismatch, ConcurrentWrite, FetchError) as exc:
         _fail(str(exc), EXIT_USAGE)
     except SinkError as exc:  # a vector store failed mid-way: nothing half-applied, rerun
         _fail(str(exc), EXIT_FAILED)

