@@ -191,7 +191,7 @@ def test_recall_over_collapsed_window_hits():
 
 
 def test_run_summary_is_found_in_the_output():
-    from bench.long_docs import _run_summary
+    from bench.long_docs.evaluate import _run_summary
 
     out = 'some log line {not json}\n{\n  "job": "x",\n  "seconds": {"total": 1.5}\n}\nwarning\n'
     assert _run_summary(out) == {"job": "x", "seconds": {"total": 1.5}}
