@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from bench import gpu_check
-from bench.gpu_check import CARRY_CORPUS, CARRY_MODEL, fp16_copy, main
+from bench.gpu_carry import CARRY_CORPUS, CARRY_MODEL, fp16_copy
+from bench.gpu_check import main
 
 
 def _cos(a, b):

@@ -123,7 +123,7 @@ def test_pip_failure_is_one_line(tmp_path: Path) -> None:
 
 
 def test_deb_name_is_apt_gets_and_a_missing_package_is_unavailable(tmp_path: Path) -> None:
-    from bench.nightly import WORDNET
+    from bench.nightly.corpus import WORDNET
 
     # apt-get download writes <package>_<version, ':' as %3a>_<arch>.deb
     assert WORDNET.filename == "wordnet-base_1%3a3.0-37_all.deb"
