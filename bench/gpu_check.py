@@ -215,7 +215,8 @@ def check_throughput(model: str, device: str, dtype: str, corpus: list[str], row
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.tools.bench import BenchOptions, matmul_rate, run_bench
+    from pipeline.tools.bench import BenchOptions, run_bench
+    from pipeline.tools.measure import matmul_rate
 
     folder = work / "throughput-input"
     folder.mkdir(parents=True, exist_ok=True)
