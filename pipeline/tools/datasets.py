@@ -41,7 +41,10 @@ __all__ = [
     "MOVIE_REVIEWS_ROWS",
     "fetch_movie_reviews",
     "fetch_bench_corpus",
-    "generate_rows",
+    "bench_table",
+    "shard_paths",
+    "shards_complete",
+    "prepare_dest",
     "movie_rows",
     "wiki_extracts",
     "write_shards",
@@ -75,7 +78,6 @@ _MOVIE_SCHEMA = pa.schema(
     [("id", pa.int64()), ("text", pa.string()), ("valence", pa.float64()), ("label", pa.string())]
 )
 _BENCH_SCHEMA = pa.schema([("id", pa.int64()), ("text", pa.string()), ("source", pa.string())])
-_SYNTH_SCHEMA = pa.schema([("id", pa.int64()), ("text", pa.string())])
 
 
 # --------------------------------------------------------------------------- sources
@@ -155,11 +157,11 @@ def wiki_extracts(cache_dir: Path | None = None) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------- parquet output
 
 
-def _shard_paths(dest: Path, n: int) -> list[Path]:
+def shard_paths(dest: Path, n: int) -> list[Path]:
     return [dest / f"part-{i:05d}.parquet" for i in range(n)]
 
 
-def _is_complete(paths: list[Path], counts: list[int], tag: str) -> bool:
+def shards_complete(paths: list[Path], counts: list[int], tag: str) -> bool:
     """True if every shard exists with the expected row count and dataset tag (footer reads only)."""
     try:
         for path, count in zip(paths, counts, strict=True):
@@ -171,7 +173,7 @@ def _is_complete(paths: list[Path], counts: list[int], tag: str) -> bool:
     return True
 
 
-def _prepare_dest(dest: Path, keep: list[Path]) -> None:
+def prepare_dest(dest: Path, keep: list[Path]) -> None:
     """Create ``dest`` and drop shards from an earlier run with more shards.
 
     Readers glob ``part-*.parquet``, so a leftover shard would silently add rows.
@@ -205,11 +207,11 @@ def write_shards(table: pa.Table, dest: str | Path, shards: int, tag: str) -> li
     """Write ``table`` as ``shards`` contiguous Parquet files, unless already there."""
     dest = Path(dest)
     counts = _split_counts(table.num_rows, shards)
-    paths = _shard_paths(dest, shards)
-    if _is_complete(paths, counts, tag):
+    paths = shard_paths(dest, shards)
+    if shards_complete(paths, counts, tag):
         log.info("%s is up to date (%d rows in %d shards)", dest, table.num_rows, shards)
         return paths
-    _prepare_dest(dest, paths)
+    prepare_dest(dest, paths)
     table = table.replace_schema_metadata({TAG_KEY: tag.encode()})
     offset = 0
     for path, count in zip(paths, counts, strict=True):
@@ -242,8 +244,8 @@ def fetch_movie_reviews(dest: str | Path, shards: int = 4,
     return write_shards(table, dest, shards, dataset_tag(name="movie_reviews", sha256=VADER.sha256))
 
 
-def _bench_table(n_rows: int, seed: int, cache_dir: Path | None) -> pa.Table:
-    """Build the benchmark corpus in memory (see :func:`fetch_bench_corpus`)."""
+def bench_table(n_rows: int, seed: int, cache_dir: Path | None) -> pa.Table:
+    """The benchmark corpus in memory (see :func:`fetch_bench_corpus`)."""
     if n_rows < 1:
         raise ValueError(f"n_rows must be positive, got {n_rows}")
     rng = np.random.default_rng(seed)
@@ -284,49 +286,6 @@ def fetch_bench_corpus(dest: str | Path, n_rows: int = 4000, seed: int = 0,
     shuffled with a seeded RNG. Columns: ``id`` (0..n_rows-1, int64), ``text``,
     ``source`` ("movie_reviews" or "wikipedia").
     """
-    table = _bench_table(n_rows, seed, cache_dir)
+    table = bench_table(n_rows, seed, cache_dir)
     tag = dataset_tag(name="bench", n_rows=n_rows, seed=seed, sha256=[VADER.sha256, WIKI.sha256])
     return write_shards(table, dest, shards, tag)
-
-
-def generate_rows(dest: str | Path, n_rows: int, rows_per_file: int = 100_000, seed: int = 0,
-                  cache_dir: Path | None = None, batch_rows: int = 10_000) -> list[Path]:
-    """Stream ``n_rows`` synthetic rows (``id`` int64, ``text``) to Parquet files in ``dest``.
-
-    Meant for memory-flatness tests at ~1M rows. Each text is a span of real words
-    from the bench corpus, its length drawn from the bench corpus' own length
-    distribution. Rows are produced and written ``batch_rows`` at a time (one row
-    group each), so memory stays bounded by a batch plus the ~300k-word pool.
-    """
-    if n_rows < 1 or rows_per_file < 1 or batch_rows < 1:
-        raise ValueError("n_rows, rows_per_file and batch_rows must be positive")
-    dest = Path(dest)
-    counts = [min(rows_per_file, n_rows - start) for start in range(0, n_rows, rows_per_file)]
-    paths = _shard_paths(dest, len(counts))
-    tag = dataset_tag(name="synthetic", n_rows=n_rows, rows_per_file=rows_per_file, seed=seed,
-               sha256=[VADER.sha256, WIKI.sha256])
-    if _is_complete(paths, counts, tag):
-        log.info("%s is up to date (%d rows)", dest, n_rows)
-        return paths
-
-    corpus = _bench_table(4000, 0, cache_dir).column("text").to_pylist()
-    words = np.array(" ".join(corpus).split(), dtype=object)
-    lengths = np.array([len(t.split()) for t in corpus])
-    del corpus
-    rng = np.random.default_rng(seed)
-    schema = _SYNTH_SCHEMA.with_metadata({TAG_KEY: tag.encode()})
-
-    _prepare_dest(dest, paths)
-    next_id = 0
-    for path, count in zip(paths, counts, strict=True):
-        with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
-            for done in range(0, count, batch_rows):
-                m = min(batch_rows, count - done)
-                spans = rng.choice(lengths, m)
-                starts = rng.integers(0, len(words) - spans + 1)
-                batch = {"id": np.arange(next_id, next_id + m, dtype=np.int64),
-                         "text": [" ".join(words[s:s + n]) for s, n in zip(starts, spans, strict=True)]}
-                writer.write_table(pa.table(batch, schema=schema))
-                next_id += m
-    log.info("wrote %d synthetic rows to %d files in %s", n_rows, len(paths), dest)
-    return paths

@@ -10,12 +10,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from pipeline.tools.datasets import (
     fetch_bench_corpus,
     fetch_movie_reviews,
-    generate_rows,
 )
 
 
@@ -71,12 +69,3 @@ def test_bench_corpus(tmp_path: Path) -> None:
     assert again.equals(table)  # deterministic
     other = _read(fetch_bench_corpus(tmp_path / "bench2", n_rows=4000, seed=1))
     assert not other.column("text").equals(table.column("text"))  # seed change rewrites
-
-
-def test_generate_rows(tmp_path: Path) -> None:
-    paths = generate_rows(tmp_path / "synth", 2_500, rows_per_file=1_000, batch_rows=300)
-    assert [pq.read_metadata(p).num_rows for p in paths] == [1_000, 1_000, 500]
-    assert pq.read_metadata(paths[0]).num_row_groups == 4  # streamed in batches
-    table = _read(paths)
-    assert table.column("id").to_pylist() == list(range(2_500))
-    assert all(t.strip() for t in table.column("text").to_pylist())
