@@ -126,6 +126,12 @@ def _run(cmd: Sequence[str], env: Mapping[str, str], log_path: Path,
     return proc.returncode, proc.stdout + proc.stderr, seconds
 
 
+def _failed(entry: dict, name: str, what: str, output: str) -> None:
+    entry["status"] = "failed"
+    entry["message"] = f"{what}: " + " | ".join(output.strip().splitlines()[-3:])
+    log.warning("%s: %s", name, entry["message"])
+
+
 def evaluate(docs: str | Path, queries: str | Path, work: str | Path, *,
              settings: Sequence[str] = tuple(SETTINGS), limit: int | None = None,
              k: int = 10, search_k: int | None = None, max_length: int = 256,
@@ -196,10 +202,7 @@ def evaluate(docs: str | Path, queries: str | Path, work: str | Path, *,
                        "command": shlex.join(cmd)}
         results["settings"][name] = entry
         if rc != 0:
-            entry["status"] = "failed"
-            entry["message"] = f"embedpipe run exited {rc}: " + " | ".join(
-                output.strip().splitlines()[-3:])
-            log.warning("%s: %s", name, entry["message"])
+            _failed(entry, name, f"embedpipe run exited {rc}", output)
             continue
         counts = _manifest_counts(out)
         summary = _run_summary(output)
@@ -210,10 +213,7 @@ def evaluate(docs: str | Path, queries: str | Path, work: str | Path, *,
         rc, output, search_seconds = _run(cmd, env, work / "logs" / f"{name}-search.log",
                                           root)
         if rc != 0:
-            entry["status"] = "failed"
-            entry["message"] = f"embedpipe search exited {rc}: " + " | ".join(
-                output.strip().splitlines()[-3:])
-            log.warning("%s: %s", name, entry["message"])
+            _failed(entry, name, f"embedpipe search exited {rc}", output)
             continue
         hits = pq.read_table(hits_path)
         ranked = ranked_ids(hits)
