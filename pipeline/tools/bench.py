@@ -20,7 +20,6 @@ import json
 import os
 import statistics
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import pyarrow.parquet as pq
 from ..config import DEFAULT_MODEL
 from ..runtime.hardware import cpu_model
 from ..io.rejects import blank_texts
+from .measure import PeakRSS, cosines, encoder_flops, matmul_rate
 
 STAGES = ("read", "tokenize", "encode", "write", "index", "total")
 ST = "sentence-transformers"
@@ -98,88 +98,6 @@ class Result:
         return out
 
 
-# ---- memory -----------------------------------------------------------------------------------
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class PeakRSS:
-    """The process's peak resident set size while the block runs (bytes, in `.peak`)."""
-
-    def __enter__(self) -> "PeakRSS":
-        self.peak, self._stop = 0, threading.Event()
-        try:
-            with open("/proc/self/clear_refs", "w") as handle:
-                handle.write("5")  # resets VmHWM to the current RSS
-            self._hwm = True
-        except OSError:
-            self._hwm = False
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, _status_kb("VmRSS"))
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _status_kb("VmRSS"), _status_kb("VmHWM") if self._hwm else 0)
-
-
-# ---- the machine's matmul rate and the encoder's FLOPs -----------------------------------------
-
-def matmul_rate(dtype: str, device: str = "cpu", m: int = 4096, k: int = 384, n: int = 1536,
-                repeats: int = 5, seconds: float = 0.3) -> float:
-    """Best FLOP/s of an (m x k) @ (k x n) product in `dtype` (the encoder's feed-forward shape):
-    the better of torch's matmul and, on CPU, oneDNN's product on packed weights (the fused
-    forward's), so that the encoder is measured against the fastest product this machine runs."""
-    import torch
-
-    from ..runtime.fused_forward import onednn_products
-    from ..runtime.hardware import this_cpu
-    from ..runtime.runtime import TORCH_DTYPES
-
-    torch_dtype = TORCH_DTYPES[dtype]
-    a = torch.randn(m, k, device=device).to(torch_dtype)
-    b = torch.randn(k, n, device=device).to(torch_dtype)
-    products = [lambda: a @ b]
-    if device == "cpu" and onednn_products(dtype, this_cpu()):
-        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), m)
-        products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    best = 0.0
-    for product in products:
-        for _ in range(3):
-            product()
-        for _ in range(repeats):
-            count, start = 0, time.perf_counter()
-            while True:
-                product()
-                count += 1
-                sync()
-                elapsed = time.perf_counter() - start
-                if elapsed >= seconds / repeats:
-                    break
-            best = max(best, 2.0 * m * k * n * count / elapsed)
-    return best
-
-
-def encoder_flops(config, lengths: np.ndarray) -> float:
-    """Multiply-adds x 2 of a BERT-style encoder over texts of these token counts (no padding)."""
-    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    lengths = lengths.astype(np.float64)
-    linear = 2.0 * layers * (4 * h * h + 2 * h * i) * lengths.sum()
-    attention = 4.0 * layers * h * (lengths ** 2).sum()  # scores and the weighted sum
-    return linear + attention
-
-
 # ---- inputs -----------------------------------------------------------------------------------
 
 def bench_source(opts) -> tuple[str, str]:
@@ -217,7 +135,7 @@ def _write_input(table: pa.Table, folder: Path) -> str:
 
 # ---- contenders -------------------------------------------------------------------------------
 
-def _job(opts: BenchOptions, input_path: str, out: Path, dtype: str):
+def bench_job(opts: BenchOptions, input_path: str, out: Path, dtype: str):
     from ..config import config_from_dict
 
     encode: dict[str, Any] = {"pooling": "mean", "normalize": True}
@@ -273,12 +191,6 @@ def st_padded_tokens(texts: list[str], lengths: np.ndarray, batch_size: int) -> 
                    for chunk in np.array_split(order, range(batch_size, len(order), batch_size))))
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return (a * b).sum(1)
-
-
 def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     import torch
 
@@ -298,7 +210,8 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
             raise ValueError("the comparison needs sentence-transformers "
                              "(pip install sentence-transformers), or pass --no-st") from None
     source = resolve_model(opts.model)
-    requested = {d: resolve_runtime(_job(opts, "-", Path("-"), d).model, source) for d in opts.dtypes}
+    requested = {d: resolve_runtime(bench_job(opts, "-", Path("-"), d).model, source)
+                 for d in opts.dtypes}
     runtimes = {rt.dtype: rt for rt in requested.values()}  # one contender per resolved dtype
     compile_words = {d: _compile_words(rt) for d, rt in runtimes.items() if rt.compile}
     dtypes = list(runtimes)
@@ -323,7 +236,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
         log(f"bench: {len(texts):,} texts ({corpus}: {opts.input or source_path}), "
             f"{opts.rounds} rounds after a warm-up on {warm.num_rows} rows")
 
-        recipe_job = resolve_recipe(_job(opts, source_path, work / "-", dtypes[0]), source)[0]
+        recipe_job = resolve_recipe(bench_job(opts, source_path, work / "-", dtypes[0]), source)[0]
         tokenizer = tokenizer_for(source, first, recipe_job)
         tokens = tokenizer(texts)
         lengths = np.fromiter(map(len, tokens.ids), dtype=np.int64, count=len(texts))
@@ -339,8 +252,8 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
 
         for dtype in dtypes:
             name = f"embedpipe {dtype}"
-            job = _job(opts, source_path, work / f"out-{dtype}", dtype)
-            warm_job = _job(opts, warm_path, work / f"warm-{dtype}", dtype)
+            job = bench_job(opts, source_path, work / f"out-{dtype}", dtype)
+            warm_job = bench_job(opts, warm_path, work / f"warm-{dtype}", dtype)
 
             def embed(name=name, job=job) -> None:
                 summary, out_ids, vectors = run_embedpipe(job)
@@ -441,7 +354,7 @@ def _report(opts: BenchOptions, results: dict[str, Result], rates: dict[str, flo
             if other in results and other != res.name:
                 row[f"x_vs_{other}"] = round(results[other].median / res.median, 2)
         if ref is not None and res is not ref:
-            cos = _cosines(res.vectors, ref.vectors)
+            cos = cosines(res.vectors, ref.vectors)
             row["min_cosine_vs_st_float32"] = round(float(cos.min()), 6)
             row["mean_cosine_vs_st_float32"] = round(float(cos.mean()), 7)
         if res.kind == "embedpipe":

@@ -178,7 +178,8 @@ def run_peers(opts: PeerOptions, log: Callable[[str], None] = lambda _: None) ->
 
     from ..models.model_files import resolve_model
     from ..runtime.runtime import resolve_runtime
-    from .bench import BenchOptions, _cosines, _job, encoder_flops, load_rows, matmul_rate
+    from .bench import BenchOptions, bench_job, load_rows
+    from .measure import cosines, encoder_flops, matmul_rate
 
     if opts.rounds < 1:
         raise ValueError("rounds must be at least 1")
@@ -194,7 +195,7 @@ def run_peers(opts: PeerOptions, log: Callable[[str], None] = lambda _: None) ->
         peers.insert(0, REFERENCE)
     source = resolve_model(opts.model)
     bench_opts = BenchOptions(model=opts.model, max_length=opts.max_length, device="cpu")
-    runtimes = {d: resolve_runtime(_job(bench_opts, "-", Path("-"), d).model, source)
+    runtimes = {d: resolve_runtime(bench_job(bench_opts, "-", Path("-"), d).model, source)
                 for d in opts.dtypes}
     max_length = next(iter(runtimes.values())).max_length
     python = str(peers_venv(Path(opts.venv) if opts.venv else None, log))
@@ -266,7 +267,7 @@ def run_peers(opts: PeerOptions, log: Callable[[str], None] = lambda _: None) ->
                 "seconds_min": round(min(res.seconds), 3),
                 "seconds": [round(s, 3) for s in res.seconds],
                 "x_vs_st_torch_float32": round(statistics.median(ref.seconds) / med, 3),
-                "min_cosine": round(float(_cosines(res.vectors, ref.vectors).min()), 6),
+                "min_cosine": round(float(cosines(res.vectors, ref.vectors).min()), 6),
                 "fraction_of_matmul": round(flops / med / rate, 3), **res.extra})
     return {"corpus": corpus, "input": source_path, "texts": len(texts),
             "real_tokens": int(lengths.sum()), "model": opts.model, "max_length": max_length,
@@ -309,7 +310,7 @@ def _embedpipe_worker() -> None:
     import argparse
     import time
 
-    from .bench import BenchOptions, _job, run_embedpipe
+    from .bench import BenchOptions, bench_job, run_embedpipe
 
     ap = argparse.ArgumentParser()
     for flag in ("--input", "--out", "--model", "--dtype", "--workdir"):
@@ -322,9 +323,9 @@ def _embedpipe_worker() -> None:
     texts = pq.read_table(Path(args.input) / "texts.parquet")
     (work / "warm").mkdir(parents=True, exist_ok=True)
     pq.write_table(texts.slice(0, args.warmup), work / "warm" / "texts.parquet")
-    run_embedpipe(_job(opts, str(work / "warm"), work / "warm-out", args.dtype))
+    run_embedpipe(bench_job(opts, str(work / "warm"), work / "warm-out", args.dtype))
     start = time.perf_counter()
-    summary, ids, vectors = run_embedpipe(_job(opts, args.input, work / "out", args.dtype))
+    summary, ids, vectors = run_embedpipe(bench_job(opts, args.input, work / "out", args.dtype))
     seconds = time.perf_counter() - start
     if not np.array_equal(ids, np.arange(texts.num_rows)):
         raise RuntimeError(f"embedpipe wrote {len(ids)} vectors for {texts.num_rows} rows")

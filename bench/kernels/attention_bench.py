@@ -2,7 +2,7 @@
 per call, on bf16 inputs shaped as a BERT model hands them over (12 heads of 32 by default), with
 random key-padding masks.
 
-    .venv/bin/python scripts/attention_bench.py [--heads 12] [--dim 32] [--calls 20]
+    .venv/bin/python -m bench.kernels.attention_bench [--heads 12] [--dim 32] [--calls 20]
 
 Prints, per (batch x length): SDPA's and each kernel's median time per call over interleaved
 repeats, each kernel's speed-up over SDPA, and each one's largest error against attention

@@ -18,10 +18,10 @@ Quality, against embedpipe's own float32 vectors (fused forward):
     (reported, not gating).
 Gate: recall@10 and nDCG@10 within 1% (relative) of float32, head accuracy within 0.5 points.
 
-    PYTHONPATH=. python scripts/int8_task_gate.py quality [--json]
-    PYTHONPATH=. python scripts/int8_task_gate.py speed VARIANT --texts 400   # one timed encode
+    python -m bench.kernels.int8_task_gate quality [--json]
+    python -m bench.kernels.int8_task_gate speed VARIANT --texts 400   # one timed encode
         (whole processes: time it with /usr/bin/time or any repeat harness, A/B interleaved)
-    PYTHONPATH=. python scripts/int8_task_gate.py interleave [--variants "int8 all,int8 -down"]
+    python -m bench.kernels.int8_task_gate interleave [--variants "int8 all,int8 -down"]
         (in one process: float32 and the variants alternated, encode seconds per round)
 """
 from __future__ import annotations
@@ -172,12 +172,12 @@ def head_accuracy(x: np.ndarray, labels: list[str]) -> float:
 
 def quality(args) -> dict:
     import pyarrow.parquet as pq
-    from pipeline.tools.datasets import _wiki_extracts, fetch_movie_reviews
+    from pipeline.tools.datasets import fetch_movie_reviews, wiki_extracts
 
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     src = resolve_model(MODEL)
     tok = TextTokenizer(src.path, MAX_LENGTH)
-    wiki = _wiki_extracts(None)
+    wiki = wiki_extracts()
     if args.wiki_rows and args.wiki_rows < len(wiki):  # a uniform sample, seed 0
         keep = np.sort(np.random.default_rng(0).choice(len(wiki), args.wiki_rows, replace=False))
         wiki = [wiki[i] for i in keep]

@@ -6,7 +6,7 @@ batches of the bench corpus (encode only, one process, rounds interleaved):
 * ``transformers``: transformers' own forward (its Linear modules: MKL's sgemm).
 Prints min and median seconds, and the share of the measured float32 matmul rate at the best.
 
-    PYTHONPATH=. python scripts/fused_forward_products_bench.py --rows 100 --rounds 3
+    python -m bench.kernels.fused_forward_products_bench --rows 100 --rounds 3
 Cap the ISA from outside to see an AVX2 CPU on an AVX-512 one (README, "The fused forward's
 products on AVX2"): ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2
 """
@@ -84,8 +84,8 @@ def main() -> None:
     from pipeline.models.recipe import resolve_recipe
     from pipeline.runtime.runtime import resolve_runtime
     from pipeline.encode.tokenizer import tokenizer_for
-    from pipeline.tools.bench import (DEFAULT_CORPUS_DIR, BenchOptions, _job, encoder_flops,
-                                      matmul_rate, runner_batches)
+    from pipeline.tools.bench import DEFAULT_CORPUS_DIR, BenchOptions, bench_job, runner_batches
+    from pipeline.tools.measure import encoder_flops, matmul_rate
     from pipeline.tools.datasets import fetch_bench_corpus
 
     source = resolve_model("all-MiniLM-L6-v2")
@@ -97,8 +97,8 @@ def main() -> None:
     config = AutoConfig.from_pretrained(source.path)
     encoders = {}
     for forward in ("fused", "transformers"):
-        job = resolve_recipe(_job(BenchOptions(device="cpu", forward=forward), str(work / "in"),
-                                  work / "o", "float32"), source)[0]
+        opts = BenchOptions(device="cpu", forward=forward)
+        job = resolve_recipe(bench_job(opts, str(work / "in"), work / "o", "float32"), source)[0]
         runtime = resolve_runtime(job.model, source)
         encoders[f"{forward} onednn" if forward == "fused" else forward] = Encoder(
             source, runtime, EncoderSettings.for_job(job))

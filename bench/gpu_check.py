@@ -1,8 +1,8 @@
 """The GPU check: embedpipe's CUDA path measured on a real GPU, in one run of a few minutes.
 
-`scripts/gpu_check.sh` runs this module on a machine with an NVIDIA GPU and the project's tree,
-with no network, from what `make gpu-carry` put into the git-ignored `gpu_carry/` (see
-`prepare_carry`): a faiss-cpu wheel, a float16 copy of the bundled all-MiniLM-L6-v2 folder (the
+`bench/gpu_check.sh` runs this module on a machine with an NVIDIA GPU and the project's tree,
+with no network, from what `make gpu-carry` put into the git-ignored `gpu_carry/`
+(`bench/gpu_carry.py`): a faiss-cpu wheel, a float16 copy of the bundled all-MiniLM-L6-v2 folder (the
 model package itself is too large to carry) and 2,000 rows of the bench corpus. The checks:
 
 * precision: float16 and bfloat16 vectors against float32 on the same GPU, min cosine >= 0.999
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -38,20 +37,12 @@ from typing import Any
 
 import numpy as np
 
-CARRY = Path("gpu_carry")
-CARRY_MODEL = "all-MiniLM-L6-v2-fp16"
-CARRY_CORPUS = "corpus"
-CARRY_CORPUS_ROWS = 2000
+from bench.gpu_carry import CARRY, CARRY_CORPUS, CARRY_MODEL, EnvironmentProblem, prepare_carry
+
 MIN_COSINE = 0.999  # half precision against float32, every row
 MIN_COSINE_FP32 = 0.99999  # float32 against sentence-transformers float32
 TARGET_X_ST = 1.5  # embedpipe end to end against SentenceTransformer.encode, same GPU and dtype
-# Files of a sentence-transformers folder that loading never reads (left out of the carry).
-UNREAD = {"README.md", "data_config.json", ".gitattributes"}
 EXIT_FAILED, EXIT_ENVIRONMENT = 1, 2
-
-
-class EnvironmentProblem(Exception):
-    """The check cannot run here (no CUDA device, carry missing); exit 2."""
 
 
 @dataclass
@@ -60,59 +51,6 @@ class Check:
     ok: bool | None  # None: measured, no bar to pass (or skipped)
     detail: str
     figures: dict[str, Any] = field(default_factory=dict)
-
-
-# ---- the carry ----------------------------------------------------------------------------------
-
-def fp16_copy(src: Path, dst: Path) -> Path:
-    """A copy of a model folder whose safetensors weights are float16 (integer tensors as they
-    are), without the files loading never reads."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    dst.mkdir(parents=True, exist_ok=True)
-    for item in src.iterdir():
-        if item.name in UNREAD:
-            continue
-        if item.is_dir():
-            shutil.copytree(item, dst / item.name, dirs_exist_ok=True)
-        elif item.suffix == ".safetensors":
-            tensors = load_file(item)
-            save_file({k: (v.half() if v.is_floating_point() else v).contiguous()
-                       for k, v in tensors.items()}, dst / item.name, metadata={"format": "pt"})
-        elif item.suffix not in (".bin", ".pt", ".onnx", ".h5", ".msgpack"):
-            shutil.copy2(item, dst / item.name)
-    if not any(dst.glob("*.safetensors")):
-        raise ValueError(f"{src} holds no safetensors weights to copy")
-    return dst
-
-
-def prepare_carry(dest: Path = CARRY, rows: int = CARRY_CORPUS_ROWS) -> dict[str, int]:
-    """What the GPU machine needs besides the tree and the faiss wheel: the bundled model's folder
-    in float16, and `rows` rows of the bench corpus (one zstd Parquet file). Returns bytes per
-    entry."""
-    import pyarrow.parquet as pq
-
-    from ..models.model_files import bundled_model_path
-    from .datasets import DatasetError, fetch_bench_corpus
-
-    dest = Path(dest)
-    model = dest / CARRY_MODEL
-    if model.exists():
-        shutil.rmtree(model)
-    fp16_copy(bundled_model_path(), model)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            paths = fetch_bench_corpus(Path(tmp), n_rows=rows, shards=1)
-        except DatasetError as exc:
-            raise EnvironmentProblem(f"the bench corpus cannot be fetched: {exc}") from None
-        corpus = dest / CARRY_CORPUS
-        corpus.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pq.read_table(paths[0], columns=["id", "text"]),
-                       corpus / "part-00000.parquet", compression="zstd", compression_level=19)
-    sizes = {p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir()
-             else p.stat().st_size for p in dest.iterdir()}
-    return sizes
 
 
 # ---- the checks ---------------------------------------------------------------------------------
@@ -125,9 +63,9 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _encoder(source, device: str, dtype: str):
-    from ..config import ModelConfig
-    from ..encode.encoder import Encoder, EncoderSettings
-    from ..runtime.runtime import resolve_runtime
+    from pipeline.config import ModelConfig
+    from pipeline.encode.encoder import Encoder, EncoderSettings
+    from pipeline.runtime.runtime import resolve_runtime
 
     runtime = resolve_runtime(ModelConfig(name=str(source.path), device=device, dtype=dtype,
                                           compile=False), source)
@@ -135,7 +73,7 @@ def _encoder(source, device: str, dtype: str):
 
 
 def check_precision(source, device: str, texts: list[str], tokenizer) -> list[Check]:
-    from ..encode.batching import encode_texts
+    from pipeline.encode.batching import encode_texts
 
     budget = 8192 if device.startswith("cuda") else 4096
     fp32 = encode_texts(tokenizer, _encoder(source, device, "float32"), texts, budget, 256)
@@ -177,7 +115,7 @@ def check_out_of_memory(source, device: str, dtype: str, texts: list[str], token
     encoder must split it until it fits and lose no row. On CPU the error is injected."""
     import torch
 
-    from ..encode.batching import collate
+    from pipeline.encode.batching import collate
 
     encoder = _encoder(source, device, dtype)
     longest = sorted(texts, key=len, reverse=True)[:max(1, rows // 8)]
@@ -236,8 +174,8 @@ def check_attention(source, device: str, dtype: str, texts: list[str], tokenizer
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from ..encode.batching import collate
-    from ..runtime import cpu_attention
+    from pipeline.encode.batching import collate
+    from pipeline.runtime import cpu_attention
 
     encoder = _encoder(source, device, dtype)
     model = getattr(encoder.model, "_orig_mod", encoder.model)
@@ -277,7 +215,8 @@ def check_throughput(model: str, device: str, dtype: str, corpus: list[str], row
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .bench import BenchOptions, matmul_rate, run_bench
+    from pipeline.tools.bench import BenchOptions, run_bench
+    from pipeline.tools.measure import matmul_rate
 
     folder = work / "throughput-input"
     folder.mkdir(parents=True, exist_ok=True)
@@ -373,7 +312,7 @@ def _environment(device: str) -> dict[str, Any]:
                    memory_gib=round(props.total_memory / 2**30, 1),
                    bf16=torch.cuda.is_bf16_supported())
     else:
-        from ..runtime.hardware import cpu_model
+        from pipeline.runtime.hardware import cpu_model
 
         env["cpu"] = cpu_model()
     try:
@@ -392,9 +331,9 @@ def _environment(device: str) -> dict[str, Any]:
 def run_checks(opts: GpuCheckOptions, log=lambda _: None) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
-    from ..config import ConfigError
-    from ..models.model_files import resolve_model
-    from ..encode.tokenizer import TextTokenizer
+    from pipeline.config import ConfigError
+    from pipeline.models.model_files import resolve_model
+    from pipeline.encode.tokenizer import TextTokenizer
 
     carry = Path(opts.carry)
     model = Path(opts.model) if opts.model else carry / CARRY_MODEL
@@ -452,14 +391,14 @@ def render(report: dict[str, Any]) -> str:
         verdict = {True: "ok", False: "FAIL", None: "-"}[c["ok"]]
         lines.append(f"  {c['name']:<{width}}  {verdict:<4}  {c['detail']}")
     if report.get("bench"):
-        from .bench import render as render_bench
+        from pipeline.tools.bench import render as render_bench
 
         lines += ["", render_bench(report["bench"])]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tools.gpu_check",
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
     parser.add_argument("--carry", default=str(CARRY), help="folder `make gpu-carry` filled")

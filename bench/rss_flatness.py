@@ -1,8 +1,8 @@
 """Peak RSS of full embedpipe runs at several input sizes: it should stay flat.
 
-    .venv/bin/python scripts/rss_flatness.py --rows 100000 --rows 1000000
+    .venv/bin/python -m bench.rss_flatness --rows 100000 --rows 1000000
 
-Each size gets synthetic rows (pipeline.tools.datasets.generate_rows: spans of real English words with
+Each size gets synthetic rows (bench.synthetic.generate_rows: spans of real English words with
 the bench corpus' length spread) and one `run_job` in a fresh child process, whose peak RSS
 (getrusage ru_maxrss) is the figure. To keep a 1M-row run to minutes on 2 CPU cores it uses a
 short max_length (default 16 tokens) and no FAISS index: a flat index holds every vector in
@@ -44,7 +44,7 @@ def main() -> None:
     sizes = args.rows or [100_000, 1_000_000]
     work = Path(args.workdir)
 
-    from pipeline.tools.datasets import generate_rows
+    from bench.synthetic import generate_rows
 
     results = []
     for n in sizes:

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.io.ledger import Ledger
 from pipeline.io.storage import Store
-from pipeline.tools import nightly_bench as nb
+from bench import nightly as nb
 
 
 @pytest.fixture(scope="module")

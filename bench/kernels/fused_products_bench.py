@@ -9,7 +9,7 @@ few batch-token counts, times in float32:
 Rounds interleave the variants (A B C D A B C D ...); prints min and median GFLOP/s per variant.
 Cap the ISA from outside to see an AVX2 CPU on an AVX-512 one:
     ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 \
-        python scripts/fused_products_bench.py
+        python -m bench.kernels.fused_products_bench
 """
 from __future__ import annotations
 

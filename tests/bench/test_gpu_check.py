@@ -1,6 +1,6 @@
 """The GPU check's parts a CPU can run: the float16 carry folder, the smoke run, the verdicts.
 
-What needs a GPU (a real CUDA OOM, float16, the speeds) runs only in scripts/gpu_check.sh on one.
+What needs a GPU (a real CUDA OOM, float16, the speeds) runs only in bench/gpu_check.sh on one.
 """
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.tools import gpu_check
-from pipeline.tools.gpu_check import CARRY_CORPUS, CARRY_MODEL, fp16_copy, main
+from bench import gpu_check
+from bench.gpu_carry import CARRY_CORPUS, CARRY_MODEL, fp16_copy
+from bench.gpu_check import main
 
 
 def _cos(a, b):

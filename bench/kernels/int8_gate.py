@@ -12,7 +12,7 @@ builds int8 variants with onnxruntime.quantization, and for each:
   speed (bench corpus texts, embedpipe's own token batches, interleaved rounds in one
     process, 2 and 1 threads): texts/s and the ratio to embedpipe bfloat16.
 
-    PYTHONPATH=. python scripts/int8_gate.py [--bench-texts 1000] [--rounds 3] [--json]
+    python -m bench.kernels.int8_gate [--bench-texts 1000] [--rounds 3] [--json]
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Tests for pipeline.tools.long_docs: HTML / man-page stripping, query picking and removal,
+"""Tests for bench.long_docs: HTML / man-page stripping, query picking and removal,
 recall over collapsed window hits. No network: the corpus test runs only when the pinned .debs
-are already in the download cache (``python -m pipeline.tools.long_docs fetch ...`` puts them
+are already in the download cache (``python -m bench.long_docs fetch ...`` puts them
 there), and the CLI test embeds three small texts with the bundled model."""
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.tools.long_docs import (
+from pipeline.tools.artifacts import cached
+from bench.long_docs import (
     MANPAGES_DEBS,
     MANPAGES_DEV_DEBS,
     PYDOC_DEBS,
     Block,
-    _cached_deb,
     blocks_to_text,
     collapse_ids,
     evaluate,
@@ -191,7 +191,7 @@ def test_recall_over_collapsed_window_hits():
 
 
 def test_run_summary_is_found_in_the_output():
-    from pipeline.tools.long_docs import _run_summary
+    from bench.long_docs.evaluate import _run_summary
 
     out = 'some log line {not json}\n{\n  "job": "x",\n  "seconds": {"total": 1.5}\n}\nwarning\n'
     assert _run_summary(out) == {"job": "x", "seconds": {"total": 1.5}}
@@ -249,12 +249,13 @@ def test_evaluate_runs_the_cli_end_to_end(tmp_path):
     assert 'path = "' + str(work / "input") + '"' in (work / "jobs" / "truncate.toml").read_text()
 
 
-_CACHED = all(_cached_deb(arts, None) for arts in (PYDOC_DEBS, MANPAGES_DEBS, MANPAGES_DEV_DEBS))
+_CACHED = all(any(cached(pin) for pin in pins)
+              for pins in (PYDOC_DEBS, MANPAGES_DEBS, MANPAGES_DEV_DEBS))
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _CACHED, reason="the pinned .debs are not in the download cache "
-                    "(python -m pipeline.tools.long_docs fetch DEST QUERIES downloads them)")
+                    "(python -m bench.long_docs fetch DEST QUERIES downloads them)")
 def test_corpus_from_the_cached_debs(tmp_path):
     stats = fetch_long_docs(tmp_path / "docs", tmp_path / "queries")
     assert 300 <= stats["documents"] <= 600 and stats["queries"] == stats["documents"]

@@ -1,0 +1,1 @@
+"""Kernel and product benchmarks and the int8 gates (``python -m bench.kernels.<name>``)."""
