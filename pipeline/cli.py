@@ -5,80 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import signal
 import sys
-from typing import Iterator
 
 import click
 
 from .config import CHOICES, ConfigError
+from .exits import EXIT_FAILED, fail, one_line_errors
 
-EXIT_FAILED, EXIT_USAGE = 1, 2  # 1: some units (or the index) failed, or a failure once the folder
-# changed (in the summary); 2: usage, config, environment, found before any work
-EXIT_SIGNAL = 128  # + the signal's number: 130 for SIGINT (Ctrl-C), 143 for SIGTERM
 log = logging.getLogger("pipeline.cli")
-
-
-class Interrupted(BaseException):
-    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so a run stops taking
-    work, leaves its committed units as they are and releases its lock."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _raise_interrupted(signum, frame) -> None:
-    raise Interrupted(signum)
-
-
-def _fail(message: str, code: int) -> None:
-    if logging.getLogger().isEnabledFor(logging.DEBUG):
-        log.debug("traceback", exc_info=True)
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def _os_error(exc: OSError) -> str:
-    where = exc.filename or ""
-    if exc.filename2:
-        where += f" -> {exc.filename2}"
-    return f"{where + ': ' if where else ''}{exc.strerror or exc}"
-
-
-@contextlib.contextmanager
-def one_line_errors(interruptible: bool = False) -> Iterator[None]:
-    """Map every failure to one line and its exit code; with interruptible, SIGTERM is handled
-    like Ctrl-C (the handler is the process's while the block runs)."""
-    from .io.checks import DamagedFile
-    from .io.ledger import LockedError, SettingsMismatch
-    from .io.storage import ConcurrentWrite
-    from .sinks.base import SinkError
-    from .tools.artifacts import FetchError
-
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if interruptible else None
-    try:
-        yield
-    except (ConfigError, LockedError, SettingsMismatch, ConcurrentWrite, FetchError) as exc:
-        _fail(str(exc), EXIT_USAGE)
-    except SinkError as exc:  # a vector store failed mid-way: nothing half-applied, rerun
-        _fail(str(exc), EXIT_FAILED)
-    except DamagedFile as exc:  # a committed file is not what was written: the line names it
-        _fail(str(exc), EXIT_FAILED)
-    except OSError as exc:
-        _fail(_os_error(exc), EXIT_USAGE)
-    except KeyboardInterrupt:
-        _fail("interrupted (SIGINT); committed units are kept, a rerun finishes the rest",
-              EXIT_SIGNAL + signal.SIGINT)
-    except Interrupted as exc:
-        _fail(f"interrupted ({exc}); committed units are kept, a rerun finishes the rest",
-              EXIT_SIGNAL + exc.signum)
-    except Exception as exc:  # a bug: still one line, the traceback with -vv
-        _fail(f"unexpected {type(exc).__name__}: {exc} (run with -vv for the traceback, and "
-              f"please report it)", EXIT_FAILED)
-    finally:
-        if interruptible:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _setup_logging(verbose: int) -> None:
@@ -485,7 +419,7 @@ def bench(input_path, rows, text_column, id_column, model, dtypes, device, max_l
             except (ValueError, PeersUnavailable) as exc:
                 raise ConfigError(str(exc)) from exc
             except PeerFailed as exc:
-                _fail(str(exc), EXIT_FAILED)
+                fail(str(exc), EXIT_FAILED)
         click.echo(to_json(report) if as_json else render_peers(report))
         return
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 # Lower numbers are lower floors; a module may import from its own floor or below.
-LAYERS = {"config": 0, "faults": 0, "version": 0, "io": 1, "models": 2, "runtime": 2, "encode": 2, "index": 2, "sinks": 2,
-          "jobs": 3, "commands": 3, "tools": 4, "cli": 5, "__init__": 5}
+LAYERS = {"config": 0, "faults": 0, "version": 0, "io": 1, "models": 2, "runtime": 2, "encode": 2,
+          "index": 2, "sinks": 2, "jobs": 3, "commands": 3, "tools": 4, "cli": 5, "exits": 5, "__init__": 5}
 
 
 def _modules() -> dict[str, Path]:
