@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test install install-test pgvector cpu-emulator clean gpu-carry
+.PHONY: demo test install install-test pgvector cpu-emulator clean gpu-carry docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ demo: install
 test: install-test pgvector cpu-emulator
 	$(BIN)/python -m pytest -q -ra
 
+# The documentation site (mkdocs.yml, docs/), built as CI builds it: any broken link fails.
+docs: install-test
+	$(BIN)/mkdocs build --strict -d site
+
 # QEMU's user-mode emulator, so that the tests also run the attention kernel's library and
 # pgvector on an emulated AVX2-only CPU (AMD Zen 3) whatever CPU this is (as root, with apt;
 # elsewhere those tests skip and say why).
@@ -53,4 +57,4 @@ gpu-carry: $(BIN)/python
 	$(BIN)/python -m bench.gpu_check --prepare --carry gpu_carry
 
 clean:
-	rm -rf out .pytest_cache
+	rm -rf out .pytest_cache site
