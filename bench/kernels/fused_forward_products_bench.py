@@ -7,7 +7,7 @@ batches of the bench corpus (encode only, one process, rounds interleaved):
 Prints min and median seconds, and the share of the measured float32 matmul rate at the best.
 
     python -m bench.kernels.fused_forward_products_bench --rows 100 --rounds 3
-Cap the ISA from outside to see an AVX2 CPU on an AVX-512 one (README, "The fused forward's
+Cap the ISA from outside to see an AVX2 CPU on an AVX-512 one (docs/performance/amd-zen3-avx2.md, "The fused forward's
 products on AVX2"): ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The model on its device: forward pass, pooling, normalisation, and out-of-memory back-off.
 
-Precision and kernels, as measured on all-MiniLM-L6-v2 (README, "Performance"):
+Precision and kernels, as measured on all-MiniLM-L6-v2 (docs/performance/):
 
 * CPU, BERT-family models: embedpipe's fused forward (fused_forward.py; runtime.forward), in
   float32 or bfloat16, attention in embedpipe's kernel (cpu_attention.py: AMX, or AVX-512 bf16)
@@ -101,7 +101,7 @@ def _load_model(source: ModelSource, runtime: Runtime):
 
 def _load_fused(source: ModelSource, runtime: Runtime) -> FusedForward:
     """The fused forward, built from the folder's safetensors without importing transformers'
-    model classes (whose imports are most of a run's start-up: README, "Start-up"); a folder
+    model classes (whose imports are most of a run's start-up: docs/performance/amd-zen5.md, "Start-up"); a folder
     with .bin weights only goes through a loaded transformers model's tensors."""
     state = read_safetensors(source.path)
     if state is None:
@@ -138,7 +138,7 @@ def cached_model(source: ModelSource, runtime: Runtime) -> torch.nn.Module:
                 # freezing: the weights are constants (never trained here), folded into the
                 # graph. Through the persistent cache (runtime.compile_cache, the default;
                 # compile_cache.py) without oneDNN weight prepacking, which the FX-graph cache
-                # cannot store (and which measured slower on an AVX-512 bf16 EPYC: README, "The
+                # cannot store (and which measured slower on an AVX-512 bf16 EPYC: docs/performance/amd-zen5.md, "The
                 # compile cache"). Compiling happens lazily at the first calls (and on
                 # recompiles), where torch.compile's `options` do not reach these passes:
                 # Encoder._forward sets them per call (_freezing).
@@ -252,7 +252,7 @@ class Encoder:
         if not _FIRST_BATCH_LOGGED.is_set():
             _FIRST_BATCH_LOGGED.set()
             age = process_age()
-            if age is not None:  # start-up time: README, "Start-up"
+            if age is not None:  # start-up time: docs/performance/amd-zen5.md, "Start-up"
                 log.info("first batch encoded %.2f s after the process started (%.2f s of CPU)",
                          age, time.process_time())
         return out

@@ -4,7 +4,7 @@ out for oneDNN.
 Why: a narrow encoder (all-MiniLM-L6-v2: hidden 384) spends as long around its matrix products
 as in them when transformers runs it eagerly on a CPU: three separate query/key/value products
 that each read the hidden states again, a bias copied into every product's output before the
-product, GELU and residual adds as passes of their own (README, "Where the forward spends its
+product, GELU and residual adds as passes of their own (docs/performance/design-notes.md, "Where the forward spends its
 time"). Per layer this runs instead
 * one query-key-value product (the three weights concatenated);
 * every product through oneDNN on weights packed once for it, with the bias, the GELU and the
@@ -104,7 +104,7 @@ class Int8Product:
     channel (symmetric, scale max |w| / 127), packed once; each call quantizes x to uint8 with
     one scale per call (its range, zero included), accumulates in int32 and dequantizes to
     float32. 8-bit activations (reduce_range off): 7-bit ones cost min cosine 0.987 -> 0.958
-    (README, "int8")."""
+    (docs/performance/amd-zen5.md, "int8")."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
         import warnings

@@ -22,10 +22,10 @@ log = logging.getLogger(__name__)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                 "int8": torch.float32}
 # `compile = "auto"` compiles bf16 on CPU from this many input rows: the compiled model runs
-# ~1.5x faster there (README, Performance), so 15-30 s of compiling is repaid after ~25k rows.
+# ~1.5x faster there (docs/performance/), so 15-30 s of compiling is repaid after ~25k rows.
 AUTO_COMPILE_ROWS = 50_000
 # ... and from this many when the compile cache holds this model, dtype and attention already
-# (compile_cache.py): a warm compile costs a few seconds (README, "The compile cache").
+# (compile_cache.py): a warm compile costs a few seconds (docs/performance/amd-zen5.md, "The compile cache").
 WARM_COMPILE_ROWS = 10_000
 
 
@@ -211,7 +211,7 @@ def _attention(requested: str, device: torch.device, dtype: str, source: ModelSo
 def _forward(requested: str, compiled: bool, fused_reason: str | None) -> str:
     """`auto`: embedpipe's fused forward where it runs (`fused_reason` None: a BERT-family model,
     on CPU, with SDPA or embedpipe's attention kernel, oneDNN in this torch) and the model is not
-    compiled: 1.2-1.7x transformers' eager forward there (README, "The fused forward");
+    compiled: 1.2-1.7x transformers' eager forward there (docs/performance/amd-zen5.md, "The fused forward");
     transformers' forward otherwise. An explicit "fused" that cannot run is a configuration
     error saying why."""
     if requested == "transformers":
@@ -280,7 +280,7 @@ def _kernel_unavailable(device: torch.device, dtype: str, source: ModelSource, k
 def _compile(requested: bool | str, device: torch.device, dtype: str, rows: int,
              warm: bool = False, fused: bool = False) -> tuple[bool, str]:
     """(compile or not, why). `auto`: never where the fused forward can run (`fused`), which is
-    faster eager than transformers' forward compiled (README, "The fused forward"); otherwise
+    faster eager than transformers' forward compiled (docs/performance/amd-zen5.md, "The fused forward"); otherwise
     bf16 on CPU, when the input has at least AUTO_COMPILE_ROWS rows, or WARM_COMPILE_ROWS when
     the compile cache is warm for this model, dtype and attention (`warm`); float32 on CPU gains
     nothing measurable, CUDA is not measured here."""

@@ -109,7 +109,7 @@ def test_compile_auto_goes_by_the_inputs_rows_and_the_cache(requested, device, d
 
 
 def test_compile_auto_leaves_the_fused_forward_eager(bundled_model):
-    """The fused forward runs faster eagerly than transformers' compiled (README): auto never
+    """The fused forward runs faster eagerly than transformers' compiled (docs/performance/amd-zen5.md): auto never
     compiles where it runs, however long the input; an explicit compile takes transformers'."""
     compiled, why = runtime_mod._compile("auto", torch.device("cpu"), "bfloat16",
                                          10 * AUTO_COMPILE_ROWS, True, fused=True)

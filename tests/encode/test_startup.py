@@ -40,7 +40,7 @@ def test_the_first_batch_is_logged_once_with_the_process_age(tiny_model, monkeyp
 
 def test_a_run_imports_none_of_what_it_does_not_use(tmp_path, tiny_model):
     """`embedpipe run` loads no Ray, S3, scikit-learn or sentence-transformers: start-up is
-    torch, transformers and what the run itself needs (README, "Start-up"). A BERT-family model
+    torch, transformers and what the run itself needs (docs/performance/amd-zen5.md, "Start-up"). A BERT-family model
     on CPU runs the fused forward, built without transformers' model classes, whose imports
     (torch._dynamo, torch.distributed, scipy) are most of a run's start-up."""
     import pyarrow as pa

@@ -88,7 +88,7 @@ def test_tiny_models_in_int8_against_transformers_float32():
 @needs_int8
 def test_the_bundled_model_in_int8_against_transformers_float32(bundled_model, mixed_texts):
     """Every row's cosine to transformers' float32 vector >= 0.97 (measured: 0.987 on 60 bench
-    texts; README, "int8")."""
+    texts; docs/performance/amd-zen5.md, "int8")."""
     tok = TextTokenizer(bundled_model.path, bundled_model.max_length)
     ref = encode_texts(tok, encoder_for(bundled_model, "cpu", "float32", MEAN,
                                         forward="transformers"), mixed_texts, 4096, 256)

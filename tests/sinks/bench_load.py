@@ -1,4 +1,4 @@
-"""Load throughput of the sinks, as README.md's "Vector stores" reports it.
+"""Load throughput of the sinks, as docs/sinks.md reports it.
 
     python tests/sinks/bench_load.py --rows 100000 --dim 384
 

@@ -1,4 +1,4 @@
-"""A throwaway PostgreSQL server with pgvector for the sink tests (and the README's load
+"""A throwaway PostgreSQL server with pgvector for the sink tests (and docs/sinks.md's load
 figures): Debian's PostgreSQL binaries with the pgvector extension that
 tests/sinks/setup_pgvector.sh builds for baseline x86-64 and installs into Debian's PostgreSQL
 tree (`make pgvector`), started on 127.0.0.1 at a free port with its data and socket in a

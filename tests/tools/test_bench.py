@@ -52,7 +52,7 @@ def test_stages_ratios_and_matmul_fraction(report):
     assert row["x_vs_sentence-transformers bfloat16"] > 0
     assert 0 < row["encoder_fraction_of_matmul"] and row["matmul_tflops"] > 0
     assert "overhead_vs_encode_only_pct" in row
-    assert "targets" not in report  # the product reports ratios; targets live in the README
+    assert "targets" not in report  # the product reports ratios; targets live in the docs
     text = render(report)
     assert "embedpipe bfloat16" in text and "matmul rate" in text and "targets" not in text
     assert report["cpu_model"] in text  # every speed figure names its CPU
