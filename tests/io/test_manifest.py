@@ -78,7 +78,7 @@ def test_a_sink_record_is_typed_and_written_back_as_it_was():
 def test_the_counts_add_up_to_the_summary_main_wrote():
     """The units' counts added with + give the totals the run's summary (written by main, which
     summed field by field) recorded in last_run."""
-    from pipeline.encode.runtime import Runtime
+    from pipeline.runtime.runtime import Runtime
     from pipeline.jobs.summary import RunSummary
 
     keys = ["rows_read", "rows_failed", "vectors_written", "rows_reused", "rows_copied",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.encode.runtime import Runtime
+from pipeline.runtime.runtime import Runtime
 from pipeline.io.manifest import UnitCounts, UnitRecord
 from pipeline.jobs.summary import RunSummary
 
