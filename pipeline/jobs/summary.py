@@ -14,9 +14,8 @@ from ..io.manifest import UnitCounts, UnitRecord
 _RUNTIME_KEYS = {"device": "device", "dtype": "dtype", "dtype_note": "dtype_note",
                  "attention": "attention", "forward": "forward", "compiled": "compile",
                  "compile_note": "compile_note"}
-_COUNT_KEYS = {"rows_read": "rows_in", "vectors_written": "vectors", "rows_reused": "reused",
-               "rows_copied": "copied", "rejects": "reject_reasons", "truncated": "truncated",
-               "windows": "windows", "texts_chunked": "chunked", "token_rows": "token_rows"}
+_COUNT_KEYS = ("rows_read", "vectors_written", "rows_reused", "rows_copied", "rejects",
+               "truncated", "windows", "texts_chunked", "token_rows")  # RunSummary's _count()s
 _ORDER = ("job", "output", "model", *_RUNTIME_KEYS, "recipe", "units_total", "units_done",
           "units_skipped", "units_changed", "units_failed", "units_removed", "units_removed_kept",
           "units_repaired", "repairs", "rows_read", "rows_failed", "vectors_written", "reuse",
@@ -24,6 +23,11 @@ _ORDER = ("job", "output", "model", *_RUNTIME_KEYS, "recipe", "units_total", "un
           "long_text", "windows", "texts_chunked", "granularity", "token_rows", "real_tokens",
           "padded_tokens", "oom_splits", "stray_files_removed", "folder_vectors", "failures",
           "index", "lock_taken_over", "sinks", "seconds")
+
+
+def _count(name: str, doc: str | None = None) -> property:
+    """One of the summed UnitCounts, read-only (a dict copied: the sum stays as it is)."""
+    return property(lambda self: copy.copy(getattr(self.counts, name)), doc=doc)
 
 
 @dataclass
@@ -70,46 +74,16 @@ class RunSummary:
             self.units_failed += 1
             self.rows_failed += record.counts.rows_in
 
-    @property
-    def rows_read(self) -> int:
-        return self.counts.rows_in
-
-    @property
-    def vectors_written(self) -> int:
-        return self.counts.vectors
-
-    @property
-    def rows_reused(self) -> int:
-        """Rows that took a vector already stored in the folder."""
-        return self.counts.reused
-
-    @property
-    def rows_copied(self) -> int:
-        """Rows that repeated a text encoded earlier in this run."""
-        return self.counts.copied
-
-    @property
-    def rejects(self) -> dict[str, int]:
-        return dict(self.counts.reject_reasons)
-
-    @property
-    def truncated(self) -> int:
-        return self.counts.truncated
-
-    @property
-    def windows(self) -> int:
-        """long_text = "chunk": token windows through the model."""
-        return self.counts.windows
-
-    @property
-    def texts_chunked(self) -> int:
-        """long_text = "chunk": texts cut into more than one window."""
-        return self.counts.chunked
-
-    @property
-    def token_rows(self) -> int:
-        """Rows this run wrote to the token table."""
-        return self.counts.token_rows
+    # the counts under the names the summary has always had (its JSON keys)
+    rows_read = _count("rows_in")
+    vectors_written = _count("vectors")
+    rows_reused = _count("reused", "Rows that took a vector already stored in the folder.")
+    rows_copied = _count("copied", "Rows that repeated a text encoded earlier in this run.")
+    rejects = _count("reject_reasons")
+    truncated = _count("truncated")
+    windows = _count("windows", 'long_text = "chunk": token windows through the model.')
+    texts_chunked = _count("chunked", 'long_text = "chunk": texts cut into more than one window.')
+    token_rows = _count("token_rows", "Rows this run wrote to the token table.")
 
     @property
     def rows_encoded(self) -> int:
