@@ -15,7 +15,7 @@ from ..faults import checkpoint
 from ..io.checks import check_file
 from ..io.manifest import UnitCounts, UnitRecord
 from ..io.writer import TOKENS_DIR, UnitWriter, write_rejects
-from .messages import Channel, DONE, Encoded, Stats, UnitEnd, UnitFailed, UnitStart, Window
+from .messages import DONE, Channel, Encoded, Stats, UnitEnd, UnitFailed, UnitStart, Window
 from .reuse import Assemble, HeldRows, RunMemory, merge_rows
 
 
@@ -38,11 +38,20 @@ class WriteStage:
         self.window_rows = "chunk" in schema.names  # one row a token window, not a text
         self.memory = memory if memory is not None else RunMemory(capacity=0)
         self.held: list[HeldRows] = []  # encoded rows waiting for their window's Assemble
+        # the unit being written: its parts' writers, counts and rejects so far
+        self.unit_id = -1
+        self.writer: UnitWriter | None = None
+        self.token_writer: UnitWriter | None = None
+        self.counts, self.rejects = UnitCounts(), []
+        # the window being filled: its vectors (and per-token vectors) as its batches come in
+        self.window: Window | None = None
+        self.vectors: np.ndarray | None = None
+        self.token_states: list[np.ndarray | None] | None = None
+        self.filled = 0  # its batches in
 
     def run(self, inbox: Channel) -> None:
         handlers = {UnitStart: self._start, Window: self._window, Assemble: self._assemble,
                     Encoded: self._encoded, UnitEnd: self._end, UnitFailed: self._failed}
-        self.writer = self.token_writer = self.window = self.vectors = self.token_states = None
         while (item := inbox.get()) is not DONE:
             tick = time.perf_counter()
             handlers[type(item)](item)
