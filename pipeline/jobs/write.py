@@ -52,12 +52,15 @@ class WriteStage:
     def run(self, inbox: Channel) -> None:
         handlers = {UnitStart: self._start, Window: self._window, Assemble: self._assemble,
                     Encoded: self._encoded, UnitEnd: self._end, UnitFailed: self._failed}
-        while (item := inbox.get()) is not DONE:
-            tick = time.perf_counter()
-            handlers[type(item)](item)
-            if self.window is not None and self.filled == self.window.n_batches:
-                self._window_done()
-            self.stats.seconds["write"] += time.perf_counter() - tick
+        try:
+            while (item := inbox.get()) is not DONE:
+                tick = time.perf_counter()
+                handlers[type(item)](item)
+                if self.window is not None and self.filled == self.window.n_batches:
+                    self._window_done()
+                self.stats.seconds["write"] += time.perf_counter() - tick
+        finally:  # a stopped run's open parts are let go here, while their files are still open
+            self.writer = self.token_writer = self.window = self.vectors = None
 
     def _start(self, item: UnitStart) -> None:
         self.unit_id = item.unit_id
