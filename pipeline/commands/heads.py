@@ -20,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import STORED_COLUMNS, ConfigError
-from ..io.ledger import MANIFEST, Ledger, read_manifest
+from ..io.ledger import Ledger
+from ..io.manifest import MANIFEST, read_manifest
 from ..io.reader import list_input_files, open_parquet
 from ..io.storage import Store
 from ..io.vectors import VectorParts, to_matrix
@@ -111,7 +112,7 @@ def load_training_set(out: str, opts: HeadOptions) -> TrainingSet:
     if windows:  # a document's windows are consecutive rows
         owner = np.cumsum([0] + [a != b for a, b in zip(ids, ids[1:])])
         first = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-        normalize = bool(manifest["vector_settings"].get("encode.normalize"))
+        normalize = bool((manifest.vector_settings or {}).get("encode.normalize"))
         vectors = pool_windows(vectors, owner, np.concatenate(weights), normalize)
         ids, values = [ids[i] for i in first], [values[i] for i in first]
     rows = {"vectors": len(ids), "labelled": 0,

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..config import ConfigError, JobConfig, config_from_dict, settings_differences, settings_hash
+from ..io.manifest import Manifest
 from ..models.model_files import resolve_model
 from ..models.recipe import resolve_recipe
 from ..runtime.runtime import resolve_runtime, vector_settings
@@ -31,13 +32,13 @@ class EmbeddingRecord:
     settings_hash: str
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any], where: str = "manifest") -> "EmbeddingRecord":
-        missing = [k for k in ("config", "vector_settings") if not manifest.get(k)]
+    def from_manifest(cls, manifest: Manifest, where: str = "manifest") -> "EmbeddingRecord":
+        missing = [k for k, v in (("config", manifest.config),
+                                  ("vector_settings", manifest.vector_settings)) if not v]
         if missing:
             raise ConfigError(f"{where} records no {missing[0]}; was it written by embedpipe run?")
-        settings = manifest["vector_settings"]
-        return cls(manifest["config"], settings,
-                   manifest.get("settings_hash") or settings_hash(settings))
+        settings = manifest.vector_settings
+        return cls(manifest.config, settings, manifest.settings_hash or settings_hash(settings))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,7 +5,8 @@ from ..config import config_from_dict
 from ..index.build import build_index
 from ..io.checks import DamagedFile
 from ..io.folder_check import unit_damage
-from ..io.ledger import Ledger, acquire_lock, read_manifest, release_lock
+from ..io.ledger import Ledger, acquire_lock, release_lock
+from ..io.manifest import read_manifest
 from ..io.storage import Store
 
 
@@ -17,7 +18,7 @@ def rebuild_index(url: str, overrides: dict) -> dict:
     acquire_lock(store)
     try:
         ledger = Ledger(store)
-        recorded = ledger.data.get("config", {}).get("index", {})
+        recorded = ledger.manifest.index_config
         merged = {**recorded, **{k: v for k, v in overrides.items() if v is not None}}
         if overrides.get("type") and overrides["type"] != "factory" and not overrides.get("factory"):
             merged["factory"] = None

@@ -17,7 +17,8 @@ from ..index.build import load_index
 from ..index.files import ids_file, read_tombstones
 from ..index.live import LiveIndex
 from ..io.checks import PAGE_CHECKSUMS, DamagedFile, reading
-from ..io.ledger import MANIFEST, Ledger, read_manifest
+from ..io.ledger import Ledger
+from ..io.manifest import MANIFEST, read_manifest
 from ..io.storage import Store
 from ..io.vectors import VectorParts
 from ..io.writer import ResultFile
@@ -57,7 +58,7 @@ class Searcher:
                               f"`embedpipe index {out}`")
         # hits come back as labels; the live index maps them to row positions
         self.live = LiveIndex(self.index, id_map.column("faiss_id").to_numpy(), tombstones)
-        self.keep_columns = list(manifest["config"].get("output", {}).get("keep_columns", []))
+        self.keep_columns = manifest.keep_columns
         if self.chunks is not None:  # where in its text each window lies
             self.keep_columns += ["char_start", "char_end"]
         parts = self.infos.get("parts")

@@ -11,7 +11,7 @@ from ..sinks.make import sinks_of
 
 def sink_problems(ledger: Ledger, checked: list[str], full: bool = True) -> list[str]:
     """Problems of every sink; `checked` gets the names of those compared."""
-    config = ledger.data.get("config") or {}
+    config = ledger.manifest.config or {}
     problems = []
     for raw in config.get("sink") or []:
         name = raw.get("name", "?")

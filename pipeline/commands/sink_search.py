@@ -10,7 +10,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import ConfigError
-from ..io.ledger import MANIFEST, Ledger, read_manifest
+from ..io.ledger import Ledger
+from ..io.manifest import MANIFEST, read_manifest
 from ..io.storage import Store
 from ..sinks.base import Marker, pending
 from ..sinks.make import sinks_of
@@ -24,12 +25,12 @@ class SinkSearcher(Searcher):
     def __init__(self, out: str, sink: str, device: str | None = None, per_chunk: bool = False):
         self.store = Store(out)
         manifest = read_manifest(self.store)
-        if (manifest.get("vector_settings") or {}).get("output.chunks") == "rows" and not per_chunk:
+        if (manifest.vector_settings or {}).get("output.chunks") == "rows" and not per_chunk:
             raise ConfigError(f"{out} holds one row a token window: a sink returns windows, not "
                               f"documents; give --per-chunk (or search the FAISS index, which "
                               f"collapses windows to documents)")
         self.record = EmbeddingRecord.from_manifest(manifest, f"{out}/{MANIFEST}")
-        config = manifest.get("config") or {}
+        config = manifest.config or {}
         names = [s.get("name") for s in config.get("sink") or []]
         if sink not in names:
             raise ConfigError(f"{out} has no sink named {sink!r}; "

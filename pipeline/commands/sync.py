@@ -12,7 +12,8 @@ import dataclasses
 
 from ..config import ConfigError, load_job
 from ..io.folder_check import unit_damage
-from ..io.ledger import Ledger, acquire_lock, read_manifest, release_lock
+from ..io.ledger import Ledger, acquire_lock, release_lock
+from ..io.manifest import read_manifest
 from ..io.storage import Store
 from ..sinks.base import SinkError, SinkLoad, close_all, preflight, sync_sink
 from ..sinks.make import sinks_of
@@ -50,7 +51,7 @@ def sync_folder(url: str, job_file: str | None = None, names: tuple[str, ...] = 
                 full: bool = False) -> SyncResult:
     store = Store(url)
     manifest = read_manifest(store)
-    config = dict(manifest.get("config") or {})
+    config = dict(manifest.config or {})
     recorded = list(config.get("sink") or [])
     if job_file:
         added = [dataclasses.asdict(s) for s in load_job(job_file).sink]
@@ -75,7 +76,7 @@ def sync_folder(url: str, job_file: str | None = None, names: tuple[str, ...] = 
     # only the chosen sinks are made: another's missing extra or DSN does not stop this one
     sinks = sinks_of(config, list(names) or None)
     try:
-        preflight(sinks, manifest.get("settings_hash") or "")
+        preflight(sinks, manifest.settings_hash or "")
         acquire_lock(store)
         try:
             ledger = Ledger(store)
@@ -86,7 +87,7 @@ def sync_folder(url: str, job_file: str | None = None, names: tuple[str, ...] = 
                                   f"altered (e.g. {damaged[0]}); `embedpipe run` on the same "
                                   f"job repairs the folder and then its sinks")
             if job_file:
-                ledger.update(config={**ledger.data.get("config", {}), "sink": recorded})
+                ledger.update(config={**(ledger.manifest.config or {}), "sink": recorded})
             result = SyncResult(url, [], [])
             for sink in sinks:
                 try:

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import ConfigError
-from ..io.ledger import MANIFEST, read_manifest
+from ..io.manifest import MANIFEST, read_manifest
 from ..io.output import open_output
 from ..io.storage import Store
 from ..io.vectors import to_matrix
@@ -115,7 +115,7 @@ def load_word_set(out: str, opts: TaggerOptions) -> WordSet:
     """The token table's word vectors, grouped by row, joined by id to their tag lists."""
     output = open_output(out)
     if output.token_parts is None or \
-            output.manifest.get("vector_settings", {}).get("output.granularity") != "word":
+            (output.manifest.vector_settings or {}).get("output.granularity") != "word":
         raise ConfigError(f"{out} holds no word token table; run the job with [output] "
                           f"granularity = \"word\" first")
     lookup = _read_labels(opts.labels, opts.id_column, opts.label_column)

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from ..index.check import index_problems
 from ..io.checks import DamagedFile
 from ..io.folder_check import duplicate_ids, unit_damage, unit_problems
-from ..io.ledger import Ledger, read_manifest
+from ..io.ledger import Ledger
+from ..io.manifest import read_manifest
 from ..io.storage import Store
 from .sink_check import sink_problems
 
@@ -72,7 +73,7 @@ def verify_folder(url: str, quick: bool = False) -> Verdict:
     store = Store(url)
     read_manifest(store)  # ConfigError when there is none, or it is unreadable or foreign
     ledger = Ledger(store)
-    verdict = Verdict(url, units=len(ledger.units), complete=bool(ledger.data.get("complete")),
+    verdict = Verdict(url, units=len(ledger.units), complete=bool(ledger.manifest.complete),
                       quick=quick)
     failed = [r for r in ledger.units.values() if not r.complete]
     if not verdict.complete:
@@ -88,7 +89,7 @@ def verify_folder(url: str, quick: bool = False) -> Verdict:
     if not any(damage.values()):  # the parts can be read
         try:  # a page failing its checksum (found with --quick, which reads no file whole)
             verdict.problems += duplicate_ids(parts)
-            if (ledger.data.get("config") or {}).get("index", {}).get("enabled", True):
+            if ledger.manifest.index_config.get("enabled", True):
                 verdict.problems += index_problems(store, parts, full=True, digests=not quick)
             verdict.problems += sink_problems(ledger, verdict.sinks, full=not quick)
         except DamagedFile as exc:

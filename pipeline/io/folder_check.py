@@ -28,12 +28,13 @@ def unit_problems(ledger: Ledger, damage: dict[str, list[str]] | None = None) ->
         problems += [f"{where}: {why}" for why in damaged]
         if damaged:
             continue
-        if record.rows_in != record.vectors_out + record.rejects:
-            problems.append(f"{where}: {record.rows_in} rows read, but {record.vectors_out} "
-                            f"vectors + {record.rejects} rejects recorded")
+        c = record.counts
+        if c.rows_in != c.vectors + c.rejects:
+            problems.append(f"{where}: {c.rows_in} rows read, but {c.vectors} "
+                            f"vectors + {c.rejects} rejects recorded")
         for files, recorded, what in ((record.vector_files, record.stored_rows, "vectors"),
-                                      (record.reject_files, record.rejects, "rejects"),
-                                      (record.token_files, record.token_rows, "token")):
+                                      (record.reject_files, c.rejects, "rejects"),
+                                      (record.token_files, c.token_rows, "token")):
             rows = sum(_rows(ledger, record, f) for f in files)
             if rows != recorded:
                 problems.append(f"{where}: its {what} parts hold {rows} rows, {recorded} recorded")

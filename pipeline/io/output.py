@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from .ledger import Ledger, read_manifest
+from .ledger import Ledger
+from .manifest import Manifest, read_manifest
 from .storage import Store
 from .vectors import VectorParts, to_matrix
 
@@ -20,7 +21,7 @@ class Output:
     >>> out.vectors().shape, out.ids()[:3], out.table(["id", "text"]).num_rows
     """
     store: Store
-    manifest: dict[str, Any]
+    manifest: Manifest
     parts: VectorParts
     token_parts: VectorParts | None = None  # the token table's (output.granularity subword | word)
 
@@ -56,7 +57,7 @@ class Output:
     def vectors(self) -> np.ndarray:
         """float32 [count, dim]; float16 parts are widened."""
         blocks = list(self.parts.vectors())
-        return np.concatenate(blocks) if blocks else np.zeros((0, self.manifest.get("dim") or 0),
+        return np.concatenate(blocks) if blocks else np.zeros((0, self.manifest.dim or 0),
                                                                np.float32)
 
     def token_batches(self, columns: list[str] | None = None) -> Iterator[pa.Table]:

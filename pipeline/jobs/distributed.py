@@ -14,11 +14,11 @@ import os
 from collections import deque
 from typing import Callable
 
-from ..io.ledger import UnitRecord
+from ..io.manifest import UnitRecord
 from ..io.reader import Unit
 from ..io.registry import ReuseSource
 from .embedder import EmbedPlan, UnitEmbedder
-from .stages import NO_ROWS, Stats
+from .messages import NO_ROWS, Stats
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def embed_on_ray(plan: EmbedPlan, units: list[tuple[Unit, int]], duplicates: dic
                 continue
             for record in records:
                 commit(record)
-                progress(record.rows_in)
+                progress(record.counts.rows_in)
             stats.merge(unit_stats)
             oom_splits += splits
             idle.append(actor)

@@ -18,7 +18,10 @@ from ..io.registry import ReuseSource
 from ..io.storage import Store
 from ..io.writer import tokens_schema, vectors_schema
 from .reuse import MEMORY_BYTES, ReusePlanner, RunMemory
-from .stages import FlowSettings, PrepareStage, Stats, WriteStage, run_stages
+from .messages import Stats
+from .prepare import FlowSettings, PrepareStage
+from .stages import run_stages
+from .write import WriteStage
 
 
 @dataclass(frozen=True)

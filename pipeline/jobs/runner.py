@@ -24,8 +24,8 @@ from ..index.check import index_damage, index_problems
 from ..index.choose import check_config as check_index_config, faiss_reason
 from ..index.files import INDEX_DIR
 from ..io.folder_check import unit_damage, unit_problems
-from ..io.ledger import (MANIFEST, Ledger, UnitRecord, acquire_lock, refuse_foreign_folder,
-                         release_lock)
+from ..io.ledger import Ledger, acquire_lock, refuse_foreign_folder, release_lock
+from ..io.manifest import MANIFEST, UnitRecord
 from ..io.reader import Unit, open_parquet, plan_units, refuse_overlap
 from ..io.content_hash import CONTENT_HASH
 from ..io.registry import ReuseSource, StoredRows, scan_input
@@ -36,7 +36,7 @@ from ..sinks.base import Sink, SinkError, SinkLoad, close_all, preflight, prune_
 from ..sinks.make import make_sink
 from ..version import package_versions
 from .embedder import EmbedPlan, UnitEmbedder
-from .stages import Stats
+from .messages import Stats
 from .summary import RunSummary
 from .unit_diff import UnitDiff, diff_units
 
@@ -127,12 +127,8 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
             _wipe(store)
         ledger = Ledger(store)
         ledger.check_settings(settings)
-        summary = RunSummary(job=job.name, output=store.url, device=runtime.device,
-                             dtype=runtime.dtype, dtype_note=runtime.dtype_note,
-                             attention=runtime.attention, forward=runtime.forward,
-                             compiled=runtime.compile,
-                             compile_note=runtime.compile_note,
-                             model=source.name, units_total=len(units), recipe=recipe,
+        summary = RunSummary(job=job.name, output=store.url, model=source.name,
+                             runtime=runtime, units_total=len(units), recipe=recipe,
                              long_text=job.encode.long_text,
                              granularity=job.output.granularity)
         ctx = RunContext(job, options, source, runtime, settings, store, ledger, summary,
@@ -164,7 +160,7 @@ def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
         log.warning("unit %s is redone: %s", key, "; ".join(damage[key]))
     # The model is loaded and checked (tokenizer, weights) before anything in the folder changes.
     embedder = _prepare(ctx, diff.todo) if diff.todo else None
-    hashed_alike = ledger.data.get("content_hash", CONTENT_HASH) == CONTENT_HASH
+    hashed_alike = (ledger.manifest.content_hash or CONTENT_HASH) == CONTENT_HASH
     dropped = _drop(ctx, diff)
     summary.stray_files_removed = _sweep(store, ledger)
     ctx.changed = bool(dropped or summary.stray_files_removed)
@@ -192,7 +188,7 @@ def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
                 log.warning("rebuilding the index: %s", "; ".join(stale))
             _index(ctx, parts, rebuild=damaged[0] if damaged else None)
         else:
-            summary.index = ledger.data.get("index", {})
+            summary.index = ledger.manifest.index or {}
     _record_stats(ctx)
     # What the folder now holds is checked as `embedpipe verify` would, files and counts only.
     problems = unit_problems(ledger) + (index_problems(store, parts) if job.index.enabled
@@ -200,8 +196,8 @@ def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
     summary.failures += [f"check: {p}" for p in problems]
     _sync_sinks(ctx, healthy=not problems)
     # The completion record is written last: a folder whose manifest says complete is whole.
-    ledger.update(index=summary.index, dim=ledger.data.get("dim"),
-                  complete=not summary.failures, last_run=summary.to_dict())
+    ledger.update(index=summary.index, complete=not summary.failures,
+                  last_run=summary.to_dict())
     # The replaced parts go once a run reaches its end, failed units or not (so they never pile
     # up night after night); a run killed before here leaves them named, for its rerun to reuse.
     remove_files(store, ledger.clear_retired())
@@ -291,7 +287,7 @@ def _prepare(ctx: RunContext, todo: list[Unit]) -> UnitEmbedder:
     healthy = [u for u in todo if not u.error]
     # The first healthy file sets the id type and the kept columns' types for the folder.
     first = unit_schema(healthy[0]) if healthy else pa.schema([])
-    id_type = ctx.ledger.data.get("id_type") or (
+    id_type = ctx.ledger.manifest.id_type or (
         str(id_type_of(first, job.input.id_column)) if healthy else "string")
     keep_schema = pa.schema([first.field(c) for c in job.output.keep_columns]) if healthy else None
     return UnitEmbedder(EmbedPlan(job=job, source=ctx.source, runtime=ctx.runtime,
@@ -336,22 +332,7 @@ def _embed(ctx: RunContext, todo: list[Unit], embedder: UnitEmbedder, hashed_ali
                disable=not ctx.options.progress, desc=job.name, dynamic_ncols=True)
 
     def commit(record: UnitRecord) -> None:
-        if record.complete:
-            summary.units_done += 1
-            summary.rows_read += record.rows_in
-            summary.vectors_written += record.vectors_out
-            summary.truncated += record.truncated
-            summary.windows += record.windows
-            summary.rows_reused += record.reused
-            summary.rows_copied += record.copied
-            summary.texts_chunked += record.chunked
-            summary.token_rows += record.token_rows
-            for reason, count in record.reject_reasons.items():
-                summary.rejects[reason] = summary.rejects.get(reason, 0) + count
-        else:  # its rows were read, none is stored: the rerun retries them
-            summary.units_failed += 1
-            summary.rows_read += record.rows_in
-            summary.rows_failed += record.rows_in
+        summary.add(record)
         ledger.commit_unit(record)
         checkpoint("unit")
 

@@ -1,8 +1,33 @@
 """The run summary: one screen for people, the same facts as JSON for schedulers."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
+
+from ..runtime.runtime import Runtime
+from ..io.manifest import UnitCounts, UnitRecord
+
+
+# The JSON's keys, in their order: the run's own fields, the runtime's (as they were named when
+# the summary copied them), then the counts' under their summary names
+_RUNTIME_KEYS = {"device": "device", "dtype": "dtype", "dtype_note": "dtype_note",
+                 "attention": "attention", "forward": "forward", "compiled": "compile",
+                 "compile_note": "compile_note"}
+_COUNT_KEYS = ("rows_read", "vectors_written", "rows_reused", "rows_copied", "rejects",
+               "truncated", "windows", "texts_chunked", "token_rows")  # RunSummary's _count()s
+_ORDER = ("job", "output", "model", *_RUNTIME_KEYS, "recipe", "units_total", "units_done",
+          "units_skipped", "units_changed", "units_failed", "units_removed", "units_removed_kept",
+          "units_repaired", "repairs", "rows_read", "rows_failed", "vectors_written", "reuse",
+          "rows_reused", "rows_copied", "rows_removed", "registry_bytes", "rejects", "truncated",
+          "long_text", "windows", "texts_chunked", "granularity", "token_rows", "real_tokens",
+          "padded_tokens", "oom_splits", "stray_files_removed", "folder_vectors", "failures",
+          "index", "lock_taken_over", "sinks", "seconds")
+
+
+def _count(name: str, doc: str | None = None) -> property:
+    """One of the summed UnitCounts, read-only (a dict copied: the sum stays as it is)."""
+    return property(lambda self: copy.copy(getattr(self.counts, name)), doc=doc)
 
 
 @dataclass
@@ -10,13 +35,7 @@ class RunSummary:
     job: str
     output: str
     model: str
-    device: str
-    dtype: str
-    dtype_note: str = ""  # why this dtype, when it was chosen automatically
-    attention: str = ""  # the attention kernel: sdpa, amx / avx512 (embedpipe's), flash_attention_2
-    forward: str = ""  # fused (embedpipe's, fused_forward.py) | transformers
-    compiled: bool = False  # torch.compile (model.compile, or auto for a long enough input)
-    compile_note: str = ""  # why compiled or not: "auto: warm compile cache, 12,000 input rows ..."
+    runtime: Runtime  # device, dtype and why, attention, forward, compile and why
     recipe: list[str] = field(default_factory=list)  # pooling, normalize, prompt: where from
     units_total: int = 0
     units_done: int = 0
@@ -27,21 +46,13 @@ class RunSummary:
     units_removed_kept: int = 0
     units_repaired: int = 0  # complete before, but their files were missing or altered: redone
     repairs: list[str] = field(default_factory=list)  # one line a repaired unit: what was wrong
-    rows_read: int = 0
+    counts: UnitCounts = UnitCounts()  # every unit this run embedded (failed ones: rows read)
     rows_failed: int = 0  # rows read in units that failed: neither vector nor reject, retried
-    vectors_written: int = 0
     reuse: str = "off"  # encode.reuse as it applied (off where the output layout cannot reuse)
-    rows_reused: int = 0  # took a vector already stored in the folder
-    rows_copied: int = 0  # repeated a text encoded earlier in this run
     rows_removed: int = 0  # ids stored before that the input no longer has
     registry_bytes: int = 0  # the largest id / hash lookup arrays this run held
-    rejects: dict[str, int] = field(default_factory=dict)
-    truncated: int = 0
     long_text: str = "truncate"  # truncate | chunk | reject: what became of texts over a window
-    windows: int = 0  # long_text = "chunk": token windows through the model
-    texts_chunked: int = 0  # long_text = "chunk": texts cut into more than one window
     granularity: str = "text"  # subword | word: a token table is written beside the vectors
-    token_rows: int = 0  # rows this run wrote to the token table
     real_tokens: int = 0
     padded_tokens: int = 0
     oom_splits: int = 0
@@ -52,6 +63,27 @@ class RunSummary:
     lock_taken_over: dict | None = None
     sinks: list[dict] = field(default_factory=list)  # per [[sink]]: what its sync did
     seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, record: UnitRecord) -> None:
+        """A unit committed: its counts; a failed one's rows are read but neither vector nor
+        reject (the rerun retries them)."""
+        self.counts += record.counts
+        if record.complete:
+            self.units_done += 1
+        else:
+            self.units_failed += 1
+            self.rows_failed += record.counts.rows_in
+
+    # the counts under the names the summary has always had (its JSON keys)
+    rows_read = _count("rows_in")
+    vectors_written = _count("vectors")
+    rows_reused = _count("reused", "Rows that took a vector already stored in the folder.")
+    rows_copied = _count("copied", "Rows that repeated a text encoded earlier in this run.")
+    rejects = _count("reject_reasons")
+    truncated = _count("truncated")
+    windows = _count("windows", 'long_text = "chunk": token windows through the model.')
+    texts_chunked = _count("chunked", 'long_text = "chunk": texts cut into more than one window.')
+    token_rows = _count("token_rows", "Rows this run wrote to the token table.")
 
     @property
     def rows_encoded(self) -> int:
@@ -81,7 +113,10 @@ class RunSummary:
         return count / total if total else 0.0
 
     def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values = {**own, **{k: getattr(self.runtime, a) for k, a in _RUNTIME_KEYS.items()},
+                  **{k: getattr(self, k) for k in _COUNT_KEYS}}
+        data = copy.deepcopy({k: values[k] for k in _ORDER})
         data.update(rejected=self.rejected, rows_encoded=self.rows_encoded, padding_overhead_pct=round(self.padding_overhead, 2),
                     rows_per_second=round(self.rate(self.rows_read), 1),
                     tokens_per_second=round(self.rate(self.real_tokens), 1),
@@ -90,16 +125,16 @@ class RunSummary:
         return data
 
     def render(self) -> str:
-        s = self.seconds
+        s, r = self.seconds, self.runtime
         reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(self.rejects.items())) or "none"
         check = "ok" if self.accounted else "MISMATCH"
         lines = [
             f"embedpipe run {self.job} -> {self.output}",
-            f"  model      {self.model} on {self.device} in {self.dtype_note or self.dtype}"
-            + (f", attention {self.attention}" if self.attention else "")
-            + (", fused forward" if self.forward == "fused" else "")
-            + (", compiled" if self.compiled else "")
-            + (f" ({self.compile_note})" if self.compiled and self.compile_note.startswith("auto")
+            f"  model      {self.model} on {r.device} in {r.dtype_note or r.dtype}"
+            + (f", attention {r.attention}" if r.attention else "")
+            + (", fused forward" if r.forward == "fused" else "")
+            + (", compiled" if r.compile else "")
+            + (f" ({r.compile_note})" if r.compile and r.compile_note.startswith("auto")
                else ""),
             *([f"  encoding   {'; '.join(self.recipe)}"] if self.recipe else []),
             f"  units      {self.units_total} in input: {self.units_done} embedded, "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..io.ledger import UnitRecord
+from ..io.manifest import UnitRecord
 from ..io.reader import Unit
 
 

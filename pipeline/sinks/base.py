@@ -34,7 +34,8 @@ import pyarrow.compute as pc
 
 from ..config import ConfigError, SinkConfig
 from ..faults import checkpoint
-from ..io.ledger import Ledger, UnitRecord
+from ..io.ledger import Ledger
+from ..io.manifest import SinkRecord, UnitRecord
 from ..io.storage import Store
 from ..io.vectors import VectorParts, to_matrix
 
@@ -68,8 +69,9 @@ class Marker:
 
     @classmethod
     def of_folder(cls, ledger: Ledger, cfg: SinkConfig) -> "Marker":
-        return cls(ledger.data.get("settings_hash", ""), int(ledger.data.get("dim") or 0),
-                   str(ledger.data.get("id_type") or "string"), cfg.vector_type)
+        m = ledger.manifest
+        return cls(m.settings_hash or "", int(m.dim or 0), str(m.id_type or "string"),
+                   cfg.vector_type)
 
     @classmethod
     def of_settings(cls, settings_hash: str, cfg: SinkConfig) -> "Marker":
@@ -257,11 +259,9 @@ def key_tuples(keys: pa.Table) -> list[tuple]:
     return list(zip(*(keys.column(c).to_pylist() for c in keys.column_names)))
 
 
-def recorded(ledger: Ledger, sink: Sink) -> dict | None:
-    record = (ledger.data.get("sinks") or {}).get(sink.name)
-    if not isinstance(record, dict) or record.get("target") != sink.target():
-        return None
-    return record
+def recorded(ledger: Ledger, sink: Sink) -> SinkRecord | None:
+    record = (ledger.manifest.sinks or {}).get(sink.name)
+    return record if record is not None and record.target == sink.target() else None
 
 
 def pending(ledger: Ledger, sink: Sink) -> list[str]:
@@ -270,7 +270,7 @@ def pending(ledger: Ledger, sink: Sink) -> list[str]:
     if record is None:
         return [f'sink "{sink.name}" ({sink.describe()}): the manifest records no sync of the '
                 f"folder into it"]
-    held, now = record.get("units") or {}, folder_state(ledger)
+    held, now = record.units, folder_state(ledger)
     behind = sum(1 for k, v in now.items() if held.get(k) != v)
     gone = sum(1 for k in held if k not in now)
     if behind or gone:
@@ -292,8 +292,8 @@ def sync_sink(sink: Sink, ledger: Ledger, full: bool = False, compare: bool = Fa
     record = recorded(ledger, sink)
     before = sink.count()
     trusted = (record is not None and not full and before is not None
-               and before == record.get("rows"))
-    held = (record.get("units") or {}) if trusted else {}
+               and before == record.rows)
+    held = record.units if trusted else {}
     todo = [r for r in units if held.get(r.key) != now[r.key]]
     stale = [k for k, v in held.items() if now.get(k) != v]
     report.full = not trusted
@@ -317,10 +317,10 @@ def sync_sink(sink: Sink, ledger: Ledger, full: bool = False, compare: bool = Fa
     report.rows = after
     report.index = sink.ensure_index(after)
     checkpoint("sink")  # the sink committed, its record not yet written
-    sinks = {k: v for k, v in (ledger.data.get("sinks") or {}).items()}
-    sinks[sink.name] = {"kind": sink.kind, "target": sink.target(), "units": now, "rows": after,
-                        "settings_hash": marker.settings_hash,
-                        "synced": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    sinks = dict(ledger.manifest.sinks or {})
+    sinks[sink.name] = SinkRecord(kind=sink.kind, target=sink.target(), units=now, rows=after,
+                                  settings_hash=marker.settings_hash,
+                                  synced=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     ledger.update(sinks=sinks)
     return report
 
@@ -421,7 +421,7 @@ def _examples(keys: pa.Table, shown: int = 5) -> str:
 
 def prune_records(ledger: Ledger, names: list[str]) -> None:
     """Forget the records of sinks the job no longer names (their tables are left alone)."""
-    sinks = ledger.data.get("sinks") or {}
+    sinks = ledger.manifest.sinks or {}
     if any(k not in names for k in sinks):
         ledger.update(sinks={k: v for k, v in sinks.items() if k in names})
 

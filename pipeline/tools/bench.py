@@ -172,7 +172,8 @@ def runner_batches(job, runtime, tokenizer):
     from ..io.reader import plan_units
     from ..io.registry import scan_input
     from ..jobs.runner import id_type_of, unit_schema
-    from ..jobs.stages import BatchCollector, FlowSettings, PrepareStage, Stats
+    from ..jobs.prepare import FlowSettings, PrepareStage, Stats
+    from .batch_collector import BatchCollector
 
     units = plan_units(job.input)
     duplicates = scan_input(units, job.input.id_column, job.input.text_column, None, [],

@@ -208,6 +208,7 @@ def test_prompts_equal_sentence_transformers(family_folders, texts_dir, tmp_path
     from sentence_transformers import SentenceTransformer
 
     from pipeline.commands.query import EmbeddingRecord, TextEmbedder
+    from pipeline.io.manifest import Manifest
 
     folder = family_folders["bert"]
     st = SentenceTransformer(str(folder), device="cpu")
@@ -225,7 +226,7 @@ def test_prompts_equal_sentence_transformers(family_folders, texts_dir, tmp_path
     assert (plain > read_vectors(tmp_path / "none").column("n_tokens").to_numpy()).all()
     # search embeds queries with the folder's query prompt, stored vectors with the document one
     manifest = json.loads((tmp_path / "default" / "manifest.json").read_text())
-    record = EmbeddingRecord.from_manifest(manifest)
+    record = EmbeddingRecord.from_manifest(Manifest.from_json(manifest))
     query = TextEmbedder(record, purpose="query").embed(["a warm film"])
     assert _cos(query, st.encode(["a warm film"], prompt_name="query")).min() >= 0.99999
     assert manifest["vector_settings"]["encode.prompt"] == "passage: "

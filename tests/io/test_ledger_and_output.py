@@ -5,7 +5,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.io.ledger import Ledger, UnitRecord
+from pipeline.io.ledger import Ledger
+from pipeline.io.manifest import UnitCounts, UnitRecord
 from pipeline.io.reader import Unit
 from pipeline.io.storage import Store
 
@@ -18,8 +19,9 @@ def _unit(key: str, fingerprint: str = "f1", path: str | None = None) -> Unit:
 def test_unit_records_round_trip_through_the_manifest(tmp_path):
     store = Store(str(tmp_path))
     ledger = Ledger(store)
-    done = UnitRecord.for_unit(_unit("b", path="/in/b.parquet"), "complete", unit_id=1, rows_in=5,
-                               vectors_out=4, rejects=1, reject_reasons={"null text": 1},
+    done = UnitRecord.for_unit(_unit("b", path="/in/b.parquet"), "complete", unit_id=1,
+                               counts=UnitCounts(rows_in=5, vectors=4, rows=4, rejects=1,
+                                                 reject_reasons={"null text": 1}),
                                vector_files=["vectors/part-00001-0000.parquet"],
                                reject_files=["rejects/part-00001.parquet"], seconds=0.5)
     first = UnitRecord.for_unit(_unit("a", path="/in/a.parquet"), "complete", unit_id=0,

@@ -167,7 +167,7 @@ def test_incremental_runs_keep_window_rows_equal_to_a_fresh_run(long_dir, tmp_pa
 def test_heads_train_on_pooled_windows_and_predict_alike(long_dir, tmp_path, tiny_model):
     from pipeline.commands.heads import HeadOptions, load_training_set
     from pipeline.commands.query import EmbeddingRecord, TextEmbedder
-    from pipeline.io.ledger import read_manifest
+    from pipeline.io.manifest import read_manifest
     from pipeline.io.storage import Store
 
     folder, texts = long_dir
@@ -192,7 +192,7 @@ def test_heads_train_on_pooled_windows_and_predict_alike(long_dir, tmp_path, tin
 
 def test_pool_folder_vectors_are_what_predict_embeds(long_dir, tmp_path, tiny_model):
     from pipeline.commands.query import EmbeddingRecord, TextEmbedder
-    from pipeline.io.ledger import read_manifest
+    from pipeline.io.manifest import read_manifest
     from pipeline.io.storage import Store
 
     folder, texts = long_dir

@@ -119,7 +119,7 @@ def test_s3_manifest_writes_are_conditional(s3):
     second.update(job="b")
     with pytest.raises(ConcurrentWrite):
         first.update(job="stale")  # first's view is out of date: refused, not overwritten
-    assert Ledger(store).data["job"] == "b"
+    assert Ledger(store).manifest.job == "b"
 
 
 def test_local_runner_never_imports_ray(tmp_path, shards, tiny_model):

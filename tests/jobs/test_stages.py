@@ -7,12 +7,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.io.content_hash import text_hashes
-from pipeline.io.ledger import UnitRecord
+from pipeline.io.manifest import UnitRecord
 from pipeline.io.reader import Unit
 from pipeline.io.storage import Store
 from pipeline.io.writer import vectors_schema
-from pipeline.jobs.stages import (DONE, Encoded, Stats, UnitEnd, UnitStart, Window, WriteStage,
-                                  _take)
+from pipeline.jobs.messages import DONE, Encoded, Stats, UnitEnd, UnitStart, Window
+from pipeline.jobs.prepare import _take
+from pipeline.jobs.write import WriteStage
 from pipeline.jobs.unit_diff import diff_units
 
 
@@ -61,7 +62,7 @@ def test_writer_puts_sorted_batches_back_in_input_order(tmp_path):
     writer.run(_Inbox([UnitStart(unit, 7), window, Encoded(second, vectors[second]),
                        Encoded(first, vectors[first]), UnitEnd(unit, 5, 0.1), DONE]))
     [record] = records
-    assert record.complete and record.unit_id == 7 and record.vectors_out == 5
+    assert record.complete and record.unit_id == 7 and record.counts.vectors == 5
     table = pq.read_table(tmp_path / record.vector_files[0])
     assert table.column("id").to_pylist() == [10, 11, 12, 13, 14]
     assert table.column("n_tokens").to_pylist() == [3, 9, 5, 1, 7]

@@ -270,7 +270,7 @@ def test_token_windows_hold_a_bounded_number_of_tokens(tmp_path, movie_table, bu
     from pipeline.encode.token_output import TokenPolicy
     from pipeline.encode.tokenizer import TextTokenizer
     from pipeline.io.reader import plan_units
-    from pipeline.jobs import stages
+    from pipeline.jobs import prepare as stages
 
     monkeypatch.setattr(stages, "TOKEN_WINDOW", 300)
     texts = movie_table.column("text").to_pylist()[:150]

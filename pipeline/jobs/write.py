@@ -1,0 +1,174 @@
+"""The write stage: each window's encoded rows put back in input order and written to the
+unit's parts; a unit is committed (on_unit_done) once its parts are in place."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+
+from ..encode.chunking import pool_windows
+from ..encode.token_output import gather
+from ..faults import checkpoint
+from ..io.checks import check_file
+from ..io.manifest import UnitCounts, UnitRecord
+from ..io.writer import TOKENS_DIR, UnitWriter, write_rejects
+from .messages import DONE, Channel, Encoded, Stats, UnitEnd, UnitFailed, UnitStart, Window
+from .reuse import Assemble, HeldRows, RunMemory, merge_rows
+
+
+class WriteStage:
+    """Puts each window back in input order, writes parts, commits units through on_unit_done."""
+
+    def __init__(self, store, schema: pa.Schema, rows_per_file: int,
+                 vector_dtype: str, stats: Stats, on_unit_done: Callable[[UnitRecord], None],
+                 progress: Callable[[int], None], normalize: bool = False,
+                 token_schema: pa.Schema | None = None, token_mean: bool = False,
+                 memory: RunMemory | None = None):
+        """normalize: L2-normalise texts' pooled windows (long_text = "chunk", chunks = "pool");
+        token_schema: the token table's (output.granularity = subword | word), whose rows are
+        their sub-tokens' mean when token_mean (word_pooling = "mean")."""
+        self.token_schema, self.token_mean = token_schema, token_mean
+        self.store, self.schema = store, schema
+        self.rows_per_file, self.vector_dtype = rows_per_file, vector_dtype
+        self.stats, self.on_unit_done, self.progress = stats, on_unit_done, progress
+        self.normalize = normalize
+        self.window_rows = "chunk" in schema.names  # one row a token window, not a text
+        self.memory = memory if memory is not None else RunMemory(capacity=0)
+        self.held: list[HeldRows] = []  # encoded rows waiting for their window's Assemble
+        # the unit being written: its parts' writers, counts and rejects so far
+        self.unit_id = -1
+        self.writer: UnitWriter | None = None
+        self.token_writer: UnitWriter | None = None
+        self.counts, self.rejects = UnitCounts(), []
+        # the window being filled: its vectors (and per-token vectors) as its batches come in
+        self.window: Window | None = None
+        self.vectors: np.ndarray | None = None
+        self.token_states: list[np.ndarray | None] | None = None
+        self.filled = 0  # its batches in
+
+    def run(self, inbox: Channel) -> None:
+        handlers = {UnitStart: self._start, Window: self._window, Assemble: self._assemble,
+                    Encoded: self._encoded, UnitEnd: self._end, UnitFailed: self._failed}
+        try:
+            while (item := inbox.get()) is not DONE:
+                tick = time.perf_counter()
+                handlers[type(item)](item)
+                if self.window is not None and self.filled == self.window.n_batches:
+                    self._window_done()
+                self.stats.seconds["write"] += time.perf_counter() - tick
+        finally:  # a stopped run's open parts are let go here, while their files are still open
+            self.writer = self.token_writer = self.window = self.vectors = None
+
+    def _start(self, item: UnitStart) -> None:
+        self.unit_id = item.unit_id
+        self.writer = UnitWriter(self.store, item.unit_id, self.schema, self.rows_per_file,
+                                 self.vector_dtype)
+        if self.token_schema is not None:
+            self.token_writer = UnitWriter(self.store, item.unit_id, self.token_schema,
+                                           self.rows_per_file, self.vector_dtype, TOKENS_DIR)
+        self.counts, self.rejects = UnitCounts(), []
+
+    def _window(self, item: Window) -> None:
+        self.window, self.filled, self.vectors = item, 0, None
+        self.token_states = None if item.tokens is None else [None] * item.n_vectors
+        self.rejects.append(item.rejects)
+
+    def _encoded(self, item: Encoded) -> None:
+        if self.vectors is None:
+            self.vectors = np.empty((self.window.n_vectors, item.vectors.shape[1]), np.float32)
+        self.vectors[item.positions] = item.vectors
+        if self.token_states is not None:
+            for position, states in zip(item.positions.tolist(), item.tokens):
+                self.token_states[position] = states
+        self.filled += 1
+
+    def _end(self, item: UnitEnd) -> None:
+        if self.held:
+            raise RuntimeError("internal: encoded rows left without their Assemble")
+        files = self.writer.close()
+        token_files = self.token_writer.close() if self.token_writer is not None else []
+        reject_table = pa.concat_tables(self.rejects) if self.rejects else None
+        reject_files = write_rejects(self.store, self.unit_id, reject_table) if reject_table else []
+        reasons = Counter(reject_table.column("reason").to_pylist()) if reject_table else {}
+        counts = self.counts + UnitCounts(rows_in=item.rows_in, rejects=sum(reasons.values()),
+                                          reject_reasons=dict(reasons))
+        self.on_unit_done(UnitRecord.for_unit(
+            item.unit, "complete", unit_id=self.unit_id, counts=counts,
+            window_rows=self.window_rows, vector_files=files, reject_files=reject_files,
+            token_files=token_files, seconds=round(item.seconds, 3),
+            checks={f: check_file(self.store, f, full=True)
+                    for f in files + reject_files + token_files}))
+        self.writer = self.token_writer = None
+
+    def _failed(self, item: UnitFailed) -> None:
+        for open_writer in (self.writer, self.token_writer):
+            if open_writer is not None:
+                open_writer.abort()
+        self.writer = self.token_writer = None
+        self.held = []
+        self.on_unit_done(UnitRecord.for_unit(item.unit, "failed", error=item.error,
+                                              counts=UnitCounts(rows_in=item.rows_in)))
+
+    def _window_done(self) -> None:
+        """The window's rows all encoded: written (or held for its Assemble), then its
+        token-table rows, before the next window's."""
+        self._write_window(self.window, self.vectors)
+        if self.token_writer is not None:
+            self._write_tokens(self.token_writer, self.window, self.token_states)
+        self.window = self.token_states = None
+
+    def _write_window(self, window: Window, vectors: np.ndarray | None) -> None:
+        n, windows = len(window.ids), window.windows
+        if not n:  # every text of the window rejected, or taken from stored rows
+            self.progress(window.rejects.num_rows)
+            return
+        if windows is None:
+            rows = {"vector": vectors, "n_tokens": window.n_tokens, "truncated": window.truncated}
+        elif not self.window_rows:  # one row a text: its windows pooled
+            rows = {"vector": pool_windows(vectors, windows.owner, windows.weights, self.normalize),
+                    "n_tokens": window.n_tokens, "truncated": window.truncated,
+                    "n_chunks": windows.n_chunks}
+        else:  # one row a window
+            rows = {"vector": vectors, "n_tokens": windows.weights.astype(np.int32),
+                    "truncated": window.truncated[windows.owner], "chunk": windows.chunk,
+                    "token_start": windows.token_start, "token_end": windows.token_end,
+                    "char_start": windows.char_start, "char_end": windows.char_end}
+        owner = pa.array(windows.owner, pa.int64()) if self.window_rows else None
+        ids = window.ids.take(owner) if self.window_rows else window.ids
+        rows["text_hash"] = window.text_hash.take(owner) if self.window_rows else window.text_hash
+        if window.rows_at is not None:  # written with the window's reused rows
+            if len(ids):  # each row's text, among the sort window's good texts
+                self.held.append(HeldRows(window.rows_at[windows.owner] if self.window_rows
+                                          else window.rows_at, rows))
+        elif len(ids):
+            self.writer.write(ids, rows, window.keep)
+        self.counts += UnitCounts(
+            vectors=n, rows=len(ids), truncated=int(window.truncated.sum()),
+            windows=0 if windows is None else len(windows.ids),
+            chunked=0 if windows is None else int((windows.n_chunks > 1).sum()))
+        self.progress(n + window.rejects.num_rows)
+
+    def _assemble(self, plan: Assemble) -> None:
+        """A sort window's encoded rows (held) with its reused and copied rows, in input order."""
+        ids, rows, keep, skipped = merge_rows(self.held, plan, self.memory)
+        self.held = []
+        if len(ids):
+            self.writer.write(ids, rows, keep)
+        checkpoint("reuse")  # reused rows written into the unit's open part
+        self.counts += UnitCounts(vectors=skipped.texts, rows=skipped.rows,
+                                  truncated=skipped.truncated, chunked=skipped.chunked,
+                                  reused=skipped.reused, copied=skipped.texts - skipped.reused)
+        self.progress(skipped.texts)
+
+    def _write_tokens(self, writer: UnitWriter, window: Window, states: list[np.ndarray]) -> None:
+        """The window's token-table rows, in input order, written before the next window's."""
+        rows = window.tokens
+        if not len(rows):
+            return
+        columns = {"vector": gather(states, rows, self.token_mean), "position": rows.position,
+                   "token": rows.token, "char_start": rows.char_start, "char_end": rows.char_end}
+        writer.write(window.ids.take(pa.array(rows.owner, pa.int64())), columns)
+        self.counts += UnitCounts(token_rows=len(rows))
