@@ -211,30 +211,30 @@ def train_head(out: str, opts: HeadOptions, dest: str | None = None) -> dict[str
         stratify=data.labels)
     model, C = fit_logistic(x_train, y_train, opts.C, opts.seed)
     metrics = evaluate(y_test, model.predict(x_test).tolist(), classes)
-    card = {
-        "format": 1, "kind": "logistic-regression", "source": out,
-        "label_column": opts.label_column, "id_column": opts.id_column,
+    card = head_card(out, opts, record, model, data, metrics, started, {
         "labels": opts.labels or f"kept column {opts.label_column!r}",
         "pooled_windows": opts.pool,
-        "classes": [str(c) for c in model.classes_],
-        "embedding": record.to_dict(), "settings_hash": record.settings_hash,
-        "dimension": int(data.vectors.shape[1]),
-        "rows": data.rows,
         "split": {"stratified": True, "test_fraction": opts.test_fraction, "seed": opts.seed,
                   "train": len(y_train), "test": len(y_test)},
         "model": {"C": C, "C_from": "given" if opts.C else f"3-fold CV over {list(C_GRID)}",
-                  "standardized": True, "max_iter": 2000},
-        "metrics": metrics,
-        "train_seconds": round(time.perf_counter() - started, 3),
-        "versions": _versions(),
-    }
+                  "standardized": True, "max_iter": 2000}})
     save_head(dest or posixpath.join(out, HEADS_DIR, opts.label_column), model, card)
     return card
 
 
-def _versions() -> dict[str, str]:
+def head_card(out: str, opts, record, model, data, metrics: dict, started: float,
+              own: dict[str, Any]) -> dict[str, Any]:
+    """head.json: what every head records (its source folder, embedding, classes, metrics,
+    versions), with the kind's own entries (`own`: labels, split, model settings)."""
     import sklearn
-    return {"embedpipe": __version__, "scikit-learn": sklearn.__version__}
+
+    return {"format": 1, "kind": "logistic-regression", "source": out,
+            "label_column": opts.label_column, "id_column": opts.id_column, **own,
+            "classes": [str(c) for c in model.classes_],
+            "embedding": record.to_dict(), "settings_hash": record.settings_hash,
+            "dimension": int(data.vectors.shape[1]), "rows": data.rows, "metrics": metrics,
+            "train_seconds": round(time.perf_counter() - started, 3),
+            "versions": {"embedpipe": __version__, "scikit-learn": sklearn.__version__}}
 
 
 def save_head(dest: str, model, card: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ from ..io.output import open_output
 from ..io.storage import Store
 from ..io.vectors import to_matrix
 from ..io.writer import ResultFile
-from .heads import (C_GRID, HEADS_DIR, PREDICT_BATCH, _read_labels, _versions, fit_logistic,
+from .heads import (C_GRID, HEADS_DIR, PREDICT_BATCH, _read_labels, fit_logistic, head_card,
                     load_head, save_head)
 from .query import EmbeddingRecord, TextEmbedder, read_text_batches
 
@@ -213,23 +213,14 @@ def train_tagger(out: str, opts: TaggerOptions, dest: str | None = None) -> dict
     lengths = np.diff(data.offsets)[test]
     y_pred = np.split(np.array(predicted, dtype=object), np.cumsum(lengths)[:-1])
     metrics = entity_scores([data.tags[r] for r in test], [list(p) for p in y_pred])
-    card = {
-        "format": 1, "kind": "logistic-regression", "level": "word", "source": out,
-        "label_column": opts.label_column, "id_column": opts.id_column, "labels": opts.labels,
-        "classes": [str(c) for c in model.classes_],
-        "embedding": record.to_dict(), "settings_hash": record.settings_hash,
-        "dimension": int(data.vectors.shape[1]),
-        "rows": data.rows,
+    card = head_card(out, opts, record, model, data, metrics, started, {
+        "level": "word", "labels": opts.labels,
         "split": {"by": "row", "test_fraction": opts.test_fraction, "seed": opts.seed,
                   "train_rows": len(train), "test_rows": len(test),
                   "train_words": len(train_words), "test_words": len(predicted)},
         "model": {"C": C, "C_from": "given" if opts.C else
                   f"3-fold CV grouped by row over {list(C_GRID)}", "standardized": True,
-                  "multinomial": True, "max_iter": 1000},
-        "metrics": metrics,
-        "train_seconds": round(time.perf_counter() - started, 3),
-        "versions": _versions(),
-    }
+                  "multinomial": True, "max_iter": 1000}})
     save_head(dest or posixpath.join(out, HEADS_DIR, opts.label_column), model, card)
     return card
 
