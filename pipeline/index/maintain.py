@@ -73,6 +73,20 @@ def update_index(store: Store, parts: VectorParts, cfg: IndexConfig,
     return infos
 
 
+def built_with(infos: dict, cfg: IndexConfig) -> bool:
+    """Whether the index these infos describe was built with the job's [index] settings."""
+    return infos.get("config") == dataclasses.asdict(cfg)
+
+
+def settings_changed(store: Store, cfg: IndexConfig) -> bool:
+    """The job's [index] differs from the one the folder's index was built with (a rerun of a
+    complete folder with another index type rebuilds it from the stored vectors)."""
+    try:
+        return not built_with(store.read_json(INFOS_FILE), cfg)
+    except (FileNotFoundError, ValueError, AttributeError, UnicodeDecodeError):
+        return False  # no readable infos: index_problems names that
+
+
 def _key(part: dict) -> tuple:
     return part["file"], int(part["rows"]), part.get("label"), part.get("footer")
 
@@ -165,7 +179,7 @@ def _readable_infos(store: Store, parts: VectorParts, cfg: IndexConfig) -> dict:
         raise Rebuild(f"no {INFOS_FILE}") from None
     except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
         raise Rebuild(f"{INFOS_FILE} unreadable ({type(exc).__name__} {exc})") from None
-    if infos.get("config") != dataclasses.asdict(cfg):
+    if not built_with(infos, cfg):
         raise Rebuild("the index settings changed")
     if infos.get("layout", "single") != "single":
         raise Rebuild(f"layout {infos['layout']} is rebuilt, not maintained")

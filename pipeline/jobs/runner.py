@@ -19,7 +19,7 @@ from ..models.model_files import ModelSource, resolve_model
 from ..models.recipe import resolve_recipe
 from ..runtime.runtime import Runtime, resolve_runtime, vector_settings
 from ..faults import checkpoint
-from ..index.maintain import update_index
+from ..index.maintain import settings_changed, update_index
 from ..index.check import index_damage, index_problems
 from ..index.choose import check_config as check_index_config, faiss_reason
 from ..index.files import INDEX_DIR
@@ -183,7 +183,7 @@ def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
     if job.index.enabled:
         damaged = index_damage(store)  # the index files' sizes and digests, every byte read
         stale = damaged + index_problems(store, parts)
-        if diff.todo or dropped or stale:
+        if diff.todo or dropped or stale or settings_changed(store, job.index):
             if stale and not (diff.todo or dropped):
                 log.warning("rebuilding the index: %s", "; ".join(stale))
             _index(ctx, parts, rebuild=damaged[0] if damaged else None)

@@ -19,6 +19,7 @@ from pipeline.commands.search import Searcher
 from pipeline.index.build import load_index
 from pipeline.index.check import index_problems
 from pipeline.index.files import INFOS_FILE
+from pipeline.index.tuning import unwrapped
 from pipeline.io.ledger import Ledger
 from pipeline.io.storage import Store
 
@@ -163,3 +164,21 @@ def test_old_position_index_is_searchable_then_rebuilt(tiny_model, texts, tmp_pa
     assert infos["rebuilt"] == "the index was built over row positions"
     assert not (out / "index" / "index.faiss").exists()
     assert index_problems(Store(str(out)), Ledger(Store(str(out))).vector_parts(), full=True) == []
+
+
+def test_another_index_type_on_a_complete_folder_rebuilds_it(tiny_model, texts, tmp_path):
+    """Nothing to embed, but the job now asks for another index: the rerun builds that one from
+    the stored vectors (it used to keep the old index and exit 0), and a rerun after it keeps it."""
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    for number in range(3):
+        write_input(inputs, number, texts)
+    run(make_job(inputs, out, tiny_model, index={"type": "flat"}))
+    vectors = matrix(read_vectors(out))
+    job = make_job(inputs, out, tiny_model, index={"type": "hnsw", **KNOBS["hnsw"]})
+    infos = run(job).index
+    assert infos["kind"] == "hnsw" and infos["rebuilt"] == "the index settings changed"
+    assert np.array_equal(matrix(read_vectors(out)), vectors)  # nothing embedded again
+    assert isinstance(unwrapped(load_index(Store(str(out)))[0]), faiss.IndexHNSW)
+    again = run(job)
+    assert again.index == infos and again.units_done == 0 and again.units_skipped == 3
+    assert embedpipe("verify", out).returncode == 0
