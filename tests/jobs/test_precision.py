@@ -207,3 +207,42 @@ def test_refused_combinations_are_one_line(tmp_path, tiny_model, extra, words):
     assert result.returncode == 2
     assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "q").exists()
+
+
+def test_float_commands_refuse_a_quantized_folder_in_one_line(tmp_path, tiny_model):
+    data = tmp_path / "in"
+    shards(data, 0, count=1)
+    job = small_job(tmp_path / "q.toml", data, tmp_path / "q", tiny_model,
+                    output={"precision": "binary", "keep_columns": ["text"]}, index=NO_INDEX)
+    run_cli(job)
+    before = (tmp_path / "q" / "manifest.json").read_text()
+    for args, what in [(("index", tmp_path / "q"), "`embedpipe index`"),
+                       (("search", tmp_path / "q", "a warm film"), "search"),
+                       (("sync", tmp_path / "q"), "`embedpipe sync`"),
+                       (("train-head", tmp_path / "q", "--label-column", "text"),
+                        "`embedpipe train-head`")]:
+        result = embedpipe(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "stores binary vectors" in lines[0] and what in lines[0]
+    assert (tmp_path / "q" / "manifest.json").read_text() == before
+    assert not (tmp_path / "q" / "index").exists() or not any((tmp_path / "q" / "index").iterdir())
+
+
+def test_reused_rows_copy_the_stored_quantized_values(tmp_path, tiny_model):
+    """A changed shard's unchanged rows take their stored int8 vectors; the folder still equals
+    quantize_embeddings of the float vectors with the folder's ranges."""
+    data = tmp_path / "in"
+    path = shards(data, 0, count=1)[0]
+    job = small_job(tmp_path / "q.toml", data, tmp_path / "q", tiny_model,
+                    output={"precision": "int8"}, index=NO_INDEX)
+    run_cli(job)
+    texts = film_texts(30, 100)
+    texts[3], texts[17] = "an entirely new review of the film", "a slow ending"
+    write_shards(data, [pa.table({"id": np.arange(30), "text": texts})], names=[path.name])
+    summary = json.loads(embedpipe("run", job, "--no-progress", "--json").stdout)
+    assert summary["rows_reused"] == 28 and summary["rows_encoded"] == 2
+    floats = float_reference(tmp_path, data, tiny_model)
+    ranges = open_output(str(tmp_path / "q")).precision.calibration.ranges
+    stored = open_output(str(tmp_path / "q")).vectors()
+    assert np.array_equal(stored, quantize_embeddings(floats, "int8", ranges=ranges))
