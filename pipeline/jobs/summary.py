@@ -163,11 +163,11 @@ class RunSummary:
             "  seconds    " + ", ".join(f"{k} {s.get(k, 0.0):.2f}" for k in
                                         ("scan", "read", "tokenize", "encode", "write", "index",
                                          "total")),
-            f"  folder     {self.folder_vectors:,} vectors, {self.precision} "
-            f"{self.bytes_per_row:,} bytes a row; index: "
+            f"  folder     {self.folder_vectors:,} vectors; index: "
             + (f"{self.index.get('factory')} with {self.index.get('count', 0):,} vectors, "
                f"recall@10 {self.index.get('recall_at_10')}" if self.index.get("count") else "none"),
         ]
+        lines.append(f"  stored     {self.precision}, {self.bytes_per_row:,} bytes a row")
         for sink in self.sinks:
             lines.append(f"  sink       {sink['name']} ({sink['target']}): " + (
                 "not synced" if sink.get("error") else

@@ -71,7 +71,7 @@ def test_stored_vectors_are_quantize_embeddings_with_the_manifest_ranges(tmp_pat
     assert np.array_equal(stored, expected)
     width = expected.shape[1] * expected.itemsize
     assert out.bytes_per_row == width
-    assert f"{precision} {width:,} bytes a row" in summary
+    assert f"  stored     {precision}, {width:,} bytes a row" in summary
     verified = embedpipe("verify", tmp_path / "q")
     assert verified.returncode == 0, verified.stderr
     assert f"{precision}, {width} bytes a row" in verified.stdout
@@ -135,7 +135,7 @@ def test_matryoshka_dimensions_with_binary(tmp_path, tiny_model):
     stored = out.vectors()
     assert stored.shape == (60, 3)  # 20 bits packed into 3 bytes
     assert np.array_equal(stored, quantize_embeddings(floats, "binary"))
-    assert "binary 3 bytes a row" in summary
+    assert "  stored     binary, 3 bytes a row" in summary
     # dequantized: +1 where the float was > 0, -1 elsewhere, 20 dimensions
     assert np.array_equal(out.dequantized(), np.where(floats > 0, 1.0, -1.0).astype(np.float32))
 
