@@ -53,7 +53,7 @@ class Verdict:
                      f"footer and page checksums only)" if self.undigested else
                      "every byte as recorded")
             return (f"ok: {self.folder}: {self.units} units, {self.vectors:,} vectors "
-                    f"({self.precision}, {self.bytes_per_row} bytes a row), {files}, "
+                    f"({self.precision}, {self.bytes_per_row:,} bytes a row), {files}, "
                     f"counts add up, ids unique, the index matches"
                     + (f"; sinks {', '.join(self.sinks)} hold the same ids and vectors"
                        if self.sinks else ""))
