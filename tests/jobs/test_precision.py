@@ -246,3 +246,22 @@ def test_reused_rows_copy_the_stored_quantized_values(tmp_path, tiny_model):
     ranges = open_output(str(tmp_path / "q")).precision.calibration.ranges
     stored = open_output(str(tmp_path / "q")).vectors()
     assert np.array_equal(stored, quantize_embeddings(floats, "int8", ranges=ranges))
+
+
+def test_vector_dtype_stays_precisions_float_alias():
+    """Old job files keep their folders: vector_dtype alone is the precision, and a float
+    precision adds nothing to the vector settings (the settings hash is unchanged)."""
+    from pipeline.config import config_from_dict, settings_hash
+
+    old = config_from_dict({"output": {"vector_dtype": "float16"}})
+    new = config_from_dict({"output": {"precision": "float16"}})
+    assert old.output.precision == "float16" and new.output.vector_dtype == "float16"
+    assert old.vector_settings() == new.vector_settings()
+    assert "output.precision" not in old.vector_settings()
+    assert settings_hash(config_from_dict({}).vector_settings()) == settings_hash(
+        config_from_dict({"output": {"precision": "float32"}}).vector_settings())
+    quantized = config_from_dict({"output": {"precision": "ubinary"}, "index": NO_INDEX})
+    assert quantized.vector_settings()["output.precision"] == "ubinary"
+    # the recorded config loads back to the same output section
+    assert config_from_dict({"output": quantized.to_dict()["output"],
+                             "index": NO_INDEX}).output == quantized.output
