@@ -70,7 +70,12 @@ def part_options(schema: pa.Schema) -> dict:
     hashes are random bytes: the same holds for them."""
     raw = ("vector", "text_hash")
     others = [name for name in schema.names if name not in raw]
-    return {"use_dictionary": others, "write_statistics": others, **WRITE_CHECKSUMS,
+    # Parquet keeps an int8 / uint8 as a 4-byte INT32; its dictionary (<= 256 values) stores a
+    # quantized value in one byte (1.02 bytes measured on random int8 rows, 4.01 without)
+    quantized = ("vector" in schema.names and pa.types.is_integer(
+        schema.field("vector").type.value_type))
+    dictionary = others + (["vector.list.element"] if quantized else [])
+    return {"use_dictionary": dictionary, "write_statistics": others, **WRITE_CHECKSUMS,
             "compression": {**{name: "snappy" for name in others},
                             **{name: "none" for name in raw if name in schema.names}}}
 

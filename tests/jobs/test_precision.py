@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.io.output import open_output
@@ -71,6 +72,17 @@ def test_stored_vectors_are_quantize_embeddings_with_the_manifest_ranges(tmp_pat
     assert np.array_equal(stored, expected)
     width = expected.shape[1] * expected.itemsize
     assert out.bytes_per_row == width
+    # the parts themselves hold the quantized type, about one byte a value on disk
+    for part in (tmp_path / "q" / "vectors").glob("*.parquet"):
+        meta = pq.ParquetFile(part)
+        assert meta.schema_arrow.field("vector").type.value_type == pa.from_numpy_dtype(
+            expected.dtype)
+        column = meta.schema_arrow.names.index("vector")
+        on_disk = sum(meta.metadata.row_group(g).column(column).total_compressed_size
+                      for g in range(meta.num_row_groups))
+        # values, levels, and a dictionary page of at most 256 4-byte values (plain INT32 would
+        # be 4 bytes a value: 3,840 bytes for these 30 rows of 32 int8)
+        assert on_disk <= 1.3 * width * meta.metadata.num_rows + 1200
     assert f"  stored     {precision}, {width:,} bytes a row" in summary
     verified = embedpipe("verify", tmp_path / "q")
     assert verified.returncode == 0, verified.stderr
