@@ -22,6 +22,7 @@ import pyarrow as pa
 from ..config import STORED_COLUMNS, ConfigError
 from ..io.ledger import Ledger
 from ..io.manifest import MANIFEST, read_manifest
+from ..io.precision import refuse_quantized
 from ..io.reader import list_input_files, open_parquet
 from ..io.storage import Store
 from ..io.vectors import VectorParts, to_matrix
@@ -78,6 +79,7 @@ def load_training_set(out: str, opts: HeadOptions) -> TrainingSet:
     """The stored vectors joined by id to their labels; rows without a label are counted out."""
     store = Store(out)
     manifest = read_manifest(store)
+    refuse_quantized(manifest, out, "`embedpipe train-head`")
     parts = VectorParts(store, Ledger(store).vector_files())
     if not parts.files:
         raise ConfigError(f"{out} holds no vectors")

@@ -19,6 +19,7 @@ from ..index.live import LiveIndex
 from ..io.checks import PAGE_CHECKSUMS, DamagedFile, reading
 from ..io.ledger import Ledger
 from ..io.manifest import MANIFEST, read_manifest
+from ..io.precision import refuse_quantized
 from ..io.storage import Store
 from ..io.vectors import VectorParts
 from ..io.writer import ResultFile
@@ -35,6 +36,7 @@ class Searcher:
         (else the best window of each document)."""
         self.store = Store(out)
         manifest = read_manifest(self.store)
+        refuse_quantized(manifest, out, "search")
         self.record = EmbeddingRecord.from_manifest(manifest, f"{out}/{MANIFEST}")
         self.embedder = TextEmbedder(self.record, device, purpose="query")  # refuses other settings
         repair = f"`embedpipe index {out}` (or the job's next run) rebuilds the index"

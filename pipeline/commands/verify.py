@@ -17,6 +17,7 @@ from ..io.checks import DamagedFile
 from ..io.folder_check import duplicate_ids, unit_damage, unit_problems
 from ..io.ledger import Ledger
 from ..io.manifest import read_manifest
+from ..io.precision import stored_precision
 from ..io.storage import Store
 from .sink_check import sink_problems
 
@@ -31,6 +32,8 @@ class Verdict:
     problems: list[str] = field(default_factory=list)
     quick: bool = False  # sizes and footers only, no digests
     undigested: int = 0  # committed files whose record predates digests: not read whole
+    precision: str = "float32"  # what the vector parts store (output.precision)
+    bytes_per_row: int = 0  # one stored vector's bytes
 
     @property
     def ok(self) -> bool:
@@ -40,6 +43,7 @@ class Verdict:
         return {"folder": self.folder, "ok": self.ok, "complete": self.complete,
                 "units": self.units, "vectors": self.vectors, "sinks": self.sinks,
                 "quick": self.quick, "undigested_files": self.undigested,
+                "precision": self.precision, "bytes_per_row": self.bytes_per_row,
                 "problems": self.problems}
 
     def render(self) -> str:
@@ -48,7 +52,8 @@ class Verdict:
                      f"every file as recorded ({self.undigested} from before digests: size, "
                      f"footer and page checksums only)" if self.undigested else
                      "every byte as recorded")
-            return (f"ok: {self.folder}: {self.units} units, {self.vectors:,} vectors, {files}, "
+            return (f"ok: {self.folder}: {self.units} units, {self.vectors:,} vectors "
+                    f"({self.precision}, {self.bytes_per_row:,} bytes a row), {files}, "
                     f"counts add up, ids unique, the index matches"
                     + (f"; sinks {', '.join(self.sinks)} hold the same ids and vectors"
                        if self.sinks else ""))
@@ -71,10 +76,12 @@ class Verdict:
 def verify_folder(url: str, quick: bool = False) -> Verdict:
     """Every check (quick: sizes and footers, no file read whole; a sample of sink vectors)."""
     store = Store(url)
-    read_manifest(store)  # ConfigError when there is none, or it is unreadable or foreign
+    manifest = read_manifest(store)  # ConfigError when there is none, or unreadable or foreign
     ledger = Ledger(store)
+    precision = stored_precision(manifest)
     verdict = Verdict(url, units=len(ledger.units), complete=bool(ledger.manifest.complete),
-                      quick=quick)
+                      quick=quick, precision=precision.name,
+                      bytes_per_row=precision.bytes_per_row(manifest.dim or 0))
     failed = [r for r in ledger.units.values() if not r.complete]
     if not verdict.complete:
         verdict.problems.append("the manifest does not say complete: the last run failed or was "

@@ -105,6 +105,7 @@ def _validate(job: JobConfig) -> None:
         raise ConfigError("output.chunks = 'rows' writes one row per window: it needs "
                           "encode.long_text = 'chunk'")
     _validate_tokens(job)
+    _validate_precision(job)
     parse_memory(job.index.max_memory)
     reserved = [c for c in job.output.keep_columns if c in STORED_COLUMNS]
     repeated = sorted({c for c in job.output.keep_columns if job.output.keep_columns.count(c) > 1})
@@ -114,6 +115,36 @@ def _validate(job: JobConfig) -> None:
                 ([f"{', '.join(map(repr, reserved))} would clash with the stored column of that "
                   f"name ({', '.join(STORED_COLUMNS)} are embedpipe's own)"] if reserved else [])
                 + ([f"{', '.join(map(repr, repeated))} named twice"] if repeated else [])))
+
+
+def _resolve_precision(out: Any, raw: Any) -> Any:
+    """output.precision made concrete: unset, vector_dtype's value; vector_dtype then follows
+    it (float32 under a quantized precision, whose vectors are quantized from float32)."""
+    given_dtype = isinstance(raw, dict) and "vector_dtype" in raw
+    if out.precision is None:
+        return dataclasses.replace(out, precision=out.vector_dtype)
+    if given_dtype and out.precision != out.vector_dtype and not (
+            out.precision not in ("float32", "float16") and out.vector_dtype == "float32"):
+        raise ConfigError(f"output.precision = {out.precision!r} and output.vector_dtype = "
+                          f"{out.vector_dtype!r} disagree; vector_dtype is precision's older "
+                          f"name: set only precision")
+    dtype = out.precision if out.precision in ("float32", "float16") else "float32"
+    return dataclasses.replace(out, vector_dtype=dtype)
+
+
+def _validate_precision(job: JobConfig) -> None:
+    """Quantized vectors (output.precision int8 / uint8 / binary / ubinary) are text vectors
+    in parts; the index, sinks and the token table take float vectors only, for now."""
+    precision = job.output.precision
+    if precision in ("float32", "float16"):
+        return
+    why = ("index.enabled = true: no index is built from quantized vectors yet; set "
+           "index.enabled = false" if job.index.enabled else
+           "a [[sink]]: sinks take float32 / float16 vectors only" if job.sink else
+           f"output.granularity = {job.output.granularity!r}: the token table stores floats only"
+           if job.output.granularity != "text" else None)
+    if why:
+        raise ConfigError(f"output.precision = {precision!r} with {why}")
 
 
 def _validate_tokens(job: JobConfig) -> None:
@@ -237,6 +268,7 @@ def config_from_dict(raw: dict[str, Any], default_name: str = "job") -> JobConfi
     sections = {k: _build_section(k, raw.get(k, {})) for k in SECTIONS}
     if not sections["output"].path:
         sections["output"] = dataclasses.replace(sections["output"], path=f"out/{name}")
+    sections["output"] = _resolve_precision(sections["output"], raw.get("output", {}))
     job = JobConfig(name=name, **sections, sink=sinks)
     _validate(job)
     return job

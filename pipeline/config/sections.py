@@ -8,6 +8,8 @@ from dataclasses import MISSING, dataclass, field
 from typing import Any
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+# output.precision: the kinds of sentence-transformers' quantize_embeddings, and float16
+PRECISIONS = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
 
 # Named pooling modes are presets of the general (layers, layer_combine, token_pooling) form.
 POOLING_PRESETS: dict[str, tuple[tuple[int, ...], str, str]] = {
@@ -136,7 +138,13 @@ class EncodeConfig:
 class OutputConfig:
     """The output folder and what its parts hold."""
     path: str = key("", "A local folder or an s3:// or gs:// prefix; empty: out/<job name>.")
-    vector_dtype: str = key("float32", "The stored vectors' number type.",
+    precision: str | None = key(None, "What the vector parts store: float32, float16, or "
+                                "sentence-transformers' quantize_embeddings kinds (int8 / uint8 "
+                                "with per-dimension ranges calibrated once a folder, binary / "
+                                "ubinary one bit a dimension); unset: vector_dtype.",
+                                choices=PRECISIONS)
+    vector_dtype: str = key("float32", "The older name of precision's float kinds, still "
+                            "accepted (with precision set it must agree or stay unset).",
                             choices=("float32", "float16"))
     rows_per_file: int = key(100_000, "Rows in one Parquet part at most.")
     keep_columns: tuple[str, ...] = key((), "Input columns copied next to the vectors, e.g. "
@@ -240,6 +248,9 @@ class JobConfig:
             **({"input.text_pair": True, "input.pair_truncation": self.input.pair_truncation}
                if self.input.text_pair_column else {}),
             **({"output.dimensions": self.output.dimensions} if self.output.dimensions else {}),
+            # recorded only when quantized: float32 / float16 folders keep their settings hash
+            **({"output.precision": self.output.precision}
+               if self.output.precision not in (None, "float32", "float16") else {}),
             **self.chunk_settings(),
             **self.token_settings(),
         }

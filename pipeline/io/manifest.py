@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from ..config import ConfigError
 from .checks import FileCheck, damage
+from .precision import Calibration
 from .reader import Unit
 from .storage import Store
 
@@ -197,6 +198,8 @@ class Manifest:
     index: dict[str, Any] | None = None  # the index infos (index/commit.py)
     last_run: dict[str, Any] | None = None  # the last run's summary (jobs/summary.py: to_dict)
     retired: list[UnitRecord] | None = None  # replaced units whose parts are kept for reuse
+    # output.precision int8 / uint8: the ranges every run of the folder quantizes with
+    calibration: Calibration | None = None
     units: dict[str, UnitRecord] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know
 
@@ -221,6 +224,8 @@ class Manifest:
                 value = [r.to_json() for r in value]
             elif f.name == "sinks":
                 value = {k: r.to_json() for k, r in value.items()}
+            elif f.name == "calibration":
+                value = value.to_json()
             data[f.name] = value
         return {**data, **self.extra}
 
@@ -246,6 +251,11 @@ class Manifest:
                 fields["retired"] = [UnitRecord.from_json(r) for r in retired]
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise Malformed(f"a retired unit record is malformed: {type(exc).__name__} {exc}")
+        try:
+            if data.get("calibration") is not None:
+                fields["calibration"] = Calibration.from_json(data["calibration"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Malformed(f"the calibration record is malformed: {type(exc).__name__} {exc}")
         if isinstance(data.get("sinks"), dict):
             sinks = {k: SinkRecord.from_json(v) for k, v in data["sinks"].items()}
             for name in [k for k, v in sinks.items() if v is None]:

@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from .ledger import Ledger
 from .manifest import Manifest, read_manifest
+from .precision import Precision, stored_precision
 from .storage import Store
 from .vectors import VectorParts, to_matrix
 
@@ -54,11 +55,30 @@ class Output:
     def ids(self) -> pa.ChunkedArray:
         return pa.chunked_array([c for t in self.batches(["id"]) for c in t.column("id").chunks])
 
+    @property
+    def precision(self) -> Precision:
+        """What the parts store (output.precision) and, for int8 / uint8, the folder's ranges
+        (`precision.calibration.ranges`, as quantize_embeddings takes them)."""
+        return stored_precision(self.manifest)
+
+    @property
+    def bytes_per_row(self) -> int:
+        """Bytes of one row's stored vector."""
+        return self.precision.bytes_per_row(self.manifest.dim or 0)
+
     def vectors(self) -> np.ndarray:
-        """float32 [count, dim]; float16 parts are widened."""
+        """[count, width] as stored: float32 (float16 parts widened), or, with a quantized
+        precision, the stored int8 / uint8 values (binary kinds: dim / 8 packed bytes a row)."""
         blocks = list(self.parts.vectors())
-        return np.concatenate(blocks) if blocks else np.zeros((0, self.manifest.dim or 0),
-                                                               np.float32)
+        if not blocks:
+            return np.zeros((0, self.precision.width(self.manifest.dim or 0)), np.float32)
+        stored = np.concatenate(blocks)
+        return stored.astype(self.precision.storage) if self.precision.quantized else stored
+
+    def dequantized(self) -> np.ndarray:
+        """float32 [count, dim]: int8 / uint8 values as the middle of their bucket of the
+        folder's ranges; binary / ubinary bits as +1.0 (set) and -1.0; floats as stored."""
+        return self.precision.dequantize(self.vectors(), self.manifest.dim or 0)
 
     def token_batches(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         """The token table (a row per token or word, in input order), a block of rows at a

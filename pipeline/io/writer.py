@@ -30,18 +30,18 @@ def vector_array(vectors: np.ndarray, vector_dtype: str) -> pa.FixedSizeListArra
 WINDOW_COLUMNS = ("chunk", "token_start", "token_end", "char_start", "char_end")
 
 
-def vectors_schema(id_type: pa.DataType, dim: int, vector_dtype: str,
+def vectors_schema(id_type: pa.DataType, width: int, vector_dtype: str,
                    keep: pa.Schema | None = None, chunks: str | None = None) -> pa.Schema:
-    """id, vector, n_tokens, truncated, text_hash (what the model saw, hashed: content_hash.py),
+    """id, vector (width stored values: io/precision.py), n_tokens, truncated, text_hash (what the model saw, hashed: content_hash.py),
     then the kept columns. chunks = "pool" adds n_chunks
     (windows pooled into the row); "rows" makes a row a window: id, chunk, its token and
     character spans (WINDOW_COLUMNS), vector, n_tokens (the window's), truncated."""
-    value_type = pa.float16() if vector_dtype == "float16" else pa.float32()
+    value_type = pa.from_numpy_dtype(np.dtype(vector_dtype))  # float32/16, or int8/uint8 quantized
     int32 = pa.int32()
     fields = [pa.field("id", id_type)]
     if chunks == "rows":
         fields += [pa.field(name, int32) for name in WINDOW_COLUMNS]
-    fields += [pa.field("vector", pa.list_(value_type, dim)), pa.field("n_tokens", int32),
+    fields += [pa.field("vector", pa.list_(value_type, width)), pa.field("n_tokens", int32),
                pa.field("truncated", pa.bool_()), pa.field("text_hash", HASH_TYPE)]
     if chunks == "pool":
         fields.append(pa.field("n_chunks", int32))
@@ -70,7 +70,12 @@ def part_options(schema: pa.Schema) -> dict:
     hashes are random bytes: the same holds for them."""
     raw = ("vector", "text_hash")
     others = [name for name in schema.names if name not in raw]
-    return {"use_dictionary": others, "write_statistics": others, **WRITE_CHECKSUMS,
+    # Parquet keeps an int8 / uint8 as a 4-byte INT32; its dictionary (<= 256 values) stores a
+    # quantized value in one byte (1.02 bytes measured on random int8 rows, 4.01 without)
+    quantized = ("vector" in schema.names and pa.types.is_integer(
+        schema.field("vector").type.value_type))
+    dictionary = others + (["vector.list.element"] if quantized else [])
+    return {"use_dictionary": dictionary, "write_statistics": others, **WRITE_CHECKSUMS,
             "compression": {**{name: "snappy" for name in others},
                             **{name: "none" for name in raw if name in schema.names}}}
 

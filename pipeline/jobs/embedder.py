@@ -13,6 +13,7 @@ from ..models.model_files import ModelSource
 from ..encode.pooling import output_width
 from ..runtime.runtime import Runtime
 from ..encode.token_output import TokenPolicy
+from ..io.precision import Calibration, Precision
 from ..io.reader import Unit
 from ..io.registry import ReuseSource
 from ..io.storage import Store
@@ -32,15 +33,20 @@ class EmbedPlan:
     runtime: Runtime
     id_type: str  # "int64" or "string"
     keep_schema: pa.Schema | None
+    calibration: Calibration | None = None  # output.precision int8 / uint8: the folder's ranges
 
     @property
     def width(self) -> int:
         return EncoderSettings.for_job(self.job).width(self.source.hidden_size)
 
+    @property
+    def precision(self) -> Precision:
+        return Precision(self.job.output.precision, self.calibration)
+
     def vectors_schema(self) -> pa.Schema:
         chunks = self.job.output.chunks if self.job.encode.long_text == "chunk" else None
-        return vectors_schema(pa.type_for_alias(self.id_type), self.width,
-                              self.job.output.vector_dtype, self.keep_schema, chunks)
+        return vectors_schema(pa.type_for_alias(self.id_type), self.precision.width(self.width),
+                              self.precision.storage, self.keep_schema, chunks)
 
     def tokens_schema(self) -> pa.Schema | None:
         """The token table's schema (output.granularity = subword | word), else None. Token
@@ -103,7 +109,7 @@ class UnitEmbedder:
                                 self.chunking, self.token_policy, planner,
                                 prompt=job.encode.prompt or "")
         writer = WriteStage(Store(job.output.path), self.plan.vectors_schema(),
-                            job.output.rows_per_file, job.output.vector_dtype, stats, on_unit_done,
+                            job.output.rows_per_file, self.plan.precision, stats, on_unit_done,
                             progress, normalize=self.chunking.pools and bool(job.encode.normalize),
                             token_schema=self.plan.tokens_schema(),
                             token_mean=self.token_policy is not None and self.token_policy.mean,

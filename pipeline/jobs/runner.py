@@ -26,6 +26,7 @@ from ..index.files import INDEX_DIR
 from ..io.folder_check import unit_damage, unit_problems
 from ..io.ledger import Ledger, acquire_lock, refuse_foreign_folder, release_lock
 from ..io.manifest import MANIFEST, UnitRecord
+from ..io.precision import CALIBRATED, Calibration, Precision
 from ..io.reader import Unit, open_parquet, plan_units, refuse_overlap
 from ..io.content_hash import CONTENT_HASH
 from ..io.registry import ReuseSource, StoredRows, scan_input
@@ -35,6 +36,7 @@ from ..io.writer import REJECTS_DIR, TOKENS_DIR, VECTORS_DIR, remove_files
 from ..sinks.base import Sink, SinkError, SinkLoad, close_all, preflight, prune_records, sync_sink
 from ..sinks.make import make_sink
 from ..version import package_versions
+from .calibrate import calibrate
 from .embedder import EmbedPlan, UnitEmbedder
 from .messages import Stats
 from .summary import RunSummary
@@ -130,7 +132,10 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
         summary = RunSummary(job=job.name, output=store.url, model=source.name,
                              runtime=runtime, units_total=len(units), recipe=recipe,
                              long_text=job.encode.long_text,
-                             granularity=job.output.granularity)
+                             granularity=job.output.granularity,
+                             precision=job.output.precision,
+                             bytes_per_row=Precision(job.output.precision).bytes_per_row(
+                                 EncoderSettings.for_job(job).width(source.hidden_size)))
         ctx = RunContext(job, options, source, runtime, settings, store, ledger, summary,
                          sinks=sinks)
         try:
@@ -160,6 +165,7 @@ def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
         log.warning("unit %s is redone: %s", key, "; ".join(damage[key]))
     # The model is loaded and checked (tokenizer, weights) before anything in the folder changes.
     embedder = _prepare(ctx, diff.todo) if diff.todo else None
+    calibration = _calibration(ctx, embedder, diff.todo)
     hashed_alike = (ledger.manifest.content_hash or CONTENT_HASH) == CONTENT_HASH
     dropped = _drop(ctx, diff)
     summary.stray_files_removed = _sweep(store, ledger)
@@ -169,7 +175,7 @@ def _run_locked(ctx: RunContext, units: list[Unit]) -> None:
                   content_hash=CONTENT_HASH,
                   model={"name": ctx.source.name, "path": str(ctx.source.path),
                          "fingerprint": ctx.source.fingerprint},
-                  versions=package_versions())
+                  versions=package_versions(), calibration=calibration)
     ctx.changed = True  # from here on the run writes parts, the index, sinks
 
     if embedder is not None:
@@ -292,6 +298,27 @@ def _prepare(ctx: RunContext, todo: list[Unit]) -> UnitEmbedder:
     keep_schema = pa.schema([first.field(c) for c in job.output.keep_columns]) if healthy else None
     return UnitEmbedder(EmbedPlan(job=job, source=ctx.source, runtime=ctx.runtime,
                                   id_type=id_type, keep_schema=keep_schema))
+
+
+def _calibration(ctx: RunContext, embedder: UnitEmbedder | None,
+                 todo: list[Unit]) -> Calibration | None:
+    """output.precision int8 / uint8: the folder's recorded ranges, or (its first run, or a
+    folder that holds no unit) ranges from an even sample of the rows to embed; handed to the
+    embedder's plan. None for the other precisions."""
+    job, recorded = ctx.job, ctx.ledger.manifest.calibration
+    if job.output.precision not in CALIBRATED:
+        return None
+    if embedder is None:
+        return recorded
+    fits = recorded is not None and recorded.precision == job.output.precision \
+        and len(recorded.low) == embedder.plan.width
+    if not fits and any(r.complete for r in ctx.ledger.units.values()):
+        raise ConfigError(f"{ctx.store.url}: the manifest holds no {job.output.precision} "
+                          f"calibration for its vectors; start the folder afresh with "
+                          f"--mode overwrite")
+    calibration = recorded if fits else calibrate(embedder, todo)
+    embedder.plan = dataclasses.replace(embedder.plan, calibration=calibration)
+    return calibration
 
 
 def _reuse_source(ctx: RunContext, plan: EmbedPlan, retired: list[str],

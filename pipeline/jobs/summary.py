@@ -21,7 +21,8 @@ _ORDER = ("job", "output", "model", *_RUNTIME_KEYS, "recipe", "units_total", "un
           "units_repaired", "repairs", "rows_read", "rows_failed", "vectors_written", "reuse",
           "rows_reused", "rows_copied", "rows_removed", "registry_bytes", "rejects", "truncated",
           "long_text", "windows", "texts_chunked", "granularity", "token_rows", "real_tokens",
-          "padded_tokens", "oom_splits", "stray_files_removed", "folder_vectors", "failures",
+          "padded_tokens", "oom_splits", "stray_files_removed", "folder_vectors", "precision", "bytes_per_row",
+          "failures",
           "index", "lock_taken_over", "sinks", "seconds")
 
 
@@ -58,6 +59,8 @@ class RunSummary:
     oom_splits: int = 0
     stray_files_removed: int = 0
     folder_vectors: int = 0
+    precision: str = "float32"  # output.precision: what the vector parts store
+    bytes_per_row: int = 0  # one stored vector's bytes
     failures: list[str] = field(default_factory=list)
     index: dict = field(default_factory=dict)
     lock_taken_over: dict | None = None
@@ -164,6 +167,7 @@ class RunSummary:
             + (f"{self.index.get('factory')} with {self.index.get('count', 0):,} vectors, "
                f"recall@10 {self.index.get('recall_at_10')}" if self.index.get("count") else "none"),
         ]
+        lines.append(f"  stored     {self.precision}, {self.bytes_per_row:,} bytes a row")
         for sink in self.sinks:
             lines.append(f"  sink       {sink['name']} ({sink['target']}): " + (
                 "not synced" if sink.get("error") else

@@ -14,6 +14,7 @@ from ..encode.token_output import gather
 from ..faults import checkpoint
 from ..io.checks import check_file
 from ..io.manifest import UnitCounts, UnitRecord
+from ..io.precision import Precision
 from ..io.writer import TOKENS_DIR, UnitWriter, write_rejects
 from .messages import DONE, Channel, Encoded, Stats, UnitEnd, UnitFailed, UnitStart, Window
 from .reuse import Assemble, HeldRows, RunMemory, merge_rows
@@ -23,16 +24,19 @@ class WriteStage:
     """Puts each window back in input order, writes parts, commits units through on_unit_done."""
 
     def __init__(self, store, schema: pa.Schema, rows_per_file: int,
-                 vector_dtype: str, stats: Stats, on_unit_done: Callable[[UnitRecord], None],
+                 precision: Precision, stats: Stats, on_unit_done: Callable[[UnitRecord], None],
                  progress: Callable[[int], None], normalize: bool = False,
                  token_schema: pa.Schema | None = None, token_mean: bool = False,
                  memory: RunMemory | None = None):
         """normalize: L2-normalise texts' pooled windows (long_text = "chunk", chunks = "pool");
         token_schema: the token table's (output.granularity = subword | word), whose rows are
-        their sub-tokens' mean when token_mean (word_pooling = "mean")."""
+        their sub-tokens' mean when token_mean (word_pooling = "mean"); precision: what a
+        window's vectors become before they are written or held (reused rows are stored values
+        already, so encoded, reused and copied rows merge alike)."""
         self.token_schema, self.token_mean = token_schema, token_mean
         self.store, self.schema = store, schema
-        self.rows_per_file, self.vector_dtype = rows_per_file, vector_dtype
+        self.rows_per_file, self.precision = rows_per_file, precision
+        self.vector_dtype = precision.storage
         self.stats, self.on_unit_done, self.progress = stats, on_unit_done, progress
         self.normalize = normalize
         self.window_rows = "chunk" in schema.names  # one row a token window, not a text
@@ -136,6 +140,8 @@ class WriteStage:
                     "truncated": window.truncated[windows.owner], "chunk": windows.chunk,
                     "token_start": windows.token_start, "token_end": windows.token_end,
                     "char_start": windows.char_start, "char_end": windows.char_end}
+        if self.precision.quantized:
+            rows["vector"] = self.precision.store(rows["vector"])
         owner = pa.array(windows.owner, pa.int64()) if self.window_rows else None
         ids = window.ids.take(owner) if self.window_rows else window.ids
         rows["text_hash"] = window.text_hash.take(owner) if self.window_rows else window.text_hash

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 
 from pipeline.io.content_hash import text_hashes
 from pipeline.io.manifest import UnitRecord
+from pipeline.io.precision import Precision
 from pipeline.io.reader import Unit
 from pipeline.io.storage import Store
 from pipeline.io.writer import vectors_schema
@@ -57,7 +58,7 @@ def test_writer_puts_sorted_batches_back_in_input_order(tmp_path):
     first, second = np.array([1, 4]), np.array([2, 0, 3])  # sorted by length, as plan_batches does
     unit = _unit("a")
     records = []
-    writer = WriteStage(store, schema, rows_per_file=100, vector_dtype="float32", stats=Stats(),
+    writer = WriteStage(store, schema, rows_per_file=100, precision=Precision(), stats=Stats(),
                     on_unit_done=records.append, progress=lambda n: None)
     writer.run(_Inbox([UnitStart(unit, 7), window, Encoded(second, vectors[second]),
                        Encoded(first, vectors[first]), UnitEnd(unit, 5, 0.1), DONE]))

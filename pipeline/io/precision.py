@@ -1,0 +1,140 @@
+"""What the vector parts store (`output.precision`): float32, float16, or vectors quantized with
+sentence-transformers' `quantize_embeddings` arithmetic (int8 / uint8 with per-dimension
+ranges, binary / ubinary one bit a dimension, packed, set where the value is > 0).
+
+The int8 / uint8 ranges are the folder's `Calibration`, computed once from an even sample of
+the first run's rows and recorded in the manifest; every later run quantizes with them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..config import PRECISIONS, ConfigError
+FLOATS = ("float32", "float16")
+CALIBRATED = ("int8", "uint8")
+CALIBRATION_ROWS = 10_000  # the even sample of the first run the ranges come from
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-dimension [min, max] ranges for int8 / uint8, as `quantize_embeddings(ranges=)` takes
+    them (`ranges`: float32 (2, dim), min row then max row)."""
+    precision: str
+    rows: int  # the sampled rows they came from
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+
+    @property
+    def ranges(self) -> np.ndarray:
+        return np.array([self.low, self.high], np.float32)
+
+    @classmethod
+    def of(cls, precision: str, sample: np.ndarray) -> "Calibration":
+        sample = np.asarray(sample, np.float32)
+        return cls(precision, len(sample), tuple(sample.min(axis=0).tolist()),
+                   tuple(sample.max(axis=0).tolist()))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"precision": self.precision, "rows": self.rows, "min": list(self.low),
+                "max": list(self.high)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Calibration":
+        low, high = data["min"], data["max"]
+        if not (isinstance(low, list) and isinstance(high, list) and len(low) == len(high)):
+            raise TypeError("calibration min and max are not two lists of one length")
+        return cls(str(data["precision"]), int(data["rows"]), tuple(map(float, low)),
+                   tuple(map(float, high)))
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How float vectors become stored values and back."""
+    name: str = "float32"
+    calibration: Calibration | None = None  # int8 / uint8
+
+    def __post_init__(self) -> None:
+        if self.name not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.name!r}")
+        if self.calibration is not None and self.name not in CALIBRATED:
+            raise ValueError(f"precision {self.name} takes no calibration")
+
+    @property
+    def quantized(self) -> bool:
+        return self.name not in FLOATS
+
+    @property
+    def storage(self) -> str:
+        """The parts' value type: float32, float16, int8 or uint8."""
+        return {"binary": "int8", "ubinary": "uint8"}.get(self.name, self.name)
+
+    def width(self, dim: int) -> int:
+        """Stored values a row: dim, or dim / 8 rounded up for the packed binary kinds."""
+        return (dim + 7) // 8 if self.name.endswith("binary") else dim
+
+    def bytes_per_row(self, dim: int) -> int:
+        return self.width(dim) * np.dtype(self.storage).itemsize
+
+    def store(self, vectors: np.ndarray) -> np.ndarray:
+        """float32 [rows, dim] -> the stored values, exactly `quantize_embeddings(vectors,
+        precision, ranges=calibration.ranges)` (floats: cast to the stored type)."""
+        x = np.asarray(vectors, np.float32)
+        if self.name in FLOATS:
+            return x.astype(self.storage)
+        if self.name.endswith("binary"):
+            packed = np.packbits(x > 0, axis=-1)
+            return packed if self.name == "ubinary" else (packed.astype(np.int16) - 128).astype(np.int8)
+        ranges = self._ranges()
+        starts = ranges[0]
+        steps = (ranges[1] - starts) / 255
+        steps = np.where(steps == 0, 1, steps)
+        buckets = np.clip(np.floor((x - starts) / steps), 0, 255)
+        return buckets.astype(np.uint8) if self.name == "uint8" else (buckets - 128).astype(np.int8)
+
+    def _ranges(self) -> np.ndarray:
+        if self.calibration is None:
+            raise ValueError(f"precision {self.name} needs the folder's calibration ranges")
+        return self.calibration.ranges
+
+    def dequantize(self, stored: np.ndarray, dim: int) -> np.ndarray:
+        """float32 [rows, dim] back from stored values: floats widened; int8 / uint8 the middle
+        of each value's bucket (min + (bucket + 0.5) * step); binary / ubinary +1.0 where the
+        bit is set and -1.0 where not."""
+        if self.name in FLOATS:
+            return np.asarray(stored, np.float32)
+        if self.name.endswith("binary"):
+            # stored values may arrive widened to float (io/vectors.py: to_matrix)
+            raw = np.asarray(stored).astype(np.int16) + (128 if self.name == "binary" else 0)
+            raw = raw.astype(np.uint8)
+            bits = np.unpackbits(raw, axis=-1, count=dim)
+            return np.where(bits == 1, np.float32(1), np.float32(-1))
+        ranges = self._ranges()
+        steps = (ranges[1] - ranges[0]) / 255
+        steps = np.where(steps == 0, 1, steps)
+        buckets = np.asarray(stored, np.float32) + (128 if self.name == "int8" else 0)
+        return (ranges[0] + (buckets + np.float32(0.5)) * steps).astype(np.float32)
+
+
+def stored_precision(manifest: Any) -> Precision:
+    """A folder's precision, as its manifest records it (folders made before output.precision
+    existed: their vector_dtype)."""
+    output = (manifest.config or {}).get("output") or {}
+    name = output.get("precision") or output.get("vector_dtype") or "float32"
+    return Precision(name, manifest.calibration if name in CALIBRATED else None)
+
+
+def refuse_quantized(manifest: Any, url: str, what: str) -> None:
+    """A ConfigError (exit 2) for a command that takes float vectors, on a quantized folder."""
+    precision = stored_precision(manifest)
+    if precision.quantized:
+        raise ConfigError(f"{url} stores {precision.name} vectors (output.precision); {what} "
+                          f"takes float32 / float16 vectors only: read them with "
+                          f"open_output(...).dequantized(), or run the job with another "
+                          f"output.path and precision float32")
+
+
+__all__ = ["CALIBRATED", "CALIBRATION_ROWS", "Calibration", "FLOATS", "PRECISIONS", "Precision", "refuse_quantized",
+           "stored_precision"]
