@@ -212,8 +212,9 @@ def test_other_settings_and_position_indexes_rebuild(tmp_path):
     infos = update_index(folder.store, parts, IndexConfig(type="flat"))
     assert infos["rebuilt"] == "the index was built over row positions"
     assert infos["labels"] == "stored" and index_problems(folder.store, parts, full=True) == []
-    # a changed part under the same name and row count is told apart by its footer
-    folder.add(1)
+    # a re-embedded unit's rows come under a new unit id: new labels, removed and added
+    folder.remove(1)
+    folder.add(7)
     infos = maintain(folder, IndexConfig(type="flat"))
     assert infos["maintained"]["added"] == infos["maintained"]["removed"] == 100
 
