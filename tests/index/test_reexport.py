@@ -149,3 +149,38 @@ def test_sigkill_mid_night_then_rerun_equals_an_uninterrupted_night(tiny_model, 
     assert np.array_equal(matrix(read_vectors(out)), matrix(read_vectors(uninterrupted)))
     assert exact_recall(out) >= exact_recall(uninterrupted) - 0.01
     assert embedpipe("verify", out).returncode == 0
+
+
+def test_a_folder_from_before_labels_keeps_working(tiny_model, texts, tmp_path):
+    """Parts without a faiss_id column and an index of unit-row labels (what earlier versions
+    wrote): kept units keep their labels; the first re-export adds its reused rows anew, once."""
+    from pipeline.io.checks import check_file
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    ids = np.arange(FILES * ROWS, dtype=np.int64)
+    export(inputs, ids, texts, FILES, "day-{:03d}.parquet")
+    job = make_job(inputs, out, tiny_model, index={"type": "flat"})
+    run(job)  # a first run: every row's label is its unit-row label
+    store = Store(str(out))
+    ledger = Ledger(store)
+    for record in ledger.units.values():
+        for name in record.vector_files:
+            pq.write_table(pq.read_table(out / name).drop_columns(["faiss_id"]), out / name)
+            record.checks[name] = check_file(store, name, full=True)
+        ledger.commit_unit(record)
+    infos = json.loads((out / INFOS_FILE).read_text())
+    (out / INFOS_FILE).write_text(json.dumps({**infos, "labels": "unit-row"}))
+    assert index_problems(store, Ledger(store).vector_parts(), full=True) == []
+
+    night_ids, night_texts = night_table(texts)
+    export(inputs, night_ids, night_texts, FILES - 2, "export-2/batch-{:04d}.parquet")
+    first = run(job).index
+    assert "rebuilt" not in first and first["maintained"]["added"] == len(night_ids)
+    assert first["maintained"]["removed"] == len(ids)
+    assert_same_hits(out, fresh_copy(out, tmp_path, "fresh"))
+    labelled = labels_by_id(out)
+    export(inputs, night_ids, night_texts, FILES + 1, "export-3/part-{:04d}.parquet")
+    second = run(job).index
+    assert second["maintained"]["added"] == second["maintained"]["removed"] == 0
+    assert labels_by_id(out) == labelled
+    assert embedpipe("verify", out).returncode == 0
