@@ -175,8 +175,8 @@ def _validate_tokens(job: JobConfig) -> None:
 
 
 # The columns of a vector part (besides any kept column), window columns included.
-STORED_COLUMNS = ("id", "vector", "n_tokens", "truncated", "text_hash", "n_chunks", "chunk",
-                  "token_start", "token_end", "char_start", "char_end")
+STORED_COLUMNS = ("id", "vector", "n_tokens", "truncated", "text_hash", "faiss_id", "n_chunks",
+                  "chunk", "token_start", "token_end", "char_start", "char_end")
 
 
 _SINK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")

@@ -13,9 +13,10 @@ which the index file references and search memory-maps (local disks only). With 
 index and nprobe the three return the same ids and distances. index_infos.json, written last
 (commit.py), names the build's files; files of earlier builds are removed after it.
 
-FAISS ids are labels, (unit_id << 32) | row within the unit, so that maintenance (maintain.py)
-can add and remove a unit's rows without renumbering the rest; ids.parquet maps each stored row,
-in row order, to its label.
+FAISS ids are labels, each row's own (the parts' faiss_id column; (unit_id << 32) | row within
+the unit in parts written before it), kept by a row that keeps its id and text across runs, so
+that maintenance (maintain.py) adds and removes rows by label without renumbering the rest;
+ids.parquet maps each stored row, in row order, to its label.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import logging
 import time
 
 import faiss
+import numpy as np
 import pyarrow as pa
 
 from ..config import ConfigError, IndexConfig
@@ -42,8 +44,8 @@ log = logging.getLogger(__name__)
 def build_index(store: Store, files: list[str] | VectorParts, cfg: IndexConfig) -> dict:
     """Build, write atomically, and describe the index for the given parts. Returns the infos.
 
-    Every vector is added under its label (VectorParts.row_labels: unit-row labels where the
-    ledger knows them, else row positions); flat and HNSW inside an IndexIDMap2, IVF kinds with
+    Every vector is added under its label (VectorParts.row_labels: the rows' stored labels
+    where the ledger knows the parts' units, else row positions); flat and HNSW inside an IndexIDMap2, IVF kinds with
     their own ids. The ip-without-cosine warning goes by the vectors themselves (a sample's
     norms), so a model that normalises on its own draws no warning."""
     started = time.perf_counter()
@@ -63,6 +65,11 @@ def build_index(store: Store, files: list[str] | VectorParts, cfg: IndexConfig) 
         index.train(sample)
         fit = training_error(index, sample)
     labels = parts.row_labels()
+    if parts.labels is not None and len(np.unique(labels)) != n:
+        log.warning("the stored rows hold a label twice; the index is built over row positions "
+                    "and rebuilt by every run until the folder is written afresh")
+        parts = dataclasses.replace(parts, labels=None)
+        labels = parts.row_labels()
     layout_infos: dict = {"layout": layout}
     if layout == "single":
         index = with_labels(index)
@@ -105,7 +112,7 @@ def build_index(store: Store, files: list[str] | VectorParts, cfg: IndexConfig) 
         "recall_queries": min(n, RECALL_QUERIES), "search_params": params,
         "trained_on": trained_on, "max_memory": cfg.max_memory if cfg.type == "auto" else None,
         **layout_infos,
-        "labels": "position" if parts.labels is None else "unit-row",
+        "labels": "position" if parts.labels is None else "stored",
         "config": dataclasses.asdict(cfg), "built": build, "built_count": n,
         "training_error": fit,
         "parts": part_records(parts),

@@ -3,7 +3,7 @@
 and at its end; the files' sizes and digests as the infos record them (`index_damage`, every
 byte read) before it skips, and in `verify` unless --quick; `embedpipe verify` adds the index
 itself, the id map's ids and labels, and a sample of vectors reconstructed by label. An index of row positions where the ledger knows
-unit-row labels is stale: the next run rebuilds it."""
+the rows' labels is stale: the next run rebuilds it."""
 from __future__ import annotations
 
 import faiss
@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from ..io.checks import PAGE_CHECKSUMS, DamagedFile, check_file, file_digest, reading
 from ..io.storage import Store
 from ..io.vectors import VectorParts
-from .files import INFOS_FILE, ids_file, index_file, read_tombstones
+from .files import INFOS_FILE, LABELLED, ids_file, index_file, read_tombstones
 from .tuning import even_positions, unwrapped
 
 SAMPLE = 200  # stored vectors compared with the index's own copies
@@ -69,10 +69,10 @@ def index_problems(store: Store, parts: VectorParts, full: bool = False,
         problems.append(f"index: built over {count} vectors, the folder stores {n}")
     elif recorded != list(zip(parts.files, rows)):
         problems.append("index: built over other vector parts than the manifest names")
-    elif n and parts.labels is not None and (infos.get("labels") != "unit-row"
-                                       or labels != list(parts.labels)):
+    elif n and parts.labels is not None and (infos.get("labels") not in LABELLED
+                                             or labels != list(parts.labels)):
         problems.append("index: built over row positions or other labels than the parts' "
-                        "(unit, row) labels")
+                        "stored labels")
     if n == 0 or problems:
         return problems
     layout_files = [s["file"] for s in infos.get("shards", [])] + [

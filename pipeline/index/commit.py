@@ -36,8 +36,12 @@ def commit_index(store: Store, build: str, index_bytes: bytes | None, id_map: pa
                  tombstones: np.ndarray | None, infos: dict) -> dict:
     """Write the index and id map (and tombstones, if any) under the build's names, then the
     infos naming them (the commit), then remove what earlier builds left. Returns the infos."""
+    previous = infos.get("files") or {}
+    # index_bytes None with an index_file named: that file is kept as it is (maintenance that
+    # neither added nor removed a vector)
     infos = {k: v for k, v in infos.items()
-             if k not in ("index_file", "ids_file", "tombstones_file", "files")}
+             if k not in ("ids_file", "tombstones_file", "files")
+             and (k != "index_file" or index_bytes is None)}
     written: dict[str, bytes] = {}
     if index_bytes is not None:
         infos["index_file"] = f"{INDEX_DIR}/index-{build}.faiss"
@@ -59,7 +63,8 @@ def commit_index(store: Store, build: str, index_bytes: bytes | None, id_map: pa
     infos["files"] = {rel: {"bytes": len(body), "digest": hashlib.sha256(body).hexdigest()[:32]}
                       for rel, body in written.items()}
     for rel in sorted(named_files(infos) - set(written)):
-        infos["files"][rel] = {"bytes": store.size(rel), "digest": file_digest(store, rel)}
+        infos["files"][rel] = previous.get(rel) or {"bytes": store.size(rel),
+                                                    "digest": file_digest(store, rel)}
     checkpoint("index-commit")  # new files whole, the infos still name the earlier ones
     store.write_json(INFOS_FILE, infos)
     remove_unnamed(store, infos)

@@ -9,13 +9,18 @@ from typing import Iterator
 
 import faiss
 import numpy as np
+import pyarrow.parquet as pq
 
+from ..io.checks import PAGE_CHECKSUMS, reading
 from ..io.storage import Store
 
 INDEX_DIR = "index"
 INDEX_FILE = f"{INDEX_DIR}/index.faiss"
 IDS_FILE = f"{INDEX_DIR}/ids.parquet"
 INFOS_FILE = f"{INDEX_DIR}/index_infos.json"
+# infos["labels"] of an index whose rows are under their stored labels ("unit-row": written
+# before rows kept their own, the same labels for those parts); else "position" (rebuilt)
+LABELLED = ("stored", "unit-row")
 
 
 def read_stored_index(store: Store, rel: str, flags: int = 0) -> faiss.Index:
@@ -51,3 +56,9 @@ def read_tombstones(store: Store, infos: dict) -> np.ndarray:
     if not name:
         return np.zeros(0, np.int64)
     return np.load(io.BytesIO(store.read_bytes(name)))
+
+def read_id_map(store: Store, infos: dict) -> np.ndarray:
+    """The labels the index holds live, from its id map (faiss_id, in row order)."""
+    with reading(ids_file(infos)), store.fs.open(store.path(ids_file(infos)), "rb") as handle:
+        table = pq.read_table(handle, columns=["faiss_id"], **PAGE_CHECKSUMS)
+    return table.column(0).to_numpy().astype(np.int64)

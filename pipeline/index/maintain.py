@@ -1,13 +1,20 @@
 """Keeping a folder's index in step with its vector parts by adding and removing what changed,
 so a nightly run pays for the units it re-embedded, not for the whole index.
 
-Every row is stored under a stable label, (unit_id << 32) | row within the unit (build.py), and
-index_infos.json lists the parts the index holds as {file, rows, label, footer}. A part whose
-record is no longer among the committed ones is removed (its label range, IDSelectorRange); a
-committed part the infos lack is added with its labels; kept parts are not touched.
+Every row is stored under its own label (the parts' faiss_id column, io/writer.py): a row that
+keeps its id and text across runs keeps its label, wherever its part now lies and whatever the
+file is called; a new row gets a new one. Maintenance works on label sets: the labels the id map
+lists (the index's live rows) against the stored rows' labels. Labels no longer stored are
+removed (IDSelectorBatch), rows whose label the index lacks are added (only the parts holding one
+are read), and the rest is not touched. The same labels in other files (a re-export: renamed,
+re-cut) cost reading the label columns and writing a new id map; the index file stays as it is.
+A folder written before rows kept labels has unit-row labels, (unit_id << 32) | row within the
+unit: its kept parts keep them, and rows reused out of its parts get new ones, so its first
+night after the change adds those anew (HNSW: tombstones past the limit, one full rebuild).
 
 Per kind:
 - flat (IndexIDMap2 over IndexFlat): remove and add; searches return what a fresh build returns.
+  Any kind that takes add_with_ids and remove_ids is maintained the same way.
 - IVF kinds (single layout): remove and add with the trained quantizer, while it still fits the
   data. Drift is measured: at training the mean squared L2 distance of the training sample to its
   nearest centroid is recorded (`training_error`); the added vectors' mean is compared with it,
@@ -20,8 +27,8 @@ Per kind:
 - shards / ondisk layouts: rebuilt (their files are written once per build).
 
 Anything that does not add up (infos unreadable, a file missing, the index holding another count
-than its infos say, other index settings or dimension, an index of row positions, a label that
-comes back) is a full rebuild, logged with its reason. The search parameters (nprobe, efSearch)
+than its infos say, other index settings or dimension, an index of row positions, a label stored
+twice, a label that comes back as a tombstone) is a full rebuild, logged with its reason. The search parameters (nprobe, efSearch)
 tuned at build time are kept; recall is measured only when the index is rebuilt.
 Writing goes through commit.py: new files, then the infos naming them.
 """
@@ -30,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Iterator
 
 import faiss
 import numpy as np
@@ -41,7 +49,7 @@ from ..io.vectors import VectorParts
 from .build import build_index, load_index, part_records
 from .choose import choose_kind
 from .commit import commit_index, new_build
-from .files import INFOS_FILE, ids_file, index_file, read_tombstones
+from .files import INFOS_FILE, LABELLED, ids_file, index_file, read_id_map, read_tombstones
 from .tuning import training_error, unwrapped
 
 log = logging.getLogger(__name__)
@@ -87,68 +95,37 @@ def settings_changed(store: Store, cfg: IndexConfig) -> bool:
         return False  # no readable infos: index_problems names that
 
 
-def _key(part: dict) -> tuple:
-    return part["file"], int(part["rows"]), part.get("label"), part.get("footer")
-
-
 def _maintain(store: Store, parts: VectorParts, cfg: IndexConfig, started: float) -> dict:
     infos = _readable_infos(store, parts, cfg)
-    now = part_records(parts)
-    held = {_key(p): p for p in infos["parts"]}
-    gone = [p for p in infos["parts"] if _key(p) not in {_key(q) for q in now}]
-    new = [i for i, p in enumerate(now) if _key(p) not in held]
     n, built = sum(parts.rows()), int(infos.get("built_count") or infos["count"])
     if cfg.type == "auto" and choose_kind(cfg, n, infos["dimension"]) != infos["kind"]:
         raise Rebuild(f"auto now chooses {choose_kind(cfg, n, infos['dimension'])} for {n} "
                       f"vectors, not {infos['kind']}")
+    labels = parts.row_labels()
+    if len(np.unique(labels)) != n:
+        raise Rebuild("the stored rows hold a label twice")
     try:
-        index, _ = load_index(store)
+        held = read_id_map(store, infos)
         tombstones = read_tombstones(store, infos)
-    except (RuntimeError, ValueError, OSError, EOFError) as exc:
-        raise Rebuild(f"the index cannot be loaded ({' '.join(str(exc).split())[:200]})") from None
-    if index.ntotal != infos["count"] + len(tombstones):
-        raise Rebuild(f"the index holds {index.ntotal} vectors, its infos say "
-                      f"{infos['count']} live and {len(tombstones)} tombstones")
-    added_parts = parts.subset(new)
-    added_labels = added_parts.row_labels()
-    removed_labels = np.concatenate([np.arange(p["label"], p["label"] + p["rows"], dtype=np.int64)
-                                     for p in gone]) if gone else np.zeros(0, np.int64)
-    inner = unwrapped(index)
-    ivf = faiss.try_extract_index_ivf(index)
-    if isinstance(inner, faiss.IndexHNSW):
-        tombstones = np.union1d(tombstones, removed_labels)
-        if np.isin(added_labels, tombstones).any():
-            raise Rebuild("an added part reuses labels that are tombstones in the graph")
-        if len(tombstones) > TOMBSTONE_FRACTION * (index.ntotal + len(added_labels)):
-            raise Rebuild(f"{len(tombstones)} tombstones would pass {TOMBSTONE_FRACTION:.0%} "
-                          f"of the graph")
-    else:
-        if ivf is not None and (n > GROWTH * built or n < built / GROWTH):
-            raise Rebuild(f"{n} vectors, {built} when the quantizer was trained")
-        if ivf is not None and infos.get("training_error"):
-            _check_drift(index, added_parts, float(infos["training_error"]))
-        for part in gone:
-            selector = faiss.IDSelectorRange(part["label"], part["label"] + part["rows"])
-            try:
-                removed = index.remove_ids(selector)
-            except RuntimeError as exc:
-                raise Rebuild(f"{type(inner).__name__} cannot remove ({exc})") from None
-            if removed != part["rows"]:
-                raise Rebuild(f"{part['file']}: {removed} vectors removed, {part['rows']} held")
-    row = 0
-    for block in added_parts.vectors():
-        index.add_with_ids(block, added_labels[row:row + len(block)])
-        row += len(block)
-    if index.ntotal != n + len(tombstones):
-        raise Rebuild(f"after maintenance the index holds {index.ntotal}, not {n} vectors")
+    except (RuntimeError, ValueError, OSError, EOFError, KeyError) as exc:
+        raise Rebuild(f"the id map cannot be read ({' '.join(str(exc).split())[:200]})") from None
+    if len(held) != infos["count"]:
+        raise Rebuild(f"the id map lists {len(held)} labels, the infos say {infos['count']}")
+    fresh = ~np.isin(labels, held)  # rows the index lacks
+    added_labels, removed_labels = labels[fresh], np.setdiff1d(held, labels)
+    if len(added_labels) or len(removed_labels):
+        index_bytes, tombstones = _apply(store, parts, infos, fresh, added_labels,
+                                         removed_labels, tombstones, n, built)
+    else:  # the same rows under the same labels (files renamed or reordered): the index stays
+        index_bytes = None
 
-    id_map = parts.keys().add_column(0, "faiss_id", pa.array(parts.row_labels(), pa.int64()))
-    index_bytes = faiss.serialize_index(index).tobytes()
+    id_map = parts.keys().add_column(0, "faiss_id", pa.array(labels, pa.int64()))
     since = infos.get("maintained", {}).get("since_build", {"added": 0, "removed": 0, "updates": 0})
     added, removed = len(added_labels), len(removed_labels)
+    size = len(index_bytes) if index_bytes is not None else infos["size_bytes"]
     updated = {
         **{k: v for k, v in infos.items() if k != "rebuilt"},
-        "count": n, "size_bytes": len(index_bytes), "parts": now,
+        "count": n, "size_bytes": size, "parts": part_records(parts), "labels": "stored",
         "tombstones": len(tombstones),
         "maintained": {"added": added, "removed": removed,
                        "seconds": round(time.perf_counter() - started, 3),
@@ -164,6 +141,64 @@ def _maintain(store: Store, parts: VectorParts, cfg: IndexConfig, started: float
     return updated
 
 
+def _apply(store: Store, parts: VectorParts, infos: dict, fresh: np.ndarray,
+           added_labels: np.ndarray, removed_labels: np.ndarray, tombstones: np.ndarray,
+           n: int, built: int) -> tuple[bytes, np.ndarray]:
+    """The loaded index with the removed labels taken out (HNSW: tombstones) and the fresh rows
+    added under their labels; its bytes and the tombstones."""
+    try:
+        index, _ = load_index(store)
+    except (RuntimeError, ValueError, OSError, EOFError) as exc:
+        raise Rebuild(f"the index cannot be loaded ({' '.join(str(exc).split())[:200]})") from None
+    if index.ntotal != infos["count"] + len(tombstones):
+        raise Rebuild(f"the index holds {index.ntotal} vectors, its infos say "
+                      f"{infos['count']} live and {len(tombstones)} tombstones")
+    inner = unwrapped(index)
+    ivf = faiss.try_extract_index_ivf(index)
+    if isinstance(inner, faiss.IndexHNSW):
+        tombstones = np.union1d(tombstones, removed_labels)
+        if np.isin(added_labels, tombstones).any():
+            raise Rebuild("an added row reuses a label that is a tombstone in the graph")
+        if len(tombstones) > TOMBSTONE_FRACTION * (index.ntotal + len(added_labels)):
+            raise Rebuild(f"{len(tombstones)} tombstones would pass {TOMBSTONE_FRACTION:.0%} "
+                          f"of the graph")
+    else:
+        if ivf is not None and (n > GROWTH * built or n < built / GROWTH):
+            raise Rebuild(f"{n} vectors, {built} when the quantizer was trained")
+        if ivf is not None and infos.get("training_error"):
+            _check_drift(index, _fresh_blocks(parts, fresh), float(infos["training_error"]))
+        if len(removed_labels):
+            try:
+                removed = index.remove_ids(faiss.IDSelectorBatch(removed_labels))
+            except RuntimeError as exc:
+                raise Rebuild(f"{type(inner).__name__} cannot remove ({exc})") from None
+            if removed != len(removed_labels):
+                raise Rebuild(f"{removed} vectors removed, {len(removed_labels)} labels gone")
+    row = 0
+    for block in _fresh_blocks(parts, fresh):
+        index.add_with_ids(block, added_labels[row:row + len(block)])
+        row += len(block)
+    if index.ntotal != n + len(tombstones):
+        raise Rebuild(f"after maintenance the index holds {index.ntotal}, not {n} vectors")
+    return faiss.serialize_index(index).tobytes(), tombstones
+
+
+def _fresh_blocks(parts: VectorParts, fresh: np.ndarray) -> Iterator[np.ndarray]:
+    """The vectors of the rows marked fresh, in row order; parts without one are not read."""
+    start = 0
+    for number, rows in enumerate(parts.rows()):
+        mine = fresh[start:start + rows]
+        start += rows
+        if not mine.any():
+            continue
+        at = 0
+        for block in parts.subset([number]).vectors():
+            take = mine[at:at + len(block)]
+            at += len(block)
+            if take.any():
+                yield block[take]
+
+
 def _readable_infos(store: Store, parts: VectorParts, cfg: IndexConfig) -> dict:
     """The current infos, when they describe an index maintenance can start from."""
     if parts.labels is None:
@@ -172,9 +207,8 @@ def _readable_infos(store: Store, parts: VectorParts, cfg: IndexConfig) -> dict:
         infos = store.read_json(INFOS_FILE)
         if not int(infos.get("count", 0)):
             raise Rebuild("no vectors indexed yet")
-        if infos.get("labels") != "unit-row":
+        if infos.get("labels") not in LABELLED:
             raise Rebuild("the index was built over row positions")
-        held = [(p["file"], int(p["rows"]), int(p["label"])) for p in infos["parts"]]
     except FileNotFoundError:
         raise Rebuild(f"no {INFOS_FILE}") from None
     except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
@@ -188,19 +222,17 @@ def _readable_infos(store: Store, parts: VectorParts, cfg: IndexConfig) -> dict:
                       f"{infos.get('dimension')}")
     if not parts.files:
         raise Rebuild("no vectors stored")
-    if len({label for _, _, label in held}) != len(held):
-        raise Rebuild(f"{INFOS_FILE} lists a label twice")
     for rel in (index_file(infos), ids_file(infos), infos.get("tombstones_file")):
         if rel and not store.exists(rel):
             raise Rebuild(f"{rel} missing")
     return infos
 
 
-def _check_drift(index: faiss.Index, added: VectorParts, trained_error: float) -> None:
+def _check_drift(index: faiss.Index, added: Iterator[np.ndarray], trained_error: float) -> None:
     """Retrain when the added vectors sit farther from their centroids than the training sample
     did, by more than DRIFT_RATIO (their mean squared distance over the sample's)."""
     total, count = 0.0, 0
-    for block in added.vectors():
+    for block in added:
         error = training_error(index, block)
         if error is not None:
             total, count = total + error * len(block), count + len(block)

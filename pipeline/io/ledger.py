@@ -67,7 +67,10 @@ class Ledger:
                 "Run with --mode overwrite to start the folder afresh, or choose another output.path.")
 
     def unit_id(self, key: str) -> int:
-        """A stable number for a unit: kept across reruns, so part names stay put."""
+        """A stable number for a unit: kept across reruns, so part names stay put. A unit to
+        embed never has one a stored row's label carries (jobs/write.py labels new rows with
+        it): changed, repaired and failed units are forgotten first, and the counter only
+        grows."""
         record = self.units.get(key)
         if record is not None and record.unit_id is not None:
             return record.unit_id

@@ -29,6 +29,8 @@ from .content_hash import hash_bytes, hash_keys, id_keys, pair_keys, text_hashes
 from .reader import Unit, read_unit
 from .rejects import plain_texts, row_reasons
 from .storage import Store
+from .vectors import LABEL_COLUMN
+from .writer import NEW_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +288,14 @@ class StoredRows:
         key = (part, group, tuple(columns))
         if key not in self._cache:
             with reading(self.files[part]):
-                self._cache[key] = _parquet(self.store, self.files[part]).read_row_group(
-                    group, columns=columns)
+                parquet = _parquet(self.store, self.files[part])
+                present = [c for c in columns if c in parquet.schema_arrow.names]
+                table = parquet.read_row_group(group, columns=present)
+            if LABEL_COLUMN in columns and LABEL_COLUMN not in present:
+                # a part written before rows kept their labels: its rows get new ones
+                table = table.append_column(LABEL_COLUMN, pa.array(
+                    np.full(table.num_rows, NEW_LABEL, np.int64)))
+            self._cache[key] = table.select(columns)
             while len(self._cache) > 8:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)

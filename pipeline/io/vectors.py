@@ -11,6 +11,8 @@ import pyarrow.parquet as pq
 from .checks import PAGE_CHECKSUMS, reading
 from .storage import Store
 
+LABEL_COLUMN = "faiss_id"  # each row's index label (io/writer.py writes it)
+
 READ_ROWS = 65_536  # rows per streamed block of a vector part
 
 
@@ -20,8 +22,9 @@ class VectorParts:
     row counts when the caller has them already (the manifest's file checks, once the files
     were checked against them), so they are not read from every footer again.
 
-    `labels`: each file's first FAISS label, (unit_id << 32) | row within the unit, so a row's
-    label stays put when other units come and go (None: labels are row positions, as before).
+    `labels`: each file's first unit-row label, (unit_id << 32) | row within the unit (None:
+    labels are row positions, as before). A part's rows carry their own labels in its faiss_id
+    column (io/writer.py); a part written before that column has its unit-row labels.
     `footers`: the recorded footer hash of each file, which tells a part's content apart where
     its name and row count are the same (None: unknown)."""
     store: Store
@@ -37,9 +40,15 @@ class VectorParts:
         return np.cumsum([0] + self.rows()[:-1]).tolist() if self.files else []
 
     def row_labels(self) -> np.ndarray:
-        """Every stored row's label, in row order."""
-        pieces = [np.arange(first, first + r, dtype=np.int64)
-                  for first, r in zip(self.first_labels(), self.rows())]
+        """Every stored row's label, in row order: its faiss_id, or its unit-row label in a part
+        without one (row positions where the ledger gives no labels)."""
+        pieces = []
+        for name, first, r in zip(self.files, self.first_labels(), self.rows()):
+            if self.labels is not None and LABEL_COLUMN in self.metadata(name).schema.names:
+                pieces += [t.column(0).to_numpy().astype(np.int64)
+                           for t in VectorParts(self.store, [name]).read([LABEL_COLUMN])]
+            else:
+                pieces.append(np.arange(first, first + r, dtype=np.int64))
         return np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
 
     def subset(self, indices: list[int]) -> "VectorParts":

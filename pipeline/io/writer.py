@@ -13,6 +13,7 @@ from ..faults import checkpoint
 from .checks import WRITE_CHECKSUMS
 from .content_hash import HASH_TYPE
 from .storage import Store, with_filename
+from .vectors import LABEL_COLUMN
 
 VECTORS_DIR = "vectors"
 REJECTS_DIR = "rejects"
@@ -26,14 +27,19 @@ def vector_array(vectors: np.ndarray, vector_dtype: str) -> pa.FixedSizeListArra
     return pa.FixedSizeListArray.from_arrays(pa.array(values), vectors.shape[1])
 
 
+# each row's FAISS label: kept by a row that keeps its id and text (a reused row), new otherwise
+# (jobs/write.py), so an index is maintained by label sets (index/maintain.py)
+NEW_LABEL = -1  # a row whose label the writer gives when it writes it
+
 # long_text = "chunk": the columns a row of a text's pooled windows, or of one window, adds
 WINDOW_COLUMNS = ("chunk", "token_start", "token_end", "char_start", "char_end")
 
 
 def vectors_schema(id_type: pa.DataType, width: int, vector_dtype: str,
                    keep: pa.Schema | None = None, chunks: str | None = None) -> pa.Schema:
-    """id, vector (width stored values: io/precision.py), n_tokens, truncated, text_hash (what the model saw, hashed: content_hash.py),
-    then the kept columns. chunks = "pool" adds n_chunks
+    """id, vector (width stored values: io/precision.py), n_tokens, truncated, text_hash (what the
+    model saw, hashed: content_hash.py), faiss_id (the row's index label), then the kept columns.
+    chunks = "pool" adds n_chunks
     (windows pooled into the row); "rows" makes a row a window: id, chunk, its token and
     character spans (WINDOW_COLUMNS), vector, n_tokens (the window's), truncated."""
     value_type = pa.from_numpy_dtype(np.dtype(vector_dtype))  # float32/16, or int8/uint8 quantized
@@ -42,7 +48,8 @@ def vectors_schema(id_type: pa.DataType, width: int, vector_dtype: str,
     if chunks == "rows":
         fields += [pa.field(name, int32) for name in WINDOW_COLUMNS]
     fields += [pa.field("vector", pa.list_(value_type, width)), pa.field("n_tokens", int32),
-               pa.field("truncated", pa.bool_()), pa.field("text_hash", HASH_TYPE)]
+               pa.field("truncated", pa.bool_()), pa.field("text_hash", HASH_TYPE),
+               pa.field(LABEL_COLUMN, pa.int64())]
     if chunks == "pool":
         fields.append(pa.field("n_chunks", int32))
     return pa.schema(fields + (list(keep) if keep is not None else []))

@@ -6,7 +6,9 @@ those rows' vectors and columns (confirmed on the id and the whole hash; in a fo
 a token window, all of the text's windows, or none). A text that occurs more than once among the
 rows to embed (registry.scan_input found them) is encoded the first time and copied after,
 through `RunMemory`, which the writer fills in the order it writes. Only the rest is tokenized
-and encoded; the writer puts the three kinds back in input order (`merge_rows`).
+and encoded; the writer puts the three kinds back in input order (`merge_rows`). A reused row
+keeps its stored index label (faiss_id) only under its own id; copies and rows taken from another
+id carry NEW_LABEL, and the writer gives them new labels.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import pyarrow as pa
 
 from ..io.content_hash import hash_bytes, hash_keys
 from ..io.registry import ReuseSource, confirmed
-from ..io.vectors import to_matrix
+from ..io.vectors import LABEL_COLUMN, to_matrix
+from ..io.writer import NEW_LABEL
 
 MEMORY_BYTES = 64 << 20  # vectors kept for texts repeated within the run; past it they re-encode
 
@@ -113,17 +116,25 @@ class ReusePlanner:
         owner, rows = owner[ok], rows.filter(pa.array(ok))
         chunk = (rows.column("chunk").to_numpy().astype(np.int64) if self.windows
                  else np.zeros(len(owner), np.int64))
-        order = np.lexsort((chunk, owner))
+        # a row keeps its label only under its own id (content reuse may take another id's row:
+        # a new row, with a label of its own), so the text's own row is taken first
+        at = pa.array(owner, pa.int64())
+        same_id = confirmed(rows, ids.take(at), hashes.take(at), True)
+        order = np.lexsort((~same_id, chunk, owner))
         owner, chunk = owner[order], chunk[order]
         first = np.ones(len(owner), bool)  # one copy of each (text, window)
         first[1:] = (owner[1:] != owner[:-1]) | (chunk[1:] != chunk[:-1])
         order, owner, chunk = order[first], owner[first], chunk[first]
+        same_id = same_id[order]
         starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]]) if len(owner) else owner
         rank = np.arange(len(owner)) - np.repeat(starts, np.diff(np.r_[starts, len(owner)]))
         whole = ~np.isin(owner, owner[chunk != rank])  # windows 0..k-1, none missing
-        order, owner = order[whole], owner[whole]
+        order, owner, same_id = order[whole], owner[whole], same_id[whole]
         rows = rows.take(pa.array(order, pa.int64()))
-        return owner, {c: _values(rows.column(c)) for c in self.columns}
+        donor = {c: _values(rows.column(c)) for c in self.columns}
+        if LABEL_COLUMN in donor:
+            donor[LABEL_COLUMN] = np.where(same_id, donor[LABEL_COLUMN], NEW_LABEL)
+        return owner, donor
 
     def sent(self, plan: RowPlan) -> None:
         """The plan's Assemble is on its way to the writer: its cached texts may be copied."""

@@ -15,7 +15,8 @@ from ..faults import checkpoint
 from ..io.checks import check_file
 from ..io.manifest import UnitCounts, UnitRecord
 from ..io.precision import Precision
-from ..io.writer import TOKENS_DIR, UnitWriter, write_rejects
+from ..io.vectors import LABEL_COLUMN
+from ..io.writer import NEW_LABEL, TOKENS_DIR, UnitWriter, write_rejects
 from .messages import DONE, Channel, Encoded, Stats, UnitEnd, UnitFailed, UnitStart, Window
 from .reuse import Assemble, HeldRows, RunMemory, merge_rows
 
@@ -40,10 +41,12 @@ class WriteStage:
         self.stats, self.on_unit_done, self.progress = stats, on_unit_done, progress
         self.normalize = normalize
         self.window_rows = "chunk" in schema.names  # one row a token window, not a text
+        self.labels = LABEL_COLUMN in schema.names
         self.memory = memory if memory is not None else RunMemory(capacity=0)
         self.held: list[HeldRows] = []  # encoded rows waiting for their window's Assemble
         # the unit being written: its parts' writers, counts and rejects so far
         self.unit_id = -1
+        self.unit_rows = 0  # the unit's vector rows written so far
         self.writer: UnitWriter | None = None
         self.token_writer: UnitWriter | None = None
         self.counts, self.rejects = UnitCounts(), []
@@ -74,6 +77,7 @@ class WriteStage:
             self.token_writer = UnitWriter(self.store, item.unit_id, self.token_schema,
                                            self.rows_per_file, self.vector_dtype, TOKENS_DIR)
         self.counts, self.rejects = UnitCounts(), []
+        self.unit_rows = 0
 
     def _window(self, item: Window) -> None:
         self.window, self.filled, self.vectors = item, 0, None
@@ -145,12 +149,14 @@ class WriteStage:
         owner = pa.array(windows.owner, pa.int64()) if self.window_rows else None
         ids = window.ids.take(owner) if self.window_rows else window.ids
         rows["text_hash"] = window.text_hash.take(owner) if self.window_rows else window.text_hash
+        if self.labels:
+            rows[LABEL_COLUMN] = np.full(len(ids), NEW_LABEL, np.int64)
         if window.rows_at is not None:  # written with the window's reused rows
             if len(ids):  # each row's text, among the sort window's good texts
                 self.held.append(HeldRows(window.rows_at[windows.owner] if self.window_rows
                                           else window.rows_at, rows))
         elif len(ids):
-            self.writer.write(ids, rows, window.keep)
+            self._write(ids, rows, window.keep)
         self.counts += UnitCounts(
             vectors=n, rows=len(ids), truncated=int(window.truncated.sum()),
             windows=0 if windows is None else len(windows.ids),
@@ -162,12 +168,24 @@ class WriteStage:
         ids, rows, keep, skipped = merge_rows(self.held, plan, self.memory)
         self.held = []
         if len(ids):
-            self.writer.write(ids, rows, keep)
+            self._write(ids, rows, keep)
         checkpoint("reuse")  # reused rows written into the unit's open part
         self.counts += UnitCounts(vectors=skipped.texts, rows=skipped.rows,
                                   truncated=skipped.truncated, chunked=skipped.chunked,
                                   reused=skipped.reused, copied=skipped.texts - skipped.reused)
         self.progress(skipped.texts)
+
+    def _write(self, ids: pa.Array, rows: dict, keep: pa.Table | None) -> None:
+        """Rows into the unit's parts; a row without a label gets (unit_id << 32) | its row in
+        the unit. Every unit to embed has a number no stored label carries (io/ledger.py:
+        unit_id), and a kept label travels only with its own id, so no two live rows share one."""
+        if self.labels:
+            labels = np.array(rows[LABEL_COLUMN], np.int64)
+            new = np.flatnonzero(labels == NEW_LABEL)
+            labels[new] = (self.unit_id << 32) | (self.unit_rows + new)
+            rows = {**rows, LABEL_COLUMN: labels}
+        self.writer.write(ids, rows, keep)
+        self.unit_rows += len(ids)
 
     def _write_tokens(self, writer: UnitWriter, window: Window, states: list[np.ndarray]) -> None:
         """The window's token-table rows, in input order, written before the next window's."""

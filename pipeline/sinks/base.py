@@ -37,7 +37,7 @@ from ..faults import checkpoint
 from ..io.ledger import Ledger
 from ..io.manifest import SinkRecord, UnitRecord
 from ..io.storage import Store
-from ..io.vectors import VectorParts, to_matrix
+from ..io.vectors import LABEL_COLUMN, VectorParts, to_matrix
 
 MARKER_FORMAT = 1
 LOAD_ROWS = 8192  # rows per block streamed from the parts into a sink
@@ -346,12 +346,12 @@ def _repair_content(sink: Sink, ledger: Ledger, marker: Marker, report: SinkLoad
 
 
 def _part_schema(store: Store, files: list[str]) -> pa.Schema:
-    """The columns a sink holds: a part's, less the text hash (the folder's own bookkeeping,
-    absent from parts written before it existed)."""
+    """The columns a sink holds: a part's, less the text hash and the index label (the
+    folder's own bookkeeping, absent from parts written before they existed)."""
     if not files:
         return pa.schema([])
     schema = VectorParts(store, files).metadata(files[0]).schema.to_arrow_schema()
-    return pa.schema([f for f in schema if f.name != "text_hash"])
+    return pa.schema([f for f in schema if f.name not in ("text_hash", LABEL_COLUMN)])
 
 
 def _blocks(parts: VectorParts, schema: pa.Schema) -> Iterator[pa.Table]:

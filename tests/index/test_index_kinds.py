@@ -160,7 +160,8 @@ def test_ip_on_unnormalised_vectors_warns(vectors, tmp_path, caplog):
     with store.open_atomic("vectors/part-0.parquet") as handle:
         pq.write_table(pa.table([pa.array(np.arange(500)), vector_array(rows, "float32"),
                                  pa.array(np.ones(500, np.int32)), pa.array(np.zeros(500, bool)),
-                                 text_hashes([str(i) for i in range(500)])],
+                                 text_hashes([str(i) for i in range(500)]),
+                                 pa.array(np.arange(500, dtype=np.int64))],
                                 schema=schema), handle)
     with caplog.at_level(logging.WARNING, logger="pipeline.index.build"):
         infos = build_index(store, ["vectors/part-0.parquet"], IndexConfig())

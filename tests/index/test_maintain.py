@@ -24,7 +24,8 @@ DIM = 32
 
 
 class Folder:
-    """Vector parts written as a run writes them, one unit a part: (unit_id << 32) labels."""
+    """Vector parts written as a run writes them, one unit a part, each row's label in its
+    faiss_id column: (unit_id << 32) | row, as new rows get them."""
 
     def __init__(self, path, seed=0):
         self.store = Store(str(path))
@@ -40,7 +41,8 @@ class Folder:
         ids = [f"u{unit_id}-{i}" for i in range(rows)]
         table = pa.table([pa.array(ids), vector_array(vectors, "float32"),
                           pa.array(np.ones(rows, np.int32)), pa.array(np.zeros(rows, bool)),
-                          text_hashes(ids)],
+                          text_hashes(ids),
+                          pa.array((unit_id << 32) | np.arange(rows, dtype=np.int64))],
                          schema=vectors_schema(pa.string(), DIM, "float32"))
         with self.store.open_atomic(name) as handle:
             pq.write_table(table, handle)
@@ -209,9 +211,10 @@ def test_other_settings_and_position_indexes_rebuild(tmp_path):
     assert any("row positions" in p for p in index_problems(folder.store, parts))
     infos = update_index(folder.store, parts, IndexConfig(type="flat"))
     assert infos["rebuilt"] == "the index was built over row positions"
-    assert infos["labels"] == "unit-row" and index_problems(folder.store, parts, full=True) == []
-    # a changed part under the same name and row count is told apart by its footer
-    folder.add(1)
+    assert infos["labels"] == "stored" and index_problems(folder.store, parts, full=True) == []
+    # a re-embedded unit's rows come under a new unit id: new labels, removed and added
+    folder.remove(1)
+    folder.add(7)
     infos = maintain(folder, IndexConfig(type="flat"))
     assert infos["maintained"]["added"] == infos["maintained"]["removed"] == 100
 
