@@ -339,9 +339,12 @@ def render_card(card: dict[str, Any]) -> str:
         f"(seed {split['seed']}); C {card['model']['C']} ({card['model']['C_from']})",
         f"  held out: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} "
         f"(majority class {m['majority_class_accuracy']:.4f})",
-        f"  {'class':<16} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}",
     ]
-    for name, c in m["per_class"].items():
-        lines.append(f"  {name[:16]:<16} {c['precision']:>9.4f} {c['recall']:>7.4f} "
-                     f"{c['f1']:>7.4f} {c['support']:>8,}")
-    return "\n".join(lines)
+    return "\n".join(lines + score_table("class", m["per_class"]))
+
+
+def score_table(what: str, scores: dict[str, dict]) -> list[str]:
+    """Precision, recall, F1 and support per class (or entity type), one line each."""
+    return [f"  {what:<16} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}"] + [
+        f"  {name[:16]:<16} {c['precision']:>9.4f} {c['recall']:>7.4f} {c['f1']:>7.4f} "
+        f"{c['support']:>8,}" for name, c in scores.items()]

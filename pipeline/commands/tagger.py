@@ -28,7 +28,7 @@ from ..io.storage import Store
 from ..io.vectors import to_matrix
 from ..io.writer import ResultFile
 from .heads import (C_GRID, HEADS_DIR, PREDICT_BATCH, _read_labels, fit_logistic, head_card,
-                    load_head, save_head)
+                    load_head, save_head, score_table)
 from .query import EmbeddingRecord, TextEmbedder, read_text_batches
 
 TAG = re.compile(r"^(O|[BI]-.+)$")
@@ -239,12 +239,8 @@ def render_tagger_card(card: dict[str, Any]) -> str:
         f"({card['model']['C_from']})",
         f"  held out: entity precision {m['precision']:.4f}, recall {m['recall']:.4f}, "
         f"F1 {m['f1']:.4f} (micro, conlleval chunks); token accuracy {m['token_accuracy']:.4f}",
-        f"  {'type':<16} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}",
     ]
-    for name, c in m["per_type"].items():
-        lines.append(f"  {name[:16]:<16} {c['precision']:>9.4f} {c['recall']:>7.4f} "
-                     f"{c['f1']:>7.4f} {c['support']:>8,}")
-    return "\n".join(lines)
+    return "\n".join(lines + score_table("type", m["per_type"]))
 
 
 # ---- prediction ----
