@@ -19,6 +19,7 @@ from pipeline.config import IndexConfig
 from pipeline.index.build import build_index
 from pipeline.index.maintain import update_index
 from pipeline.io.checks import check_file
+from pipeline.io.content_hash import HASH_BYTES, HASH_TYPE
 from pipeline.io.storage import Store
 from pipeline.io.vectors import VectorParts
 from pipeline.io.writer import vector_array, vectors_schema
@@ -30,8 +31,11 @@ def write_part(store: Store, unit: int, rng: np.random.Generator, dim: int) -> s
     name = f"vectors/part-{unit:05d}-0000.parquet"
     vectors = rng.standard_normal((PART, dim), dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    table = pa.table([pa.array(np.arange(PART) + unit * PART), vector_array(vectors, "float32"),
-                      pa.array(np.ones(PART, np.int32)), pa.array(np.zeros(PART, bool))],
+    ids = np.arange(PART) + unit * PART
+    hashes = [int(i).to_bytes(HASH_BYTES, "little") for i in ids]  # distinct, like real text hashes
+    table = pa.table([pa.array(ids), vector_array(vectors, "float32"),
+                      pa.array(np.ones(PART, np.int32)), pa.array(np.zeros(PART, bool)),
+                      pa.array(hashes, HASH_TYPE), pa.array((unit << 32) + np.arange(PART))],
                      schema=vectors_schema(pa.int64(), dim, "float32"))
     with store.open_atomic(name) as handle:
         pq.write_table(table, handle)
