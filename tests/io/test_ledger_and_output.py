@@ -53,7 +53,7 @@ def test_open_output_reads_the_folder_back_in_order(tmp_path, tiny_model):
     out = open_output(str(tmp_path / "out"))
     expected = read_vectors(tmp_path / "out")
     assert out.count == 90 and out.ids().to_pylist() == list(range(90))
-    assert out.columns == ["id", "vector", "n_tokens", "truncated", "text_hash", "text"]
+    assert out.columns == ["id", "vector", "n_tokens", "truncated", "text_hash", "faiss_id", "text"]
     assert out.table(["id", "text"]).column("text").to_pylist() == expected.column("text").to_pylist()
     stored = np.stack(expected.column("vector").to_numpy(zero_copy_only=False))
     assert np.array_equal(out.vectors(), stored)
