@@ -7,6 +7,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
+from ..config import ConfigError
 from .ledger import Ledger
 from .manifest import Manifest, read_manifest
 from .precision import Precision, stored_precision
@@ -45,8 +46,14 @@ class Output:
         return [n for n in names[0] if n in every]
 
     def batches(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
-        """The columns (default all), part after part, a block of rows at a time."""
-        yield from self.parts.read(columns or self.columns)
+        """The columns (default all), part after part, a block of rows at a time. A column the
+        parts lack is refused, naming those they have (never a table short of a column)."""
+        have = self.columns
+        missing = [c for c in columns or () if c not in have]
+        if missing and self.files:
+            raise ConfigError(f"{self.store.url} has no column {', '.join(map(repr, missing))}; "
+                              f"its parts have {', '.join(have)}")
+        yield from self.parts.read(columns or have)
 
     def table(self, columns: list[str] | None = None) -> pa.Table:
         tables = list(self.batches(columns))

@@ -5,6 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from pipeline.config import ConfigError
 from pipeline.io.ledger import Ledger
 from pipeline.io.manifest import UnitCounts, UnitRecord
 from pipeline.io.reader import Unit
@@ -55,5 +56,7 @@ def test_open_output_reads_the_folder_back_in_order(tmp_path, tiny_model):
     assert out.count == 90 and out.ids().to_pylist() == list(range(90))
     assert out.columns == ["id", "vector", "n_tokens", "truncated", "text_hash", "faiss_id", "text"]
     assert out.table(["id", "text"]).column("text").to_pylist() == expected.column("text").to_pylist()
+    with pytest.raises(ConfigError, match=r"has no column 'label'; its parts have id, vector"):
+        out.table(["id", "label"])  # not kept: refused, not a table without it
     stored = np.stack(expected.column("vector").to_numpy(zero_copy_only=False))
     assert np.array_equal(out.vectors(), stored)
