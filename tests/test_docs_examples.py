@@ -57,7 +57,8 @@ def check_page(path: Path, name: str, tmp_path: Path, request) -> harness.Page:
 
 
 @pytest.mark.parametrize("page", [
-    pytest.param(p, id=p, marks=[pytest.mark.slow] if is_slow(harness.ROOT / p) else [])
+    pytest.param(p, id=p, marks=[pytest.mark.docs]
+                 + ([pytest.mark.slow] if is_slow(harness.ROOT / p) else []))
     for p in harness.pages()])
 def test_page_examples(page, tmp_path, request):
     check_page(harness.ROOT / page, page, tmp_path, request)
