@@ -205,7 +205,6 @@ def test_a_killed_quantized_run_reruns_to_the_clean_runs_vectors(tmp_path, tiny_
 
 
 @pytest.mark.parametrize("extra, words", [
-    ({"index": {}}, "index.enabled"),
     ({"output": {"vector_dtype": "float16"}, "index": NO_INDEX}, "disagree"),
     ({"output": {"granularity": "word"}, "index": NO_INDEX}, "token table"),
 ])
@@ -228,9 +227,7 @@ def test_float_commands_refuse_a_quantized_folder_in_one_line(tmp_path, tiny_mod
                     output={"precision": "binary", "keep_columns": ["text"]}, index=NO_INDEX)
     run_cli(job)
     before = (tmp_path / "q" / "manifest.json").read_text()
-    for args, what in [(("index", tmp_path / "q"), "`embedpipe index`"),
-                       (("search", tmp_path / "q", "a warm film"), "search"),
-                       (("sync", tmp_path / "q"), "`embedpipe sync`"),
+    for args, what in [(("sync", tmp_path / "q"), "`embedpipe sync`"),
                        (("train-head", tmp_path / "q", "--label-column", "text"),
                         "`embedpipe train-head`")]:
         result = embedpipe(*args)
