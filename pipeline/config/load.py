@@ -134,13 +134,12 @@ def _resolve_precision(out: Any, raw: Any) -> Any:
 
 def _validate_precision(job: JobConfig) -> None:
     """Quantized vectors (output.precision int8 / uint8 / binary / ubinary) are text vectors
-    in parts; the index, sinks and the token table take float vectors only, for now."""
+    in parts; the index and the token table take float vectors only, for now."""
     precision = job.output.precision
     if precision in ("float32", "float16"):
         return
     why = ("index.enabled = true: no index is built from quantized vectors yet; set "
            "index.enabled = false" if job.index.enabled else
-           "a [[sink]]: sinks take float32 / float16 vectors only" if job.sink else
            f"output.granularity = {job.output.granularity!r}: the token table stores floats only"
            if job.output.granularity != "text" else None)
     if why:

@@ -45,7 +45,7 @@ def _blocks(rows: int, dim: int, seed: int):
 
 
 def measure(sink, rows: int, dim: int) -> list[tuple[str, float]]:
-    marker = Marker("bench", dim, "int64", sink.cfg.vector_type)
+    marker = Marker("bench", dim, "int64", sink.vector_type)
     schema = blocks(1, dim, 0)[0].schema
     out = []
     for label, seed, keep in (("insert into an empty table", 0, None),
