@@ -184,7 +184,7 @@ def render_hits(hits: list[dict], metric: str = "ip", width: int = 100) -> str:
     if "chunk" in hits[0]:  # a window of a document: id #chunk
         hits = [{**h, "id": f"{h['id']} #{h['chunk']}"} for h in hits]
     id_width = max(2, *(len(str(h["id"])) for h in hits))
-    score = "score" if metric == "ip" else "l2 dist"
+    score = {"ip": "score", "hamming": "hamming"}.get(metric, "l2 dist")
     lines = [f"{'rank':>4}  {'id':>{id_width}}  {score:>7}" + (f"  {text}" if text else "")]
     for h in hits:
         line = f"{h['rank']:>4}  {h['id']!s:>{id_width}}  {h['score']:7.4f}"

@@ -215,6 +215,9 @@ def test_a_folder_of_each_precision_in_both_sinks(tmp_path, corpus, tiny_model, 
             best = [[int(ids[j]) for j in np.lexsort((ids, s))[:K]] for s in scores]
             assert hits.column("id").to_pylist() == sum(best, [])
     if bits:
+        cli = embedpipe("search", out, queries[0], "-k", "3", "--sink", "pg", env={DSN_ENV: pg_dsn})
+        assert cli.returncode == 0, cli.stderr
+        assert cli.stdout.splitlines()[0].split()[:3] == ["rank", "id", "hamming"]
         import psycopg
         with psycopg.connect(pg_dsn) as conn:
             indexdef = conn.execute("SELECT indexdef FROM pg_indexes WHERE tablename = %s",
