@@ -134,20 +134,19 @@ def _resolve_precision(out: Any, raw: Any) -> Any:
 
 def _validate_precision(job: JobConfig) -> None:
     """Quantized vectors (output.precision int8 / uint8 / binary / ubinary) are text vectors
-    in parts, indexed by the kinds that take their codes (index/family.py); sinks and the
-    token table take float vectors only, for now."""
+    in parts, indexed by the kinds that take their codes (index/family.py) and loaded into
+    sinks as their stores take them (sinks/precision.py); the token table takes floats only."""
     precision, rescore = job.output.precision, job.output.rescore_precision
     if rescore and PRECISION_BYTES[rescore] <= PRECISION_BYTES[precision]:
+        finer = [k for k in RESCORE_PRECISIONS if PRECISION_BYTES[k] > PRECISION_BYTES[precision]]
         raise ConfigError(f"output.rescore_precision = {rescore!r} keeps no more than "
                           f"output.precision = {precision!r} does: choose a finer one "
-                          f"({', '.join(k for k, v in PRECISION_BYTES.items() if v > PRECISION_BYTES[precision] and k in RESCORE_PRECISIONS)}) or unset it")
+                          f"({', '.join(finer)}) or unset it")
     if precision in ("float32", "float16"):
         return
-    why = ("a [[sink]]: sinks take float32 / float16 vectors only" if job.sink else
-           f"output.granularity = {job.output.granularity!r}: the token table stores floats only"
-           if job.output.granularity != "text" else None)
-    if why:
-        raise ConfigError(f"output.precision = {precision!r} with {why}")
+    if job.output.granularity != "text":
+        raise ConfigError(f"output.precision = {precision!r} with output.granularity = "
+                          f"{job.output.granularity!r}: the token table stores floats only")
 
 
 def _validate_tokens(job: JobConfig) -> None:

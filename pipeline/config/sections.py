@@ -216,8 +216,10 @@ class SinkConfig:
                           "(required for lancedb).")
     dsn_env: str = key("EMBEDPIPE_PG_DSN", "pgvector: the environment variable holding the "
                        "connection string (never the job file).")
-    vector_type: str = key("vector", "pgvector: the column type; halfvec stores float16 "
-                           "(pgvector >= 0.7).", choices=("vector", "halfvec"))
+    vector_type: str = key("auto", "pgvector: the column type; auto follows output.precision "
+                           "(float32: vector, float16: halfvec, binary / ubinary: bit, "
+                           "pgvector >= 0.7 for the last two); halfvec on float32 rounds.",
+                           choices=("auto", "vector", "halfvec", "bit"))
     index: str = key("none", "pgvector: the ANN index built after the load; none drops it, "
                      "so search is exact.", choices=("none", "hnsw", "ivfflat"))
 

@@ -108,7 +108,8 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
     started = time.perf_counter()
     # Everything that can be refused is refused here, before the folder is touched.
     refuse_overlap(job.input.path, job.output.path)
-    sinks = [make_sink(s, job.index.metric, job.index) for s in job.sink]  # extras, env vars
+    sinks = [make_sink(s, job.index.metric, job.index, job.output.precision)  # extras, env vars
+             for s in job.sink]
     units = plan_units(job.input, job.output.keep_columns)  # config errors before the model loads
     source = resolve_model(job.model.name)
     job, recipe = resolve_recipe(job, source)  # pooling, normalize, prompt: concrete from here on

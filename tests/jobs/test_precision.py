@@ -227,8 +227,7 @@ def test_float_commands_refuse_a_quantized_folder_in_one_line(tmp_path, tiny_mod
                     output={"precision": "binary", "keep_columns": ["text"]}, index=NO_INDEX)
     run_cli(job)
     before = (tmp_path / "q" / "manifest.json").read_text()
-    for args, what in [(("sync", tmp_path / "q"), "`embedpipe sync`"),
-                       (("train-head", tmp_path / "q", "--label-column", "text"),
+    for args, what in [(("train-head", tmp_path / "q", "--label-column", "text"),
                         "`embedpipe train-head`")]:
         result = embedpipe(*args)
         assert result.returncode == 2, (args, result.stderr)
