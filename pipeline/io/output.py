@@ -86,6 +86,9 @@ class Output:
     def vectors(self) -> np.ndarray:
         """[count, width] as stored: float32 (float16 parts widened), or, with a quantized
         precision, the stored int8 / uint8 values (binary kinds: dim / 8 packed bytes a row)."""
+        if self.is_sparse:
+            raise ConfigError(f"{self.store.url} holds sparse (SPLADE) vectors: read them with "
+                              f"open_output(...).sparse()")
         blocks = list(self.parts.stored())
         if not blocks:
             return np.zeros((0, self.precision.width(self.manifest.dim or 0)), np.float32)
