@@ -153,8 +153,10 @@ def test_search_returns_the_brute_force_top_10(sparse_folders, sparse_runs, kind
         assert [h["id"] for h in hits] == expected.tolist()
         np.testing.assert_allclose([h["score"] for h in hits], scores[expected, q], rtol=1e-5)
         assert all("text" in h for h in hits)
-    refused = embedpipe("search", out, "warm", "--rescore", "2")
-    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    for args in (("search", out, "warm", "--rescore", "2"), ("index", out)):
+        refused = embedpipe(*args)
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+        assert "sparse" in refused.stderr
 
 
 def _shards(folder, changed: bool = False):
