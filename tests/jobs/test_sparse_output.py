@@ -22,7 +22,7 @@ LONG = " ".join(["the warm film has a slow ending"] * 20)  # past max_length
 def _st_folder(base, path, kind):
     import torch
     from sentence_transformers import SparseEncoder
-    from sentence_transformers.base.modules import Router
+    from sentence_transformers.base.modules import Router, Transformer
     from sentence_transformers.sparse_encoder.modules import (MLMTransformer,
                                                               SparseStaticEmbedding,
                                                               SpladePooling)
@@ -31,6 +31,10 @@ def _st_folder(base, path, kind):
     mlm = MLMTransformer(str(base), max_seq_length=MAX_LENGTH)
     if kind == "splade-max":
         model = SparseEncoder(modules=[mlm, SpladePooling("max")])
+    elif kind == "fill-mask-transformer":  # sentence-transformers 5.4+'s layout of SPLADE
+        model = SparseEncoder(modules=[Transformer(str(base), transformer_task="fill-mask",
+                                                   max_seq_length=MAX_LENGTH),
+                                       SpladePooling("max")])
     elif kind == "splade-sum-top":  # sum pooling, 48 active dimensions a row (the folder's)
         model = SparseEncoder(modules=[mlm, SpladePooling("sum")], max_active_dims=48)
     else:  # inference-free: the query side a SparseStaticEmbedding behind a Router
@@ -43,7 +47,7 @@ def _st_folder(base, path, kind):
     return path
 
 
-KINDS = ("splade-max", "splade-sum-top", "inference-free")
+KINDS = ("splade-max", "fill-mask-transformer", "splade-sum-top", "inference-free")
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +88,8 @@ def sparse_runs(sparse_folders, tmp_path_factory):
         outs[kind] = root / kind
         summary = run(make_job(root / "in.parquet", outs[kind], folder,
                                model={"dtype": "float32"}, output={"keep_columns": ["text"]}))
-        assert not summary.failures
+        assert not summary.failures and summary.precision == "sparse"
+        assert "no FAISS index" in " ".join(summary.recipe)
     return outs
 
 
