@@ -141,8 +141,11 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
     embedpipe search out/movie-reviews --queries q.parquet --out hits.parquet
     embedpipe search out/movie-reviews "a warm, funny film" --sink movie_reviews
     embedpipe search out/binary-reviews "a warm, funny film" --rescore 4
+
+    A sparse (SPLADE) folder is ranked by the exact sparse dot product (docs/sparse.md).
     """
     from .commands.search import Searcher, render_hits
+    from .commands.sparse_search import SparseSearcher, is_sparse_folder
 
     if (query is None) == (queries is None):
         raise click.UsageError("give either QUERY or --queries FILE.parquet")
@@ -161,6 +164,11 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
                                   "not take --sink")
             from .commands.sink_search import SinkSearcher
             searcher = SinkSearcher(out, sink, per_chunk=per_chunk)
+        elif is_sparse_folder(out):  # the exact sparse dot product (docs/sparse.md)
+            if rescore or per_chunk:
+                raise ConfigError(f"{out} holds sparse (SPLADE) vectors, ranked exactly: "
+                                  f"--rescore and --per-chunk do not apply")
+            searcher = SparseSearcher(out)
         else:
             searcher = Searcher(out, per_chunk=per_chunk, rescore=rescore)
         if queries:

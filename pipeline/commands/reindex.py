@@ -1,7 +1,7 @@
 """`embedpipe index`: rebuild an output folder's FAISS index from its stored vectors."""
 from __future__ import annotations
 
-from ..config import config_from_dict
+from ..config import ConfigError, config_from_dict
 from ..index.build import build_index
 from ..io.checks import DamagedFile
 from ..io.folder_check import unit_damage
@@ -13,6 +13,11 @@ def rebuild_index(url: str, overrides: dict) -> dict:
     """`embedpipe index`: rebuild OUT's index from its stored vectors (no encoding), streaming
     them from Parquet, with the manifest's [index] settings updated by `overrides`."""
     store = Store(url)
+    from .sparse_search import is_sparse_folder
+    if is_sparse_folder(url):
+        raise ConfigError(f"{url} holds sparse (SPLADE) vectors, which get no FAISS index: "
+                          f"`embedpipe search` ranks them through an inverted index built from "
+                          f"the parts (docs/sparse.md)")
     acquire_lock(store)
     try:
         ledger = Ledger(store)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..index.check import index_problems
+from ..io.sparse_rows import sparse_problems
 from ..io.checks import DamagedFile
 from ..io.folder_check import duplicate_ids, unit_damage, unit_problems
 from ..io.ledger import Ledger
@@ -34,6 +35,7 @@ class Verdict:
     undigested: int = 0  # committed files whose record predates digests: not read whole
     precision: str = "float32"  # what the vector parts store (output.precision)
     bytes_per_row: int = 0  # one stored vector's bytes
+    indexed: bool = True  # the folder keeps an index (a sparse folder never does)
 
     @property
     def ok(self) -> bool:
@@ -53,8 +55,10 @@ class Verdict:
                      f"footer and page checksums only)" if self.undigested else
                      "every byte as recorded")
             return (f"ok: {self.folder}: {self.units} units, {self.vectors:,} vectors "
-                    f"({self.precision}, {self.bytes_per_row:,} bytes a row), {files}, "
-                    f"counts add up, ids unique, the index matches"
+                    + (f"({self.precision}, {self.bytes_per_row:,} bytes a row)"
+                       if self.precision != "sparse" else "(sparse)")
+                    + f", {files}, counts add up, ids unique"
+                    + (", the index matches" if self.indexed else ", no index")
                     + (f"; sinks {', '.join(self.sinks)} hold the same ids and vectors"
                        if self.sinks else ""))
         sinks = [p for p in self.problems if p.startswith('sink "')]
@@ -97,8 +101,14 @@ def verify_folder(url: str, quick: bool = False) -> Verdict:
     if not any(damage.values()):  # the parts can be read
         try:  # a page failing its checksum (found with --quick, which reads no file whole)
             verdict.problems += duplicate_ids(parts)
-            if ledger.manifest.index_config.get("enabled", True):
+            verdict.indexed = ledger.manifest.index_config.get("enabled", True)
+            if verdict.indexed:
                 verdict.problems += index_problems(store, parts, full=True, digests=not quick)
+            if parts.files and "sparse_indices" in parts.metadata(
+                    parts.files[0]).schema.to_arrow_schema().names:
+                verdict.precision = "sparse"
+                if not quick:
+                    verdict.problems += sparse_problems(parts)
             verdict.problems += sink_problems(ledger, verdict.sinks, full=not quick)
         except DamagedFile as exc:
             verdict.problems.append(str(exc))

@@ -21,6 +21,8 @@ POOLING_PRESETS: dict[str, tuple[tuple[int, ...], str, str]] = {
     "max": ((-1,), "concat", "max"),
     "concat-last-four": ((-4, -3, -2, -1), "concat", "mean"),
 }
+# a SparseEncoder (SPLADE) folder's SpladePooling: docs/sparse.md
+SPARSE_POOLINGS = ("splade-max", "splade-sum")
 
 
 def key(default: Any = MISSING, doc: str = "", *, choices: tuple[str, ...] = (),
@@ -84,7 +86,8 @@ class EncodeConfig:
     """How texts become vectors: pooling, prompts, batching and long texts."""
     pooling: str = key("auto", "How token vectors become one vector; auto: the pooling the "
                        "model folder was trained with (1_Pooling), else mean.",
-                       choices=("auto", "cls", "mean", "max", "concat-last-four", "pooler"))
+                       choices=("auto", "cls", "mean", "max", "concat-last-four", "pooler",
+                                *SPARSE_POOLINGS))
     layers: tuple[int, ...] | None = key(None, "Hidden-state layers to pool (0 = the embedding "
                                          "layer's output, -1 the last); unset: the pooling "
                                          "mode's own.")
@@ -114,6 +117,9 @@ class EncodeConfig:
     chunk_overlap: int = key(32, "chunk: tokens that consecutive windows share.")
     max_chunks: int = key(1024, "chunk: windows a text at most; past them the text is flagged "
                           "truncated.")
+    max_active_dims: int | None = key(None, "Sparse (SPLADE) folders: keep each row's N "
+                                      "largest values; unset: the folder's max_active_dims, "
+                                      "else every non-zero value.")
     # Vectors do not depend on reuse, so it is not a vector setting.
     reuse: str = key("id+content", "Rows of new or changed input whose (id, text hash), or text "
                      "hash alone with content, already have a vector in the folder take it "
@@ -131,7 +137,7 @@ class EncodeConfig:
         """The effective (layers, layer_combine, token_pooling); None for the model's pooler."""
         if self.pooling == "auto":
             raise ValueError("pooling 'auto' is resolved against the model first (resolve_recipe)")
-        if self.pooling == "pooler":
+        if self.pooling == "pooler" or self.pooling in SPARSE_POOLINGS:
             return None
         layers, combine, token = POOLING_PRESETS[self.pooling]
         return (self.layers or layers, self.layer_combine or combine, self.token_pooling or token)
@@ -264,6 +270,8 @@ class JobConfig:
                if self.output.rescore_precision else {}),
             **self.chunk_settings(),
             **self.token_settings(),
+            **({"encode.max_active_dims": self.encode.max_active_dims}
+               if self.encode.max_active_dims else {}),
         }
 
     def token_settings(self) -> dict[str, Any]:
@@ -308,5 +316,5 @@ POSITIVE = {
     "input.unit_rows", "model.max_length", "encode.batch_tokens", "encode.max_batch_size",
     "encode.sort_window", "output.rows_per_file", "index.hnsw_m", "index.ef_construction",
     "index.ef_search", "index.nlist", "index.nprobe", "index.pq_m", "index.shard_rows",
-    "output.dimensions", "encode.chunk_tokens", "encode.max_chunks",
+    "output.dimensions", "encode.chunk_tokens", "encode.max_chunks", "encode.max_active_dims",
 }

@@ -73,9 +73,22 @@ class Output:
         """Bytes of one row's stored vectors: the vector, and its rescore copy if one is kept."""
         return row_bytes((self.manifest.config or {}).get("output") or {}, self.manifest.dim or 0)
 
+    @property
+    def is_sparse(self) -> bool:
+        """A sparse (SPLADE) folder: rows hold sparse_indices / sparse_values, no vector."""
+        return "sparse_indices" in self.columns
+
+    def sparse(self):
+        """scipy.sparse.csr_matrix [count, vocabulary], float32, in row order (docs/sparse.md)."""
+        from .sparse_rows import read_sparse
+        return read_sparse(self.parts)
+
     def vectors(self) -> np.ndarray:
         """[count, width] as stored: float32 (float16 parts widened), or, with a quantized
         precision, the stored int8 / uint8 values (binary kinds: dim / 8 packed bytes a row)."""
+        if self.is_sparse:
+            raise ConfigError(f"{self.store.url} holds sparse (SPLADE) vectors: read them with "
+                              f"open_output(...).sparse()")
         blocks = list(self.parts.stored())
         if not blocks:
             return np.zeros((0, self.precision.width(self.manifest.dim or 0)), np.float32)

@@ -37,19 +37,25 @@ WINDOW_COLUMNS = ("chunk", "token_start", "token_end", "char_start", "char_end")
 
 def vectors_schema(id_type: pa.DataType, width: int, vector_dtype: str,
                    keep: pa.Schema | None = None, chunks: str | None = None,
-                   rescore: tuple[int, str] | None = None) -> pa.Schema:
+                   rescore: tuple[int, str] | None = None,
+                   sparse: int | None = None) -> pa.Schema:
     """id, vector (width stored values: io/precision.py), n_tokens, truncated, text_hash (what the
     model saw, hashed: content_hash.py), faiss_id (the row's index label), then the kept columns.
     chunks = "pool" adds n_chunks
     (windows pooled into the row); "rows" makes a row a window: id, chunk, its token and
     character spans (WINDOW_COLUMNS), vector, n_tokens (the window's), truncated.
-    rescore (width, value type): a rescore_vector column after vector (output.rescore_precision)."""
+    rescore (width, value type): a rescore_vector column after vector (output.rescore_precision).
+    sparse (the vocabulary's size): a sparse (SPLADE) folder's rows hold no vector column but
+    SPARSE_COLUMNS, the vocabulary in the indices' field metadata (docs/sparse.md)."""
     value_type = pa.from_numpy_dtype(np.dtype(vector_dtype))  # float32/16, or int8/uint8 quantized
     int32 = pa.int32()
     fields = [pa.field("id", id_type)]
     if chunks == "rows":
         fields += [pa.field(name, int32) for name in WINDOW_COLUMNS]
-    fields.append(pa.field("vector", pa.list_(value_type, width)))
+    if sparse is not None:
+        fields += sparse_fields(sparse)
+    else:
+        fields.append(pa.field("vector", pa.list_(value_type, width)))
     if rescore is not None:
         fields.append(pa.field("rescore_vector", pa.list_(pa.from_numpy_dtype(
             np.dtype(rescore[1])), rescore[0])))
@@ -59,6 +65,26 @@ def vectors_schema(id_type: pa.DataType, width: int, vector_dtype: str,
     if chunks == "pool":
         fields.append(pa.field("n_chunks", int32))
     return pa.schema(fields + (list(keep) if keep is not None else []))
+
+
+# a sparse row: its non-zero dimensions, ascending, and their values
+SPARSE_COLUMNS = ("sparse_indices", "sparse_values")
+
+
+def sparse_fields(vocabulary: int) -> list[pa.Field]:
+    return [pa.field("sparse_indices", pa.list_(pa.int32()),
+                     metadata={"vocabulary": str(vocabulary)}),
+            pa.field("sparse_values", pa.list_(pa.float32()))]
+
+
+def list_array(rows, value_type: pa.DataType) -> pa.ListArray:
+    """Variable-length rows (a sequence of 1-d arrays) as one Arrow list array."""
+    lengths = np.fromiter(map(len, rows), np.int64, count=len(rows))
+    offsets = np.zeros(len(rows) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = (np.concatenate(list(rows)) if len(rows) else np.zeros(0)).astype(
+        value_type.to_pandas_dtype())
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, value_type))
 
 
 def tokens_schema(id_type: pa.DataType, dim: int, vector_dtype: str) -> pa.Schema:
@@ -81,7 +107,7 @@ def part_options(schema: pa.Schema) -> dict:
     column only cost time (4x slower writes, 3x slower reads, larger files, measured on
     2,000 x 384 float32), and min/max statistics of embedding values help no query. Text
     hashes are random bytes: the same holds for them."""
-    raw = ("vector", "rescore_vector", "text_hash")
+    raw = ("vector", "rescore_vector", "text_hash", *SPARSE_COLUMNS)
     others = [name for name in schema.names if name not in raw]
     # Parquet keeps an int8 / uint8 as a 4-byte INT32; its dictionary (<= 256 values) stores a
     # quantized value in one byte (1.02 bytes measured on random int8 rows, 4.01 without)
@@ -112,10 +138,14 @@ class UnitWriter:
 
     def write(self, ids: pa.Array, rows: dict[str, np.ndarray], keep: pa.Table | None = None) -> None:
         """rows: the vectors (key "vector") and embedpipe's other columns, by name."""
-        values = {"id": ids.cast(self.schema.field("id").type),
-                  "vector": vector_array(rows["vector"], self.vector_dtype)}
+        values = {"id": ids.cast(self.schema.field("id").type)}
+        if "vector" in self.schema.names:
+            values["vector"] = vector_array(rows["vector"], self.vector_dtype)
         for name in self.schema.names:
             if name in values:
+                continue
+            if name in SPARSE_COLUMNS:
+                values[name] = list_array(rows[name], self.schema.field(name).type.value_type)
                 continue
             if name in rows and pa.types.is_fixed_size_list(self.schema.field(name).type) \
                     and isinstance(rows[name], np.ndarray):  # rescore_vector

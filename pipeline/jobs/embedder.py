@@ -37,7 +37,14 @@ class EmbedPlan:
     calibration: Calibration | None = None
 
     @property
+    def sparse(self) -> bool:
+        """A sparse (SPLADE) folder: rows over the vocabulary (encode/sparse.py)."""
+        return self.job.encode.pooling.startswith("splade-")
+
+    @property
     def width(self) -> int:
+        if self.sparse:
+            return int(self.source.config.vocab_size)
         return EncoderSettings.for_job(self.job).width(self.source.hidden_size)
 
     @property
@@ -58,7 +65,8 @@ class EmbedPlan:
         rescore = self.rescore
         return vectors_schema(pa.type_for_alias(self.id_type), self.precision.width(self.width),
                               self.precision.storage, self.keep_schema, chunks,
-                              None if rescore is None else (self.width, rescore.storage))
+                              None if rescore is None else (self.width, rescore.storage),
+                              self.width if self.sparse else None)
 
     def tokens_schema(self) -> pa.Schema | None:
         """The token table's schema (output.granularity = subword | word), else None. Token
@@ -92,8 +100,12 @@ class UnitEmbedder:
         job, runtime, self.plan = plan.job, plan.runtime, plan
         self.tokenizer = tokenizer_for(plan.source, runtime, job)
         self.chunking = ChunkPolicy.for_job(job, self.tokenizer)
-        self.encoder = Encoder(plan.source, runtime,
-                               EncoderSettings.for_job(job, windows_pooled=self.chunking.pools))
+        if plan.sparse:
+            from ..encode.sparse import SparseEncoder, SparseSettings
+            self.encoder = SparseEncoder(plan.source, runtime, SparseSettings.for_job(job))
+        else:
+            self.encoder = Encoder(plan.source, runtime,
+                                   EncoderSettings.for_job(job, windows_pooled=self.chunking.pools))
         self.token_policy = TokenPolicy.for_job(job)
         self.encode = self.encoder.encode_batch
         if self.token_policy is not None:
@@ -125,6 +137,7 @@ class UnitEmbedder:
                             progress, normalize=self.chunking.pools and bool(job.encode.normalize),
                             token_schema=self.plan.tokens_schema(),
                             token_mean=self.token_policy is not None and self.token_policy.mean,
-                            memory=self.memory, rescore=self.plan.rescore)
+                            memory=self.memory, rescore=self.plan.rescore,
+                            sparse=self.plan.sparse)
         run_stages(lambda channel: preparer.run(units, channel), self.encode,
                    writer.run, stats)

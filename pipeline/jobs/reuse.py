@@ -186,7 +186,7 @@ def merge_rows(held: list[HeldRows], plan: Assemble, memory: RunMemory
         if rows is None:
             raise RuntimeError("internal: a repeated text's vector was not remembered")
         copies.append(rows)
-    copy_at = np.repeat(plan.copy_at, [len(r["vector"]) for r in copies]).astype(np.int64)
+    copy_at = np.repeat(plan.copy_at, [len(r[columns[0]]) for r in copies]).astype(np.int64)
     copied = {c: _stack([r[c] for r in copies]) for c in columns} if copies else {}
     sources = [(at, rows) for at, rows in ((encoded_at, encoded), (plan.donor_at, plan.donor),
                                            (copy_at, copied)) if len(at)]

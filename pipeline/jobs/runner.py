@@ -135,9 +135,11 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
                              runtime=runtime, units_total=len(units), recipe=recipe,
                              long_text=job.encode.long_text,
                              granularity=job.output.granularity,
-                             precision=job.output.precision,
+                             precision="sparse" if job.encode.pooling.startswith("splade-")
+                             else job.output.precision,
                              rescore_precision=job.output.rescore_precision,
-                             bytes_per_row=row_bytes(job.output, EncoderSettings.for_job(
+                             bytes_per_row=0 if job.encode.pooling.startswith("splade-")
+                             else row_bytes(job.output, EncoderSettings.for_job(
                                  job).width(source.hidden_size)))
         ctx = RunContext(job, options, source, runtime, settings, store, ledger, summary,
                          sinks=sinks)

@@ -170,7 +170,11 @@ class RunSummary:
                f"recall@10 {self.index.get('recall_at_10')}" if self.index.get("count") else "none"),
         ]
         kept = f" + {self.rescore_precision} kept for rescoring" if self.rescore_precision else ""
-        lines.append(f"  stored     {self.precision}{kept}, {self.bytes_per_row:,} bytes a row")
+        if self.precision == "sparse":  # bytes follow each row's non-zero count
+            lines.append("  stored     sparse: int32 index + float32 value, 8 bytes a non-zero "
+                         "dimension")
+        else:
+            lines.append(f"  stored     {self.precision}{kept}, {self.bytes_per_row:,} bytes a row")
         for sink in self.sinks:
             lines.append(f"  sink       {sink['name']} ({sink['target']}): " + (
                 "not synced" if sink.get("error") else

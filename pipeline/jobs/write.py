@@ -28,13 +28,16 @@ class WriteStage:
                  precision: Precision, stats: Stats, on_unit_done: Callable[[UnitRecord], None],
                  progress: Callable[[int], None], normalize: bool = False,
                  token_schema: pa.Schema | None = None, token_mean: bool = False,
-                 memory: RunMemory | None = None, rescore: Precision | None = None):
+                 memory: RunMemory | None = None, rescore: Precision | None = None,
+                 sparse: bool = False):
         """normalize: L2-normalise texts' pooled windows (long_text = "chunk", chunks = "pool");
         token_schema: the token table's (output.granularity = subword | word), whose rows are
         their sub-tokens' mean when token_mean (word_pooling = "mean"); precision: what a
         window's vectors become before they are written or held (reused rows are stored values
         already, so encoded, reused and copied rows merge alike); rescore: the precision of a
-        second copy kept as rescore_vector (output.rescore_precision)."""
+        second copy kept as rescore_vector (output.rescore_precision); sparse: the encoder sends
+        CSR rows (a SPLADE folder), written as sparse_indices / sparse_values."""
+        self.sparse = sparse
         self.token_schema, self.token_mean = token_schema, token_mean
         self.store, self.schema = store, schema
         self.rows_per_file, self.precision, self.rescore = rows_per_file, precision, rescore
@@ -86,6 +89,10 @@ class WriteStage:
         self.rejects.append(item.rejects)
 
     def _encoded(self, item: Encoded) -> None:
+        if self.sparse:
+            self.vectors = (self.vectors or []) + [(item.positions, item.vectors)]
+            self.filled += 1
+            return
         if self.vectors is None:
             self.vectors = np.empty((self.window.n_vectors, item.vectors.shape[1]), np.float32)
         self.vectors[item.positions] = item.vectors
@@ -134,7 +141,10 @@ class WriteStage:
         if not n:  # every text of the window rejected, or taken from stored rows
             self.progress(window.rejects.num_rows)
             return
-        if windows is None:
+        if self.sparse:
+            rows = {**sparse_rows(vectors, n), "n_tokens": window.n_tokens,
+                    "truncated": window.truncated}
+        elif windows is None:
             rows = {"vector": vectors, "n_tokens": window.n_tokens, "truncated": window.truncated}
         elif not self.window_rows:  # one row a text: its windows pooled
             rows = {"vector": pool_windows(vectors, windows.owner, windows.weights, self.normalize),
@@ -199,3 +209,15 @@ class WriteStage:
                    "token": rows.token, "char_start": rows.char_start, "char_end": rows.char_end}
         writer.write(window.ids.take(pa.array(rows.owner, pa.int64())), columns)
         self.counts += UnitCounts(token_rows=len(rows))
+
+
+def sparse_rows(batches: list | None, n: int) -> dict[str, np.ndarray]:
+    """A window's CSR batches (positions, rows) as its rows' sparse_indices / sparse_values, in
+    window order: object arrays of one 1-d array a row, as reused rows come."""
+    indices, values = np.empty(n, object), np.empty(n, object)
+    for positions, csr in batches or ():
+        for row, position in enumerate(positions.tolist()):
+            start, end = csr.indptr[row], csr.indptr[row + 1]
+            indices[position] = csr.indices[start:end].astype(np.int32)
+            values[position] = csr.data[start:end].astype(np.float32)
+    return {"sparse_indices": indices, "sparse_values": values}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..config import ConfigError, JobConfig
+from ..config.sections import SPARSE_POOLINGS
 from .model_files import ModelSource
 from .st_folder import StFolder
 
@@ -19,9 +20,14 @@ def resolve_recipe(job: JobConfig, source: ModelSource) -> tuple[JobConfig, list
     from, for the summary)."""
     enc, st = job.encode, source.st
     notes = []
+    if enc.pooling in SPARSE_POOLINGS or (enc.pooling == "auto" and st and st.sparse):
+        return _sparse_recipe(job, source, notes)
     pooling, normalize = enc.pooling, enc.normalize
     general = bool(enc.layers or enc.layer_combine or enc.token_pooling)
     follow_folder = pooling == "auto" and not general  # the folder's pooling and Normalize
+    if enc.max_active_dims:
+        raise ConfigError("encode.max_active_dims applies to sparse (SPLADE) folders; "
+                          f"{source.path} is a dense one")
     if pooling == "auto" and general:  # the general form overrides the mean preset's parts
         pooling = "mean"
     if pooling == "auto":
@@ -79,3 +85,59 @@ def _prompt(prompt: str | None, name: str | None, st: StFolder | None, notes: li
                      f"{st.default_prompt_name!r})")
         return value
     return ""
+
+
+def _sparse_recipe(job: JobConfig, source: ModelSource, notes: list[str]
+                   ) -> tuple[JobConfig, list[str]]:
+    """A SparseEncoder folder (SPLADE): one sparse vector a row over the vocabulary, as its
+    encode_document makes it; no FAISS index (search builds an inverted index: docs/sparse.md)."""
+    enc, out, st = job.encode, job.output, source.st
+    if st is None or st.sparse is None:
+        raise ConfigError(f"encode.pooling = {enc.pooling!r} needs a sentence-transformers "
+                          f"SparseEncoder folder (MLMTransformer + SpladePooling); "
+                          f"{source.path} is not one")
+    refused = [name for name, bad in (
+        ("encode.layers / layer_combine / token_pooling",
+         enc.layers or enc.layer_combine or enc.token_pooling),
+        ("encode.normalize = true", enc.normalize), ("output.dimensions", out.dimensions),
+        ("encode.long_text = 'chunk'", enc.long_text == "chunk"),
+        ("output.granularity", out.granularity != "text"),
+        ("a quantized output.precision", out.precision not in (None, "float32")),
+        ("output.vector_dtype = 'float16'", out.vector_dtype != "float32"),
+        ("output.rescore_precision", out.rescore_precision),
+        ("input.text_pair_column", job.input.text_pair_column),
+        ("[[sink]] (sinks take dense vectors only, for now)", job.sink)) if bad]
+    if job.model.forward == "fused":
+        refused.append("model.forward = 'fused' (the MLM head runs in transformers' forward)")
+    if refused:
+        raise ConfigError(f"model folder {source.path} is a sparse (SPLADE) encoder: "
+                          f"{refused[0]} does not apply to its sparse vectors; leave it unset")
+    pooling = enc.pooling if enc.pooling != "auto" else f"splade-{st.sparse.pooling}"
+    if pooling != f"splade-{st.sparse.pooling}":
+        raise ConfigError(f"encode.pooling = {pooling!r}, but the folder's SpladePooling pools "
+                          f"by {st.sparse.pooling!r}: use 'auto' or 'splade-{st.sparse.pooling}'")
+    notes.append(f"sparse: {pooling} over the MLM logits, relu + log1p (the folder's "
+                 f"SpladePooling)")
+    dims = enc.max_active_dims or st.sparse.max_active_dims
+    if dims:
+        notes.append(f"at most {dims} active dimensions a row"
+                     + ("" if enc.max_active_dims else " (the model folder's max_active_dims)"))
+    prompt = enc.prompt
+    if prompt is None and enc.prompt_name is None:  # encode_document's choice of prompt
+        prompt = next((st.prompts[n] for n in ("document", "passage", "corpus")
+                       if n in st.prompts), "")
+    elif prompt is None:
+        prompt = _prompt(None, enc.prompt_name, st, notes)
+    query_prompt = enc.query_prompt
+    if query_prompt is None:
+        query_prompt = st.prompts.get("query", "")
+    if st.sparse.query_static is not None:
+        notes.append("queries: the folder's SparseStaticEmbedding (inference-free)")
+    if job.index.enabled:
+        notes.append("no FAISS index: search ranks sparse vectors through an inverted index")
+    encode = dataclasses.replace(enc, pooling=pooling, normalize=False, prompt=prompt or None,
+                                 prompt_name=None, query_prompt=query_prompt,
+                                 max_active_dims=dims or None)
+    model = dataclasses.replace(job.model, forward="transformers", compile=False)
+    return dataclasses.replace(job, model=model, encode=encode, index=dataclasses.replace(
+        job.index, enabled=False)), notes

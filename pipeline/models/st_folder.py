@@ -31,6 +31,17 @@ class StFolder:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
     similarity: str | None = None  # cosine | dot | euclidean | manhattan
+    sparse: "SparseSpec | None" = None  # a SparseEncoder folder (SPLADE): its head and query side
+
+
+@dataclass(frozen=True)
+class SparseSpec:
+    """A sentence-transformers SparseEncoder folder: the document side is the MLM Transformer's
+    logits through SpladePooling; the query side the same, or (inference-free SPLADE) a
+    SparseStaticEmbedding behind a Router."""
+    pooling: str  # max | sum (SpladePooling's pooling_strategy)
+    max_active_dims: int | None = None  # config_sentence_transformers.json's, if set
+    query_static: Path | None = None  # the query side's SparseStaticEmbedding folder
 
 
 def _json(path: Path) -> dict:
@@ -57,6 +68,9 @@ def read_st_folder(path: Path) -> StFolder | None:
     if not isinstance(modules, list) or not modules:
         raise ConfigError(f"{modules_file}: expected a list of modules")
     kinds = [(_kind(str(m.get("type", ""))), path / str(m.get("path", ""))) for m in modules]
+    sparse = _sparse(path, kinds)
+    if sparse is not None:
+        return _with_settings(path, {"transformer": sparse[0], "sparse": sparse[1]})
     if kinds[0][0] != "Transformer":
         raise ConfigError(f"{modules_file}: the first module is {kinds[0][0]!r}; embedpipe runs "
                           f"folders whose first module is a Transformer")
@@ -71,6 +85,11 @@ def read_st_folder(path: Path) -> StFolder | None:
             raise ConfigError(
                 f"{modules_file}: module {kind!r} is not one embedpipe runs (it runs Transformer, "
                 f"Pooling and Normalize); its vectors would differ from sentence-transformers'")
+    return _with_settings(path, found)
+
+
+def _with_settings(path: Path, found: dict) -> StFolder:
+    transformer = found["transformer"]
     for name in ("sentence_bert_config.json", "sentence_xlnet_config.json"):
         settings = transformer / name
         if settings.is_file():
@@ -102,3 +121,43 @@ def _pooling(config_file: Path) -> dict:
         raise ConfigError(f"{config_file}: pooling mode {mode!r} is not one embedpipe computes "
                           f"({', '.join(POOLINGS)})")
     return {"pooling": POOLINGS[mode], "include_prompt": bool(config.get("include_prompt", True))}
+
+
+_MLM = ("MLMTransformer", "Transformer")
+
+
+def _sparse(path: Path, kinds: list[tuple[str, Path]]) -> tuple[Path, SparseSpec] | None:
+    """(the MLM transformer's folder, the spec) for a SparseEncoder folder, else None."""
+    st_config = path / "config_sentence_transformers.json"
+    data = _json(st_config) if st_config.is_file() else {}
+    if data.get("model_type") != "SparseEncoder":
+        if [k for k, _ in kinds][:2] != ["MLMTransformer", "SpladePooling"]:
+            return None
+    query_static = None
+    if len(kinds) == 1 and kinds[0][0] == "Router":
+        router = _json(path / "router_config.json")
+        types = {name: _kind(kind) for name, kind in (router.get("types") or {}).items()}
+        routes = router.get("structure") or {}
+        document = [(types.get(n), path / n) for n in routes.get("document") or ()]
+        query = [(types.get(n), path / n) for n in routes.get("query") or ()]
+        if [k for k, _ in query] == ["SparseStaticEmbedding"]:
+            query_static = query[0][1]
+        elif [k for k, _ in query] != [k for k, _ in document]:
+            raise ConfigError(f"{path}: a Router whose query side is {[k for k, _ in query]}; "
+                              f"embedpipe runs the document side's modules or a "
+                              f"SparseStaticEmbedding there")
+        kinds = document
+    if [k for k, _ in kinds] not in ([m, "SpladePooling"] for m in _MLM):
+        raise ConfigError(f"{path}: a SparseEncoder of modules {[k for k, _ in kinds]}; embedpipe "
+                          f"runs MLMTransformer + SpladePooling (with a SparseStaticEmbedding "
+                          f"query side behind a Router)")
+    pooling = _json(kinds[1][1] / "config.json")
+    strategy = pooling.get("pooling_strategy", "max")
+    if strategy not in ("max", "sum") or pooling.get("activation_function", "relu") != "relu":
+        raise ConfigError(f"{kinds[1][1]}: SpladePooling {strategy!r} with "
+                          f"{pooling.get('activation_function')!r}; embedpipe computes max or sum "
+                          f"over relu then log1p")
+    dims = data.get("max_active_dims")
+    if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool) or dims <= 0):
+        raise ConfigError(f"{st_config}: max_active_dims must be a positive integer")
+    return kinds[0][1], SparseSpec(strategy, dims, query_static)
