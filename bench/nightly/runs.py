@@ -231,7 +231,8 @@ def compare_folders(maintained: Path, fresh: Path, queries: int = 1000, k: int =
             return float(np.mean([len(set(a) & set(b)) / kk for a, b in zip(found, truth)]))
 
         r_m, r_f = recall(found_m, scores_m), recall(found_f, scores_f)
-        checks["search"] = {"pass": abs(r_m - r_f) <= RECALL_TOLERANCE, "queries": len(q), "k": kk,
+        # the maintained index may not answer worse than a fresh build (better is no fault)
+        checks["search"] = {"pass": r_m >= r_f - RECALL_TOLERANCE, "queries": len(q), "k": kk,
                             "recall_maintained": r_m, "recall_fresh": r_f,
                             "tolerance": RECALL_TOLERANCE}
     return checks
