@@ -230,9 +230,7 @@ def test_float_commands_refuse_a_quantized_folder_in_one_line(tmp_path, tiny_mod
     before = (tmp_path / "q" / "manifest.json").read_text()
     for args, what in [(("index", tmp_path / "q"), "`embedpipe index`"),
                        (("search", tmp_path / "q", "a warm film"), "search"),
-                       (("sync", tmp_path / "q"), "`embedpipe sync`"),
-                       (("train-head", tmp_path / "q", "--label-column", "text"),
-                        "`embedpipe train-head`")]:
+                       (("sync", tmp_path / "q"), "`embedpipe sync`")]:
         result = embedpipe(*args)
         assert result.returncode == 2, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
