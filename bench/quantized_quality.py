@@ -236,10 +236,9 @@ def search_folder(out: Path, texts: list[str], k: int, factor: int, threads: int
     from pipeline.commands.search import Searcher
 
     faiss.omp_set_num_threads(threads)
-    searcher = Searcher(str(out), device="cpu")
+    searcher = Searcher(str(out), device="cpu", rescore=factor or None)
     vectors = searcher.embedder.embed(texts)
-    search = ((lambda v: searcher.search_vectors(v, k, rescore=factor)) if factor else
-              (lambda v: searcher.search_vectors(v, k)))
+    search = lambda v: searcher.search_vectors(v, k)  # noqa: E731
     _, positions = search(vectors)
     ids = np.asarray(searcher.ids.to_numpy() if hasattr(searcher.ids, "to_numpy")
                      else searcher.ids, np.int64)
