@@ -119,10 +119,14 @@ def fetch_data(dest: str, bench_dest: str | None) -> None:
 @click.option("--sink", default=None, metavar="NAME",
               help="Search through this [[sink]] of OUT's job (LanceDB, pgvector) instead of "
                    "the FAISS index.")
+@click.option("--rescore", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Take N x k candidates from the index, re-rank them by the float query "
+                   "against their kept vectors ([output] rescore_precision, else the stored "
+                   "ones), and keep the best k: for binary, int8 and IVF-PQ indexes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the hits as JSON.")
 def search(out: str, query: str | None, k: int, queries: str | None, results: str | None,
            text_column: str, id_column: str, text_pair_column: str | None, per_chunk: bool,
-           sink: str | None,
+           sink: str | None, rescore: int | None,
            as_json: bool) -> None:
     """Search the index of output folder OUT for QUERY (or the texts of --queries).
 
@@ -136,6 +140,7 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
     embedpipe search out/movie-reviews "a warm, funny film" -k 5
     embedpipe search out/movie-reviews --queries q.parquet --out hits.parquet
     embedpipe search out/movie-reviews "a warm, funny film" --sink movie_reviews
+    embedpipe search out/binary-reviews "a warm, funny film" --rescore 4
     """
     from .commands.search import Searcher, render_hits
 
@@ -151,10 +156,13 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
             if blank_texts(pa.array([query], pa.string()))[0].as_py():
                 raise ConfigError("QUERY is empty or white space only: give the text to search for")
         if sink:
+            if rescore:
+                raise ConfigError("--rescore re-ranks the FAISS index's candidates; it does "
+                                  "not take --sink")
             from .commands.sink_search import SinkSearcher
             searcher = SinkSearcher(out, sink, per_chunk=per_chunk)
         else:
-            searcher = Searcher(out, per_chunk=per_chunk)
+            searcher = Searcher(out, per_chunk=per_chunk, rescore=rescore)
         if queries:
             done, skipped = searcher.search_file(queries, results, k, text_column, id_column,
                                                  text_pair_column)

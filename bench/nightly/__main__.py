@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
                         "or folder, e.g. all-MiniLM-L6-v2 (use fewer rows)")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--index-type", choices=[*INDEX_TYPES, "none"], default="flat")
+    p.add_argument("--precision", default="float32",
+                   choices=["float32", "float16", "int8", "uint8", "binary", "ubinary"],
+                   help="output.precision of every run (binary: binary indexes)")
     p.add_argument("--work", default="out/nightly-bench", help="working folder (emptied)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
@@ -43,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     index_type = None if args.index_type == "none" else args.index_type
     try:
         report = run_nights(work / "nights", args.rows, args.files, args.model, args.max_length,
-                            index_type, args.seed, log=log, threads=args.threads)
+                            index_type, args.seed, log=log, threads=args.threads,
+                            precision=args.precision)
         if args.scale:
             sizes = [int(x) for x in args.scale_rows.split(",")]
             report["scale"] = run_scale(work / "scale", sizes, seed=args.seed, log=log)

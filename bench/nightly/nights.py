@@ -62,7 +62,8 @@ def cpu_name() -> str:
 
 def run_nights(work: Path, rows: int, files: int, model: str, max_length: int,
                index_type: str | None, seed: int = 0, cache_dir: Path | None = None,
-               log=print, threads: int | None = None) -> dict[str, Any]:
+               log=print, threads: int | None = None,
+               precision: str = "float32") -> dict[str, Any]:
     """The whole benchmark on `rows` rows under `work` (emptied first). Returns the report."""
     phases: dict[str, float] = {}
     if work.exists():
@@ -90,7 +91,8 @@ def run_nights(work: Path, rows: int, files: int, model: str, max_length: int,
         f"{phases['corpus']:.1f} s")
 
     maintained, fresh = work / "out" / "maintained", work / "out" / "fresh"
-    job = write_job(work / "job.toml", input_dir, maintained, model_path, max_length, index_type)
+    job = write_job(work / "job.toml", input_dir, maintained, model_path, max_length, index_type,
+                    precision)
     results: list[RunResult] = []
 
     def do_run(label: str, job_file: Path, expected: int | None, mode: str = "incremental"):
@@ -126,17 +128,20 @@ def run_nights(work: Path, rows: int, files: int, model: str, max_length: int,
 
     do_run("night c", job, 0)  # nothing changed
 
-    fresh_job = write_job(work / "fresh.toml", input_dir, fresh, model_path, max_length, index_type)
+    fresh_job = write_job(work / "fresh.toml", input_dir, fresh, model_path, max_length,
+                          index_type, precision)
     do_run("fresh", fresh_job, None)
     for r in results[1:]:
         judge(r, full)
 
     t = time.perf_counter()
-    checks = compare_folders(maintained, fresh, index_type=index_type, seed=seed)
+    checks = compare_folders(maintained, fresh, index_type=index_type, seed=seed,
+                             precision=precision)
     phases["checks"] = time.perf_counter() - t
     return {"rows": rows, "files": files, "input_rows_final": corpus.rows,
             "duplicate_share": DUPLICATE_SHARE, "unique_sentences": len(pool),
             "sentence_sources": source_counts, "model": model_info, "index_type": index_type,
+            "precision": precision,
             "cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads, "sequential": True,
             "night_a": night_a, "night_b": night_b,
             "runs": [asdict(r) for r in results], "checks": checks,

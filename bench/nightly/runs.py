@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench import REPO_ROOT
+from pipeline.io.precision import Precision
 
 # The stand-in model: (layers, hidden, heads, intermediate). "tiniest" is for --scale.
 # tiny: 20,000 rows in ~7.6 s of run time on a quiet 2-core AMD EPYC (FFN 512: ~8.8 s), 200,000
@@ -55,9 +56,9 @@ def build_tiny_model(dest: Path, size: str = "tiny", max_positions: int = 128) -
 
 
 def write_job(path: Path, input_dir: Path, out: Path, model: str, max_length: int,
-              index_type: str | None) -> Path:
-    """The job file of every run: float32, mean pooling, unit vectors, index by index_type
-    (None: no index)."""
+              index_type: str | None, precision: str = "float32") -> Path:
+    """The job file of every run: mean pooling, unit vectors stored at `precision`, index by
+    index_type (None: no index)."""
     index = (f'enabled = true\ntype = "{INDEX_TYPES[index_type]}"\nmetric = "ip"\n'
              if index_type else "enabled = false\n")
     path.write_text(
@@ -66,7 +67,7 @@ def write_job(path: Path, input_dir: Path, out: Path, model: str, max_length: in
         f'[model]\nname = {json.dumps(model)}\nmax_length = {max_length}\ndevice = "cpu"\n'
         f'dtype = "float32"\ncompile = false\n'
         f'[encode]\npooling = "mean"\nnormalize = true\n'
-        f'[output]\npath = {json.dumps(str(out))}\nvector_dtype = "float32"\n'
+        f'[output]\npath = {json.dumps(str(out))}\nprecision = "{precision}"\n'
         f'[index]\n{index}')
     return path
 
@@ -165,12 +166,13 @@ def _search(out: Path, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     id_map = pq.read_table(store.path(ids_file(infos)))
     live = LiveIndex(index, id_map.column("faiss_id").to_numpy(), read_tombstones(store, infos))
     ids = id_map.column("id").to_numpy()
-    scores, pos = live.search(np.ascontiguousarray(queries, np.float32), k)  # labels -> rows
+    scores, pos = live.search(queries, k)  # labels -> rows
     return scores, np.where(pos >= 0, ids[np.maximum(pos, 0)], -1), infos
 
 
 def compare_folders(maintained: Path, fresh: Path, queries: int = 1000, k: int = 10,
-                    index_type: str | None = "flat", seed: int = 0) -> dict[str, Any]:
+                    index_type: str | None = "flat", seed: int = 0,
+                    precision: str = "float32") -> dict[str, Any]:
     """The equivalence checks: ids and order, vectors within 1e-5, search over both indexes.
     Each check: {"pass": bool, ...details}."""
     import faiss
@@ -197,25 +199,30 @@ def compare_folders(maintained: Path, fresh: Path, queries: int = 1000, k: int =
     if index_type is None:
         return checks
     rng = np.random.default_rng(seed)
+    binary = precision.endswith("binary")
+    if binary:  # the stored bits as the index holds them: Hamming against exact search
+        vec_m, vec_f = (Precision(precision).index_values(v) for v in (vec_m, vec_f))
     q = vec_m[np.sort(rng.choice(len(vec_m), min(queries, len(vec_m)), replace=False))]
     kk = min(k, len(vec_m))
+
+    def exact_index():
+        exact = faiss.IndexBinaryFlat(vec_f.shape[1] * 8) if binary \
+            else faiss.IndexFlatIP(vec_f.shape[1])
+        exact.add(vec_f)
+        return exact
     scores_m, found_m, _ = _search(maintained, q, kk)
     scores_f, found_f, _ = _search(fresh, q, kk)
     if index_type == "flat":
         # Exactly the same top-k ids; a query whose k-th and (k+1)-th scores tie (duplicate
         # texts) may pick either at the boundary, which is counted apart, not as a failure.
-        exact = faiss.IndexFlatIP(vec_f.shape[1])
-        exact.add(vec_f)
-        ref_scores, _ = exact.search(q, min(kk + 1, len(vec_f)))
+        ref_scores, _ = exact_index().search(q, min(kk + 1, len(vec_f)))
         differ = [i for i in range(len(q)) if set(found_m[i]) != set(found_f[i])]
         ties = [i for i in differ if ref_scores.shape[1] > kk
                 and abs(ref_scores[i, kk - 1] - ref_scores[i, kk]) <= VECTOR_TOLERANCE]
         checks["search"] = {"pass": len(differ) == len(ties), "queries": len(q), "k": kk,
                             "queries_differing": len(differ), "of_which_boundary_ties": len(ties)}
     else:
-        exact = faiss.IndexFlatIP(vec_f.shape[1])
-        exact.add(vec_f)
-        _, truth_pos = exact.search(q, kk)
+        _, truth_pos = exact_index().search(q, kk)
         truth = ids_f.to_numpy(zero_copy_only=False)[truth_pos]
 
         def recall(found: np.ndarray) -> float:

@@ -6,8 +6,6 @@ from ..index.build import build_index
 from ..io.checks import DamagedFile
 from ..io.folder_check import unit_damage
 from ..io.ledger import Ledger, acquire_lock, release_lock
-from ..io.manifest import read_manifest
-from ..io.precision import refuse_quantized
 from ..io.storage import Store
 
 
@@ -15,7 +13,6 @@ def rebuild_index(url: str, overrides: dict) -> dict:
     """`embedpipe index`: rebuild OUT's index from its stored vectors (no encoding), streaming
     them from Parquet, with the manifest's [index] settings updated by `overrides`."""
     store = Store(url)
-    refuse_quantized(read_manifest(store), url, "`embedpipe index`")
     acquire_lock(store)
     try:
         ledger = Ledger(store)

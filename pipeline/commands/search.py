@@ -2,6 +2,11 @@
 
 Loading reads the manifest, the index and its id map, never the stored vectors; kept columns
 (e.g. the text) are read afterwards for the hits only, row group by row group.
+
+Rescoring (`rescore`, `search --rescore N`): the compact index (binary, SQ8, IVF-PQ ...) gives
+N x k candidates a query; their kept vectors (the parts' rescore_vector column, output.
+rescore_precision, else the stored vectors) are read for those rows only, dequantized, and
+scored against the float query with the job's metric; the best k are the hits.
 """
 from __future__ import annotations
 
@@ -14,29 +19,38 @@ import pyarrow.parquet as pq
 
 from ..config import ConfigError
 from ..index.build import load_index
+from ..index.family import query_values
 from ..index.files import ids_file, read_tombstones
 from ..index.live import LiveIndex
 from ..io.checks import PAGE_CHECKSUMS, DamagedFile, reading
 from ..io.ledger import Ledger
 from ..io.manifest import MANIFEST, read_manifest
-from ..io.precision import refuse_quantized
+from ..io.precision import Precision, rescore_precision, stored_precision
 from ..io.storage import Store
-from ..io.vectors import VectorParts
+from ..io.vectors import VectorParts, to_matrix
 from ..io.writer import ResultFile
 from .query import EmbeddingRecord, TextEmbedder, read_text_batches
 
 QUERY_BATCH = 1024  # queries embedded and searched together from a queries file
+RESCORE_QUERIES = 64  # queries whose candidates' vectors are held at once while rescoring
 
 
 class Searcher:
     """An output folder opened for search. The embedding settings are checked at open."""
 
-    def __init__(self, out: str, device: str | None = None, per_chunk: bool = False):
+    def __init__(self, out: str, device: str | None = None, per_chunk: bool = False,
+                 rescore: int | None = None):
         """per_chunk: in a folder of one row a token window, every matching window is a hit
-        (else the best window of each document)."""
+        (else the best window of each document). rescore: re-rank rescore x k candidates by
+        the kept vectors (see above)."""
         self.store = Store(out)
         manifest = read_manifest(self.store)
-        refuse_quantized(manifest, out, "search")
+        self.precision = stored_precision(manifest)
+        self.rescore = rescore
+        # the vectors candidates are rescored with: the rescore column, else the stored ones
+        kept = rescore_precision(manifest)
+        self.rescore_column = "vector" if kept is None else "rescore_vector"
+        self.rescore_with: Precision = kept or self.precision
         self.record = EmbeddingRecord.from_manifest(manifest, f"{out}/{MANIFEST}")
         self.embedder = TextEmbedder(self.record, device, purpose="query")  # refuses other settings
         repair = f"`embedpipe index {out}` (or the job's next run) rebuilds the index"
@@ -72,6 +86,9 @@ class Searcher:
 
     @property
     def metric(self) -> str:
+        """What the scores are: ip, l2 (squared distance), or hamming (a binary index's)."""
+        if self.rescore:  # the job's metric, on the float query and the kept vectors
+            return (self.infos.get("config") or {}).get("metric") or "ip"
         return self.infos.get("metric", "ip")
 
     def search_vectors(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,8 +96,39 @@ class Searcher:
         Collapsing windows to documents, each document's best window, k documents."""
         vectors = np.ascontiguousarray(vectors, np.float32)
         if not self.collapse:
-            return self.live.search(vectors, max(1, min(k, self.live.count)))
+            return self._search_rows(vectors, max(1, min(k, self.live.count)))
         return self._best_windows(vectors, k)
+
+    def _search_rows(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, row positions) of the k best rows a query: the index's, or with rescoring,
+        the best k of its rescore x k candidates by the kept vectors."""
+        queries = query_values(self.precision, vectors)
+        if not self.rescore:
+            return self.live.search(queries, k)
+        _, candidates = self.live.search(queries, min(k * self.rescore, self.live.count))
+        return self.rescored(vectors, candidates, k)
+
+    def rescored(self, vectors: np.ndarray, candidates: np.ndarray,
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k best of each query's candidate rows (-1: none) by the job's metric on the float
+        query and the candidates' kept vectors, dequantized; ties keep the index's order."""
+        found = np.unique(candidates[candidates >= 0])
+        kept = self.read_rows(found, [self.rescore_column])[self.rescore_column]
+        matrix = self.rescore_with.dequantize(to_matrix(kept), vectors.shape[1]) if len(found) \
+            else np.zeros((0, vectors.shape[1]), np.float32)
+        at = np.minimum(np.searchsorted(found, np.maximum(candidates, 0)), max(0, len(found) - 1))
+        scores = np.zeros(candidates.shape, np.float32)
+        for start in range(0, len(vectors) if len(found) else 0, RESCORE_QUERIES):
+            block = slice(start, start + RESCORE_QUERIES)
+            picked = matrix[at[block]]  # [queries, candidates, dim]
+            query = vectors[block, None, :]
+            scores[block] = ((picked - query) ** 2).sum(-1) if self.metric == "l2" \
+                else (picked * query).sum(-1)
+        # l2: squared distance, ascending as FAISS gives it; ip: descending
+        order_key = np.where(candidates >= 0, scores if self.metric == "l2" else -scores, np.inf)
+        order = np.argsort(order_key, axis=1, kind="stable")[:, :k]
+        positions = np.take_along_axis(candidates, order, 1)
+        return np.take_along_axis(scores, order, 1).astype(np.float32), positions
 
     def _best_windows(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The best window of each of the k best documents: windows are searched k x 4 at a
@@ -94,7 +142,7 @@ class Searcher:
         todo, fetch = np.arange(len(vectors)), k * 4
         while len(todo):
             fetch = min(fetch, self.live.count)
-            found_scores, found = self.live.search(vectors[todo], max(1, fetch))
+            found_scores, found = self._search_rows(vectors[todo], max(1, fetch))
             unfinished = []
             for q, row_scores, rows in zip(todo, found_scores, found):
                 rows = rows[rows >= 0]
@@ -127,6 +175,13 @@ class Searcher:
         """The kept columns of the given row positions, reading only the row groups they are in."""
         if not self.keep_columns or len(rows) == 0:
             return {}
+        return self.read_rows(rows, self.keep_columns)
+
+    def read_rows(self, rows: np.ndarray, columns: list[str]) -> dict[str, pa.Array]:
+        """The columns' values at the given row positions (in that order), reading only the
+        row groups they are in."""
+        if len(rows) == 0:
+            return {name: pa.array([]) for name in columns}
         pieces: list[tuple[np.ndarray, pa.Table]] = []  # (indices into rows, their values)
         part_of = np.array([bisect.bisect_right(self.part_starts, r) - 1 for r in rows])
         for part in np.unique(part_of):
@@ -141,12 +196,12 @@ class Searcher:
                 group_of = np.searchsorted(starts, local, side="right") - 1
                 for group in np.unique(group_of):
                     inside = group_of == group
-                    values = parquet.read_row_group(int(group), columns=self.keep_columns)
+                    values = parquet.read_row_group(int(group), columns=columns)
                     pieces.append((wanted[inside],
                                    values.take(pa.array(local[inside] - starts[group]))))
         order = np.argsort(np.concatenate([w for w, _ in pieces]), kind="stable")
         merged = pa.concat_tables([t for _, t in pieces]).take(pa.array(order))
-        return {name: merged.column(name).combine_chunks() for name in self.keep_columns}
+        return {name: merged.column(name).combine_chunks() for name in columns}
 
     def search_file(self, queries: str, out: str, k: int = 10, text_column: str | None = None,
                     id_column: str | None = None,
@@ -184,7 +239,7 @@ def render_hits(hits: list[dict], metric: str = "ip", width: int = 100) -> str:
     if "chunk" in hits[0]:  # a window of a document: id #chunk
         hits = [{**h, "id": f"{h['id']} #{h['chunk']}"} for h in hits]
     id_width = max(2, *(len(str(h["id"])) for h in hits))
-    score = "score" if metric == "ip" else "l2 dist"
+    score = {"ip": "score", "l2": "l2 dist"}.get(metric, metric)
     lines = [f"{'rank':>4}  {'id':>{id_width}}  {score:>7}" + (f"  {text}" if text else "")]
     for h in hits:
         line = f"{h['rank']:>4}  {h['id']!s:>{id_width}}  {h['score']:7.4f}"

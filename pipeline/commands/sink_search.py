@@ -43,10 +43,10 @@ class SinkSearcher(Searcher):
             raise ConfigError(f'sink "{sink}": {self.sink.describe()} does not exist; '
                               f"`embedpipe sync {out}` makes it")
         ledger = Ledger(self.store)
-        Marker.of_folder(ledger, self.sink.cfg).refuse_other(self.sink, self.sink.marker())
+        Marker.of_folder(ledger, self.sink.vector_type).refuse_other(self.sink, self.sink.marker())
         for why in pending(ledger, self.sink):
             log.warning("%s; `embedpipe sync %s` brings it in step", why, out)
-        self.infos = {"metric": self.sink.metric}
+        self.infos = {"metric": "hamming" if self.sink.vector_type == "bit" else self.sink.metric}
         self.keep_columns = list(config.get("output", {}).get("keep_columns", []))
 
     def search(self, texts: list[str], k: int = 10, pairs: list[str] | None = None) -> pa.Table:

@@ -14,7 +14,6 @@ from ..config import ConfigError, load_job
 from ..io.folder_check import unit_damage
 from ..io.ledger import Ledger, acquire_lock, release_lock
 from ..io.manifest import read_manifest
-from ..io.precision import refuse_quantized
 from ..io.storage import Store
 from ..sinks.base import SinkError, SinkLoad, close_all, preflight, sync_sink
 from ..sinks.make import sinks_of
@@ -52,7 +51,6 @@ def sync_folder(url: str, job_file: str | None = None, names: tuple[str, ...] = 
                 full: bool = False) -> SyncResult:
     store = Store(url)
     manifest = read_manifest(store)
-    refuse_quantized(manifest, url, "`embedpipe sync`")
     config = dict(manifest.config or {})
     recorded = list(config.get("sink") or [])
     if job_file:

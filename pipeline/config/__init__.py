@@ -6,12 +6,12 @@ key and what is allowed (load.py).
 """
 from .load import (STORED_COLUMNS, ConfigError, config_from_dict, load_job, parse_memory,
                    parse_override, settings_differences, settings_hash)
-from .sections import (CHOICES, DEFAULT_MODEL, POOLING_PRESETS, POSITIVE, PRECISIONS, SECTIONS, SINK_CHOICES,
-                       SINK_KEYS, EncodeConfig, IndexConfig, InputConfig, JobConfig, ModelConfig,
+from .sections import (CHOICES, DEFAULT_MODEL, POOLING_PRESETS, POSITIVE, PRECISIONS, RESCORE_PRECISIONS,
+                       SECTIONS, SINK_CHOICES, SINK_KEYS, EncodeConfig, IndexConfig, InputConfig, JobConfig, ModelConfig,
                        OutputConfig, SinkConfig)
 
 __all__ = [
-    "CHOICES", "DEFAULT_MODEL", "POOLING_PRESETS", "POSITIVE", "PRECISIONS", "SECTIONS", "SINK_CHOICES",
+    "CHOICES", "DEFAULT_MODEL", "POOLING_PRESETS", "POSITIVE", "PRECISIONS", "RESCORE_PRECISIONS", "SECTIONS", "SINK_CHOICES",
     "SINK_KEYS", "STORED_COLUMNS", "ConfigError", "EncodeConfig", "IndexConfig", "InputConfig",
     "JobConfig", "ModelConfig", "OutputConfig", "SinkConfig", "config_from_dict", "load_job",
     "parse_memory", "parse_override", "settings_differences", "settings_hash",

@@ -10,8 +10,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .sections import (CHOICES, POSITIVE, SECTIONS, SINK_CHOICES, SINK_KEYS, JobConfig,
-                       SinkConfig)
+from .sections import (CHOICES, POSITIVE, PRECISION_BYTES, RESCORE_PRECISIONS, SECTIONS,
+                       SINK_CHOICES, SINK_KEYS, JobConfig, SinkConfig)
 
 
 class ConfigError(ValueError):
@@ -134,17 +134,19 @@ def _resolve_precision(out: Any, raw: Any) -> Any:
 
 def _validate_precision(job: JobConfig) -> None:
     """Quantized vectors (output.precision int8 / uint8 / binary / ubinary) are text vectors
-    in parts; the index, sinks and the token table take float vectors only, for now."""
-    precision = job.output.precision
+    in parts, indexed by the kinds that take their codes (index/family.py) and loaded into
+    sinks as their stores take them (sinks/precision.py); the token table takes floats only."""
+    precision, rescore = job.output.precision, job.output.rescore_precision
+    if rescore and PRECISION_BYTES[rescore] <= PRECISION_BYTES[precision]:
+        finer = [k for k in RESCORE_PRECISIONS if PRECISION_BYTES[k] > PRECISION_BYTES[precision]]
+        raise ConfigError(f"output.rescore_precision = {rescore!r} keeps no more than "
+                          f"output.precision = {precision!r} does: choose a finer one "
+                          f"({', '.join(finer)}) or unset it")
     if precision in ("float32", "float16"):
         return
-    why = ("index.enabled = true: no index is built from quantized vectors yet; set "
-           "index.enabled = false" if job.index.enabled else
-           "a [[sink]]: sinks take float32 / float16 vectors only" if job.sink else
-           f"output.granularity = {job.output.granularity!r}: the token table stores floats only"
-           if job.output.granularity != "text" else None)
-    if why:
-        raise ConfigError(f"output.precision = {precision!r} with {why}")
+    if job.output.granularity != "text":
+        raise ConfigError(f"output.precision = {precision!r} with output.granularity = "
+                          f"{job.output.granularity!r}: the token table stores floats only")
 
 
 def _validate_tokens(job: JobConfig) -> None:

@@ -10,6 +10,9 @@ from typing import Any
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 # output.precision: the kinds of sentence-transformers' quantize_embeddings, and float16
 PRECISIONS = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
+RESCORE_PRECISIONS = ("float32", "float16", "int8", "uint8")
+PRECISION_BYTES = {"binary": 1 / 8, "ubinary": 1 / 8, "int8": 1, "uint8": 1, "float16": 2,
+                   "float32": 4}  # a dimension's
 
 # Named pooling modes are presets of the general (layers, layer_combine, token_pooling) form.
 POOLING_PRESETS: dict[str, tuple[tuple[int, ...], str, str]] = {
@@ -143,6 +146,10 @@ class OutputConfig:
                                 "with per-dimension ranges calibrated once a folder, binary / "
                                 "ubinary one bit a dimension); unset: vector_dtype.",
                                 choices=PRECISIONS)
+    rescore_precision: str | None = key(None, "A second copy of each vector, finer than "
+                                        "precision, kept in the parts for `search --rescore` "
+                                        "(e.g. binary vectors with int8 kept); unset: none.",
+                                        choices=RESCORE_PRECISIONS)
     vector_dtype: str = key("float32", "The older name of precision's float kinds, still "
                             "accepted (with precision set it must agree or stay unset).",
                             choices=("float32", "float16"))
@@ -209,8 +216,10 @@ class SinkConfig:
                           "(required for lancedb).")
     dsn_env: str = key("EMBEDPIPE_PG_DSN", "pgvector: the environment variable holding the "
                        "connection string (never the job file).")
-    vector_type: str = key("vector", "pgvector: the column type; halfvec stores float16 "
-                           "(pgvector >= 0.7).", choices=("vector", "halfvec"))
+    vector_type: str = key("auto", "pgvector: the column type; auto follows output.precision "
+                           "(float32: vector, float16: halfvec, binary / ubinary: bit, "
+                           "pgvector >= 0.7 for the last two); halfvec on float32 rounds.",
+                           choices=("auto", "vector", "halfvec", "bit"))
     index: str = key("none", "pgvector: the ANN index built after the load; none drops it, "
                      "so search is exact.", choices=("none", "hnsw", "ivfflat"))
 
@@ -251,6 +260,8 @@ class JobConfig:
             # recorded only when quantized: float32 / float16 folders keep their settings hash
             **({"output.precision": self.output.precision}
                if self.output.precision not in (None, "float32", "float16") else {}),
+            **({"output.rescore_precision": self.output.rescore_precision}
+               if self.output.rescore_precision else {}),
             **self.chunk_settings(),
             **self.token_settings(),
         }

@@ -34,6 +34,7 @@ from ..io.storage import Store
 from ..io.vectors import VectorParts
 from .choose import new_index, training_size
 from .commit import commit_index, new_build
+from .family import BINARY, codes_of, ranges_digest, serialize, set_ranges, with_labels
 from .files import INFOS_FILE, faiss_stdout_to_stderr, index_file, read_stored_index
 from .layouts import build_shards, choose_layout, merge_shards_ondisk, open_shards
 from .tuning import RECALL_QUERIES, apply_search_params, even_positions, measure, training_error
@@ -56,13 +57,15 @@ def build_index(store: Store, files: list[str] | VectorParts, cfg: IndexConfig) 
     build = new_build()
     if n == 0:
         return commit_index(store, build, None, None, None, {"type": cfg.type, "count": 0})
-    index, kind, factory = new_index(cfg, n, dim)
+    codes = codes_of(parts.precision)
+    index, kind, factory = new_index(cfg, n, dim, parts.precision)
     layout = choose_layout(cfg, index, factory, store)
     trained_on, fit = 0, None
     if not index.is_trained:
         trained_on = training_size(index, n)
         sample = parts.sample(even_positions(n, trained_on))
         index.train(sample)
+        set_ranges(index, parts.precision)  # an IVF-SQ8 index: the folder's ranges, not its own
         fit = training_error(index, sample)
     labels = parts.row_labels()
     if parts.labels is not None and len(np.unique(labels)) != n:
@@ -77,9 +80,9 @@ def build_index(store: Store, files: list[str] | VectorParts, cfg: IndexConfig) 
         for block in parts.vectors():
             index.add_with_ids(block, labels[row:row + len(block)])
             row += len(block)
-        index_bytes = faiss.serialize_index(index)
+        index_bytes = serialize(index)
     else:
-        trained = faiss.serialize_index(index)
+        trained = serialize(index)
         shards = build_shards(store, parts, rows, trained, build, cfg.shard_rows)
         layout_infos["shard_rows"] = cfg.shard_rows
         if layout == "shards":
@@ -98,7 +101,7 @@ def build_index(store: Store, files: list[str] | VectorParts, cfg: IndexConfig) 
 
     build_seconds = time.perf_counter() - started
     measured, params, unit = measure(index, parts, n, cfg)
-    if cfg.metric == "ip" and not unit:
+    if cfg.metric == "ip" and not unit and codes != BINARY:
         log.warning("index.metric = 'ip' on vectors that are not normalised is not cosine "
                     "similarity; set encode.normalize = true for cosine")
     id_map = parts.keys()  # id, and chunk in a folder of one row a window
@@ -107,7 +110,9 @@ def build_index(store: Store, files: list[str] | VectorParts, cfg: IndexConfig) 
         "ivfdata_bytes", 0)
     infos = {
         "type": cfg.type, "kind": kind, "factory": factory, "count": n, "dimension": dim,
-        "metric": cfg.metric, "normalized": unit, "size_bytes": size,
+        "codes": codes, "ranges": ranges_digest(parts.precision),
+        "metric": "hamming" if codes == BINARY else cfg.metric,
+        "normalized": unit, "size_bytes": size,
         "build_seconds": round(build_seconds, 3), "recall_at_10": round(measured, 4),
         "recall_queries": min(n, RECALL_QUERIES), "search_params": params,
         "trained_on": trained_on, "max_memory": cfg.max_memory if cfg.type == "auto" else None,
@@ -121,15 +126,6 @@ def build_index(store: Store, files: list[str] | VectorParts, cfg: IndexConfig) 
     log.info("index: %s", json.dumps({k: v for k, v in infos.items()
                                       if k not in ("parts", "shards", "config")}))
     return infos
-
-
-def with_labels(index: faiss.Index) -> faiss.Index:
-    """An index that takes add_with_ids: IVF kinds as they are, others in an IndexIDMap2
-    (which also reconstructs by label)."""
-    if faiss.try_extract_index_ivf(index) is not None or isinstance(
-            faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
-        return index
-    return faiss.IndexIDMap2(index)
 
 
 def part_records(parts: VectorParts) -> list[dict]:
@@ -159,6 +155,6 @@ def load_index(store: Store) -> tuple[faiss.Index, dict]:
             index = faiss.read_index(store.path(index_file(infos)),
                                      faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
     else:
-        index = read_stored_index(store, index_file(infos))
+        index = read_stored_index(store, index_file(infos), binary=infos.get("codes") == BINARY)
     apply_search_params(index, infos.get("search_params", {}))
     return index, infos

@@ -14,7 +14,8 @@ from ..io.checks import PAGE_CHECKSUMS, DamagedFile, check_file, file_digest, re
 from ..io.storage import Store
 from ..io.vectors import VectorParts
 from .files import INFOS_FILE, LABELLED, ids_file, index_file, read_tombstones
-from .tuning import even_positions, unwrapped
+from .family import SQ8, downcast, ivf_of, unwrapped
+from .tuning import even_positions
 
 SAMPLE = 200  # stored vectors compared with the index's own copies
 REPAIR = "the job's next `embedpipe run`, or `embedpipe index OUT`, rebuilds the index"
@@ -119,7 +120,8 @@ def _content_problems(store: Store, parts: VectorParts, n: int, infos: dict) -> 
         return [f"index: {ids_file(infos)} does not list the stored "
                 f"{' and '.join(stored.column_names)}s in order, under their labels"]
     positions = even_positions(n, SAMPLE)
-    copies = _reconstruct(index, labels[positions]) if _keeps_vectors_whole(index) else None
+    whole = _keeps_vectors_whole(index, infos.get("codes") == SQ8)
+    copies = _reconstruct(index, labels[positions]) if whole else None
     if copies is not None:
         expected = parts.sample(positions)
         if not np.allclose(copies, expected, atol=1e-5):
@@ -128,20 +130,29 @@ def _content_problems(store: Store, parts: VectorParts, n: int, infos: dict) -> 
     return []
 
 
-def _keeps_vectors_whole(index: faiss.Index) -> bool:
-    """Flat, HNSW over flat storage and IVF-Flat in one index keep each vector exactly; scalar
-    and product quantizers keep approximations, and shards cannot reconstruct."""
+def _keeps_vectors_whole(index: faiss.Index, folder_ranges: bool) -> bool:
+    """Flat, HNSW over flat storage and IVF-Flat in one index keep each vector exactly, as do
+    the binary flat and HNSW kinds their codes; an 8-bit scalar quantizer with the folder's
+    ranges (`folder_ranges`: an int8 / uint8 folder, index/family.py) keeps the dequantized
+    values; other quantizers keep approximations, and shards cannot reconstruct."""
     inner = unwrapped(index)
+    if isinstance(inner, faiss.IndexBinaryHNSW):
+        return isinstance(downcast(inner.storage), faiss.IndexBinaryFlat)
     if isinstance(inner, faiss.IndexHNSW):
-        return isinstance(faiss.downcast_index(inner.storage), faiss.IndexFlat)
-    return isinstance(inner, (faiss.IndexFlat, faiss.IndexIVFFlat))
+        inner = downcast(inner.storage)
+    whole = (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexBinaryFlat, faiss.IndexBinaryIVF)
+    if folder_ranges and isinstance(inner, faiss.IndexIVFScalarQuantizer):
+        return not inner.by_residual and inner.sq.qtype == faiss.ScalarQuantizer.QT_8bit
+    if folder_ranges and isinstance(inner, faiss.IndexScalarQuantizer):
+        return inner.sq.qtype == faiss.ScalarQuantizer.QT_8bit
+    return isinstance(inner, whole)
 
 
 def _reconstruct(index: faiss.Index, labels: np.ndarray) -> np.ndarray | None:
     """The index's own copies of the vectors under these labels, where its kind keeps them
     whole (IVF through a hash table from label to list entry)."""
     try:
-        ivf = faiss.try_extract_index_ivf(index)
+        ivf = ivf_of(index)
         if ivf is not None:
             ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
         return np.stack([index.reconstruct(int(label)) for label in labels])

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from ..io.checks import PAGE_CHECKSUMS, reading
 from ..io.storage import Store
+from . import family
 
 INDEX_DIR = "index"
 INDEX_FILE = f"{INDEX_DIR}/index.faiss"
@@ -23,11 +24,12 @@ INFOS_FILE = f"{INDEX_DIR}/index_infos.json"
 LABELLED = ("stored", "unit-row")
 
 
-def read_stored_index(store: Store, rel: str, flags: int = 0) -> faiss.Index:
-    """A stored index: read (memory-mapped with IO_FLAG_MMAP) from a local disk, else fetched."""
+def read_stored_index(store: Store, rel: str, flags: int = 0, binary: bool = False) -> faiss.Index:
+    """A stored index: read (memory-mapped with IO_FLAG_MMAP) from a local disk, else fetched;
+    `binary`: a binary index (infos["codes"] == "binary")."""
     if store.local:
-        return faiss.read_index(store.path(rel), flags)
-    return faiss.deserialize_index(np.frombuffer(store.read_bytes(rel), np.uint8))
+        return family.read(store.path(rel), binary, flags)
+    return family.deserialize(store.read_bytes(rel), binary)
 
 @contextmanager
 def faiss_stdout_to_stderr() -> Iterator[None]:

@@ -17,6 +17,8 @@ import numpy as np
 from ..config import ConfigError, IndexConfig
 from ..io.storage import TMP_MARK, Store
 from ..io.vectors import VectorParts
+from .choose import BINARY_LAYOUT
+from .family import is_binary
 from .files import INDEX_DIR, faiss_stdout_to_stderr, read_stored_index
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,8 @@ def choose_layout(cfg: IndexConfig, index: faiss.Index, factory: str, store: Sto
     """The layout to build: shards and ondisk need an IVF index, ondisk a local disk."""
     if cfg.layout == "single":
         return "single"
+    if is_binary(index):
+        raise ConfigError(BINARY_LAYOUT.format(layout=cfg.layout))
     if faiss.try_extract_index_ivf(index) is None:
         if cfg.type == "auto":  # auto chose flat or HNSW for this count: nothing to shard
             log.warning("index.layout = %r: auto chose %s, not IVF; building one index",

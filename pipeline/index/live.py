@@ -7,7 +7,7 @@ import math
 import faiss
 import numpy as np
 
-from .tuning import unwrapped
+from .family import hnsw_of
 
 
 class LiveIndex:
@@ -27,10 +27,10 @@ class LiveIndex:
         if len(tombstones):
             self._batch = faiss.IDSelectorBatch(np.ascontiguousarray(tombstones, np.int64))
             self._not = faiss.IDSelectorNot(self._batch)
-            inner = unwrapped(index)
-            if isinstance(inner, faiss.IndexHNSW):
+            hnsw = hnsw_of(index)
+            if hnsw is not None:
                 self.params = faiss.SearchParametersHNSW(
-                    sel=self._not, efSearch=widened_ef(inner.hnsw.efSearch,
+                    sel=self._not, efSearch=widened_ef(hnsw.efSearch,
                                                        len(tombstones) / max(1, index.ntotal)))
             else:
                 self.params = faiss.SearchParameters(sel=self._not)

@@ -50,7 +50,8 @@ from .build import build_index, load_index, part_records
 from .choose import choose_kind
 from .commit import commit_index, new_build
 from .files import INFOS_FILE, LABELLED, ids_file, index_file, read_id_map, read_tombstones
-from .tuning import training_error, unwrapped
+from .family import codes_of, hnsw_of, ivf_of, ranges_digest, serialize
+from .tuning import training_error
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,15 @@ def settings_changed(store: Store, cfg: IndexConfig) -> bool:
 def _maintain(store: Store, parts: VectorParts, cfg: IndexConfig, started: float) -> dict:
     infos = _readable_infos(store, parts, cfg)
     n, built = sum(parts.rows()), int(infos.get("built_count") or infos["count"])
-    if cfg.type == "auto" and choose_kind(cfg, n, infos["dimension"]) != infos["kind"]:
-        raise Rebuild(f"auto now chooses {choose_kind(cfg, n, infos['dimension'])} for {n} "
-                      f"vectors, not {infos['kind']}")
+    codes = codes_of(parts.precision)
+    if infos.get("codes", "float") != codes:
+        raise Rebuild(f"the index holds {infos.get('codes', 'float')} codes, the folder's "
+                      f"precision takes {codes}")
+    if infos.get("ranges") != ranges_digest(parts.precision):
+        raise Rebuild("the index's SQ8 ranges are not the folder's calibration")
+    auto = choose_kind(cfg, n, infos["dimension"], codes)
+    if cfg.type == "auto" and auto != infos["kind"]:
+        raise Rebuild(f"auto now chooses {auto} for {n} vectors, not {infos['kind']}")
     labels = parts.row_labels()
     if len(np.unique(labels)) != n:
         raise Rebuild("the stored rows hold a label twice")
@@ -153,9 +160,8 @@ def _apply(store: Store, parts: VectorParts, infos: dict, fresh: np.ndarray,
     if index.ntotal != infos["count"] + len(tombstones):
         raise Rebuild(f"the index holds {index.ntotal} vectors, its infos say "
                       f"{infos['count']} live and {len(tombstones)} tombstones")
-    inner = unwrapped(index)
-    ivf = faiss.try_extract_index_ivf(index)
-    if isinstance(inner, faiss.IndexHNSW):
+    ivf = ivf_of(index)
+    if hnsw_of(index) is not None:
         tombstones = np.union1d(tombstones, removed_labels)
         if np.isin(added_labels, tombstones).any():
             raise Rebuild("an added row reuses a label that is a tombstone in the graph")
@@ -171,7 +177,7 @@ def _apply(store: Store, parts: VectorParts, infos: dict, fresh: np.ndarray,
             try:
                 removed = index.remove_ids(faiss.IDSelectorBatch(removed_labels))
             except RuntimeError as exc:
-                raise Rebuild(f"{type(inner).__name__} cannot remove ({exc})") from None
+                raise Rebuild(f"{type(index).__name__} cannot remove ({exc})") from None
             if removed != len(removed_labels):
                 raise Rebuild(f"{removed} vectors removed, {len(removed_labels)} labels gone")
     row = 0
@@ -180,7 +186,7 @@ def _apply(store: Store, parts: VectorParts, infos: dict, fresh: np.ndarray,
         row += len(block)
     if index.ntotal != n + len(tombstones):
         raise Rebuild(f"after maintenance the index holds {index.ntotal}, not {n} vectors")
-    return faiss.serialize_index(index).tobytes(), tombstones
+    return serialize(index).tobytes(), tombstones
 
 
 def _fresh_blocks(parts: VectorParts, fresh: np.ndarray) -> Iterator[np.ndarray]:

@@ -8,6 +8,7 @@ import numpy as np
 from ..config import IndexConfig
 from ..io.vectors import VectorParts
 from .choose import METRICS
+from .family import exact_knn, hnsw_of, is_binary, ivf_of, unwrapped
 
 RECALL_QUERIES = 1_000  # stored vectors used as queries for recall@10
 NPROBE_TARGET = 0.95  # an unset nprobe is the smallest that reaches this recall@10
@@ -26,11 +27,11 @@ def exact_top_k(parts: VectorParts, queries: np.ndarray, k: int, metric: str) ->
     best_i = np.full((len(queries), 0), 0, np.int64)
     start = 0
     for block in parts.vectors():
-        d, i = faiss.knn(queries, block, min(k, len(block)), metric=METRICS[metric])
+        d, i = exact_knn(queries, block, min(k, len(block)), METRICS.get(metric, 0))
         best_d = np.hstack([best_d, d])
         best_i = np.hstack([best_i, i + start])
         order = np.argsort(best_d, axis=1, kind="stable")
-        if metric == "ip":
+        if metric == "ip" and queries.dtype != np.uint8:  # binary codes: Hamming, ascending
             order = order[:, ::-1]
         order = order[:, :k]
         best_d = np.take_along_axis(best_d, order, 1)
@@ -50,25 +51,21 @@ def ivf_indexes(index: faiss.Index) -> list:
     """The IVF indexes whose nprobe governs a search: one, one per shard, or none."""
     if isinstance(index, faiss.IndexShards):
         return [faiss.extract_index_ivf(index.at(i)) for i in range(index.count())]
-    ivf = faiss.try_extract_index_ivf(index)
+    ivf = ivf_of(index)
     return [] if ivf is None else [ivf]
 
 def set_nprobe(index: faiss.Index, nprobe: int) -> None:
     for ivf in ivf_indexes(index):
         ivf.nprobe = nprobe
 
-def unwrapped(index: faiss.Index) -> faiss.Index:
-    """The index inside its id map (flat and HNSW are kept in an IndexIDMap2 for their labels)."""
-    inner = faiss.downcast_index(index)
-    while isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2)):
-        inner = faiss.downcast_index(inner.index)
-    return inner
-
 def training_error(index: faiss.Index, vectors: np.ndarray) -> float | None:
     """Mean squared L2 distance of the vectors to their nearest IVF centroid: how well the
     trained quantizer fits them (index/maintain.py compares added vectors with the training
     sample). None for an index without a coarse quantizer, or one behind a pre-transform."""
-    ivf = faiss.try_extract_index_ivf(index)
+    ivf = ivf_of(index)
+    if ivf is not None and is_binary(index) and len(vectors):  # mean Hamming distance
+        distances, _ = ivf.quantizer.search(vectors, 1)
+        return float(distances.mean())
     if ivf is None or len(vectors) == 0 or not isinstance(
             faiss.downcast_index(index), faiss.IndexIVF):
         return None
@@ -79,18 +76,18 @@ def training_error(index: faiss.Index, vectors: np.ndarray) -> float | None:
 def search_params(index: faiss.Index) -> dict:
     """The search-time knobs an index carries, as stored in index_infos.json."""
     params = {}
-    inner = unwrapped(index)
-    if isinstance(inner, faiss.IndexHNSW):
-        params["efSearch"] = int(inner.hnsw.efSearch)
+    hnsw = hnsw_of(index) if not isinstance(index, faiss.IndexShards) else None
+    if hnsw is not None:
+        params["efSearch"] = int(hnsw.efSearch)
     ivfs = ivf_indexes(index)
     if ivfs:
         params["nprobe"] = int(ivfs[0].nprobe)
     return params
 
 def apply_search_params(index: faiss.Index, params: dict) -> None:
-    inner = unwrapped(index)
-    if "efSearch" in params and isinstance(inner, faiss.IndexHNSW):
-        inner.hnsw.efSearch = int(params["efSearch"])
+    hnsw = hnsw_of(index) if not isinstance(index, faiss.IndexShards) else None
+    if "efSearch" in params and hnsw is not None:
+        hnsw.efSearch = int(params["efSearch"])
     if "nprobe" in params:
         set_nprobe(index, int(params["nprobe"]))
 

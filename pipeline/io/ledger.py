@@ -17,6 +17,7 @@ from typing import Any
 
 from ..config import ConfigError, settings_differences
 from .manifest import MANIFEST, Manifest, UnitRecord, read_manifest
+from .precision import stored_precision
 from .storage import ConcurrentWrite, Store
 from .vectors import VectorParts
 
@@ -153,7 +154,8 @@ class Ledger:
         checks = [r.checks.get(f) for r in self.complete_units() for f in r.vector_files]
         known = tuple(c.rows for c in checks) if all(checks) else None
         return VectorParts(self.store, self.vector_files(), known, self._labels(),
-                           tuple(c.footer for c in checks) if all(checks) else None)
+                           tuple(c.footer for c in checks) if all(checks) else None,
+                           stored_precision(self.manifest))
 
     def _labels(self) -> tuple[int, ...] | None:
         """Each vector part's first FAISS label, (unit_id << 32) | its first row in the unit

@@ -10,7 +10,7 @@ import pyarrow as pa
 from ..config import ConfigError
 from .ledger import Ledger
 from .manifest import Manifest, read_manifest
-from .precision import Precision, stored_precision
+from .precision import Precision, row_bytes, stored_precision
 from .storage import Store
 from .vectors import VectorParts, to_matrix
 
@@ -70,13 +70,13 @@ class Output:
 
     @property
     def bytes_per_row(self) -> int:
-        """Bytes of one row's stored vector."""
-        return self.precision.bytes_per_row(self.manifest.dim or 0)
+        """Bytes of one row's stored vectors: the vector, and its rescore copy if one is kept."""
+        return row_bytes((self.manifest.config or {}).get("output") or {}, self.manifest.dim or 0)
 
     def vectors(self) -> np.ndarray:
         """[count, width] as stored: float32 (float16 parts widened), or, with a quantized
         precision, the stored int8 / uint8 values (binary kinds: dim / 8 packed bytes a row)."""
-        blocks = list(self.parts.vectors())
+        blocks = list(self.parts.stored())
         if not blocks:
             return np.zeros((0, self.precision.width(self.manifest.dim or 0)), np.float32)
         stored = np.concatenate(blocks)

@@ -99,6 +99,17 @@ class Precision:
             raise ValueError(f"precision {self.name} needs the folder's calibration ranges")
         return self.calibration.ranges
 
+    def index_values(self, stored: np.ndarray) -> np.ndarray:
+        """Stored values (widened to float32 as io/vectors.py reads them) as the folder's index
+        takes them (index/family.py): floats as they are, int8 / uint8 dequantized, binary
+        kinds' packed bits as uint8 codes (ubinary's bytes)."""
+        if self.name.endswith("binary"):
+            return (np.asarray(stored).astype(np.int16)
+                    + (128 if self.name == "binary" else 0)).astype(np.uint8)
+        if self.name in CALIBRATED:
+            return self.dequantize(stored, stored.shape[1])
+        return np.asarray(stored, np.float32)
+
     def dequantize(self, stored: np.ndarray, dim: int) -> np.ndarray:
         """float32 [rows, dim] back from stored values: floats widened; int8 / uint8 the middle
         of each value's bucket (min + (bucket + 0.5) * step); binary / ubinary +1.0 where the
@@ -118,11 +129,34 @@ class Precision:
         return (ranges[0] + (buckets + np.float32(0.5)) * steps).astype(np.float32)
 
 
+def calibrated(precision: str, rescore: str | None) -> str | None:
+    """Which of a folder's precisions takes calibration ranges: precision or rescore_precision
+    (at most one of them is int8 / uint8: the rescore copy is the finer one), else None."""
+    return next((p for p in (precision, rescore) if p in CALIBRATED), None)
+
+
+def row_bytes(output: Any, dim: int) -> int:
+    """Bytes of one row's stored vectors (OutputConfig, or a manifest's recorded output table):
+    the vector at its precision, plus its rescore copy where one is kept."""
+    get = output.get if isinstance(output, dict) else lambda key: getattr(output, key, None)
+    names = [get("precision") or get("vector_dtype") or "float32", get("rescore_precision")]
+    return sum(Precision(name).bytes_per_row(dim) for name in names if name)
+
+
 def stored_precision(manifest: Any) -> Precision:
     """A folder's precision, as its manifest records it (folders made before output.precision
     existed: their vector_dtype)."""
     output = (manifest.config or {}).get("output") or {}
     name = output.get("precision") or output.get("vector_dtype") or "float32"
+    return Precision(name, manifest.calibration if name in CALIBRATED else None)
+
+
+def rescore_precision(manifest: Any) -> Precision | None:
+    """The precision of the parts' rescore_vector column (output.rescore_precision), with the
+    folder's ranges where it is int8 / uint8; None where the folder keeps no such column."""
+    name = ((manifest.config or {}).get("output") or {}).get("rescore_precision")
+    if not name:
+        return None
     return Precision(name, manifest.calibration if name in CALIBRATED else None)
 
 
@@ -136,5 +170,5 @@ def refuse_quantized(manifest: Any, url: str, what: str) -> None:
                           f"output.path and precision float32")
 
 
-__all__ = ["CALIBRATED", "CALIBRATION_ROWS", "Calibration", "FLOATS", "PRECISIONS", "Precision", "refuse_quantized",
-           "stored_precision"]
+__all__ = ["CALIBRATED", "calibrated", "row_bytes", "CALIBRATION_ROWS", "Calibration", "FLOATS", "PRECISIONS", "Precision", "refuse_quantized",
+           "rescore_precision", "stored_precision"]

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .checks import PAGE_CHECKSUMS, reading
+from .precision import Precision
 from .storage import Store
 
 LABEL_COLUMN = "faiss_id"  # each row's index label (io/writer.py writes it)
@@ -26,12 +27,15 @@ class VectorParts:
     labels are row positions, as before). A part's rows carry their own labels in its faiss_id
     column (io/writer.py); a part written before that column has its unit-row labels.
     `footers`: the recorded footer hash of each file, which tells a part's content apart where
-    its name and row count are the same (None: unknown)."""
+    its name and row count are the same (None: unknown).
+    `precision`: what the parts store (output.precision); `vectors()` and `sample()` give the
+    values the folder's index takes (Precision.index_values), `stored()` the values as stored."""
     store: Store
     files: list[str]
     known_rows: tuple[int, ...] | None = None
     labels: tuple[int, ...] | None = None
     footers: tuple[str, ...] | None = None
+    precision: Precision = Precision()
 
     def first_labels(self) -> list[int]:
         """Each file's first label: the recorded ones, else its first row position."""
@@ -57,7 +61,7 @@ class VectorParts:
         def pick(values):
             return None if values is None else tuple(values[i] for i in indices)
         return VectorParts(self.store, [self.files[i] for i in indices], pick(self.known_rows),
-                           pick(self.first_labels()), pick(self.footers))
+                           pick(self.first_labels()), pick(self.footers), self.precision)
 
     def metadata(self, name: str) -> pq.FileMetaData:
         with self.store.fs.open(self.store.path(name), "rb") as handle:
@@ -69,9 +73,10 @@ class VectorParts:
         return [self.metadata(f).num_rows for f in self.files]
 
     def dimension(self) -> int:
+        """The index's dimension: stored values a row (binary kinds: 8 bits a stored byte)."""
         for name in self.files:
             vector = self.metadata(name).schema.to_arrow_schema().field("vector").type
-            return vector.list_size
+            return vector.list_size * (8 if self.precision.name.endswith("binary") else 1)
         return 0
 
     def key_columns(self) -> list[str]:
@@ -98,9 +103,15 @@ class VectorParts:
                 for batch in batches:
                     yield pa.Table.from_batches([batch])
 
-    def vectors(self) -> Iterator[np.ndarray]:
+    def stored(self) -> Iterator[np.ndarray]:
+        """The stored values, a block at a time, widened to float32."""
         for table in self.read(["vector"]):
             yield to_matrix(table.column("vector"))
+
+    def vectors(self) -> Iterator[np.ndarray]:
+        """The values the folder's index takes, a block at a time."""
+        for block in self.stored():
+            yield self.precision.index_values(block)
 
     def sample(self, positions: np.ndarray) -> np.ndarray:
         """The vectors at the given global row positions (sorted), streaming part by part."""
@@ -110,6 +121,7 @@ class VectorParts:
             out.append(block[inside - start])
             start += len(block)
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
 
 def to_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column

@@ -36,18 +36,24 @@ WINDOW_COLUMNS = ("chunk", "token_start", "token_end", "char_start", "char_end")
 
 
 def vectors_schema(id_type: pa.DataType, width: int, vector_dtype: str,
-                   keep: pa.Schema | None = None, chunks: str | None = None) -> pa.Schema:
+                   keep: pa.Schema | None = None, chunks: str | None = None,
+                   rescore: tuple[int, str] | None = None) -> pa.Schema:
     """id, vector (width stored values: io/precision.py), n_tokens, truncated, text_hash (what the
     model saw, hashed: content_hash.py), faiss_id (the row's index label), then the kept columns.
     chunks = "pool" adds n_chunks
     (windows pooled into the row); "rows" makes a row a window: id, chunk, its token and
-    character spans (WINDOW_COLUMNS), vector, n_tokens (the window's), truncated."""
+    character spans (WINDOW_COLUMNS), vector, n_tokens (the window's), truncated.
+    rescore (width, value type): a rescore_vector column after vector (output.rescore_precision)."""
     value_type = pa.from_numpy_dtype(np.dtype(vector_dtype))  # float32/16, or int8/uint8 quantized
     int32 = pa.int32()
     fields = [pa.field("id", id_type)]
     if chunks == "rows":
         fields += [pa.field(name, int32) for name in WINDOW_COLUMNS]
-    fields += [pa.field("vector", pa.list_(value_type, width)), pa.field("n_tokens", int32),
+    fields.append(pa.field("vector", pa.list_(value_type, width)))
+    if rescore is not None:
+        fields.append(pa.field("rescore_vector", pa.list_(pa.from_numpy_dtype(
+            np.dtype(rescore[1])), rescore[0])))
+    fields += [pa.field("n_tokens", int32),
                pa.field("truncated", pa.bool_()), pa.field("text_hash", HASH_TYPE),
                pa.field(LABEL_COLUMN, pa.int64())]
     if chunks == "pool":
@@ -75,13 +81,14 @@ def part_options(schema: pa.Schema) -> dict:
     column only cost time (4x slower writes, 3x slower reads, larger files, measured on
     2,000 x 384 float32), and min/max statistics of embedding values help no query. Text
     hashes are random bytes: the same holds for them."""
-    raw = ("vector", "text_hash")
+    raw = ("vector", "rescore_vector", "text_hash")
     others = [name for name in schema.names if name not in raw]
     # Parquet keeps an int8 / uint8 as a 4-byte INT32; its dictionary (<= 256 values) stores a
     # quantized value in one byte (1.02 bytes measured on random int8 rows, 4.01 without)
-    quantized = ("vector" in schema.names and pa.types.is_integer(
-        schema.field("vector").type.value_type))
-    dictionary = others + (["vector.list.element"] if quantized else [])
+    quantized = [f"{name}.list.element" for name in ("vector", "rescore_vector")
+                 if name in schema.names and pa.types.is_integer(
+                     schema.field(name).type.value_type)]
+    dictionary = others + quantized
     return {"use_dictionary": dictionary, "write_statistics": others, **WRITE_CHECKSUMS,
             "compression": {**{name: "snappy" for name in others},
                             **{name: "none" for name in raw if name in schema.names}}}
@@ -110,7 +117,11 @@ class UnitWriter:
         for name in self.schema.names:
             if name in values:
                 continue
-            if name in rows:
+            if name in rows and pa.types.is_fixed_size_list(self.schema.field(name).type) \
+                    and isinstance(rows[name], np.ndarray):  # rescore_vector
+                values[name] = vector_array(
+                    rows[name], self.schema.field(name).type.value_type.to_pandas_dtype())
+            elif name in rows:
                 value = rows[name]
                 if isinstance(value, pa.ChunkedArray):
                     value = value.combine_chunks()

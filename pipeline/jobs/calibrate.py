@@ -48,16 +48,18 @@ def sample_texts(units: list[Unit], text_column: str, id_column: str, pair_colum
     return texts, pairs
 
 
-def calibrate(embedder, units: list[Unit], rows: int = CALIBRATION_ROWS) -> Calibration:
-    """The ranges of `embedder`'s job's precision from an even sample of `units`' rows."""
+def calibrate(embedder, units: list[Unit], precision: str,
+              rows: int = CALIBRATION_ROWS) -> Calibration:
+    """The ranges of `precision` (the job's int8 / uint8 precision or rescore_precision) from
+    an even sample of `units`' rows."""
     job = embedder.plan.job
     texts, pairs = sample_texts(units, job.input.text_column, job.input.id_column,
                                 job.input.text_pair_column, rows)
     if len(texts) < 2:
-        raise ConfigError(f"output.precision = {job.output.precision!r} calibrates its ranges on "
+        raise ConfigError(f"precision {precision!r} calibrates its ranges on "
                          f"the first run's rows; this input has {len(texts)} row(s) to embed")
     enc, chunking = job.encode, embedder.chunking
     vectors = encode_texts(embedder.tokenizer, embedder.encoder, texts,
                            enc.token_budget(embedder.encoder.device.type), enc.max_batch_size,
                            pairs, (chunking, bool(enc.normalize)) if chunking.pools else None)
-    return Calibration.of(job.output.precision, vectors)
+    return Calibration.of(precision, vectors)

@@ -13,7 +13,7 @@ from ..models.model_files import ModelSource
 from ..encode.pooling import output_width
 from ..runtime.runtime import Runtime
 from ..encode.token_output import TokenPolicy
-from ..io.precision import Calibration, Precision
+from ..io.precision import CALIBRATED, Calibration, Precision
 from ..io.reader import Unit
 from ..io.registry import ReuseSource
 from ..io.storage import Store
@@ -33,7 +33,8 @@ class EmbedPlan:
     runtime: Runtime
     id_type: str  # "int64" or "string"
     keep_schema: pa.Schema | None
-    calibration: Calibration | None = None  # output.precision int8 / uint8: the folder's ranges
+    # output.precision or rescore_precision int8 / uint8: the folder's ranges
+    calibration: Calibration | None = None
 
     @property
     def width(self) -> int:
@@ -41,12 +42,23 @@ class EmbedPlan:
 
     @property
     def precision(self) -> Precision:
-        return Precision(self.job.output.precision, self.calibration)
+        return self._precision(self.job.output.precision)
+
+    @property
+    def rescore(self) -> Precision | None:
+        """The rescore_vector column's precision (output.rescore_precision), if any."""
+        name = self.job.output.rescore_precision
+        return self._precision(name) if name else None
+
+    def _precision(self, name: str) -> Precision:
+        return Precision(name, self.calibration if name in CALIBRATED else None)
 
     def vectors_schema(self) -> pa.Schema:
         chunks = self.job.output.chunks if self.job.encode.long_text == "chunk" else None
+        rescore = self.rescore
         return vectors_schema(pa.type_for_alias(self.id_type), self.precision.width(self.width),
-                              self.precision.storage, self.keep_schema, chunks)
+                              self.precision.storage, self.keep_schema, chunks,
+                              None if rescore is None else (self.width, rescore.storage))
 
     def tokens_schema(self) -> pa.Schema | None:
         """The token table's schema (output.granularity = subword | word), else None. Token
@@ -113,6 +125,6 @@ class UnitEmbedder:
                             progress, normalize=self.chunking.pools and bool(job.encode.normalize),
                             token_schema=self.plan.tokens_schema(),
                             token_mean=self.token_policy is not None and self.token_policy.mean,
-                            memory=self.memory)
+                            memory=self.memory, rescore=self.plan.rescore)
         run_stages(lambda channel: preparer.run(units, channel), self.encode,
                    writer.run, stats)

@@ -26,7 +26,7 @@ from ..index.files import INDEX_DIR
 from ..io.folder_check import unit_damage, unit_problems
 from ..io.ledger import Ledger, acquire_lock, refuse_foreign_folder, release_lock
 from ..io.manifest import MANIFEST, UnitRecord
-from ..io.precision import CALIBRATED, Calibration, Precision
+from ..io.precision import Calibration, Precision, calibrated, row_bytes
 from ..io.reader import Unit, open_parquet, plan_units, refuse_overlap
 from ..io.content_hash import CONTENT_HASH
 from ..io.registry import ReuseSource, StoredRows, scan_input
@@ -108,7 +108,8 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
     started = time.perf_counter()
     # Everything that can be refused is refused here, before the folder is touched.
     refuse_overlap(job.input.path, job.output.path)
-    sinks = [make_sink(s, job.index.metric, job.index) for s in job.sink]  # extras, env vars
+    sinks = [make_sink(s, job.index.metric, job.index, job.output.precision)  # extras, env vars
+             for s in job.sink]
     units = plan_units(job.input, job.output.keep_columns)  # config errors before the model loads
     source = resolve_model(job.model.name)
     job, recipe = resolve_recipe(job, source)  # pooling, normalize, prompt: concrete from here on
@@ -119,7 +120,8 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
     job = resolve_chunking(job, source, runtime)
     settings = vector_settings(job, source, runtime)
     if job.index.enabled:
-        check_index_config(job.index, EncoderSettings.for_job(job).width(source.hidden_size))
+        check_index_config(job.index, EncoderSettings.for_job(job).width(source.hidden_size),
+                           Precision(job.output.precision))
     preflight(sinks, settings_hash(settings))  # reachable; tables ours and alike, or absent
     store = Store(job.output.path)
     refuse_foreign_folder(store)
@@ -134,8 +136,9 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
                              long_text=job.encode.long_text,
                              granularity=job.output.granularity,
                              precision=job.output.precision,
-                             bytes_per_row=Precision(job.output.precision).bytes_per_row(
-                                 EncoderSettings.for_job(job).width(source.hidden_size)))
+                             rescore_precision=job.output.rescore_precision,
+                             bytes_per_row=row_bytes(job.output, EncoderSettings.for_job(
+                                 job).width(source.hidden_size)))
         ctx = RunContext(job, options, source, runtime, settings, store, ledger, summary,
                          sinks=sinks)
         try:
@@ -302,21 +305,22 @@ def _prepare(ctx: RunContext, todo: list[Unit]) -> UnitEmbedder:
 
 def _calibration(ctx: RunContext, embedder: UnitEmbedder | None,
                  todo: list[Unit]) -> Calibration | None:
-    """output.precision int8 / uint8: the folder's recorded ranges, or (its first run, or a
-    folder that holds no unit) ranges from an even sample of the rows to embed; handed to the
-    embedder's plan. None for the other precisions."""
+    """output.precision (or rescore_precision) int8 / uint8: the folder's recorded ranges, or
+    (its first run, or a folder that holds no unit) ranges from an even sample of the rows to
+    embed; handed to the embedder's plan. None for the other precisions."""
     job, recorded = ctx.job, ctx.ledger.manifest.calibration
-    if job.output.precision not in CALIBRATED:
+    name = calibrated(job.output.precision, job.output.rescore_precision)
+    if name is None:
         return None
     if embedder is None:
         return recorded
-    fits = recorded is not None and recorded.precision == job.output.precision \
+    fits = recorded is not None and recorded.precision == name \
         and len(recorded.low) == embedder.plan.width
     if not fits and any(r.complete for r in ctx.ledger.units.values()):
-        raise ConfigError(f"{ctx.store.url}: the manifest holds no {job.output.precision} "
+        raise ConfigError(f"{ctx.store.url}: the manifest holds no {name} "
                           f"calibration for its vectors; start the folder afresh with "
                           f"--mode overwrite")
-    calibration = recorded if fits else calibrate(embedder, todo)
+    calibration = recorded if fits else calibrate(embedder, todo, name)
     embedder.plan = dataclasses.replace(embedder.plan, calibration=calibration)
     return calibration
 

@@ -21,7 +21,8 @@ _ORDER = ("job", "output", "model", *_RUNTIME_KEYS, "recipe", "units_total", "un
           "units_repaired", "repairs", "rows_read", "rows_failed", "vectors_written", "reuse",
           "rows_reused", "rows_copied", "rows_removed", "registry_bytes", "rejects", "truncated",
           "long_text", "windows", "texts_chunked", "granularity", "token_rows", "real_tokens",
-          "padded_tokens", "oom_splits", "stray_files_removed", "folder_vectors", "precision", "bytes_per_row",
+          "padded_tokens", "oom_splits", "stray_files_removed", "folder_vectors", "precision", "rescore_precision",
+          "bytes_per_row",
           "failures",
           "index", "lock_taken_over", "sinks", "seconds")
 
@@ -60,7 +61,8 @@ class RunSummary:
     stray_files_removed: int = 0
     folder_vectors: int = 0
     precision: str = "float32"  # output.precision: what the vector parts store
-    bytes_per_row: int = 0  # one stored vector's bytes
+    rescore_precision: str | None = None  # output.rescore_precision: the kept copy's
+    bytes_per_row: int = 0  # one row's stored vectors' bytes (with the rescore copy)
     failures: list[str] = field(default_factory=list)
     index: dict = field(default_factory=dict)
     lock_taken_over: dict | None = None
@@ -167,7 +169,8 @@ class RunSummary:
             + (f"{self.index.get('factory')} with {self.index.get('count', 0):,} vectors, "
                f"recall@10 {self.index.get('recall_at_10')}" if self.index.get("count") else "none"),
         ]
-        lines.append(f"  stored     {self.precision}, {self.bytes_per_row:,} bytes a row")
+        kept = f" + {self.rescore_precision} kept for rescoring" if self.rescore_precision else ""
+        lines.append(f"  stored     {self.precision}{kept}, {self.bytes_per_row:,} bytes a row")
         for sink in self.sinks:
             lines.append(f"  sink       {sink['name']} ({sink['target']}): " + (
                 "not synced" if sink.get("error") else

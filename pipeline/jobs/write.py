@@ -28,15 +28,16 @@ class WriteStage:
                  precision: Precision, stats: Stats, on_unit_done: Callable[[UnitRecord], None],
                  progress: Callable[[int], None], normalize: bool = False,
                  token_schema: pa.Schema | None = None, token_mean: bool = False,
-                 memory: RunMemory | None = None):
+                 memory: RunMemory | None = None, rescore: Precision | None = None):
         """normalize: L2-normalise texts' pooled windows (long_text = "chunk", chunks = "pool");
         token_schema: the token table's (output.granularity = subword | word), whose rows are
         their sub-tokens' mean when token_mean (word_pooling = "mean"); precision: what a
         window's vectors become before they are written or held (reused rows are stored values
-        already, so encoded, reused and copied rows merge alike)."""
+        already, so encoded, reused and copied rows merge alike); rescore: the precision of a
+        second copy kept as rescore_vector (output.rescore_precision)."""
         self.token_schema, self.token_mean = token_schema, token_mean
         self.store, self.schema = store, schema
-        self.rows_per_file, self.precision = rows_per_file, precision
+        self.rows_per_file, self.precision, self.rescore = rows_per_file, precision, rescore
         self.vector_dtype = precision.storage
         self.stats, self.on_unit_done, self.progress = stats, on_unit_done, progress
         self.normalize = normalize
@@ -144,6 +145,8 @@ class WriteStage:
                     "truncated": window.truncated[windows.owner], "chunk": windows.chunk,
                     "token_start": windows.token_start, "token_end": windows.token_end,
                     "char_start": windows.char_start, "char_end": windows.char_end}
+        if self.rescore is not None:  # from the float vectors, before they are quantized
+            rows["rescore_vector"] = self.rescore.store(rows["vector"])
         if self.precision.quantized:
             rows["vector"] = self.precision.store(rows["vector"])
         owner = pa.array(windows.owner, pa.int64()) if self.window_rows else None

@@ -38,6 +38,7 @@ from ..io.ledger import Ledger
 from ..io.manifest import SinkRecord, UnitRecord
 from ..io.storage import Store
 from ..io.vectors import LABEL_COLUMN, VectorParts, to_matrix
+from .precision import column_type, to_codes
 
 MARKER_FORMAT = 1
 LOAD_ROWS = 8192  # rows per block streamed from the parts into a sink
@@ -68,15 +69,15 @@ class Marker:
                            "vector_type": self.vector_type}, sort_keys=True)
 
     @classmethod
-    def of_folder(cls, ledger: Ledger, cfg: SinkConfig) -> "Marker":
+    def of_folder(cls, ledger: Ledger, vector_type: str) -> "Marker":
         m = ledger.manifest
         return cls(m.settings_hash or "", int(m.dim or 0), str(m.id_type or "string"),
-                   cfg.vector_type)
+                   vector_type)
 
     @classmethod
-    def of_settings(cls, settings_hash: str, cfg: SinkConfig) -> "Marker":
+    def of_settings(cls, settings_hash: str, vector_type: str) -> "Marker":
         """What is known before a run embeds anything: the settings, not yet dim or id type."""
-        return cls(settings_hash, None, None, cfg.vector_type)
+        return cls(settings_hash, None, None, vector_type)
 
     def refuse_other(self, sink: "Sink", found: str | None) -> None:
         """ConfigError when the table's marker text `found` is not embedpipe's or not ours."""
@@ -134,9 +135,12 @@ class Sink:
     when the sink is made, so a job without sinks never imports it."""
     kind = ""
 
-    def __init__(self, cfg: SinkConfig, metric: str = "ip", index_cfg: Any = None):
+    def __init__(self, cfg: SinkConfig, metric: str = "ip", index_cfg: Any = None,
+                 precision: str = "float32"):
         self.cfg = cfg
         self.name = cfg.name
+        self.precision = precision  # the folder's output.precision (sinks/precision.py)
+        self.vector_type = column_type(self.kind, cfg.name, precision, cfg.vector_type)
         self.metric = metric  # the folder's index metric: ip | l2
         self.index_cfg = index_cfg  # the job's [index], for HNSW/IVF parameters
 
@@ -182,10 +186,11 @@ class Sink:
         """key tuple -> float32 vector, for the given keys that the table holds."""
         raise NotImplementedError
 
-    def vector_bytes(self, vectors: np.ndarray) -> np.ndarray:
-        """[rows, dim] float32 vectors as the engine stores them, a row of bytes each (what a
-        row's digest is taken over): float32, little-endian, unless the engine says otherwise."""
-        return np.ascontiguousarray(vectors, "<f4").view(np.uint8)
+    def vector_bytes(self, codes: np.ndarray) -> np.ndarray:
+        """Rows of `to_codes` values as the engine stores them, a row of bytes each (what a
+        row's digest is taken over): packed bits as they are, floats as little-endian float32,
+        unless the engine says otherwise."""
+        return codes if codes.dtype == np.uint8 else np.ascontiguousarray(codes, "<f4").view(np.uint8)
 
     def row_digests(self, keys: list[str]) -> pa.Table:
         """Every row of the table: its key columns `keys` and `digest`, the digest of its
@@ -215,7 +220,7 @@ def preflight(sinks: list[Sink], settings_hash: str) -> None:
     try:
         for sink in sinks:
             sink.open()
-            sink.check(Marker.of_settings(settings_hash, sink.cfg))
+            sink.check(Marker.of_settings(settings_hash, sink.vector_type))
     except BaseException:
         close_all(sinks)
         raise
@@ -285,7 +290,7 @@ def sync_sink(sink: Sink, ledger: Ledger, full: bool = False, compare: bool = Fa
     store = ledger.store
     report = SinkLoad(sink.name, sink.kind, sink.target())
     tick = time.perf_counter()
-    marker = Marker.of_folder(ledger, sink.cfg)
+    marker = Marker.of_folder(ledger, sink.vector_type)
     sink.check(marker)
     units = ledger.complete_units()
     now = {r.key: unit_version(r) for r in units}
@@ -371,7 +376,8 @@ def folder_digests(sink: Sink, store: Store, files: list[str]) -> pa.Table:
     every committed row (each part's page checksums verified as it is read)."""
     keys = key_columns(_part_schema(store, files)) if files else ["id"]
     tables = [pa.table({**{k: t.column(k) for k in keys},
-                        "digest": vector_digests(sink.vector_bytes(to_matrix(t.column("vector"))))})
+                        "digest": vector_digests(sink.vector_bytes(
+                            to_codes(sink.precision, to_matrix(t.column("vector")))))})
               for t in VectorParts(store, files).read([*keys, "vector"], LOAD_ROWS)]
     if not tables:
         return pa.table({"id": pa.array([], pa.int64()), "digest": pa.array([], pa.binary(DIGEST_BYTES))})
@@ -429,7 +435,7 @@ def prune_records(ledger: Ledger, names: list[str]) -> None:
 def compare_sink(sink: Sink, ledger: Ledger, seed: int = 0, full: bool = True) -> list[str]:
     """Problems between the sink and the folder's committed parts: counts, the id sets, and
     every row's vector by digest (`full`), or a sample of vectors within the sink's tolerance
-    (halfvec: float16 rounding). A missing id is reported as missing, never as a vector that
+    (halfvec of a float32 folder: float16 rounding). A missing id is reported as missing, never as a vector that
     differs."""
     store = ledger.store
     where = f'sink "{sink.name}" ({sink.describe()})'
@@ -437,7 +443,7 @@ def compare_sink(sink: Sink, ledger: Ledger, seed: int = 0, full: bool = True) -
     if sink.count() is None:
         return [f"{where}: the table does not exist; `embedpipe sync {store.url}` makes it"]
     try:
-        Marker.of_folder(ledger, sink.cfg).refuse_other(sink, found)
+        Marker.of_folder(ledger, sink.vector_type).refuse_other(sink, found)
     except ConfigError as exc:
         return [str(exc)]
     problems = pending(ledger, sink)

@@ -4,7 +4,9 @@ Rows go in as Arrow record batches through one `merge_insert` on id (update matc
 new), streamed from the parts; ids not in the folder go by `delete("id IN (...)")` in chunks.
 Each is one LanceDB commit (a new table version); the table's schema metadata carries the
 marker. A crash between the two leaves a row count the record does not have, so the rerun
-does a full sync.
+does a full sync. The vector column follows the folder's precision (sinks/precision.py):
+float32 or float16 values, or for the binary kinds their packed bits as uint8, searched by
+hamming distance.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from ..config import ConfigError, SinkConfig
 from ..faults import checkpoint
 from ..io.vectors import to_matrix
 from .base import Marker, Sink, SinkError, key_columns, key_tuples, one_line, vector_digests
+from .precision import BITS, codes_block, from_codes, query_codes
 
 MARKER_KEY = b"embedpipe"
 DELETE_CHUNK = 2000  # ids per delete predicate
@@ -41,8 +44,9 @@ def _literal(value) -> str:
 class LanceSink(Sink):
     kind = "lancedb"
 
-    def __init__(self, cfg: SinkConfig, metric: str = "ip", index_cfg=None):
-        super().__init__(cfg, metric, index_cfg)
+    def __init__(self, cfg: SinkConfig, metric: str = "ip", index_cfg=None,
+                 precision: str = "float32"):
+        super().__init__(cfg, metric, index_cfg, precision)
         self.lancedb = _import_lancedb(cfg.name)
         self.db = None
 
@@ -83,11 +87,13 @@ class LanceSink(Sink):
             {MARKER_KEY: marker.to_json().encode()})
         return self.db.create_table(self.cfg.table, schema=schema)
 
-    @staticmethod
-    def _field(field: pa.Field) -> pa.Field:
-        """float16 parts are stored widened to float32 (exactly), as search reads them."""
+    def _field(self, field: pa.Field) -> pa.Field:
+        """The vector column at the folder's precision: float32, float16, or packed bits as
+        uint8 (a table made before float16 was kept holds float32: exactly the same values)."""
         if field.name == "vector":
-            return pa.field("vector", pa.list_(pa.float32(), field.type.list_size))
+            value = {"float16": pa.float16()}.get(self.precision, pa.float32())
+            return pa.field("vector", pa.list_(pa.uint8() if self.precision in BITS else value,
+                                               field.type.list_size))
         return field
 
     def load(self, schema: pa.Schema, blocks: Iterator[pa.Table], keep: pa.Table | None,
@@ -102,7 +108,8 @@ class LanceSink(Sink):
 
         def batches() -> Iterator[pa.RecordBatch]:
             for i, block in enumerate(blocks):
-                block = block.select(target.names).cast(target.remove_metadata())
+                block = codes_block(block.select(target.names), self.precision)
+                block = block.cast(target.remove_metadata())
                 counted[0] += block.num_rows
                 for batch in block.to_batches():
                     yield batch
@@ -168,28 +175,37 @@ class LanceSink(Sink):
         out = {}
         for predicate in self._predicates(wanted):
             rows = table.search().where(predicate).select([*names, "vector"]).limit(None).to_arrow()
-            for key, v in zip(key_tuples(rows.select(names)), rows.column("vector").to_pylist()):
-                out[key] = np.asarray(v, np.float32)
+            stored = self._stored(rows.column("vector")) if rows.num_rows else []
+            for key, v in zip(key_tuples(rows.select(names)), stored):
+                out[key] = from_codes(self.precision, v)
         return out
 
+    def _stored(self, column) -> np.ndarray:
+        """The table's vectors as stored: uint8 codes, else float32 (float16 widened)."""
+        matrix = to_matrix(column)
+        return matrix.astype(np.uint8) if self.precision in BITS else matrix
+
     def row_digests(self, keys: list[str]) -> pa.Table:
-        """Each row's vector digest, over the float32 vectors read back from the table."""
+        """Each row's vector digest, over the vectors read back from the table (packed bits as
+        they are, floats as float32)."""
         rows = (self._table().search().select([*keys, "vector"]).limit(None).to_arrow()
                 .combine_chunks())
-        payload = self.vector_bytes(to_matrix(rows.column("vector"))) if rows.num_rows else \
+        payload = self.vector_bytes(self._stored(rows.column("vector"))) if rows.num_rows else \
             np.zeros((0, 0), np.uint8)
         return pa.table({**{k: rows.column(k) for k in keys}, "digest": vector_digests(payload)})
 
     def search(self, queries: np.ndarray, k: int, columns: list[str]) -> list[pa.Table]:
-        """Exact (brute-force) search: LanceDB scans when the table has no vector index."""
+        """Exact (brute-force) search: LanceDB scans when the table has no vector index. The
+        binary kinds: the query's packed bits (q > 0) by hamming distance, the score."""
         table = self._table()
         if table is None:
             raise ConfigError(f'sink "{self.name}": {self.describe()} does not exist; run '
                               f"`embedpipe sync` on the folder")
-        distance = "dot" if self.metric == "ip" else "l2"
+        distance = "hamming" if self.vector_type == "bit" else "dot" if self.metric == "ip" \
+            else "l2"
         out = []
-        for query in queries:
-            hits = (table.search(np.asarray(query, np.float32)).distance_type(distance)
+        for query in query_codes(self.precision, queries):
+            hits = (table.search(query).distance_type(distance)
                     .select(["id", *columns, "_distance"]).limit(k).to_arrow())
             d = hits.column("_distance").to_numpy()
             score = 1.0 - d if distance == "dot" else d  # LanceDB's dot distance is 1 - dot

@@ -2,7 +2,8 @@
 
 A row is an int16 field count, then per field an int32 byte length (-1 for NULL) and the value
 in network byte order. pgvector's `vector` is int16 dim, int16 0, float4 x dim; `halfvec` the
-same with float2.
+same with float2; PostgreSQL's `bit(dim)` is int32 dim, then the packed bits (dim / 8 bytes
+rounded up, the last byte's unused bits zero: what np.packbits gives).
 """
 from __future__ import annotations
 
@@ -71,9 +72,13 @@ class _Pieces:
         return out.tobytes()
 
 
-def vector_payload(flat: np.ndarray, vector_type: str = "vector") -> np.ndarray:
+def vector_payload(flat: np.ndarray, vector_type: str = "vector", dim: int = 0) -> np.ndarray:
     """[rows, dim] vectors as pgvector's binary form, a row of bytes each: int16 dim, int16 0,
-    the values as big-endian float4 (`halfvec`: float2). What `vector_send` returns for them."""
+    the values as big-endian float4 (`halfvec`: float2). What `vector_send` returns for them.
+    `bit`: [rows, dim / 8] packed uint8 codes as int32 dim then the bytes (`bit_send`)."""
+    if vector_type == "bit":
+        head = np.full((len(flat), 1), dim, ">i4").view(np.uint8)
+        return np.concatenate([head, np.asarray(flat, np.uint8)], axis=1)
     rows, dim = flat.shape
     head = np.zeros((rows, 2), ">i2")
     head[:, 0] = dim
@@ -82,8 +87,9 @@ def vector_payload(flat: np.ndarray, vector_type: str = "vector") -> np.ndarray:
                            body.view(np.uint8).reshape(rows, -1)], axis=1)
 
 
-def encode(table: pa.Table, vector_type: str = "vector") -> bytes:
-    """The rows of `table` as binary COPY tuples (no header or trailer)."""
+def encode(table: pa.Table, vector_type: str = "vector", dim: int = 0) -> bytes:
+    """The rows of `table` as binary COPY tuples (no header or trailer); `bit`: the vector
+    column holds packed uint8 codes of `dim` bits (sinks/precision.py: codes_block)."""
     rows = table.num_rows
     pieces = _Pieces(rows)
     for name in table.column_names:
@@ -92,7 +98,7 @@ def encode(table: pa.Table, vector_type: str = "vector") -> bytes:
         t = column.type
         if name == "vector":
             flat = column.flatten().to_numpy(zero_copy_only=False).reshape(rows, t.list_size)
-            pieces.fixed(vector_payload(flat, vector_type), valid)
+            pieces.fixed(vector_payload(flat, vector_type, dim), valid)
         elif pa.types.is_boolean(t):
             pieces.fixed(np.asarray(column.fill_null(False)).astype(np.uint8), valid)
         elif pa.types.is_integer(t):

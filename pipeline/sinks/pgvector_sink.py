@@ -4,8 +4,10 @@ A load is one transaction: the rows go by binary COPY (built with numpy, pg_copy
 temporary staging table, then one `INSERT ... ON CONFLICT (id) DO UPDATE` moves them in (rows
 whose values are unchanged are not rewritten); ids not in the folder go by one `DELETE` against
 a temporary table of the folder's ids. A crash anywhere before COMMIT leaves the table as it
-was. The table's COMMENT carries the marker. The ANN index (HNSW or IVFFlat, with the folder's
-metric) is built after the load when missing. The connection string comes from the environment
+was. The table's COMMENT carries the marker. The vector column's type follows the folder's
+precision (sinks/precision.py: vector, halfvec, or bit(dim) searched by hamming distance). The
+ANN index (HNSW or IVFFlat, with the folder's metric; bit: hamming) is built after the load
+when missing. The connection string comes from the environment
 variable the sink names and is never written anywhere.
 """
 from __future__ import annotations
@@ -23,8 +25,9 @@ from ..config import ConfigError, SinkConfig
 from ..faults import checkpoint
 from .base import DIGEST_BYTES, Marker, Sink, SinkError, key_columns, one_line
 from .pg_copy import HEADER, TRAILER, encode, pg_type, vector_payload
+from .precision import codes_block, from_codes, query_codes
 
-HALFVEC_SINCE = (0, 7, 0)
+HALFVEC_SINCE = (0, 7, 0)  # halfvec, and bit's hamming distance <~> and its index ops
 
 
 def _import_psycopg(name: str):
@@ -40,8 +43,9 @@ def _import_psycopg(name: str):
 class PgSink(Sink):
     kind = "pgvector"
 
-    def __init__(self, cfg: SinkConfig, metric: str = "ip", index_cfg=None):
-        super().__init__(cfg, metric, index_cfg)
+    def __init__(self, cfg: SinkConfig, metric: str = "ip", index_cfg=None,
+                 precision: str = "float32"):
+        super().__init__(cfg, metric, index_cfg, precision)
         self.psycopg, self.sql = _import_psycopg(cfg.name)
         self.dsn = os.environ.get(cfg.dsn_env, "").strip()
         if not self.dsn:
@@ -85,9 +89,10 @@ class PgSink(Sink):
                     f"superuser") from None
             version = self._scalar("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
         have = tuple(int(x) for x in str(version).split(".")[:3] if x.isdigit())
-        if self.cfg.vector_type == "halfvec" and have < HALFVEC_SINCE:
-            raise ConfigError(f'sink "{self.name}": vector_type = "halfvec" needs pgvector 0.7.0 '
-                              f"or later; {self.where} has {version}")
+        if self.vector_type in ("halfvec", "bit") and have < HALFVEC_SINCE:
+            raise ConfigError(f'sink "{self.name}": a {self.vector_type} column (for the '
+                              f"folder's {self.precision} vectors) needs pgvector 0.7.0 or later; "
+                              f"{self.where} has {version}")
 
     def close(self) -> None:
         if self.conn is not None:
@@ -124,7 +129,7 @@ class PgSink(Sink):
         sql = self.sql
         columns = []
         for field in schema:
-            kind = pg_type(field, self.cfg.vector_type, marker.dim)
+            kind = pg_type(field, self.vector_type, marker.dim)
             extra = " NOT NULL" if field.name == "vector" else ""
             columns.append(sql.SQL("{} {}{}").format(sql.Identifier(field.name), sql.SQL(kind),
                                                      sql.SQL(extra)))
@@ -134,7 +139,8 @@ class PgSink(Sink):
         cur.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(self.ident,
                                                                 sql.Literal(marker.to_json())))
 
-    def _copy(self, cur, table, names: list[str], blocks: Iterator[pa.Table], point: str) -> int:
+    def _copy(self, cur, table, names: list[str], blocks: Iterator[pa.Table], point: str,
+              dim: int = 0) -> int:
         sql = self.sql
         query = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
             table, sql.SQL(", ").join(map(sql.Identifier, names)))
@@ -142,7 +148,8 @@ class PgSink(Sink):
         with cur.copy(query) as copy:
             copy.write(HEADER)
             for i, block in enumerate(blocks):
-                copy.write(encode(block.select(names), self.cfg.vector_type))
+                copy.write(encode(codes_block(block.select(names), self.precision),
+                                  self.vector_type, dim))
                 rows += block.num_rows
                 if i == 0:
                     checkpoint(point)  # mid-COPY: nothing is committed
@@ -186,7 +193,7 @@ class PgSink(Sink):
                     cur.execute(sql.SQL("CREATE TEMP TABLE embedpipe_stage (LIKE {}) "
                                         "ON COMMIT DROP").format(self.ident))
                     upserted = self._copy(cur, sql.Identifier("embedpipe_stage"), names, blocks,
-                                          "sink-copy")
+                                          "sink-copy", marker.dim or 0)
                     cols = sql.SQL(", ").join(map(sql.Identifier, names))
                     keys = key_columns(schema)
                     rest = [n for n in names if n not in keys]
@@ -228,7 +235,8 @@ class PgSink(Sink):
                 self._execute(sql.SQL("DROP INDEX {}").format(self.index_name))
                 return "index dropped (index = none: exact search)"
             return ""
-        ops = f"{self.cfg.vector_type}_{'ip' if self.metric == 'ip' else 'l2'}_ops"
+        ops = "bit_hamming_ops" if self.vector_type == "bit" else \
+            f"{self.vector_type}_{'ip' if self.metric == 'ip' else 'l2'}_ops"
         params = self._index_params(rows)
         if found and f"USING {self.cfg.index} " in found and ops in found:
             return f"{self.cfg.index} present"
@@ -286,22 +294,32 @@ class PgSink(Sink):
                              .format(self.sql.SQL(", ").join(map(self.sql.Identifier, names)),
                                      self.ident), ([k[0] for k in keys],))
         wanted = set(keys)
-        return {tuple(r[:-1]): np.asarray(json.loads(r[-1]), np.float32) for r in rows
-                if tuple(r[:-1]) in wanted}
+        return {tuple(r[:-1]): self._values(r[-1]) for r in rows if tuple(r[:-1]) in wanted}
+
+    def _values(self, text: str) -> np.ndarray:
+        """A vector's text form as the folder's stored values (bit: '0110...' packed again)."""
+        if self.vector_type != "bit":
+            return np.asarray(json.loads(text), np.float32)
+        bits = np.frombuffer(text.encode(), np.uint8) - ord("0")
+        return from_codes(self.precision, np.packbits(bits))
 
     @property
     def tolerance(self) -> float:
-        return 2e-3 if self.cfg.vector_type == "halfvec" else 1e-6
+        rounds = self.vector_type == "halfvec" and self.precision != "float16"
+        return 2e-3 if rounds else 1e-6
 
-    def vector_bytes(self, vectors: np.ndarray) -> np.ndarray:
-        return vector_payload(vectors, self.cfg.vector_type)  # what COPY sent, vector_send returns
+    def vector_bytes(self, codes: np.ndarray) -> np.ndarray:
+        """What COPY sent and vector_send returns; bit: the packed bytes, without bit_send's
+        length (the column's type fixes it)."""
+        return codes if self.vector_type == "bit" else vector_payload(codes, self.vector_type)
 
     def row_digests(self, keys: list[str]) -> pa.Table:
         """Each row's vector digest computed by the server (sha256 of vector_send): only the key
         and 16 bytes a row travel."""
         sql = self.sql
-        send = sql.SQL("halfvec_send" if self.cfg.vector_type == "halfvec" else "vector_send")
-        rows = self._execute(sql.SQL("SELECT {}, substring(sha256({}(vector)) FROM 1 FOR {}) "
+        send = sql.SQL({"halfvec": "halfvec_send(vector)", "vector": "vector_send(vector)",
+                        "bit": "substring(bit_send(vector) FROM 5)"}[self.vector_type])
+        rows = self._execute(sql.SQL("SELECT {}, substring(sha256({}) FROM 1 FOR {}) "
                                      "FROM {}").format(
             sql.SQL(", ").join(map(sql.Identifier, keys)), send, sql.Literal(DIGEST_BYTES),
             self.ident))
@@ -310,18 +328,30 @@ class PgSink(Sink):
                          "digest": pa.array([bytes(d) for d in columns[-1]],
                                             pa.binary(DIGEST_BYTES))})
 
+    def _query_text(self, vector: np.ndarray) -> str:
+        """A float query as the column type's text: '[x, ...]', or bit's '0110...'."""
+        if self.vector_type == "bit":
+            bits = np.unpackbits(query_codes(self.precision, vector[None])[0], count=len(vector))
+            return (bits + ord("0")).astype(np.uint8).tobytes().decode()
+        return "[" + ",".join(map(repr, np.asarray(vector, np.float32).tolist())) + "]"
+
     def search(self, queries: np.ndarray, k: int, columns: list[str]) -> list[pa.Table]:
         """Nearest rows by the folder's metric: exact with index = "none", else through the
-        HNSW (ef_search from [index]) or IVFFlat (probes = nprobe) index."""
+        HNSW (ef_search from [index]) or IVFFlat (probes = nprobe) index. bit: the query's
+        packed bits (q > 0) by hamming distance, the score; exact ties in id order."""
         sql = self.sql
         if self.count() is None:
             raise ConfigError(f'sink "{self.name}": {self.describe()} does not exist; run '
                               f"`embedpipe sync` on the folder")
-        op = "<#>" if self.metric == "ip" else "<->"
-        score = "-(vector <#> q.v)" if self.metric == "ip" else "(vector <-> q.v) ^ 2"
-        query = sql.SQL("SELECT id, {score}::real, {cols} FROM {t}, (SELECT %s::{vt} AS v) q "
-                        "ORDER BY vector {op} q.v LIMIT %s").format(
-            score=sql.SQL(score), t=self.ident, vt=sql.SQL(self.cfg.vector_type), op=sql.SQL(op),
+        bits = self.vector_type == "bit"
+        op = "<~>" if bits else "<#>" if self.metric == "ip" else "<->"
+        score = "vector <~> q.v" if bits else "-(vector <#> q.v)" if self.metric == "ip" \
+            else "(vector <-> q.v) ^ 2"
+        vt = f"bit({queries.shape[1]})" if bits else self.vector_type
+        tie = ", id" if bits and self.cfg.index == "none" else ""  # an index orders by distance only
+        query = sql.SQL("SELECT id, ({score})::real, {cols} FROM {t}, (SELECT %s::{vt} AS v) q "
+                        "ORDER BY vector {op} q.v{tie} LIMIT %s").format(
+            score=sql.SQL(score), t=self.ident, vt=sql.SQL(vt), op=sql.SQL(op), tie=sql.SQL(tie),
             cols=sql.SQL(", ").join([sql.SQL("NULL")] + [sql.Identifier(c) for c in columns]))
         out = []
         try:
@@ -334,9 +364,7 @@ class PgSink(Sink):
                     cur.execute(sql.SQL("SET LOCAL ivfflat.probes = {}").format(
                         sql.Literal(int(cfg.nprobe))))
                 for vector in queries:
-                    values = np.asarray(vector, np.float32).tolist()
-                    text = "[" + ",".join(map(repr, values)) + "]"
-                    cur.execute(query, (text, k))
+                    cur.execute(query, (self._query_text(vector), k))
                     rows = cur.fetchall()
                     out.append(pa.table({
                         "id": [r[0] for r in rows],

@@ -41,7 +41,9 @@ def write_input(folder, number: int, texts: list[str], offset: int = 0) -> None:
 
 
 def query_vectors(out) -> np.ndarray:
-    stored = matrix(read_vectors(out))
+    """Float queries near the stored vectors (a quantized folder's dequantized)."""
+    from pipeline.io.output import open_output
+    stored = open_output(str(out)).dequantized()
     rng = np.random.default_rng(5)
     mixed = stored[rng.choice(len(stored), 150)] + stored[rng.choice(len(stored), 150)]
     return np.ascontiguousarray(np.vstack([stored[rng.choice(len(stored), 150, replace=False)],

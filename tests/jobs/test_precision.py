@@ -205,7 +205,6 @@ def test_a_killed_quantized_run_reruns_to_the_clean_runs_vectors(tmp_path, tiny_
 
 
 @pytest.mark.parametrize("extra, words", [
-    ({"index": {}}, "index.enabled"),
     ({"output": {"vector_dtype": "float16"}, "index": NO_INDEX}, "disagree"),
     ({"output": {"granularity": "word"}, "index": NO_INDEX}, "token table"),
 ])
@@ -219,24 +218,6 @@ def test_refused_combinations_are_one_line(tmp_path, tiny_model, extra, words):
     assert result.returncode == 2
     assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "q").exists()
-
-
-def test_float_commands_refuse_a_quantized_folder_in_one_line(tmp_path, tiny_model):
-    data = tmp_path / "in"
-    shards(data, 0, count=1)
-    job = small_job(tmp_path / "q.toml", data, tmp_path / "q", tiny_model,
-                    output={"precision": "binary", "keep_columns": ["text"]}, index=NO_INDEX)
-    run_cli(job)
-    before = (tmp_path / "q" / "manifest.json").read_text()
-    for args, what in [(("index", tmp_path / "q"), "`embedpipe index`"),
-                       (("search", tmp_path / "q", "a warm film"), "search"),
-                       (("sync", tmp_path / "q"), "`embedpipe sync`")]:
-        result = embedpipe(*args)
-        assert result.returncode == 2, (args, result.stderr)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and "stores binary vectors" in lines[0] and what in lines[0]
-    assert (tmp_path / "q" / "manifest.json").read_text() == before
-    assert not (tmp_path / "q" / "index").exists() or not any((tmp_path / "q" / "index").iterdir())
 
 
 def test_reused_rows_copy_the_stored_quantized_values(tmp_path, tiny_model):

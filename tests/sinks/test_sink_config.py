@@ -19,7 +19,7 @@ def test_sinks_load_with_their_defaults_and_survive_the_manifest_round_trip(tmp_
     job = load_job(path)
     lance, pg = job.sink
     assert (lance.name, lance.uri) == ("t", "db.lance")
-    assert (pg.dsn_env, pg.vector_type, pg.index) == ("EMBEDPIPE_PG_DSN", "vector", "none")
+    assert (pg.dsn_env, pg.vector_type, pg.index) == ("EMBEDPIPE_PG_DSN", "auto", "none")
     # the manifest records job.to_dict(); commands rebuild the job from it
     assert config_from_dict(json.loads(json.dumps(job.to_dict()))) == job
     plain = config_from_dict({"name": "j"})
@@ -31,7 +31,7 @@ def test_sinks_load_with_their_defaults_and_survive_the_manifest_round_trip(tmp_
     ({"kind": "lancedb", "table": "t"}, "sink[0].uri: a lancedb sink needs uri"),
     ({**LANCE, "index": "hnsw"}, "sink[0].index: not a lancedb sink's key"),
     ({**PG, "dsn": "postgresql://u:secret@h/db"}, "unknown key sink[0].dsn; a pgvector sink accepts"),
-    ({**PG, "vector_type": "bit"}, "sink[0].vector_type: 'bit' is not one of vector, halfvec"),
+    ({**PG, "vector_type": "bits"}, "sink[0].vector_type: 'bits' is not one of auto, vector, halfvec, bit"),
     ({**PG, "index": "diskann"}, "sink[0].index: 'diskann' is not one of none, hnsw, ivfflat"),
     ({**PG, "table": "t; DROP TABLE x"}, "sink[0].table: 't; DROP TABLE x' is not a table name"),
     ({**PG, "table": ""}, "sink[0].table: a value is required"),
