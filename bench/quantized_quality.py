@@ -173,10 +173,14 @@ def row_bytes(out: Path, rescore_precision: str | None) -> dict:
 
     output = open_output(str(out))
     dim, rows = output.manifest.dim or 0, output.count
+    vector = output.precision.bytes_per_row(dim)
     rescore = Precision(rescore_precision).bytes_per_row(dim) if rescore_precision else 0
+    if vector + rescore != output.bytes_per_row:  # the folder's own count: both columns
+        raise ValueError(f"{out}: {vector} + {rescore} bytes a row, the folder says "
+                         f"{output.bytes_per_row}")
     on_disk = column_bytes(out, "vector") + column_bytes(out, "rescore_vector")
-    return {"rows": rows, "dim": dim, "vector": output.bytes_per_row, "rescore": rescore,
-            "total": output.bytes_per_row + rescore, "on_disk": on_disk / max(rows, 1)}
+    return {"rows": rows, "dim": dim, "vector": vector, "rescore": rescore,
+            "total": output.bytes_per_row, "on_disk": on_disk / max(rows, 1)}
 
 
 def index_bytes(out: Path) -> int | None:
