@@ -242,7 +242,8 @@ def render_hits(hits: list[dict], metric: str = "ip", width: int = 100) -> str:
     score = {"ip": "score", "l2": "l2 dist"}.get(metric, metric)
     lines = [f"{'rank':>4}  {'id':>{id_width}}  {score:>7}" + (f"  {text}" if text else "")]
     for h in hits:
-        line = f"{h['rank']:>4}  {h['id']!s:>{id_width}}  {h['score']:7.4f}"
+        value = f"{h['score']:7.0f}" if metric == "hamming" else f"{h['score']:7.4f}"
+        line = f"{h['rank']:>4}  {h['id']!s:>{id_width}}  {value}"
         if text:
             value = " ".join(str(h[text]).split())
             room = max(20, width - len(line) - 2)

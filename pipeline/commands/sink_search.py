@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 class SinkSearcher(Searcher):
     def __init__(self, out: str, sink: str, device: str | None = None, per_chunk: bool = False):
         self.store = Store(out)
+        self.rescore = None  # the store ranks; rescoring re-ranks the FAISS index's candidates
         manifest = read_manifest(self.store)
         if (manifest.vector_settings or {}).get("output.chunks") == "rows" and not per_chunk:
             raise ConfigError(f"{out} holds one row a token window: a sink returns windows, not "

@@ -21,8 +21,10 @@ def even_positions(n: int, k: int, shift: float = 0.0) -> np.ndarray:
     step = n / k
     return np.unique(np.minimum((np.arange(k) * step + shift * step).astype(np.int64), n - 1))
 
-def exact_top_k(parts: VectorParts, queries: np.ndarray, k: int, metric: str) -> np.ndarray:
-    """Brute-force neighbours over every stored vector, streamed part by part."""
+def exact_top_k(parts: VectorParts, queries: np.ndarray, k: int,
+                metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force neighbours over every stored vector, streamed part by part: (positions,
+    distances), [queries, k]."""
     best_d = np.full((len(queries), 0), 0, np.float32)
     best_i = np.full((len(queries), 0), 0, np.int64)
     start = 0
@@ -37,13 +39,19 @@ def exact_top_k(parts: VectorParts, queries: np.ndarray, k: int, metric: str) ->
         best_d = np.take_along_axis(best_d, order, 1)
         best_i = np.take_along_axis(best_i, order, 1)
         start += len(block)
-    return best_i
+    return best_i, best_d
 
-def recall(index: faiss.Index, queries: np.ndarray, truth: np.ndarray) -> float:
-    """Share of the exact top-k found in the index's top-k."""
+def recall(index: faiss.Index, queries: np.ndarray, truth: np.ndarray,
+           kth: np.ndarray | None = None) -> float:
+    """Share of the exact top-k found in the index's top-k. `kth`: each query's exact k-th
+    distance, for binary codes, whose Hamming distances tie by the dozen (which of the tied rows
+    makes the top k is arbitrary): a hit counts when its distance, exact in a binary index, is
+    no farther than that."""
     if len(queries) == 0:
         return float("nan")
-    _, found = index.search(queries, truth.shape[1])
+    distances, found = index.search(queries, truth.shape[1])
+    if kth is not None:
+        return float(((distances <= kth[:, None]) & (found >= 0)).sum() / truth.size)
     hits = sum(len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist()))
     return hits / truth.size
 
@@ -91,14 +99,15 @@ def apply_search_params(index: faiss.Index, params: dict) -> None:
     if "nprobe" in params:
         set_nprobe(index, int(params["nprobe"]))
 
-def tune_nprobe(index: faiss.Index, queries: np.ndarray, truth: np.ndarray) -> int:
+def tune_nprobe(index: faiss.Index, queries: np.ndarray, truth: np.ndarray,
+                kth: np.ndarray | None = None) -> int:
     """The smallest nprobe (1, 2, 4, ... nlist) reaching NPROBE_TARGET recall, else the best."""
     nlist = ivf_indexes(index)[0].nlist
     ladder = sorted({min(2 ** i, nlist) for i in range(nlist.bit_length() + 1)})
     best, best_recall = ladder[-1], -1.0
     for nprobe in ladder:
         set_nprobe(index, nprobe)
-        got = recall(index, queries, truth)
+        got = recall(index, queries, truth, kth)
         if got >= NPROBE_TARGET:
             return nprobe
         if got > best_recall + 0.005:  # stop paying for probes that buy no recall
@@ -119,11 +128,15 @@ def measure(index: faiss.Index, parts: VectorParts, n: int,
     tune_pos = even_positions(n, RECALL_QUERIES, shift=0.5) if ivfs else report_pos
     positions = np.union1d(report_pos, tune_pos)
     queries = parts.sample(positions)
-    truth = parts.row_labels()[exact_top_k(parts, queries, k, cfg.metric)]  # as labels
+    nearest, distances = exact_top_k(parts, queries, k, cfg.metric)
+    truth = parts.row_labels()[nearest]  # as labels
+    kth = distances[:, -1] if is_binary(index) else None
+    pick = (lambda rows: None) if kth is None else (lambda rows: kth[rows])
     if ivfs:
         tune = np.isin(positions, tune_pos)
-        set_nprobe(index, min(ivfs[0].nlist,
-                              cfg.nprobe or tune_nprobe(index, queries[tune], truth[tune])))
+        set_nprobe(index, min(ivfs[0].nlist, cfg.nprobe or tune_nprobe(
+            index, queries[tune], truth[tune], pick(tune))))
     report = np.isin(positions, report_pos)
     unit = bool(np.allclose(np.linalg.norm(queries, axis=1), 1.0, atol=1e-3))
-    return recall(index, queries[report], truth[report]), search_params(index), unit
+    return (recall(index, queries[report], truth[report], pick(report)), search_params(index),
+            unit)
