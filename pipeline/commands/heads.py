@@ -4,6 +4,10 @@ A head folder holds `head.npz` (the weights, as plain arrays: no pickle) and `he
 card: the embedding record of the vectors it was trained on, the label names, the split and the
 held-out metrics). `predict` embeds new texts with the recorded settings and refuses a head whose
 embedding record differs from what this machine would produce.
+
+On a quantized folder (output.precision int8 / uint8 / binary / ubinary) the head trains on
+the stored values read back as floats (`Precision.dequantize`); the card records the precision
+and its ranges, and `predict` quantizes and reads back new texts' vectors the same way.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import pyarrow as pa
 from ..config import STORED_COLUMNS, ConfigError
 from ..io.ledger import Ledger
 from ..io.manifest import MANIFEST, read_manifest
-from ..io.precision import refuse_quantized
+from ..io.precision import CALIBRATED, Calibration, Precision, stored_precision
 from ..io.reader import list_input_files, open_parquet
 from ..io.storage import Store
 from ..io.vectors import VectorParts, to_matrix
@@ -56,6 +60,7 @@ class TrainingSet:
     vectors: np.ndarray
     labels: list[str]
     rows: dict[str, int]  # vectors, labelled, null_label (left out), no_label_row (left out)
+    precision: Precision = Precision()  # what the folder stores; vectors are its floats
 
 
 def _read_labels(path: str, id_column: str, label_column: str) -> dict:
@@ -79,7 +84,7 @@ def load_training_set(out: str, opts: HeadOptions) -> TrainingSet:
     """The stored vectors joined by id to their labels; rows without a label are counted out."""
     store = Store(out)
     manifest = read_manifest(store)
-    refuse_quantized(manifest, out, "`embedpipe train-head`")
+    precision = stored_precision(manifest)
     parts = VectorParts(store, Ledger(store).vector_files())
     if not parts.files:
         raise ConfigError(f"{out} holds no vectors")
@@ -100,6 +105,11 @@ def load_training_set(out: str, opts: HeadOptions) -> TrainingSet:
             f"{out} holds one row a token window (output.chunks = 'rows'); a head classifies "
             f"documents: give --pool to train on each document's windows averaged by their "
             f"tokens (predict then embeds new texts the same way)")
+    if windows and precision.quantized:
+        raise ConfigError(
+            f"{out} stores {precision.name} token windows; --pool averages float windows, which "
+            f"predict could not reproduce from quantized ones: run the job with output.chunks = "
+            f"'pool' (one quantized vector a document) or precision float32")
     if windows:
         columns.append("n_tokens")
     ids, blocks, values, weights = [], [], [], []
@@ -111,6 +121,8 @@ def load_training_set(out: str, opts: HeadOptions) -> TrainingSet:
         if windows:
             weights.append(table.column("n_tokens").to_numpy())
     vectors = np.concatenate(blocks)
+    if precision.quantized:  # a head takes floats: the stored values read back
+        vectors = precision.dequantize(vectors, manifest.dim or 0)
     if windows:  # a document's windows are consecutive rows
         owner = np.cumsum([0] + [a != b for a, b in zip(ids, ids[1:])])
         first = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
@@ -127,7 +139,7 @@ def load_training_set(out: str, opts: HeadOptions) -> TrainingSet:
         raise ConfigError(
             f"no stored vector has a label: {rows['no_label_row']} ids found no label row and "
             f"{rows['null_label']} labels are null (are the id columns of the same kind?)")
-    return TrainingSet(vectors[keep], labels, rows)
+    return TrainingSet(vectors[keep], labels, rows, precision)
 
 
 class _Missing:
@@ -216,6 +228,7 @@ def train_head(out: str, opts: HeadOptions, dest: str | None = None) -> dict[str
     card = head_card(out, opts, record, model, data, metrics, started, {
         "labels": opts.labels or f"kept column {opts.label_column!r}",
         "pooled_windows": opts.pool,
+        "precision": precision_record(data.precision),
         "split": {"stratified": True, "test_fraction": opts.test_fraction, "seed": opts.seed,
                   "train": len(y_train), "test": len(y_test)},
         "model": {"C": C, "C_from": "given" if opts.C else f"3-fold CV over {list(C_GRID)}",
@@ -239,6 +252,14 @@ def head_card(out: str, opts, record, model, data, metrics: dict, started: float
             "versions": {"embedpipe": __version__, "scikit-learn": sklearn.__version__}}
 
 
+def precision_record(precision: Precision) -> dict[str, Any]:
+    """The card's record of what the head's vectors were: the folder's precision and, for int8 /
+    uint8, its ranges (predict quantizes new vectors with them)."""
+    calibration = precision.calibration
+    return {"name": precision.name,
+            "calibration": calibration.to_json() if calibration is not None else None}
+
+
 def save_head(dest: str, model, card: dict[str, Any]) -> None:
     store = Store(dest)
     buffer = io.BytesIO()
@@ -257,8 +278,29 @@ class Head:
     def classes(self) -> list[str]:
         return self.card["classes"]
 
+    @property
+    def precision(self) -> Precision:
+        return card_precision(self.card)
+
+    def as_trained(self, vectors: np.ndarray) -> np.ndarray:
+        """New float vectors as the head saw its training vectors: on a quantized folder's head,
+        quantized with the folder's precision and read back."""
+        precision = self.precision
+        if not precision.quantized:
+            return vectors
+        return precision.dequantize(precision.store(vectors), vectors.shape[1])
+
     def predict_proba(self, vectors: np.ndarray) -> np.ndarray:
         return self.model.predict_proba(vectors)
+
+
+def card_precision(card: dict[str, Any]) -> Precision:
+    """The precision of the vectors a head was trained on (heads from before: float32)."""
+    record = card.get("precision") or {"name": "float32", "calibration": None}
+    calibration = record.get("calibration")
+    if record["name"] in CALIBRATED and not calibration:
+        raise ValueError(f"precision {record['name']} without its calibration ranges")
+    return Precision(record["name"], Calibration.from_json(calibration) if calibration else None)
 
 
 def load_head(path: str) -> Head:
@@ -275,6 +317,7 @@ def load_head(path: str) -> Head:
         for key in ("embedding", "settings_hash", "classes"):
             card[key]  # noqa: B018 (a KeyError names what is missing)
         EmbeddingRecord(**card["embedding"])
+        card_precision(card)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}/{CARD} is unreadable ({type(exc).__name__}: {exc}); train the "
                           f"head again with `embedpipe train-head`") from None
@@ -318,7 +361,7 @@ def predict_file(head_path: str, inputs: str, out: str, text_column: str | None 
             counts["skipped_blank"] += batch.skipped
             if not batch.texts:
                 continue
-            proba = head.predict_proba(embedder.embed(batch.texts, batch.pairs))
+            proba = head.predict_proba(head.as_trained(embedder.embed(batch.texts, batch.pairs)))
             table = {"id": batch.ids,
                      "predicted": pa.array([head.classes[i] for i in proba.argmax(1)])}
             table.update({f"proba_{c}": pa.array(proba[:, j], pa.float32())
@@ -330,9 +373,11 @@ def predict_file(head_path: str, inputs: str, out: str, text_column: str | None 
 
 def render_card(card: dict[str, Any]) -> str:
     m, rows, split = card["metrics"], card["rows"], card["split"]
+    precision = card_precision(card)
     lines = [
         f"head: logistic regression on {card['label_column']!r}, {len(card['classes'])} classes, "
-        f"{card['dimension']}-d vectors (settings {card['settings_hash']})",
+        f"{card['dimension']}-d vectors (settings {card['settings_hash']})"
+        + (f", {precision.name} read back as floats" if precision.quantized else ""),
         f"  rows: {rows['labelled']:,} labelled of {rows['vectors']:,} vectors; left out: "
         f"{rows['null_label']:,} null labels, {rows['no_label_row']:,} without a label row",
         f"  split: stratified, {split['train']:,} train / {split['test']:,} held out "

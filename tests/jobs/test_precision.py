@@ -220,23 +220,6 @@ def test_refused_combinations_are_one_line(tmp_path, tiny_model, extra, words):
     assert not (tmp_path / "q").exists()
 
 
-def test_float_commands_refuse_a_quantized_folder_in_one_line(tmp_path, tiny_model):
-    data = tmp_path / "in"
-    shards(data, 0, count=1)
-    job = small_job(tmp_path / "q.toml", data, tmp_path / "q", tiny_model,
-                    output={"precision": "binary", "keep_columns": ["text"]}, index=NO_INDEX)
-    run_cli(job)
-    before = (tmp_path / "q" / "manifest.json").read_text()
-    for args, what in [(("train-head", tmp_path / "q", "--label-column", "text"),
-                        "`embedpipe train-head`")]:
-        result = embedpipe(*args)
-        assert result.returncode == 2, (args, result.stderr)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and "stores binary vectors" in lines[0] and what in lines[0]
-    assert (tmp_path / "q" / "manifest.json").read_text() == before
-    assert not (tmp_path / "q" / "index").exists() or not any((tmp_path / "q" / "index").iterdir())
-
-
 def test_reused_rows_copy_the_stored_quantized_values(tmp_path, tiny_model):
     """A changed shard's unchanged rows take their stored int8 vectors; the folder still equals
     quantize_embeddings of the float vectors with the folder's ranges."""
