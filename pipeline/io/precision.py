@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import PRECISIONS, ConfigError
+from ..config import PRECISIONS
 FLOATS = ("float32", "float16")
 CALIBRATED = ("int8", "uint8")
 CALIBRATION_ROWS = 10_000  # the even sample of the first run the ranges come from
@@ -160,15 +160,5 @@ def rescore_precision(manifest: Any) -> Precision | None:
     return Precision(name, manifest.calibration if name in CALIBRATED else None)
 
 
-def refuse_quantized(manifest: Any, url: str, what: str) -> None:
-    """A ConfigError (exit 2) for a command that takes float vectors, on a quantized folder."""
-    precision = stored_precision(manifest)
-    if precision.quantized:
-        raise ConfigError(f"{url} stores {precision.name} vectors (output.precision); {what} "
-                          f"takes float32 / float16 vectors only: read them with "
-                          f"open_output(...).dequantized(), or run the job with another "
-                          f"output.path and precision float32")
-
-
-__all__ = ["CALIBRATED", "calibrated", "row_bytes", "CALIBRATION_ROWS", "Calibration", "FLOATS", "PRECISIONS", "Precision", "refuse_quantized",
-           "rescore_precision", "stored_precision"]
+__all__ = ["CALIBRATED", "CALIBRATION_ROWS", "Calibration", "FLOATS", "PRECISIONS", "Precision",
+           "calibrated", "rescore_precision", "row_bytes", "stored_precision"]
