@@ -8,7 +8,7 @@ import numpy as np
 from ..config import IndexConfig
 from ..io.vectors import VectorParts
 from .choose import METRICS
-from .family import exact_knn, hnsw_of, is_binary, ivf_of, unwrapped
+from .family import exact_knn, hnsw_of, is_binary, ivf_of
 
 RECALL_QUERIES = 1_000  # stored vectors used as queries for recall@10
 NPROBE_TARGET = 0.95  # an unset nprobe is the smallest that reaches this recall@10

@@ -19,7 +19,8 @@ from pipeline.index.build import build_index, load_index
 from pipeline.index.choose import TRAIN_PER_CENTROID, choose_kind
 from pipeline.index.check import index_problems
 from pipeline.io.vectors import VectorParts
-from pipeline.index.tuning import even_positions, unwrapped
+from pipeline.index.family import unwrapped
+from pipeline.index.tuning import even_positions
 from pipeline.io.storage import Store
 from pipeline.io.writer import vector_array, vectors_schema
 

@@ -19,7 +19,7 @@ from pipeline.commands.search import Searcher
 from pipeline.index.build import load_index
 from pipeline.index.check import index_problems
 from pipeline.index.files import INFOS_FILE
-from pipeline.index.tuning import unwrapped
+from pipeline.index.family import unwrapped
 from pipeline.io.ledger import Ledger
 from pipeline.io.storage import Store
 
