@@ -81,7 +81,7 @@ def verify_folder(url: str, quick: bool = False) -> Verdict:
     """Every check (quick: sizes and footers, no file read whole; a sample of sink vectors)."""
     store = Store(url)
     manifest = read_manifest(store)  # ConfigError when there is none, or unreadable or foreign
-    ledger = Ledger(store)
+    ledger = Ledger(store, manifest)  # read once: a malformed sink record warns once
     precision = stored_precision(manifest)
     verdict = Verdict(url, units=len(ledger.units), complete=bool(ledger.manifest.complete),
                       quick=quick, precision=precision.name,

@@ -43,13 +43,17 @@ class Ledger:
     """The folder's manifest held open by a run (or a command that changes the folder): every
     change is one whole, atomic write of it."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, manifest: Manifest | None = None):
+        """manifest: the folder's, when the caller has just read it (read once: its warnings
+        once)."""
         self.store = store
         self._mutex = threading.Lock()
         # On object stores the manifest is written only over the version read here (If-Match),
         # so two writers can never both commit on top of the same manifest.
         self._version = store.version(MANIFEST)
-        self.manifest = read_manifest(store) if store.exists(MANIFEST) else Manifest()
+        if manifest is None:
+            manifest = read_manifest(store) if store.exists(MANIFEST) else Manifest()
+        self.manifest = manifest
 
     @property
     def units(self) -> dict[str, UnitRecord]:

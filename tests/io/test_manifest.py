@@ -172,6 +172,19 @@ def test_a_malformed_sink_record_is_dropped_so_the_sink_is_synced_in_full(tmp_pa
     assert m.sinks == {}
 
 
+def test_verify_warns_of_a_malformed_sink_record_once(tmp_path, caplog):
+    from pipeline.commands.verify import verify_folder
+
+    raw = _sample("manifest_a.json")
+    (name, record), = raw["sinks"].items()
+    raw["sinks"][name] = {"target": record["target"], "units": "not a map"}
+    store = _folder(tmp_path, raw)
+    with caplog.at_level("WARNING"):
+        verify_folder(store.url, quick=True)
+    assert sum("is malformed; it is synced in full" in r.getMessage()
+               for r in caplog.records) == 1
+
+
 def test_ledger_rewrites_a_sample_folder_unchanged_but_for_the_time(tmp_path):
     raw = _sample("manifest_a.json")
     store = _folder(tmp_path, raw)
