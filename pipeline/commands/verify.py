@@ -18,7 +18,7 @@ from ..io.checks import DamagedFile
 from ..io.folder_check import duplicate_ids, unit_damage, unit_problems
 from ..io.ledger import Ledger
 from ..io.manifest import read_manifest
-from ..io.precision import row_bytes, stored_precision
+from ..io.precision import stored_precision, stored_row_bytes
 from ..io.storage import Store
 from .sink_check import sink_problems
 
@@ -85,8 +85,7 @@ def verify_folder(url: str, quick: bool = False) -> Verdict:
     precision = stored_precision(manifest)
     verdict = Verdict(url, units=len(ledger.units), complete=bool(ledger.manifest.complete),
                       quick=quick, precision=precision.name,
-                      bytes_per_row=row_bytes((manifest.config or {}).get("output") or {},
-                                              manifest.dim or 0))
+                      bytes_per_row=stored_row_bytes(manifest))
     failed = [r for r in ledger.units.values() if not r.complete]
     if not verdict.complete:
         verdict.problems.append("the manifest does not say complete: the last run failed or was "

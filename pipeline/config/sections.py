@@ -133,11 +133,16 @@ class EncodeConfig:
             return self.batch_tokens
         return 8192 if device_type == "cuda" else 4096
 
+    @property
+    def sparse(self) -> bool:
+        """A SparseEncoder (SPLADE) pooling: rows over the vocabulary (encode/sparse.py)."""
+        return self.pooling in SPARSE_POOLINGS
+
     def pooling_spec(self) -> tuple[tuple[int, ...], str, str] | None:
         """The effective (layers, layer_combine, token_pooling); None for the model's pooler."""
         if self.pooling == "auto":
             raise ValueError("pooling 'auto' is resolved against the model first (resolve_recipe)")
-        if self.pooling == "pooler" or self.pooling in SPARSE_POOLINGS:
+        if self.pooling == "pooler" or self.sparse:
             return None
         layers, combine, token = POOLING_PRESETS[self.pooling]
         return (self.layers or layers, self.layer_combine or combine, self.token_pooling or token)

@@ -34,10 +34,6 @@ class SparseSettings:
         return cls(job.encode.pooling.removeprefix("splade-"), job.encode.max_active_dims)
 
 
-def is_sparse(job) -> bool:
-    return job.encode.pooling.startswith("splade-")
-
-
 _MODELS: dict[tuple, torch.nn.Module] = {}
 _LOCK = threading.Lock()
 

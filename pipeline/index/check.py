@@ -14,7 +14,7 @@ from ..io.checks import PAGE_CHECKSUMS, DamagedFile, check_file, file_digest, re
 from ..io.storage import Store
 from ..io.vectors import VectorParts
 from .files import INFOS_FILE, LABELLED, ids_file, index_file, read_tombstones
-from .family import SQ8, downcast, ivf_of, unwrapped
+from .family import SQ8, downcast, eight_bit, ivf_of, unwrapped
 from .tuning import even_positions
 
 SAMPLE = 200  # stored vectors compared with the index's own copies
@@ -142,9 +142,9 @@ def _keeps_vectors_whole(index: faiss.Index, folder_ranges: bool) -> bool:
         inner = downcast(inner.storage)
     whole = (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexBinaryFlat, faiss.IndexBinaryIVF)
     if folder_ranges and isinstance(inner, faiss.IndexIVFScalarQuantizer):
-        return not inner.by_residual and inner.sq.qtype == faiss.ScalarQuantizer.QT_8bit
+        return not inner.by_residual and eight_bit(inner.sq)
     if folder_ranges and isinstance(inner, faiss.IndexScalarQuantizer):
-        return inner.sq.qtype == faiss.ScalarQuantizer.QT_8bit
+        return eight_bit(inner.sq)
     return isinstance(inner, whole)
 
 

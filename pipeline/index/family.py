@@ -21,6 +21,8 @@ import numpy as np
 from ..io.precision import CALIBRATED, Precision
 
 FLOAT, SQ8, BINARY = "float", "sq8", "binary"
+# the id maps flat and HNSW kinds are kept in for their labels
+ID_MAPS = (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexBinaryIDMap, faiss.IndexBinaryIDMap2)
 
 
 def codes_of(precision: Precision) -> str:
@@ -49,10 +51,8 @@ def downcast(index):
 
 def unwrapped(index):
     """The index inside its id map (flat and HNSW are kept in an IndexIDMap2 for their labels)."""
-    wrappers = (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexBinaryIDMap,
-                faiss.IndexBinaryIDMap2)
     inner = downcast(index)
-    while isinstance(inner, wrappers):
+    while isinstance(inner, ID_MAPS):
         inner = downcast(inner.index)
     return inner
 
@@ -74,9 +74,7 @@ def ivf_of(index):
 def with_labels(index):
     """An index that takes add_with_ids: IVF kinds as they are, others in an id map (which also
     reconstructs by label)."""
-    wrappers = (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexBinaryIDMap,
-                faiss.IndexBinaryIDMap2)
-    if ivf_of(index) is not None or isinstance(downcast(index), wrappers):
+    if ivf_of(index) is not None or isinstance(downcast(index), ID_MAPS):
         return index
     return faiss.IndexBinaryIDMap2(index) if is_binary(index) else faiss.IndexIDMap2(index)
 
@@ -115,14 +113,13 @@ def set_ranges(index, precision: Precision) -> None:
     ivf = ivf_of(index)
     if ivf is not None:
         ivf = downcast(ivf)
-        if isinstance(ivf, faiss.IndexIVFScalarQuantizer):
+        if isinstance(ivf, faiss.IndexIVFScalarQuantizer) and eight_bit(ivf.sq):
             ivf.by_residual = False
             if ivf.is_trained:  # train() fits the lists and its own ranges: ours replace them
                 _copy_ranges(ivf.sq, precision)
         return
     holder = downcast(inner.storage) if isinstance(inner, faiss.IndexHNSW) else inner
-    if isinstance(holder, faiss.IndexScalarQuantizer) and \
-            holder.sq.qtype == faiss.ScalarQuantizer.QT_8bit:
+    if isinstance(holder, faiss.IndexScalarQuantizer) and eight_bit(holder.sq):
         _copy_ranges(holder.sq, precision)
         holder.is_trained = True
         inner.is_trained = True
@@ -136,9 +133,11 @@ def ranges_digest(precision: Precision) -> str | None:
     return hashlib.sha256(precision.calibration.ranges.tobytes()).hexdigest()[:16]
 
 
+def eight_bit(sq: faiss.ScalarQuantizer) -> bool:
+    return sq.qtype == faiss.ScalarQuantizer.QT_8bit
+
+
 def _copy_ranges(sq: faiss.ScalarQuantizer, precision: Precision) -> None:
-    if sq.qtype != faiss.ScalarQuantizer.QT_8bit:
-        return
     low, high = precision.calibration.ranges
     span = np.where(high == low, 255, high - low)  # Precision's step of 1 for a flat dimension
     faiss.copy_array_to_vector(np.concatenate([low, span]).astype(np.float32), sq.trained)

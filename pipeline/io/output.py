@@ -10,7 +10,7 @@ import pyarrow as pa
 from ..config import ConfigError
 from .ledger import Ledger
 from .manifest import Manifest, read_manifest
-from .precision import Precision, row_bytes, stored_precision
+from .precision import Precision, stored_precision, stored_row_bytes
 from .storage import Store
 from .vectors import VectorParts, to_matrix
 
@@ -71,7 +71,7 @@ class Output:
     @property
     def bytes_per_row(self) -> int:
         """Bytes of one row's stored vectors: the vector, and its rescore copy if one is kept."""
-        return row_bytes((self.manifest.config or {}).get("output") or {}, self.manifest.dim or 0)
+        return stored_row_bytes(self.manifest)
 
     @property
     def is_sparse(self) -> bool:

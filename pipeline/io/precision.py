@@ -143,22 +143,33 @@ def row_bytes(output: Any, dim: int) -> int:
     return sum(Precision(name).bytes_per_row(dim) for name in names if name)
 
 
+def _recorded_output(manifest: Any) -> dict:
+    return (manifest.config or {}).get("output") or {}
+
+
+def _with_ranges(name: str, manifest: Any) -> Precision:
+    return Precision(name, manifest.calibration if name in CALIBRATED else None)
+
+
 def stored_precision(manifest: Any) -> Precision:
     """A folder's precision, as its manifest records it (folders made before output.precision
     existed: their vector_dtype)."""
-    output = (manifest.config or {}).get("output") or {}
-    name = output.get("precision") or output.get("vector_dtype") or "float32"
-    return Precision(name, manifest.calibration if name in CALIBRATED else None)
+    output = _recorded_output(manifest)
+    return _with_ranges(output.get("precision") or output.get("vector_dtype") or "float32",
+                        manifest)
 
 
 def rescore_precision(manifest: Any) -> Precision | None:
     """The precision of the parts' rescore_vector column (output.rescore_precision), with the
     folder's ranges where it is int8 / uint8; None where the folder keeps no such column."""
-    name = ((manifest.config or {}).get("output") or {}).get("rescore_precision")
-    if not name:
-        return None
-    return Precision(name, manifest.calibration if name in CALIBRATED else None)
+    name = _recorded_output(manifest).get("rescore_precision")
+    return _with_ranges(name, manifest) if name else None
+
+
+def stored_row_bytes(manifest: Any) -> int:
+    """Bytes of one stored row's vectors in a folder, as its manifest records them (row_bytes)."""
+    return row_bytes(_recorded_output(manifest), manifest.dim or 0)
 
 
 __all__ = ["CALIBRATED", "CALIBRATION_ROWS", "Calibration", "FLOATS", "PRECISIONS", "Precision",
-           "calibrated", "rescore_precision", "row_bytes", "stored_precision"]
+           "calibrated", "rescore_precision", "row_bytes", "stored_precision", "stored_row_bytes"]

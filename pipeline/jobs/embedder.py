@@ -39,7 +39,7 @@ class EmbedPlan:
     @property
     def sparse(self) -> bool:
         """A sparse (SPLADE) folder: rows over the vocabulary (encode/sparse.py)."""
-        return self.job.encode.pooling.startswith("splade-")
+        return self.job.encode.sparse
 
     @property
     def width(self) -> int:

@@ -135,10 +135,10 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
                              runtime=runtime, units_total=len(units), recipe=recipe,
                              long_text=job.encode.long_text,
                              granularity=job.output.granularity,
-                             precision="sparse" if job.encode.pooling.startswith("splade-")
+                             precision="sparse" if job.encode.sparse
                              else job.output.precision,
                              rescore_precision=job.output.rescore_precision,
-                             bytes_per_row=0 if job.encode.pooling.startswith("splade-")
+                             bytes_per_row=0 if job.encode.sparse
                              else row_bytes(job.output, EncoderSettings.for_job(
                                  job).width(source.hidden_size)))
         ctx = RunContext(job, options, source, runtime, settings, store, ledger, summary,

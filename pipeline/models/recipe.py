@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 
 from ..config import ConfigError, JobConfig
-from ..config.sections import SPARSE_POOLINGS
 from .model_files import ModelSource
 from .st_folder import StFolder
 
@@ -20,7 +19,7 @@ def resolve_recipe(job: JobConfig, source: ModelSource) -> tuple[JobConfig, list
     from, for the summary)."""
     enc, st = job.encode, source.st
     notes = []
-    if enc.pooling in SPARSE_POOLINGS or (enc.pooling == "auto" and st and st.sparse):
+    if enc.sparse or (enc.pooling == "auto" and st and st.sparse):
         return _sparse_recipe(job, source, notes)
     pooling, normalize = enc.pooling, enc.normalize
     general = bool(enc.layers or enc.layer_combine or enc.token_pooling)

@@ -40,6 +40,17 @@ def hamming(queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return np.unpackbits(queries[:, None, :] ^ codes[None, :, :], axis=-1).sum(-1)
 
 
+def indexed_folder(tmp_path, model, precision: str, kind: str):
+    """A run of `precision` vectors with a `kind` index (IVF: every list probed, exact):
+    (folder, its loaded index, its infos)."""
+    data = tmp_path / "in"
+    corpus(data)
+    index = {"type": kind, **({"nlist": 4, "nprobe": 4} if kind == "ivf-flat" else {})}
+    run(small_job(tmp_path / "job.toml", data, tmp_path / "out", model,
+                  output={"precision": precision}, index=index))
+    return tmp_path / "out", *load_index(Store(str(tmp_path / "out")))
+
+
 def as_codes(stored: np.ndarray, precision: str) -> np.ndarray:
     return (stored.astype(np.int16) + (128 if precision == "binary" else 0)).astype(np.uint8)
 
@@ -48,22 +59,16 @@ def as_codes(stored: np.ndarray, precision: str) -> np.ndarray:
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf-flat"])
 def test_binary_folders_get_binary_indexes_searched_by_hamming(tmp_path, tiny_model, precision,
                                                                kind):
-    data = tmp_path / "in"
-    corpus(data)
-    index = {"type": kind, **({"nlist": 4, "nprobe": 4} if kind == "ivf-flat" else {})}
-    job = small_job(tmp_path / "b.toml", data, tmp_path / "b", tiny_model,
-                    output={"precision": precision}, index=index)
-    run(job)
-    loaded, infos = load_index(Store(str(tmp_path / "b")))
+    folder, loaded, infos = indexed_folder(tmp_path, tiny_model, precision, kind)
     assert isinstance(unwrapped(loaded), KINDS[kind])
     assert infos["codes"] == "binary" and infos["metric"] == "hamming"
     # recall@10 counts a hit within the exact 10th Hamming distance (ties are arbitrary)
     assert infos["recall_at_10"] >= (1.0 if kind != "hnsw" else 0.9)
-    out = open_output(str(tmp_path / "b"))
+    out = open_output(str(folder))
     codes = as_codes(out.vectors(), precision)
     assert infos["dimension"] == codes.shape[1] * 8 and infos["count"] == len(codes)
     # a float query's bits, against every stored row's bits
-    searcher = Searcher(str(tmp_path / "b"))
+    searcher = Searcher(str(folder))
     queries = np.random.default_rng(0).standard_normal((20, out.manifest.dim)).astype(np.float32)
     scores, rows = searcher.search_vectors(queries, 10)
     truth = hamming(np.packbits(queries > 0, axis=-1), codes)
@@ -73,28 +78,22 @@ def test_binary_folders_get_binary_indexes_searched_by_hamming(tmp_path, tiny_mo
     # every hit's distance is its true Hamming distance
     np.testing.assert_array_equal(scores, np.take_along_axis(truth, rows, 1))
     assert (rows >= 0).all()
-    assert embedpipe("verify", tmp_path / "b").returncode == 0
+    assert embedpipe("verify", folder).returncode == 0
 
 
 @pytest.mark.parametrize("precision", ["int8", "uint8"])
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf-flat"])
 def test_int8_folders_get_sq8_indexes_holding_the_stored_values(tmp_path, tiny_model, precision,
                                                                 kind):
-    data = tmp_path / "in"
-    corpus(data)
-    index = {"type": kind, **({"nlist": 4, "nprobe": 4} if kind == "ivf-flat" else {})}
-    job = small_job(tmp_path / "q.toml", data, tmp_path / "q", tiny_model,
-                    output={"precision": precision}, index=index)
-    run(job)
-    loaded, infos = load_index(Store(str(tmp_path / "q")))
+    folder, loaded, infos = indexed_folder(tmp_path, tiny_model, precision, kind)
     assert infos["codes"] == "sq8" and "SQ8" in infos["factory"]
-    out = open_output(str(tmp_path / "q"))
+    out = open_output(str(folder))
     dequantized = out.dequantized()
     stored = out.vectors()
     # the index's codes are the stored values: it reconstructs them dequantized
-    ids = json.loads((tmp_path / "q" / "index" / "index_infos.json").read_text())["count"]
+    ids = json.loads((folder / "index" / "index_infos.json").read_text())["count"]
     assert ids == len(stored)
-    searcher = Searcher(str(tmp_path / "q"))
+    searcher = Searcher(str(folder))
     labels = np.sort(searcher.live.sorted_labels)
     inner = faiss.extract_index_ivf(loaded) if kind == "ivf-flat" else loaded
     if kind == "ivf-flat":
@@ -110,7 +109,7 @@ def test_int8_folders_get_sq8_indexes_holding_the_stored_values(tmp_path, tiny_m
     if kind != "hnsw":
         np.testing.assert_allclose(scores, -np.sort(-truth, axis=1)[:, :10], rtol=1e-4, atol=1e-4)
     assert len(labels) == len(stored)
-    assert embedpipe("verify", tmp_path / "q").returncode == 0
+    assert embedpipe("verify", folder).returncode == 0
 
 
 def test_binary_refusals_are_one_line(tmp_path, tiny_model):
