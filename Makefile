@@ -30,8 +30,10 @@ demo: install
 	$(BIN)/embedpipe train-head out/movie-reviews --label-column label --out out/movie-reviews-head
 	$(BIN)/embedpipe search out/movie-reviews "a warm, funny film with a great cast" -k 5
 
+# Two test processes (pytest-xdist): the fixtures take free ports and their own folders, and the
+# suite runs in ~60% of its serial time on CI's 2 cores.
 test: install-test pgvector cpu-emulator
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n 2 --durations=20
 
 # The documentation site (mkdocs.yml, docs/), built as CI builds it: any broken link fails.
 docs: install-test
