@@ -221,6 +221,13 @@ def _record_stats(ctx: RunContext) -> None:
     ctx.summary.padded_tokens = ctx.stats.padded_tokens
     ctx.summary.seconds.update(ctx.stats.seconds)
     ctx.summary.folder_vectors = sum(r.stored_rows for r in ctx.ledger.complete_units())
+    if ctx.job.encode.multivector and ctx.summary.folder_vectors:  # measured: tokens x dim x bytes
+        from ..io.multivectors import stored_token_count
+        files = ctx.ledger.multivector_files()
+        tokens = stored_token_count(ctx.store, files)
+        width = ctx.source.st.multivector.dim * (2 if ctx.job.output.precision == "float16" else 4)
+        ctx.summary.stored_tokens = tokens
+        ctx.summary.bytes_per_row = round(tokens * width / ctx.summary.folder_vectors)
 
 
 def _failure_after_work(exc: Exception) -> str:
