@@ -125,7 +125,7 @@ def fetch_data(dest: str, bench_dest: str | None) -> None:
                    "ones), and keep the best k: for binary, int8 and IVF-PQ indexes.")
 @click.option("--maxsim", type=click.Choice(["auto", "exact", "candidates"]), default="auto",
               help="Multi-vector folders: score every row (exact), or rescore the rows a token "
-                   "index finds (candidates); auto: exact up to 4,000,000 stored tokens.")
+                   "index finds (candidates); auto: exact up to 1,000,000 stored tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print the hits as JSON.")
 def search(out: str, query: str | None, k: int, queries: str | None, results: str | None,
            text_column: str, id_column: str, text_pair_column: str | None, per_chunk: bool,

@@ -131,6 +131,16 @@ def test_stored_token_vectors_equal_encode_document(mv_folders, mv_runs, kind):
         open_output(str(out)).vectors()
 
 
+@pytest.mark.parametrize("forward", ["fused", "transformers"])
+def test_both_forwards_give_encode_document(mv_folders, tmp_path, forward):
+    pq.write_table(pa.table({"id": np.arange(len(TEXTS)), "text": TEXTS}), tmp_path / "in.parquet")
+    summary = run(make_job(tmp_path / "in.parquet", tmp_path / "out", mv_folders["colbert"],
+                           model={"dtype": "float32", "forward": forward}))
+    assert summary.runtime.forward == forward
+    expected = _reference(mv_folders["colbert"]).encode_document(TEXTS, convert_to_numpy=True)
+    _assert_same(open_output(str(tmp_path / "out")).multivectors(), expected)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_queries_equal_encode_query(mv_folders, mv_runs, kind):
     from pipeline.commands.multivector_search import MultiVectorQueries
