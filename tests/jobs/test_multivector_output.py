@@ -349,3 +349,15 @@ def test_a_folder_with_token_pooling_is_refused(mv_folders, tmp_path):
     job = small_job(tmp_path / "job.toml", tmp_path / "in", tmp_path / "out", folder)
     result = embedpipe("run", job)
     assert result.returncode == 2 and "HierarchicalTokenPooling" in result.stderr
+
+
+def test_a_sink_is_refused(mv_folders, tmp_path):
+    _shards(tmp_path / "in")
+    job = small_job(tmp_path / "job.toml", tmp_path / "in", tmp_path / "out",
+                    mv_folders["colbert"])
+    job.write_text(job.read_text() + f'[[sink]]\nkind = "lancedb"\nuri = "{tmp_path}/db.lance"\n'
+                   'table = "t"\n')
+    result = embedpipe("run", job)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "sink" in result.stderr and "multi-vector" in result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "db.lance").exists()
