@@ -38,6 +38,7 @@ def multivector_recipe(job: JobConfig, source: ModelSource, notes: list[str]
         raise ConfigError(f"model folder {source.path} is a multi-vector (ColBERT) encoder: "
                           f"{refused[0]} does not apply to its token vectors; leave it unset")
     spec = st.multivector
+    _refuse_split_prefixes(source, spec)
     notes.append(f"multi-vector: every token's {spec.dim}-dim vector kept (the folder's Dense"
                  + (", Normalize" if spec.normalize else "")
                  + (f", truncate_dim {spec.truncate_dim}" if spec.truncate_dim else "")
@@ -67,3 +68,27 @@ def multivector_recipe(job: JobConfig, source: ModelSource, notes: list[str]
     model = dataclasses.replace(model, compile=False)
     return dataclasses.replace(job, model=model, encode=encode, index=dataclasses.replace(
         job.index, enabled=False)), notes
+
+
+def _refuse_split_prefixes(source: ModelSource, spec) -> None:
+    """A PyLate / Stanford prefix that the tokenizer holds as one token but splits ([unused0],
+    an added "[Q] "): sentence-transformers registers it as a special token at load, so its
+    vectors would differ from embedpipe's plain tokenizing; refused, never approximated."""
+    if not spec.prompts:
+        return
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    known = set(getattr(tokenizer, "added_tokens_encoder", None) or {}) | set(
+        tokenizer.get_vocab())
+    for _, value in spec.prompts:
+        for prefix in ((value, value.split(None, 1)[0]) if value.split() else ()):
+            if prefix not in known:
+                continue
+            if tokenizer.tokenize(prefix) != [prefix]:
+                raise ConfigError(
+                    f"model folder {source.path}: its prefix {prefix!r} is one token of its "
+                    f"vocabulary that the tokenizer splits; sentence-transformers registers it as "
+                    f"a special token, which embedpipe does not: save the folder with the token "
+                    f"registered (MultiVectorEncoder(folder).save(...)) and run that")
+            break

@@ -352,6 +352,7 @@ def test_a_folder_with_token_pooling_is_refused(mv_folders, tmp_path):
     assert result.returncode == 2 and "HierarchicalTokenPooling" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_sink_is_refused(mv_folders, tmp_path):
     _shards(tmp_path / "in")
     job = small_job(tmp_path / "job.toml", tmp_path / "in", tmp_path / "out",
@@ -394,3 +395,20 @@ def test_bad_rows_are_rejects_and_the_parts_still_pair(mv_folders, tmp_path):
     assert read_vectors(tmp_path / "out").column("id").to_pylist() == [1, 3]
     assert len(open_output(str(tmp_path / "out")).multivectors()) == 2
     assert embedpipe("verify", tmp_path / "out").returncode == 0
+
+
+
+def test_a_pylate_prefix_the_tokenizer_splits_is_refused(mv_folders, tmp_path):
+    """[unused0] is a vocabulary token BERT's tokenizer splits: sentence-transformers registers
+    it as a special token at load; embedpipe refuses rather than tokenize it otherwise."""
+    folder = shutil.copytree(mv_folders["pylate"], tmp_path / "model")
+    config = json.loads((folder / "config_sentence_transformers.json").read_text())
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(
+        {**config, "query_prefix": "[unused0]", "document_prefix": "[unused1]"}))
+    pq.write_table(pa.table({"id": [1], "text": ["a warm film"]}), tmp_path / "in.parquet")
+    job = small_job(tmp_path / "job.toml", tmp_path / "in.parquet", tmp_path / "out", folder)
+    result = embedpipe("run", job)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "[unused" in result.stderr and not (tmp_path / "out").exists()
+    reference = _reference(folder)  # what sentence-transformers does instead: one token
+    assert reference.tokenizer.tokenize("[unused0]") == ["[unused0]"]
