@@ -123,10 +123,13 @@ def fetch_data(dest: str, bench_dest: str | None) -> None:
               help="Take N x k candidates from the index, re-rank them by the float query "
                    "against their kept vectors ([output] rescore_precision, else the stored "
                    "ones), and keep the best k: for binary, int8 and IVF-PQ indexes.")
+@click.option("--maxsim", type=click.Choice(["auto", "exact", "candidates"]), default="auto",
+              help="Multi-vector folders: score every row (exact), or rescore the rows a token "
+                   "index finds (candidates); auto: exact up to 1,000,000 stored tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print the hits as JSON.")
 def search(out: str, query: str | None, k: int, queries: str | None, results: str | None,
            text_column: str, id_column: str, text_pair_column: str | None, per_chunk: bool,
-           sink: str | None, rescore: int | None,
+           sink: str | None, rescore: int | None, maxsim: str,
            as_json: bool) -> None:
     """Search the index of output folder OUT for QUERY (or the texts of --queries).
 
@@ -142,9 +145,11 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
     embedpipe search out/movie-reviews "a warm, funny film" --sink movie_reviews
     embedpipe search out/binary-reviews "a warm, funny film" --rescore 4
 
-    A sparse (SPLADE) folder is ranked by the exact sparse dot product (docs/sparse.md).
+    A sparse (SPLADE) folder is ranked by the exact sparse dot product (docs/sparse.md); a
+    multi-vector (ColBERT) folder by MaxSim over its token vectors (docs/multivector.md).
     """
     from .commands.search import Searcher, render_hits
+    from .commands.multivector_search import MultiVectorSearcher, is_multivector_folder
     from .commands.sparse_search import SparseSearcher, is_sparse_folder
 
     if (query is None) == (queries is None):
@@ -169,6 +174,11 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
                 raise ConfigError(f"{out} holds sparse (SPLADE) vectors, ranked exactly: "
                                   f"--rescore and --per-chunk do not apply")
             searcher = SparseSearcher(out)
+        elif is_multivector_folder(out):  # MaxSim over token vectors (docs/multivector.md)
+            if rescore or per_chunk:
+                raise ConfigError(f"{out} holds multi-vector (ColBERT) rows, ranked by MaxSim: "
+                                  f"--rescore and --per-chunk do not apply")
+            searcher = MultiVectorSearcher(out, mode=maxsim)
         else:
             searcher = Searcher(out, per_chunk=per_chunk, rescore=rescore)
         if queries:

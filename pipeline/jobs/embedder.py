@@ -16,6 +16,7 @@ from ..encode.token_output import TokenPolicy
 from ..io.precision import CALIBRATED, Calibration, Precision
 from ..io.reader import Unit
 from ..io.registry import ReuseSource
+from ..io.multivectors import ROW_KEY, multivector_schema
 from ..io.storage import Store
 from ..io.writer import tokens_schema, vectors_schema
 from .reuse import MEMORY_BYTES, ReusePlanner, RunMemory
@@ -42,7 +43,14 @@ class EmbedPlan:
         return self.job.encode.sparse
 
     @property
+    def multivector(self) -> bool:
+        """A multi-vector (ColBERT) folder: each row's token vectors (encode/multivector.py)."""
+        return self.job.encode.multivector
+
+    @property
     def width(self) -> int:
+        if self.multivector:
+            return self.source.st.multivector.dim
         if self.sparse:
             return int(self.source.config.vocab_size)
         return EncoderSettings.for_job(self.job).width(self.source.hidden_size)
@@ -63,10 +71,20 @@ class EmbedPlan:
     def vectors_schema(self) -> pa.Schema:
         chunks = self.job.output.chunks if self.job.encode.long_text == "chunk" else None
         rescore = self.rescore
-        return vectors_schema(pa.type_for_alias(self.id_type), self.precision.width(self.width),
-                              self.precision.storage, self.keep_schema, chunks,
-                              None if rescore is None else (self.width, rescore.storage),
-                              self.width if self.sparse else None)
+        schema = vectors_schema(pa.type_for_alias(self.id_type), self.precision.width(self.width),
+                                self.precision.storage, self.keep_schema, chunks,
+                                None if rescore is None else (self.width, rescore.storage),
+                                self.width if self.sparse else None)
+        if self.multivector:  # the row's bookkeeping only: its vectors go to multivectors/
+            schema = schema.remove(schema.get_field_index("vector"))
+        return schema
+
+    def multivectors_schema(self) -> pa.Schema | None:
+        """The multivectors/ parts' schema (a multi-vector folder), else None."""
+        if not self.multivector:
+            return None
+        return multivector_schema(pa.type_for_alias(self.id_type), self.width,
+                                  self.precision.storage)
 
     def tokens_schema(self) -> pa.Schema | None:
         """The token table's schema (output.granularity = subword | word), else None. Token
@@ -87,7 +105,8 @@ class EmbedPlan:
         """The columns a reused row takes from its stored row: vector, n_tokens, ... (and a
         window's chunk and spans, in a folder of one row a window)."""
         own = {"id", "text_hash", *self.job.output.keep_columns}
-        return [n for n in self.vectors_schema().names if n not in own]
+        return [n for n in self.vectors_schema().names if n not in own] + (
+            [ROW_KEY] if self.multivector else [])
 
 
 class UnitEmbedder:
@@ -100,7 +119,10 @@ class UnitEmbedder:
         job, runtime, self.plan = plan.job, plan.runtime, plan
         self.tokenizer = tokenizer_for(plan.source, runtime, job)
         self.chunking = ChunkPolicy.for_job(job, self.tokenizer)
-        if plan.sparse:
+        if plan.multivector:
+            from ..encode.multivector import MultiVectorEncoder
+            self.encoder = MultiVectorEncoder(plan.source, runtime, plan.source.st.multivector)
+        elif plan.sparse:
             from ..encode.sparse import SparseEncoder, SparseSettings
             self.encoder = SparseEncoder(plan.source, runtime, SparseSettings.for_job(job))
         else:
@@ -113,7 +135,9 @@ class UnitEmbedder:
             self.encode = TokenEncoder(self.encoder)
         self.flow = FlowSettings.for_job(job, runtime)
         # repeated texts this worker encoded, for as long as it lives (across its units)
-        self.memory = RunMemory(capacity=MEMORY_BYTES // (4 * plan.width))
+        # (a multi-vector row counted as 128 token vectors)
+        self.memory = RunMemory(capacity=MEMORY_BYTES // (4 * plan.width * (
+            128 if plan.multivector else 1)))
 
     def embed(self, units: list[tuple[Unit, int]], duplicates: dict[str, set[int]],
               on_unit_done: Callable, progress: Callable[[int], None], stats: Stats,
@@ -138,6 +162,7 @@ class UnitEmbedder:
                             token_schema=self.plan.tokens_schema(),
                             token_mean=self.token_policy is not None and self.token_policy.mean,
                             memory=self.memory, rescore=self.plan.rescore,
-                            sparse=self.plan.sparse)
+                            sparse=self.plan.sparse,
+                            multivectors=self.plan.multivectors_schema())
         run_stages(lambda channel: preparer.run(units, channel), self.encode,
                    writer.run, stats)

@@ -19,6 +19,9 @@ def resolve_recipe(job: JobConfig, source: ModelSource) -> tuple[JobConfig, list
     from, for the summary)."""
     enc, st = job.encode, source.st
     notes = []
+    if enc.multivector or (st and st.multivector):
+        from .multivector_recipe import multivector_recipe
+        return multivector_recipe(job, source, notes)
     if enc.sparse or (enc.pooling == "auto" and st and st.sparse):
         return _sparse_recipe(job, source, notes)
     pooling, normalize = enc.pooling, enc.normalize
