@@ -75,8 +75,22 @@ class Output:
 
     @property
     def is_sparse(self) -> bool:
-        """A sparse (SPLADE) folder: rows hold sparse_indices / sparse_values, no vector."""
-        return "sparse_indices" in self.columns
+        """Rows hold sparse_indices / sparse_values and no vector (a SPLADE folder, or a
+        BGE-M3 folder storing sparse rows without dense ones)."""
+        columns = self.columns
+        return "sparse_indices" in columns and "vector" not in columns
+
+    @property
+    def representations(self) -> tuple[str, ...]:
+        """What the rows are stored as: dense, sparse, multivector (docs/multi-representation.md)."""
+        columns = self.columns
+        stored = {"dense": "vector" in columns or not self.files,
+                  "sparse": "sparse_indices" in columns,
+                  "multivector": self._has_multivectors()}
+        return tuple(name for name, present in stored.items() if present)
+
+    def _has_multivectors(self) -> bool:
+        return False
 
     def sparse(self):
         """scipy.sparse.csr_matrix [count, vocabulary], float32, in row order (docs/sparse.md)."""

@@ -42,6 +42,19 @@ class EmbedPlan:
         return self.job.encode.sparse
 
     @property
+    def representations(self) -> tuple[str, ...]:
+        """What each row is stored as: a BGE-M3 folder's asked heads (encode/m3_heads.py), a
+        sparse folder's sparse rows, else dense vectors."""
+        if self.job.output.representations:
+            return self.job.output.representations
+        return ("sparse",) if self.sparse else ("dense",)
+
+    @property
+    def multi_head(self) -> bool:
+        """Rows from a BGE-M3 folder's heads beyond dense (encode/m3_heads.py)."""
+        return self.representations != ("dense",) and not self.sparse
+
+    @property
     def width(self) -> int:
         if self.sparse:
             return int(self.source.config.vocab_size)
@@ -66,7 +79,12 @@ class EmbedPlan:
         return vectors_schema(pa.type_for_alias(self.id_type), self.precision.width(self.width),
                               self.precision.storage, self.keep_schema, chunks,
                               None if rescore is None else (self.width, rescore.storage),
-                              self.width if self.sparse else None)
+                              self.width if self.sparse else self._vocabulary(),
+                              "dense" in self.representations)
+
+    def _vocabulary(self) -> int | None:
+        """A BGE-M3 folder's sparse rows' width: the body's vocabulary."""
+        return int(self.source.config.vocab_size) if "sparse" in self.representations else None
 
     def tokens_schema(self) -> pa.Schema | None:
         """The token table's schema (output.granularity = subword | word), else None. Token
@@ -100,7 +118,10 @@ class UnitEmbedder:
         job, runtime, self.plan = plan.job, plan.runtime, plan
         self.tokenizer = tokenizer_for(plan.source, runtime, job)
         self.chunking = ChunkPolicy.for_job(job, self.tokenizer)
-        if plan.sparse:
+        if plan.multi_head:
+            from ..encode.m3_heads import M3Encoder
+            self.encoder = M3Encoder(plan.source, runtime, plan.representations)
+        elif plan.sparse:
             from ..encode.sparse import SparseEncoder, SparseSettings
             self.encoder = SparseEncoder(plan.source, runtime, SparseSettings.for_job(job))
         else:
@@ -138,6 +159,6 @@ class UnitEmbedder:
                             token_schema=self.plan.tokens_schema(),
                             token_mean=self.token_policy is not None and self.token_policy.mean,
                             memory=self.memory, rescore=self.plan.rescore,
-                            sparse=self.plan.sparse)
+                            sparse=self.plan.sparse, multi_head=self.plan.multi_head)
         run_stages(lambda channel: preparer.run(units, channel), self.encode,
                    writer.run, stats)

@@ -29,15 +29,16 @@ class WriteStage:
                  progress: Callable[[int], None], normalize: bool = False,
                  token_schema: pa.Schema | None = None, token_mean: bool = False,
                  memory: RunMemory | None = None, rescore: Precision | None = None,
-                 sparse: bool = False):
+                 sparse: bool = False, multi_head: bool = False):
         """normalize: L2-normalise texts' pooled windows (long_text = "chunk", chunks = "pool");
         token_schema: the token table's (output.granularity = subword | word), whose rows are
         their sub-tokens' mean when token_mean (word_pooling = "mean"); precision: what a
         window's vectors become before they are written or held (reused rows are stored values
         already, so encoded, reused and copied rows merge alike); rescore: the precision of a
         second copy kept as rescore_vector (output.rescore_precision); sparse: the encoder sends
-        CSR rows (a SPLADE folder), written as sparse_indices / sparse_values."""
-        self.sparse = sparse
+        CSR rows (a SPLADE folder), written as sparse_indices / sparse_values; multi_head: the
+        encoder sends M3Rows (a BGE-M3 folder's representations: encode/m3_heads.py)."""
+        self.sparse, self.multi_head = sparse, multi_head
         self.token_schema, self.token_mean = token_schema, token_mean
         self.store, self.schema = store, schema
         self.rows_per_file, self.precision, self.rescore = rows_per_file, precision, rescore
@@ -89,6 +90,10 @@ class WriteStage:
         self.rejects.append(item.rejects)
 
     def _encoded(self, item: Encoded) -> None:
+        if self.multi_head:
+            self.vectors = (self.vectors or []) + [(item.positions, item.vectors)]
+            self.filled += 1
+            return
         if self.sparse:
             self.vectors = (self.vectors or []) + [(item.positions, item.vectors)]
             self.filled += 1
@@ -141,7 +146,10 @@ class WriteStage:
         if not n:  # every text of the window rejected, or taken from stored rows
             self.progress(window.rejects.num_rows)
             return
-        if self.sparse:
+        if self.multi_head:
+            rows = {**head_rows(vectors, n), "n_tokens": window.n_tokens,
+                    "truncated": window.truncated}
+        elif self.sparse:
             rows = {**sparse_rows(vectors, n), "n_tokens": window.n_tokens,
                     "truncated": window.truncated}
         elif windows is None:
@@ -221,3 +229,23 @@ def sparse_rows(batches: list | None, n: int) -> dict[str, np.ndarray]:
             indices[position] = csr.indices[start:end].astype(np.int32)
             values[position] = csr.data[start:end].astype(np.float32)
     return {"sparse_indices": indices, "sparse_values": values}
+
+
+def head_rows(batches: list | None, n: int) -> dict[str, np.ndarray]:
+    """A window's M3Rows batches (positions, rows) as its rows' columns, in window order: the
+    dense vector, sparse_indices / sparse_values, the multivectors (each where asked)."""
+    batches = batches or []
+    rows: dict = {}
+    first = batches[0][1] if batches else None
+    if first is not None and first.dense is not None:
+        rows["vector"] = np.empty((n, first.dense.shape[1]), np.float32)
+        for positions, got in batches:
+            rows["vector"][positions] = got.dense
+    if first is not None and first.sparse is not None:
+        rows.update(sparse_rows([(p, got.sparse) for p, got in batches], n))
+    if first is not None and first.multivectors is not None:
+        rows["multivectors"] = np.empty(n, object)
+        for positions, got in batches:
+            for position, vectors in zip(positions.tolist(), got.multivectors):
+                rows["multivectors"][position] = vectors
+    return rows

@@ -1,0 +1,112 @@
+"""A multi-head (BGE-M3) folder's representations, all from one forward of the body.
+
+As FlagEmbedding's BGEM3FlagModel computes them from the last hidden state h:
+dense: h of the first token (CLS), L2-normalised; sparse: relu(sparse_linear(h)) a token, a
+token id's weight the max over its occurrences, the tokenizer's cls, eos, pad and unk ids
+dropped (as CSR over the vocabulary); multivector: colbert_linear(h[:, 1:]), each vector
+L2-normalised, a row's real tokens after the first only (its last, </s>, included). The head
+weights are the folder's own sparse_linear.pt / colbert_linear.pt (models/m3_folder.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from ..config import ConfigError
+from ..models.m3_folder import COLBERT_HEAD, HEAD_OF, SPARSE_HEAD, load_head
+from ..models.model_files import ModelSource
+from ..runtime.runtime import TORCH_DTYPES, Runtime, check_here
+from .batching import Batch
+from .encoder import cached_model
+from .sparse import to_csr
+
+
+@dataclass
+class M3Rows:
+    """One batch's rows in each representation asked (None: not asked)."""
+    dense: np.ndarray | None  # [rows, hidden] float32
+    sparse: sp.csr_matrix | None  # [rows, vocabulary] float32
+    multivectors: list[np.ndarray] | None  # a [tokens - 1, d] float32 array a row
+
+
+def _linear(state: dict) -> torch.nn.Linear:
+    out, inp = state["weight"].shape
+    layer = torch.nn.Linear(inp, out)
+    layer.load_state_dict(state)
+    return layer.eval().requires_grad_(False)
+
+
+def unused_ids(path) -> list[int]:
+    """The ids FlagEmbedding drops from sparse rows: the tokenizer's cls, eos, pad and unk."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = (tokenizer.cls_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+           tokenizer.unk_token_id)
+    return sorted({i for i in ids if i is not None})
+
+
+class M3Encoder:
+    """Padded token batches to M3Rows: the body once, then each asked head."""
+
+    def __init__(self, source: ModelSource, runtime: Runtime, representations: tuple[str, ...]):
+        check_here(runtime, source)
+        if source.m3 is None:
+            raise ConfigError(f"model folder {source.path} has no BGE-M3 heads")
+        self.runtime, self.representations = runtime, representations
+        self.device, self.dtype = runtime.torch_device, runtime.dtype
+        self.model = cached_model(source, runtime)
+        missing = [k for k in getattr(self.model, "embedpipe_missing_weights", [])
+                   if not k.startswith("pooler.")]
+        if missing:
+            raise ConfigError(f"model folder {source.path} lacks weights of its body "
+                              f"({', '.join(missing[:4])}); transformers would initialise them "
+                              f"at random, so every run would give other vectors")
+        hidden = int(self.model.config.hidden_size)
+        self.vocabulary = int(self.model.config.vocab_size)
+        self.sparse_head = self.colbert_head = None
+        if "sparse" in representations:
+            self.sparse_head = _linear(load_head(source.m3, SPARSE_HEAD, hidden)).to(self.device)
+            self.unused = torch.tensor(unused_ids(source.path), dtype=torch.int64)
+        if "multivector" in representations:
+            self.colbert_head = _linear(load_head(source.m3, COLBERT_HEAD, hidden)).to(
+                self.device)
+        self.width = hidden  # the dense vector's
+        self.multivector_dim = None if self.colbert_head is None else \
+            self.colbert_head.out_features
+        self.oom_splits = 0  # no out-of-memory back-off here: a batch that does not fit fails
+        self.pad_multiple = runtime.pad_multiple
+
+    def encode_batch(self, batch: Batch) -> M3Rows:
+        ids = batch.input_ids.to(self.device)
+        mask = batch.attention_mask.to(self.device)
+        autocast = self.dtype != "float32" and self.device.type == "cpu"
+        with torch.inference_mode(), torch.autocast(self.device.type, enabled=autocast,
+                                                    dtype=TORCH_DTYPES[self.dtype]):
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            dense = sparse = multi = None
+            if "dense" in self.representations:
+                dense = torch.nn.functional.normalize(hidden[:, 0], dim=-1).cpu().numpy()
+            if self.sparse_head is not None:
+                sparse = to_csr(self._sparse(hidden, ids))
+            if self.colbert_head is not None:
+                multi = self._colbert(hidden, mask)
+        return M3Rows(dense, sparse, multi)
+
+    def _sparse(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        weights = torch.relu(self.sparse_head(hidden).float()).squeeze(-1)  # [rows, tokens]
+        rows = torch.zeros(len(ids), self.vocabulary, device=hidden.device)
+        rows.scatter_reduce_(1, ids, weights, reduce="amax")  # an id's max over occurrences
+        rows[:, self.unused.to(hidden.device)] = 0  # padding's id is among them
+        return rows
+
+    def _colbert(self, hidden: torch.Tensor, mask: torch.Tensor) -> list[np.ndarray]:
+        vectors = self.colbert_head(hidden[:, 1:]).float() * mask[:, 1:, None].float()
+        vectors = torch.nn.functional.normalize(vectors, dim=-1).cpu().numpy()
+        lengths = (mask.sum(1) - 1).tolist()
+        return [np.ascontiguousarray(vectors[i, :n]) for i, n in enumerate(lengths)]
+
+
+__all__ = ["M3Encoder", "M3Rows", "HEAD_OF"]
