@@ -37,7 +37,8 @@ def build_m3(path: Path, colbert_dim: int = 24, heads=("sparse", "colbert")) -> 
     torch.manual_seed(0)
     config = XLMRobertaConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2,
                               num_attention_heads=2, intermediate_size=64,
-                              max_position_embeddings=MAX_LENGTH + 2)
+                              max_position_embeddings=MAX_LENGTH + 2,
+                              initializer_range=0.5)  # random vectors that differ
     XLMRobertaModel(config, add_pooling_layer=False).eval().save_pretrained(path)
     fast.save_pretrained(path)
     if "sparse" in heads:

@@ -109,4 +109,27 @@ class M3Encoder:
         return [np.ascontiguousarray(vectors[i, :n]) for i, n in enumerate(lengths)]
 
 
-__all__ = ["M3Encoder", "M3Rows", "HEAD_OF"]
+
+
+def encode_m3_texts(tokenizer, encoder: M3Encoder, texts: list[str], batch_tokens: int,
+                    max_batch_size: int) -> M3Rows:
+    """M3Rows of texts, in text order: tokenized, batched (one forward a batch), put back."""
+    from .batching import collate, plan_batches
+
+    ids = tokenizer(list(texts)).ids
+    lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
+    got, order = [], []
+    for positions in plan_batches(lengths, batch_tokens, max_batch_size):
+        got.append(encoder.encode_batch(collate(ids, positions, tokenizer.pad_id,
+                                                encoder.pad_multiple)))
+        order.append(positions)
+    back = np.argsort(np.concatenate(order)) if order else np.zeros(0, np.int64)
+    first = got[0] if got else M3Rows(None, None, None)
+    dense = None if first.dense is None else np.concatenate([g.dense for g in got])[back]
+    sparse = None if first.sparse is None else sp.vstack([g.sparse for g in got],
+                                                          format="csr")[back]
+    multi = None
+    if first.multivectors is not None:
+        flat = [v for g in got for v in g.multivectors]
+        multi = [flat[i] for i in back]
+    return M3Rows(dense, sparse, multi)
