@@ -123,6 +123,9 @@ def fetch_data(dest: str, bench_dest: str | None) -> None:
               help="Take N x k candidates from the index, re-rank them by the float query "
                    "against their kept vectors ([output] rescore_precision, else the stored "
                    "ones), and keep the best k: for binary, int8 and IVF-PQ indexes.")
+@click.option("--maxsim", type=click.Choice(["auto", "exact", "candidates"]), default="auto",
+              help="Multi-vector folders: score every row (exact), or rescore the rows a token "
+                   "index finds (candidates); auto: exact up to 4,000,000 stored tokens.")
 @click.option("--hybrid", is_flag=True,
               help="For a folder of several representations (a BGE-M3 folder's dense, sparse, "
                    "multivector): reciprocal-rank fusion of each one's ranking (without it, "
@@ -132,7 +135,7 @@ def fetch_data(dest: str, bench_dest: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the hits as JSON.")
 def search(out: str, query: str | None, k: int, queries: str | None, results: str | None,
            text_column: str, id_column: str, text_pair_column: str | None, per_chunk: bool,
-           sink: str | None, rescore: int | None, hybrid: bool, rrf_k: int,
+           sink: str | None, rescore: int | None, maxsim: str, hybrid: bool, rrf_k: int,
            as_json: bool) -> None:
     """Search the index of output folder OUT for QUERY (or the texts of --queries).
 
@@ -148,11 +151,13 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
     embedpipe search out/movie-reviews "a warm, funny film" --sink movie_reviews
     embedpipe search out/binary-reviews "a warm, funny film" --rescore 4
 
-    A sparse (SPLADE) folder is ranked by the exact sparse dot product (docs/sparse.md). A
+    A sparse (SPLADE) folder is ranked by the exact sparse dot product (docs/sparse.md); a
+    multi-vector (ColBERT) folder by MaxSim over its token vectors (docs/multivector.md). A
     folder of several representations (BGE-M3) is searched by its dense vectors, or with
     --hybrid by the fusion of every stored one's ranking (docs/multi-representation.md).
     """
     from .commands.search import Searcher, render_hits
+    from .commands.multivector_search import MultiVectorSearcher, is_multivector_folder
     from .commands.sparse_search import SparseSearcher, is_sparse_folder
 
     if (query is None) == (queries is None):
@@ -183,6 +188,11 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
                 raise ConfigError(f"{out} holds sparse (SPLADE) vectors, ranked exactly: "
                                   f"--rescore and --per-chunk do not apply")
             searcher = SparseSearcher(out)
+        elif is_multivector_folder(out):  # MaxSim over token vectors (docs/multivector.md)
+            if rescore or per_chunk:
+                raise ConfigError(f"{out} holds multi-vector (ColBERT) rows, ranked by MaxSim: "
+                                  f"--rescore and --per-chunk do not apply")
+            searcher = MultiVectorSearcher(out, mode=maxsim)
         else:
             searcher = Searcher(out, per_chunk=per_chunk, rescore=rescore)
         if queries:

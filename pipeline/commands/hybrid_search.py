@@ -18,7 +18,7 @@ from ..index.files import INFOS_FILE
 from ..index.maxsim import maxsim_scores, top_rows
 from ..io.ledger import Ledger
 from ..io.manifest import MANIFEST, read_manifest
-from ..io.multivectors import multivector_files, stored_tokens
+from ..io.multivectors import stored_tokens
 from ..io.output import open_output
 from ..io.storage import Store
 from ..io.vectors import VectorParts
@@ -77,7 +77,8 @@ class HybridSearcher(Searcher):
         self.record = EmbeddingRecord.from_manifest(manifest, f"{out}/{MANIFEST}")
         self.embedder = M3Queries(self.record, device, purpose="query")
         self.rrf_k = rrf_k
-        files = Ledger(self.store).vector_files()
+        ledger = Ledger(self.store)
+        files = ledger.vector_files()
         parts = VectorParts(self.store, files)
         self.part_files, self.part_starts = files, np.cumsum([0] + parts.rows()).tolist()
         ids = [c for t in parts.read(["id"]) for c in t.column("id").chunks]
@@ -93,7 +94,7 @@ class HybridSearcher(Searcher):
         if "sparse" in self.representations:
             self.postings = folder.sparse().tocsc()
         if "multivector" in self.representations:
-            self.tokens = stored_tokens(self.store, multivector_files(files))
+            self.tokens = stored_tokens(self.store, ledger.multivector_files())
 
     @property
     def metric(self) -> str:

@@ -25,6 +25,8 @@ POOLING_PRESETS: dict[str, tuple[tuple[int, ...], str, str]] = {
 REPRESENTATIONS = ("dense", "sparse", "multivector")
 # a SparseEncoder (SPLADE) folder's SpladePooling: docs/sparse.md
 SPARSE_POOLINGS = ("splade-max", "splade-sum")
+# a MultiVectorEncoder (ColBERT) folder: every token's vector kept: docs/multivector.md
+MULTIVECTOR_POOLING = "multivector"
 
 
 def key(default: Any = MISSING, doc: str = "", *, choices: tuple[str, ...] = (),
@@ -89,7 +91,7 @@ class EncodeConfig:
     pooling: str = key("auto", "How token vectors become one vector; auto: the pooling the "
                        "model folder was trained with (1_Pooling), else mean.",
                        choices=("auto", "cls", "mean", "max", "concat-last-four", "pooler",
-                                *SPARSE_POOLINGS))
+                                *SPARSE_POOLINGS, MULTIVECTOR_POOLING))
     layers: tuple[int, ...] | None = key(None, "Hidden-state layers to pool (0 = the embedding "
                                          "layer's output, -1 the last); unset: the pooling "
                                          "mode's own.")
@@ -140,11 +142,16 @@ class EncodeConfig:
         """A SparseEncoder (SPLADE) pooling: rows over the vocabulary (encode/sparse.py)."""
         return self.pooling in SPARSE_POOLINGS
 
+    @property
+    def multivector(self) -> bool:
+        """A MultiVectorEncoder (ColBERT) folder's rows: token vectors (encode/multivector.py)."""
+        return self.pooling == MULTIVECTOR_POOLING
+
     def pooling_spec(self) -> tuple[tuple[int, ...], str, str] | None:
         """The effective (layers, layer_combine, token_pooling); None for the model's pooler."""
         if self.pooling == "auto":
             raise ValueError("pooling 'auto' is resolved against the model first (resolve_recipe)")
-        if self.pooling == "pooler" or self.sparse:
+        if self.pooling == "pooler" or self.sparse or self.multivector:
             return None
         layers, combine, token = POOLING_PRESETS[self.pooling]
         return (self.layers or layers, self.layer_combine or combine, self.token_pooling or token)

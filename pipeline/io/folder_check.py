@@ -34,7 +34,10 @@ def unit_problems(ledger: Ledger, damage: dict[str, list[str]] | None = None) ->
                             f"vectors + {c.rejects} rejects recorded")
         for files, recorded, what in ((record.vector_files, record.stored_rows, "vectors"),
                                       (record.reject_files, c.rejects, "rejects"),
-                                      (record.token_files, c.token_rows, "token")):
+                                      (record.token_files, c.token_rows, "token"),
+                                      (record.multivector_files,
+                                       record.stored_rows if record.multivector_files else 0,
+                                       "multivectors")):
             rows = sum(_rows(ledger, record, f) for f in files)
             if rows != recorded:
                 problems.append(f"{where}: its {what} parts hold {rows} rows, {recorded} recorded")

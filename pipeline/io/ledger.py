@@ -182,9 +182,13 @@ class Ledger:
         """The token table's committed parts, in row order (input order)."""
         return [f for r in self.complete_units() for f in r.token_files]
 
+    def multivector_files(self) -> list[str]:
+        """A multi-vector folder's token-vector parts, in row order (io/multivectors.py)."""
+        return [f for r in self.complete_units() for f in r.multivector_files]
+
 
 # What an output folder holds besides its manifest; anything else without a manifest is foreign.
-OWN_ENTRIES = {LOCK, "vectors", "rejects", "tokens", "index", "heads"}
+OWN_ENTRIES = {LOCK, "vectors", "rejects", "tokens", "index", "heads", "multivectors"}
 
 
 def refuse_foreign_folder(store: Store) -> None:

@@ -79,6 +79,8 @@ class UnitRecord:
     vector_files: list[str] = field(default_factory=list)
     reject_files: list[str] = field(default_factory=list)
     token_files: list[str] = field(default_factory=list)  # the token table's parts (tokens/)
+    # a multi-vector folder's token vectors (multivectors/), a part for each vector part
+    multivector_files: list[str] = field(default_factory=list)
     seconds: float = 0.0
     error: str | None = None
     checks: dict[str, FileCheck] = field(default_factory=dict)  # per file: bytes, rows, footer, digest
@@ -100,7 +102,7 @@ class UnitRecord:
 
     @property
     def files(self) -> list[str]:
-        return self.vector_files + self.reject_files + self.token_files
+        return self.vector_files + self.reject_files + self.token_files + self.multivector_files
 
     def damage(self, store: Store, full: bool = False) -> list[str]:
         """Why the unit's committed files no longer match the record: one line a bad file
@@ -128,6 +130,8 @@ class UnitRecord:
         data.update(vectors=self.vector_files, rejects_files=self.reject_files)
         if self.token_files:  # a text-only unit's record as before token-level output
             data.update(token_files=self.token_files, token_rows=c.token_rows)
+        if self.multivector_files:
+            data.update(multivector_files=self.multivector_files)
         data.update(seconds=self.seconds, error=self.error,
                     checks={f: check.to_json() for f, check in self.checks.items()})
         return data

@@ -90,7 +90,7 @@ class Output:
         return tuple(name for name, present in stored.items() if present)
 
     def _has_multivectors(self) -> bool:
-        return False
+        return bool(Ledger(self.store).multivector_files())
 
     def sparse(self):
         """scipy.sparse.csr_matrix [count, vocabulary], float32, in row order (docs/sparse.md)."""

@@ -29,6 +29,7 @@ from .content_hash import hash_bytes, hash_keys, id_keys, pair_keys, text_hashes
 from .reader import Unit, read_unit
 from .rejects import plain_texts, row_reasons
 from .storage import Store
+from .multivectors import MULTIVECTOR_COLUMN, ROW_KEY, multivector_files
 from .vectors import LABEL_COLUMN
 from .writer import NEW_LABEL
 
@@ -277,6 +278,14 @@ class StoredRows:
         table = pa.concat_tables(tables)
         return table.take(pa.array(np.argsort(np.concatenate(where), kind="stable"), pa.int64()))
 
+    def _multivectors(self, part: int, group: int, rows: int) -> pa.ChunkedArray:
+        """The token vectors of a vector part's row group, from its multivectors/ part."""
+        name = multivector_files([self.files[part]])[0]
+        start = int(self._row_groups(part)[group])
+        with reading(name):
+            column = _parquet(self.store, name).read(columns=[MULTIVECTOR_COLUMN]).column(0)
+        return column.slice(start, rows)
+
     def _row_groups(self, part: int) -> np.ndarray:
         if part not in self._groups:
             meta = _parquet(self.store, self.files[part]).metadata
@@ -291,6 +300,9 @@ class StoredRows:
                 parquet = _parquet(self.store, self.files[part])
                 present = [c for c in columns if c in parquet.schema_arrow.names]
                 table = parquet.read_row_group(group, columns=present)
+            if ROW_KEY in columns:  # a multi-vector folder: the parallel multivectors/ part
+                table = table.append_column(ROW_KEY, self._multivectors(part, group,
+                                                                        table.num_rows))
             if LABEL_COLUMN in columns and LABEL_COLUMN not in present:
                 # a part written before rows kept their labels: its rows get new ones
                 table = table.append_column(LABEL_COLUMN, pa.array(

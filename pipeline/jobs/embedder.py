@@ -16,6 +16,7 @@ from ..encode.token_output import TokenPolicy
 from ..io.precision import CALIBRATED, Calibration, Precision
 from ..io.reader import Unit
 from ..io.registry import ReuseSource
+from ..io.multivectors import ROW_KEY, multivector_schema
 from ..io.storage import Store
 from ..io.writer import tokens_schema, vectors_schema
 from .reuse import MEMORY_BYTES, ReusePlanner, RunMemory
@@ -42,20 +43,28 @@ class EmbedPlan:
         return self.job.encode.sparse
 
     @property
+    def multivector(self) -> bool:
+        """A multi-vector (ColBERT) folder: each row's token vectors (encode/multivector.py)."""
+        return self.job.encode.multivector
+
+    @property
     def representations(self) -> tuple[str, ...]:
         """What each row is stored as: a BGE-M3 folder's asked heads (encode/m3_heads.py), a
-        sparse folder's sparse rows, else dense vectors."""
+        sparse folder's sparse rows, a multi-vector folder's token vectors, else dense."""
         if self.job.output.representations:
             return self.job.output.representations
-        return ("sparse",) if self.sparse else ("dense",)
+        return ("sparse",) if self.sparse else ("multivector",) if self.multivector else \
+            ("dense",)
 
     @property
     def multi_head(self) -> bool:
         """Rows from a BGE-M3 folder's heads beyond dense (encode/m3_heads.py)."""
-        return self.representations != ("dense",) and not self.sparse
+        return bool(self.job.output.representations) and self.representations != ("dense",)
 
     @property
     def width(self) -> int:
+        if self.multivector:
+            return self.source.st.multivector.dim
         if self.sparse:
             return int(self.source.config.vocab_size)
         return EncoderSettings.for_job(self.job).width(self.source.hidden_size)
@@ -76,15 +85,31 @@ class EmbedPlan:
     def vectors_schema(self) -> pa.Schema:
         chunks = self.job.output.chunks if self.job.encode.long_text == "chunk" else None
         rescore = self.rescore
-        return vectors_schema(pa.type_for_alias(self.id_type), self.precision.width(self.width),
-                              self.precision.storage, self.keep_schema, chunks,
-                              None if rescore is None else (self.width, rescore.storage),
-                              self.width if self.sparse else self._vocabulary(),
-                              "dense" in self.representations)
+        schema = vectors_schema(pa.type_for_alias(self.id_type), self.precision.width(self.width),
+                                self.precision.storage, self.keep_schema, chunks,
+                                None if rescore is None else (self.width, rescore.storage),
+                                self.width if self.sparse else self._vocabulary(),
+                                "dense" in self.representations)
+        if self.multivector:  # the row's bookkeeping only: its vectors go to multivectors/
+            schema = schema.remove(schema.get_field_index("vector"))
+        return schema
 
     def _vocabulary(self) -> int | None:
         """A BGE-M3 folder's sparse rows' width: the body's vocabulary."""
         return int(self.source.config.vocab_size) if "sparse" in self.representations else None
+
+    def multivectors_schema(self) -> pa.Schema | None:
+        """The multivectors/ parts' schema (a multi-vector folder, or a BGE-M3 folder storing
+        its colbert vectors), else None."""
+        if "multivector" not in self.representations:
+            return None
+        dim = self.width if self.multivector else self._colbert_dim()
+        return multivector_schema(pa.type_for_alias(self.id_type), dim, self.precision.storage)
+
+    def _colbert_dim(self) -> int:
+        from ..models.m3_folder import COLBERT_HEAD, load_head
+        return int(load_head(self.source.m3, COLBERT_HEAD, self.source.hidden_size)[
+            "weight"].shape[0])
 
     def tokens_schema(self) -> pa.Schema | None:
         """The token table's schema (output.granularity = subword | word), else None. Token
@@ -105,7 +130,8 @@ class EmbedPlan:
         """The columns a reused row takes from its stored row: vector, n_tokens, ... (and a
         window's chunk and spans, in a folder of one row a window)."""
         own = {"id", "text_hash", *self.job.output.keep_columns}
-        return [n for n in self.vectors_schema().names if n not in own]
+        return [n for n in self.vectors_schema().names if n not in own] + (
+            [ROW_KEY] if "multivector" in self.representations else [])
 
 
 class UnitEmbedder:
@@ -121,6 +147,9 @@ class UnitEmbedder:
         if plan.multi_head:
             from ..encode.m3_heads import M3Encoder
             self.encoder = M3Encoder(plan.source, runtime, plan.representations)
+        elif plan.multivector:
+            from ..encode.multivector import MultiVectorEncoder
+            self.encoder = MultiVectorEncoder(plan.source, runtime, plan.source.st.multivector)
         elif plan.sparse:
             from ..encode.sparse import SparseEncoder, SparseSettings
             self.encoder = SparseEncoder(plan.source, runtime, SparseSettings.for_job(job))
@@ -134,7 +163,9 @@ class UnitEmbedder:
             self.encode = TokenEncoder(self.encoder)
         self.flow = FlowSettings.for_job(job, runtime)
         # repeated texts this worker encoded, for as long as it lives (across its units)
-        self.memory = RunMemory(capacity=MEMORY_BYTES // (4 * plan.width))
+        # (a multi-vector row counted as 128 token vectors)
+        self.memory = RunMemory(capacity=MEMORY_BYTES // (4 * plan.width * (
+            128 if "multivector" in plan.representations else 1)))
 
     def embed(self, units: list[tuple[Unit, int]], duplicates: dict[str, set[int]],
               on_unit_done: Callable, progress: Callable[[int], None], stats: Stats,
@@ -159,6 +190,7 @@ class UnitEmbedder:
                             token_schema=self.plan.tokens_schema(),
                             token_mean=self.token_policy is not None and self.token_policy.mean,
                             memory=self.memory, rescore=self.plan.rescore,
-                            sparse=self.plan.sparse, multi_head=self.plan.multi_head)
+                            sparse=self.plan.sparse, multi_head=self.plan.multi_head,
+                            multivectors=self.plan.multivectors_schema())
         run_stages(lambda channel: preparer.run(units, channel), self.encode,
                    writer.run, stats)

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..io.content_hash import hash_bytes, hash_keys
+from ..io.multivectors import row_arrays
 from ..io.registry import ReuseSource, confirmed
 from ..io.vectors import LABEL_COLUMN, to_matrix
 from ..io.writer import NEW_LABEL
@@ -142,6 +143,10 @@ class ReusePlanner:
 
 
 def _values(column: pa.ChunkedArray) -> np.ndarray:
+    if pa.types.is_list(column.type) and pa.types.is_fixed_size_list(column.type.value_type):
+        rows = np.empty(len(column), object)  # multi-vector rows: one [tokens, dim] array each
+        rows[:] = row_arrays(column) if len(column) else []
+        return rows
     if pa.types.is_fixed_size_list(column.type):
         return to_matrix(column)
     return column.combine_chunks().to_numpy(zero_copy_only=False)

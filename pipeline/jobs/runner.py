@@ -32,6 +32,7 @@ from ..io.content_hash import CONTENT_HASH
 from ..io.registry import ReuseSource, StoredRows, scan_input
 from ..io.storage import Store, filesystem
 from ..io.vectors import VectorParts
+from ..io.multivectors import MULTIVECTORS_DIR
 from ..io.writer import REJECTS_DIR, TOKENS_DIR, VECTORS_DIR, remove_files
 from ..sinks.base import Sink, SinkError, SinkLoad, close_all, preflight, prune_records, sync_sink
 from ..sinks.make import make_sink
@@ -79,7 +80,7 @@ def id_type_of(unit_schema: pa.Schema, id_column: str) -> pa.DataType:
 def _wipe(store: Store) -> None:
     """--mode overwrite: the manifest goes first, so a crash mid-wipe leaves only strays."""
     store.remove(MANIFEST)
-    for folder in (VECTORS_DIR, REJECTS_DIR, TOKENS_DIR, INDEX_DIR):
+    for folder in (VECTORS_DIR, REJECTS_DIR, TOKENS_DIR, MULTIVECTORS_DIR, INDEX_DIR):
         for name in store.listdir(folder):
             store.remove(posixpath.join(folder, name))
 
@@ -88,7 +89,7 @@ def _sweep(store: Store, ledger: Ledger) -> int:
     """Remove temporaries and parts that no committed unit names (left by a killed run)."""
     named = {f for r in [*ledger.units.values(), *ledger.retired] for f in r.files}
     swept = 0
-    for folder in (VECTORS_DIR, REJECTS_DIR, TOKENS_DIR, INDEX_DIR):
+    for folder in (VECTORS_DIR, REJECTS_DIR, TOKENS_DIR, MULTIVECTORS_DIR, INDEX_DIR):
         swept += len(store.sweep_temporaries(folder))
         if folder == INDEX_DIR:
             continue

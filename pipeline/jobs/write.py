@@ -14,6 +14,8 @@ from ..encode.token_output import gather
 from ..faults import checkpoint
 from ..io.checks import check_file
 from ..io.manifest import UnitCounts, UnitRecord
+from ..io.multivectors import (MULTIVECTOR_COLUMN, MULTIVECTORS_DIR, ROW_KEY,
+                               multivector_array)
 from ..io.precision import Precision
 from ..io.vectors import LABEL_COLUMN
 from ..io.writer import NEW_LABEL, TOKENS_DIR, UnitWriter, write_rejects
@@ -29,16 +31,20 @@ class WriteStage:
                  progress: Callable[[int], None], normalize: bool = False,
                  token_schema: pa.Schema | None = None, token_mean: bool = False,
                  memory: RunMemory | None = None, rescore: Precision | None = None,
-                 sparse: bool = False, multi_head: bool = False):
+                 sparse: bool = False, multivectors: pa.Schema | None = None,
+                 multi_head: bool = False):
         """normalize: L2-normalise texts' pooled windows (long_text = "chunk", chunks = "pool");
         token_schema: the token table's (output.granularity = subword | word), whose rows are
         their sub-tokens' mean when token_mean (word_pooling = "mean"); precision: what a
         window's vectors become before they are written or held (reused rows are stored values
         already, so encoded, reused and copied rows merge alike); rescore: the precision of a
         second copy kept as rescore_vector (output.rescore_precision); sparse: the encoder sends
-        CSR rows (a SPLADE folder), written as sparse_indices / sparse_values; multi_head: the
-        encoder sends M3Rows (a BGE-M3 folder's representations: encode/m3_heads.py)."""
-        self.sparse, self.multi_head = sparse, multi_head
+        CSR rows (a SPLADE folder), written as sparse_indices / sparse_values; multivectors: the
+        multivectors/ parts' schema (a multi-vector folder: the encoder sends each row's token
+        vectors, written there beside the vector part's row: io/multivectors.py); multi_head:
+        the encoder sends M3Rows (a BGE-M3 folder's representations: encode/m3_heads.py)."""
+        self.sparse, self.multivectors, self.multi_head = sparse, multivectors, multi_head
+        self.mv_writer: UnitWriter | None = None
         self.token_schema, self.token_mean = token_schema, token_mean
         self.store, self.schema = store, schema
         self.rows_per_file, self.precision, self.rescore = rows_per_file, precision, rescore
@@ -73,6 +79,7 @@ class WriteStage:
                 self.stats.seconds["write"] += time.perf_counter() - tick
         finally:  # a stopped run's open parts are let go here, while their files are still open
             self.writer = self.token_writer = self.window = self.vectors = None
+            self.mv_writer = None
 
     def _start(self, item: UnitStart) -> None:
         self.unit_id = item.unit_id
@@ -81,6 +88,9 @@ class WriteStage:
         if self.token_schema is not None:
             self.token_writer = UnitWriter(self.store, item.unit_id, self.token_schema,
                                            self.rows_per_file, self.vector_dtype, TOKENS_DIR)
+        if self.multivectors is not None:
+            self.mv_writer = UnitWriter(self.store, item.unit_id, self.multivectors,
+                                        self.rows_per_file, self.vector_dtype, MULTIVECTORS_DIR)
         self.counts, self.rejects = UnitCounts(), []
         self.unit_rows = 0
 
@@ -90,11 +100,7 @@ class WriteStage:
         self.rejects.append(item.rejects)
 
     def _encoded(self, item: Encoded) -> None:
-        if self.multi_head:
-            self.vectors = (self.vectors or []) + [(item.positions, item.vectors)]
-            self.filled += 1
-            return
-        if self.sparse:
+        if self.sparse or self.multi_head or self.multivectors is not None:
             self.vectors = (self.vectors or []) + [(item.positions, item.vectors)]
             self.filled += 1
             return
@@ -111,6 +117,7 @@ class WriteStage:
             raise RuntimeError("internal: encoded rows left without their Assemble")
         files = self.writer.close()
         token_files = self.token_writer.close() if self.token_writer is not None else []
+        mv_files = self.mv_writer.close() if self.mv_writer is not None else []
         reject_table = pa.concat_tables(self.rejects) if self.rejects else None
         reject_files = write_rejects(self.store, self.unit_id, reject_table) if reject_table else []
         reasons = Counter(reject_table.column("reason").to_pylist()) if reject_table else {}
@@ -119,16 +126,16 @@ class WriteStage:
         self.on_unit_done(UnitRecord.for_unit(
             item.unit, "complete", unit_id=self.unit_id, counts=counts,
             window_rows=self.window_rows, vector_files=files, reject_files=reject_files,
-            token_files=token_files, seconds=round(item.seconds, 3),
+            token_files=token_files, multivector_files=mv_files, seconds=round(item.seconds, 3),
             checks={f: check_file(self.store, f, full=True)
-                    for f in files + reject_files + token_files}))
-        self.writer = self.token_writer = None
+                    for f in files + reject_files + token_files + mv_files}))
+        self.writer = self.token_writer = self.mv_writer = None
 
     def _failed(self, item: UnitFailed) -> None:
-        for open_writer in (self.writer, self.token_writer):
+        for open_writer in (self.writer, self.token_writer, self.mv_writer):
             if open_writer is not None:
                 open_writer.abort()
-        self.writer = self.token_writer = None
+        self.writer = self.token_writer = self.mv_writer = None
         self.held = []
         self.on_unit_done(UnitRecord.for_unit(item.unit, "failed", error=item.error,
                                               counts=UnitCounts(rows_in=item.rows_in)))
@@ -151,6 +158,9 @@ class WriteStage:
                     "truncated": window.truncated}
         elif self.sparse:
             rows = {**sparse_rows(vectors, n), "n_tokens": window.n_tokens,
+                    "truncated": window.truncated}
+        elif self.multivectors is not None:
+            rows = {ROW_KEY: by_position(vectors, n), "n_tokens": window.n_tokens,
                     "truncated": window.truncated}
         elif windows is None:
             rows = {"vector": vectors, "n_tokens": window.n_tokens, "truncated": window.truncated}
@@ -205,6 +215,12 @@ class WriteStage:
             new = np.flatnonzero(labels == NEW_LABEL)
             labels[new] = (self.unit_id << 32) | (self.unit_rows + new)
             rows = {**rows, LABEL_COLUMN: labels}
+        if self.mv_writer is not None:
+            token_vectors = rows[ROW_KEY]
+            rows = {c: v for c, v in rows.items() if c != ROW_KEY}
+            dim = self.multivectors.field(MULTIVECTOR_COLUMN).type.value_type.list_size
+            self.mv_writer.write(ids, {LABEL_COLUMN: rows[LABEL_COLUMN], MULTIVECTOR_COLUMN:
+                                       multivector_array(token_vectors, dim, self.vector_dtype)})
         self.writer.write(ids, rows, keep)
         self.unit_rows += len(ids)
 
@@ -233,7 +249,7 @@ def sparse_rows(batches: list | None, n: int) -> dict[str, np.ndarray]:
 
 def head_rows(batches: list | None, n: int) -> dict[str, np.ndarray]:
     """A window's M3Rows batches (positions, rows) as its rows' columns, in window order: the
-    dense vector, sparse_indices / sparse_values, the multivectors (each where asked)."""
+    dense vector, sparse_indices / sparse_values, the token vectors (each where asked)."""
     batches = batches or []
     rows: dict = {}
     first = batches[0][1] if batches else None
@@ -244,8 +260,15 @@ def head_rows(batches: list | None, n: int) -> dict[str, np.ndarray]:
     if first is not None and first.sparse is not None:
         rows.update(sparse_rows([(p, got.sparse) for p, got in batches], n))
     if first is not None and first.multivectors is not None:
-        rows["multivectors"] = np.empty(n, object)
-        for positions, got in batches:
-            for position, vectors in zip(positions.tolist(), got.multivectors):
-                rows["multivectors"][position] = vectors
+        rows[ROW_KEY] = by_position([(p, got.multivectors) for p, got in batches], n)
+    return rows
+
+
+def by_position(batches: list | None, n: int) -> np.ndarray:
+    """A window's multi-vector batches (positions, one array a row) as an object array of its
+    rows' [tokens, dim] arrays, in window order, as reused rows come."""
+    rows = np.empty(n, object)
+    for positions, arrays in batches or ():
+        for position, array in zip(positions.tolist(), arrays):
+            rows[position] = array
     return rows

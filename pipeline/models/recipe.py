@@ -27,6 +27,14 @@ def resolve_recipe(job: JobConfig, source: ModelSource) -> tuple[JobConfig, list
         source = dataclasses.replace(source, m3=None)  # dense alone: a dense folder's recipe
         enc = job.encode
     representations = job.output.representations
+    if enc.multivector or (st and st.multivector):
+        if representations not in (None, ("multivector",)):
+            raise ConfigError(f"output.representations = {list(representations)}: model folder "
+                              f"{source.path} is a multi-vector (ColBERT) encoder, which stores "
+                              f"multivector rows only")
+        from .multivector_recipe import multivector_recipe
+        return multivector_recipe(dataclasses.replace(job, output=dataclasses.replace(
+            job.output, representations=None)), source, notes)
     if enc.sparse or (enc.pooling == "auto" and st and st.sparse):
         if representations not in (None, ("sparse",)):
             raise ConfigError(f"output.representations = {list(representations)}: model folder "

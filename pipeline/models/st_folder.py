@@ -5,11 +5,13 @@ prompts. Both the current layout (`pooling_mode`, sentence-transformers 5+) and 
 by name rather than silently skipped."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ConfigError
+from .multivector_folder import MultiVectorSpec, is_multivector, read_multivector
 
 # sentence-transformers' pooling modes embedpipe computes, as token poolings of the last layer
 POOLINGS = {"cls": "cls", "mean": "mean", "max": "max"}
@@ -32,6 +34,7 @@ class StFolder:
     default_prompt_name: str | None = None
     similarity: str | None = None  # cosine | dot | euclidean | manhattan
     sparse: "SparseSpec | None" = None  # a SparseEncoder folder (SPLADE): its head and query side
+    multivector: MultiVectorSpec | None = None  # a MultiVectorEncoder folder (ColBERT)
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,11 @@ def read_st_folder(path: Path) -> StFolder | None:
     if not isinstance(modules, list) or not modules:
         raise ConfigError(f"{modules_file}: expected a list of modules")
     kinds = [(_kind(str(m.get("type", ""))), path / str(m.get("path", ""))) for m in modules]
+    if is_multivector(path):
+        spec = read_multivector(path, kinds)
+        st = _with_settings(path, {"transformer": kinds[0][1], "multivector": spec})
+        return dataclasses.replace(st, prompts={**st.prompts, **dict(spec.prompts)}) \
+            if spec.prompts else st
     sparse = _sparse(path, kinds)
     if sparse is not None:
         return _with_settings(path, {"transformer": sparse[0], "sparse": sparse[1]})
