@@ -156,6 +156,7 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
     folder of several representations (BGE-M3) is searched by its dense vectors, or with
     --hybrid by the fusion of every stored one's ranking (docs/multi-representation.md).
     """
+    from .commands.hybrid_search import m3_representations
     from .commands.search import Searcher, render_hits
     from .commands.multivector_search import MultiVectorSearcher, is_multivector_folder
     from .commands.sparse_search import SparseSearcher, is_sparse_folder
@@ -177,6 +178,10 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
                                   "and --per-chunk do not apply")
             from .commands.hybrid_search import HybridSearcher
             searcher = HybridSearcher(out, rrf_k=rrf_k)
+        elif (m3 := m3_representations(out)) and "dense" in m3:  # BGE-M3: its dense vectors
+            searcher = Searcher(out, per_chunk=per_chunk, rescore=rescore)
+        elif m3:  # a BGE-M3 folder without dense vectors
+            searcher = _m3_single(out, sink, rescore, per_chunk)
         elif sink:
             if rescore:
                 raise ConfigError("--rescore re-ranks the FAISS index's candidates; it does "
@@ -204,6 +209,21 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
         hits = searcher.search([query], k).drop_columns(["query"]).to_pylist()
     click.echo(json.dumps(hits, indent=2, default=str) if as_json
                else render_hits(hits, searcher.metric))
+
+
+def _m3_single(out: str, sink, rescore, per_chunk):
+    """A BGE-M3 folder without dense vectors searched without --hybrid: its one stored
+    representation's own ranking; two or more need --hybrid."""
+    from .commands.hybrid_search import HybridSearcher
+
+    if sink or rescore or per_chunk:
+        raise ConfigError(f"{out} stores no dense vectors: --sink, --rescore and --per-chunk "
+                          f"do not apply")
+    searcher = HybridSearcher(out, fuse=False)
+    if len(searcher.representations) > 1:
+        raise ConfigError(f"{out} stores {', '.join(searcher.representations)} and no dense "
+                          f"vectors: search it with --hybrid")
+    return searcher
 
 
 @main.command("index")

@@ -63,20 +63,22 @@ def rrf_fuse(rankings: list[np.ndarray], k: int, rrf_k: int = RRF_K
 
 
 class HybridSearcher(Searcher):
-    """A multi-representation folder opened for fused search."""
+    """A BGE-M3 folder opened for search over its stored representations: fused (RRF) when
+    `fuse`, else ranked by its one stored representation's own score."""
 
-    def __init__(self, out: str, device: str | None = None, rrf_k: int = RRF_K):
+    def __init__(self, out: str, device: str | None = None, rrf_k: int = RRF_K,
+                 fuse: bool = True):
         self.store = Store(out)
         folder = open_output(out)
         self.representations = folder.representations
-        if len(self.representations) < 2:
+        if fuse and len(self.representations) < 2:
             raise ConfigError(f"--hybrid fuses two or more representations; {out} stores "
                               f"{self.representations[0] if self.representations else 'none'} "
                               f"only: search it without --hybrid")
         manifest = read_manifest(self.store)
         self.record = EmbeddingRecord.from_manifest(manifest, f"{out}/{MANIFEST}")
         self.embedder = M3Queries(self.record, device, purpose="query")
-        self.rrf_k = rrf_k
+        self.rrf_k, self.fuse = rrf_k, fuse
         ledger = Ledger(self.store)
         files = ledger.vector_files()
         parts = VectorParts(self.store, files)
@@ -98,31 +100,33 @@ class HybridSearcher(Searcher):
 
     @property
     def metric(self) -> str:
-        return "rrf"
+        if self.fuse:
+            return "rrf"
+        return {"dense": "ip", "sparse": "dot", "multivector": "maxsim"}[self.representations[0]]
 
-    def rankings(self, queries, depth: int) -> list[np.ndarray]:
-        """Each representation's ranking of the rows [queries, depth], in the order
-        dense, sparse, multivector (-1: fewer rows)."""
+    def rankings(self, queries, depth: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each stored representation's (scores, row positions) [queries, depth], best first,
+        in the order dense, sparse, multivector (-1: fewer rows)."""
         n = self.part_starts[-1]
         depth = max(1, min(depth, n))
         out = []
-        if queries.dense is not None and "dense" in self.representations:
-            if self.dense_index is not None:
-                out.append(self.dense_index.search_vectors(queries.dense, depth)[1])
-            else:
-                scores = queries.dense @ self.dense_rows.T
-                out.append(np.stack([top_rows(s, depth) for s in scores]))
-        if queries.sparse is not None and self.postings is not None:
-            out.append(sparse_top(self.postings, queries.sparse, depth)[1])
-        if queries.multivectors is not None and self.tokens is not None:
+        if self.dense_index is not None:
+            out.append(self.dense_index.search_vectors(queries.dense, depth))
+        elif self.dense_rows is not None:
+            out.append(_exact([queries.dense @ self.dense_rows.T], depth))
+        if self.postings is not None:
+            out.append(sparse_top(self.postings, queries.sparse, depth))
+        if self.tokens is not None:
             tokens, offsets = self.tokens
-            out.append(np.stack([top_rows(maxsim_scores(q, tokens, offsets), depth)
-                                 for q in queries.multivectors]))
+            out.append(_exact([maxsim_scores(q, tokens, offsets) for q in queries.multivectors],
+                              depth))
         return out
 
     def search_vectors(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(fused scores, row positions) [queries, k]; -1: fewer rows."""
-        rankings = self.rankings(queries, max(k, RRF_DEPTH))
+        """(scores, row positions) [queries, k]; -1: fewer rows. Fused: the RRF scores."""
+        if not self.fuse:
+            return self.rankings(queries, k)[0]
+        rankings = [positions for _, positions in self.rankings(queries, max(k, RRF_DEPTH))]
         count = len(rankings[0]) if rankings else 0
         scores = np.full((count, k), np.nan, np.float32)
         positions = np.full((count, k), -1, np.int64)
@@ -130,3 +134,20 @@ class HybridSearcher(Searcher):
             fused, rows = rrf_fuse([r[q] for r in rankings], k, self.rrf_k)
             scores[q, :len(rows)], positions[q, :len(rows)] = fused, rows
         return scores, positions
+
+
+def _exact(scores: list[np.ndarray], depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's scores a query -> (scores, rows) [queries, depth], ties to the lower row."""
+    rows = np.stack([top_rows(s, depth) for s in scores]) if scores else \
+        np.zeros((0, depth), np.int64)
+    return np.stack([s[r] for s, r in zip(scores, rows)]).astype(np.float32) if scores else \
+        np.zeros((0, depth), np.float32), rows
+
+
+def m3_representations(out: str) -> tuple[str, ...] | None:
+    """A BGE-M3 folder's recorded output.representations (beyond dense alone), else None."""
+    store = Store(out)
+    if not store.exists(MANIFEST):
+        return None
+    recorded = (read_manifest(store).vector_settings or {}).get("output.representations")
+    return tuple(recorded) if recorded else None

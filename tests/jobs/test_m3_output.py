@@ -3,6 +3,8 @@ body, against BGEM3FlagModel's arithmetic written out with transformers' AutoMod
 files (tests/m3_build.py), texts past the position limit included; the heads refused by name."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -38,13 +40,13 @@ def _job(m3_input, out, folder, representations, **sections):
 
 @pytest.fixture(scope="module")
 def m3_run(m3_folder, m3_input, tmp_path_factory):
-    """dense + sparse, the body's forwards and M3Encoder's batches counted."""
+    """dense + sparse + multivector, the body's forwards and M3Encoder's batches counted."""
     import torch
     from transformers import XLMRobertaModel
 
     from pipeline.encode.m3_heads import M3Encoder
 
-    out = tmp_path_factory.mktemp("m3_runs") / "dense-sparse"
+    out = tmp_path_factory.mktemp("m3_runs") / "all-three"
     counts = {"body": 0, "batches": 0}
     original = M3Encoder.encode_batch
 
@@ -59,7 +61,8 @@ def m3_run(m3_folder, m3_input, tmp_path_factory):
     handle = torch.nn.modules.module.register_module_forward_hook(hook)
     M3Encoder.encode_batch = counted
     try:
-        summary = run(_job(m3_input, out, m3_folder, ["dense", "sparse"]))
+        summary = run(_job(m3_input, out, m3_folder, ["dense", "sparse", "multivector"],
+                           output={"keep_columns": ["text"]}))
     finally:
         M3Encoder.encode_batch = original
         handle.remove()
@@ -75,11 +78,19 @@ def _assert_sparse_equal(rows, expected: list[dict]):
                                    atol=1e-4, rtol=0)
 
 
-def test_dense_and_sparse_equal_the_direct_computation(m3_folder, m3_run):
+def test_stored_rows_equal_the_direct_computation(m3_folder, m3_run):
+    from pipeline.io.ledger import Ledger
+    from pipeline.io.multivectors import read_multivectors
+
     out, counts, _ = m3_run
-    dense, sparse, _ = reference(m3_folder, TEXTS)
+    dense, sparse, colbert = reference(m3_folder, TEXTS)
     folder = open_output(str(out))
-    assert folder.representations == ("dense", "sparse")
+    assert folder.representations == ("dense", "sparse", "multivector")
+    multi = read_multivectors(folder.store, Ledger(folder.store).multivector_files())
+    assert [len(v) for v in multi] == [len(v) for v in colbert]
+    for mine, theirs in zip(multi, colbert):
+        np.testing.assert_allclose(mine, theirs, atol=1e-4, rtol=0)
+    assert (out / "index").is_dir()  # over the dense vectors
     np.testing.assert_allclose(folder.vectors(), dense, atol=1e-5, rtol=0)
     rows = folder.sparse()
     from transformers import AutoTokenizer
@@ -120,3 +131,111 @@ def test_encoder_multivectors_equal_the_direct_computation(m3_folder):
     for mine, theirs in zip(got.multivectors, colbert):
         assert mine.shape[1] == 24
         np.testing.assert_allclose(mine, theirs, atol=1e-4, rtol=0)
+
+
+def _brute_force_rrf(m3_folder, out, queries, k=10, rrf_k=60, depth=100):
+    """RRF computed with numpy on the stored rows (read by pyarrow) and the queries' direct
+    computation: every row scored per representation, ranked (ties: lower row), fused."""
+    from pipeline.io.ledger import Ledger
+    from pipeline.io.multivectors import read_multivectors
+    from pipeline.io.storage import Store
+
+    folder = open_output(str(out))
+    q_dense, q_sparse, q_colbert = reference(m3_folder, queries)
+    n = folder.count
+    rankings = []
+    if "dense" in folder.representations:
+        rankings.append(q_dense @ folder.vectors().T)
+    if "sparse" in folder.representations:
+        stored = folder.sparse().toarray()
+        q = np.zeros((len(queries), stored.shape[1]))
+        for row, weights in enumerate(q_sparse):
+            q[row, list(weights)] = list(weights.values())
+        rankings.append(q @ stored.T)
+    if "multivector" in folder.representations:
+        rows = read_multivectors(Store(str(out)), Ledger(Store(str(out))).multivector_files())
+        rankings.append(np.array([[(qc @ d.T).max(1).sum() for d in rows] for qc in q_colbert]))
+    expected = []
+    for q in range(len(queries)):
+        fused = np.zeros(n)
+        for scores in rankings:
+            order = np.lexsort((np.arange(n), -scores[q]))[:depth]
+            fused[order] += 1.0 / (rrf_k + np.arange(1, len(order) + 1))
+        top = np.lexsort((np.arange(n), -fused))[:k]
+        expected.append((top, fused[top]))
+    return expected
+
+
+QUERIES = ["warm funny film", "the slow plot", "great music and cast"]
+
+
+@pytest.fixture(scope="module")
+def dense_sparse_run(m3_folder, m3_input, tmp_path_factory):
+    out = tmp_path_factory.mktemp("m3_runs") / "dense-sparse"
+    assert not run(_job(m3_input, out, m3_folder, ["sparse", "dense"])).failures
+    return out
+
+
+@pytest.mark.parametrize("which", ["all-three", "dense-sparse"])
+def test_hybrid_top_10_equals_a_brute_force_rrf(m3_folder, m3_run, dense_sparse_run, which):
+    out = m3_run[0] if which == "all-three" else dense_sparse_run
+    expected = _brute_force_rrf(m3_folder, out, QUERIES)
+    assert open_output(str(out)).representations == (
+        ("dense", "sparse", "multivector") if which == "all-three" else ("dense", "sparse"))
+    for query, (rows, scores) in zip(QUERIES, expected):
+        result = embedpipe("search", out, query, "--hybrid", "-k", "10", "--json")
+        assert result.returncode == 0, result.stderr
+        hits = json.loads(result.stdout)
+        assert [h["id"] for h in hits] == rows.tolist()  # ids are row numbers here
+        np.testing.assert_allclose([h["score"] for h in hits], scores, rtol=1e-6)
+    # another rrf k fuses otherwise, as the brute force does
+    rows, scores = _brute_force_rrf(m3_folder, out, QUERIES[:1], rrf_k=2)[0]
+    hits = json.loads(embedpipe("search", out, QUERIES[0], "--hybrid", "--rrf-k", "2",
+                                "--json").stdout)
+    assert [h["id"] for h in hits] == rows.tolist()
+
+
+def test_plain_search_uses_the_dense_vectors(m3_folder, m3_run):
+    out = m3_run[0]
+    q_dense, _, _ = reference(m3_folder, QUERIES[:1])
+    scores = open_output(str(out)).vectors() @ q_dense[0]
+    hits = json.loads(embedpipe("search", out, QUERIES[0], "-k", "5", "--json").stdout)
+    assert [h["id"] for h in hits] == np.argsort(-scores)[:5].tolist()
+    np.testing.assert_allclose([h["score"] for h in hits], np.sort(scores)[::-1][:5], atol=1e-5)
+
+
+def test_refusals_are_one_line(m3_folder, m3_input, tmp_path, bundled_model):
+    import shutil
+    import torch
+
+    def refused(*args, needle):
+        result = embedpipe(*args)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], result.stderr
+        return lines[0]
+
+    def job(name, folder, representations, **sections):
+        from helpers import to_toml
+        path = tmp_path / f"{name}.toml"
+        path.write_text(to_toml(_job(m3_input, tmp_path / name, folder, representations,
+                                     **sections)))
+        return path
+
+    no_colbert = shutil.copytree(m3_folder, tmp_path / "no-colbert")
+    (no_colbert / "colbert_linear.pt").unlink()
+    refused("run", job("a", no_colbert, ["dense", "multivector"]), needle="colbert_linear.pt")
+    wrong = shutil.copytree(m3_folder, tmp_path / "wrong-shape")
+    torch.save(torch.nn.Linear(16, 1).state_dict(), wrong / "sparse_linear.pt")
+    refused("run", job("b", wrong, ["dense", "sparse"]), needle="sparse_linear.pt")
+    torch.save({"weight": torch.zeros(1, 32)}, wrong / "sparse_linear.pt")  # no bias
+    refused("run", job("b2", wrong, ["sparse"]), needle="sparse_linear.pt")
+    refused("run", job("c", bundled_model.path, ["dense", "sparse"]), needle="dense vectors only")
+    refused("run", job("d", m3_folder, ["dense", "bag-of-words"]), needle="representations")
+    refused("run", job("e", m3_folder, ["dense", "sparse"], output={"dimensions": 8}),
+            needle="output.dimensions")
+    # --hybrid on a folder of one representation
+    dense_only = job("f", m3_folder, ["dense"])
+    assert embedpipe("run", dense_only).returncode == 0
+    refused("search", tmp_path / "f", "warm", "--hybrid", needle="dense only")
+    assert not (tmp_path / "a").exists() or not (tmp_path / "a" / "vectors").exists()
