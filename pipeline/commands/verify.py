@@ -103,9 +103,11 @@ def verify_folder(url: str, quick: bool = False) -> Verdict:
             verdict.indexed = ledger.manifest.index_config.get("enabled", True)
             if verdict.indexed:
                 verdict.problems += index_problems(store, parts, full=True, digests=not quick)
-            if parts.files and "sparse_indices" in parts.metadata(
-                    parts.files[0]).schema.to_arrow_schema().names:
-                verdict.precision = "sparse"
+            names = parts.metadata(parts.files[0]).schema.to_arrow_schema().names \
+                if parts.files else []
+            if "sparse_indices" in names:  # a BGE-M3 folder may keep dense vectors beside
+                verdict.precision = "sparse" if "vector" not in names else \
+                    f"{verdict.precision} + sparse"
                 if not quick:
                     verdict.problems += sparse_problems(parts)
             verdict.problems += sink_problems(ledger, verdict.sinks, full=not quick)

@@ -83,14 +83,13 @@ class Output:
     @property
     def representations(self) -> tuple[str, ...]:
         """What the rows are stored as: dense, sparse, multivector (docs/multi-representation.md)."""
-        columns = self.columns
-        stored = {"dense": "vector" in columns or not self.files,
-                  "sparse": "sparse_indices" in columns,
-                  "multivector": self._has_multivectors()}
-        return tuple(name for name, present in stored.items() if present)
+        from .representations import stored_representations
+        return stored_representations(self.store)
 
-    def _has_multivectors(self) -> bool:
-        return bool(Ledger(self.store).multivector_files())
+    def bytes_by_representation(self) -> dict[str, float]:
+        """Mean stored bytes a row of each representation (io/representations.py)."""
+        from .representations import bytes_by_representation
+        return bytes_by_representation(self.store)
 
     def sparse(self):
         """scipy.sparse.csr_matrix [count, vocabulary], float32, in row order (docs/sparse.md)."""

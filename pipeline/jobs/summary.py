@@ -22,7 +22,7 @@ _ORDER = ("job", "output", "model", *_RUNTIME_KEYS, "recipe", "units_total", "un
           "rows_reused", "rows_copied", "rows_removed", "registry_bytes", "rejects", "truncated",
           "long_text", "windows", "texts_chunked", "granularity", "token_rows", "real_tokens",
           "padded_tokens", "oom_splits", "stray_files_removed", "folder_vectors", "precision", "rescore_precision",
-          "bytes_per_row",
+          "bytes_per_row", "representation_bytes",
           "failures",
           "index", "lock_taken_over", "sinks", "seconds")
 
@@ -63,6 +63,8 @@ class RunSummary:
     precision: str = "float32"  # output.precision: what the vector parts store
     rescore_precision: str | None = None  # output.rescore_precision: the kept copy's
     bytes_per_row: int = 0  # one row's stored vectors' bytes (with the rescore copy)
+    # a BGE-M3 folder's mean stored bytes a row of each representation (io/representations.py)
+    representation_bytes: dict = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     index: dict = field(default_factory=dict)
     lock_taken_over: dict | None = None
@@ -170,7 +172,11 @@ class RunSummary:
                f"recall@10 {self.index.get('recall_at_10')}" if self.index.get("count") else "none"),
         ]
         kept = f" + {self.rescore_precision} kept for rescoring" if self.rescore_precision else ""
-        if self.precision == "sparse":  # bytes follow each row's non-zero count
+        if self.representation_bytes:  # a BGE-M3 folder: each representation's, measured
+            lines.append("  stored     " + ", ".join(
+                f"{name} {size:,.1f} bytes" for name, size in self.representation_bytes.items())
+                + " a row (mean)")
+        elif self.precision == "sparse":  # bytes follow each row's non-zero count
             lines.append("  stored     sparse: int32 index + float32 value, 8 bytes a non-zero "
                          "dimension")
         else:

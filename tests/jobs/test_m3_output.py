@@ -176,66 +176,174 @@ def dense_sparse_run(m3_folder, m3_input, tmp_path_factory):
     return out
 
 
+def _hits(searcher, queries, k=10):
+    table = searcher.search(list(queries), k)
+    return [[(h["id"], h["score"]) for h in table.to_pylist() if h["query"] == q]
+            for q in range(len(queries))]
+
+
 @pytest.mark.parametrize("which", ["all-three", "dense-sparse"])
 def test_hybrid_top_10_equals_a_brute_force_rrf(m3_folder, m3_run, dense_sparse_run, which):
+    from pipeline.commands.hybrid_search import HybridSearcher
+
     out = m3_run[0] if which == "all-three" else dense_sparse_run
     expected = _brute_force_rrf(m3_folder, out, QUERIES)
     assert open_output(str(out)).representations == (
         ("dense", "sparse", "multivector") if which == "all-three" else ("dense", "sparse"))
-    for query, (rows, scores) in zip(QUERIES, expected):
-        result = embedpipe("search", out, query, "--hybrid", "-k", "10", "--json")
-        assert result.returncode == 0, result.stderr
-        hits = json.loads(result.stdout)
-        assert [h["id"] for h in hits] == rows.tolist()  # ids are row numbers here
-        np.testing.assert_allclose([h["score"] for h in hits], scores, rtol=1e-6)
+    for hits, (rows, scores) in zip(_hits(HybridSearcher(str(out)), QUERIES), expected):
+        assert [h[0] for h in hits] == rows.tolist()  # ids are row numbers here
+        np.testing.assert_allclose([h[1] for h in hits], scores, rtol=1e-6)
     # another rrf k fuses otherwise, as the brute force does
-    rows, scores = _brute_force_rrf(m3_folder, out, QUERIES[:1], rrf_k=2)[0]
-    hits = json.loads(embedpipe("search", out, QUERIES[0], "--hybrid", "--rrf-k", "2",
-                                "--json").stdout)
-    assert [h["id"] for h in hits] == rows.tolist()
+    rows, _ = _brute_force_rrf(m3_folder, out, QUERIES[:1], rrf_k=2)[0]
+    hits = _hits(HybridSearcher(str(out), rrf_k=2), QUERIES[:1])[0]
+    assert [h[0] for h in hits] == rows.tolist()
 
 
-def test_plain_search_uses_the_dense_vectors(m3_folder, m3_run):
+@pytest.mark.slow  # a CLI search loads the model: ~20 s on a shared CPU
+def test_search_commands(m3_folder, m3_run):
+    """The CLI: --hybrid prints the fused hits; without it, the dense vectors rank."""
     out = m3_run[0]
+    rows, scores = _brute_force_rrf(m3_folder, out, QUERIES[:1])[0]
+    result = embedpipe("search", out, QUERIES[0], "--hybrid", "-k", "10", "--json")
+    assert result.returncode == 0, result.stderr
+    hits = json.loads(result.stdout)
+    assert [h["id"] for h in hits] == rows.tolist()
+    assert hits[0]["text"] == TEXTS[rows[0]]  # kept columns come with the hits
+    from pipeline.commands.search import Searcher
     q_dense, _, _ = reference(m3_folder, QUERIES[:1])
-    scores = open_output(str(out)).vectors() @ q_dense[0]
-    hits = json.loads(embedpipe("search", out, QUERIES[0], "-k", "5", "--json").stdout)
-    assert [h["id"] for h in hits] == np.argsort(-scores)[:5].tolist()
-    np.testing.assert_allclose([h["score"] for h in hits], np.sort(scores)[::-1][:5], atol=1e-5)
+    dense = open_output(str(out)).vectors() @ q_dense[0]
+    hits = _hits(Searcher(str(out)), QUERIES[:1], 5)[0]
+    assert [h[0] for h in hits] == np.argsort(-dense)[:5].tolist()
+    np.testing.assert_allclose([h[1] for h in hits], np.sort(dense)[::-1][:5], atol=1e-5)
 
 
-def test_refusals_are_one_line(m3_folder, m3_input, tmp_path, bundled_model):
+def test_refusals(m3_folder, m3_input, tmp_path, bundled_model):
     import shutil
     import torch
 
-    def refused(*args, needle):
-        result = embedpipe(*args)
-        assert result.returncode == 2, result.stderr
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and needle in lines[0], result.stderr
-        return lines[0]
+    from pipeline.config import ConfigError
 
-    def job(name, folder, representations, **sections):
-        from helpers import to_toml
-        path = tmp_path / f"{name}.toml"
-        path.write_text(to_toml(_job(m3_input, tmp_path / name, folder, representations,
-                                     **sections)))
-        return path
+    def refused(folder, representations, needle, **sections):
+        with pytest.raises(ConfigError, match=needle):
+            run(_job(m3_input, tmp_path / "out", folder, representations, **sections))
+        assert not (tmp_path / "out" / "vectors").exists()
 
     no_colbert = shutil.copytree(m3_folder, tmp_path / "no-colbert")
     (no_colbert / "colbert_linear.pt").unlink()
-    refused("run", job("a", no_colbert, ["dense", "multivector"]), needle="colbert_linear.pt")
+    refused(no_colbert, ["dense", "multivector"], "colbert_linear.pt")
     wrong = shutil.copytree(m3_folder, tmp_path / "wrong-shape")
     torch.save(torch.nn.Linear(16, 1).state_dict(), wrong / "sparse_linear.pt")
-    refused("run", job("b", wrong, ["dense", "sparse"]), needle="sparse_linear.pt")
+    refused(wrong, ["dense", "sparse"], "sparse_linear.pt: expected an nn.Linear")
     torch.save({"weight": torch.zeros(1, 32)}, wrong / "sparse_linear.pt")  # no bias
-    refused("run", job("b2", wrong, ["sparse"]), needle="sparse_linear.pt")
-    refused("run", job("c", bundled_model.path, ["dense", "sparse"]), needle="dense vectors only")
-    refused("run", job("d", m3_folder, ["dense", "bag-of-words"]), needle="representations")
-    refused("run", job("e", m3_folder, ["dense", "sparse"], output={"dimensions": 8}),
-            needle="output.dimensions")
-    # --hybrid on a folder of one representation
-    dense_only = job("f", m3_folder, ["dense"])
-    assert embedpipe("run", dense_only).returncode == 0
-    refused("search", tmp_path / "f", "warm", "--hybrid", needle="dense only")
-    assert not (tmp_path / "a").exists() or not (tmp_path / "a" / "vectors").exists()
+    refused(wrong, ["sparse"], "sparse_linear.pt")
+    refused(bundled_model.path, ["dense", "sparse"], "dense vectors only")
+    refused(m3_folder, ["dense", "bag-of-words"], "representations")
+    refused(m3_folder, ["dense", "dense"], "distinct")
+    refused(m3_folder, [], "non-empty")
+    refused(m3_folder, ["dense", "sparse"], "output.dimensions", output={"dimensions": 8})
+
+
+def test_hybrid_on_one_representation_exits_2(m3_folder, m3_input, tmp_path):
+    assert not run(_job(m3_input, tmp_path / "dense", m3_folder, ["dense"])).failures
+    result = embedpipe("search", tmp_path / "dense", "warm", "--hybrid")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "stores dense only" in lines[0], result.stderr
+
+
+ALL = ["dense", "sparse", "multivector"]
+
+
+def _shards(folder, changed: bool = False):
+    from helpers import write_shards
+
+    tables = [pa.table({"id": np.arange(i * 12, i * 12 + 12), "text": film_texts(12, i)})
+              for i in range(3)]
+    if changed:  # one row's text changed, a fourth shard added
+        texts = tables[1].column("text").to_pylist()
+        texts[5] = LONG
+        tables[1] = tables[1].set_column(1, "text", pa.array(texts))
+        tables.append(pa.table({"id": np.arange(36, 44), "text": film_texts(8, 9)}))
+    write_shards(folder, tables)
+    return folder
+
+
+def _same_folder(got_out, expected_out):
+    """Equal rows in every representation (faiss_id aside: labels differ by history)."""
+    from helpers import read_vectors
+    from pipeline.io.ledger import Ledger
+    from pipeline.io.multivectors import read_multivectors
+
+    got, expected = read_vectors(got_out), read_vectors(expected_out)
+    for name in ("id", "sparse_indices", "n_tokens", "truncated", "text_hash"):
+        assert got.column(name).equals(expected.column(name)), name
+    a, b = open_output(str(got_out)), open_output(str(expected_out))
+    np.testing.assert_allclose(a.vectors(), b.vectors(), atol=1e-6)
+    np.testing.assert_allclose(a.sparse().toarray(), b.sparse().toarray(), atol=1e-6)
+    mine = read_multivectors(a.store, Ledger(a.store).multivector_files())
+    theirs = read_multivectors(b.store, Ledger(b.store).multivector_files())
+    assert [len(m) for m in mine] == [len(t) for t in theirs]
+    for m, t in zip(mine, theirs):
+        np.testing.assert_allclose(m, t, atol=1e-6)
+
+
+def test_incremental_run_reuses_rows_and_equals_a_clean_run(m3_folder, tmp_path):
+    def job(out, **encode):
+        return make_job(tmp_path / "in", tmp_path / out, m3_folder, model={"dtype": "float32"},
+                        encode=encode, output={"representations": ALL, "rows_per_file": 10})
+
+    _shards(tmp_path / "in")
+    assert run(job("out")).rows_encoded == 36
+    _shards(tmp_path / "in", changed=True)
+    night = run(job("out"))
+    assert night.rows_encoded == 1 + 8 and night.rows_reused == 35
+    assert set(night.representation_bytes) == set(ALL)
+    clean = run(job("clean", reuse="off"))
+    assert clean.rows_encoded == 44
+    _same_folder(tmp_path / "out", tmp_path / "clean")
+    assert embedpipe("verify", tmp_path / "out").returncode == 0
+
+
+def test_repeated_texts_are_copied_and_rejects_counted(m3_folder, tmp_path):
+    from pipeline.io.ledger import Ledger
+    from pipeline.io.multivectors import read_multivectors
+
+    texts = film_texts(6) * 3 + ["   ", None]
+    pq.write_table(pa.table({"id": np.arange(20), "text": texts}), tmp_path / "in.parquet")
+    summary = run(make_job(tmp_path / "in.parquet", tmp_path / "out", m3_folder,
+                           model={"dtype": "float32"}, output={"representations": ALL}))
+    assert (summary.rows_encoded, summary.rows_copied) == (6, 12)
+    assert summary.rejects == {"empty text": 1, "null text": 1}
+    folder = open_output(str(tmp_path / "out"))
+    dense, rows = folder.vectors(), folder.sparse().toarray()
+    multi = read_multivectors(folder.store, Ledger(folder.store).multivector_files())
+    for copy in (6, 12):
+        np.testing.assert_array_equal(dense[:6], dense[copy:copy + 6])
+        np.testing.assert_array_equal(rows[:6], rows[copy:copy + 6])
+        for a, b in zip(multi[:6], multi[copy:copy + 6]):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow  # three CLI runs and a verify: about a minute on a shared CPU
+def test_killed_run_then_rerun_equals_a_clean_run(m3_folder, tmp_path):
+    _shards(tmp_path / "in")
+    sections = {"model": {"dtype": "float32"}, "output": {"representations": ALL}}
+    clean = small_job(tmp_path / "clean.toml", tmp_path / "in", tmp_path / "clean", m3_folder,
+                      **sections)
+    assert embedpipe("run", clean).returncode == 0
+    job = small_job(tmp_path / "job.toml", tmp_path / "in", tmp_path / "out", m3_folder,
+                    **sections)
+    from helpers import run_and_kill
+    run_and_kill(job, "write", tmp_path)
+    rerun = embedpipe("run", job)
+    assert rerun.returncode == 0, rerun.stderr
+    _same_folder(tmp_path / "out", tmp_path / "clean")
+    verified = embedpipe("verify", tmp_path / "out")
+    assert verified.returncode == 0 and "+ sparse" in verified.stdout, verified.stdout
+    # the config guard: representations is a vector setting
+    changed = small_job(tmp_path / "changed.toml", tmp_path / "in", tmp_path / "out", m3_folder,
+                        model={"dtype": "float32"},
+                        output={"representations": ["dense", "sparse"]})
+    refused = embedpipe("run", changed)
+    assert refused.returncode == 2 and "representations" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
