@@ -22,7 +22,7 @@ _ORDER = ("job", "output", "model", *_RUNTIME_KEYS, "recipe", "units_total", "un
           "rows_reused", "rows_copied", "rows_removed", "registry_bytes", "rejects", "truncated",
           "long_text", "windows", "texts_chunked", "granularity", "token_rows", "real_tokens",
           "padded_tokens", "oom_splits", "stray_files_removed", "folder_vectors", "precision", "rescore_precision",
-          "bytes_per_row", "representation_bytes",
+          "bytes_per_row",
           "failures",
           "index", "lock_taken_over", "sinks", "seconds")
 
@@ -129,6 +129,9 @@ class RunSummary:
                     tokens_per_second=round(self.rate(self.real_tokens), 1),
                     accounted=self.accounted,
                     seconds={k: round(v, 3) for k, v in self.seconds.items()})
+        if self.representation_bytes:  # a BGE-M3 folder's only: other folders' keys stay
+            data["representation_bytes"] = {k: round(v, 1)
+                                            for k, v in self.representation_bytes.items()}
         return data
 
     def render(self) -> str:
