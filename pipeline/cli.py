@@ -125,7 +125,7 @@ def fetch_data(dest: str, bench_dest: str | None) -> None:
                    "ones), and keep the best k: for binary, int8 and IVF-PQ indexes.")
 @click.option("--maxsim", type=click.Choice(["auto", "exact", "candidates"]), default="auto",
               help="Multi-vector folders: score every row (exact), or rescore the rows a token "
-                   "index finds (candidates); auto: exact up to 4,000,000 stored tokens.")
+                   "index finds (candidates); auto: exact up to 1,000,000 stored tokens.")
 @click.option("--hybrid", is_flag=True,
               help="For a folder of several representations (a BGE-M3 folder's dense, sparse, "
                    "multivector): reciprocal-rank fusion of each one's ranking (without it, "

@@ -24,7 +24,7 @@ from ..io.vectors import VectorParts
 from .query import EmbeddingRecord, TextEmbedder
 from .search import Searcher
 
-EXACT_TOKENS = 4_000_000  # stored token vectors up to which search scores every row (auto)
+EXACT_TOKENS = 1_000_000  # stored token vectors up to which search scores every row (auto)
 K_TOKEN = 64  # nearest stored tokens a query token takes from the token index
 MAXSIM_MODES = ("auto", "exact", "candidates")
 

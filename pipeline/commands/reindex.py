@@ -18,6 +18,11 @@ def rebuild_index(url: str, overrides: dict) -> dict:
         raise ConfigError(f"{url} holds sparse (SPLADE) vectors, which get no FAISS index: "
                           f"`embedpipe search` ranks them through an inverted index built from "
                           f"the parts (docs/sparse.md)")
+    from .multivector_search import is_multivector_folder
+    if is_multivector_folder(url):
+        raise ConfigError(f"{url} holds multi-vector (ColBERT) rows, which get no row index: "
+                          f"`embedpipe search` ranks them by MaxSim, with a token index built "
+                          f"from the parts when it opens (docs/multivector.md)")
     acquire_lock(store)
     try:
         ledger = Ledger(store)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..index.check import index_problems
+from ..io.multivectors import multivector_problems
 from ..io.sparse_rows import sparse_problems
 from ..io.checks import DamagedFile
 from ..io.folder_check import duplicate_ids, unit_damage, unit_problems
@@ -56,7 +57,8 @@ class Verdict:
                      "every byte as recorded")
             return (f"ok: {self.folder}: {self.units} units, {self.vectors:,} vectors "
                     + (f"({self.precision}, {self.bytes_per_row:,} bytes a row)"
-                       if self.precision != "sparse" else "(sparse)")
+                       if self.bytes_per_row and self.precision != "sparse"
+                       else f"({self.precision})")
                     + f", {files}, counts add up, ids unique"
                     + (", the index matches" if self.indexed else ", no index")
                     + (f"; sinks {', '.join(self.sinks)} hold the same ids and vectors"
@@ -110,6 +112,15 @@ def verify_folder(url: str, quick: bool = False) -> Verdict:
                     f"{verdict.precision} + sparse"
                 if not quick:
                     verdict.problems += sparse_problems(parts)
+            mv_files = ledger.multivector_files()
+            if mv_files and "vector" in names:  # a BGE-M3 folder's colbert vectors beside
+                verdict.precision += " + multivector"
+            elif mv_files:
+                verdict.precision += " multi-vector"
+                verdict.bytes_per_row = 0
+                if not quick:
+                    verdict.problems += multivector_problems(store, parts.files, mv_files,
+                                                             parts.rows())
             verdict.problems += sink_problems(ledger, verdict.sinks, full=not quick)
         except DamagedFile as exc:
             verdict.problems.append(str(exc))

@@ -119,6 +119,19 @@ def stored_tokens(store: Store, files: Sequence[str]) -> tuple[np.ndarray, np.nd
             np.concatenate(offsets))
 
 
+def stored_token_count(store: Store, files: Sequence[str]) -> int:
+    """Token vectors stored in these parts, from their footers alone (leaf values / dim)."""
+    total = 0
+    for name in files:
+        meta = VectorParts(store, [name]).metadata(name)
+        dim = meta.schema.to_arrow_schema().field(MULTIVECTOR_COLUMN).type.value_type.list_size
+        column = next(i for i in range(meta.num_columns)
+                      if meta.schema.column(i).path.split(".")[0] == MULTIVECTOR_COLUMN)
+        total += sum(meta.row_group(g).column(column).num_values
+                     for g in range(meta.num_row_groups)) // dim
+    return total
+
+
 def multivector_problems(store: Store, vector_files: Sequence[str], files: Sequence[str],
                          rows: Sequence[int]) -> list[str]:
     """verify's look at a multi-vector folder: a multivectors/ part for each vector part, with as

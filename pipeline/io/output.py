@@ -26,6 +26,7 @@ class Output:
     manifest: Manifest
     parts: VectorParts
     token_parts: VectorParts | None = None  # the token table's (output.granularity subword | word)
+    multivector_files: tuple[str, ...] = ()  # a multi-vector folder's multivectors/ parts
 
     @property
     def files(self) -> list[str]:
@@ -96,9 +97,36 @@ class Output:
         from .sparse_rows import read_sparse
         return read_sparse(self.parts)
 
+    @property
+    def is_multivector(self) -> bool:
+        """A multi-vector (ColBERT) folder: each row's token vectors in multivectors/ parts."""
+        return bool(self.multivector_files)
+
+    def multivectors(self) -> list[np.ndarray]:
+        """One [tokens, dim] array a row, in row order, as stored (float32, or float16 with
+        output.precision = "float16"): docs/multivector.md."""
+        from .multivectors import read_multivectors
+        self._refuse_unless_multivector()
+        return read_multivectors(self.store, self.multivector_files)
+
+    def multivector_batches(self, batch_rows: int = 4096
+                            ) -> Iterator[tuple[pa.Array, list[np.ndarray]]]:
+        """(ids, one [tokens, dim] array a row) a block of rows at a time, in row order."""
+        from .multivectors import iter_multivectors
+        self._refuse_unless_multivector()
+        yield from iter_multivectors(self.store, self.multivector_files, batch_rows)
+
+    def _refuse_unless_multivector(self) -> None:
+        if not self.is_multivector:
+            raise ConfigError(f"{self.store.url} holds no multi-vector rows; read its vectors "
+                              f"with open_output(...).vectors()")
+
     def vectors(self) -> np.ndarray:
         """[count, width] as stored: float32 (float16 parts widened), or, with a quantized
         precision, the stored int8 / uint8 values (binary kinds: dim / 8 packed bytes a row)."""
+        if self.is_multivector and self.files and "vector" not in self.columns:
+            raise ConfigError(f"{self.store.url} holds multi-vector (ColBERT) rows: read them "
+                              f"with open_output(...).multivectors()")
         if self.is_sparse:
             raise ConfigError(f"{self.store.url} holds sparse (SPLADE) vectors: read them with "
                               f"open_output(...).sparse()")
@@ -139,7 +167,8 @@ def open_output(path: str) -> Output:
     ledger = Ledger(store)
     tokens = ledger.token_files()
     return Output(store, manifest, VectorParts(store, ledger.vector_files()),
-                  VectorParts(store, tokens) if tokens else None)
+                  VectorParts(store, tokens) if tokens else None,
+                  tuple(ledger.multivector_files()))
 
 
 __all__ = ["Output", "open_output"]

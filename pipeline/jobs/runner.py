@@ -224,6 +224,13 @@ def _record_stats(ctx: RunContext) -> None:
     if ctx.job.output.representations:  # a BGE-M3 folder: each stored representation's bytes
         from ..io.representations import bytes_by_representation
         ctx.summary.representation_bytes = bytes_by_representation(ctx.store, ctx.ledger)
+    if ctx.job.encode.multivector and ctx.summary.folder_vectors:  # measured: tokens x dim x bytes
+        from ..io.multivectors import stored_token_count
+        files = ctx.ledger.multivector_files()
+        tokens = stored_token_count(ctx.store, files)
+        width = ctx.source.st.multivector.dim * (2 if ctx.job.output.precision == "float16" else 4)
+        ctx.summary.stored_tokens = tokens
+        ctx.summary.bytes_per_row = round(tokens * width / ctx.summary.folder_vectors)
 
 
 def _failure_after_work(exc: Exception) -> str:

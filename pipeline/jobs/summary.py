@@ -22,7 +22,7 @@ _ORDER = ("job", "output", "model", *_RUNTIME_KEYS, "recipe", "units_total", "un
           "rows_reused", "rows_copied", "rows_removed", "registry_bytes", "rejects", "truncated",
           "long_text", "windows", "texts_chunked", "granularity", "token_rows", "real_tokens",
           "padded_tokens", "oom_splits", "stray_files_removed", "folder_vectors", "precision", "rescore_precision",
-          "bytes_per_row",
+          "bytes_per_row", "stored_tokens",
           "failures",
           "index", "lock_taken_over", "sinks", "seconds")
 
@@ -65,6 +65,7 @@ class RunSummary:
     bytes_per_row: int = 0  # one row's stored vectors' bytes (with the rescore copy)
     # a BGE-M3 folder's mean stored bytes a row of each representation (io/representations.py)
     representation_bytes: dict = field(default_factory=dict)
+    stored_tokens: int = 0  # a multi-vector folder's token vectors (its rows' mean makes bytes)
     failures: list[str] = field(default_factory=list)
     index: dict = field(default_factory=dict)
     lock_taken_over: dict | None = None
@@ -179,6 +180,10 @@ class RunSummary:
             lines.append("  stored     " + ", ".join(
                 f"{name} {size:,.1f} bytes" for name, size in self.representation_bytes.items())
                 + " a row (mean)")
+        elif self.stored_tokens:  # a multi-vector folder: bytes follow each row's tokens
+            lines.append(f"  stored     {self.precision} multi-vector: {self.stored_tokens:,} "
+                         f"token vectors, {self.stored_tokens / max(1, self.folder_vectors):,.1f} "
+                         f"a row, {self.bytes_per_row:,} bytes a row (measured)")
         elif self.precision == "sparse":  # bytes follow each row's non-zero count
             lines.append("  stored     sparse: int32 index + float32 value, 8 bytes a non-zero "
                          "dimension")

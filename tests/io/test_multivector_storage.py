@@ -76,3 +76,30 @@ def test_maxsim_equals_numpy_brute_force():
 
 def test_top_rows_breaks_ties_to_the_lower_row():
     assert top_rows(np.array([1.0, 3.0, 3.0, 2.0], np.float32), 3).tolist() == [1, 2, 3]
+
+
+def test_an_ivf_token_index_reaches_realistic_recall():
+    """Candidates from an IVF-Flat token index (nlist ~ 4 sqrt(T), nprobe 16), rescored exactly,
+    against brute-force MaxSim: recall@10 over 20 queries on 2,000 rows of 32 tokens drawn
+    around 50 topics, with noise twice the topic vectors' scale (rows of a topic share
+    token clusters loosely, as texts of a subject do)."""
+    rng = np.random.default_rng(3)
+    dim, topics = 32, rng.standard_normal((50, 8, 32)).astype(np.float32)
+    rows = []
+    for t in rng.integers(0, 50, 2000):
+        picks = topics[t][rng.integers(0, 8, 32)] + 2.0 * rng.standard_normal((32, dim))
+        rows.append((picks / np.linalg.norm(picks, axis=1, keepdims=True)).astype(np.float32))
+    tokens = np.concatenate(rows)
+    offsets = np.r_[0, np.cumsum([len(r) for r in rows])]
+    ivf = TokenIndex.build(tokens, offsets, "ivf")
+    found = 0
+    for q in range(20):
+        t = q % 50
+        query = topics[t][rng.integers(0, 8, 16)] + 2.0 * rng.standard_normal((16, dim))
+        query = (query / np.linalg.norm(query, axis=1, keepdims=True)).astype(np.float32)
+        truth, _ = search_rows(query, tokens, offsets, 10)
+        got, _ = search_rows(query, tokens, offsets, 10, ivf, k_token=64)
+        found += len(set(truth.tolist()) & set(got.tolist()))
+    recall = found / 200
+    print(f"recall@10 {recall:.3f} (nlist {ivf.index.nlist}, nprobe {ivf.index.nprobe})")
+    assert recall >= 0.8  # 0.89 measured: PLAID-like, not exact

@@ -339,7 +339,7 @@ def test_killed_run_then_rerun_equals_a_clean_run(m3_folder, tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     _same_folder(tmp_path / "out", tmp_path / "clean")
     verified = embedpipe("verify", tmp_path / "out")
-    assert verified.returncode == 0 and "+ sparse" in verified.stdout, verified.stdout
+    assert verified.returncode == 0 and "+ sparse + multivector" in verified.stdout, verified.stdout
     # the config guard: representations is a vector setting
     changed = small_job(tmp_path / "changed.toml", tmp_path / "in", tmp_path / "out", m3_folder,
                         model={"dtype": "float32"},
