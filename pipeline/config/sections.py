@@ -191,8 +191,8 @@ class OutputConfig:
     representations: tuple[str, ...] | None = key(
         None, "What each row is stored as, any non-empty subset of dense, sparse and "
         "multivector that the model folder computes, all from one forward pass (a BGE-M3 "
-        "folder's heads: docs/multi-representation.md); unset: dense (a SPLADE folder: sparse).",
-        shown="unset")
+        "folder's heads: docs/multi-representation.md); unset: dense (a SPLADE folder: sparse, "
+        "a ColBERT folder: multivector).")
 
 
 @dataclass(frozen=True)
