@@ -1,7 +1,9 @@
 """What a folder's rows are stored as (dense, sparse, multivector: a BGE-M3 folder may keep
 several, docs/multi-representation.md) and what each costs a row, counted from the parts'
 Parquet metadata (no values read): dense its fixed width; sparse 8 bytes a stored non-zero
-dimension (an int32 index and a float32 value); multivector its token vectors' values."""
+dimension (an int32 index and a float32 value); multivector its token vectors' values. A
+list column's metadata counts an empty list as one value: a row of no sparse entries (a text
+of special and unknown tokens only) adds 8 bytes it does not store."""
 from __future__ import annotations
 
 from .ledger import Ledger

@@ -46,7 +46,11 @@ def load_head(folder: M3Folder, name: str, hidden_size: int) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a pickle that is not plain tensors, a truncated file
-        raise ConfigError(f"{path} cannot be read as a torch state dict: {exc}") from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        why = next((line for line in lines if "Unpickler error" in line), lines[0] if lines
+                   else type(exc).__name__)
+        raise ConfigError(f"{path} cannot be read as a torch state dict of tensors "
+                          f"(torch.load weights_only=True): {why}") from None
     weight, bias = (state.get("weight"), state.get("bias")) if isinstance(state, dict) else (None,
                                                                                               None)
     out = 1 if name == SPARSE_HEAD else None

@@ -236,6 +236,16 @@ def test_refusals(m3_folder, m3_input, tmp_path, bundled_model):
     refused(wrong, ["dense", "sparse"], "sparse_linear.pt: expected an nn.Linear")
     torch.save({"weight": torch.zeros(1, 32)}, wrong / "sparse_linear.pt")  # no bias
     refused(wrong, ["sparse"], "sparse_linear.pt")
+    class Code:  # a pickle that would run code when loaded without weights_only
+        def __reduce__(self):
+            return (print, ("loaded",))
+
+    torch.save({"weight": torch.zeros(1, 32), "bias": torch.zeros(1), "x": Code()},
+               wrong / "sparse_linear.pt")
+    refused(wrong, ["dense", "sparse"], "weights_only=True")
+    with pytest.raises(ConfigError) as caught:
+        run(_job(m3_input, tmp_path / "out", wrong, ["sparse"]))
+    assert "\n" not in str(caught.value)  # one line
     refused(bundled_model.path, ["dense", "sparse"], "dense vectors only")
     refused(m3_folder, ["dense", "bag-of-words"], "representations")
     refused(m3_folder, ["dense", "dense"], "distinct")
@@ -347,3 +357,20 @@ def test_killed_run_then_rerun_equals_a_clean_run(m3_folder, tmp_path):
     refused = embedpipe("run", changed)
     assert refused.returncode == 2 and "representations" in refused.stderr, refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_a_folder_without_dense_vectors_ranks_by_its_one_representation(m3_folder, m3_input,
+                                                                         tmp_path):
+    from pipeline.commands.hybrid_search import HybridSearcher
+
+    summary = run(_job(m3_input, tmp_path / "sparse", m3_folder, ["sparse"]))
+    assert "no FAISS index: no dense vectors stored" in summary.recipe
+    assert not (tmp_path / "sparse" / "index").exists()
+    folder = open_output(str(tmp_path / "sparse"))
+    assert folder.representations == ("sparse",)
+    _, q_sparse, _ = reference(m3_folder, QUERIES[:1])
+    stored = folder.sparse().toarray()
+    scores = stored[:, list(q_sparse[0])] @ np.array(list(q_sparse[0].values()))
+    hits = _hits(HybridSearcher(str(tmp_path / "sparse"), fuse=False), QUERIES[:1], 5)[0]
+    assert [h[0] for h in hits] == np.lexsort((np.arange(len(scores)), -scores))[:5].tolist()
+    np.testing.assert_allclose([h[1] for h in hits], np.sort(scores)[::-1][:5], rtol=1e-5)
