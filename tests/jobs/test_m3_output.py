@@ -91,6 +91,9 @@ def test_stored_rows_equal_the_direct_computation(m3_folder, m3_run):
     for mine, theirs in zip(multi, colbert):
         np.testing.assert_allclose(mine, theirs, atol=1e-4, rtol=0)
     assert (out / "index").is_dir()  # over the dense vectors
+    from pipeline.commands.reindex import rebuild_index
+    infos = rebuild_index(str(out), {"type": "flat"})  # `embedpipe index` on the dense vectors
+    assert infos["count"] == len(TEXTS)
     np.testing.assert_allclose(folder.vectors(), dense, atol=1e-5, rtol=0)
     rows = folder.sparse()
     from transformers import AutoTokenizer
