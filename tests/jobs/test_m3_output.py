@@ -257,7 +257,13 @@ def test_refusals(m3_folder, m3_input, tmp_path, bundled_model):
 
 
 def test_hybrid_on_one_representation_exits_2(m3_folder, m3_input, tmp_path):
-    assert not run(_job(m3_input, tmp_path / "dense", m3_folder, ["dense"])).failures
+    """The default, dense alone: BGE-M3's normalized CLS, a dense folder's layout."""
+    summary = run(make_job(m3_input, tmp_path / "dense", m3_folder, model={"dtype": "float32"}))
+    assert not summary.failures and not summary.representation_bytes
+    folder = open_output(str(tmp_path / "dense"))
+    assert folder.representations == ("dense",) and "output.representations" not in \
+        folder.manifest.vector_settings
+    np.testing.assert_allclose(folder.vectors(), reference(m3_folder, TEXTS)[0], atol=1e-5)
     result = embedpipe("search", tmp_path / "dense", "warm", "--hybrid")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
