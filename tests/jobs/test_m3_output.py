@@ -79,14 +79,11 @@ def _assert_sparse_equal(rows, expected: list[dict]):
 
 
 def test_stored_rows_equal_the_direct_computation(m3_folder, m3_run):
-    from pipeline.io.ledger import Ledger
-    from pipeline.io.multivectors import read_multivectors
-
     out, counts, _ = m3_run
     dense, sparse, colbert = reference(m3_folder, TEXTS)
     folder = open_output(str(out))
     assert folder.representations == ("dense", "sparse", "multivector")
-    multi = read_multivectors(folder.store, Ledger(folder.store).multivector_files())
+    multi = folder.multivectors()
     assert [len(v) for v in multi] == [len(v) for v in colbert]
     for mine, theirs in zip(multi, colbert):
         np.testing.assert_allclose(mine, theirs, atol=1e-4, rtol=0)
