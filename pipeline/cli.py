@@ -181,7 +181,8 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
         elif (m3 := m3_representations(out)) and "dense" in m3:  # BGE-M3: its dense vectors
             searcher = Searcher(out, per_chunk=per_chunk, rescore=rescore)
         elif m3:  # a BGE-M3 folder without dense vectors
-            searcher = _m3_single(out, sink, rescore, per_chunk)
+            from .commands.hybrid_search import without_dense
+            searcher = without_dense(out, bool(sink or rescore or per_chunk))
         elif sink:
             if rescore:
                 raise ConfigError("--rescore re-ranks the FAISS index's candidates; it does "
@@ -209,21 +210,6 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
         hits = searcher.search([query], k).drop_columns(["query"]).to_pylist()
     click.echo(json.dumps(hits, indent=2, default=str) if as_json
                else render_hits(hits, searcher.metric))
-
-
-def _m3_single(out: str, sink, rescore, per_chunk):
-    """A BGE-M3 folder without dense vectors searched without --hybrid: its one stored
-    representation's own ranking; two or more need --hybrid."""
-    from .commands.hybrid_search import HybridSearcher
-
-    if sink or rescore or per_chunk:
-        raise ConfigError(f"{out} stores no dense vectors: --sink, --rescore and --per-chunk "
-                          f"do not apply")
-    searcher = HybridSearcher(out, fuse=False)
-    if len(searcher.representations) > 1:
-        raise ConfigError(f"{out} stores {', '.join(searcher.representations)} and no dense "
-                          f"vectors: search it with --hybrid")
-    return searcher
 
 
 @main.command("index")

@@ -151,3 +151,16 @@ def m3_representations(out: str) -> tuple[str, ...] | None:
         return None
     recorded = (read_manifest(store).vector_settings or {}).get("output.representations")
     return tuple(recorded) if recorded else None
+
+
+def without_dense(out: str, other_options: bool) -> HybridSearcher:
+    """A BGE-M3 folder without dense vectors searched without --hybrid: its one stored
+    representation's own ranking; two or more need --hybrid."""
+    if other_options:
+        raise ConfigError(f"{out} stores no dense vectors: --sink, --rescore and --per-chunk "
+                          f"do not apply")
+    searcher = HybridSearcher(out, fuse=False)
+    if len(searcher.representations) > 1:
+        raise ConfigError(f"{out} stores {', '.join(searcher.representations)} and no dense "
+                          f"vectors: search it with --hybrid")
+    return searcher

@@ -15,7 +15,7 @@ import scipy.sparse as sp
 import torch
 
 from ..config import ConfigError
-from ..models.m3_folder import COLBERT_HEAD, HEAD_OF, SPARSE_HEAD, load_head
+from ..models.m3_folder import COLBERT_HEAD, SPARSE_HEAD, load_head
 from ..models.model_files import ModelSource
 from ..runtime.runtime import TORCH_DTYPES, Runtime, check_here
 from .batching import Batch

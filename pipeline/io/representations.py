@@ -6,12 +6,12 @@ list column's metadata counts an empty list as one value: a row of no sparse ent
 of special and unknown tokens only) adds 8 bytes it does not store."""
 from __future__ import annotations
 
+from ..config.sections import REPRESENTATIONS
 from .ledger import Ledger
 from .precision import stored_row_bytes
 from .storage import Store
 from .vectors import VectorParts
 
-REPRESENTATIONS = ("dense", "sparse", "multivector")
 
 
 def _leaf_values(parts: VectorParts, column: str) -> int:

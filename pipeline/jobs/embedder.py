@@ -85,14 +85,12 @@ class EmbedPlan:
     def vectors_schema(self) -> pa.Schema:
         chunks = self.job.output.chunks if self.job.encode.long_text == "chunk" else None
         rescore = self.rescore
-        schema = vectors_schema(pa.type_for_alias(self.id_type), self.precision.width(self.width),
-                                self.precision.storage, self.keep_schema, chunks,
-                                None if rescore is None else (self.width, rescore.storage),
-                                self.width if self.sparse else self._vocabulary(),
-                                "dense" in self.representations)
-        if self.multivector:  # the row's bookkeeping only: its vectors go to multivectors/
-            schema = schema.remove(schema.get_field_index("vector"))
-        return schema
+        # without dense, no vector column (a multi-vector row's vectors go to multivectors/)
+        return vectors_schema(pa.type_for_alias(self.id_type), self.precision.width(self.width),
+                              self.precision.storage, self.keep_schema, chunks,
+                              None if rescore is None else (self.width, rescore.storage),
+                              self.width if self.sparse else self._vocabulary(),
+                              "dense" in self.representations)
 
     def _vocabulary(self) -> int | None:
         """A BGE-M3 folder's sparse rows' width: the body's vocabulary."""

@@ -2,13 +2,12 @@
 BGEM3FlagModel loads, `sparse_linear.pt` (nn.Linear(hidden, 1): a weight a token) and
 `colbert_linear.pt` (nn.Linear(hidden, d): a vector a token). The rule: a folder is M3 when the
 folder holding its config.json (the transformer's, also for a sentence-transformers folder)
-has at least one of the two files. Only the names are read here; encode/m3_heads.py loads them."""
+has at least one of the two files. `load_head` reads one as plain tensors and checks its
+shape; encode/m3_heads.py runs them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-from ..config.sections import REPRESENTATIONS  # noqa: F401 (re-exported)
 
 SPARSE_HEAD = "sparse_linear.pt"
 COLBERT_HEAD = "colbert_linear.pt"

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 
 from ..config import ConfigError, JobConfig
-from .m3_folder import HEAD_OF, REPRESENTATIONS, load_head
+from ..config.sections import REPRESENTATIONS
+from .m3_folder import HEAD_OF, load_head
 from .model_files import ModelSource
 from .st_folder import StFolder
 
