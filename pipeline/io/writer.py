@@ -109,7 +109,7 @@ def part_options(schema: pa.Schema) -> dict:
     column only cost time (4x slower writes, 3x slower reads, larger files, measured on
     2,000 x 384 float32), and min/max statistics of embedding values help no query. Text
     hashes are random bytes: the same holds for them."""
-    raw = ("vector", "rescore_vector", "text_hash", *SPARSE_COLUMNS)
+    raw = ("vector", "rescore_vector", "text_hash", *SPARSE_COLUMNS, "vectors")  # multivectors/
     others = [name for name in schema.names if name not in raw]
     # Parquet keeps an int8 / uint8 as a 4-byte INT32; its dictionary (<= 256 values) stores a
     # quantized value in one byte (1.02 bytes measured on random int8 rows, 4.01 without)

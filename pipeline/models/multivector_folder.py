@@ -184,3 +184,20 @@ def _expansion(value, where: Path) -> QueryExpansion | None:
                           f"min with a positive length")
     return QueryExpansion(value["strategy"], value["length"], bool(value.get("attend", False)),
                           value.get("token"))
+
+
+def head_fingerprint(spec: MultiVectorSpec) -> str:
+    """What the model fingerprint (the transformer's files) does not cover: the Dense layers'
+    weights and every setting of the head and the query side, hashed (the config guard)."""
+    import dataclasses
+    import hashlib
+
+    digest = hashlib.sha256()
+    for dense in spec.dense:
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (dense.path / name).is_file():
+                digest.update((dense.path / name).read_bytes())
+    settings = dataclasses.asdict(spec)
+    settings["dense"] = [{k: v for k, v in d.items() if k != "path"} for d in settings["dense"]]
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]

@@ -333,4 +333,7 @@ def vector_settings(job: JobConfig, source: ModelSource, runtime: Runtime) -> di
     settings = job.vector_settings()
     settings.update({"model.fingerprint": source.fingerprint, "model.dtype": runtime.dtype,
                      "model.max_length": runtime.max_length})
+    if source.st is not None and source.st.multivector is not None:  # docs/multivector.md
+        from ..models.multivector_folder import head_fingerprint
+        settings["model.multivector_head"] = head_fingerprint(source.st.multivector)
     return settings

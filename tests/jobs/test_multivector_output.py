@@ -166,6 +166,7 @@ def _brute_force(out, queries, folder):
     return np.array([[(r @ q.T).max(0).sum() for r in rows] for q in encoded])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["exact", "candidates"])
 def test_search_returns_the_brute_force_top_10(mv_folders, mv_runs, mode):
     out = mv_runs["colbert"]
@@ -349,3 +350,34 @@ def test_a_folder_with_token_pooling_is_refused(mv_folders, tmp_path):
     job = small_job(tmp_path / "job.toml", tmp_path / "in", tmp_path / "out", folder)
     result = embedpipe("run", job)
     assert result.returncode == 2 and "HierarchicalTokenPooling" in result.stderr
+
+
+def test_a_sink_is_refused(mv_folders, tmp_path):
+    _shards(tmp_path / "in")
+    job = small_job(tmp_path / "job.toml", tmp_path / "in", tmp_path / "out",
+                    mv_folders["colbert"])
+    job.write_text(job.read_text() + f'[[sink]]\nkind = "lancedb"\nuri = "{tmp_path}/db.lance"\n'
+                   'table = "t"\n')
+    result = embedpipe("run", job)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "sink" in result.stderr and "multi-vector" in result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "db.lance").exists()
+
+
+@pytest.mark.slow
+def test_a_changed_dense_head_is_refused(mv_folders, tmp_path):
+    """The Dense weights live beside the transformer's files: a new head is another model."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(mv_folders["colbert"], tmp_path / "model")
+    _shards(tmp_path / "in")
+    job = small_job(tmp_path / "job.toml", tmp_path / "in", tmp_path / "out", folder)
+    assert embedpipe("run", job).returncode == 0
+    weights = folder / "1_Dense" / "model.safetensors"
+    state = load_file(weights)
+    save_file({k: v + 0.01 * torch.ones_like(v) for k, v in state.items()}, weights)
+    result = embedpipe("run", job)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    refused = embedpipe("search", tmp_path / "out", "warm film")
+    assert refused.returncode == 2 and "settings" in refused.stderr
