@@ -380,3 +380,18 @@ def test_a_folder_without_dense_vectors_ranks_by_its_one_representation(m3_folde
     hits = _hits(HybridSearcher(str(tmp_path / "sparse"), fuse=False), QUERIES[:1], 5)[0]
     assert [h[0] for h in hits] == np.lexsort((np.arange(len(scores)), -scores))[:5].tolist()
     np.testing.assert_allclose([h[1] for h in hits], np.sort(scores)[::-1][:5], rtol=1e-5)
+
+
+def test_a_changed_head_is_refused_by_the_config_guard(m3_folder, m3_input, tmp_path):
+    import shutil
+    import torch
+
+    from pipeline.io.ledger import SettingsMismatch
+
+    folder = shutil.copytree(m3_folder, tmp_path / "m3")
+    job = _job(m3_input, tmp_path / "out", folder, ["dense", "sparse"])
+    assert not run(job).failures
+    torch.manual_seed(7)
+    torch.save(torch.nn.Linear(32, 1).state_dict(), folder / "sparse_linear.pt")
+    with pytest.raises(SettingsMismatch, match="model.fingerprint"):
+        run(job)
