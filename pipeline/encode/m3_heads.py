@@ -3,7 +3,8 @@
 As FlagEmbedding's BGEM3FlagModel computes them from the last hidden state h:
 dense: h of the first token (CLS), L2-normalised; sparse: relu(sparse_linear(h)) a token, a
 token id's weight the max over its occurrences, the tokenizer's cls, eos, pad and unk ids
-dropped (as CSR over the vocabulary); multivector: colbert_linear(h[:, 1:]), each vector
+dropped (as CSR over the vocabulary, built from the tokens' own ids, never a [rows, vocabulary]
+tensor); multivector: colbert_linear(h[:, 1:]), each vector
 L2-normalised, a row's real tokens after the first only (its last, </s>, included). The head
 weights are the folder's own sparse_linear.pt / colbert_linear.pt (models/m3_folder.py)."""
 from __future__ import annotations
@@ -20,7 +21,6 @@ from ..models.model_files import ModelSource
 from ..runtime.runtime import TORCH_DTYPES, Runtime, check_here
 from .batching import Batch
 from .encoder import cached_model
-from .sparse import to_csr
 
 
 @dataclass
@@ -69,7 +69,7 @@ class M3Encoder:
         self.sparse_head = self.colbert_head = None
         if "sparse" in representations:
             self.sparse_head = _linear(load_head(source.m3, SPARSE_HEAD, hidden)).to(self.device)
-            self.unused = torch.tensor(unused_ids(source.path), dtype=torch.int64)
+            self.unused = np.array(unused_ids(source.path), np.int64)
         if "multivector" in representations:
             self.colbert_head = _linear(load_head(source.m3, COLBERT_HEAD, hidden)).to(
                 self.device)
@@ -90,17 +90,27 @@ class M3Encoder:
             if "dense" in self.representations:
                 dense = torch.nn.functional.normalize(hidden[:, 0], dim=-1).cpu().numpy()
             if self.sparse_head is not None:
-                sparse = to_csr(self._sparse(hidden, ids))
+                sparse = self._sparse(hidden, ids)
             if self.colbert_head is not None:
                 multi = self._colbert(hidden, mask)
         return M3Rows(dense, sparse, multi)
 
-    def _sparse(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        weights = torch.relu(self.sparse_head(hidden).float()).squeeze(-1)  # [rows, tokens]
-        rows = torch.zeros(len(ids), self.vocabulary, device=hidden.device)
-        rows.scatter_reduce_(1, ids, weights, reduce="amax")  # an id's max over occurrences
-        rows[:, self.unused.to(hidden.device)] = 0  # padding's id is among them
-        return rows
+    def _sparse(self, hidden: torch.Tensor, ids: torch.Tensor) -> sp.csr_matrix:
+        """CSR [rows, vocabulary] straight from the (row, id, weight) triples: no [rows,
+        vocabulary] tensor (250,002 wide for BGE-M3) is made."""
+        weights = torch.relu(self.sparse_head(hidden).float()).squeeze(-1).cpu().numpy()
+        ids = ids.cpu().numpy().astype(np.int64)
+        keep = (weights > 0) & ~np.isin(ids, self.unused)  # padding's id is among the unused
+        rows = np.nonzero(keep)[0]
+        keys = rows * self.vocabulary + ids[keep]
+        order = np.argsort(keys, kind="stable")
+        keys, values = keys[order], weights[keep][order]
+        unique, starts = np.unique(keys, return_index=True)
+        best = np.maximum.reduceat(values, starts) if len(unique) else values[:0]
+        indptr = np.zeros(len(ids) + 1, np.int64)
+        np.cumsum(np.bincount(unique // self.vocabulary, minlength=len(ids)), out=indptr[1:])
+        return sp.csr_matrix((best.astype(np.float32), (unique % self.vocabulary).astype(
+            np.int32), indptr), shape=(len(ids), self.vocabulary))
 
     def _colbert(self, hidden: torch.Tensor, mask: torch.Tensor) -> list[np.ndarray]:
         vectors = self.colbert_head(hidden[:, 1:]).float() * mask[:, 1:, None].float()
