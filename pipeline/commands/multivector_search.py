@@ -4,7 +4,7 @@ Every stored token vector is read from the multivectors/ parts when the folder i
 float32 [tokens, dim] matrix and the row offsets). Up to EXACT_TOKENS stored tokens, every row
 is scored exactly (brute force: one matrix product and a segmented max a block of rows). Past
 it, candidates come from a FAISS token index built at open over every token vector (IVF-Flat,
-inner product; PLAID-style: each query token's K_TOKEN nearest tokens name their rows), and
+inner product, nlist ~ sqrt(tokens); PLAID-style: each query token's K_TOKEN nearest tokens name their rows), and
 the candidate rows are rescored exactly. `--maxsim exact | candidates` forces either path.
 The token index is not stored: the parts stay the one copy (nothing to keep in step or verify).
 Queries are encoded by the folder's query side (encode_query: query prompt, expansion).

@@ -89,7 +89,9 @@ class ModelConfig:
 class EncodeConfig:
     """How texts become vectors: pooling, prompts, batching and long texts."""
     pooling: str = key("auto", "How token vectors become one vector; auto: the pooling the "
-                       "model folder was trained with (1_Pooling), else mean.",
+                       "model folder was trained with (1_Pooling), else mean; a SparseEncoder "
+                       "folder's splade-*, a MultiVectorEncoder folder's multivector (every "
+                       "token's vector kept).",
                        choices=("auto", "cls", "mean", "max", "concat-last-four", "pooler",
                                 *SPARSE_POOLINGS, MULTIVECTOR_POOLING))
     layers: tuple[int, ...] | None = key(None, "Hidden-state layers to pool (0 = the embedding "

@@ -72,7 +72,8 @@ class TokenIndex:
     def build(cls, tokens: np.ndarray, offsets: np.ndarray, kind: str = "flat",
               nlist: int | None = None, nprobe: int = 16, seed: int = 0) -> "TokenIndex":
         """kind "flat": exact inner product over every token; "ivf": IVF-Flat (inner product),
-        nlist ~ 4 sqrt(T) unless given, trained on at most 256 tokens a list."""
+        nlist ~ sqrt(T) unless given, trained on at most 64 tokens a list (built at every search
+        open: the k-means is kept small)."""
         import faiss
 
         tokens = np.ascontiguousarray(tokens, np.float32)
@@ -80,12 +81,12 @@ class TokenIndex:
         if kind == "flat":
             index = faiss.IndexFlatIP(dim)
         elif kind == "ivf":
-            nlist = nlist or max(1, min(int(4 * np.sqrt(len(tokens))), len(tokens) // 39 or 1))
+            nlist = nlist or max(1, min(int(np.sqrt(len(tokens))), len(tokens) // 39 or 1))
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist,
                                        faiss.METRIC_INNER_PRODUCT)
             rng = np.random.default_rng(seed)
-            train = tokens if len(tokens) <= nlist * 256 else tokens[
-                np.sort(rng.choice(len(tokens), nlist * 256, replace=False))]
+            train = tokens if len(tokens) <= nlist * 64 else tokens[
+                np.sort(rng.choice(len(tokens), nlist * 64, replace=False))]
             index.cp.seed = seed
             index.train(train)
             index.nprobe = min(nprobe, nlist)

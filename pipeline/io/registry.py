@@ -281,10 +281,16 @@ class StoredRows:
     def _multivectors(self, part: int, group: int, rows: int) -> pa.ChunkedArray:
         """The token vectors of a vector part's row group, from its multivectors/ part."""
         name = multivector_files([self.files[part]])[0]
-        start = int(self._row_groups(part)[group])
         with reading(name):
-            column = _parquet(self.store, name).read(columns=[MULTIVECTOR_COLUMN]).column(0)
-        return column.slice(start, rows)
+            parquet = _parquet(self.store, name)
+            # both parts were written batch for batch alike: the same row groups (else: sliced)
+            meta = parquet.metadata
+            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            if sizes[:group + 1] == [int(n) for n in np.diff(np.r_[
+                    self._row_groups(part)[:group + 1], self._row_groups(part)[group] + rows])]:
+                return parquet.read_row_group(group, columns=[MULTIVECTOR_COLUMN]).column(0)
+            column = parquet.read(columns=[MULTIVECTOR_COLUMN]).column(0)
+        return column.slice(int(self._row_groups(part)[group]), rows)
 
     def _row_groups(self, part: int) -> np.ndarray:
         if part not in self._groups:

@@ -79,7 +79,7 @@ def test_top_rows_breaks_ties_to_the_lower_row():
 
 
 def test_an_ivf_token_index_reaches_realistic_recall():
-    """Candidates from an IVF-Flat token index (nlist ~ 4 sqrt(T), nprobe 16), rescored exactly,
+    """Candidates from an IVF-Flat token index (nlist ~ sqrt(T), nprobe 16), rescored exactly,
     against brute-force MaxSim: recall@10 over 20 queries on 2,000 rows of 32 tokens drawn
     around 50 topics, with noise twice the topic vectors' scale (rows of a topic share
     token clusters loosely, as texts of a subject do)."""
@@ -102,4 +102,4 @@ def test_an_ivf_token_index_reaches_realistic_recall():
         found += len(set(truth.tolist()) & set(got.tolist()))
     recall = found / 200
     print(f"recall@10 {recall:.3f} (nlist {ivf.index.nlist}, nprobe {ivf.index.nprobe})")
-    assert recall >= 0.8  # 0.89 measured: PLAID-like, not exact
+    assert recall >= 0.85  # 0.935 measured: PLAID-like, not exact

@@ -381,3 +381,16 @@ def test_a_changed_dense_head_is_refused(mv_folders, tmp_path):
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     refused = embedpipe("search", tmp_path / "out", "warm film")
     assert refused.returncode == 2 and "settings" in refused.stderr
+
+
+def test_bad_rows_are_rejects_and_the_parts_still_pair(mv_folders, tmp_path):
+    texts = ["a warm film", "   ", "a slow plot", None, "a warm film"]
+    pq.write_table(pa.table({"id": [1, 2, 3, 4, 1], "text": texts}), tmp_path / "in.parquet")
+    summary = run(make_job(tmp_path / "in.parquet", tmp_path / "out", mv_folders["colbert"],
+                           model={"dtype": "float32"}))
+    assert summary.rows_read == 5 and summary.vectors_written == 2
+    reasons = pq.read_table(tmp_path / "out" / "rejects").column("reason").to_pylist()
+    assert sorted(reasons) == ["duplicate id", "empty text", "null text"]
+    assert read_vectors(tmp_path / "out").column("id").to_pylist() == [1, 3]
+    assert len(open_output(str(tmp_path / "out")).multivectors()) == 2
+    assert embedpipe("verify", tmp_path / "out").returncode == 0
