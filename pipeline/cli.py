@@ -126,10 +126,16 @@ def fetch_data(dest: str, bench_dest: str | None) -> None:
 @click.option("--maxsim", type=click.Choice(["auto", "exact", "candidates"]), default="auto",
               help="Multi-vector folders: score every row (exact), or rescore the rows a token "
                    "index finds (candidates); auto: exact up to 1,000,000 stored tokens.")
+@click.option("--hybrid", is_flag=True,
+              help="For a folder of several representations (a BGE-M3 folder's dense, sparse, "
+                   "multivector): reciprocal-rank fusion of each one's ranking (without it, "
+                   "such a folder is searched by its dense vectors).")
+@click.option("--rrf-k", type=click.IntRange(min=1), default=60, show_default=True,
+              help="With --hybrid: a row at rank r of a ranking scores 1 / (rrf-k + r).")
 @click.option("--json", "as_json", is_flag=True, help="Print the hits as JSON.")
 def search(out: str, query: str | None, k: int, queries: str | None, results: str | None,
            text_column: str, id_column: str, text_pair_column: str | None, per_chunk: bool,
-           sink: str | None, rescore: int | None, maxsim: str,
+           sink: str | None, rescore: int | None, maxsim: str, hybrid: bool, rrf_k: int,
            as_json: bool) -> None:
     """Search the index of output folder OUT for QUERY (or the texts of --queries).
 
@@ -146,8 +152,11 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
     embedpipe search out/binary-reviews "a warm, funny film" --rescore 4
 
     A sparse (SPLADE) folder is ranked by the exact sparse dot product (docs/sparse.md); a
-    multi-vector (ColBERT) folder by MaxSim over its token vectors (docs/multivector.md).
+    multi-vector (ColBERT) folder by MaxSim over its token vectors (docs/multivector.md). A
+    folder of several representations (BGE-M3) is searched by its dense vectors, or with
+    --hybrid by the fusion of every stored one's ranking (docs/multi-representation.md).
     """
+    from .commands.hybrid_search import m3_representations
     from .commands.search import Searcher, render_hits
     from .commands.multivector_search import MultiVectorSearcher, is_multivector_folder
     from .commands.sparse_search import SparseSearcher, is_sparse_folder
@@ -163,7 +172,18 @@ def search(out: str, query: str | None, k: int, queries: str | None, results: st
             from .io.rejects import blank_texts
             if blank_texts(pa.array([query], pa.string()))[0].as_py():
                 raise ConfigError("QUERY is empty or white space only: give the text to search for")
-        if sink:
+        if hybrid:
+            if sink or rescore or per_chunk:
+                raise ConfigError("--hybrid fuses the folder's own rankings: --sink, --rescore "
+                                  "and --per-chunk do not apply")
+            from .commands.hybrid_search import HybridSearcher
+            searcher = HybridSearcher(out, rrf_k=rrf_k)
+        elif (m3 := m3_representations(out)) and "dense" in m3:  # BGE-M3: its dense vectors
+            searcher = Searcher(out, per_chunk=per_chunk, rescore=rescore)
+        elif m3:  # a BGE-M3 folder without dense vectors
+            from .commands.hybrid_search import without_dense
+            searcher = without_dense(out, bool(sink or rescore or per_chunk))
+        elif sink:
             if rescore:
                 raise ConfigError("--rescore re-ranks the FAISS index's candidates; it does "
                                   "not take --sink")

@@ -18,8 +18,9 @@ def rebuild_index(url: str, overrides: dict) -> dict:
         raise ConfigError(f"{url} holds sparse (SPLADE) vectors, which get no FAISS index: "
                           f"`embedpipe search` ranks them through an inverted index built from "
                           f"the parts (docs/sparse.md)")
+    from ..io.representations import stored_representations
     from .multivector_search import is_multivector_folder
-    if is_multivector_folder(url):
+    if is_multivector_folder(url) and "dense" not in stored_representations(store):
         raise ConfigError(f"{url} holds multi-vector (ColBERT) rows, which get no row index: "
                           f"`embedpipe search` ranks them by MaxSim, with a token index built "
                           f"from the parts when it opens (docs/multivector.md)")

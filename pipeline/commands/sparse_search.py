@@ -25,11 +25,12 @@ from .search import Searcher
 
 
 def is_sparse_folder(out: str) -> bool:
-    """Whether OUT's parts hold sparse rows (sparse_indices) rather than vectors."""
+    """Whether OUT's parts hold sparse rows (sparse_indices) and no dense vectors."""
     store = Store(out)
     files = Ledger(store).vector_files() if store.exists(MANIFEST) else []
-    return bool(files) and "sparse_indices" in VectorParts(store, files[:1]).metadata(
-        files[0]).schema.to_arrow_schema().names
+    names = VectorParts(store, files[:1]).metadata(files[0]).schema.to_arrow_schema().names \
+        if files else []
+    return "sparse_indices" in names and "vector" not in names
 
 
 class SparseQueries(TextEmbedder):
@@ -88,24 +89,31 @@ class SparseSearcher(Searcher):
 
     def search_vectors(self, queries: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, row positions) [queries, k] by the exact dot product; -1: fewer rows."""
-        if queries.shape[1] != self.postings.shape[1]:
-            raise ConfigError(f"the queries have {queries.shape[1]} dimensions, the folder's "
-                              f"rows {self.postings.shape[1]}: not the folder's model")
-        n = self.postings.shape[0]
-        k = max(1, k)
-        scores = np.full((queries.shape[0], k), np.nan, np.float32)
-        positions = np.full((queries.shape[0], k), -1, np.int64)
-        for q in range(queries.shape[0]):
-            start, end = queries.indptr[q], queries.indptr[q + 1]
-            terms, weights = queries.indices[start:end], queries.data[start:end]
-            # the postings of the query's terms only, weighted: every row's exact dot product
-            row_scores = np.asarray(self.postings[:, terms] @ weights.astype(np.float64)
-                                    ).ravel() if n else np.zeros(0)
-            take = min(k, n)
-            cand = np.arange(n)
-            if take < n:  # every row scoring at least the k-th best (ties included), then sorted
-                kth = np.partition(-row_scores, take - 1)[take - 1]
-                cand = np.flatnonzero(-row_scores <= kth)
-            order = cand[np.lexsort((cand, -row_scores[cand]))][:take]
-            scores[q, :take], positions[q, :take] = row_scores[order], order
-        return scores, positions
+        return sparse_top(self.postings, queries, k)
+
+
+def sparse_top(postings: sp.csc_matrix, queries: sp.csr_matrix,
+               k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, row positions) [queries, k] of the rows' exact dot products with each query
+    through the inverted index (postings: the rows as CSC); -1: fewer rows. Ties: lower row."""
+    if queries.shape[1] != postings.shape[1]:
+        raise ConfigError(f"the queries have {queries.shape[1]} dimensions, the folder's "
+                          f"rows {postings.shape[1]}: not the folder's model")
+    n = postings.shape[0]
+    k = max(1, k)
+    scores = np.full((queries.shape[0], k), np.nan, np.float32)
+    positions = np.full((queries.shape[0], k), -1, np.int64)
+    for q in range(queries.shape[0]):
+        start, end = queries.indptr[q], queries.indptr[q + 1]
+        terms, weights = queries.indices[start:end], queries.data[start:end]
+        # the postings of the query's terms only, weighted: every row's exact dot product
+        row_scores = np.asarray(postings[:, terms] @ weights.astype(np.float64)
+                                ).ravel() if n else np.zeros(0)
+        take = min(k, n)
+        cand = np.arange(n)
+        if take < n:  # every row scoring at least the k-th best (ties included), then sorted
+            kth = np.partition(-row_scores, take - 1)[take - 1]
+            cand = np.flatnonzero(-row_scores <= kth)
+        order = cand[np.lexsort((cand, -row_scores[cand]))][:take]
+        scores[q, :take], positions[q, :take] = row_scores[order], order
+    return scores, positions

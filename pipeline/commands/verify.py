@@ -105,13 +105,17 @@ def verify_folder(url: str, quick: bool = False) -> Verdict:
             verdict.indexed = ledger.manifest.index_config.get("enabled", True)
             if verdict.indexed:
                 verdict.problems += index_problems(store, parts, full=True, digests=not quick)
-            if parts.files and "sparse_indices" in parts.metadata(
-                    parts.files[0]).schema.to_arrow_schema().names:
-                verdict.precision = "sparse"
+            names = parts.metadata(parts.files[0]).schema.to_arrow_schema().names \
+                if parts.files else []
+            if "sparse_indices" in names:  # a BGE-M3 folder may keep dense vectors beside
+                verdict.precision = "sparse" if "vector" not in names else \
+                    f"{verdict.precision} + sparse"
                 if not quick:
                     verdict.problems += sparse_problems(parts)
             mv_files = ledger.multivector_files()
-            if mv_files:
+            if mv_files and "vector" in names:  # a BGE-M3 folder's colbert vectors beside
+                verdict.precision += " + multivector"
+            elif mv_files:
                 verdict.precision += " multi-vector"
                 verdict.bytes_per_row = 0
                 if not quick:

@@ -10,7 +10,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .sections import (CHOICES, POSITIVE, PRECISION_BYTES, RESCORE_PRECISIONS, SECTIONS,
+from .sections import (CHOICES, POSITIVE, PRECISION_BYTES, REPRESENTATIONS, RESCORE_PRECISIONS,
+                       SECTIONS,
                        SINK_CHOICES, SINK_KEYS, JobConfig, SinkConfig)
 
 
@@ -106,6 +107,7 @@ def _validate(job: JobConfig) -> None:
                           "encode.long_text = 'chunk'")
     _validate_tokens(job)
     _validate_precision(job)
+    _validate_representations(job.output.representations)
     parse_memory(job.index.max_memory)
     reserved = [c for c in job.output.keep_columns if c in STORED_COLUMNS]
     repeated = sorted({c for c in job.output.keep_columns if job.output.keep_columns.count(c) > 1})
@@ -115,6 +117,15 @@ def _validate(job: JobConfig) -> None:
                 ([f"{', '.join(map(repr, reserved))} would clash with the stored column of that "
                   f"name ({', '.join(STORED_COLUMNS)} are embedpipe's own)"] if reserved else [])
                 + ([f"{', '.join(map(repr, repeated))} named twice"] if repeated else [])))
+
+
+def _validate_representations(names: tuple[str, ...] | None) -> None:
+    if names is None:
+        return
+    unknown = [n for n in names if n not in REPRESENTATIONS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ConfigError(f"output.representations: expected a non-empty list of distinct "
+                          f"{', '.join(REPRESENTATIONS)}, got {list(names)!r}")
 
 
 def _resolve_precision(out: Any, raw: Any) -> Any:

@@ -21,6 +21,8 @@ POOLING_PRESETS: dict[str, tuple[tuple[int, ...], str, str]] = {
     "max": ((-1,), "concat", "max"),
     "concat-last-four": ((-4, -3, -2, -1), "concat", "mean"),
 }
+# output.representations: what a row can be stored as (docs/multi-representation.md)
+REPRESENTATIONS = ("dense", "sparse", "multivector")
 # a SparseEncoder (SPLADE) folder's SpladePooling: docs/sparse.md
 SPARSE_POOLINGS = ("splade-max", "splade-sum")
 # a MultiVectorEncoder (ColBERT) folder: every token's vector kept: docs/multivector.md
@@ -188,6 +190,11 @@ class OutputConfig:
                             "mean of its sub-tokens.", choices=("first", "mean"))
     special_tokens: bool = key(False, "subword: rows for the model's special tokens ([CLS], "
                                "[SEP]) too; padding never.")
+    representations: tuple[str, ...] | None = key(
+        None, "What each row is stored as, any non-empty subset of dense, sparse and "
+        "multivector that the model folder computes, all from one forward pass (a BGE-M3 "
+        "folder's heads: docs/multi-representation.md); unset: dense (a SPLADE folder: sparse, "
+        "a ColBERT folder: multivector).")
 
 
 @dataclass(frozen=True)
@@ -286,6 +293,9 @@ class JobConfig:
             **self.token_settings(),
             **({"encode.max_active_dims": self.encode.max_active_dims}
                if self.encode.max_active_dims else {}),
+            # recorded only beyond dense alone, so dense folders keep their settings hash
+            **({"output.representations": list(self.output.representations)}
+               if self.output.representations not in (None, ("dense",)) else {}),
         }
 
     def token_settings(self) -> dict[str, Any]:

@@ -76,8 +76,21 @@ class Output:
 
     @property
     def is_sparse(self) -> bool:
-        """A sparse (SPLADE) folder: rows hold sparse_indices / sparse_values, no vector."""
-        return "sparse_indices" in self.columns
+        """Rows hold sparse_indices / sparse_values and no vector (a SPLADE folder, or a
+        BGE-M3 folder storing sparse rows without dense ones)."""
+        columns = self.columns
+        return "sparse_indices" in columns and "vector" not in columns
+
+    @property
+    def representations(self) -> tuple[str, ...]:
+        """What the rows are stored as: dense, sparse, multivector (docs/multi-representation.md)."""
+        from .representations import stored_representations
+        return stored_representations(self.store)
+
+    def bytes_by_representation(self) -> dict[str, float]:
+        """Mean stored bytes a row of each representation (io/representations.py)."""
+        from .representations import bytes_by_representation
+        return bytes_by_representation(self.store)
 
     def sparse(self):
         """scipy.sparse.csr_matrix [count, vocabulary], float32, in row order (docs/sparse.md)."""
@@ -111,7 +124,7 @@ class Output:
     def vectors(self) -> np.ndarray:
         """[count, width] as stored: float32 (float16 parts widened), or, with a quantized
         precision, the stored int8 / uint8 values (binary kinds: dim / 8 packed bytes a row)."""
-        if self.is_multivector:
+        if self.is_multivector and self.files and "vector" not in self.columns:
             raise ConfigError(f"{self.store.url} holds multi-vector (ColBERT) rows: read them "
                               f"with open_output(...).multivectors()")
         if self.is_sparse:

@@ -38,7 +38,7 @@ WINDOW_COLUMNS = ("chunk", "token_start", "token_end", "char_start", "char_end")
 def vectors_schema(id_type: pa.DataType, width: int, vector_dtype: str,
                    keep: pa.Schema | None = None, chunks: str | None = None,
                    rescore: tuple[int, str] | None = None,
-                   sparse: int | None = None) -> pa.Schema:
+                   sparse: int | None = None, dense: bool | None = None) -> pa.Schema:
     """id, vector (width stored values: io/precision.py), n_tokens, truncated, text_hash (what the
     model saw, hashed: content_hash.py), faiss_id (the row's index label), then the kept columns.
     chunks = "pool" adds n_chunks
@@ -46,16 +46,18 @@ def vectors_schema(id_type: pa.DataType, width: int, vector_dtype: str,
     character spans (WINDOW_COLUMNS), vector, n_tokens (the window's), truncated.
     rescore (width, value type): a rescore_vector column after vector (output.rescore_precision).
     sparse (the vocabulary's size): a sparse (SPLADE) folder's rows hold no vector column but
-    SPARSE_COLUMNS, the vocabulary in the indices' field metadata (docs/sparse.md)."""
+    SPARSE_COLUMNS, the vocabulary in the indices' field metadata (docs/sparse.md); dense (unset:
+    without sparse) keeps the vector column beside them (a BGE-M3 folder storing both:
+    docs/multi-representation.md)."""
     value_type = pa.from_numpy_dtype(np.dtype(vector_dtype))  # float32/16, or int8/uint8 quantized
     int32 = pa.int32()
     fields = [pa.field("id", id_type)]
     if chunks == "rows":
         fields += [pa.field(name, int32) for name in WINDOW_COLUMNS]
+    if dense if dense is not None else sparse is None:
+        fields.append(pa.field("vector", pa.list_(value_type, width)))
     if sparse is not None:
         fields += sparse_fields(sparse)
-    else:
-        fields.append(pa.field("vector", pa.list_(value_type, width)))
     if rescore is not None:
         fields.append(pa.field("rescore_vector", pa.list_(pa.from_numpy_dtype(
             np.dtype(rescore[1])), rescore[0])))

@@ -48,6 +48,20 @@ class EmbedPlan:
         return self.job.encode.multivector
 
     @property
+    def representations(self) -> tuple[str, ...]:
+        """What each row is stored as: a BGE-M3 folder's asked heads (encode/m3_heads.py), a
+        sparse folder's sparse rows, a multi-vector folder's token vectors, else dense."""
+        if self.job.output.representations:
+            return self.job.output.representations
+        return ("sparse",) if self.sparse else ("multivector",) if self.multivector else \
+            ("dense",)
+
+    @property
+    def multi_head(self) -> bool:
+        """Rows from a BGE-M3 folder's heads beyond dense (encode/m3_heads.py)."""
+        return bool(self.job.output.representations) and self.representations != ("dense",)
+
+    @property
     def width(self) -> int:
         if self.multivector:
             return self.source.st.multivector.dim
@@ -71,20 +85,29 @@ class EmbedPlan:
     def vectors_schema(self) -> pa.Schema:
         chunks = self.job.output.chunks if self.job.encode.long_text == "chunk" else None
         rescore = self.rescore
-        schema = vectors_schema(pa.type_for_alias(self.id_type), self.precision.width(self.width),
-                                self.precision.storage, self.keep_schema, chunks,
-                                None if rescore is None else (self.width, rescore.storage),
-                                self.width if self.sparse else None)
-        if self.multivector:  # the row's bookkeeping only: its vectors go to multivectors/
-            schema = schema.remove(schema.get_field_index("vector"))
-        return schema
+        # without dense, no vector column (a multi-vector row's vectors go to multivectors/)
+        return vectors_schema(pa.type_for_alias(self.id_type), self.precision.width(self.width),
+                              self.precision.storage, self.keep_schema, chunks,
+                              None if rescore is None else (self.width, rescore.storage),
+                              self.width if self.sparse else self._vocabulary(),
+                              "dense" in self.representations)
+
+    def _vocabulary(self) -> int | None:
+        """A BGE-M3 folder's sparse rows' width: the body's vocabulary."""
+        return int(self.source.config.vocab_size) if "sparse" in self.representations else None
 
     def multivectors_schema(self) -> pa.Schema | None:
-        """The multivectors/ parts' schema (a multi-vector folder), else None."""
-        if not self.multivector:
+        """The multivectors/ parts' schema (a multi-vector folder, or a BGE-M3 folder storing
+        its colbert vectors), else None."""
+        if "multivector" not in self.representations:
             return None
-        return multivector_schema(pa.type_for_alias(self.id_type), self.width,
-                                  self.precision.storage)
+        dim = self.width if self.multivector else self._colbert_dim()
+        return multivector_schema(pa.type_for_alias(self.id_type), dim, self.precision.storage)
+
+    def _colbert_dim(self) -> int:
+        from ..models.m3_folder import COLBERT_HEAD, load_head
+        return int(load_head(self.source.m3, COLBERT_HEAD, self.source.hidden_size)[
+            "weight"].shape[0])
 
     def tokens_schema(self) -> pa.Schema | None:
         """The token table's schema (output.granularity = subword | word), else None. Token
@@ -106,7 +129,7 @@ class EmbedPlan:
         window's chunk and spans, in a folder of one row a window)."""
         own = {"id", "text_hash", *self.job.output.keep_columns}
         return [n for n in self.vectors_schema().names if n not in own] + (
-            [ROW_KEY] if self.multivector else [])
+            [ROW_KEY] if "multivector" in self.representations else [])
 
 
 class UnitEmbedder:
@@ -119,7 +142,10 @@ class UnitEmbedder:
         job, runtime, self.plan = plan.job, plan.runtime, plan
         self.tokenizer = tokenizer_for(plan.source, runtime, job)
         self.chunking = ChunkPolicy.for_job(job, self.tokenizer)
-        if plan.multivector:
+        if plan.multi_head:
+            from ..encode.m3_heads import M3Encoder
+            self.encoder = M3Encoder(plan.source, runtime, plan.representations)
+        elif plan.multivector:
             from ..encode.multivector import MultiVectorEncoder
             self.encoder = MultiVectorEncoder(plan.source, runtime, plan.source.st.multivector)
         elif plan.sparse:
@@ -137,7 +163,7 @@ class UnitEmbedder:
         # repeated texts this worker encoded, for as long as it lives (across its units)
         # (a multi-vector row counted as 128 token vectors)
         self.memory = RunMemory(capacity=MEMORY_BYTES // (4 * plan.width * (
-            128 if plan.multivector else 1)))
+            128 if "multivector" in plan.representations else 1)))
 
     def embed(self, units: list[tuple[Unit, int]], duplicates: dict[str, set[int]],
               on_unit_done: Callable, progress: Callable[[int], None], stats: Stats,
@@ -162,7 +188,7 @@ class UnitEmbedder:
                             token_schema=self.plan.tokens_schema(),
                             token_mean=self.token_policy is not None and self.token_policy.mean,
                             memory=self.memory, rescore=self.plan.rescore,
-                            sparse=self.plan.sparse,
+                            sparse=self.plan.sparse, multi_head=self.plan.multi_head,
                             multivectors=self.plan.multivectors_schema())
         run_stages(lambda channel: preparer.run(units, channel), self.encode,
                    writer.run, stats)

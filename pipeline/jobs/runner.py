@@ -221,6 +221,9 @@ def _record_stats(ctx: RunContext) -> None:
     ctx.summary.padded_tokens = ctx.stats.padded_tokens
     ctx.summary.seconds.update(ctx.stats.seconds)
     ctx.summary.folder_vectors = sum(r.stored_rows for r in ctx.ledger.complete_units())
+    if ctx.job.output.representations:  # a BGE-M3 folder: each stored representation's bytes
+        from ..io.representations import bytes_by_representation
+        ctx.summary.representation_bytes = bytes_by_representation(ctx.store, ctx.ledger)
     if ctx.job.encode.multivector and ctx.summary.folder_vectors:  # measured: tokens x dim x bytes
         from ..io.multivectors import stored_token_count
         files = ctx.ledger.multivector_files()

@@ -63,6 +63,8 @@ class RunSummary:
     precision: str = "float32"  # output.precision: what the vector parts store
     rescore_precision: str | None = None  # output.rescore_precision: the kept copy's
     bytes_per_row: int = 0  # one row's stored vectors' bytes (with the rescore copy)
+    # a BGE-M3 folder's mean stored bytes a row of each representation (io/representations.py)
+    representation_bytes: dict = field(default_factory=dict)
     stored_tokens: int = 0  # a multi-vector folder's token vectors (its rows' mean makes bytes)
     failures: list[str] = field(default_factory=list)
     index: dict = field(default_factory=dict)
@@ -128,6 +130,9 @@ class RunSummary:
                     tokens_per_second=round(self.rate(self.real_tokens), 1),
                     accounted=self.accounted,
                     seconds={k: round(v, 3) for k, v in self.seconds.items()})
+        if self.representation_bytes:  # a BGE-M3 folder's only: other folders' keys stay
+            data["representation_bytes"] = {k: round(v, 1)
+                                            for k, v in self.representation_bytes.items()}
         return data
 
     def render(self) -> str:
@@ -171,7 +176,11 @@ class RunSummary:
                f"recall@10 {self.index.get('recall_at_10')}" if self.index.get("count") else "none"),
         ]
         kept = f" + {self.rescore_precision} kept for rescoring" if self.rescore_precision else ""
-        if self.stored_tokens:  # a multi-vector folder: bytes follow each row's tokens
+        if self.representation_bytes:  # a BGE-M3 folder: each representation's, measured
+            lines.append("  stored     " + ", ".join(
+                f"{name} {size:,.1f} bytes" for name, size in self.representation_bytes.items())
+                + " a row (mean)")
+        elif self.stored_tokens:  # a multi-vector folder: bytes follow each row's tokens
             lines.append(f"  stored     {self.precision} multi-vector: {self.stored_tokens:,} "
                          f"token vectors, {self.stored_tokens / max(1, self.folder_vectors):,.1f} "
                          f"a row, {self.bytes_per_row:,} bytes a row (measured)")

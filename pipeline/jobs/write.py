@@ -31,7 +31,8 @@ class WriteStage:
                  progress: Callable[[int], None], normalize: bool = False,
                  token_schema: pa.Schema | None = None, token_mean: bool = False,
                  memory: RunMemory | None = None, rescore: Precision | None = None,
-                 sparse: bool = False, multivectors: pa.Schema | None = None):
+                 sparse: bool = False, multivectors: pa.Schema | None = None,
+                 multi_head: bool = False):
         """normalize: L2-normalise texts' pooled windows (long_text = "chunk", chunks = "pool");
         token_schema: the token table's (output.granularity = subword | word), whose rows are
         their sub-tokens' mean when token_mean (word_pooling = "mean"); precision: what a
@@ -40,8 +41,9 @@ class WriteStage:
         second copy kept as rescore_vector (output.rescore_precision); sparse: the encoder sends
         CSR rows (a SPLADE folder), written as sparse_indices / sparse_values; multivectors: the
         multivectors/ parts' schema (a multi-vector folder: the encoder sends each row's token
-        vectors, written there beside the vector part's row: io/multivectors.py)."""
-        self.sparse, self.multivectors = sparse, multivectors
+        vectors, written there beside the vector part's row: io/multivectors.py); multi_head:
+        the encoder sends M3Rows (a BGE-M3 folder's representations: encode/m3_heads.py)."""
+        self.sparse, self.multivectors, self.multi_head = sparse, multivectors, multi_head
         self.mv_writer: UnitWriter | None = None
         self.token_schema, self.token_mean = token_schema, token_mean
         self.store, self.schema = store, schema
@@ -98,7 +100,7 @@ class WriteStage:
         self.rejects.append(item.rejects)
 
     def _encoded(self, item: Encoded) -> None:
-        if self.sparse or self.multivectors is not None:
+        if self.sparse or self.multi_head or self.multivectors is not None:
             self.vectors = (self.vectors or []) + [(item.positions, item.vectors)]
             self.filled += 1
             return
@@ -151,7 +153,10 @@ class WriteStage:
         if not n:  # every text of the window rejected, or taken from stored rows
             self.progress(window.rejects.num_rows)
             return
-        if self.sparse:
+        if self.multi_head:
+            rows = {**head_rows(vectors, n), "n_tokens": window.n_tokens,
+                    "truncated": window.truncated}
+        elif self.sparse:
             rows = {**sparse_rows(vectors, n), "n_tokens": window.n_tokens,
                     "truncated": window.truncated}
         elif self.multivectors is not None:
@@ -240,6 +245,23 @@ def sparse_rows(batches: list | None, n: int) -> dict[str, np.ndarray]:
             indices[position] = csr.indices[start:end].astype(np.int32)
             values[position] = csr.data[start:end].astype(np.float32)
     return {"sparse_indices": indices, "sparse_values": values}
+
+
+def head_rows(batches: list | None, n: int) -> dict[str, np.ndarray]:
+    """A window's M3Rows batches (positions, rows) as its rows' columns, in window order: the
+    dense vector, sparse_indices / sparse_values, the token vectors (each where asked)."""
+    batches = batches or []
+    rows: dict = {}
+    first = batches[0][1] if batches else None
+    if first is not None and first.dense is not None:
+        rows["vector"] = np.empty((n, first.dense.shape[1]), np.float32)
+        for positions, got in batches:
+            rows["vector"][positions] = got.dense
+    if first is not None and first.sparse is not None:
+        rows.update(sparse_rows([(p, got.sparse) for p, got in batches], n))
+    if first is not None and first.multivectors is not None:
+        rows[ROW_KEY] = by_position([(p, got.multivectors) for p, got in batches], n)
+    return rows
 
 
 def by_position(batches: list | None, n: int) -> np.ndarray:

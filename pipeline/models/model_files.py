@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import DEFAULT_MODEL, ConfigError
+from .m3_folder import M3Folder, read_m3
 from .st_folder import StFolder, read_st_folder
 from .weight_check import check_weights
 
@@ -33,6 +34,7 @@ class ModelSource:
     position_limit: int  # the most tokens per text its position embeddings allow
     model_type: str = "bert"
     st: StFolder | None = None  # its sentence-transformers settings, when it is such a folder
+    m3: M3Folder | None = None  # a multi-head (BGE-M3) folder's head files (m3_folder.py)
     # transformers' parsed config.json (PretrainedConfig), read once here: the runtime's checks,
     # the fused forward and the model's loading all take this one
     config: object = field(default=None, compare=False, repr=False)
@@ -183,4 +185,4 @@ def resolve_model(name: str) -> ModelSource:
     own = min(st.max_seq_length, limit) if st and st.max_seq_length else _own_max_length(path, limit)
     return ModelSource(name=name, path=path, fingerprint=_fingerprint(path), max_length=own,
                        hidden_size=int(config.hidden_size), position_limit=limit,
-                       model_type=config.model_type, st=st, config=config)
+                       model_type=config.model_type, st=st, config=config, m3=read_m3(path))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 
 from ..config import ConfigError, JobConfig
+from ..config.sections import REPRESENTATIONS
+from .m3_folder import HEAD_OF, load_head
 from .model_files import ModelSource
 from .st_folder import StFolder
 
@@ -19,11 +21,36 @@ def resolve_recipe(job: JobConfig, source: ModelSource) -> tuple[JobConfig, list
     from, for the summary)."""
     enc, st = job.encode, source.st
     notes = []
+    if source.m3 is not None:
+        job = m3_job(job, source, notes)
+        if job.output.representations not in (None, ("dense",)):
+            return job, notes  # every setting made concrete there
+        source = dataclasses.replace(source, m3=None)  # dense alone: a dense folder's recipe
+        enc = job.encode
+    representations = job.output.representations
     if enc.multivector or (st and st.multivector):
+        if representations not in (None, ("multivector",)):
+            raise ConfigError(f"output.representations = {list(representations)}: model folder "
+                              f"{source.path} is a multi-vector (ColBERT) encoder, which stores "
+                              f"multivector rows only")
         from .multivector_recipe import multivector_recipe
-        return multivector_recipe(job, source, notes)
+        return multivector_recipe(dataclasses.replace(job, output=dataclasses.replace(
+            job.output, representations=None)), source, notes)
     if enc.sparse or (enc.pooling == "auto" and st and st.sparse):
-        return _sparse_recipe(job, source, notes)
+        if representations not in (None, ("sparse",)):
+            raise ConfigError(f"output.representations = {list(representations)}: model folder "
+                              f"{source.path} is a sparse (SPLADE) encoder, which stores sparse "
+                              f"rows only")
+        return _sparse_recipe(dataclasses.replace(job, output=dataclasses.replace(
+            job.output, representations=None)), source, notes)
+    if representations not in (None, ("dense",)):
+        raise ConfigError(f"output.representations = {list(representations)}: model folder "
+                          f"{source.path} computes dense vectors only (sparse and multivector "
+                          f"need a BGE-M3 folder's sparse_linear.pt / colbert_linear.pt: "
+                          f"docs/multi-representation.md)")
+    if representations is not None:
+        job = dataclasses.replace(job, output=dataclasses.replace(job.output,
+                                                                  representations=None))
     pooling, normalize = enc.pooling, enc.normalize
     general = bool(enc.layers or enc.layer_combine or enc.token_pooling)
     follow_folder = pooling == "auto" and not general  # the folder's pooling and Normalize
@@ -143,3 +170,61 @@ def _sparse_recipe(job: JobConfig, source: ModelSource, notes: list[str]
     model = dataclasses.replace(job.model, forward="transformers", compile=False)
     return dataclasses.replace(job, model=model, encode=encode, index=dataclasses.replace(
         job.index, enabled=False)), notes
+
+
+def m3_job(job: JobConfig, source: ModelSource, notes: list[str]) -> JobConfig:
+    """A multi-head (BGE-M3) folder: representations unset is dense alone (BGEM3FlagModel's
+    encode returns only dense vectors unless asked, and a dense folder's layout and settings
+    hash stay as they are); its dense vector is the normalized CLS token. With sparse or
+    multivector asked, the heads are checked here and every setting the heads do not take is
+    refused; all come from one forward (encode/m3_heads.py)."""
+    enc, out, m3 = job.encode, job.output, source.m3
+    asked = out.representations or ("dense",)
+    missing = [r for r in asked if r not in m3.supports()]
+    if missing:
+        raise ConfigError(f"output.representations asks for {missing[0]}, but model folder "
+                          f"{m3.path} has no {HEAD_OF[missing[0]]}")
+    general = bool(enc.layers or enc.layer_combine or enc.token_pooling)
+    if enc.pooling == "auto" and not general:
+        enc = dataclasses.replace(enc, pooling="cls", normalize=True if enc.normalize is None
+                                  else enc.normalize)
+        notes.append("pooling cls, normalized (BGE-M3's dense vector)")
+    representations = tuple(r for r in REPRESENTATIONS if r in asked)
+    if representations == ("dense",):
+        return dataclasses.replace(job, encode=enc, output=dataclasses.replace(
+            out, representations=None))
+    for name in representations:
+        if name != "dense":
+            load_head(m3, HEAD_OF[name], source.hidden_size)
+    refused = [name for name, bad in (
+        ("encode.pooling other than cls", enc.pooling != "cls" or general),
+        ("encode.normalize = false", enc.normalize is False),
+        ("encode.max_active_dims", enc.max_active_dims), ("output.dimensions", out.dimensions),
+        ("encode.long_text = 'chunk'", enc.long_text == "chunk"),
+        ("output.granularity", out.granularity != "text"),
+        ("a quantized output.precision", out.precision not in (None, "float32")),
+        ("output.vector_dtype = 'float16'", out.vector_dtype != "float32"),
+        ("output.rescore_precision", out.rescore_precision),
+        ("input.text_pair_column", job.input.text_pair_column),
+        ("[[sink]] (sinks take dense-only folders, for now)", job.sink)) if bad]
+    if job.model.forward == "fused":
+        refused.append("model.forward = 'fused' (the heads take transformers' hidden states)")
+    if refused:
+        raise ConfigError(f"output.representations = {list(representations)} on {m3.path}: "
+                          f"{refused[0]} does not apply; leave it unset or store dense alone")
+    notes.append(f"representations {', '.join(representations)} from one forward "
+                 f"(BGE-M3 heads: {', '.join(m3.heads)})")
+    prompt = _prompt(enc.prompt, enc.prompt_name, source.st, notes)
+    query_prompt = enc.query_prompt
+    if query_prompt is None:
+        st = source.st
+        query_prompt = (st.prompts.get("query") if st and "query" in st.prompts else prompt) or ""
+    index = job.index
+    if "dense" not in representations and index.enabled:
+        notes.append("no FAISS index: no dense vectors stored")
+        index = dataclasses.replace(index, enabled=False)
+    encode = dataclasses.replace(enc, pooling="cls", normalize=True, prompt=prompt or None,
+                                 prompt_name=None, query_prompt=query_prompt)
+    model = dataclasses.replace(job.model, forward="transformers", compile=False)
+    return dataclasses.replace(job, model=model, encode=encode, index=index,
+                               output=dataclasses.replace(out, representations=representations))
