@@ -40,7 +40,7 @@ from ..version import package_versions
 from .calibrate import calibrate
 from .embedder import EmbedPlan, UnitEmbedder
 from .messages import Stats
-from .ray_index import part_digests, ray_shard_runner
+from .ray_index import part_digests, ray_shard_runner, ray_sink_sync
 from .summary import RunSummary
 from .unit_diff import UnitDiff, diff_units
 
@@ -243,13 +243,15 @@ def _sync_sinks(ctx: RunContext, healthy: bool) -> None:
     """Each [[sink]] brought in step with the committed parts (sinks/base.py: sync_sink); one
     that fails is a failure line (exit 1) and is synced by the next run or `embedpipe sync`."""
     prune_records(ctx.ledger, [s.name for s in ctx.sinks])
+    sync = ray_sink_sync(ctx.options.ray_address, ctx.options.workers) \
+        if ctx.options.runner == "ray" else sync_sink  # each unit's rows loaded by a worker
     for sink in ctx.sinks:
         if not healthy:
             ctx.summary.failures.append(f'sink "{sink.name}": not synced, the folder failed '
                                         f"its check")
             continue
         try:
-            load = sync_sink(sink, ctx.ledger)
+            load = sync(sink, ctx.ledger)
         except (SinkError, ConfigError) as exc:
             why = str(exc) if str(exc).startswith('sink "') else f'sink "{sink.name}": {exc}'
             load = SinkLoad(sink.name, sink.kind, sink.target(), error=why)
