@@ -55,9 +55,10 @@ def ray_session(address: str | None, names: list[str] = ()) -> Iterator[object]:
 
 
 def actor_count(ray, workers: int | None, jobs: int) -> tuple[int, int]:
-    """(actors, CPU threads each): --workers, else one per 2 CPUs, never more than jobs."""
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    count = max(1, min(workers or max(1, cpus // 2), jobs))
+    """(actors, CPU threads each): --workers, else one per 2 CPUs, never more than jobs or
+    the cluster's CPUs (an actor of one CPU beyond them would wait for ever)."""
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    count = max(1, min(workers or max(1, cpus // 2), jobs, cpus))
     return count, max(1, cpus // count)
 
 

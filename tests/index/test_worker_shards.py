@@ -28,6 +28,8 @@ from pipeline.io.ledger import Ledger
 from pipeline.io.precision import Precision
 from pipeline.io.storage import Store
 
+pytestmark = pytest.mark.slow  # real CLI runs, several with a Ray instance (~1 min each)
+
 INDEX = {"type": "ivf-flat", "nlist": 8, "nprobe": 3, "layout": "shards", "shard_rows": 120}
 FILES = 5
 ROWS = 96  # a file: two parts of 50 and 46 rows (rows_per_file 50); 2 files a shard
@@ -205,7 +207,7 @@ def test_flat_and_hnsw_beyond_a_node_are_refused_on_ray(tmp_path, movie_table, t
 
 @pytest.mark.ray
 def test_a_night_rewrites_only_the_changed_shards(ray_folder, movie_table):
-    """Last in the module: the night changes the module's folder."""
+    """Last of the tests on the module's folder: the night changes it."""
     out = ray_folder[0]
     job = out.parent / "job.toml"
     before = infos_of(out)
@@ -239,3 +241,26 @@ def test_a_night_rewrites_only_the_changed_shards(ray_folder, movie_table):
     shard.write_bytes(bytes(body))
     result = embedpipe("verify", out)
     assert result.returncode == 1 and after["shards"][0]["file"] in result.stdout + result.stderr
+
+
+def test_the_local_runner_keeps_unchanged_shards_too(tmp_path, movie_table, tiny_model):
+    out = tmp_path / "out"
+    job = small_job(tmp_path / "job.toml", write_input(tmp_path / "in", movie_table), out,
+                    tiny_model, index=INDEX)
+    assert embedpipe("run", job).returncode == 0
+    before = infos_of(out)
+    assert {s["pid"] for s in before["shards"]} == {before["shards"][0]["pid"]}  # one process
+    night = texts(movie_table, night=1)[2]
+    write_shards(tmp_path / "in", [pa.table({"id": pa.array(range(2000, 2060), pa.int64()),
+                                             "text": night[:60]})], ["part-00002.parquet"])
+    assert embedpipe("run", job).returncode == 0
+    after = infos_of(out)
+    assert after["maintained"]["shards_kept"] == 4 and after["maintained"]["shards_written"] == 1
+    assert [s["file"] for i, s in enumerate(after["shards"]) if i != 2] == \
+        [s["file"] for i, s in enumerate(before["shards"]) if i != 2]
+    assert after["shards"][2]["rows"] == 60 and after["count"] == FILES * ROWS - ROWS + 60
+    q = queries(out)
+    got = load_index(Store(str(out)))[0].search(q, 10)
+    want = single_index_hits(out, q)
+    assert np.array_equal(got[1], want[1]) and np.allclose(got[0], want[0], atol=1e-5)
+    assert embedpipe("verify", out).returncode == 0
