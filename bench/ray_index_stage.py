@@ -82,7 +82,8 @@ def main() -> None:
         shutil.copytree(source, folder)
         ledger = Ledger(Store(str(folder)))
         parts, digests = ledger.vector_parts(), part_digests(ledger)
-        with ray_session(None) as _:
+        # a Ray instance of this process's own ("local": not a cluster another job started)
+        with ray_session("local", num_cpus=args.workers) as _:
             runner = run_here if name == "driver" else ray_shard_runner(None, args.workers)
             tick = time.perf_counter()
             infos = update_sharded(Store(str(folder)), parts, cfg, digests, runner)

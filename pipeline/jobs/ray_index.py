@@ -37,7 +37,7 @@ class ShardActor:
 
 
 @contextmanager
-def ray_session(address: str | None, names: list[str] = ()) -> Iterator[object]:
+def ray_session(address: str | None, names: list[str] = (), **init) -> Iterator[object]:
     """Ray, connected (or a local instance started, with the run's environment and the
     variables `names` (a sink's connection string) forwarded, and shut down after)."""
     import ray
@@ -46,7 +46,7 @@ def ray_session(address: str | None, names: list[str] = ()) -> Iterator[object]:
     if started_here:
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV) or k in names}
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env} if env else None)
+                 runtime_env={"env_vars": env} if env else None, **init)
     try:
         yield ray
     finally:
@@ -63,10 +63,17 @@ def actor_count(ray, workers: int | None, jobs: int) -> tuple[int, int]:
 
 
 def ray_shard_runner(address: str | None, workers: int | None) -> ShardRunner:
-    """A ShardRunner that hands the jobs round-robin to Ray actors, in the order given back."""
+    """A ShardRunner that hands the jobs round-robin to Ray actors, in the order given back.
+    Each actor adds with the driver's FAISS thread count: the coarse assignment's products are
+    summed per thread block, so another count can put a vector on a near-tie between two
+    lists into the other one; with the same count the shards are the local build's, byte for
+    byte (on the same kind of CPU)."""
     def run(jobs: list[ShardJob]) -> list[dict]:
+        import faiss
+
+        threads = faiss.omp_get_max_threads()
         with ray_session(address) as ray:
-            count, threads = actor_count(ray, workers, len(jobs))
+            count, _ = actor_count(ray, workers, len(jobs))
             actor_class = ray.remote(num_cpus=1, max_restarts=MAX_RESTARTS,
                                      max_task_retries=MAX_RESTARTS)(ShardActor)
             actors = [actor_class.remote(threads) for _ in range(count)]
