@@ -56,9 +56,10 @@ def infos_of(out) -> dict:
 def ray_run(job, env=None, pause=None):
     """The CLI on the ray runner with two workers; (process, json summary)."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
+    # a Ray instance of the test's own, never a cluster something else started on this machine
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(job), "--runner",
-                             "ray", "--workers", "2", "--json"], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "ray", "--ray-address", "local", "--workers", "2", "--json"],
+                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if pause is not None:
         deadline = time.time() + 300
         while not pause.exists():

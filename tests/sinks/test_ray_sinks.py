@@ -26,9 +26,10 @@ def cli_run(job, env: dict, pause=None, kill_driver: bool = False):
     """`embedpipe run --runner ray --workers 2`; with `pause`, the process that paused there is
     SIGKILLed (a worker: the run goes on; the driver: the run is gone). Returns the exit code."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", **env}
+    # a Ray instance of the test's own, never a cluster something else started on this machine
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(job), "--runner",
-                             "ray", "--workers", "2", "--json"], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "ray", "--ray-address", "local", "--workers", "2", "--json"],
+                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if pause is not None:
         deadline = time.time() + 300
         while not pause.exists():
