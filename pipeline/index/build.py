@@ -42,12 +42,14 @@ from .tuning import RECALL_QUERIES, apply_search_params, even_positions, measure
 log = logging.getLogger(__name__)
 
 
-def build_index(store: Store, files: list[str] | VectorParts, cfg: IndexConfig) -> dict:
+def build_index(store: Store, files: list[str] | VectorParts, cfg: IndexConfig,
+                shard_writer=build_shards) -> dict:
     """Build, write atomically, and describe the index for the given parts. Returns the infos.
 
     Every vector is added under its label (VectorParts.row_labels: the rows' stored labels
     where the ledger knows the parts' units, else row positions); flat and HNSW inside an IndexIDMap2, IVF kinds with
-    their own ids. The ip-without-cosine warning goes by the vectors themselves (a sample's
+    their own ids. `shard_writer`: how the shards layouts' shard files are written
+    (layouts.build_shards here; index/shard_build.py hands them to workers). The ip-without-cosine warning goes by the vectors themselves (a sample's
     norms), so a model that normalises on its own draws no warning."""
     started = time.perf_counter()
     parts = files if isinstance(files, VectorParts) else VectorParts(store, files)
@@ -83,7 +85,7 @@ def build_index(store: Store, files: list[str] | VectorParts, cfg: IndexConfig) 
         index_bytes = serialize(index)
     else:
         trained = serialize(index)
-        shards = build_shards(store, parts, rows, trained, build, cfg.shard_rows)
+        shards = shard_writer(store, parts, rows, trained, build, cfg.shard_rows)
         layout_infos["shard_rows"] = cfg.shard_rows
         if layout == "shards":
             index = open_shards(store, [s["file"] for s in shards])

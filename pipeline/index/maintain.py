@@ -24,7 +24,7 @@ Per kind:
 - HNSW cannot remove: removed labels become tombstones (tombstones-<build>.npy, named in the
   infos), skipped by search through an ID selector (live.py). Over TOMBSTONE_FRACTION (10%) of
   the vectors in the graph, a full rebuild. Added vectors join the existing graph.
-- shards / ondisk layouts: rebuilt (their files are written once per build).
+- shards / ondisk layouts: not here (index/shard_build.py keeps the unchanged shards).
 
 Anything that does not add up (infos unreadable, a file missing, the index holding another count
 than its infos say, other index settings or dimension, an index of row positions, a label stored

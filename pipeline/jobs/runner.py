@@ -23,6 +23,7 @@ from ..index.maintain import settings_changed, update_index
 from ..index.check import index_damage, index_problems
 from ..index.choose import check_config as check_index_config, faiss_reason
 from ..index.files import INDEX_DIR
+from ..index.shard_build import refuse_one_process_index, run_here, sharded, update_sharded
 from ..io.folder_check import unit_damage, unit_problems
 from ..io.ledger import Ledger, acquire_lock, refuse_foreign_folder, release_lock
 from ..io.manifest import MANIFEST, UnitRecord
@@ -40,6 +41,7 @@ from ..version import package_versions
 from .calibrate import calibrate
 from .embedder import EmbedPlan, UnitEmbedder
 from .messages import Stats
+from .ray_index import part_digests, ray_shard_runner, ray_sink_sync
 from .summary import RunSummary
 from .unit_diff import UnitDiff, diff_units
 
@@ -121,8 +123,11 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
     job = resolve_chunking(job, source, runtime)
     settings = vector_settings(job, source, runtime)
     if job.index.enabled:
-        check_index_config(job.index, EncoderSettings.for_job(job).width(source.hidden_size),
-                           Precision(job.output.precision))
+        width = EncoderSettings.for_job(job).width(source.hidden_size)
+        check_index_config(job.index, width, Precision(job.output.precision))
+        if options.runner == "ray":  # one process would hold every vector: refused up front
+            refuse_one_process_index(job.index, sum(u.num_rows for u in units), width,
+                                     Precision(job.output.precision))
     preflight(sinks, settings_hash(settings))  # reachable; tables ours and alike, or absent
     store = Store(job.output.path)
     refuse_foreign_folder(store)
@@ -249,13 +254,15 @@ def _sync_sinks(ctx: RunContext, healthy: bool) -> None:
     """Each [[sink]] brought in step with the committed parts (sinks/base.py: sync_sink); one
     that fails is a failure line (exit 1) and is synced by the next run or `embedpipe sync`."""
     prune_records(ctx.ledger, [s.name for s in ctx.sinks])
+    sync = ray_sink_sync(ctx.options.ray_address, ctx.options.workers) \
+        if ctx.options.runner == "ray" else sync_sink  # each unit's rows loaded by a worker
     for sink in ctx.sinks:
         if not healthy:
             ctx.summary.failures.append(f'sink "{sink.name}": not synced, the folder failed '
                                         f"its check")
             continue
         try:
-            load = sync_sink(sink, ctx.ledger)
+            load = sync(sink, ctx.ledger)
         except (SinkError, ConfigError) as exc:
             why = str(exc) if str(exc).startswith('sink "') else f'sink "{sink.name}": {exc}'
             load = SinkLoad(sink.name, sink.kind, sink.target(), error=why)
@@ -272,7 +279,13 @@ def _index(ctx: RunContext, parts: VectorParts, rebuild: str | None = None) -> N
     tick = time.perf_counter()
     checkpoint("index")
     try:
-        ctx.summary.index = update_index(ctx.store, parts, ctx.job.index, rebuild)
+        if sharded(ctx.job.index):  # shards written by the workers, only those that changed
+            runner = ray_shard_runner(ctx.options.ray_address, ctx.options.workers) \
+                if ctx.options.runner == "ray" else run_here
+            ctx.summary.index = update_sharded(ctx.store, parts, ctx.job.index,
+                                               part_digests(ctx.ledger), runner, rebuild)
+        else:
+            ctx.summary.index = update_index(ctx.store, parts, ctx.job.index, rebuild)
     except (ConfigError, RuntimeError) as exc:
         reason = faiss_reason(exc)
         ctx.summary.index = {"error": reason}

@@ -173,6 +173,11 @@ class Sink:
         missing. All or nothing where the engine allows. Returns (rows upserted, deleted)."""
         raise NotImplementedError
 
+    def upsert(self, schema: pa.Schema, blocks: Iterator[pa.Table], marker: Marker) -> int:
+        """Upsert the blocks into the existing table, one of several loaders of disjoint units
+        at once (sinks/parallel_load.py). Returns the rows upserted."""
+        return self.load(schema, blocks, None, marker)[0]
+
     def ensure_index(self, rows: int) -> str:
         """Build the ANN index after a load if the config asks for one and it is missing."""
         return ""

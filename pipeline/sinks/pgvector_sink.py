@@ -176,7 +176,7 @@ class PgSink(Sink):
                                      for n in names)
 
     def load(self, schema: pa.Schema, blocks: Iterator[pa.Table], keep: pa.Table | None,
-             marker: Marker) -> tuple[int, int]:
+             marker: Marker, lock: bool = True) -> tuple[int, int]:
         sql = self.sql
         names = schema.names
         upserted = deleted = 0
@@ -188,7 +188,9 @@ class PgSink(Sink):
                         return 0, 0
                     self._create(cur, schema, marker)
                 # One sync at a time per table; readers go on reading the old rows until COMMIT.
-                cur.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(self.ident))
+                if lock:
+                    cur.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(
+                        self.ident))
                 if names:
                     cur.execute(sql.SQL("CREATE TEMP TABLE embedpipe_stage (LIKE {}) "
                                         "ON COMMIT DROP").format(self.ident))
@@ -219,6 +221,11 @@ class PgSink(Sink):
         except self.psycopg.Error as exc:
             raise SinkError(f'sink "{self.name}": {self.describe()}: {one_line(exc)}') from None
         return upserted, deleted
+
+    def upsert(self, schema: pa.Schema, blocks: Iterator[pa.Table], marker: Marker) -> int:
+        """One of several loaders of disjoint units at once: load's COPY and INSERT ... ON
+        CONFLICT in its own transaction, without its table lock (each row's lock only)."""
+        return self.load(schema, blocks, None, marker, lock=False)[0]
 
     def ensure_index(self, rows: int) -> str:
         """The ANN index the config asks for, built after the load when missing (or made with
