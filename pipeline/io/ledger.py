@@ -184,7 +184,7 @@ class Ledger:
 
 
 # What an output folder holds besides its manifest; anything else without a manifest is foreign.
-OWN_ENTRIES = {LOCK, "vectors", "rejects", "tokens", "index", "heads"}
+OWN_ENTRIES = {LOCK, "vectors", "rejects", "tokens", "index", "heads", "_scan"}
 
 
 def refuse_foreign_folder(store: Store) -> None:

@@ -19,6 +19,7 @@ from ..io.reader import Unit
 from ..io.registry import ReuseSource
 from .embedder import EmbedPlan, UnitEmbedder
 from .messages import NO_ROWS, Stats
+from .partitioned_scan import UnitChecks
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +30,11 @@ FORWARDED_ENV = ("EMBEDPIPE_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
 class EmbedActor:
     """Holds one loaded model for its whole life; embeds one unit per call."""
 
-    def __init__(self, plan: EmbedPlan, threads: int, reuse: ReuseSource | None = None):
+    def __init__(self, plan: EmbedPlan, threads: int,
+                 reuse: ReuseSource | UnitChecks | None = None):
         """reuse: the stored-row lookup (shared through Ray's object store) and the texts
-        repeated in the run; each actor encodes a repeated text once for the units it embeds."""
+        repeated in the run, or (jobs/ray_checks.py) where each unit's share of the workers'
+        checks lies; each actor encodes a repeated text once for the units it embeds."""
         import torch
 
         torch.set_num_threads(threads)
@@ -46,15 +49,18 @@ class EmbedActor:
         records: list[UnitRecord] = []
         stats = Stats()
         before = self.embedder.encoder.oom_splits
+        reuse = self.reuse
+        if isinstance(reuse, UnitChecks):  # the unit's duplicate rows and lookups, from files
+            duplicate_rows, reuse = reuse.for_unit(unit)
         self.embedder.embed([(unit, unit_id)], {unit.key: duplicate_rows}, records.append,
-                            lambda rows: None, stats, self.reuse)
+                            lambda rows: None, stats, reuse)
         return records, stats, self.embedder.encoder.oom_splits - before
 
 
 def embed_on_ray(plan: EmbedPlan, units: list[tuple[Unit, int]], duplicates: dict[str, set[int]],
                  commit: Callable[[UnitRecord], None], progress: Callable[[int], None], stats: Stats,
                  address: str | None = None, workers: int | None = None,
-                 reuse: ReuseSource | None = None) -> int:
+                 reuse: ReuseSource | UnitChecks | None = None) -> int:
     """Embed `units` on Ray actors, committing each unit's record as it arrives. Returns OOM splits."""
     import ray
     from ray.exceptions import RayActorError, WorkerCrashedError
