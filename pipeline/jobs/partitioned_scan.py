@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..faults import checkpoint
 from ..io.content_hash import hash_keys, id_keys, pair_keys, text_hashes
 from ..io.reader import Unit
 from ..io.registry import _ROW_BITS, ReuseSource, StoredRows, _parquet, valid_rows
@@ -199,6 +200,7 @@ def check_partition(plan: ScanPlan, space: str, partition: int,
                     producers: list[str]) -> PartitionCount:
     """One partition of one key space: its results, one IPC batch per unit."""
     store = Store(plan.output)
+    checkpoint("scan")
     batches = [_read_batch(store, plan.producer(p, space), partition) for p in producers]
     schema = _id_schema(plan.string_ids) if space == "id" else TEXT_SCHEMA
     table = pa.Table.from_batches([b for b in batches if b.num_rows], schema=schema)
