@@ -86,11 +86,12 @@ def check_on_workers(store: Store, inputs: ScanInputs, units: list[Unit]) -> Wor
     part_task = ray.remote(**options)(scan_part)
     check_task = ray.remote(**options)(check_partition)
     tick = time.perf_counter()
-    unit_refs = [unit_task.remote(plan, n, u) for n, u in enumerate(healthy)]
+    plan_ref = ray.put(plan)  # once in the object store, not once a task
+    unit_refs = [unit_task.remote(plan_ref, n, u) for n, u in enumerate(healthy)]
     stored_at = {name: n for n, name in enumerate(inputs.stored)}
     kept, gone = set(inputs.kept), set(inputs.gone)
     parts = list(dict.fromkeys([*inputs.kept, *inputs.gone, *inputs.stored]))
-    part_refs = [part_task.remote(plan, name, name in kept, name in gone, stored_at.get(name),
+    part_refs = [part_task.remote(plan_ref, name, name in kept, name in gone, stored_at.get(name),
                                   f"part-{n:06d}") for n, name in enumerate(parts)]
     written = _get(unit_refs)
     producers = {space: [f"unit-{n:06d}" for n, rows in enumerate(written) if rows]
@@ -99,7 +100,8 @@ def check_on_workers(store: Store, inputs: ScanInputs, units: list[Unit]) -> Wor
         for space in spaces:
             producers[space].append(f"part-{n:06d}")
     keys_written = time.perf_counter()
-    counts = _get([check_task.remote(plan, space, p, producers[space])
+    lists = {space: ray.put(names) for space, names in producers.items()}
+    counts = _get([check_task.remote(plan_ref, space, p, lists[space])
                    for space in plan.spaces for p in range(plan.partitions)])
     done = time.perf_counter()
     log.info("ray: %d units scanned into %d partitions by workers", len(healthy), plan.partitions)
