@@ -38,16 +38,16 @@ from bench import REPO_ROOT
 
 # Runs embedpipe's CLI in this process and writes the process's VmHWM (kB) to argv[1] at exit.
 DRIVER = r"""
-import atexit, sys
-def peak():
-    for line in open('/proc/self/status'):
-        if line.startswith('VmHWM'):
-            open(sys.argv[1], 'w').write(line.split()[1])
-atexit.register(peak)
+import sys
 out = sys.argv[1]
 sys.argv = ['embedpipe'] + sys.argv[2:]
-from pipeline.cli import main
-main()
+try:
+    from pipeline.cli import main
+    main()
+finally:
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM'):
+            open(out, 'w').write(line.split()[1])
 """
 ROWS_PER_FILE = 50_000
 CHANGED_EVERY = 100  # 1% of the texts change on the re-export night
