@@ -72,10 +72,28 @@ def folder(request, tmp_path_factory, movie_table, tiny_model):
 
 @pytest.mark.parametrize("mode", ["id+content", "content"])
 @pytest.mark.parametrize("partitions", [1, 5])
-def test_partitioned_checks_answer_as_the_registry_does(tmp_path, folder, mode, partitions):
+def test_partitioned_checks_answer_as_the_registry_does(folder, mode, partitions):
     """Two of the folder's units kept, two retired (gone ids, stored rows), tonight's files as
     input: each unit's rejected rows, repeated texts and stored candidates, and the ids gone,
     equal the in-memory registry's answers."""
+    base, raw, string_ids = folder
+    _check_against_registry(str(base / "out"), base, raw, string_ids, mode, partitions)
+    assert not (base / "out" / "_scan").exists()
+
+
+@pytest.mark.s3
+def test_partitioned_checks_on_object_storage(s3, folder):
+    """The key files written to and read from an S3-compatible server, then removed."""
+    fs, bucket = s3
+    base, raw, string_ids = folder
+    fs.put(str(base / "out"), f"{bucket}/out", recursive=True)
+    _check_against_registry(f"s3://{bucket}/out", base, raw, string_ids, "id+content", 3)
+    fs.invalidate_cache()
+    assert not fs.exists(f"{bucket}/out/_scan")
+
+
+def _check_against_registry(url: str, base, raw, string_ids: bool, mode: str,
+                            partitions: int) -> None:
     from pipeline.config import config_from_dict
     from pipeline.io.ledger import Ledger
     from pipeline.io.reader import plan_units
@@ -86,8 +104,7 @@ def test_partitioned_checks_answer_as_the_registry_does(tmp_path, folder, mode, 
     from pipeline.jobs.partitioned_scan import (ScanPlan, UnitChecks, check_partition,
                                                 remove_scratch, scan_part, scan_unit)
 
-    base, raw, string_ids = folder
-    store = Store(str(base / "out"))
+    store = Store(url)
     records = Ledger(store).complete_units()
     kept = [f for r in records[:2] for f in r.vector_files]
     retired = [f for r in records[2:] for f in r.vector_files]
@@ -130,7 +147,7 @@ def test_partitioned_checks_answer_as_the_registry_does(tmp_path, folder, mode, 
                 np.testing.assert_array_equal(got, want)
             asked += len(whole.find_all(ids, hashes)[0])
     assert asked > 150  # the retired half at least has stored candidates: the join was tested
-    assert remove_scratch(store) > 0 and not (base / "out" / "_scan").exists()
+    assert remove_scratch(store) > 0
 
 
 # ------------------------------------------------------------ Ray runs against local runs
