@@ -247,6 +247,7 @@ def nights(tmp_path_factory, movie_table, tiny_model):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # a Ray instance and two runs: ~1 minute
 def test_ray_equals_local_first_run_and_reexport_night(tmp_path, nights, tiny_model):
     """Duplicate ids across and within files, repeated texts, rejects; then every file renamed,
     1% of texts changed, rows gone and added: the Ray folder equals the local one bit for bit
@@ -275,6 +276,7 @@ def test_ray_equals_local_first_run_and_reexport_night(tmp_path, nights, tiny_mo
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # a Ray instance and two runs: ~1 minute
 @pytest.mark.parametrize("point", ["scan:1", "encode:2"])
 def test_ray_equals_local_when_a_worker_is_killed(tmp_path, nights, tiny_model, point):
     """A worker SIGKILLed in the partition checks (its task runs again) or while encoding (its
@@ -304,6 +306,7 @@ def test_ray_equals_local_when_a_worker_is_killed(tmp_path, nights, tiny_model, 
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # a Ray instance and two runs: ~1 minute
 def test_a_killed_ray_runs_key_files_are_swept(tmp_path, nights, tiny_model):
     """The driver killed while the partition checks run: the rerun (local here) sweeps the key
     files and ends as the uninterrupted run."""
