@@ -54,13 +54,20 @@ CHANGED_EVERY = 100  # 1% of the texts change on the re-export night
 
 
 def start_cluster():
-    """A head and two worker nodes, each its own raylet, all on 127.0.0.1."""
+    """A head and two worker nodes, each its own raylet, all on this machine. Its own temp
+    folder, so that no other `ray.init()` on the machine joins it unasked (one that finds
+    /tmp/ray's current cluster does)."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=2)
-    cluster.add_node(num_cpus=2)
+    temp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # short: Ray's socket paths have a limit
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": temp})
+    cluster.add_node(num_cpus=2, temp_dir=temp)
+    cluster.add_node(num_cpus=2, temp_dir=temp)
     cluster.wait_for_nodes()
+    # Ray still names the newest cluster in /tmp/ray for any `ray.init()` to join: not this one
+    current = Path("/tmp/ray/ray_current_cluster")
+    if current.is_file() and current.read_text().strip() == cluster.address:
+        current.unlink()
     return cluster
 
 
