@@ -136,7 +136,10 @@ def embed_checked_on_ray(store: Store, inputs: ScanInputs, plan: EmbedPlan,
     started_here = not ray.is_initialized()
     if started_here:
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+        # no address: a Ray instance of this run's own, never a cluster that happens to run on
+        # this machine (ray.init() joins one found in /tmp/ray); RAY_ADDRESS still picks one
+        ray.init(address=address or (None if os.environ.get("RAY_ADDRESS") else "local"),
+                 include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": env} if env else None)
     try:
         remove_scratch(store)  # a killed run's (this run holds the lock)
