@@ -1,7 +1,7 @@
 """The Ray runner's driver memory at N and 10N rows, on a multi-node Ray cluster on one machine
 (issue #30, item 4).
 
-    python -m bench.ray_scale --rows 200000 --rows 2000000 --json out/ray-scale.json
+    python -m bench.ray_scale --rows 100000 --rows 1000000 --json out/ray-scale.json
 
 A Ray cluster of three nodes on this machine (`ray.cluster_utils.Cluster`: a head with 1 CPU,
 two worker nodes with 2 logical CPUs each, each node its own raylet and object store). For each
@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="out/ray-scale")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
-    sizes = args.rows or [200_000, 2_000_000]
+    sizes = args.rows or [100_000, 1_000_000]
     work = Path(args.workdir).resolve()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["PYTHONPATH"] = str(REPO_ROOT)  # the raylets' workers import this checkout
