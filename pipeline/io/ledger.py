@@ -188,7 +188,7 @@ class Ledger:
 
 
 # What an output folder holds besides its manifest; anything else without a manifest is foreign.
-OWN_ENTRIES = {LOCK, "vectors", "rejects", "tokens", "index", "heads", "multivectors"}
+OWN_ENTRIES = {LOCK, "vectors", "rejects", "tokens", "index", "heads", "multivectors", "_scan"}
 
 
 def refuse_foreign_folder(store: Store) -> None:

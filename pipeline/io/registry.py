@@ -71,7 +71,7 @@ class _UnitRows:
     offsets: np.ndarray  # uint32: row - unit.first_row of each valid row
 
 
-def _valid_rows(unit: Unit, columns: list[str], pair: bool) -> Iterator[tuple[pa.Array, np.ndarray, pa.Array, pa.Array | None]]:
+def valid_rows(unit: Unit, columns: list[str], pair: bool) -> Iterator[tuple[pa.Array, np.ndarray, pa.Array, pa.Array | None]]:
     """(ids, row numbers, texts, pairs) of the rows that pass the per-row reject rules."""
     for batch, first_row in read_unit(unit, columns, SCAN_ROWS):
         ids, texts = batch.column(0), batch.column(1)
@@ -109,7 +109,7 @@ def scan_input(units: list[Unit], id_column: str, text_column: str, store: Store
             continue
         end, offsets = position, []
         try:
-            for ids, rows, texts, pairs in _valid_rows(unit, columns, pair_column is not None):
+            for ids, rows, texts, pairs in valid_rows(unit, columns, pair_column is not None):
                 keys[end:end + len(ids)] = id_keys(ids)
                 string_ids |= not pa.types.is_integer(ids.type)
                 offsets.append((rows - unit.first_row).astype(np.uint32))
@@ -174,7 +174,7 @@ def _confirm_string_duplicates(candidates: np.ndarray, scanned: list[_UnitRows],
         position += len(ids)
     for unit in scanned:
         position = unit.start
-        for ids, _, _, _ in _valid_rows(unit.unit, columns, pair):
+        for ids, _, _, _ in valid_rows(unit.unit, columns, pair):
             hit = np.flatnonzero(np.isin(id_keys(ids), candidates))
             for offset, value in zip(hit.tolist(), ids.take(pa.array(hit, pa.int64())).to_pylist()):
                 if value in seen:
@@ -236,6 +236,19 @@ class StoredRows:
         self._groups: dict[int, np.ndarray] = {}  # part number -> row group starts
         self._cache: OrderedDict = OrderedDict()  # (part, row group) -> table, a few recent
 
+    @classmethod
+    def from_arrays(cls, store: Store, files: list[str], mode: str, keys: np.ndarray,
+                    locs: np.ndarray) -> "StoredRows":
+        """A lookup of just these (key, location) pairs, numbered over `files` (a worker's
+        share, found by jobs/partitioned_scan.py): it answers those keys as the whole would."""
+        rows = cls.__new__(cls)
+        rows.store, rows.mode, rows.files = store, mode, list(files)
+        order = np.lexsort((locs, keys))
+        rows.keys = keys[order].astype(np.uint64)
+        rows.locs = locs[order].astype(np.uint64)
+        rows._groups, rows._cache = {}, OrderedDict()
+        return rows
+
     def __len__(self) -> int:
         return len(self.keys)
 
@@ -256,7 +269,9 @@ class StoredRows:
         counts = np.searchsorted(self.keys, keys, "right") - low
         owner = np.repeat(np.arange(len(keys)), counts)
         starts = np.repeat(low - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-        return owner, self.locs[starts + np.arange(len(owner))].astype(np.int64)
+        locs = self.locs[starts + np.arange(len(owner))].astype(np.int64)
+        order = np.lexsort((locs, owner))  # a key's stored rows by location: the same pick anywhere
+        return owner[order], locs[order]
 
     def fetch(self, locations: np.ndarray, columns: list[str]) -> pa.Table:
         """The stored rows at these locations (as `find` gives them), in that order, read row

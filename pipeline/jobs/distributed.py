@@ -12,13 +12,15 @@ import logging
 import numpy as np
 import os
 from collections import deque
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from ..io.manifest import UnitRecord
 from ..io.reader import Unit
 from ..io.registry import ReuseSource
 from .embedder import EmbedPlan, UnitEmbedder
 from .messages import NO_ROWS, Stats
+from .partitioned_scan import UnitChecks
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +31,11 @@ FORWARDED_ENV = ("EMBEDPIPE_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
 class EmbedActor:
     """Holds one loaded model for its whole life; embeds one unit per call."""
 
-    def __init__(self, plan: EmbedPlan, threads: int, reuse: ReuseSource | None = None):
+    def __init__(self, plan: EmbedPlan, threads: int,
+                 reuse: ReuseSource | UnitChecks | None = None):
         """reuse: the stored-row lookup (shared through Ray's object store) and the texts
-        repeated in the run; each actor encodes a repeated text once for the units it embeds."""
+        repeated in the run, or (jobs/ray_checks.py) where each unit's share of the workers'
+        checks lies; each actor encodes a repeated text once for the units it embeds."""
         import torch
 
         torch.set_num_threads(threads)
@@ -46,25 +50,44 @@ class EmbedActor:
         records: list[UnitRecord] = []
         stats = Stats()
         before = self.embedder.encoder.oom_splits
+        reuse = self.reuse
+        if isinstance(reuse, UnitChecks):  # the unit's duplicate rows and lookups, from files
+            duplicate_rows, reuse = reuse.for_unit(unit)
         self.embedder.embed([(unit, unit_id)], {unit.key: duplicate_rows}, records.append,
-                            lambda rows: None, stats, self.reuse)
+                            lambda rows: None, stats, reuse)
         return records, stats, self.embedder.encoder.oom_splits - before
+
+
+@contextmanager
+def ray_session(address: str | None, names: tuple[str, ...] | list[str] = ()) -> Iterator[object]:
+    """Ray, connected to `address`, or a local instance of this run's own when none is given
+    (never a cluster that happens to run on this machine: a bare ray.init() joins one advertised
+    in /tmp/ray; RAY_ADDRESS still picks one). The run's environment and the variables `names`
+    (a sink's connection string) are forwarded; a session started here is shut down after, one
+    already open is used as it is."""
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV) or k in names}
+        ray.init(address=address or (None if os.environ.get("RAY_ADDRESS") else "local"),
+                 include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": env} if env else None)
+    try:
+        yield ray
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
 def embed_on_ray(plan: EmbedPlan, units: list[tuple[Unit, int]], duplicates: dict[str, set[int]],
                  commit: Callable[[UnitRecord], None], progress: Callable[[int], None], stats: Stats,
                  address: str | None = None, workers: int | None = None,
-                 reuse: ReuseSource | None = None) -> int:
+                 reuse: ReuseSource | UnitChecks | None = None) -> int:
     """Embed `units` on Ray actors, committing each unit's record as it arrives. Returns OOM splits."""
-    import ray
     from ray.exceptions import RayActorError, WorkerCrashedError
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env} if env else None)
-    try:
+    with ray_session(address) as ray:
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
         count = workers or (gpus if gpus else max(1, cpus // 2))
@@ -109,6 +132,4 @@ def embed_on_ray(plan: EmbedPlan, units: list[tuple[Unit, int]], duplicates: dic
             oom_splits += splits
             idle.append(actor)
         return oom_splits
-    finally:
-        if started_here:
-            ray.shutdown()
+

@@ -12,14 +12,11 @@ and records after every load returned.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from contextlib import contextmanager
-from typing import Iterator
 
 from ..index.shard_build import ShardJob, ShardRunner, write_shard_job
 from ..io.ledger import Ledger
-from .distributed import FORWARDED_ENV
+from .distributed import ray_session
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +31,6 @@ class ShardActor:
 
     def write(self, job: ShardJob) -> dict:
         return write_shard_job(job)
-
-
-@contextmanager
-def ray_session(address: str | None, names: list[str] = (), **init) -> Iterator[object]:
-    """Ray, connected (or a local instance started, with the run's environment and the
-    variables `names` (a sink's connection string) forwarded, and shut down after)."""
-    import ray
-
-    started_here = not ray.is_initialized()
-    if started_here:
-        env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV) or k in names}
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env} if env else None, **init)
-    try:
-        yield ray
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 def actor_count(ray, workers: int | None, jobs: int) -> tuple[int, int]:

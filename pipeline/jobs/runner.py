@@ -42,6 +42,7 @@ from .calibrate import calibrate
 from .embedder import EmbedPlan, UnitEmbedder
 from .messages import Stats
 from .ray_index import part_digests, ray_shard_runner, ray_sink_sync
+from .partitioned_scan import remove_scratch
 from .summary import RunSummary
 from .unit_diff import UnitDiff, diff_units
 
@@ -99,7 +100,7 @@ def _sweep(store: Store, ledger: Ledger) -> int:
             if posixpath.join(folder, name) not in named:
                 store.remove(posixpath.join(folder, name))
                 swept += 1
-    return swept
+    return swept + remove_scratch(store)  # a killed Ray run's key files
 
 
 def unit_schema(unit: Unit) -> pa.Schema:
@@ -351,17 +352,44 @@ def _calibration(ctx: RunContext, embedder: UnitEmbedder | None,
     return calibration
 
 
-def _reuse_source(ctx: RunContext, plan: EmbedPlan, retired: list[str],
-                  hashed_alike: bool) -> ReuseSource:
-    """Where stored vectors can be found: the retired parts (changed, renamed, removed units),
-    and with reuse = "content" the kept parts too (a kept id cannot come again: it is a
-    duplicate)."""
+def _stored_files(ctx: RunContext, plan: EmbedPlan, retired: list[str],
+                  hashed_alike: bool) -> tuple[str, list[str]]:
+    """The reuse mode ("off" where nothing can be reused) and where stored vectors can be
+    found: the retired parts (changed, renamed, removed units), and with reuse = "content" the
+    kept parts too (a kept id cannot come again: it is a duplicate)."""
     mode = ctx.job.encode.reuse
     if mode == "off" or not plan.reusable:
-        return ReuseSource(mode="off")
+        return "off", []
     files = (ctx.ledger.vector_files() if mode == "content" else []) + retired
-    stored = StoredRows(ctx.store, files, mode) if files and hashed_alike else None
-    return ReuseSource(mode=mode, stored=stored)
+    return mode, files if hashed_alike else []
+
+
+def _reuse_source(ctx: RunContext, plan: EmbedPlan, retired: list[str],
+                  hashed_alike: bool) -> ReuseSource:
+    mode, files = _stored_files(ctx, plan, retired, hashed_alike)
+    if mode == "off":
+        return ReuseSource(mode="off")
+    return ReuseSource(mode=mode, stored=StoredRows(ctx.store, files, mode) if files else None)
+
+
+def _embed_ray(ctx: RunContext, todo: list[Unit], plan: EmbedPlan, retired: list[str],
+               hashed_alike: bool, commit, progress) -> None:
+    """--runner ray: the input scan, duplicate ids, repeated texts and reuse lookups run on
+    the workers (jobs/ray_checks.py); the driver holds nothing a row."""
+    from .ray_checks import ScanInputs, embed_checked_on_ray
+
+    job, summary = ctx.job, ctx.summary
+    mode, stored = _stored_files(ctx, plan, retired, hashed_alike)
+    inputs = ScanInputs(id_column=job.input.id_column, text_column=job.input.text_column,
+                        pair_column=job.input.text_pair_column, prompt=job.encode.prompt or "",
+                        mode=mode, kept=tuple(ctx.ledger.vector_files()), gone=tuple(retired),
+                        stored=tuple(stored), string_ids=plan.id_type == "string")
+    scan, summary.oom_splits = embed_checked_on_ray(
+        ctx.store, inputs, plan, [(u, ctx.ledger.unit_id(u.key)) for u in todo], commit,
+        progress, ctx.stats, address=ctx.options.ray_address, workers=ctx.options.workers)
+    summary.reuse = mode
+    summary.rows_removed = scan.ids_gone
+    summary.registry_bytes = scan.key_bytes
 
 
 def _embed(ctx: RunContext, todo: list[Unit], embedder: UnitEmbedder, hashed_alike: bool) -> None:
@@ -370,21 +398,9 @@ def _embed(ctx: RunContext, todo: list[Unit], embedder: UnitEmbedder, hashed_ali
     job, ledger, summary, plan = ctx.job, ctx.ledger, ctx.summary, embedder.plan
     healthy = [u for u in todo if not u.error]
     ledger.update(id_type=plan.id_type, dim=plan.width)
-    tick = time.perf_counter()
     # retired parts that no longer match their record (a hostile hand) are never read
     retired = [f for r in ledger.retired if not r.damage(ctx.store, full=True)
                for f in r.vector_files]
-    scan = scan_input(healthy, job.input.id_column, job.input.text_column, ctx.store,
-                      ledger.vector_files(), job.input.text_pair_column, job.encode.prompt or "",
-                      gone_files=retired)
-    duplicates = scan.duplicates
-    reuse = _reuse_source(ctx, plan, retired, hashed_alike)
-    reuse.repeated = scan.repeated if reuse.mode != "off" else reuse.repeated
-    summary.reuse = reuse.mode
-    summary.rows_removed = scan.ids_gone
-    summary.registry_bytes = max(scan.key_bytes, reuse.stored.nbytes if reuse.stored else 0)
-    ctx.stats.seconds["scan"] += time.perf_counter() - tick
-    units = [(u, ledger.unit_id(u.key)) for u in todo]
     bar = tqdm(total=sum(u.num_rows for u in healthy), unit="rows",
                disable=not ctx.options.progress, desc=job.name, dynamic_ncols=True)
 
@@ -395,12 +411,20 @@ def _embed(ctx: RunContext, todo: list[Unit], embedder: UnitEmbedder, hashed_ali
 
     try:
         if ctx.options.runner == "ray":
-            from .distributed import embed_on_ray
-            summary.oom_splits = embed_on_ray(plan, units, duplicates, commit, bar.update,
-                                              ctx.stats, address=ctx.options.ray_address,
-                                              workers=ctx.options.workers, reuse=reuse)
-        else:
-            embedder.embed(units, duplicates, commit, bar.update, ctx.stats, reuse)
-            summary.oom_splits = embedder.encoder.oom_splits
+            _embed_ray(ctx, todo, plan, retired, hashed_alike, commit, bar.update)
+            return
+        tick = time.perf_counter()
+        scan = scan_input(healthy, job.input.id_column, job.input.text_column, ctx.store,
+                          ledger.vector_files(), job.input.text_pair_column,
+                          job.encode.prompt or "", gone_files=retired)
+        reuse = _reuse_source(ctx, plan, retired, hashed_alike)
+        reuse.repeated = scan.repeated if reuse.mode != "off" else reuse.repeated
+        summary.reuse = reuse.mode
+        summary.rows_removed = scan.ids_gone
+        summary.registry_bytes = max(scan.key_bytes, reuse.stored.nbytes if reuse.stored else 0)
+        ctx.stats.seconds["scan"] += time.perf_counter() - tick
+        units = [(u, ledger.unit_id(u.key)) for u in todo]
+        embedder.embed(units, scan.duplicates, commit, bar.update, ctx.stats, reuse)
+        summary.oom_splits = embedder.encoder.oom_splits
     finally:
         bar.close()

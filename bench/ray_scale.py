@@ -1,0 +1,180 @@
+"""The Ray runner's driver memory at N and 10N rows, on a multi-node Ray cluster on one machine
+(issue #30, item 4).
+
+    python -m bench.ray_scale --rows 100000 --rows 1000000 --json out/ray-scale.json
+
+A Ray cluster of three nodes on this machine (`ray.cluster_utils.Cluster`: a head with 1 CPU,
+two worker nodes with 2 logical CPUs each, each node its own raylet and object store). For each
+size: synthetic rows (bench.synthetic.generate_rows, 50,000 rows a file), then two
+`embedpipe run --runner ray --ray-address <cluster> --workers 2` nights into one folder, each
+driver a fresh process whose peak RSS is its own VmHWM (/proc/self/status, read at exit):
+
+| night | input |
+| --- | --- |
+| first | the rows, into an empty folder |
+| re-export | every file under a new name, 1% of the texts changed (every 100th row) |
+
+**The model is a stand-in** so rows are cheap: the tiniest random BERT of bench/nightly (1
+layer, hidden 32, FFN 64, all-MiniLM-L6-v2's tokenizer), max_length 32, index disabled (the
+index is built elsewhere: issue #30 items 2-3). Its vectors mean nothing; the driver's memory,
+the scan's cost and the night's share of the first run are the point. Target: the driver's peak
+RSS at 10N within 10% of N's, for both kinds of night.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bench import REPO_ROOT
+
+# Runs embedpipe's CLI in this process and writes the process's VmHWM (kB) to argv[1] at exit.
+DRIVER = r"""
+import sys
+out = sys.argv[1]
+sys.argv = ['embedpipe'] + sys.argv[2:]
+try:
+    from pipeline.cli import main
+    main()
+finally:
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM'):
+            open(out, 'w').write(line.split()[1])
+"""
+ROWS_PER_FILE = 50_000
+CHANGED_EVERY = 100  # 1% of the texts change on the re-export night
+
+
+def start_cluster():
+    """A head and two worker nodes, each its own raylet, all on this machine. Its own temp
+    folder, so that no other `ray.init()` on the machine joins it unasked (one that finds
+    /tmp/ray's current cluster does)."""
+    from ray.cluster_utils import Cluster
+
+    temp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # short: Ray's socket paths have a limit
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": temp})
+    cluster.add_node(num_cpus=2, temp_dir=temp)
+    cluster.add_node(num_cpus=2, temp_dir=temp)
+    cluster.wait_for_nodes()
+    # Ray still names the newest cluster in /tmp/ray for any `ray.init()` to join: not this one
+    current = Path("/tmp/ray/ray_current_cluster")
+    if current.is_file() and current.read_text().strip() == cluster.address:
+        current.unlink()
+    return cluster
+
+
+def reexport(source: Path, dest: Path) -> int:
+    """Every file of source under a new name in dest, every 100th text changed; returns how
+    many texts changed."""
+    dest.mkdir(parents=True, exist_ok=True)
+    changed = 0
+    for n, path in enumerate(sorted(source.glob("*.parquet"))):
+        table = pq.read_table(path)
+        texts = table.column("text").to_pylist()
+        for i in range(0, len(texts), CHANGED_EVERY):
+            texts[i] = f"{texts[i]} (revised tonight)"
+            changed += 1
+        table = table.set_column(table.schema.get_field_index("text"), "text",
+                                 pa.array(texts, pa.string()))
+        pq.write_table(table, dest / f"export-2026-12-08-{n:05d}.parquet")
+    return changed
+
+
+def write_job(path: Path, input_dir: Path, out: Path, model: Path) -> Path:
+    path.write_text(
+        f'name = "ray-scale"\n[input]\npath = {json.dumps(str(input_dir))}\n'
+        f'[model]\nname = {json.dumps(str(model))}\nmax_length = 32\ndevice = "cpu"\n'
+        f'dtype = "float32"\ncompile = false\n[encode]\npooling = "mean"\nnormalize = true\n'
+        f'[output]\npath = {json.dumps(str(out))}\n[index]\nenabled = false\n')
+    return path
+
+
+def run_night(job: Path, address: str, label: str) -> dict:
+    """One `embedpipe run --runner ray` driver process: its summary, wall seconds, VmHWM."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_AUTH_MODE": "disabled"}
+    with tempfile.TemporaryDirectory() as tmp:
+        peak = Path(tmp) / "hwm"
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", DRIVER, str(peak), "run", str(job),
+                               "--runner", "ray", "--ray-address", address, "--workers", "2",
+                               "--json", "--no-progress"], capture_output=True, text=True,
+                              env=env)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"{label}: embedpipe run exited {proc.returncode}: "
+                             f"{proc.stderr.strip().splitlines()[-1:]}")
+        hwm_mb = int(peak.read_text()) / 1024
+    summary = json.loads(proc.stdout)
+    seconds = summary["seconds"]
+    return {"night": label, "wall": wall, "driver_peak_rss_mb": hwm_mb,
+            "rows_read": summary["rows_read"], "rows_encoded": summary["rows_encoded"],
+            "rows_reused": summary["rows_reused"], "units": summary["units_done"],
+            "scan": seconds.get("scan", 0.0), "scan_keys": seconds.get("scan_keys", 0.0),
+            "scan_check": seconds.get("scan_check", 0.0),
+            "embed": seconds.get("embed_wall", 0.0), "total": seconds.get("total", 0.0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, action="append", help="sizes (repeatable)")
+    parser.add_argument("--workdir", default="out/ray-scale")
+    parser.add_argument("--json", help="write the results here too")
+    args = parser.parse_args()
+    sizes = args.rows or [100_000, 1_000_000]
+    work = Path(args.workdir).resolve()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ["PYTHONPATH"] = str(REPO_ROOT)  # the raylets' workers import this checkout
+
+    from bench.nightly.runs import build_tiny_model
+    from bench.synthetic import generate_rows
+    from pipeline.runtime.hardware import this_cpu
+
+    model = work / "model-tiniest"
+    build_tiny_model(model, "tiniest")
+    cluster = start_cluster()
+    results = []
+    try:
+        for n in sizes:
+            first_in, night_in = work / f"in-{n}", work / f"in-{n}-reexport"
+            generate_rows(first_in, n, rows_per_file=ROWS_PER_FILE)
+            if not night_in.exists():
+                reexport(first_in, night_in)
+            out = work / f"out-{n}"
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+            for label, folder in (("first", first_in), ("re-export", night_in)):
+                job = write_job(work / f"job-{n}.toml", folder, out, model)
+                result = run_night(job, cluster.address, label)
+                result["rows"] = n
+                results.append(result)
+                print(f"{n:>10,} rows, {label:<9}: {result['wall']:7.1f} s wall "
+                      f"(scan {result['scan']:.1f} s, embed {result['embed']:.1f} s), "
+                      f"encoded {result['rows_encoded']:,}, reused {result['rows_reused']:,}, "
+                      f"driver peak RSS {result['driver_peak_rss_mb']:,.0f} MB", flush=True)
+    finally:
+        cluster.shutdown()
+    print(f"CPU: {this_cpu().model}; {os.cpu_count()} cores")
+    for label in ("first", "re-export"):
+        rows = [r for r in results if r["night"] == label]
+        for small, big in zip(rows, rows[1:]):
+            change = 100 * (big["driver_peak_rss_mb"] / small["driver_peak_rss_mb"] - 1)
+            print(f"{label}: driver peak RSS at {big['rows']:,} rows vs {small['rows']:,}: "
+                  f"{change:+.1f}% ({'within' if abs(change) <= 10 else 'NOT within'} 10%)")
+    for n in sizes:
+        first = next(r for r in results if r["rows"] == n and r["night"] == "first")
+        night = next(r for r in results if r["rows"] == n and r["night"] == "re-export")
+        print(f"{n:,} rows: the re-export night took {100 * night['wall'] / first['wall']:.0f}% "
+              f"of the first run's wall time")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
