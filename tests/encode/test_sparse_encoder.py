@@ -48,8 +48,13 @@ def _encoder(folder, pooling, dims=None):
 
 
 @pytest.mark.parametrize("pooling", ["max", "sum"])
-def test_real_token_projection_equals_sentence_transformers(splade_folder, pooling):
+@pytest.mark.parametrize("group", [None, 40])  # 40: many groups, some of one (long) row
+def test_real_token_projection_equals_sentence_transformers(splade_folder, pooling, group,
+                                                            monkeypatch):
     from sentence_transformers import SparseEncoder as STSparse
+
+    if group:
+        monkeypatch.setattr("pipeline.encode.sparse.HEAD_TOKENS", group)
 
     encoder = _encoder(splade_folder[pooling], pooling)
     assert encoder.split is not None  # BertForMaskedLM: the real-token path
