@@ -17,6 +17,7 @@ from ..sinks.base import Marker, pending
 from ..sinks.make import sinks_of
 from .query import EmbeddingRecord, TextEmbedder
 from .search import Searcher
+from .sparse_search import SparseQueries
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,9 @@ class SinkSearcher(Searcher):
                               + (f"it has: {', '.join(names)}" if names else
                                  "its job names no [[sink]]"))
         self.sink = sinks_of(config, [sink])[0]
-        self.embedder = TextEmbedder(self.record, device, purpose="query")  # refuses other settings
+        sparse = self.sink.vector_type == "sparsevec"  # a SPLADE folder: its encode_query
+        self.embedder = (SparseQueries if sparse else TextEmbedder)(
+            self.record, device, purpose="query")  # refuses other settings
         self.sink.open()
         if self.sink.count() is None:
             raise ConfigError(f'sink "{sink}": {self.sink.describe()} does not exist; '
@@ -47,7 +50,8 @@ class SinkSearcher(Searcher):
         Marker.of_folder(ledger, self.sink.vector_type).refuse_other(self.sink, self.sink.marker())
         for why in pending(ledger, self.sink):
             log.warning("%s; `embedpipe sync %s` brings it in step", why, out)
-        self.infos = {"metric": "hamming" if self.sink.vector_type == "bit" else self.sink.metric}
+        self.infos = {"metric": "hamming" if self.sink.vector_type == "bit" else
+                      "dot" if sparse else self.sink.metric}
         self.keep_columns = list(config.get("output", {}).get("keep_columns", []))
 
     def search(self, texts: list[str], k: int = 10, pairs: list[str] | None = None) -> pa.Table:

@@ -245,10 +245,12 @@ class SinkConfig:
                        "connection string (never the job file).")
     vector_type: str = key("auto", "pgvector: the column type; auto follows output.precision "
                            "(float32: vector, float16: halfvec, binary / ubinary: bit, "
-                           "pgvector >= 0.7 for the last two); halfvec on float32 rounds.",
+                           "pgvector >= 0.7 for the last two; a sparse folder: sparsevec); "
+                           "halfvec on float32 rounds.",
                            choices=("auto", "vector", "halfvec", "bit"))
     index: str = key("none", "pgvector: the ANN index built after the load; none drops it, "
-                     "so search is exact.", choices=("none", "hnsw", "ivfflat"))
+                     "so search is exact. A sparse folder: hnsw only with max_active_dims <= "
+                     "1000, no ivfflat.", choices=("none", "hnsw", "ivfflat"))
 
 
 @dataclass(frozen=True)

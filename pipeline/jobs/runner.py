@@ -117,6 +117,9 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
     units = plan_units(job.input, job.output.keep_columns)  # config errors before the model loads
     source = resolve_model(job.model.name)
     job, recipe = resolve_recipe(job, source)  # pooling, normalize, prompt: concrete from here on
+    if job.encode.sparse:  # a SPLADE folder's rows: sparsevec, or refused (sinks/sparse.py)
+        sinks = [make_sink(s, job.index.metric, job.index, "sparse", job.encode.max_active_dims)
+                 for s in job.sink]
     # Resolved once here, so that the manifest, the summary and every worker agree.
     runtime = resolve_runtime(job.model, source, sum(u.num_rows for u in units))
     job = dataclasses.replace(job, model=dataclasses.replace(

@@ -134,8 +134,7 @@ def _sparse_recipe(job: JobConfig, source: ModelSource, notes: list[str]
         ("a quantized output.precision", out.precision not in (None, "float32")),
         ("output.vector_dtype = 'float16'", out.vector_dtype != "float32"),
         ("output.rescore_precision", out.rescore_precision),
-        ("input.text_pair_column", job.input.text_pair_column),
-        ("[[sink]] (sinks take dense vectors only, for now)", job.sink)) if bad]
+        ("input.text_pair_column", job.input.text_pair_column)) if bad]
     if job.model.forward == "fused":
         refused.append("model.forward = 'fused' (the MLM head runs in transformers' forward)")
     if refused:

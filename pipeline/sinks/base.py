@@ -39,6 +39,7 @@ from ..io.manifest import SinkRecord, UnitRecord
 from ..io.storage import Store
 from ..io.vectors import LABEL_COLUMN, VectorParts, to_matrix
 from .precision import column_type, to_codes
+from .sparse import part_columns, sink_block, sink_schema
 
 MARKER_FORMAT = 1
 LOAD_ROWS = 8192  # rows per block streamed from the parts into a sink
@@ -196,6 +197,11 @@ class Sink:
         row's digest is taken over): packed bits as they are, floats as little-endian float32,
         unless the engine says otherwise."""
         return codes if codes.dtype == np.uint8 else np.ascontiguousarray(codes, "<f4").view(np.uint8)
+
+    def block_digests(self, block: pa.Table) -> pa.Array:
+        """The digest of each row's `vector` of a block (sink_block's) as the engine stores it."""
+        return vector_digests(self.vector_bytes(to_codes(self.precision,
+                                                         to_matrix(block.column("vector")))))
 
     def row_digests(self, keys: list[str]) -> pa.Table:
         """Every row of the table: its key columns `keys` and `digest`, the digest of its
@@ -361,12 +367,14 @@ def _part_schema(store: Store, files: list[str]) -> pa.Schema:
     if not files:
         return pa.schema([])
     schema = VectorParts(store, files).metadata(files[0]).schema.to_arrow_schema()
-    return pa.schema([f for f in schema if f.name not in ("text_hash", LABEL_COLUMN)])
+    return sink_schema(pa.schema([f for f in schema if f.name not in ("text_hash", LABEL_COLUMN)]))
 
 
 def _blocks(parts: VectorParts, schema: pa.Schema) -> Iterator[pa.Table]:
-    for table in parts.read(schema.names, LOAD_ROWS):
-        yield table.replace_schema_metadata(None)
+    """Blocks of the parts' rows as the sink takes them (a sparse folder's: sinks/sparse.py)."""
+    sparse = pa.types.is_struct(schema.field("vector").type) if "vector" in schema.names else False
+    for table in parts.read(part_columns(schema.names, sparse), LOAD_ROWS):
+        yield sink_block(table.replace_schema_metadata(None))
 
 
 def vector_digests(payload: np.ndarray) -> pa.Array:
@@ -379,11 +387,12 @@ def vector_digests(payload: np.ndarray) -> pa.Array:
 def folder_digests(sink: Sink, store: Store, files: list[str]) -> pa.Table:
     """The folder's key columns and each row's vector digest as `sink` would store the vector,
     every committed row (each part's page checksums verified as it is read)."""
-    keys = key_columns(_part_schema(store, files)) if files else ["id"]
-    tables = [pa.table({**{k: t.column(k) for k in keys},
-                        "digest": vector_digests(sink.vector_bytes(
-                            to_codes(sink.precision, to_matrix(t.column("vector")))))})
-              for t in VectorParts(store, files).read([*keys, "vector"], LOAD_ROWS)]
+    schema = _part_schema(store, files) if files else pa.schema([])
+    keys = key_columns(schema) if files else ["id"]
+    blocks = _blocks(VectorParts(store, files), pa.schema([schema.field(k) for k in keys] + (
+        [schema.field("vector")] if "vector" in schema.names else [])))
+    tables = [pa.table({**{k: t.column(k) for k in keys}, "digest": sink.block_digests(t)})
+              for t in blocks]
     if not tables:
         return pa.table({"id": pa.array([], pa.int64()), "digest": pa.array([], pa.binary(DIGEST_BYTES))})
     return pa.concat_tables(t.replace_schema_metadata(None) for t in tables).combine_chunks()
@@ -457,7 +466,7 @@ def compare_sink(sink: Sink, ledger: Ledger, seed: int = 0, full: bool = True) -
     count = sink.count()
     if count != keys.num_rows:
         problems.append(f"{where}: holds {count:,} rows, the folder {keys.num_rows:,}")
-    if full:
+    if full or sink.vector_type == "sparsevec":  # sparse rows: by digest only
         diff = content_difference(sink, store, files)
         if diff.missing.num_rows or diff.extra.num_rows:
             problems.append(

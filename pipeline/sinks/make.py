@@ -8,14 +8,18 @@ from typing import Any
 from ..config import IndexConfig, SinkConfig
 from .base import Sink
 from .precision import column_type, precision_of
+from .sparse import check_index
 
 
 def make_sink(cfg: SinkConfig, metric: str = "ip", index_cfg: IndexConfig | None = None,
-              precision: str = "float32") -> Sink:
-    """The sink for a folder of `precision` (output.precision), its engine imported and its
+              precision: str = "float32", max_active_dims: int | None = None) -> Sink:
+    """The sink for a folder of `precision` (output.precision; "sparse": a SPLADE folder, whose
+    max_active_dims decides whether pgvector can index it), its engine imported and its
     environment read (not yet connected); refused (ConfigError) where the store has no column
     for that precision (sinks/precision.py)."""
     column_type(cfg.kind, cfg.name, precision, cfg.vector_type)  # before the engine or DSN
+    if precision == "sparse":
+        check_index(cfg, max_active_dims)
     if cfg.kind == "lancedb":
         from .lancedb_sink import LanceSink
         return LanceSink(cfg, metric, index_cfg, precision)
@@ -29,4 +33,6 @@ def sinks_of(config: dict[str, Any], names: list[str] | None = None) -> list[Sin
 
     job = config_from_dict({k: v for k, v in config.items() if k in ("index", "sink")})
     chosen = [s for s in job.sink if names is None or s.name in names]
-    return [make_sink(s, job.index.metric, job.index, precision_of(config)) for s in chosen]
+    dims = (config.get("encode") or {}).get("max_active_dims")
+    return [make_sink(s, job.index.metric, job.index, precision_of(config), dims)
+            for s in chosen]

@@ -3,13 +3,18 @@
 A row is an int16 field count, then per field an int32 byte length (-1 for NULL) and the value
 in network byte order. pgvector's `vector` is int16 dim, int16 0, float4 x dim; `halfvec` the
 same with float2; PostgreSQL's `bit(dim)` is int32 dim, then the packed bits (dim / 8 bytes
-rounded up, the last byte's unused bits zero: what np.packbits gives).
+rounded up, the last byte's unused bits zero: what np.packbits gives). `sparsevec` (a sparse
+folder's rows, sinks/sparse.py) is int32 dim, int32 nnz, int32 0, then nnz int32 indices
+(0-based: pgvector's internal form; its text form is 1-based) and nnz float4 values
+(pgvector's sparsevec_send / sparsevec_recv).
 """
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from .sparse import row_lists
 
 HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
 TRAILER = (-1).to_bytes(2, "big", signed=True)
@@ -72,6 +77,26 @@ class _Pieces:
         return out.tobytes()
 
 
+def sparsevec_pieces(pieces: _Pieces, column: pa.Array, dim: int) -> None:
+    """A `vector` struct column (sinks/sparse.py) as sparsevec binary fields."""
+    offsets, indices, values = row_lists(column)
+    nnz = np.diff(offsets)
+    head = np.zeros((len(nnz), 3), ">i4")
+    head[:, 0], head[:, 1] = dim, nnz
+    pieces.add(4, (12 + 8 * nnz).astype(">i4"))
+    pieces.add(12, head)
+    pieces.add(4 * nnz, indices.astype(">i4"))
+    pieces.add(4 * nnz, values.astype(">f4"))
+
+
+def sparsevec_payload(column: pa.Array, dim: int) -> list[bytes]:
+    """Each row of a `vector` struct column as sparsevec_send returns it."""
+    offsets, indices, values = row_lists(column)
+    big_i, big_v = indices.astype(">i4"), values.astype(">f4")
+    return [np.array([dim, b - a, 0], ">i4").tobytes() + big_i[a:b].tobytes() + big_v[a:b].tobytes()
+            for a, b in zip(offsets[:-1], offsets[1:])]
+
+
 def vector_payload(flat: np.ndarray, vector_type: str = "vector", dim: int = 0) -> np.ndarray:
     """[rows, dim] vectors as pgvector's binary form, a row of bytes each: int16 dim, int16 0,
     the values as big-endian float4 (`halfvec`: float2). What `vector_send` returns for them.
@@ -96,7 +121,9 @@ def encode(table: pa.Table, vector_type: str = "vector", dim: int = 0) -> bytes:
         column = table.column(name).combine_chunks()
         valid = None if column.null_count == 0 else np.asarray(column.is_valid())
         t = column.type
-        if name == "vector":
+        if name == "vector" and vector_type == "sparsevec":
+            sparsevec_pieces(pieces, column, dim)
+        elif name == "vector":
             flat = column.flatten().to_numpy(zero_copy_only=False).reshape(rows, t.list_size)
             pieces.fixed(vector_payload(flat, vector_type, dim), valid)
         elif pa.types.is_boolean(t):

@@ -5,7 +5,8 @@ temporary staging table, then one `INSERT ... ON CONFLICT (id) DO UPDATE` moves 
 whose values are unchanged are not rewritten); ids not in the folder go by one `DELETE` against
 a temporary table of the folder's ids. A crash anywhere before COMMIT leaves the table as it
 was. The table's COMMENT carries the marker. The vector column's type follows the folder's
-precision (sinks/precision.py: vector, halfvec, or bit(dim) searched by hamming distance). The
+precision (sinks/precision.py: vector, halfvec, or bit(dim) searched by hamming distance; a
+sparse folder's rows: sparsevec(vocabulary), sinks/sparse.py, ranked by inner product). The
 ANN index (HNSW or IVFFlat, with the folder's metric; bit: hamming) is built after the load
 when missing. The connection string comes from the environment
 variable the sink names and is never written anywhere.
@@ -24,8 +25,9 @@ import pyarrow as pa
 from ..config import ConfigError, SinkConfig
 from ..faults import checkpoint
 from .base import DIGEST_BYTES, Marker, Sink, SinkError, key_columns, one_line
-from .pg_copy import HEADER, TRAILER, encode, pg_type, vector_payload
+from .pg_copy import HEADER, TRAILER, encode, pg_type, sparsevec_payload, vector_payload
 from .precision import codes_block, from_codes, query_codes
+from .sparse import over_limit, query_text
 
 HALFVEC_SINCE = (0, 7, 0)  # halfvec, and bit's hamming distance <~> and its index ops
 
@@ -89,7 +91,7 @@ class PgSink(Sink):
                     f"superuser") from None
             version = self._scalar("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
         have = tuple(int(x) for x in str(version).split(".")[:3] if x.isdigit())
-        if self.vector_type in ("halfvec", "bit") and have < HALFVEC_SINCE:
+        if self.vector_type in ("halfvec", "bit", "sparsevec") and have < HALFVEC_SINCE:
             raise ConfigError(f'sink "{self.name}": a {self.vector_type} column (for the '
                               f"folder's {self.precision} vectors) needs pgvector 0.7.0 or later; "
                               f"{self.where} has {version}")
@@ -148,6 +150,10 @@ class PgSink(Sink):
         with cur.copy(query) as copy:
             copy.write(HEADER)
             for i, block in enumerate(blocks):
+                sparse = self.vector_type == "sparsevec" and "vector" in block.column_names
+                why = over_limit(block) if sparse else None
+                if why:
+                    raise SinkError(f'sink "{self.name}": {why}')
                 copy.write(encode(codes_block(block.select(names), self.precision),
                                   self.vector_type, dim))
                 rows += block.num_rows
@@ -227,6 +233,16 @@ class PgSink(Sink):
         CONFLICT in its own transaction, without its table lock (each row's lock only)."""
         return self.load(schema, blocks, None, marker, lock=False)[0]
 
+    def block_digests(self, block: pa.Table):
+        if self.vector_type != "sparsevec":
+            return super().block_digests(block)
+        from .base import vector_digests
+        return vector_digests(sparsevec_payload(block.column("vector"), self.dim_of()))
+
+    def dim_of(self) -> int:
+        """The sparsevec column's dimensions (the vocabulary), from the table's marker."""
+        return int(json.loads(self.marker() or "{}").get("dim") or 0)
+
     def ensure_index(self, rows: int) -> str:
         """The ANN index the config asks for, built after the load when missing (or made with
         other settings); with index = "none" an index embedpipe built is dropped, so that
@@ -242,7 +258,8 @@ class PgSink(Sink):
                 self._execute(sql.SQL("DROP INDEX {}").format(self.index_name))
                 return "index dropped (index = none: exact search)"
             return ""
-        ops = "bit_hamming_ops" if self.vector_type == "bit" else \
+        ops = "bit_hamming_ops" if self.vector_type == "bit" else "sparsevec_ip_ops" \
+            if self.vector_type == "sparsevec" else \
             f"{self.vector_type}_{'ip' if self.metric == 'ip' else 'l2'}_ops"
         params = self._index_params(rows)
         if found and f"USING {self.cfg.index} " in found and ops in found:
@@ -325,6 +342,7 @@ class PgSink(Sink):
         and 16 bytes a row travel."""
         sql = self.sql
         send = sql.SQL({"halfvec": "halfvec_send(vector)", "vector": "vector_send(vector)",
+                        "sparsevec": "sparsevec_send(vector)",
                         "bit": "substring(bit_send(vector) FROM 5)"}[self.vector_type])
         rows = self._execute(sql.SQL("SELECT {}, substring(sha256({}) FROM 1 FOR {}) "
                                      "FROM {}").format(
@@ -335,8 +353,11 @@ class PgSink(Sink):
                          "digest": pa.array([bytes(d) for d in columns[-1]],
                                             pa.binary(DIGEST_BYTES))})
 
-    def _query_text(self, vector: np.ndarray) -> str:
-        """A float query as the column type's text: '[x, ...]', or bit's '0110...'."""
+    def _query_text(self, vector) -> str:
+        """A float query as the column type's text: '[x, ...]', or bit's '0110...'; a sparse
+        query (a CSR row) as sparsevec's '{i:x,...}/dim'."""
+        if self.vector_type == "sparsevec":
+            return query_text(vector)
         if self.vector_type == "bit":
             bits = np.unpackbits(query_codes(self.precision, vector[None])[0], count=len(vector))
             return (bits + ord("0")).astype(np.uint8).tobytes().decode()
@@ -350,12 +371,12 @@ class PgSink(Sink):
         if self.count() is None:
             raise ConfigError(f'sink "{self.name}": {self.describe()} does not exist; run '
                               f"`embedpipe sync` on the folder")
-        bits = self.vector_type == "bit"
-        op = "<~>" if bits else "<#>" if self.metric == "ip" else "<->"
-        score = "vector <~> q.v" if bits else "-(vector <#> q.v)" if self.metric == "ip" \
-            else "(vector <-> q.v) ^ 2"
+        bits, ip = self.vector_type == "bit", self.metric == "ip" or self.vector_type == "sparsevec"
+        op = "<~>" if bits else "<#>" if ip else "<->"
+        score = "vector <~> q.v" if bits else "-(vector <#> q.v)" if ip else "(vector <-> q.v) ^ 2"
         vt = f"bit({queries.shape[1]})" if bits else self.vector_type
-        tie = ", id" if bits and self.cfg.index == "none" else ""  # an index orders by distance only
+        exact_ties = bits or self.vector_type == "sparsevec"
+        tie = ", id" if exact_ties and self.cfg.index == "none" else ""  # an index orders by distance only
         query = sql.SQL("SELECT id, ({score})::real, {cols} FROM {t}, (SELECT %s::{vt} AS v) q "
                         "ORDER BY vector {op} q.v{tie} LIMIT %s").format(
             score=sql.SQL(score), t=self.ident, vt=sql.SQL(vt), op=sql.SQL(op), tie=sql.SQL(tie),
@@ -370,7 +391,7 @@ class PgSink(Sink):
                 if self.cfg.index == "ivfflat" and getattr(cfg, "nprobe", None):
                     cur.execute(sql.SQL("SET LOCAL ivfflat.probes = {}").format(
                         sql.Literal(int(cfg.nprobe))))
-                for vector in queries:
+                for vector in (queries[i] for i in range(queries.shape[0])):
                     cur.execute(query, (self._query_text(vector), k))
                     rows = cur.fetchall()
                     out.append(pa.table({

@@ -7,6 +7,7 @@ the conversions between the parts' stored values and what the store holds.
 | float16         | halfvec(dim) (vector if asked: exact)      | fixed_size_list<float16, dim>     |
 | binary, ubinary | bit(dim), hamming distance                 | fixed_size_list<uint8, dim/8>, hamming |
 | int8, uint8     | refused: pgvector has no 8-bit vector type | refused: no int8 vector column    |
+| sparse (SPLADE) | sparsevec(vocabulary) (sinks/sparse.py)    | refused: no sparse vector column  |
 
 The binary kinds are held as their packed bits (ubinary's bytes; binary's are its int8 values
 + 128), the query quantized as the folder's vectors were: packbits(q > 0).
@@ -18,6 +19,7 @@ import pyarrow as pa
 
 from ..config import ConfigError
 from ..io.precision import Precision
+from .sparse import pg_column
 
 BITS = ("binary", "ubinary")
 PG_TYPES = {"float32": "vector", "float16": "halfvec", "binary": "bit", "ubinary": "bit"}
@@ -29,6 +31,8 @@ def precision_of(config: dict) -> str:
     """The precision a recorded job config stores (folders made before output.precision
     existed: their vector_dtype)."""
     output = config.get("output") or {}
+    if str((config.get("encode") or {}).get("pooling", "")).startswith("splade-"):
+        return "sparse"  # a SparseEncoder folder's rows (docs/sparse.md)
     return output.get("precision") or output.get("vector_dtype") or "float32"
 
 
@@ -37,6 +41,8 @@ def column_type(kind: str, name: str, precision: str, vector_type: str = "auto")
     float width follows the folder). A ConfigError (one line) where the store has no type that
     holds the folder's values as they are, or `vector_type` contradicts them."""
     where = f'sink "{name}"'
+    if precision == "sparse":
+        return pg_column(kind, name, vector_type)
     if precision in ("int8", "uint8"):
         engine = ("pgvector has no 8-bit integer vector type (vector, halfvec, bit and sparsevec "
                   "only)" if kind == "pgvector" else
