@@ -1,7 +1,8 @@
 """`embedpipe search OUT QUERY --sink NAME`: the query embedded as OUT's run did, searched in
 one of OUT's sinks (LanceDB, PostgreSQL/pgvector) instead of its FAISS index. Exact where the
 sink has no ANN index (LanceDB; pgvector with index = "none"): then the ids are the FAISS flat
-index's."""
+index's. A multi-vector folder's queries are its encode_query's token vectors, ranked by
+LanceDB's multi-vector search (MaxSim: sinks/lancedb_multivector.py)."""
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,10 @@ from ..io.manifest import MANIFEST, read_manifest
 from ..io.storage import Store
 from ..sinks.base import Marker, pending
 from ..sinks.make import sinks_of
+from ..sinks.multivector import MULTIVECTOR
 from .query import EmbeddingRecord, TextEmbedder
 from .search import Searcher
+from .multivector_search import MultiVectorQueries
 from .sparse_search import SparseQueries
 
 log = logging.getLogger(__name__)
@@ -40,8 +43,9 @@ class SinkSearcher(Searcher):
                                  "its job names no [[sink]]"))
         self.sink = sinks_of(config, [sink])[0]
         sparse = self.sink.vector_type == "sparsevec"  # a SPLADE folder: its encode_query
-        self.embedder = (SparseQueries if sparse else TextEmbedder)(
-            self.record, device, purpose="query")  # refuses other settings
+        multi = self.sink.vector_type == MULTIVECTOR  # a ColBERT folder: its encode_query
+        self.embedder = (SparseQueries if sparse else MultiVectorQueries if multi  # refuses
+                         else TextEmbedder)(self.record, device, purpose="query")  # other settings
         self.sink.open()
         if self.sink.count() is None:
             raise ConfigError(f'sink "{sink}": {self.sink.describe()} does not exist; '
@@ -51,7 +55,7 @@ class SinkSearcher(Searcher):
         for why in pending(ledger, self.sink):
             log.warning("%s; `embedpipe sync %s` brings it in step", why, out)
         self.infos = {"metric": "hamming" if self.sink.vector_type == "bit" else
-                      "dot" if sparse else self.sink.metric}
+                      "dot" if sparse else "maxsim" if multi else self.sink.metric}
         self.keep_columns = list(config.get("output", {}).get("keep_columns", []))
 
     def search(self, texts: list[str], k: int = 10, pairs: list[str] | None = None) -> pa.Table:

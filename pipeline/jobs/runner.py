@@ -37,6 +37,7 @@ from ..io.multivectors import MULTIVECTORS_DIR
 from ..io.writer import REJECTS_DIR, TOKENS_DIR, VECTORS_DIR, remove_files
 from ..sinks.base import Sink, SinkError, SinkLoad, close_all, preflight, prune_records, sync_sink
 from ..sinks.make import make_sink
+from ..sinks.multivector import MULTIVECTOR
 from ..version import package_versions
 from .calibrate import calibrate
 from .embedder import EmbedPlan, UnitEmbedder
@@ -120,6 +121,8 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
     if job.encode.sparse:  # a SPLADE folder's rows: sparsevec, or refused (sinks/sparse.py)
         sinks = [make_sink(s, job.index.metric, job.index, "sparse", job.encode.max_active_dims)
                  for s in job.sink]
+    if job.encode.multivector:  # token vectors: LanceDB's multi-vector column, or refused
+        sinks = [make_sink(s, job.index.metric, job.index, MULTIVECTOR) for s in job.sink]
     # Resolved once here, so that the manifest, the summary and every worker agree.
     runtime = resolve_runtime(job.model, source, sum(u.num_rows for u in units))
     job = dataclasses.replace(job, model=dataclasses.replace(

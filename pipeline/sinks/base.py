@@ -38,6 +38,7 @@ from ..io.ledger import Ledger
 from ..io.manifest import SinkRecord, UnitRecord
 from ..io.storage import Store
 from ..io.vectors import LABEL_COLUMN, VectorParts, to_matrix
+from .multivector import MULTIVECTOR, is_multivector, multivector_blocks, with_multivectors
 from .precision import column_type, to_codes
 from .sparse import part_columns, sink_block, sink_schema
 
@@ -193,9 +194,8 @@ class Sink:
         raise NotImplementedError
 
     def vector_bytes(self, codes: np.ndarray) -> np.ndarray:
-        """Rows of `to_codes` values as the engine stores them, a row of bytes each (what a
-        row's digest is taken over): packed bits as they are, floats as little-endian float32,
-        unless the engine says otherwise."""
+        """Rows of `to_codes` values as the engine stores them, a row of bytes each (a digest's
+        input): packed bits as they are, else little-endian float32, unless the engine differs."""
         return codes if codes.dtype == np.uint8 else np.ascontiguousarray(codes, "<f4").view(np.uint8)
 
     def block_digests(self, block: pa.Table) -> pa.Array:
@@ -316,9 +316,8 @@ def sync_sink(sink: Sink, ledger: Ledger, full: bool = False, compare: bool = Fa
     files = [f for r in todo for f in r.vector_files]
     if todo or stale or not trusted:
         keep = folder_keys(store, ledger.vector_files()) if (stale or not trusted) else None
-        parts = VectorParts(store, files)
         schema = _part_schema(store, ledger.vector_files())
-        blocks = _blocks(parts, schema)
+        blocks = _blocks(VectorParts(store, files), schema)
         report.upserted, report.deleted = sink.load(schema, blocks, keep, marker)
         report.units = len(todo)
     if compare and ledger.vector_files():
@@ -367,14 +366,17 @@ def _part_schema(store: Store, files: list[str]) -> pa.Schema:
     if not files:
         return pa.schema([])
     schema = VectorParts(store, files).metadata(files[0]).schema.to_arrow_schema()
-    return sink_schema(pa.schema([f for f in schema if f.name not in ("text_hash", LABEL_COLUMN)]))
+    schema = sink_schema(pa.schema([f for f in schema if f.name not in ("text_hash", LABEL_COLUMN)]))
+    return with_multivectors(store, files, schema)
 
 
 def _blocks(parts: VectorParts, schema: pa.Schema) -> Iterator[pa.Table]:
-    """Blocks of the parts' rows as the sink takes them (a sparse folder's: sinks/sparse.py)."""
+    """Blocks of the parts' rows as the sink takes them (sinks/sparse.py, sinks/multivector.py)."""
+    if is_multivector(schema):
+        return multivector_blocks(parts, schema, LOAD_ROWS)
     sparse = pa.types.is_struct(schema.field("vector").type) if "vector" in schema.names else False
-    for table in parts.read(part_columns(schema.names, sparse), LOAD_ROWS):
-        yield sink_block(table.replace_schema_metadata(None))
+    return (sink_block(table.replace_schema_metadata(None))
+            for table in parts.read(part_columns(schema.names, sparse), LOAD_ROWS))
 
 
 def vector_digests(payload: np.ndarray) -> pa.Array:
@@ -466,7 +468,7 @@ def compare_sink(sink: Sink, ledger: Ledger, seed: int = 0, full: bool = True) -
     count = sink.count()
     if count != keys.num_rows:
         problems.append(f"{where}: holds {count:,} rows, the folder {keys.num_rows:,}")
-    if full or sink.vector_type == "sparsevec":  # sparse rows: by digest only
+    if full or sink.vector_type in ("sparsevec", MULTIVECTOR):  # rows of many values: by digest
         diff = content_difference(sink, store, files)
         if diff.missing.num_rows or diff.extra.num_rows:
             problems.append(

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..config import IndexConfig, SinkConfig
 from .base import Sink
+from .multivector import MULTIVECTOR
 from .precision import column_type, precision_of
 from .sparse import check_index
 
@@ -14,12 +15,15 @@ from .sparse import check_index
 def make_sink(cfg: SinkConfig, metric: str = "ip", index_cfg: IndexConfig | None = None,
               precision: str = "float32", max_active_dims: int | None = None) -> Sink:
     """The sink for a folder of `precision` (output.precision; "sparse": a SPLADE folder, whose
-    max_active_dims decides whether pgvector can index it), its engine imported and its
-    environment read (not yet connected); refused (ConfigError) where the store has no column
-    for that precision (sinks/precision.py)."""
+    max_active_dims decides whether pgvector can index it; "multivector": a ColBERT folder),
+    its engine imported and its environment read (not yet connected); refused (ConfigError)
+    where the store has no column for that precision (sinks/precision.py)."""
     column_type(cfg.kind, cfg.name, precision, cfg.vector_type)  # before the engine or DSN
     if precision == "sparse":
         check_index(cfg, max_active_dims)
+    if cfg.kind == "lancedb" and precision == MULTIVECTOR:
+        from .lancedb_multivector import LanceMultiSink
+        return LanceMultiSink(cfg, metric, index_cfg, precision)
     if cfg.kind == "lancedb":
         from .lancedb_sink import LanceSink
         return LanceSink(cfg, metric, index_cfg, precision)

@@ -8,6 +8,7 @@ the conversions between the parts' stored values and what the store holds.
 | binary, ubinary | bit(dim), hamming distance                 | fixed_size_list<uint8, dim/8>, hamming |
 | int8, uint8     | refused: pgvector has no 8-bit vector type | refused: no int8 vector column    |
 | sparse (SPLADE) | sparsevec(vocabulary) (sinks/sparse.py)    | refused: no sparse vector column  |
+| multi-vector    | refused: no multi-vector type              | list<fixed_size_list<dim>> (sinks/multivector.py) |
 
 The binary kinds are held as their packed bits (ubinary's bytes; binary's are its int8 values
 + 128), the query quantized as the folder's vectors were: packbits(q > 0).
@@ -19,6 +20,7 @@ import pyarrow as pa
 
 from ..config import ConfigError
 from ..io.precision import Precision
+from .multivector import MULTIVECTOR, multivector_column
 from .sparse import pg_column
 
 BITS = ("binary", "ubinary")
@@ -33,6 +35,8 @@ def precision_of(config: dict) -> str:
     output = config.get("output") or {}
     if str((config.get("encode") or {}).get("pooling", "")).startswith("splade-"):
         return "sparse"  # a SparseEncoder folder's rows (docs/sparse.md)
+    if (config.get("encode") or {}).get("pooling") == MULTIVECTOR:
+        return MULTIVECTOR  # a MultiVectorEncoder folder's token vectors (docs/multivector.md)
     return output.get("precision") or output.get("vector_dtype") or "float32"
 
 
@@ -43,6 +47,8 @@ def column_type(kind: str, name: str, precision: str, vector_type: str = "auto")
     where = f'sink "{name}"'
     if precision == "sparse":
         return pg_column(kind, name, vector_type)
+    if precision == MULTIVECTOR:
+        return multivector_column(kind, name, vector_type)
     if precision in ("int8", "uint8"):
         engine = ("pgvector has no 8-bit integer vector type (vector, halfvec, bit and sparsevec "
                   "only)" if kind == "pgvector" else
