@@ -353,15 +353,16 @@ def test_a_folder_with_token_pooling_is_refused(mv_folders, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_sink_is_refused(mv_folders, tmp_path):
+def test_a_sink_on_a_folder_without_normalize_is_refused(mv_folders, tmp_path):
+    """LanceDB ranks multi-vector rows by cosine: only unit-length tokens (tests/sinks/)."""
     _shards(tmp_path / "in")
     job = small_job(tmp_path / "job.toml", tmp_path / "in", tmp_path / "out",
-                    mv_folders["colbert"])
+                    mv_folders["plain"])
     job.write_text(job.read_text() + f'[[sink]]\nkind = "lancedb"\nuri = "{tmp_path}/db.lance"\n'
                    'table = "t"\n')
     result = embedpipe("run", job)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "sink" in result.stderr and "multi-vector" in result.stderr
+    assert "sink" in result.stderr and "without Normalize" in result.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "db.lance").exists()
 
 
