@@ -113,16 +113,15 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
     started = time.perf_counter()
     # Everything that can be refused is refused here, before the folder is touched.
     refuse_overlap(job.input.path, job.output.path)
-    sinks = [make_sink(s, job.index.metric, job.index, job.output.precision)  # extras, env vars
-             for s in job.sink]
     units = plan_units(job.input, job.output.keep_columns)  # config errors before the model loads
     source = resolve_model(job.model.name)
     job, recipe = resolve_recipe(job, source)  # pooling, normalize, prompt: concrete from here on
-    if job.encode.sparse:  # a SPLADE folder's rows: sparsevec, or refused (sinks/sparse.py)
-        sinks = [make_sink(s, job.index.metric, job.index, "sparse", job.encode.max_active_dims)
-                 for s in job.sink]
-    if job.encode.multivector:  # token vectors: LanceDB's multi-vector column, or refused
-        sinks = [make_sink(s, job.index.metric, job.index, MULTIVECTOR) for s in job.sink]
+    # a SPLADE folder's rows: sparsevec (sinks/sparse.py); a ColBERT folder's token vectors:
+    # LanceDB's multi-vector column (sinks/multivector.py); else by precision. Extras, env vars
+    rows = "sparse" if job.encode.sparse else MULTIVECTOR if job.encode.multivector else \
+        job.output.precision
+    sinks = [make_sink(s, job.index.metric, job.index, rows, job.encode.max_active_dims)
+             for s in job.sink]
     # Resolved once here, so that the manifest, the summary and every worker agree.
     runtime = resolve_runtime(job.model, source, sum(u.num_rows for u in units))
     job = dataclasses.replace(job, model=dataclasses.replace(

@@ -362,7 +362,7 @@ def test_a_sink_on_a_folder_without_normalize_is_refused(mv_folders, tmp_path):
                    'table = "t"\n')
     result = embedpipe("run", job)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "sink" in result.stderr and "without Normalize" in result.stderr
+    assert "sink" in result.stderr and "has no Normalize" in result.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "db.lance").exists()
 
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import embedpipe, film_texts, make_job, run, run_and_kill, write_shards
-from test_sinks import DSN_ENV, write_job_file
+from test_sinks import write_job_file
 
 pytestmark = pytest.mark.sinks
 QUERIES = ["warm funny film", "slow story ending", "the music and the cast", "actor"]
@@ -218,13 +218,13 @@ def test_kill_minus_nine_during_the_load_then_rerun_equals_the_folder(
 
 @pytest.mark.parametrize("kind, model, why", [
     ("pgvector", "colbert", "pgvector has no multi-vector type; use a LanceDB sink"),
-    ("lancedb", "plain", "[[sink]] tables on a folder without Normalize")])
+    ("lancedb", "plain", "this folder has no Normalize: its tokens are not of unit length")])
 def test_a_sink_that_cannot_hold_the_rows_is_refused_in_one_line(
         tmp_path, colbert_folders, table, kind, model, why):
     _shards(tmp_path / "in")
     job = write_job_file(tmp_path / "j.toml", _job(tmp_path, colbert_folders[model], table,
                                                    kind))
-    refused = embedpipe("run", job, env={DSN_ENV: "host=nowhere"})  # refused before any DSN
+    refused = embedpipe("run", job)  # refused before the DSN is read
     assert refused.returncode == 2
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and why in lines[0], refused.stderr
