@@ -17,7 +17,6 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import ConfigError
-from ..io.multivectors import row_arrays
 from .base import DIGEST_BYTES, Marker, SinkError, one_line
 from .lancedb_sink import LanceSink
 from .multivector import row_digests, unit_length_problem
@@ -69,16 +68,6 @@ class LanceMultiSink(LanceSink):
                 .combine_chunks())
         return pa.table({**{k: rows.column(k) for k in keys},
                          "digest": row_digests(rows.column("vector"), DIGEST_BYTES)})
-
-    def vectors_of(self, keys: list[tuple]) -> dict:
-        """key tuple -> the row's [tokens, dim] float32 token vectors, for keys the table holds."""
-        table = self._table()
-        out = {}
-        for predicate in self._predicates(pa.table({"id": [k[0] for k in keys]})):
-            rows = table.search().where(predicate).select(["id", "vector"]).limit(None).to_arrow()
-            for key, v in zip(rows.column("id").to_pylist(), row_arrays(rows.column("vector"))):
-                out[(key,)] = np.asarray(v, np.float32)
-        return out
 
     def search(self, queries: list[np.ndarray], k: int, columns: list[str]) -> list[pa.Table]:
         """Per query ([tokens, dim]) a table of id, score (MaxSim) and columns, best first."""
