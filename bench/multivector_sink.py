@@ -1,7 +1,7 @@
 """The multi-vector LanceDB sink's load and search next to embedpipe's exact MaxSim, as
 docs/multivector.md reports it.
 
-    python tests/sinks/bench_multivector.py --rows 10000 [--tokens 32] [--dim 128]
+    .venv/bin/python -m bench.multivector_sink --rows 10000 [--tokens 32] [--dim 128]
 
 Rows of random unit token vectors go through LanceMultiSink's load (the call a sync makes,
 Arrow blocks of 8,192 rows) into an empty table; a 32-token query is then searched through the
@@ -11,22 +11,18 @@ tokens in memory (best of 3 each), and the two top-10s compared.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from pipeline.config import SinkConfig  # noqa: E402
-from pipeline.index.maxsim import maxsim_scores, top_rows  # noqa: E402
-from pipeline.io.multivectors import multivector_array  # noqa: E402
-from pipeline.sinks.base import LOAD_ROWS, Marker  # noqa: E402
-from pipeline.sinks.make import make_sink  # noqa: E402
-from pipeline.sinks.multivector import MULTIVECTOR  # noqa: E402
+from pipeline.config import SinkConfig
+from pipeline.index.maxsim import maxsim_scores, top_rows
+from pipeline.io.multivectors import multivector_array
+from pipeline.sinks.base import LOAD_ROWS, Marker
+from pipeline.sinks.make import make_sink
+from pipeline.sinks.multivector import MULTIVECTOR
 
 
 def main() -> None:
