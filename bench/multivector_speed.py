@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             "model": {"name": str(model), "dtype": "float32", "device": "cpu"},
             "output": {"path": str(out)}}))
         assert not summary.failures, summary.failures
-        stored.update(tokens=summary.stored_tokens, forward=summary.runtime.forward)
+        stored.update(tokens=summary.stored_tokens, forward=summary.runtime.forward,
+                      stages=dict(summary.seconds))
 
     def sentence_transformers():
         return st.encode_document(texts, batch_size=32, convert_to_numpy=True)
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
               "pool_factor": args.pool_factor, "forward": stored["forward"],
               "texts": len(texts), "rounds": args.rounds,
               "tokens_a_row": stored["tokens"] / max(len(texts), 1),
-              "max_abs_diff": difference, "seconds": times, "median_s": med,
+              "max_abs_diff": difference, "embedpipe_stage_seconds": stored["stages"],
+              "seconds": times, "median_s": med,
               "cpu_seconds": cpu, "median_cpu_s": med_cpu,
               "ratio_st_over_embedpipe": med["sentence-transformers"] / med["embedpipe"],
               "ratio_cpu_st_over_embedpipe":
