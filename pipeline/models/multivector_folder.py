@@ -103,7 +103,10 @@ def read_multivector(path: Path, kinds: list[tuple[str, Path]]) -> MultiVectorSp
     dense, normalize, skiplist, tasks = [], pylate, None, ("document",)
     pooling, after = None, False
     for kind, where in kinds[1:]:
-        if kind in _PYLATE_DENSE and pooling is None:
+        if kind in _PYLATE_DENSE:
+            if pooling is not None:
+                raise ConfigError(f"{where}: a Dense after the token pooling; embedpipe pools the "
+                                  f"last Dense's token vectors (the pooling after every Dense)")
             dense.append(_dense(where))
         elif kind == "Normalize" and not pylate:
             normalize, after = True, pooling is not None

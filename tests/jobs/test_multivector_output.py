@@ -416,6 +416,7 @@ def _with_module(folder, tmp_path, kind, config, at=None):
 @pytest.mark.parametrize("kind,config,at,named", [
     ("MyTokenPooling", {}, None, "MyTokenPooling"),
     ("HierarchicalTokenPooling", {"pool_factor": 2.0}, 2, "MultiVectorMask after"),
+    ("HierarchicalTokenPooling", {"pool_factor": 2.0}, 1, "Dense after"),
     ("HierarchicalTokenPooling", {"pool_factor": 2.0, "max_tokens": 4}, None, "pool_factor"),
     ("HierarchicalTokenPooling", {"pool_factor": 0.5}, None, "pool_factor"),
 ])
