@@ -2,7 +2,8 @@
 
 Documents: the transformer's last hidden state of every real token (the run's forward: fused
 or transformers'), the folder's Dense projections, its token-level Normalize, the skiplist's
-tokens dropped (MultiVectorMask, documents), truncate_dim (first N, re-normalized), as
+tokens dropped (MultiVectorMask, documents), the folder's HierarchicalTokenPooling on each row's
+kept tokens (pipeline/encode/token_pooling.py), truncate_dim (first N, re-normalized), as
 encode_document makes them. A row leaves as a float32 [tokens, dim] array.
 
 Queries (`QueryEncoder`): encode_query's preprocessing (the query prompt, query_length, query
@@ -21,6 +22,7 @@ from ..models.multivector_folder import MultiVectorSpec
 from ..runtime.runtime import Runtime
 from .batching import Batch
 from .encoder import Encoder, EncoderSettings, cached_model
+from .token_pooling import pool_row
 
 LAST_LAYER = EncoderSettings((-1,), "concat", "mean", False)
 
@@ -47,16 +49,34 @@ class TokenHead:
                                 dense.activation))
 
     def __call__(self, states: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.project(states))
+
+    def project(self, states: torch.Tensor) -> torch.Tensor:
+        """The Dense layers and a Normalize before any token pooling."""
         x = states.float()
         for linear, activation in self.layers:
             x = linear(x)
             if activation == "tanh":
                 x = torch.tanh(x)
-        if self.spec.normalize:
+        pooling = self.spec.pooling
+        if self.spec.normalize and (pooling is None or pooling.normalize_before):
+            x = torch.nn.functional.normalize(x, p=2, dim=-1)
+        return x
+
+    def tail(self, x: torch.Tensor) -> torch.Tensor:
+        """A Normalize after the token pooling, then truncate_dim."""
+        if self.spec.pooling is not None and self.spec.pooling.normalize_after:
             x = torch.nn.functional.normalize(x, p=2, dim=-1)
         if self.spec.truncate_dim:
             x = torch.nn.functional.normalize(x[..., :self.spec.truncate_dim], p=2, dim=-1)
         return x
+
+    def rows(self, rows: list[torch.Tensor], task: str) -> list[torch.Tensor]:
+        """Each row's kept tokens (projected) pooled where the pooling covers `task`, then tail."""
+        pooling = self.spec.pooling
+        if pooling is not None and task in pooling.tasks:
+            rows = [pool_row(r, pooling) for r in rows]
+        return [self.tail(r) for r in rows]
 
 
 def skiplist_ids(path, words) -> torch.Tensor | None:
@@ -90,16 +110,21 @@ class MultiVectorEncoder:
         _, states = self.base._forward(batch.input_ids, batch.attention_mask, types,
                                        per_token=True)
         lengths = [len(s) for s in states]
+        pooled = self.spec.pooling is not None
         with torch.inference_mode():
-            tokens = self.head(torch.from_numpy(np.concatenate(states)).to(self.device))
+            tokens = torch.from_numpy(np.concatenate(states)).to(self.device)
+            tokens = self.head.project(tokens) if pooled else self.head(tokens)
             keep = torch.ones(len(tokens), dtype=torch.bool)
             if self.skip is not None:
                 ids = torch.cat([batch.input_ids[i, :n] for i, n in enumerate(lengths)])
                 keep = ~torch.isin(ids, self.skip)
-            tokens = tokens.cpu().numpy()
-        keep = keep.numpy()
+            tokens = tokens.cpu()
         ends = np.cumsum(lengths)
-        return [tokens[a:b][keep[a:b]] for a, b in zip(ends - lengths, ends)]
+        rows = [tokens[a:b][keep[a:b]] for a, b in zip(ends - lengths, ends)]
+        if pooled:  # the mask first: the pooling clusters the tokens it keeps
+            with torch.inference_mode():
+                rows = self.head.rows(rows, "document")
+        return [r.numpy() for r in rows]
 
 
 class QueryEncoder:
@@ -155,5 +180,6 @@ class QueryEncoder:
         with torch.inference_mode():
             states = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                 **extra).last_hidden_state
-            vectors = self.head(states).cpu().numpy()
-        return [v[s.numpy()] for v, s in zip(vectors, scored)]
+            vectors = self.head.project(states).cpu()
+            return [r.numpy() for r in self.head.rows([v[s] for v, s in zip(vectors, scored)],
+                                                      "query")]

@@ -6,12 +6,16 @@ the tasks they apply to), a token-level Normalize, the folder's truncate_dim and
 PyLate v3 folders (`model_type` "ColBERT": [Transformer, Dense], query_prefix / document_prefix,
 query_length, attend_to_expansion_tokens, skiplist_words) are read as MultiVectorEncoder loads
 them: the prefixes become the query / document prompts, the punctuation skiplist and a Normalize
-are implied, queries are expanded to query_length. What sentence-transformers would do that
-embedpipe does not compute is refused by name (token pooling, keep_only_token_ids, a prefix the
-tokenizer holds as one token but splits, other modules)."""
+are implied, queries are expanded to query_length. A HierarchicalTokenPooling after the Dense
+layers and the mask is read with its settings (pipeline/encode/token_pooling.py computes it).
+What sentence-transformers would do that embedpipe does not compute is refused by name (other
+token pooling, keep_only_token_ids, a prefix the tokenizer holds as one token but splits, other
+modules)."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +46,20 @@ class QueryExpansion:
 
 
 @dataclass(frozen=True)
+class TokenPooling:
+    """HierarchicalTokenPooling's settings (its config.json) and where the folder's Normalize
+    modules sit around it."""
+    pool_factor: float = 1.0
+    max_tokens: int | None = None
+    distance_threshold: float | None = None
+    protected: int = 1  # num_protected_tokens
+    normalize_embeddings: bool = False  # a saved config without the key loads False
+    tasks: tuple[str, ...] = ("document",)
+    normalize_before: bool = False  # a Normalize module before the pooling
+    normalize_after: bool = False  # a Normalize module after it (every task)
+
+
+@dataclass(frozen=True)
 class MultiVectorSpec:
     dense: tuple[DenseSpec, ...]
     normalize: bool  # a token-level Normalize (after the mask: the order does not matter)
@@ -53,10 +71,23 @@ class MultiVectorSpec:
     truncate_dim: int | None
     similarity: str  # maxsim | meanmaxsim (the same ranking for one query)
     prompts: tuple[tuple[str, str], ...] = ()  # PyLate's prefixes as prompts (native: st prompts)
+    pooling: TokenPooling | None = None  # a HierarchicalTokenPooling module
 
     @property
     def dim(self) -> int:
         return self.truncate_dim or self.dense[-1].out_features
+
+    @property
+    def unit_tokens(self) -> bool:
+        """Every stored token of unit length (what a sink ranking by cosine needs): a Normalize
+        last (after any token pooling, whose cluster means are not unit vectors unless it
+        normalizes them), and no truncate_dim cutting the vectors after it."""
+        pooled = self.pooling
+        unit = self.normalize if pooled is None else (pooled.normalize_after
+                                                     or pooled.normalize_embeddings)
+        cut = bool(self.truncate_dim) and (not self.dense
+                                           or self.truncate_dim < self.dense[-1].out_features)
+        return unit and not cut
 
 
 def _json(path: Path) -> dict:
@@ -82,24 +113,34 @@ def read_multivector(path: Path, kinds: list[tuple[str, Path]]) -> MultiVectorSp
         raise ConfigError(f"{path}: a multi-vector folder of modules {names}; embedpipe runs a "
                           f"Transformer first")
     dense, normalize, skiplist, tasks = [], pylate, None, ("document",)
+    pooling, after = None, False
     for kind, where in kinds[1:]:
         if kind in _PYLATE_DENSE:
+            if pooling is not None:
+                raise ConfigError(f"{where}: a Dense after the token pooling; embedpipe pools the "
+                                  f"last Dense's token vectors (the pooling after every Dense)")
             dense.append(_dense(where))
         elif kind == "Normalize" and not pylate:
-            normalize = True
+            normalize, after = True, pooling is not None
+        elif kind == "HierarchicalTokenPooling" and not pylate and pooling is None:
+            pooling = _pooling(where, normalize)
         elif kind == "MultiVectorMask" and not pylate:
             config = _json(where / "config.json")
             if config.get("keep_only_token_ids"):
                 raise ConfigError(f"{where}: keep_only_token_ids (image-patch documents) is not "
                                   f"one embedpipe computes")
+            if pooling is not None:
+                raise ConfigError(f"{where}: a MultiVectorMask after the token pooling; embedpipe "
+                                  f"pools the tokens the mask keeps (the mask first)")
             skiplist = tuple(config.get("skiplist_words") or ())
             value = config.get("skiplist_tasks") or ["document"]
             tasks = tuple([value] if isinstance(value, str) else value)
         else:
             raise ConfigError(
                 f"{path}: module {kind!r} is not one embedpipe runs in a multi-vector folder "
-                f"(it runs Transformer, Dense, MultiVectorMask and Normalize; token pooling is "
-                f"not computed); its vectors would differ from sentence-transformers'")
+                f"(it runs Transformer, Dense, MultiVectorMask, Normalize and one "
+                f"HierarchicalTokenPooling after the Dense layers); its vectors would differ from "
+                f"sentence-transformers'")
     if not dense:
         raise ConfigError(f"{path}: a multi-vector folder without a Dense projection; embedpipe "
                           f"runs ColBERT-style folders (Transformer + Dense)")
@@ -123,6 +164,8 @@ def read_multivector(path: Path, kinds: list[tuple[str, Path]]) -> MultiVectorSp
                                  or truncate > dense[-1].out_features):
         raise ConfigError(f"{path}: truncate_dim {truncate!r} must be a positive integer at most "
                           f"the Dense's {dense[-1].out_features} features")
+    if pooling is not None:
+        pooling = dataclasses.replace(pooling, normalize_after=after)
     similarity = data.get("similarity_fn_name") or "maxsim"
     if similarity not in ("maxsim", "meanmaxsim"):
         similarity = "maxsim"
@@ -131,7 +174,31 @@ def read_multivector(path: Path, kinds: list[tuple[str, Path]]) -> MultiVectorSp
                            document_length=transformer.get("document_length"),
                            query_length=transformer.get("query_length"),
                            expansion=transformer.get("expansion"), truncate_dim=truncate,
-                           similarity=similarity, prompts=tuple(sorted(prompts.items())))
+                           similarity=similarity, prompts=tuple(sorted(prompts.items())),
+                           pooling=pooling)
+
+
+def _pooling(where: Path, normalize_before: bool) -> TokenPooling:
+    """HierarchicalTokenPooling's config, checked as its constructor checks it."""
+    config = _json(where / "config.json")
+    factor, most = config.get("pool_factor", 1.0), config.get("max_tokens")
+    threshold, protected = config.get("distance_threshold"), config.get("num_protected_tokens", 1)
+    value = config.get("tasks") or ["document"]
+    tasks = tuple([value] if isinstance(value, str) else value)
+    number = (int, float)
+    bad = (not isinstance(factor, number) or not math.isfinite(factor) or factor < 1
+           or not isinstance(protected, int) or protected < 0
+           or (most is not None and (not isinstance(most, int) or most <= protected))
+           or (threshold is not None and (not isinstance(threshold, number)
+                                          or not math.isfinite(threshold) or threshold < 0))
+           or sum((factor != 1, most is not None, threshold is not None)) > 1)
+    if bad:
+        raise ConfigError(f"{where}: HierarchicalTokenPooling settings {config!r} are not ones "
+                          f"sentence-transformers accepts (pool_factor >= 1, max_tokens > "
+                          f"num_protected_tokens, distance_threshold >= 0, one of the three)")
+    return TokenPooling(float(factor), most, None if threshold is None else float(threshold),
+                        protected, bool(config.get("normalize_embeddings", False)), tasks,
+                        normalize_before)
 
 
 def _dense(where: Path) -> DenseSpec:
@@ -188,8 +255,8 @@ def _expansion(value, where: Path) -> QueryExpansion | None:
 
 def head_fingerprint(spec: MultiVectorSpec) -> str:
     """What the model fingerprint (the transformer's files) does not cover: the Dense layers'
-    weights and every setting of the head and the query side, hashed (the config guard)."""
-    import dataclasses
+    weights and every setting of the head, its token pooling and the query side, hashed (the
+    config guard)."""
     import hashlib
 
     digest = hashlib.sha256()

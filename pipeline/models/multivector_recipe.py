@@ -33,9 +33,9 @@ def multivector_recipe(job: JobConfig, source: ModelSource, notes: list[str]
         ("a quantized output.precision", out.precision not in (None, "float32", "float16")),
         ("output.rescore_precision", out.rescore_precision),
         ("input.text_pair_column", job.input.text_pair_column),
-        ("[[sink]] tables (LanceDB ranks multi-vector rows by cosine, and this folder has no "
-         "Normalize: its tokens are not of unit length)",
-         job.sink and not st.multivector.normalize)) if bad]
+        ("[[sink]] tables (LanceDB ranks multi-vector rows by cosine, and this folder's tokens "
+         "are not of unit length: no Normalize last, or its truncate_dim cuts them)",
+         job.sink and not st.multivector.unit_tokens)) if bad]
     if refused:
         raise ConfigError(f"model folder {source.path} is a multi-vector (ColBERT) encoder: "
                           f"{refused[0]} does not apply to its token vectors; leave it unset")

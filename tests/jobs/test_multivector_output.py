@@ -340,16 +340,106 @@ def test_settings_that_do_not_apply_are_refused(mv_folders, tmp_path, sections):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_folder_with_token_pooling_is_refused(mv_folders, tmp_path):
-    folder = shutil.copytree(mv_folders["colbert"], tmp_path / "pooled")
+POOLINGS = {  # HierarchicalTokenPooling's three cuts, with the Normalize before or after it
+    "factor": ({"pool_factor": 2.0}, "before"),
+    "max_tokens": ({"max_tokens": 6, "num_protected_tokens": 2, "normalize_embeddings": False,
+                    "tasks": ["query", "document"]}, "after"),
+    "threshold": ({"distance_threshold": 0.5, "num_protected_tokens": 0}, "before"),
+}
+
+
+@pytest.fixture(scope="module")
+def pooled_folders(mv_folders):
+    import torch
+    from sentence_transformers import MultiVectorEncoder
+    from sentence_transformers.base.modules import Dense, Normalize, Transformer
+    from sentence_transformers.multi_vector_encoder.modules import (HierarchicalTokenPooling,
+                                                                    MultiVectorMask)
+
+    base, folders = mv_folders["colbert"].parent / "bert", {}
+    for name, (settings, where) in POOLINGS.items():
+        torch.manual_seed(2)
+        normalize = [Normalize(module_input_name="token_embeddings")]
+        pool = [HierarchicalTokenPooling(**settings)]
+        folders[name] = mv_folders["colbert"].parent / f"pooled-{name}"
+        MultiVectorEncoder(modules=[
+            Transformer(str(base), max_seq_length=POSITIONS,
+                        query_expansion={"strategy": "fixed", "length": 16}),
+            Dense(32, 16, bias=False, activation_function=torch.nn.Identity(),
+                  module_input_name="token_embeddings"),
+            MultiVectorMask(skiplist_words=list(string.punctuation)),
+            *(normalize + pool if where == "before" else pool + normalize)],
+            prompts={"query": "[Q] ", "document": "[D] "}).save(str(folders[name]))
+    return folders
+
+
+@pytest.mark.parametrize("name", sorted(POOLINGS))
+def test_token_pooling_equals_encode_document(pooled_folders, mv_runs, tmp_path, name):
+    """The folder's HierarchicalTokenPooling as sentence-transformers computes it, the text past
+    the position limit included; queries pooled too where its tasks list them."""
+    folder = pooled_folders[name]
+    pq.write_table(pa.table({"id": np.arange(len(TEXTS)), "text": TEXTS}), tmp_path / "in.parquet")
+    summary = run(make_job(tmp_path / "in.parquet", tmp_path / "out", folder,
+                           model={"dtype": "float32"}))
+    assert not summary.failures
+    rows = open_output(str(tmp_path / "out")).multivectors()
+    reference = _reference(folder)
+    _assert_same(rows, reference.encode_document(TEXTS, convert_to_numpy=True))
+    unpooled = open_output(str(mv_runs["colbert"])).multivectors()
+    assert sum(map(len, rows)) < 0.8 * sum(map(len, unpooled))  # it pooled
+    if name == "max_tokens":
+        assert max(map(len, rows)) == 6
+    from pipeline.commands.multivector_search import MultiVectorQueries
+    from pipeline.commands.query import EmbeddingRecord
+    from pipeline.io.manifest import read_manifest
+    from pipeline.io.storage import Store
+
+    queries = ["warm funny film", LONG, "Cast!"]
+    record = EmbeddingRecord.from_manifest(read_manifest(Store(str(tmp_path / "out"))))
+    got = MultiVectorQueries(record, purpose="query").embed(queries)
+    _assert_same(got, reference.encode_query(queries, convert_to_numpy=True))
+    assert (max(map(len, got)) <= 6) == (name == "max_tokens")
+
+
+def _with_module(folder, tmp_path, kind, config, at=None):
+    folder = shutil.copytree(folder, tmp_path / "model")
     modules = json.loads((folder / "modules.json").read_text())
-    modules.append({"idx": 4, "name": "4", "path": "4_Pool", "type": "sentence_transformers."
-                    "multi_vector_encoder.modules.token_pooling.HierarchicalTokenPooling"})
+    entry = {"idx": len(modules), "name": "pool", "path": "9_Pool", "type": "sentence_transformers."
+             f"multi_vector_encoder.modules.token_pooling.{kind}"}
+    modules.insert(len(modules) if at is None else at, entry)
     (folder / "modules.json").write_text(json.dumps(modules))
-    _shards(tmp_path / "in")
-    job = small_job(tmp_path / "job.toml", tmp_path / "in", tmp_path / "out", folder)
+    (folder / "9_Pool").mkdir()
+    (folder / "9_Pool" / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("kind,config,at,named", [
+    ("MyTokenPooling", {}, None, "MyTokenPooling"),
+    ("HierarchicalTokenPooling", {"pool_factor": 2.0}, 2, "MultiVectorMask after"),
+    ("HierarchicalTokenPooling", {"pool_factor": 2.0}, 1, "Dense after"),
+    ("HierarchicalTokenPooling", {"pool_factor": 2.0, "max_tokens": 4}, None, "pool_factor"),
+    ("HierarchicalTokenPooling", {"pool_factor": 0.5}, None, "pool_factor"),
+])
+def test_token_pooling_it_does_not_compute_is_refused(mv_folders, tmp_path, kind, config, at,
+                                                      named):
+    folder = _with_module(mv_folders["colbert"], tmp_path, kind, config, at)
+    pq.write_table(pa.table({"id": [1], "text": ["a warm film"]}), tmp_path / "in.parquet")
+    job = small_job(tmp_path / "job.toml", tmp_path / "in.parquet", tmp_path / "out", folder)
     result = embedpipe("run", job)
-    assert result.returncode == 2 and "HierarchicalTokenPooling" in result.stderr
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert named in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_the_config_guard_records_the_pooling(pooled_folders, tmp_path):
+    from pipeline.models.multivector_folder import head_fingerprint
+    from pipeline.models.st_folder import read_st_folder
+
+    folder = shutil.copytree(pooled_folders["factor"], tmp_path / "model")
+    before = head_fingerprint(read_st_folder(folder).multivector)
+    config = next(folder.glob("*_HierarchicalTokenPooling")) / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "pool_factor": 3.0}))
+    spec = read_st_folder(folder).multivector
+    assert spec.pooling.pool_factor == 3.0 and head_fingerprint(spec) != before
 
 
 @pytest.mark.slow
@@ -362,7 +452,7 @@ def test_a_sink_on_a_folder_without_normalize_is_refused(mv_folders, tmp_path):
                    'table = "t"\n')
     result = embedpipe("run", job)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "sink" in result.stderr and "has no Normalize" in result.stderr
+    assert "sink" in result.stderr and "not of unit length" in result.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "db.lance").exists()
 
 
@@ -413,3 +503,22 @@ def test_a_pylate_prefix_the_tokenizer_splits_is_refused(mv_folders, tmp_path):
     assert "[unused" in result.stderr and not (tmp_path / "out").exists()
     reference = _reference(folder)  # what sentence-transformers does instead: one token
     assert reference.tokenizer.tokenize("[unused0]") == ["[unused0]"]
+
+
+def test_unit_tokens_follow_the_last_normalize_and_truncate_dim(mv_folders):
+    """What decides whether a cosine-ranking sink may hold a folder's tokens."""
+    import dataclasses
+
+    from pipeline.models.multivector_folder import TokenPooling
+    from pipeline.models.st_folder import read_st_folder
+
+    spec = read_st_folder(mv_folders["colbert"]).multivector
+    assert spec.normalize and spec.unit_tokens
+    full = spec.dense[-1].out_features
+    assert not dataclasses.replace(spec, truncate_dim=full - 1).unit_tokens
+    assert dataclasses.replace(spec, truncate_dim=full).unit_tokens
+    # a Normalize before the pooling: cluster means are not unit vectors
+    assert not dataclasses.replace(spec, pooling=TokenPooling(normalize_before=True)).unit_tokens
+    assert dataclasses.replace(spec, pooling=TokenPooling(normalize_embeddings=True)).unit_tokens
+    assert dataclasses.replace(spec, pooling=TokenPooling(normalize_after=True)).unit_tokens
+    assert not read_st_folder(mv_folders["plain"]).multivector.unit_tokens
