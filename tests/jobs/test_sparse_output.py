@@ -190,8 +190,12 @@ def test_incremental_run_reuses_rows_and_equals_a_clean_run(sparse_folders, tmp_
     got, expected = read_vectors(tmp_path / "out"), read_vectors(tmp_path / "clean")
     for name in ("id", "sparse_indices", "n_tokens", "truncated", "text_hash"):
         assert got.column(name).equals(expected.column(name)), name
+    # splade-sum values reach ~16, where float32's spacing is ~2e-6: a row encoded beside other
+    # rows (the runs batch them differently) sums its tokens in another order, so rows agree to
+    # float32 rounding, relative to their size
     np.testing.assert_allclose(open_output(str(tmp_path / "out")).sparse().toarray(),
-                               open_output(str(tmp_path / "clean")).sparse().toarray(), atol=1e-6)
+                               open_output(str(tmp_path / "clean")).sparse().toarray(),
+                               rtol=1e-5, atol=1e-6)
     assert embedpipe("verify", tmp_path / "out").returncode == 0
 
 
