@@ -4,7 +4,6 @@ MaxSim and a numpy brute force, incremental runs, verify / sync repairing a chan
 during the load, and the refusals (pgvector, a folder not normalized)."""
 from __future__ import annotations
 
-import json
 import string
 import time
 import uuid
