@@ -4,15 +4,20 @@ The prepare stage asks `ReusePlanner.plan` which of a sort window's texts need t
 whose (id, text hash), or text hash alone (`encode.reuse = "content"`), has stored rows takes
 those rows' vectors and columns (confirmed on the id and the whole hash; in a folder of one row
 a token window, all of the text's windows, or none). A text that occurs more than once among the
-rows to embed (registry.scan_input found them) is encoded the first time and copied after,
-through `RunMemory`, which the writer fills in the order it writes. Only the rest is tokenized
+rows to embed (registry.scan_input found them) takes its vector from its first row and its
+repeats copy it, through `RunMemory`: the first row's stored vector where it has one (filled
+when planned), else its encoding (filled by the writer, in the order it writes). The rule is
+the input order's alone, so a Ray actor given the earlier units' memory (jobs/ray_checks.py)
+writes the bits the local runner writes. Only the rest is tokenized
 and encoded; the writer puts the three kinds back in input order (`merge_rows`). A reused row
 keeps its stored index label (faiss_id) only under its own id; copies and rows taken from another
 id carry NEW_LABEL, and the writer gives them new labels.
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +38,61 @@ class RunMemory:
     capacity: int
     sent: set = field(default_factory=set)
     rows: dict = field(default_factory=dict)  # hash bytes -> {column: the text's rows}
+
+    EMPTY: ClassVar[bytes] = b""  # a memory file of a unit that hands nothing over
+
+    def export(self, keys: np.ndarray) -> bytes:
+        """The rows of the texts whose 8-byte keys (content_hash.hash_keys) are in `keys`, as
+        an .npz file (no pickles: a reader runs no code): each column's rows concatenated, a
+        multi-vector column's [tokens, dim] rows too, with their lengths."""
+        texts = [k for k in self.rows if np.isin(_key(k), keys)]
+        if not texts:
+            return self.EMPTY
+        names = list(self.rows[texts[0]])
+        arrays = {"hash": np.frombuffer(b"".join(texts), np.uint8).reshape(len(texts), -1),
+                  "count": np.array([len(self.rows[k][names[0]]) for k in texts], np.int64),
+                  "names": np.array(names)}
+        for n, name in enumerate(names):
+            values = [self.rows[k][name] for k in texts]
+            if values[0].dtype == object:  # one array a row
+                rows = [r for v in values for r in v]
+                arrays[f"l{n}"] = np.array([len(r) for r in rows], np.int64)
+                values = rows
+            arrays[f"c{n}"] = np.concatenate(values)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        return buffer.getvalue()
+
+    def absorb(self, data: bytes, keys: np.ndarray) -> None:
+        """Another unit's export: its texts whose keys are in `keys` become known here, as if
+        this worker had written them (later rows copy them)."""
+        if not data:
+            return
+        with np.load(io.BytesIO(data), allow_pickle=False) as saved:
+            hashes, counts = saved["hash"], saved["count"]
+            names = [str(n) for n in saved["names"]]
+            columns = {}
+            for n, name in enumerate(names):
+                values = saved[f"c{n}"]
+                if f"l{n}" in saved:
+                    cuts = np.cumsum(saved[f"l{n}"])[:-1]
+                    rows = np.empty(len(cuts) + 1, object)
+                    for r, piece in enumerate(np.split(values, cuts)):
+                        rows[r] = piece
+                    values = rows
+                columns[name] = values
+        starts = np.r_[0, np.cumsum(counts)]
+        for t, whole in enumerate(hashes):
+            key = whole.tobytes()
+            if key in self.sent or not np.isin(_key(key), keys):
+                continue
+            self.sent.add(key)
+            self.rows[key] = {c: v[starts[t]:starts[t + 1]] for c, v in columns.items()}
+
+
+def _key(whole: bytes) -> np.uint64:
+    """A whole hash's 8-byte key, as content_hash.hash_keys gives it."""
+    return np.frombuffer(whole[:8], "<u8")[0]
 
 
 @dataclass
@@ -78,20 +138,24 @@ class ReusePlanner:
         taken[donor_at] = True
         copy_at, cache_at, remember = [], [], []
         if self.copies and n:
-            candidates = np.flatnonzero(~taken)
-            candidates = candidates[self.source.is_repeated(hash_keys(hashes)[candidates])]
-            if len(candidates):
-                whole = hash_bytes(hashes)
-                pending: set = set()
-                for position in candidates.tolist():
-                    key = whole[position].tobytes()
-                    if key in self.memory.sent or key in pending:
-                        copy_at.append(position)
-                    elif len(self.memory.sent) + len(pending) < self.memory.capacity:
-                        pending.add(key)
-                        cache_at.append(position)
-                        remember.append(key)
-                taken[copy_at] = True
+            repeated = np.flatnonzero(self.source.is_repeated(hash_keys(hashes)))
+            whole = hash_bytes(hashes) if len(repeated) else None
+            pending: set = set()
+            for position in repeated.tolist():  # in input order: a text's first row decides
+                key = whole[position].tobytes()
+                known = key in self.memory.sent or key in pending
+                room = len(self.memory.sent) + len(pending) < self.memory.capacity
+                if taken[position]:  # a stored row of its own: its later repeats copy it
+                    if not known and room:
+                        self.memory.sent.add(key)
+                        self.memory.rows[key] = _donated(donor_at, donor, position)
+                elif known:
+                    copy_at.append(position)
+                elif room:
+                    pending.add(key)
+                    cache_at.append(position)
+                    remember.append(key)
+            taken[copy_at] = True
         encode = np.flatnonzero(~taken)
         if not (len(donor_at) or copy_at or cache_at):
             return RowPlan(encode=encode, assemble=None)
@@ -140,6 +204,14 @@ class ReusePlanner:
     def sent(self, plan: RowPlan) -> None:
         """The plan's Assemble is on its way to the writer: its cached texts may be copied."""
         self.memory.sent.update(plan.remember)
+
+
+def _donated(donor_at: np.ndarray, donor: dict[str, np.ndarray], position: int) -> dict:
+    """A text's stored rows as its repeats copy them: under a new label (a copy is a new row)."""
+    rows = {c: v[donor_at == position] for c, v in donor.items()}
+    if LABEL_COLUMN in rows:
+        rows[LABEL_COLUMN] = np.full(len(rows[LABEL_COLUMN]), NEW_LABEL, rows[LABEL_COLUMN].dtype)
+    return rows
 
 
 def _values(column: pa.ChunkedArray) -> np.ndarray:
