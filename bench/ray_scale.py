@@ -36,9 +36,10 @@ import pyarrow.parquet as pq
 
 from bench import REPO_ROOT
 
-# Runs embedpipe's CLI in this process and writes the process's VmHWM (kB) to argv[1] at exit.
+# Runs embedpipe's CLI in this process and writes the process's VmHWM (kB) and pid to argv[1]
+# at exit.
 DRIVER = r"""
-import sys
+import os, sys
 out = sys.argv[1]
 sys.argv = ['embedpipe'] + sys.argv[2:]
 try:
@@ -47,7 +48,7 @@ try:
 finally:
     for line in open('/proc/self/status'):
         if line.startswith('VmHWM'):
-            open(out, 'w').write(line.split()[1])
+            open(out, 'w').write(f"{line.split()[1]} {os.getpid()}")
 """
 ROWS_PER_FILE = 50_000
 CHANGED_EVERY = 100  # 1% of the texts change on the re-export night
@@ -88,13 +89,30 @@ def reexport(source: Path, dest: Path) -> int:
     return changed
 
 
-def write_job(path: Path, input_dir: Path, out: Path, model: Path) -> Path:
+def write_job(path: Path, input_dir: Path, out: Path, model: Path, shard_rows: int = 0) -> Path:
+    """shard_rows: 0 for no index, else an IVF-PQ index in the shards layout (groups of parts up
+    to shard_rows rows, written by the run's Ray actors)."""
+    index = ("enabled = false\n" if not shard_rows else
+             f'enabled = true\ntype = "ivf-pq"\npq_m = 8\nlayout = "shards"\n'
+             f'shard_rows = {shard_rows}\n')
     path.write_text(
         f'name = "ray-scale"\n[input]\npath = {json.dumps(str(input_dir))}\n'
         f'[model]\nname = {json.dumps(str(model))}\nmax_length = 32\ndevice = "cpu"\n'
         f'dtype = "float32"\ncompile = false\n[encode]\npooling = "mean"\nnormalize = true\n'
-        f'[output]\npath = {json.dumps(str(out))}\n[index]\nenabled = false\n')
+        f'[output]\npath = {json.dumps(str(out))}\n[index]\n{index}')
     return path
+
+
+def shard_writers(out: Path) -> dict:
+    """Who wrote the index's shards: {pid: shards} from the infos, and the driver's pid is not
+    among them when workers did."""
+    infos = json.loads((out / "index" / "index_infos.json").read_text())
+    writers: dict = {}
+    for shard in infos.get("shards", []):
+        writers[shard.get("pid")] = writers.get(shard.get("pid"), 0) + 1
+    return {"shards": len(infos.get("shards", [])), "writers": writers,
+            "recall_at_10": infos.get("recall_at_10"),
+            "kept": infos.get("maintained", {}).get("shards_kept", 0)}
 
 
 def run_night(job: Path, address: str, label: str) -> dict:
@@ -111,15 +129,17 @@ def run_night(job: Path, address: str, label: str) -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"{label}: embedpipe run exited {proc.returncode}: "
                              f"{proc.stderr.strip().splitlines()[-1:]}")
-        hwm_mb = int(peak.read_text()) / 1024
+        hwm_kb, pid = peak.read_text().split()
+        hwm_mb = int(hwm_kb) / 1024
     summary = json.loads(proc.stdout)
     seconds = summary["seconds"]
-    return {"night": label, "wall": wall, "driver_peak_rss_mb": hwm_mb,
+    return {"night": label, "wall": wall, "driver_peak_rss_mb": hwm_mb, "driver_pid": int(pid),
             "rows_read": summary["rows_read"], "rows_encoded": summary["rows_encoded"],
             "rows_reused": summary["rows_reused"], "units": summary["units_done"],
             "scan": seconds.get("scan", 0.0), "scan_keys": seconds.get("scan_keys", 0.0),
             "scan_check": seconds.get("scan_check", 0.0),
-            "embed": seconds.get("embed_wall", 0.0), "total": seconds.get("total", 0.0)}
+            "embed": seconds.get("embed_wall", 0.0), "index": seconds.get("index", 0.0),
+            "total": seconds.get("total", 0.0)}
 
 
 def main() -> None:
@@ -127,6 +147,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, action="append", help="sizes (repeatable)")
     parser.add_argument("--workdir", default="out/ray-scale")
     parser.add_argument("--json", help="write the results here too")
+    parser.add_argument("--index", action="store_true",
+                        help="build an IVF-PQ index in the shards layout on the actors (about 8 "
+                             "shards at the larger size)")
     args = parser.parse_args()
     sizes = args.rows or [100_000, 1_000_000]
     work = Path(args.workdir).resolve()
@@ -150,14 +173,21 @@ def main() -> None:
             out = work / f"out-{n}"
             subprocess.run(["rm", "-rf", str(out)], check=True)
             for label, folder in (("first", first_in), ("re-export", night_in)):
-                job = write_job(work / f"job-{n}.toml", folder, out, model)
+                job = write_job(work / f"job-{n}.toml", folder, out, model,
+                                max(ROWS_PER_FILE, max(sizes) // 8) if args.index else 0)
                 result = run_night(job, cluster.address, label)
                 result["rows"] = n
+                if args.index:
+                    result.update(shard_writers(out))
                 results.append(result)
                 print(f"{n:>10,} rows, {label:<9}: {result['wall']:7.1f} s wall "
                       f"(scan {result['scan']:.1f} s, embed {result['embed']:.1f} s), "
                       f"encoded {result['rows_encoded']:,}, reused {result['rows_reused']:,}, "
                       f"driver peak RSS {result['driver_peak_rss_mb']:,.0f} MB", flush=True)
+                if args.index:
+                    print(f"{'':>17}index {result['index']:.1f} s: {result['shards']} shards "
+                          f"written by pids {result['writers']} (driver {result['driver_pid']}), "
+                          f"{result['kept']} kept, recall@10 {result['recall_at_10']}", flush=True)
     finally:
         cluster.shutdown()
     print(f"CPU: {this_cpu().model}; {os.cpu_count()} cores")

@@ -35,22 +35,28 @@ from ..io.vectors import VectorParts
 from .choose import new_index, training_size
 from .commit import commit_index, new_build
 from .family import BINARY, codes_of, ranges_digest, serialize, set_ranges, with_labels
-from .files import INFOS_FILE, faiss_stdout_to_stderr, index_file, read_stored_index
-from .layouts import build_shards, choose_layout, merge_shards_ondisk, open_shards
-from .tuning import RECALL_QUERIES, apply_search_params, even_positions, measure, training_error
+from .files import INDEX_DIR, INFOS_FILE, faiss_stdout_to_stderr, index_file, read_stored_index
+from .layouts import (SampleJob, ShardJob, ShardRunner, choose_layout, merge_shards_ondisk,
+                      open_shards, run_here, shard_groups)
+from .tuning import (RECALL_QUERIES, TopK, Truth, apply_search_params, even_positions, measure,
+                     query_sample, training_error)
 
 log = logging.getLogger(__name__)
 
 
 def build_index(store: Store, files: list[str] | VectorParts, cfg: IndexConfig,
-                shard_writer=build_shards) -> dict:
+                runner: ShardRunner = run_here, identities: list[str] | None = None) -> dict:
     """Build, write atomically, and describe the index for the given parts. Returns the infos.
 
     Every vector is added under its label (VectorParts.row_labels: the rows' stored labels
-    where the ledger knows the parts' units, else row positions); flat and HNSW inside an IndexIDMap2, IVF kinds with
-    their own ids. `shard_writer`: how the shards layouts' shard files are written
-    (layouts.build_shards here; index/shard_build.py hands them to workers). The ip-without-cosine warning goes by the vectors themselves (a sample's
-    norms), so a model that normalises on its own draws no warning."""
+    where the ledger knows the parts' units, else row positions); flat and HNSW inside an
+    IndexIDMap2, IVF kinds with their own ids. The shards layouts' work that reads vectors (the
+    training and recall samples, each shard's vectors and its rows' exact neighbours of the
+    recall queries) goes to `runner` as jobs, one group of parts each (layouts.run_here: in this
+    process; jobs/ray_index.py: Ray actors), so this process reads no vector part itself;
+    `identities`: the parts' (shard_build.part_identities), recorded with each shard. The
+    ip-without-cosine warning goes by the vectors themselves (a sample's norms), so a model
+    that normalises on its own draws no warning."""
     started = time.perf_counter()
     parts = files if isinstance(files, VectorParts) else VectorParts(store, files)
     rows = parts.rows()
@@ -62,13 +68,23 @@ def build_index(store: Store, files: list[str] | VectorParts, cfg: IndexConfig,
     codes = codes_of(parts.precision)
     index, kind, factory = new_index(cfg, n, dim, parts.precision)
     layout = choose_layout(cfg, index, factory, store)
-    trained_on, fit = 0, None
-    if not index.is_trained:
-        trained_on = training_size(index, n)
-        sample = parts.sample(even_positions(n, trained_on))
-        index.train(sample)
+    groups = shard_groups(rows, cfg.shard_rows) if layout != "single" else []
+    trained_on, fit, queries = 0, None, None
+    train_at = even_positions(n, training_size(index, n)) if not index.is_trained else None
+    if groups:  # the training and recall samples, read by the runner's jobs in one pass
+        query_at = query_sample(n, index)[0]
+        wanted = np.union1d(query_at, train_at if train_at is not None else query_at)
+        sample = _sample(runner, parts, groups, wanted)
+        queries = sample[np.isin(wanted, query_at)]
+        training = sample[np.isin(wanted, train_at)] if train_at is not None else None
+    elif train_at is not None:
+        training = parts.sample(train_at)
+    if train_at is not None:
+        trained_on = len(train_at)
+        index.train(training)
         set_ranges(index, parts.precision)  # an IVF-SQ8 index: the folder's ranges, not its own
-        fit = training_error(index, sample)
+        fit = training_error(index, training)
+        del training
     labels = parts.row_labels()
     if parts.labels is not None and len(np.unique(labels)) != n:
         log.warning("the stored rows hold a label twice; the index is built over row positions "
@@ -76,6 +92,7 @@ def build_index(store: Store, files: list[str] | VectorParts, cfg: IndexConfig,
         parts = dataclasses.replace(parts, labels=None)
         labels = parts.row_labels()
     layout_infos: dict = {"layout": layout}
+    truth = None
     if layout == "single":
         index = with_labels(index)
         row = 0
@@ -85,7 +102,8 @@ def build_index(store: Store, files: list[str] | VectorParts, cfg: IndexConfig,
         index_bytes = serialize(index)
     else:
         trained = serialize(index)
-        shards = shard_writer(store, parts, rows, trained, build, cfg.shard_rows)
+        shards, truth = _write_shards(runner, parts, groups, trained, build, queries,
+                                      min(10, n), cfg.metric, identities)
         layout_infos["shard_rows"] = cfg.shard_rows
         if layout == "shards":
             index = open_shards(store, [s["file"] for s in shards])
@@ -102,7 +120,7 @@ def build_index(store: Store, files: list[str] | VectorParts, cfg: IndexConfig,
             layout_infos["merged_shards"] = len(shards)
 
     build_seconds = time.perf_counter() - started
-    measured, params, unit = measure(index, parts, n, cfg)
+    measured, params, unit = measure(index, parts, n, cfg, truth)
     if cfg.metric == "ip" and not unit and codes != BINARY:
         log.warning("index.metric = 'ip' on vectors that are not normalised is not cosine "
                     "similarity; set encode.normalize = true for cosine")
@@ -160,3 +178,34 @@ def load_index(store: Store) -> tuple[faiss.Index, dict]:
         index = read_stored_index(store, index_file(infos), binary=infos.get("codes") == BINARY)
     apply_search_params(index, infos.get("search_params", {}))
     return index, infos
+
+
+def _sample(runner: ShardRunner, parts: VectorParts, groups: list[list[int]],
+            positions: np.ndarray) -> np.ndarray:
+    """The vectors at `positions` (sorted), one job a group of parts."""
+    jobs, first = [], 0
+    for group in groups:
+        end = first + sum(parts.rows()[i] for i in group)
+        inside = positions[(positions >= first) & (positions < end)]
+        jobs.append(SampleJob(parts.subset(group), inside - first))
+        first = end
+    return np.concatenate([s for s in runner(jobs) if len(s)])
+
+
+def _write_shards(runner: ShardRunner, parts: VectorParts, groups: list[list[int]],
+                  trained: np.ndarray, build: str, queries: np.ndarray, k: int, metric: str,
+                  identities: list[str] | None) -> tuple[list[dict], Truth]:
+    """One shard a group of consecutive parts ([{file, rows, first_row, parts, pid, host}], in
+    row order), and the recall queries' exact neighbours merged from each shard's."""
+    jobs, first = [], 0
+    for number, group in enumerate(groups):
+        jobs.append(ShardJob(f"{INDEX_DIR}/shard-{build}-{number:05d}.faiss", trained.tobytes(),
+                             parts.subset(group), tuple(identities[i] for i in group)
+                             if identities else (), first, queries, k, metric))
+        first += sum(parts.rows()[i] for i in group)
+    top = TopK(queries, k, metric)
+    shards = runner(jobs)
+    for job, shard in zip(jobs, shards):
+        shard["first_row"] = job.first_row
+        top.merge(*shard.pop("truth"))
+    return shards, Truth(queries, top.labels, top.distances)

@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+from dataclasses import dataclass
+from typing import Callable
 
 import faiss
 import numpy as np
 
 from ..config import ConfigError, IndexConfig
+from ..faults import checkpoint
 from ..io.storage import TMP_MARK, Store
 from ..io.vectors import VectorParts
 from .choose import BINARY_LAYOUT
 from .family import is_binary
 from .files import INDEX_DIR, faiss_stdout_to_stderr, read_stored_index
+from .tuning import TopK
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +58,70 @@ def shard_groups(rows: list[int], shard_rows: int) -> list[list[int]]:
         filled += r
     return groups
 
-def write_shard(store: Store, trained: np.ndarray, parts: VectorParts, rel: str) -> int:
+def write_shard(store: Store, trained: np.ndarray, parts: VectorParts, rel: str,
+                on_block: Callable[[np.ndarray], None] | None = None) -> int:
     """Add the parts' vectors, with ids = their labels, to a copy of the serialized trained
     index and write it to rel. The unit of work of a shard worker; it holds only these parts'
-    codes. Returns the rows added."""
+    codes. `on_block` sees each block of vectors as it is added. Returns the rows added."""
     index = faiss.deserialize_index(trained)
     labels, row = parts.row_labels(), 0
     for block in parts.vectors():
         index.add_with_ids(block, labels[row:row + len(block)])
+        if on_block is not None:
+            on_block(block)
         row += len(block)
     store.write_bytes(rel, faiss.serialize_index(index).tobytes())
     return row
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard file to write: these parts added to the trained index; with `queries`, their
+    exact neighbours among the shard's rows too (recall's truth, computed where the vectors
+    are read anyway)."""
+    rel: str
+    trained: bytes  # the serialized trained, empty index
+    parts: VectorParts
+    identities: tuple[str, ...] = ()  # the parts' (shard_build.part_identities); () for none
+    first_row: int = 0  # the shard's first row in the whole index
+    queries: np.ndarray | None = None
+    k: int = 10
+    metric: str = "ip"
+
+    def run(self) -> dict:
+        """The shard file written whole, and what the infos record of it, with the process
+        that wrote it; with queries, "truth": (distances, positions, labels) [queries, k]."""
+        checkpoint("shard")  # a worker about to write a shard: nothing of it is on disk yet
+        top = TopK(self.queries, self.k, self.metric, self.first_row) \
+            if self.queries is not None else None
+        rows = write_shard(self.parts.store, np.frombuffer(self.trained, np.uint8), self.parts,
+                           self.rel, top.add if top is not None else None)
+        done = {"file": self.rel, "rows": rows, "parts": list(self.identities),
+                "pid": os.getpid(), "host": socket.gethostname()}
+        if top is not None:
+            labels = self.parts.row_labels()[top.positions - self.first_row]
+            done["truth"] = (top.distances, top.positions, labels)
+        return done
+
+
+@dataclass(frozen=True)
+class SampleJob:
+    """The vectors at these positions (counted within the parts), read where the parts are."""
+    parts: VectorParts
+    positions: np.ndarray
+
+    def run(self) -> np.ndarray:
+        return self.parts.sample(self.positions)
+
+
+Job = ShardJob | SampleJob
+ShardRunner = Callable[[list[Job]], list]  # runs the jobs, returns their results in order
+
+
+def run_here(jobs: list[Job]) -> list:
+    """The local runner's ShardRunner: one job after another in this process."""
+    return [job.run() for job in jobs]
+
 
 def open_shards(store: Store, names: list[str]) -> faiss.IndexShards:
     """The shard files as one index; their ids are the rows' labels, kept as they are.
@@ -74,17 +132,6 @@ def open_shards(store: Store, names: list[str]) -> faiss.IndexShards:
         if shards is None:
             shards = faiss.IndexShards(shard.d, False, False)  # not threaded, ids as stored
         shards.add_shard(shard)  # the wrapper keeps a reference to shard
-    return shards
-
-def build_shards(store: Store, parts: VectorParts, rows: list[int], trained: np.ndarray,
-                 build: str, shard_rows: int) -> list[dict]:
-    """One shard per group of consecutive parts; [{file, rows, first_row}] in row order."""
-    shards, first_row = [], 0
-    for number, group in enumerate(shard_groups(rows, shard_rows)):
-        rel = f"{INDEX_DIR}/shard-{build}-{number:05d}.faiss"
-        count = write_shard(store, trained, parts.subset(group), rel)
-        shards.append({"file": rel, "rows": count, "first_row": first_row})
-        first_row += count
     return shards
 
 def merge_shards_ondisk(store: Store, trained: np.ndarray, shards: list[dict],

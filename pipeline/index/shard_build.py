@@ -1,11 +1,11 @@
 """Shards of the `shards` / `ondisk` layouts built by workers, and kept from night to night.
 
 A shard is a copy of the trained (empty) IVF index with a group of parts' vectors added
-(layouts.write_shard). `ShardJob` is one shard to write, picklable, run by `write_shard_job`
-wherever a `ShardRunner` sends it: in this process one after another (the local runner), or on
-Ray actors (jobs/ray_index.py). The driver trains the quantizer once, exactly as `build_index`
-does (an even sample of every stored row), so a worker-built index is the local build, file for
-file. Each shard records its parts' identities (sha256 of the file as the manifest checked it,
+(layouts.write_shard). `layouts.ShardJob` is one shard to write, picklable, run wherever a
+`ShardRunner` sends it: in this process one after another (the local runner), or on Ray actors
+(jobs/ray_index.py). A full build is `build_index`'s with that runner: the quantizer trained once
+on an even sample of every stored row (read by the runner's jobs), so a worker-built index is
+the local build, file for file. Each shard records its parts' identities (sha256 of the file as the manifest checked it,
 rows, first label): a later run keeps every shard whose parts are all still stored, unchanged,
 and writes new shards only for the rest (parts new or changed, and the unchanged parts of a shard
 that lost one), with the trained index kept. The commit is index/commit.py's: new shard files
@@ -20,17 +20,13 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
-from dataclasses import dataclass
-from typing import Callable
 
 import faiss
 import numpy as np
 import pyarrow as pa
 
 from ..config import ConfigError, IndexConfig, parse_memory
-from ..faults import checkpoint
 from ..io.precision import Precision
 from ..io.storage import Store
 from ..io.vectors import VectorParts
@@ -39,38 +35,12 @@ from .choose import choose_kind, code_bytes, hnsw_bytes, new_index
 from .commit import commit_index, new_build
 from .family import codes_of, ivf_of, ranges_digest
 from .files import INDEX_DIR, INFOS_FILE, index_file
-from .layouts import shard_groups, write_shard
+from .layouts import ShardJob, ShardRunner, run_here, shard_groups
 from .maintain import GROWTH, Rebuild, built_with, update_index
 
 log = logging.getLogger(__name__)
 
 RAM_SHARE = 0.5  # a one-process index (flat, HNSW) may take at most this share of the node's RAM
-
-
-@dataclass(frozen=True)
-class ShardJob:
-    """One shard file to write: these parts added to the trained index."""
-    rel: str
-    trained: bytes  # the serialized trained, empty index
-    parts: VectorParts
-    identities: tuple[str, ...]  # the parts', as `part_identities` gives them
-
-
-ShardRunner = Callable[[list[ShardJob]], list[dict]]
-
-
-def write_shard_job(job: ShardJob) -> dict:
-    """Run one job (in a worker): the shard file written whole, and what the infos record of it,
-    with the process that wrote it."""
-    checkpoint("shard")  # a worker about to write a shard: nothing of it is on disk yet
-    rows = write_shard(job.parts.store, np.frombuffer(job.trained, np.uint8), job.parts, job.rel)
-    return {"file": job.rel, "rows": rows, "parts": list(job.identities),
-            "pid": os.getpid(), "host": socket.gethostname()}
-
-
-def run_here(jobs: list[ShardJob]) -> list[dict]:
-    """The local runner's ShardRunner: one job after another in this process."""
-    return [write_shard_job(job) for job in jobs]
 
 
 def part_identities(parts: VectorParts, digests: list[str | None]) -> list[str]:
@@ -101,7 +71,7 @@ def update_sharded(store: Store, parts: VectorParts, cfg: IndexConfig, digests: 
         return _keep_shards(store, parts, cfg, identities, runner, started)
     except Rebuild as why:
         log.info("index: full rebuild (%s)", why)
-        infos = build_index(store, parts, cfg, shard_writer=_writer(runner, identities))
+        infos = build_index(store, parts, cfg, runner, identities)
         infos["rebuilt"] = str(why)
         store.write_json(INFOS_FILE, infos)
         return infos
@@ -113,22 +83,6 @@ def _is_ivf(cfg: IndexConfig, n: int, parts: VectorParts) -> bool:
     except ConfigError:
         return False  # build_index says why, as it does for the single layout
     return ivf_of(index) is not None and not isinstance(index, faiss.IndexBinary)
-
-
-def _writer(runner: ShardRunner, identities: list[str]):
-    """build_index's shard step: the same groups as layouts.build_shards, written by runner."""
-    def write(store: Store, parts: VectorParts, rows: list[int], trained: np.ndarray,
-              build: str, shard_rows: int) -> list[dict]:
-        groups = shard_groups(rows, shard_rows)
-        jobs = [ShardJob(f"{INDEX_DIR}/shard-{build}-{number:05d}.faiss", trained.tobytes(),
-                         parts.subset(group), tuple(identities[i] for i in group))
-                for number, group in enumerate(groups)]
-        shards, first_row = runner(jobs), 0
-        for shard in shards:
-            shard["first_row"] = first_row
-            first_row += shard["rows"]
-        return shards
-    return write
 
 
 def _keep_shards(store: Store, parts: VectorParts, cfg: IndexConfig, identities: list[str],

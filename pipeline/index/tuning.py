@@ -2,6 +2,8 @@
 on a disjoint sample, and the search-time knobs (efSearch, nprobe) stored and applied."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import faiss
 import numpy as np
 
@@ -21,25 +23,64 @@ def even_positions(n: int, k: int, shift: float = 0.0) -> np.ndarray:
     step = n / k
     return np.unique(np.minimum((np.arange(k) * step + shift * step).astype(np.int64), n - 1))
 
+class TopK:
+    """The exact k nearest stored rows of `queries`, over rows seen block by block: their
+    positions (counted from `first`, in the order seen), distances and, where given, labels.
+    Ties go to the earlier position, so any cut of the rows into blocks, or shards merged in
+    row order (`merge`), gives one answer."""
+
+    def __init__(self, queries: np.ndarray, k: int, metric: str, first: int = 0):
+        self.queries, self.k, self.kind = queries, k, METRICS.get(metric, 0)
+        self.nearest_first = metric == "ip" and queries.dtype != np.uint8  # Hamming: ascending
+        self.distances = np.zeros((len(queries), 0), np.float32)
+        self.positions = np.zeros((len(queries), 0), np.int64)
+        self.labels = np.zeros((len(queries), 0), np.int64)
+        self.next = first
+
+    def add(self, block: np.ndarray) -> None:
+        if len(block):
+            d, i = exact_knn(self.queries, block, min(self.k, len(block)), self.kind)
+            self.merge(d, i + self.next)
+        self.next += len(block)
+
+    def merge(self, distances: np.ndarray, positions: np.ndarray,
+              labels: np.ndarray | None = None) -> None:
+        d = np.hstack([self.distances, distances])
+        p = np.hstack([self.positions, positions])
+        lab = np.hstack([self.labels, labels if labels is not None else np.zeros_like(positions)])
+        order = np.lexsort((p, -d if self.nearest_first else d), axis=-1)[:, :self.k]
+        self.distances = np.take_along_axis(d, order, 1)
+        self.positions = np.take_along_axis(p, order, 1)
+        self.labels = np.take_along_axis(lab, order, 1)
+
+
 def exact_top_k(parts: VectorParts, queries: np.ndarray, k: int,
                 metric: str) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force neighbours over every stored vector, streamed part by part: (positions,
     distances), [queries, k]."""
-    best_d = np.full((len(queries), 0), 0, np.float32)
-    best_i = np.full((len(queries), 0), 0, np.int64)
-    start = 0
+    top = TopK(queries, k, metric)
     for block in parts.vectors():
-        d, i = exact_knn(queries, block, min(k, len(block)), METRICS.get(metric, 0))
-        best_d = np.hstack([best_d, d])
-        best_i = np.hstack([best_i, i + start])
-        order = np.argsort(best_d, axis=1, kind="stable")
-        if metric == "ip" and queries.dtype != np.uint8:  # binary codes: Hamming, ascending
-            order = order[:, ::-1]
-        order = order[:, :k]
-        best_d = np.take_along_axis(best_d, order, 1)
-        best_i = np.take_along_axis(best_i, order, 1)
-        start += len(block)
-    return best_i, best_d
+        top.add(block)
+    return top.positions, top.distances
+
+
+@dataclass(frozen=True)
+class Truth:
+    """The recall queries (stored vectors at `query_sample`'s positions) and their exact
+    neighbours' labels and distances, where workers computed them (index/shard_build.py)."""
+    queries: np.ndarray
+    labels: np.ndarray
+    distances: np.ndarray
+
+
+def query_sample(n: int, index: faiss.Index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The positions of the recall queries: (all, the reported ones, the nprobe-tuning ones).
+    Two even samples of stored vectors (disjoint when n >= 2000); one where nothing is tuned."""
+    report = even_positions(n, RECALL_QUERIES)
+    tune = even_positions(n, RECALL_QUERIES, shift=0.5) if ivf_indexes(index) else report
+    positions = np.union1d(report, tune)
+    return positions, np.isin(positions, report), np.isin(positions, tune)
+
 
 def recall(index: faiss.Index, queries: np.ndarray, truth: np.ndarray,
            kth: np.ndarray | None = None) -> float:
@@ -114,29 +155,28 @@ def tune_nprobe(index: faiss.Index, queries: np.ndarray, truth: np.ndarray,
             best, best_recall = nprobe, got
     return best
 
-def measure(index: faiss.Index, parts: VectorParts, n: int,
-            cfg: IndexConfig) -> tuple[float, dict, bool]:
+def measure(index: faiss.Index, parts: VectorParts, n: int, cfg: IndexConfig,
+            truth: Truth | None = None) -> tuple[float, dict, bool]:
     """recall@10 against exact search, the search parameters it was measured with, and whether
     the sampled vectors have unit length.
 
-    Exact neighbours are computed once for two even samples of stored vectors: an unset nprobe
-    is tuned on one, and the recall reported is measured on the other (disjoint when n >= 2000).
+    Exact neighbours are computed once for two even samples of stored vectors (here, streaming
+    every part, unless `truth` brings them): an unset nprobe is tuned on one, and the recall
+    reported is measured on the other (disjoint when n >= 2000).
     """
     k = min(10, n)
-    report_pos = even_positions(n, RECALL_QUERIES)
-    ivfs = ivf_indexes(index)
-    tune_pos = even_positions(n, RECALL_QUERIES, shift=0.5) if ivfs else report_pos
-    positions = np.union1d(report_pos, tune_pos)
-    queries = parts.sample(positions)
-    nearest, distances = exact_top_k(parts, queries, k, cfg.metric)
-    truth = parts.row_labels()[nearest]  # as labels
-    kth = distances[:, -1] if is_binary(index) else None
+    positions, report, tune = query_sample(n, index)
+    if truth is None:
+        queries = parts.sample(positions)
+        nearest, distances = exact_top_k(parts, queries, k, cfg.metric)
+        truth = Truth(queries, parts.row_labels()[nearest], distances)
+    queries, labels = truth.queries, truth.labels
+    kth = truth.distances[:, -1] if is_binary(index) else None
     pick = (lambda rows: None) if kth is None else (lambda rows: kth[rows])
+    ivfs = ivf_indexes(index)
     if ivfs:
-        tune = np.isin(positions, tune_pos)
         set_nprobe(index, min(ivfs[0].nlist, cfg.nprobe or tune_nprobe(
-            index, queries[tune], truth[tune], pick(tune))))
-    report = np.isin(positions, report_pos)
+            index, queries[tune], labels[tune], pick(tune))))
     unit = bool(np.allclose(np.linalg.norm(queries, axis=1), 1.0, atol=1e-3))
-    return (recall(index, queries[report], truth[report], pick(report)), search_params(index),
+    return (recall(index, queries[report], labels[report], pick(report)), search_params(index),
             unit)

@@ -86,6 +86,8 @@ def ray_session(address: str | None, names: tuple[str, ...] | list[str] = ()) ->
         ray.init(address=address or (None if os.environ.get("RAY_ADDRESS") else "local"),
                  include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": env} if env else None)
+        log.info("ray: session started (%s)", address or os.environ.get("RAY_ADDRESS")
+                 or "a local instance")
     try:
         yield ray
     finally:

@@ -2,8 +2,9 @@
 sinks loaded by tasks (sinks/parallel_load.py).
 
 The driver plans the shards and commits the infos; each `ShardActor` (one per worker, as many as
-the run's embedding actors) writes whole shard files into the output folder and returns what the
-infos record, with its pid. An actor that dies is restarted by Ray and its pending jobs run
+the run's embedding actors) reads the training and recall samples of its groups of parts, then
+writes whole shard files into the output folder and returns what the infos record, with its pid,
+and its rows' exact neighbours of the recall queries: the driver reads no vector part. An actor that dies is restarted by Ray and its pending jobs run
 again (a shard file is written whole or not at all, under a name no infos name yet). Ray is an
 optional extra: nothing in the index or sink layers imports it. A sink's loads are Ray tasks
 (retried when their worker dies; an upsert by id repeats harmlessly); the driver deletes, checks
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 
-from ..index.shard_build import ShardJob, ShardRunner, write_shard_job
+from ..index.layouts import Job, ShardRunner
 from ..io.ledger import Ledger
 from .distributed import ray_session
 
@@ -29,8 +30,8 @@ class ShardActor:
 
         faiss.omp_set_num_threads(threads)
 
-    def write(self, job: ShardJob) -> dict:
-        return write_shard_job(job)
+    def run(self, job: Job):
+        return job.run()
 
 
 def actor_count(ray, workers: int | None, jobs: int) -> tuple[int, int]:
@@ -47,7 +48,7 @@ def ray_shard_runner(address: str | None, workers: int | None) -> ShardRunner:
     summed per thread block, so another count can put a vector on a near-tie between two
     lists into the other one; with the same count the shards are the local build's, byte for
     byte (on the same kind of CPU)."""
-    def run(jobs: list[ShardJob]) -> list[dict]:
+    def run(jobs: list[Job]) -> list:
         import faiss
 
         threads = faiss.omp_get_max_threads()
@@ -57,7 +58,7 @@ def ray_shard_runner(address: str | None, workers: int | None) -> ShardRunner:
                                      max_task_retries=MAX_RESTARTS)(ShardActor)
             actors = [actor_class.remote(threads) for _ in range(count)]
             log.info("ray: %d shards on %d actors", len(jobs), count)
-            refs = [actors[i % count].write.remote(job) for i, job in enumerate(jobs)]
+            refs = [actors[i % count].run.remote(job) for i, job in enumerate(jobs)]
             return ray.get(refs)
     return run
 

@@ -4,6 +4,7 @@ The runner owns the loop, the ledger and the timings; the stages (stages.py) nev
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import posixpath
@@ -23,7 +24,8 @@ from ..index.maintain import settings_changed, update_index
 from ..index.check import index_damage, index_problems
 from ..index.choose import check_config as check_index_config, faiss_reason
 from ..index.files import INDEX_DIR
-from ..index.shard_build import refuse_one_process_index, run_here, sharded, update_sharded
+from ..index.layouts import run_here
+from ..index.shard_build import refuse_one_process_index, sharded, update_sharded
 from ..io.folder_check import unit_damage, unit_problems
 from ..io.ledger import Ledger, acquire_lock, refuse_foreign_folder, release_lock
 from ..io.manifest import MANIFEST, UnitRecord
@@ -74,6 +76,20 @@ class RunContext:
     stats: Stats = dataclasses.field(default_factory=Stats)
     sinks: list[Sink] = dataclasses.field(default_factory=list)  # [[sink]], checked and open
     changed: bool = False  # the folder has begun to change: a failure from here on is exit 1
+    # --runner ray: the run's one Ray session, opened when first needed, closed by run_job
+    ray: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)
+    ray_open: bool = False
+
+    def open_ray(self) -> None:
+        """--runner ray: one Ray session for the embedding, the shards and every sink's loads
+        (each stage's own ray_session then uses it), with every sink's connection variable
+        forwarded to the workers."""
+        from .distributed import ray_session
+
+        if self.options.runner == "ray" and not self.ray_open:
+            names = [s.cfg.dsn_env for s in self.sinks if getattr(s.cfg, "dsn_env", None)]
+            self.ray.enter_context(ray_session(self.options.ray_address, names))
+            self.ray_open = True
 
 
 def id_type_of(unit_schema: pa.Schema, id_column: str) -> pa.DataType:
@@ -156,7 +172,8 @@ def run_job(job: JobConfig, options: RunOptions = RunOptions()) -> RunSummary:
         ctx = RunContext(job, options, source, runtime, settings, store, ledger, summary,
                          sinks=sinks)
         try:
-            _run_locked(ctx, units)
+            with ctx.ray:
+                _run_locked(ctx, units)
         except Exception as exc:  # signals (BaseException) still stop the run as they do
             if not ctx.changed:
                 raise  # found before any work: the command's one line, exit 2
@@ -260,6 +277,8 @@ def _sync_sinks(ctx: RunContext, healthy: bool) -> None:
     """Each [[sink]] brought in step with the committed parts (sinks/base.py: sync_sink); one
     that fails is a failure line (exit 1) and is synced by the next run or `embedpipe sync`."""
     prune_records(ctx.ledger, [s.name for s in ctx.sinks])
+    if healthy and ctx.sinks:
+        ctx.open_ray()
     sync = ray_sink_sync(ctx.options.ray_address, ctx.options.workers) \
         if ctx.options.runner == "ray" else sync_sink  # each unit's rows loaded by a worker
     for sink in ctx.sinks:
@@ -286,6 +305,7 @@ def _index(ctx: RunContext, parts: VectorParts, rebuild: str | None = None) -> N
     checkpoint("index")
     try:
         if sharded(ctx.job.index):  # shards written by the workers, only those that changed
+            ctx.open_ray()
             runner = ray_shard_runner(ctx.options.ray_address, ctx.options.workers) \
                 if ctx.options.runner == "ray" else run_here
             ctx.summary.index = update_sharded(ctx.store, parts, ctx.job.index,
@@ -416,6 +436,7 @@ def _embed(ctx: RunContext, todo: list[Unit], embedder: UnitEmbedder, hashed_ali
 
     try:
         if ctx.options.runner == "ray":
+            ctx.open_ray()
             _embed_ray(ctx, todo, plan, retired, hashed_alike, commit, bar.update)
             return
         tick = time.perf_counter()

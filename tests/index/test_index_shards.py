@@ -196,3 +196,44 @@ def test_shard_groups():
     assert layouts.shard_groups([400, 700, 300, 1000, 50], 1000) == [[0], [1, 2], [3], [4]]
     assert layouts.shard_groups([5000, 10], 1000) == [[0], [1]]
     assert layouts.shard_groups([], 1000) == []
+
+
+@pytest.mark.parametrize("layout", ["shards", "ondisk"])
+def test_a_sharded_build_reads_vectors_only_in_its_jobs(snippets_out, tmp_path, monkeypatch,
+                                                        layout):
+    """The shards layouts' build hands every read of vectors to its runner's jobs (the training
+    and recall samples, the shards, the recall queries' exact neighbours): the process that
+    commits reads none itself, and the recall it records is the one measured the old way, by
+    streaming every part here (the same index, the same exact neighbours)."""
+    from pipeline.index.build import build_index
+    from pipeline.index.tuning import measure
+    from pipeline.io.ledger import Ledger
+    from pipeline.io.vectors import VectorParts
+
+    out = tmp_path / "out"
+    shutil.copytree(snippets_out, out)
+    inside, jobs = [], []
+    streamed = VectorParts.vectors
+
+    def vectors(self, *args, **kwargs):
+        assert inside, "a vector part read outside the runner's jobs"
+        return streamed(self, *args, **kwargs)
+
+    def runner(batch):
+        jobs.extend(type(job).__name__ for job in batch)
+        inside.append(True)
+        try:
+            return [job.run() for job in batch]
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(VectorParts, "vectors", vectors)
+    store = Store(str(out))
+    parts = Ledger(store).vector_parts()
+    cfg = IndexConfig(type="ivf-flat", nlist=32, layout=layout, shard_rows=1000)
+    infos = build_index(store, parts, cfg, runner)
+    assert jobs.count("SampleJob") == jobs.count("ShardJob") == len(parts.files) >= 2
+    monkeypatch.setattr(VectorParts, "vectors", streamed)
+    index, _ = load_index(store)
+    recall, params, _ = measure(index, parts, infos["count"], cfg)
+    assert 0.5 < round(recall, 4) == infos["recall_at_10"] and params == infos["search_params"]

@@ -22,7 +22,7 @@ from pipeline.config import ConfigError, IndexConfig
 from pipeline.index.build import load_index
 from pipeline.index.family import ivf_of
 from pipeline.index.files import INFOS_FILE
-from pipeline.index.layouts import build_shards
+from pipeline.index.layouts import shard_groups, write_shard
 from pipeline.index.shard_build import refuse_one_process_index
 from pipeline.io.ledger import Ledger
 from pipeline.io.precision import Precision
@@ -76,7 +76,7 @@ def ray_run(job, env=None, pause=None):
 
 
 def driver_shards(out, tmp_path) -> tuple[list[dict], dict[str, bytes]]:
-    """The shards layouts.build_shards writes in this process from the folder's parts and the
+    """The shards layouts.write_shard writes in this process from the folder's parts and the
     trained index the workers' shards share: the reference the workers must equal."""
     infos = infos_of(out)
     store = Store(str(out))
@@ -84,8 +84,12 @@ def driver_shards(out, tmp_path) -> tuple[list[dict], dict[str, bytes]]:
     trained = np.frombuffer((out / infos["index_file"]).read_bytes(), np.uint8)
     scratch = tmp_path / "driver"
     (scratch / "index").mkdir(parents=True)
-    shards = build_shards(Store(str(scratch)), parts, parts.rows(), trained, "driver",
-                          infos["shard_rows"])
+    shards, first_row = [], 0
+    for number, group in enumerate(shard_groups(parts.rows(), infos["shard_rows"])):
+        rel = f"index/shard-driver-{number:05d}.faiss"
+        rows = write_shard(Store(str(scratch)), trained, parts.subset(group), rel)
+        shards.append({"file": rel, "rows": rows, "first_row": first_row})
+        first_row += rows
     return shards, {s["file"]: (scratch / s["file"]).read_bytes() for s in shards}
 
 

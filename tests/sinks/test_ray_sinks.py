@@ -27,7 +27,7 @@ def cli_run(job, env: dict, pause=None, kill_driver: bool = False):
     SIGKILLed (a worker: the run goes on; the driver: the run is gone). Returns the exit code."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", **env}
     # a Ray instance of the test's own, never a cluster something else started on this machine
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(job), "--runner",
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "-v", "run", str(job), "--runner",
                              "ray", "--ray-address", "local", "--workers", "2", "--json"],
                             env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if pause is not None:
@@ -44,6 +44,8 @@ def cli_run(job, env: dict, pause=None, kill_driver: bool = False):
     if not kill_driver:
         assert proc.returncode == 0, stderr[-3000:]
         assert json.loads(stdout)["failures"] == []
+        # one Ray session for the whole run: embedding, index shards and both sinks' loads
+        assert stderr.count("ray: session started") == 1, stderr[-3000:]
     return proc.returncode
 
 
