@@ -124,6 +124,48 @@ def test_run_memory_export_carries_exactly_the_asked_texts():
                 assert np.asarray(g).dtype == np.asarray(w).dtype
 
 
+def test_a_unit_waits_for_the_memory_of_the_unit_with_a_texts_first_row(tmp_path):
+    """UnitChecks.receive waits for an earlier unit's memory file and takes the rows it was
+    asked for; a unit given up (hand_over_nothing: its workers died) ends the wait with nothing,
+    and the waiting unit then encodes those texts itself."""
+    import threading
+
+    from pipeline.io.content_hash import hash_bytes, hash_keys, text_hashes
+    from pipeline.io.reader import Unit
+    from pipeline.jobs.partitioned_scan import Handoff, ScanPlan, UnitChecks
+    from pipeline.jobs.reuse import RunMemory
+
+    plan = ScanPlan(output=str(tmp_path), folder="_scan/t", partitions=1, id_column="id",
+                    text_column="text", pair_column=None, prompt="", mode="id+content",
+                    string_ids=False, units=("a.parquet", "b.parquet", "c.parquet"))
+    checks = UnitChecks(plan)
+    hashes = text_hashes(["shared", "other"])
+    whole, keys = [h.tobytes() for h in hash_bytes(hashes)], hash_keys(hashes)
+    owner = RunMemory(capacity=10)
+    for key in whole:
+        owner.rows[key] = {"vector": np.ones((1, 4), np.float32) * len(owner.rows)}
+
+    memory = RunMemory(capacity=10)
+    waiting = threading.Thread(target=checks.receive,
+                               args=(Handoff(1, earlier={0: keys[:1]}), memory))
+    waiting.start()
+    waiting.join(0.5)
+    assert waiting.is_alive() and not memory.rows  # unit 0 has not ended yet
+    checks.hand_over(Handoff(0, owned=keys), owner)
+    waiting.join(10)
+    assert not waiting.is_alive() and list(memory.rows) == whole[:1]
+    np.testing.assert_array_equal(memory.rows[whole[0]]["vector"], owner.rows[whole[0]]["vector"])
+
+    given_up = Unit(key="b.parquet", path=str(tmp_path / "b.parquet"), row_groups=(0,),
+                    first_row=0, num_rows=1, fingerprint="")
+    checks.hand_over_nothing(given_up)
+    after = RunMemory(capacity=10)
+    done = threading.Thread(target=checks.receive, args=(Handoff(2, earlier={1: keys}), after))
+    done.start()
+    done.join(10)
+    assert not done.is_alive() and not after.rows and not after.sent
+
+
 @pytest.mark.s3
 def test_partitioned_checks_on_object_storage(s3, folder):
     """The key files written to and read from an S3-compatible server, then removed."""
