@@ -90,10 +90,10 @@ def reexport(source: Path, dest: Path) -> int:
 
 
 def write_job(path: Path, input_dir: Path, out: Path, model: Path, shard_rows: int = 0) -> Path:
-    """shard_rows: 0 for no index, else an IVF-PQ index in the shards layout (groups of parts up
-    to shard_rows rows, written by the run's Ray actors)."""
+    """shard_rows: 0 for no index, else an IVF-Flat index in the shards layout (groups of parts
+    up to shard_rows rows, written by the run's Ray actors)."""
     index = ("enabled = false\n" if not shard_rows else
-             f'enabled = true\ntype = "ivf-pq"\npq_m = 8\nlayout = "shards"\n'
+             f'enabled = true\ntype = "ivf-flat"\nlayout = "shards"\n'
              f'shard_rows = {shard_rows}\n')
     path.write_text(
         f'name = "ray-scale"\n[input]\npath = {json.dumps(str(input_dir))}\n'
@@ -148,8 +148,8 @@ def main() -> None:
     parser.add_argument("--workdir", default="out/ray-scale")
     parser.add_argument("--json", help="write the results here too")
     parser.add_argument("--index", action="store_true",
-                        help="build an IVF-PQ index in the shards layout on the actors (about 8 "
-                             "shards at the larger size)")
+                        help="build an IVF-Flat index in the shards layout on the actors (a shard "
+                             "a 50,000-row part)")
     args = parser.parse_args()
     sizes = args.rows or [100_000, 1_000_000]
     work = Path(args.workdir).resolve()
@@ -174,7 +174,7 @@ def main() -> None:
             subprocess.run(["rm", "-rf", str(out)], check=True)
             for label, folder in (("first", first_in), ("re-export", night_in)):
                 job = write_job(work / f"job-{n}.toml", folder, out, model,
-                                max(ROWS_PER_FILE, max(sizes) // 8) if args.index else 0)
+                                ROWS_PER_FILE if args.index else 0)
                 result = run_night(job, cluster.address, label)
                 result["rows"] = n
                 if args.index:
