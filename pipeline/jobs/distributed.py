@@ -21,7 +21,6 @@ from ..io.registry import ReuseSource
 from .embedder import EmbedPlan, UnitEmbedder
 from .messages import NO_ROWS, Stats
 from .partitioned_scan import UnitChecks
-from .reuse import RunMemory
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +35,8 @@ class EmbedActor:
                  reuse: ReuseSource | UnitChecks | None = None):
         """reuse: the stored-row lookup (shared through Ray's object store) and the texts
         repeated in the run, or (jobs/ray_checks.py) where each unit's share of the workers'
-        checks lies (then a repeated text is encoded once in the run, in the unit of its first
-        row, and later units copy it: partitioned_scan.Handoff)."""
+        checks lies. A repeated text is copied within its unit only, as the local runner does
+        (jobs/reuse.py), so an actor's vectors are the local runner's bit for bit."""
         import torch
 
         torch.set_num_threads(threads)
@@ -52,22 +51,11 @@ class EmbedActor:
         records: list[UnitRecord] = []
         stats = Stats()
         before = self.embedder.encoder.oom_splits
-        reuse = checks = self.reuse
-        if not isinstance(checks, UnitChecks):
-            self.embedder.embed([(unit, unit_id)], {unit.key: duplicate_rows}, records.append,
-                                lambda rows: None, stats, reuse)
-            return records, stats, self.embedder.encoder.oom_splits - before
-        # the unit's duplicate rows and lookups, from files; its repeated texts' rows from the
-        # units that have them first (the memory starts from those alone, whichever units
-        # this actor embedded before), so each row's vector is the local runner's
-        duplicate_rows, reuse, handoff = checks.for_unit(unit)
-        memory = self.embedder.memory = RunMemory(self.embedder.memory.capacity)
-        checks.receive(handoff, memory)
-        try:
-            self.embedder.embed([(unit, unit_id)], {unit.key: duplicate_rows}, records.append,
-                                lambda rows: None, stats, reuse)
-        finally:
-            checks.hand_over(handoff, memory)
+        reuse = self.reuse
+        if isinstance(reuse, UnitChecks):  # the unit's duplicate rows and lookups, from files
+            duplicate_rows, reuse = reuse.for_unit(unit)
+        self.embedder.embed([(unit, unit_id)], {unit.key: duplicate_rows}, records.append,
+                            lambda rows: None, stats, reuse)
         return records, stats, self.embedder.encoder.oom_splits - before
 
 
@@ -131,8 +119,6 @@ def embed_on_ray(plan: EmbedPlan, units: list[tuple[Unit, int]], duplicates: dic
             except (RayActorError, WorkerCrashedError) as exc:
                 attempts[unit.key] = attempts.get(unit.key, 0) + 1
                 if attempts[unit.key] >= MAX_ATTEMPTS:
-                    if isinstance(reuse, UnitChecks):
-                        reuse.hand_over_nothing(unit)
                     commit(UnitRecord.for_unit(
                         unit, "failed",
                         error=f"worker died {MAX_ATTEMPTS} times: {type(exc).__name__}",

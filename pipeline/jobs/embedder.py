@@ -160,7 +160,7 @@ class UnitEmbedder:
             from ..encode.token_output import TokenEncoder
             self.encode = TokenEncoder(self.encoder)
         self.flow = FlowSettings.for_job(job, runtime)
-        # repeated texts this worker encoded, for as long as it lives (across its units)
+        # the room for a unit's repeated texts (ReusePlanner starts a memory for each unit)
         # (a multi-vector row counted as 128 token vectors)
         self.memory = RunMemory(capacity=MEMORY_BYTES // (4 * plan.width * (
             128 if "multivector" in plan.representations else 1)))
@@ -187,7 +187,7 @@ class UnitEmbedder:
                             progress, normalize=self.chunking.pools and bool(job.encode.normalize),
                             token_schema=self.plan.tokens_schema(),
                             token_mean=self.token_policy is not None and self.token_policy.mean,
-                            memory=self.memory, rescore=self.plan.rescore,
+                            rescore=self.plan.rescore,
                             sparse=self.plan.sparse, multi_head=self.plan.multi_head,
                             multivectors=self.plan.multivectors_schema())
         run_stages(lambda channel: preparer.run(units, channel), self.encode,

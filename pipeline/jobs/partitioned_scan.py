@@ -14,21 +14,13 @@ when the run's embedding ends, swept as strays after a kill):
 - `check_partition`: one partition of one key space, all producers' batches of it: later rows of
   an id (input order: kept ids, then units in order, rows in order; string ids compared as
   strings), text keys seen more than once, unit rows joined with stored rows on the reuse key.
-  The id partitions run first and hand their rejected rows, cut by text key, to the text
-  partitions, which name for each repeated text the unit of its first row not rejected.
   Its results are one IPC batch per unit, so the worker that embeds a unit reads only its own
   (`UnitChecks.for_unit`): the rejected rows, the repeated text keys and the stored candidates
   it may ask about, each exactly what the in-memory registry answers for that unit's rows.
-- the memory files `memory/unit-N.npz`: what unit N's worker wrote for the repeated texts
-  whose first row it has (their stored or encoded rows, `RunMemory.export`); a later unit with
-  such a text waits for the file and copies the rows (`UnitChecks.receive`), as the local
-  runner copies a text's first vector. Dependencies point to earlier units only, which the
-  runner hands out first: the waits end.
 """
 from __future__ import annotations
 
 import posixpath
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,7 +34,6 @@ from ..io.registry import _ROW_BITS, ReuseSource, StoredRows, _parquet, valid_ro
 from ..io.checks import reading
 from ..io.rejects import plain_texts
 from ..io.storage import Store
-from .reuse import RunMemory
 
 SCAN_DIR = "_scan"
 SPACES = ("id", "text")
@@ -74,14 +65,6 @@ class ScanPlan:
     def producer(self, name: str, space: str) -> str:
         return posixpath.join(self.folder, f"{name}.{space}.arrow")
 
-    def rejected(self, partition: int) -> str:
-        """An id partition's rows rejected as duplicate ids, cut by their text keys."""
-        return posixpath.join(self.folder, f"rejected.{partition:05d}.arrow")
-
-    def memory(self, number: int) -> str:
-        """What unit `number` hands to later units: its repeated texts' rows (RunMemory)."""
-        return posixpath.join(self.folder, "memory", f"unit-{number:06d}.npz")
-
     def result(self, space: str, partition: int) -> str:
         return posixpath.join(self.folder, f"result.{space}.{partition:05d}.arrow")
 
@@ -96,7 +79,7 @@ class PartitionCount:
 
 def _id_schema(string_ids: bool) -> pa.Schema:
     fields = [("key", pa.uint64()), ("order", pa.int32()), ("row", pa.int64()),
-              ("reuse", pa.uint64()), ("text", pa.uint64())]
+              ("reuse", pa.uint64())]
     return pa.schema(fields + ([("id", pa.large_string())] if string_ids else []))
 
 
@@ -155,8 +138,7 @@ def scan_unit(plan: ScanPlan, number: int, unit: Unit) -> int:
     n = len(join["key"])
     order = np.full(n, number, np.int32)
     table = pa.table({"key": join["key"], "order": order, "row": join["row"],
-                      "reuse": pair_keys(join["key"], join["text"]), "text": join["text"]},
-                     schema=_id_schema(False))
+                      "reuse": pair_keys(join["key"], join["text"])}, schema=_id_schema(False))
     if plan.string_ids:
         table = table.append_column("id", pa.concat_arrays(pieces["id"]) if pieces["id"]
                                     else pa.array([], pa.large_string()))
@@ -198,8 +180,7 @@ def scan_part(plan: ScanPlan, name: str, kept: bool, gone: bool, stored: int | N
         if on:
             piece = {"key": keys, "order": np.full(n, role, np.int32),
                      "row": (locs if role == STORED else np.zeros(n, np.uint64)).astype(np.int64),
-                     "reuse": pair_keys(keys, text) if role == STORED else np.zeros(n, np.uint64),
-                     "text": np.zeros(n, np.uint64)}
+                     "reuse": pair_keys(keys, text) if role == STORED else np.zeros(n, np.uint64)}
             if plan.string_ids:
                 piece["id"] = id_array.cast(pa.large_string())
             pieces.append(pa.table(piece, schema=_id_schema(plan.string_ids)))
@@ -231,32 +212,25 @@ def check_partition(plan: ScanPlan, space: str, partition: int,
     results: list[tuple[np.ndarray, int, np.ndarray, np.ndarray]] = []  # (unit, kind, value, loc)
     if space == "id":
         claim = np.flatnonzero(order >= KEPT)
-        later = _duplicates(table, claim, keys, order, rows, plan.string_ids)
-        results.append((order[later], DUPLICATE, rows[later].astype(np.uint64),
-                        np.zeros(len(later), np.uint64)))
+        results.append(_duplicates(table, claim, keys, order, rows, plan.string_ids))
         gone = keys[order == GONE]
         count.ids_gone = int((~np.isin(gone, keys[claim])).sum())
         if plan.mode == "id+content":
             results.append(_candidates(table.column("reuse").to_numpy(), order, rows))
-        if "text" in plan.spaces:  # the rejected rows, for the text partitions' first rows
-            _write_partitioned(store, plan.rejected(partition), pa.table(
-                {"key": table.column("text").to_numpy()[later], "order": order[later],
-                 "row": rows[later]}, schema=TEXT_SCHEMA), plan.partitions)
     else:
-        rejected = pa.Table.from_batches(
-            [_read_batch(store, plan.rejected(p), partition) for p in range(plan.partitions)],
-            schema=TEXT_SCHEMA)
-        results.append(_repeated(keys, order, rows, _row_keys(
-            rejected.column("order").to_numpy(), rejected.column("row").to_numpy())))
+        mine = order >= 0
+        sorted_keys = np.sort(keys[mine])
+        repeated = np.unique(sorted_keys[1:][sorted_keys[1:] == sorted_keys[:-1]])
+        hit = mine & np.isin(keys, repeated)
+        results.append((order[hit], REPEATED, keys[hit], np.zeros(int(hit.sum()), np.uint64)))
         if plan.mode == "content":
             results.append(_candidates(keys, order, rows))
     _write_results(store, plan.result(space, partition), results, len(plan.units))
     return count
 
 
-def _duplicates(table: pa.Table, claim: np.ndarray, keys, order, rows,
-                string_ids: bool) -> np.ndarray:
-    """Rows whose id an earlier row (kept ids first, then input order) has: their places."""
+def _duplicates(table: pa.Table, claim: np.ndarray, keys, order, rows, string_ids: bool):
+    """Rows whose id an earlier row (kept ids first, then input order) has."""
     if string_ids:  # keys of string ids can collide: order by the ids themselves
         sub = pa.table({"id": table.column("id").take(pa.array(claim, pa.int64())),
                         "order": order[claim], "row": rows[claim]})
@@ -269,32 +243,8 @@ def _duplicates(table: pa.Table, claim: np.ndarray, keys, order, rows,
         by = np.lexsort((rows[claim], order[claim], keys[claim]))
         sorted_keys = keys[claim][by]
         same = sorted_keys[1:] == sorted_keys[:-1]
-    return claim[by[1:][same]] if len(by) > 1 else np.zeros(0, np.int64)
-
-
-def _row_keys(order: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """(unit, row) as one int64: units below 2^23, rows below 2^40."""
-    return (order.astype(np.int64) << 40) | rows.astype(np.int64)
-
-
-def _repeated(keys, order, rows, rejected: np.ndarray):
-    """Each unit's text keys that occur more than once among the input rows, with the unit
-    whose row comes first among the rows not rejected as duplicate ids (the local runner's
-    first row of the text: where its vector comes from; the unit itself when every row of the
-    text is rejected). A unit waits for that unit's memory before it embeds (UnitChecks)."""
-    mine = np.flatnonzero(order >= 0)
-    sorted_keys = np.sort(keys[mine])
-    repeated = np.unique(sorted_keys[1:][sorted_keys[1:] == sorted_keys[:-1]])
-    hit = mine[np.isin(keys[mine], repeated)]
-    pairs = np.unique(np.stack([order[hit].astype(np.uint64), keys[hit]]), axis=1) \
-        if len(hit) else np.zeros((2, 0), np.uint64)
-    live = hit[~np.isin(_row_keys(order[hit], rows[hit]), rejected)]
-    by = live[np.lexsort((rows[live], order[live], keys[live]))]
-    first = by[np.r_[True, keys[by][1:] != keys[by][:-1]]] if len(by) else by
-    at = np.minimum(np.searchsorted(keys[first], pairs[1]), max(len(first) - 1, 0))
-    found = (keys[first][at] == pairs[1]) if len(first) else np.zeros(pairs.shape[1], bool)
-    source = np.where(found, order[first][at] if len(first) else 0, pairs[0]).astype(np.uint64)
-    return pairs[0].astype(np.int32), REPEATED, pairs[1], source
+    later = claim[by[1:][same]] if len(by) > 1 else np.zeros(0, np.int64)
+    return order[later], DUPLICATE, rows[later].astype(np.uint64), np.zeros(len(later), np.uint64)
 
 
 def _candidates(reuse: np.ndarray, order: np.ndarray, rows: np.ndarray):
@@ -335,13 +285,12 @@ class UnitChecks:
     def __post_init__(self):
         self.index = {key: number for number, key in enumerate(self.plan.units)}
 
-    def for_unit(self, unit: Unit) -> tuple[np.ndarray, ReuseSource, Handoff]:
-        """(rows rejected as duplicate ids, the reuse lookups for this unit's rows, what it
-        takes from earlier units and hands to later ones)."""
+    def for_unit(self, unit: Unit) -> tuple[np.ndarray, ReuseSource]:
+        """(rows rejected as duplicate ids, the reuse lookups for this unit's rows)."""
         plan, store = self.plan, Store(self.plan.output)
         number = self.index.get(unit.key)
         if number is None:  # not scanned (failed before): nothing claimed, nothing reused
-            return np.zeros(0, np.int64), ReuseSource(mode=plan.mode), Handoff(-1)
+            return np.zeros(0, np.int64), ReuseSource(mode=plan.mode)
         found = [_read_batch(store, plan.result(space, p), number)
                  for space in plan.spaces for p in range(plan.partitions)]
         table = pa.Table.from_batches(found, schema=RESULT_SCHEMA)
@@ -349,52 +298,13 @@ class UnitChecks:
         value = table.column("value").to_numpy()
         duplicates = np.sort(value[kind == DUPLICATE].astype(np.int64))
         if plan.mode == "off":
-            return duplicates, ReuseSource(mode="off"), Handoff(number)
+            return duplicates, ReuseSource(mode="off")
         take = kind == CANDIDATE
-        loc = table.column("loc").to_numpy()
         stored = StoredRows.from_arrays(store, list(plan.stored), plan.mode, value[take],
-                                        loc[take]) if plan.stored else None
-        repeated, source = value[kind == REPEATED], loc[kind == REPEATED].astype(np.int64)
-        handoff = Handoff(number, owned=repeated[source == number],
-                          earlier={int(n): repeated[source == n]
-                                   for n in np.unique(source[source < number])})
+                                        table.column("loc").to_numpy()[take]) \
+            if plan.stored else None
         return duplicates, ReuseSource(mode=plan.mode, stored=stored,
-                                       repeated=np.unique(repeated)), handoff
-
-    def receive(self, handoff: Handoff, memory: RunMemory) -> None:
-        """The rows of the unit's repeated texts whose first row an earlier unit has, from
-        that unit's memory file: waits for the file (written when that unit ends)."""
-        store = Store(self.plan.output)
-        for number, keys in sorted(handoff.earlier.items()):
-            path, pause = self.plan.memory(number), 0.01
-            while not store.exists(path):
-                time.sleep(pause)
-                pause = min(pause * 2, 1.0)
-                if not store.local:  # a listing cached before the file was written
-                    store.fs.invalidate_cache(store.path(path))
-            memory.absorb(store.read_bytes(path), keys)
-
-    def hand_over(self, handoff: Handoff, memory: RunMemory | None) -> None:
-        """The rows of the texts whose first row this unit has, for later units (empty where
-        the unit failed before reaching them: those units encode the text themselves)."""
-        if handoff.number >= 0:
-            Store(self.plan.output).write_bytes(
-                self.plan.memory(handoff.number),
-                memory.export(handoff.owned) if memory is not None else RunMemory.EMPTY)
-
-    def hand_over_nothing(self, unit: Unit) -> None:
-        """A unit given up (its workers died): later units stop waiting for it."""
-        number = self.index.get(unit.key)
-        if number is not None and not Store(self.plan.output).exists(self.plan.memory(number)):
-            self.hand_over(Handoff(number), None)
-
-
-@dataclass
-class Handoff:
-    """A unit's repeated texts by where their vectors come from (text keys)."""
-    number: int  # the unit's place in the run; -1: not scanned
-    owned: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # first row here
-    earlier: dict[int, np.ndarray] = field(default_factory=dict)  # unit -> keys it has first
+                                       repeated=np.unique(value[kind == REPEATED]))
 
 
 def remove_scratch(store: Store, folder: str = SCAN_DIR) -> int:

@@ -72,6 +72,8 @@ class PrepareStage:
                 out.put(UnitFailed(unit, unit.error))
                 continue
             out.put(UnitStart(unit, unit_id))
+            if self.planner is not None:
+                self.planner.new_unit()  # repeated texts are copied within a unit only
             started = time.perf_counter()
             try:
                 rows = self._unit(unit, out)

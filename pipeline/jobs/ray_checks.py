@@ -1,14 +1,11 @@
 """The Ray runner with its checks on the workers: the driver's memory grows with the units, not
 the rows.
 
-Before any unit is embedded, three waves of Ray tasks (jobs/partitioned_scan.py): one task per
-input unit and per folder part writes its keys cut into hash partitions; one task per id
-partition finds the later rows of an id and the stored rows each unit may reuse; then one task
-per text partition finds the repeated texts and the unit of each one's first row not rejected.
-Results are written per unit. The actors (jobs/distributed.py) then embed the units, each
-reading its own unit's results; a unit whose repeated text another unit has first waits for that
-unit's memory file and copies its rows, so the vectors are the local runner's bit for bit. The
-driver holds the units, file names and counts.
+Before any unit is embedded, two waves of Ray tasks (jobs/partitioned_scan.py): one task per
+input unit and per folder part writes its keys cut into hash partitions; then one task per
+partition finds the later rows of an id, the repeated texts and the stored rows each unit may
+reuse, and writes them per unit. The actors (jobs/distributed.py) then embed the units, each
+reading its own unit's results. The driver holds the units, file names and counts.
 
 Why key files in the output folder rather than Ray Data's shuffle: the partitions must hold
 every input row's keys at once (a billion rows: tens of GB), which Ray's object store would
@@ -103,10 +100,8 @@ def check_on_workers(store: Store, inputs: ScanInputs, units: list[Unit]) -> Wor
             producers[space].append(f"part-{n:06d}")
     keys_written = time.perf_counter()
     lists = {space: ray.put(names) for space, names in producers.items()}
-    counts = []
-    for space in plan.spaces:  # the id wave first: the text wave reads its rejected rows
-        counts += _get([check_task.remote(plan_ref, space, p, lists[space])
-                        for p in range(plan.partitions)])
+    counts = _get([check_task.remote(plan_ref, space, p, lists[space])
+                   for space in plan.spaces for p in range(plan.partitions)])
     done = time.perf_counter()
     log.info("ray: %d units scanned into %d partitions by workers", len(healthy), plan.partitions)
     return WorkerScan(checks=UnitChecks(plan), ids_gone=sum(c.ids_gone for c in counts),

@@ -5,19 +5,18 @@ whose (id, text hash), or text hash alone (`encode.reuse = "content"`), has stor
 those rows' vectors and columns (confirmed on the id and the whole hash; in a folder of one row
 a token window, all of the text's windows, or none). A text that occurs more than once among the
 rows to embed (registry.scan_input found them) takes its vector from its first row and its
-repeats copy it, through `RunMemory`: the first row's stored vector where it has one (filled
-when planned), else its encoding (filled by the writer, in the order it writes). The rule is
-the input order's alone, so a Ray actor given the earlier units' memory (jobs/ray_checks.py)
-writes the bits the local runner writes. Only the rest is tokenized
+repeats in the same unit copy it, through the unit's `RunMemory`: the first row's stored vector
+where it has one (filled when planned), else its encoding (filled by the writer, in the order it
+writes). Each unit starts with an empty memory, so its vectors depend on its own rows and the
+stored folder only: a Ray actor writes the bits the local runner writes, and no unit waits for
+another. (A text repeated in two units is encoded once in each.) Only the rest is tokenized
 and encoded; the writer puts the three kinds back in input order (`merge_rows`). A reused row
 keeps its stored index label (faiss_id) only under its own id; copies and rows taken from another
 id carry NEW_LABEL, and the writer gives them new labels.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -33,66 +32,13 @@ MEMORY_BYTES = 64 << 20  # vectors kept for texts repeated within the run; past 
 
 @dataclass
 class RunMemory:
-    """A worker's repeated texts: those it has sent to the model (prepare's side, full hashes)
-    and their rows once written (the writer's side). Lives as long as the worker's encoder."""
+    """A unit's repeated texts: those sent to the model (prepare's side, full hashes) and their
+    rows once written (the writer's side). One a unit (`ReusePlanner.new_unit`), carried to the
+    writer by each window's Assemble: a unit's vectors never depend on another unit's batches,
+    so a unit embedded anywhere (a Ray actor) is the local runner's, bit for bit."""
     capacity: int
     sent: set = field(default_factory=set)
     rows: dict = field(default_factory=dict)  # hash bytes -> {column: the text's rows}
-
-    EMPTY: ClassVar[bytes] = b""  # a memory file of a unit that hands nothing over
-
-    def export(self, keys: np.ndarray) -> bytes:
-        """The rows of the texts whose 8-byte keys (content_hash.hash_keys) are in `keys`, as
-        an .npz file (no pickles: a reader runs no code): each column's rows concatenated, a
-        multi-vector column's [tokens, dim] rows too, with their lengths."""
-        texts = [k for k in self.rows if np.isin(_key(k), keys)]
-        if not texts:
-            return self.EMPTY
-        names = list(self.rows[texts[0]])
-        arrays = {"hash": np.frombuffer(b"".join(texts), np.uint8).reshape(len(texts), -1),
-                  "count": np.array([len(self.rows[k][names[0]]) for k in texts], np.int64),
-                  "names": np.array(names)}
-        for n, name in enumerate(names):
-            values = [self.rows[k][name] for k in texts]
-            if values[0].dtype == object:  # one array a row
-                rows = [r for v in values for r in v]
-                arrays[f"l{n}"] = np.array([len(r) for r in rows], np.int64)
-                values = rows
-            arrays[f"c{n}"] = np.concatenate(values)
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        return buffer.getvalue()
-
-    def absorb(self, data: bytes, keys: np.ndarray) -> None:
-        """Another unit's export: its texts whose keys are in `keys` become known here, as if
-        this worker had written them (later rows copy them)."""
-        if not data:
-            return
-        with np.load(io.BytesIO(data), allow_pickle=False) as saved:
-            hashes, counts = saved["hash"], saved["count"]
-            names = [str(n) for n in saved["names"]]
-            columns = {}
-            for n, name in enumerate(names):
-                values = saved[f"c{n}"]
-                if f"l{n}" in saved:
-                    cuts = np.cumsum(saved[f"l{n}"])[:-1]
-                    rows = np.empty(len(cuts) + 1, object)
-                    for r, piece in enumerate(np.split(values, cuts)):
-                        rows[r] = piece
-                    values = rows
-                columns[name] = values
-        starts = np.r_[0, np.cumsum(counts)]
-        for t, whole in enumerate(hashes):
-            key = whole.tobytes()
-            if key in self.sent or not np.isin(_key(key), keys):
-                continue
-            self.sent.add(key)
-            self.rows[key] = {c: v[starts[t]:starts[t + 1]] for c, v in columns.items()}
-
-
-def _key(whole: bytes) -> np.uint64:
-    """A whole hash's 8-byte key, as content_hash.hash_keys gives it."""
-    return np.frombuffer(whole[:8], "<u8")[0]
 
 
 @dataclass
@@ -108,6 +54,7 @@ class Assemble:
     copy_at: np.ndarray  # texts that repeat a text this worker encoded before
     cache_at: np.ndarray  # encoded texts that later texts repeat: kept in RunMemory
     columns: list[str]  # the stored columns besides id, text_hash and kept ones
+    memory: RunMemory  # the unit's: what cache_at fills and copy_at reads
     texts: list[str] | None = None  # one row a window with the text kept: to slice each window's
     text_column: str | None = None
 
@@ -162,7 +109,7 @@ class ReusePlanner:
         return RowPlan(encode=encode, remember=remember, assemble=Assemble(
             ids=ids, keep=keep, hashes=hashes, donor_at=donor_at, donor=donor,
             copy_at=np.array(copy_at, np.int64), cache_at=np.array(cache_at, np.int64),
-            columns=self.columns, texts=texts if self.text_column else None,
+            columns=self.columns, memory=self.memory, texts=texts if self.text_column else None,
             text_column=self.text_column))
 
     def _stored(self, ids: pa.Array, hashes: pa.Array) -> tuple[np.ndarray, dict]:
@@ -201,9 +148,15 @@ class ReusePlanner:
             donor[LABEL_COLUMN] = np.where(same_id, donor[LABEL_COLUMN], NEW_LABEL)
         return owner, donor
 
+    def new_unit(self) -> None:
+        """A unit begins: its repeated texts are its own (the last unit's memory goes with the
+        windows that still carry it)."""
+        self.memory = RunMemory(self.memory.capacity)
+
     def sent(self, plan: RowPlan) -> None:
         """The plan's Assemble is on its way to the writer: its cached texts may be copied."""
-        self.memory.sent.update(plan.remember)
+        if plan.assemble is not None:
+            plan.assemble.memory.sent.update(plan.remember)
 
 
 def _donated(donor_at: np.ndarray, donor: dict[str, np.ndarray], position: int) -> dict:
@@ -241,11 +194,11 @@ class Skipped:
     chunked: int = 0  # texts of more than one window
 
 
-def merge_rows(held: list[HeldRows], plan: Assemble, memory: RunMemory
+def merge_rows(held: list[HeldRows], plan: Assemble
                ) -> tuple[pa.Array, dict[str, np.ndarray], pa.Table | None, Skipped]:
     """Encoded, reused and copied rows of a sort window, in input order: (ids, columns incl.
     text_hash, kept columns, counts). Remembers the rows later windows will copy."""
-    columns = plan.columns
+    columns, memory = plan.columns, plan.memory
     encoded_at = np.concatenate([h.at for h in held]) if held else np.zeros(0, np.int64)
     encoded = {c: _stack([h.rows[c] for h in held]) for c in columns} if held else {}
     whole = hash_bytes(plan.hashes)

@@ -20,7 +20,7 @@ from ..io.precision import Precision
 from ..io.vectors import LABEL_COLUMN
 from ..io.writer import NEW_LABEL, TOKENS_DIR, UnitWriter, write_rejects
 from .messages import DONE, Channel, Encoded, Stats, UnitEnd, UnitFailed, UnitStart, Window
-from .reuse import Assemble, HeldRows, RunMemory, merge_rows
+from .reuse import Assemble, HeldRows, merge_rows
 
 
 class WriteStage:
@@ -30,7 +30,7 @@ class WriteStage:
                  precision: Precision, stats: Stats, on_unit_done: Callable[[UnitRecord], None],
                  progress: Callable[[int], None], normalize: bool = False,
                  token_schema: pa.Schema | None = None, token_mean: bool = False,
-                 memory: RunMemory | None = None, rescore: Precision | None = None,
+                 rescore: Precision | None = None,
                  sparse: bool = False, multivectors: pa.Schema | None = None,
                  multi_head: bool = False):
         """normalize: L2-normalise texts' pooled windows (long_text = "chunk", chunks = "pool");
@@ -53,7 +53,6 @@ class WriteStage:
         self.normalize = normalize
         self.window_rows = "chunk" in schema.names  # one row a token window, not a text
         self.labels = LABEL_COLUMN in schema.names
-        self.memory = memory if memory is not None else RunMemory(capacity=0)
         self.held: list[HeldRows] = []  # encoded rows waiting for their window's Assemble
         # the unit being written: its parts' writers, counts and rejects so far
         self.unit_id = -1
@@ -196,7 +195,7 @@ class WriteStage:
 
     def _assemble(self, plan: Assemble) -> None:
         """A sort window's encoded rows (held) with its reused and copied rows, in input order."""
-        ids, rows, keep, skipped = merge_rows(self.held, plan, self.memory)
+        ids, rows, keep, skipped = merge_rows(self.held, plan)
         self.held = []
         if len(ids):
             self._write(ids, rows, keep)

@@ -136,7 +136,9 @@ def test_reuse_by_content_alone(tmp_path, corpus, tiny_model):
         _same_as_fresh(tmp_path, out, tmp_path / f"rekeyed-{mode}", tiny_model)
 
 
-def test_duplicate_texts_are_encoded_once(tmp_path, corpus, tiny_model):
+def test_duplicate_texts_are_encoded_once_a_unit(tmp_path, corpus, tiny_model):
+    """A text repeated within a unit is encoded once there and copied; in another unit it is
+    encoded again (a unit's vectors never depend on another unit's batches: Ray = local)."""
     texts = corpus.column("text").to_pylist()
     for target in (10, 120, 250, 299):  # one text four times, across units and windows
         texts[target] = texts[5]
@@ -145,7 +147,9 @@ def test_duplicate_texts_are_encoded_once(tmp_path, corpus, tiny_model):
     write_shards(tmp_path / "in", [table.slice(0, 100), table.slice(100, 100), table.slice(200)])
     out = tmp_path / "out"
     summary = run(_job(tmp_path / "in", out, tiny_model))
-    assert (summary.rows_encoded, summary.rows_copied) == (295, 5)
+    # texts[5]: rows 5, 10 in unit 0 (1 copy), 120 in unit 1, 250, 299 in unit 2 (1 copy);
+    # texts[100]: rows 100 and 200, in two units (no copy)
+    assert (summary.rows_encoded, summary.rows_copied) == (298, 2)
     _same_as_fresh(tmp_path, out, tmp_path / "in", tiny_model)
 
 
