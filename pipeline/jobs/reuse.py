@@ -27,7 +27,7 @@ from ..io.registry import ReuseSource, confirmed
 from ..io.vectors import LABEL_COLUMN, to_matrix
 from ..io.writer import NEW_LABEL
 
-MEMORY_BYTES = 64 << 20  # vectors kept for texts repeated within the run; past it they re-encode
+MEMORY_BYTES = 64 << 20  # vectors kept for texts repeated within a unit; past it they re-encode
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Assemble:
     hashes: pa.Array  # every good text's hash
     donor_at: np.ndarray  # per stored row taken: the text it goes to
     donor: dict[str, np.ndarray]  # those stored rows' columns (vector, n_tokens, ...)
-    copy_at: np.ndarray  # texts that repeat a text this worker encoded before
+    copy_at: np.ndarray  # texts that repeat a text earlier in the unit
     cache_at: np.ndarray  # encoded texts that later texts repeat: kept in RunMemory
     columns: list[str]  # the stored columns besides id, text_hash and kept ones
     memory: RunMemory  # the unit's: what cache_at fills and copy_at reads
