@@ -183,13 +183,18 @@ def load_index(store: Store) -> tuple[faiss.Index, dict]:
 def _sample(runner: ShardRunner, parts: VectorParts, groups: list[list[int]],
             positions: np.ndarray) -> np.ndarray:
     """The vectors at `positions` (sorted), one job a group of parts."""
-    jobs, first = [], 0
-    for group in groups:
-        end = first + sum(parts.rows()[i] for i in group)
-        inside = positions[(positions >= first) & (positions < end)]
+    jobs = []
+    for group, (first, count) in zip(groups, _spans(parts, groups)):
+        inside = positions[(positions >= first) & (positions < first + count)]
         jobs.append(SampleJob(parts.subset(group), inside - first))
-        first = end
     return np.concatenate([s for s in runner(jobs) if len(s)])
+
+
+def _spans(parts: VectorParts, groups: list[list[int]]) -> list[tuple[int, int]]:
+    """Each group's (first row, rows) in the whole index."""
+    rows = parts.rows()
+    counts = [sum(rows[i] for i in group) for group in groups]
+    return list(zip(np.cumsum([0] + counts[:-1]).tolist(), counts))
 
 
 def _write_shards(runner: ShardRunner, parts: VectorParts, groups: list[list[int]],
@@ -197,12 +202,10 @@ def _write_shards(runner: ShardRunner, parts: VectorParts, groups: list[list[int
                   identities: list[str] | None) -> tuple[list[dict], Truth]:
     """One shard a group of consecutive parts ([{file, rows, first_row, parts, pid, host}], in
     row order), and the recall queries' exact neighbours merged from each shard's."""
-    jobs, first = [], 0
-    for number, group in enumerate(groups):
-        jobs.append(ShardJob(f"{INDEX_DIR}/shard-{build}-{number:05d}.faiss", trained.tobytes(),
-                             parts.subset(group), tuple(identities[i] for i in group)
-                             if identities else (), first, queries, k, metric))
-        first += sum(parts.rows()[i] for i in group)
+    jobs = [ShardJob(f"{INDEX_DIR}/shard-{build}-{number:05d}.faiss", trained.tobytes(),
+                     parts.subset(group), tuple(identities[i] for i in group)
+                     if identities else (), first, queries, k, metric)
+            for number, (group, (first, _)) in enumerate(zip(groups, _spans(parts, groups)))]
     top = TopK(queries, k, metric)
     shards = runner(jobs)
     for job, shard in zip(jobs, shards):

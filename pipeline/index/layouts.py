@@ -59,16 +59,17 @@ def shard_groups(rows: list[int], shard_rows: int) -> list[list[int]]:
     return groups
 
 def write_shard(store: Store, trained: np.ndarray, parts: VectorParts, rel: str,
-                on_block: Callable[[np.ndarray], None] | None = None) -> int:
+                on_block: Callable[[np.ndarray, np.ndarray], None] | None = None) -> int:
     """Add the parts' vectors, with ids = their labels, to a copy of the serialized trained
     index and write it to rel. The unit of work of a shard worker; it holds only these parts'
-    codes. `on_block` sees each block of vectors as it is added. Returns the rows added."""
+    codes. `on_block` sees each block of vectors, with its labels, as it is added. Returns the
+    rows added."""
     index = faiss.deserialize_index(trained)
     labels, row = parts.row_labels(), 0
     for block in parts.vectors():
         index.add_with_ids(block, labels[row:row + len(block)])
         if on_block is not None:
-            on_block(block)
+            on_block(block, labels[row:row + len(block)])
         row += len(block)
     store.write_bytes(rel, faiss.serialize_index(index).tobytes())
     return row
@@ -99,8 +100,7 @@ class ShardJob:
         done = {"file": self.rel, "rows": rows, "parts": list(self.identities),
                 "pid": os.getpid(), "host": socket.gethostname()}
         if top is not None:
-            labels = self.parts.row_labels()[top.positions - self.first_row]
-            done["truth"] = (top.distances, top.positions, labels)
+            done["truth"] = (top.distances, top.positions, top.labels)
         return done
 
 

@@ -38,10 +38,11 @@ class TopK:
         self.labels = np.zeros((len(queries), 0), np.int64)
         self.next = first
 
-    def add(self, block: np.ndarray) -> None:
+    def add(self, block: np.ndarray, labels: np.ndarray | None = None) -> None:
+        """The next rows; `labels`: theirs, carried with the nearest ones."""
         if len(block):
             d, i = exact_knn(self.queries, block, min(self.k, len(block)), self.kind)
-            self.merge(d, i + self.next)
+            self.merge(d, i + self.next, labels[i] if labels is not None else None)
         self.next += len(block)
 
     def merge(self, distances: np.ndarray, positions: np.ndarray,

@@ -4,8 +4,9 @@ sinks loaded by tasks (sinks/parallel_load.py).
 The driver plans the shards and commits the infos; each `ShardActor` (one per worker, as many as
 the run's embedding actors) reads the training and recall samples of its groups of parts, then
 writes whole shard files into the output folder and returns what the infos record, with its pid,
-and its rows' exact neighbours of the recall queries: the driver reads no vector part. An actor that dies is restarted by Ray and its pending jobs run
-again (a shard file is written whole or not at all, under a name no infos name yet). Ray is an
+and its rows' exact neighbours of the recall queries: the driver reads no vector part. An
+actor that dies is restarted by Ray and its pending jobs run again (a shard file is written
+whole or not at all, under a name no infos name yet). Ray is an
 optional extra: nothing in the index or sink layers imports it. A sink's loads are Ray tasks
 (retried when their worker dies; an upsert by id repeats harmlessly); the driver deletes, checks
 and records after every load returned.
