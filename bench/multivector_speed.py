@@ -21,7 +21,6 @@ embedpipe.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -33,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bench import print_contenders
 from bench.sparse_speed import cpu_name
 
 TOLERANCE = 1e-4
@@ -160,14 +160,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(texts)} movie snippets, {report['tokens_a_row']:.1f} stored tokens a row; "
           f"model STAND-IN (MiniLM-L6-shaped body, 128-dim head, random weights"
           + (f", pool_factor {args.pool_factor:g}" if args.pool_factor else "") + ")")
-    print("| contender | median wall s | texts/s | median CPU s |\n| --- | ---: | ---: | ---: |")
-    for name, s in med.items():
-        print(f"| {name} | {s:.2f} | {len(texts) / s:,.0f} | {med_cpu[name]:.2f} |")
-    print(f"ratio sentence-transformers / embedpipe: {report['ratio_st_over_embedpipe']:.2f}x wall, "
-          f"{report['ratio_cpu_st_over_embedpipe']:.2f}x CPU time; largest vector difference "
-          f"{difference:.1e}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    print_contenders(med, med_cpu, len(texts), report, args.json,
+                     f"; largest vector difference {difference:.1e}")
     return 0
 
 

@@ -19,7 +19,6 @@ The model: the real SPLADE-tiny-msmarco (pipeline/tools/splade_models.py, from P
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -29,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from bench import print_contenders
 
 SHAPES = {"minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                          intermediate_size=1536),
@@ -129,13 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{report['cpu']}, {report['threads']} threads, load {report['load_average']:.1f}; "
           f"{len(texts)} movie snippets; model {args.stand_in or 'SPLADE-tiny'} "
           f"({'STAND-IN, random weights' if args.stand_in else 'real'})")
-    print("| contender | median wall s | texts/s | median CPU s |\n| --- | ---: | ---: | ---: |")
-    for name, s in med.items():
-        print(f"| {name} | {s:.2f} | {len(texts) / s:,.0f} | {med_cpu[name]:.2f} |")
-    print(f"ratio sentence-transformers / embedpipe: {report['ratio_st_over_embedpipe']:.2f}x wall, "
-          f"{report['ratio_cpu_st_over_embedpipe']:.2f}x CPU time")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    print_contenders(med, med_cpu, len(texts), report, args.json)
     return 0
 
 
