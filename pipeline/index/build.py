@@ -34,12 +34,13 @@ from ..io.storage import Store
 from ..io.vectors import VectorParts
 from .choose import new_index, training_size
 from .commit import commit_index, new_build
-from .family import BINARY, codes_of, ranges_digest, serialize, set_ranges, with_labels
+from .family import BINARY, codes_of, deserialize, ranges_digest, serialize, with_labels
 from .files import INDEX_DIR, INFOS_FILE, faiss_stdout_to_stderr, index_file, read_stored_index
-from .layouts import (SampleJob, ShardJob, ShardRunner, choose_layout, merge_shards_ondisk,
-                      open_shards, run_here, shard_groups)
-from .tuning import (RECALL_QUERIES, TopK, Truth, apply_search_params, even_positions, measure,
-                     query_sample, training_error)
+from .labels import repeated_labels
+from .layouts import (SampleJob, SearchJob, ShardJob, ShardRunner, TrainJob,
+                      choose_layout, merge_shards_ondisk, open_shards, run_here, shard_groups)
+from .tuning import (RECALL_QUERIES, Search, TopK, Truth, apply_search_params, even_positions,
+                     measure, query_sample, train_quantizer)
 
 log = logging.getLogger(__name__)
 
@@ -69,63 +70,60 @@ def build_index(store: Store, files: list[str] | VectorParts, cfg: IndexConfig,
     index, kind, factory = new_index(cfg, n, dim, parts.precision)
     layout = choose_layout(cfg, index, factory, store)
     groups = shard_groups(rows, cfg.shard_rows) if layout != "single" else []
-    trained_on, fit, queries = 0, None, None
+    fit, queries = None, None
     train_at = even_positions(n, training_size(index, n)) if not index.is_trained else None
-    if groups:  # the training and recall samples, read by the runner's jobs in one pass
-        query_at = query_sample(n, index)[0]
-        wanted = np.union1d(query_at, train_at if train_at is not None else query_at)
-        sample = _sample(runner, parts, groups, wanted)
-        queries = sample[np.isin(wanted, query_at)]
-        training = sample[np.isin(wanted, train_at)] if train_at is not None else None
+    if groups:  # the samples read, and the quantizer trained, by the runner's jobs
+        queries, trained = _sample_and_train(runner, parts, groups, query_sample(n, index)[0],
+                                             train_at, cfg, build)
+        if trained is not None:
+            index, fit = deserialize(trained[0], codes == BINARY), trained[1]
     elif train_at is not None:
-        training = parts.sample(train_at)
-    if train_at is not None:
-        trained_on = len(train_at)
-        index.train(training)
-        set_ranges(index, parts.precision)  # an IVF-SQ8 index: the folder's ranges, not its own
-        fit = training_error(index, training)
-        del training
-    labels = parts.row_labels()
-    if parts.labels is not None and len(np.unique(labels)) != n:
-        log.warning("the stored rows hold a label twice; the index is built over row positions "
-                    "and rebuilt by every run until the folder is written afresh")
-        parts = dataclasses.replace(parts, labels=None)
-        labels = parts.row_labels()
+        fit = train_quantizer(index, parts.sample(train_at), parts.precision)
+    trained_on = len(train_at) if train_at is not None else 0
     layout_infos: dict = {"layout": layout}
-    truth = None
     if layout == "single":
+        labels = parts.row_labels()
+        parts = _check_labels(parts, parts.labels is not None and len(np.unique(labels)) != n)
+        labels = parts.row_labels()
         index = with_labels(index)
         row = 0
         for block in parts.vectors():
             index.add_with_ids(block, labels[row:row + len(block)])
             row += len(block)
         index_bytes = serialize(index)
-    else:
+        build_seconds = time.perf_counter() - started
+        id_map = parts.keys()  # id, and chunk in a folder of one row a window
+        id_map = id_map.add_column(0, "faiss_id", pa.array(labels, pa.int64()))
+        measured, params, unit = measure(index, parts, n, cfg)
+    else:  # every row's vector and label read by the runner's jobs, the id map streamed
+        parts = _check_labels(parts, parts.labels is not None
+                              and repeated_labels(runner, parts, groups, build) > 0)
         trained = serialize(index)
         shards, truth = _write_shards(runner, parts, groups, trained, build, queries,
                                       min(10, n), cfg.metric, identities)
         layout_infos["shard_rows"] = cfg.shard_rows
         if layout == "shards":
-            index = open_shards(store, [s["file"] for s in shards])
             index_bytes = trained  # the index file: the trained (empty) index the shards share
             layout_infos["shards"] = shards
             layout_infos["shards_bytes"] = sum(store.size(s["file"]) for s in shards)
         else:
-            index, ivfdata = merge_shards_ondisk(store, trained, shards, build)
-            index_bytes = faiss.serialize_index(index)
-            for shard in shards:
-                store.remove(shard["file"])
+            merged, ivfdata = merge_shards_ondisk(store, trained, shards, build)
+            index_bytes = faiss.serialize_index(merged)
             layout_infos["ivfdata"] = ivfdata
             layout_infos["ivfdata_bytes"] = store.size(ivfdata)
             layout_infos["merged_shards"] = len(shards)
-
-    build_seconds = time.perf_counter() - started
-    measured, params, unit = measure(index, parts, n, cfg, truth)
+        build_seconds = time.perf_counter() - started
+        # measured on the shard files where they lie (the ondisk merge answers as they do);
+        # `index` is their trained, empty index: it takes the nprobe found
+        measured, params, unit = measure(index, parts, n, cfg, truth, shard_search(
+            runner, store, [s["file"] for s in shards], cfg.metric))
+        if layout == "ondisk":
+            for shard in shards:
+                store.remove(shard["file"])
+        id_map = parts.id_map()
     if cfg.metric == "ip" and not unit and codes != BINARY:
         log.warning("index.metric = 'ip' on vectors that are not normalised is not cosine "
                     "similarity; set encode.normalize = true for cosine")
-    id_map = parts.keys()  # id, and chunk in a folder of one row a window
-    id_map = id_map.add_column(0, "faiss_id", pa.array(labels, pa.int64()))
     size = len(index_bytes) + layout_infos.get("shards_bytes", 0) + layout_infos.get(
         "ivfdata_bytes", 0)
     infos = {
@@ -180,14 +178,49 @@ def load_index(store: Store) -> tuple[faiss.Index, dict]:
     return index, infos
 
 
-def _sample(runner: ShardRunner, parts: VectorParts, groups: list[list[int]],
-            positions: np.ndarray) -> np.ndarray:
-    """The vectors at `positions` (sorted), one job a group of parts."""
+def _check_labels(parts: VectorParts, repeated: bool) -> VectorParts:
+    """The parts as labelled for the index: by row position where their stored labels repeat."""
+    if not repeated:
+        return parts
+    log.warning("the stored rows hold a label twice; the index is built over row positions "
+                "and rebuilt by every run until the folder is written afresh")
+    return dataclasses.replace(parts, labels=None)
+
+
+def shard_search(runner: ShardRunner, store: Store, files: list[str], metric: str) -> Search:
+    """A Search over shard files, each searched by a runner's job where it lies, the answers
+    merged into the k best as faiss.IndexShards merges them (ties: the smaller label)."""
+    def search(queries: np.ndarray, k: int, nprobe: int | None = None):
+        top = TopK(queries, k, metric)
+        for distances, labels in runner([SearchJob(store, f, queries, k, nprobe) for f in files]):
+            top.merge(distances, labels, labels)
+        return top.distances, top.labels
+    return search
+
+
+def _sample_and_train(runner: ShardRunner, parts: VectorParts, groups: list[list[int]],
+                      query_at: np.ndarray, train_at: np.ndarray | None, cfg: IndexConfig,
+                      build: str) -> tuple[np.ndarray, tuple[bytes, float | None] | None]:
+    """The recall queries (the vectors at `query_at`, sorted), and with `train_at`, cfg's index
+    trained on the vectors there ((serialized, training_error)): one SampleJob a group of parts,
+    its training rows left in a scratch file for the TrainJob, removed after."""
     jobs = []
-    for group, (first, count) in zip(groups, _spans(parts, groups)):
-        inside = positions[(positions >= first) & (positions < first + count)]
-        jobs.append(SampleJob(parts.subset(group), inside - first))
-    return np.concatenate([s for s in runner(jobs) if len(s)])
+    for number, (group, (first, count)) in enumerate(zip(groups, _spans(parts, groups))):
+        def inside(positions):
+            return positions[(positions >= first) & (positions < first + count)] - first
+        jobs.append(SampleJob(parts.subset(group), inside(query_at),
+                              inside(train_at) if train_at is not None else np.zeros(0, np.int64),
+                              f"{INDEX_DIR}/sample-{build}-{number:05d}.npy"))
+    try:
+        queries = np.concatenate(runner(jobs))
+        trained = runner([TrainJob(cfg, sum(parts.rows()), parts.dimension(), parts.precision,
+                                   parts.store, tuple(job.rel for job in jobs))])[0] \
+            if train_at is not None else None
+    finally:
+        for job in jobs:
+            if parts.store.exists(job.rel):
+                parts.store.remove(job.rel)
+    return queries, trained
 
 
 def _spans(parts: VectorParts, groups: list[list[int]]) -> list[tuple[int, int]]:

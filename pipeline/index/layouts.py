@@ -8,6 +8,7 @@ only). With the same trained index and nprobe both return what `single` returns.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import socket
@@ -19,12 +20,14 @@ import numpy as np
 
 from ..config import ConfigError, IndexConfig
 from ..faults import checkpoint
+from ..io.precision import Precision
 from ..io.storage import TMP_MARK, Store
 from ..io.vectors import VectorParts
-from .choose import BINARY_LAYOUT
-from .family import is_binary
+from .choose import BINARY_LAYOUT, new_index
+from .family import is_binary, serialize
 from .files import INDEX_DIR, faiss_stdout_to_stderr, read_stored_index
-from .tuning import TopK
+from .labels import LabelCheckJob, LabelJob
+from .tuning import TopK, index_search, train_quantizer
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +109,59 @@ class ShardJob:
 
 @dataclass(frozen=True)
 class SampleJob:
-    """The vectors at these positions (counted within the parts), read where the parts are."""
+    """The stored vectors at these positions (counted within the parts), read where the parts
+    are: the recall queries' returned, the training sample's written to `rel` (.npy) for the
+    TrainJob, so that neither the sample nor its training passes through the planning process."""
     parts: VectorParts
-    positions: np.ndarray
+    queries: np.ndarray
+    training: np.ndarray
+    rel: str
 
     def run(self) -> np.ndarray:
-        return self.parts.sample(self.positions)
+        wanted = np.union1d(self.queries, self.training)
+        sample = self.parts.sample(wanted)
+        buffer = io.BytesIO()
+        np.save(buffer, sample[np.isin(wanted, self.training)])
+        self.parts.store.write_bytes(self.rel, buffer.getvalue())
+        return sample[np.isin(wanted, self.queries)]
 
 
-Job = ShardJob | SampleJob
+@dataclass(frozen=True)
+class TrainJob:
+    """The index for n vectors (choose.new_index: built here, since an index's clustering
+    settings, spherical k-means for inner product, are not serialized) trained on the
+    SampleJobs' files: (the trained, empty index serialized, tuning.training_error)."""
+    cfg: IndexConfig
+    n: int
+    dim: int
+    precision: Precision
+    store: Store
+    files: tuple[str, ...]
+
+    def run(self) -> tuple[bytes, float | None]:
+        index, _, _ = new_index(self.cfg, self.n, self.dim, self.precision)
+        training = np.concatenate([np.load(io.BytesIO(self.store.read_bytes(rel)))
+                                   for rel in self.files])
+        fit = train_quantizer(index, training, self.precision)
+        return serialize(index).tobytes(), fit
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    """One shard file searched for the recall queries, memory-mapped where it lies:
+    (distances, labels) [queries, k] at this nprobe."""
+    store: Store
+    rel: str
+    queries: np.ndarray
+    k: int
+    nprobe: int | None
+
+    def run(self) -> tuple[np.ndarray, np.ndarray]:
+        shard = read_stored_index(self.store, self.rel, faiss.IO_FLAG_MMAP)
+        return index_search(shard)(self.queries, self.k, self.nprobe)
+
+
+Job = ShardJob | SampleJob | TrainJob | SearchJob | LabelJob | LabelCheckJob
 ShardRunner = Callable[[list[Job]], list]  # runs the jobs, returns their results in order
 
 

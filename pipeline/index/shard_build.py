@@ -24,7 +24,6 @@ import time
 
 import faiss
 import numpy as np
-import pyarrow as pa
 
 from ..config import ConfigError, IndexConfig, parse_memory
 from ..io.precision import Precision
@@ -35,6 +34,7 @@ from .choose import choose_kind, code_bytes, hnsw_bytes, new_index
 from .commit import commit_index, new_build
 from .family import codes_of, ivf_of, ranges_digest
 from .files import INDEX_DIR, INFOS_FILE, index_file
+from .labels import repeated_labels
 from .layouts import ShardJob, ShardRunner, run_here, shard_groups
 from .maintain import GROWTH, Rebuild, built_with, update_index
 
@@ -112,10 +112,8 @@ def _keep_shards(store: Store, parts: VectorParts, cfg: IndexConfig, identities:
         shard["first_row"] = int(starts[where[shard["parts"][0]]])
     if sum(s["rows"] for s in shards) != n:
         raise Rebuild(f"the shards hold {sum(s['rows'] for s in shards)} vectors, the folder {n}")
-    labels = parts.row_labels()
-    if len(np.unique(labels)) != n:
+    if repeated_labels(runner, parts, shard_groups(rows, cfg.shard_rows), build):
         raise Rebuild("the stored rows hold a label twice")
-    id_map = parts.keys().add_column(0, "faiss_id", pa.array(labels, pa.int64()))
     shards_bytes = sum(store.size(s["file"]) for s in shards)
     since = infos.get("maintained", {}).get("since_build", {"updates": 0})
     updated = {
@@ -129,7 +127,7 @@ def _keep_shards(store: Store, parts: VectorParts, cfg: IndexConfig, identities:
         "recall_note": "recall_at_10 was measured at the build; shards kept from night to night "
                        "keep its search parameters and do not measure again",
     }
-    updated = commit_index(store, build, None, id_map, None, updated)
+    updated = commit_index(store, build, None, parts.id_map(), None, updated)
     log.info("index: %d shards kept, %d written (%d rows)", len(kept), len(built),
              sum(s["rows"] for s in built))
     return updated

@@ -3,6 +3,7 @@ on a disjoint sample, and the search-time knobs (efSearch, nprobe) stored and ap
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import faiss
 import numpy as np
@@ -10,7 +11,8 @@ import numpy as np
 from ..config import IndexConfig
 from ..io.vectors import VectorParts
 from .choose import METRICS
-from .family import exact_knn, hnsw_of, is_binary, ivf_of
+from ..io.precision import Precision
+from .family import exact_knn, hnsw_of, is_binary, ivf_of, set_ranges
 
 RECALL_QUERIES = 1_000  # stored vectors used as queries for recall@10
 NPROBE_TARGET = 0.95  # an unset nprobe is the smallest that reaches this recall@10
@@ -84,20 +86,31 @@ def query_sample(n: int, index: faiss.Index) -> tuple[np.ndarray, np.ndarray, np
     return positions, np.isin(positions, report), np.isin(positions, tune)
 
 
-def recall(index: faiss.Index, queries: np.ndarray, truth: np.ndarray,
-           kth: np.ndarray | None = None) -> float:
+Search = Callable[[np.ndarray, int, "int | None"], tuple[np.ndarray, np.ndarray]]
+"""(queries, k, nprobe or None for the index's own) -> (distances, labels), [queries, k]."""
+
+
+def index_search(index: faiss.Index) -> Search:
+    """A Search over an index held here, in batches: a search holds (queries x nprobe) list
+    numbers and distances per shard, 1 GB at 1,000 queries and nprobe 4,000 over 20 shards."""
+    def search(queries: np.ndarray, k: int, nprobe: int | None = None):
+        if nprobe is not None:
+            set_nprobe(index, nprobe)
+        answers = [index.search(queries[at:at + RECALL_BATCH], k)
+                   for at in range(0, len(queries), RECALL_BATCH)]
+        return np.vstack([d for d, _ in answers]), np.vstack([f for _, f in answers])
+    return search
+
+
+def recall(search: Search, queries: np.ndarray, truth: np.ndarray,
+           kth: np.ndarray | None = None, nprobe: int | None = None) -> float:
     """Share of the exact top-k found in the index's top-k. `kth`: each query's exact k-th
     distance, for binary codes, whose Hamming distances tie by the dozen (which of the tied rows
     makes the top k is arbitrary): a hit counts when its distance, exact in a binary index, is
     no farther than that."""
     if len(queries) == 0:
         return float("nan")
-    # in batches: a search holds (queries x nprobe) list numbers and distances per shard, 1 GB
-    # at 1,000 queries and nprobe 4,000 over 20 shards
-    answers = [index.search(queries[at:at + RECALL_BATCH], truth.shape[1])
-               for at in range(0, len(queries), RECALL_BATCH)]
-    distances = np.vstack([d for d, _ in answers])
-    found = np.vstack([f for _, f in answers])
+    distances, found = search(queries, truth.shape[1], nprobe)
     if kth is not None:
         return float(((distances <= kth[:, None]) & (found >= 0)).sum() / truth.size)
     hits = sum(len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist()))
@@ -129,6 +142,15 @@ def training_error(index: faiss.Index, vectors: np.ndarray) -> float | None:
     centroids = ivf.quantizer.reconstruct_batch(nearest.ravel())
     return float(((vectors - centroids) ** 2).sum(1).mean())
 
+def train_quantizer(index: faiss.Index, training: np.ndarray,
+                    precision: Precision) -> float | None:
+    """Train the index on the sample; returns training_error. An IVF-SQ8 index takes the
+    folder's ranges, not its own (family.set_ranges)."""
+    index.train(training)
+    set_ranges(index, precision)
+    return training_error(index, training)
+
+
 def search_params(index: faiss.Index) -> dict:
     """The search-time knobs an index carries, as stored in index_infos.json."""
     params = {}
@@ -147,15 +169,13 @@ def apply_search_params(index: faiss.Index, params: dict) -> None:
     if "nprobe" in params:
         set_nprobe(index, int(params["nprobe"]))
 
-def tune_nprobe(index: faiss.Index, queries: np.ndarray, truth: np.ndarray,
+def tune_nprobe(search: Search, nlist: int, queries: np.ndarray, truth: np.ndarray,
                 kth: np.ndarray | None = None) -> int:
     """The smallest nprobe (1, 2, 4, ... nlist) reaching NPROBE_TARGET recall, else the best."""
-    nlist = ivf_indexes(index)[0].nlist
     ladder = sorted({min(2 ** i, nlist) for i in range(nlist.bit_length() + 1)})
     best, best_recall = ladder[-1], -1.0
     for nprobe in ladder:
-        set_nprobe(index, nprobe)
-        got = recall(index, queries, truth, kth)
+        got = recall(search, queries, truth, kth, nprobe)
         if got >= NPROBE_TARGET:
             return nprobe
         if got > best_recall + 0.005:  # stop paying for probes that buy no recall
@@ -163,15 +183,18 @@ def tune_nprobe(index: faiss.Index, queries: np.ndarray, truth: np.ndarray,
     return best
 
 def measure(index: faiss.Index, parts: VectorParts, n: int, cfg: IndexConfig,
-            truth: Truth | None = None) -> tuple[float, dict, bool]:
-    """recall@10 against exact search, the search parameters it was measured with, and whether
-    the sampled vectors have unit length.
+            truth: Truth | None = None, search: Search | None = None) -> tuple[float, dict, bool]:
+    """recall@10 against exact search, the search parameters it was measured with (set on
+    `index`), and whether the sampled vectors have unit length.
 
     Exact neighbours are computed once for two even samples of stored vectors (here, streaming
     every part, unless `truth` brings them): an unset nprobe is tuned on one, and the recall
-    reported is measured on the other (disjoint when n >= 2000).
+    reported is measured on the other (disjoint when n >= 2000). `search`: how the index is
+    searched where it is not held here (a sharded build's shards, searched where they lie;
+    `index` is then their trained, empty index), else `index` itself.
     """
     k = min(10, n)
+    search = search or index_search(index)
     positions, report, tune = query_sample(n, index)
     if truth is None:
         queries = parts.sample(positions)
@@ -181,9 +204,12 @@ def measure(index: faiss.Index, parts: VectorParts, n: int, cfg: IndexConfig,
     kth = truth.distances[:, -1] if is_binary(index) else None
     pick = (lambda rows: None) if kth is None else (lambda rows: kth[rows])
     ivfs = ivf_indexes(index)
+    nprobe = None
     if ivfs:
-        set_nprobe(index, min(ivfs[0].nlist, cfg.nprobe or tune_nprobe(
-            index, queries[tune], labels[tune], pick(tune))))
+        nlist = ivfs[0].nlist
+        nprobe = min(nlist, cfg.nprobe or tune_nprobe(search, nlist, queries[tune],
+                                                      labels[tune], pick(tune)))
+        set_nprobe(index, nprobe)
     unit = bool(np.allclose(np.linalg.norm(queries, axis=1), 1.0, atol=1e-3))
-    return (recall(index, queries[report], labels[report], pick(report)), search_params(index),
-            unit)
+    return (recall(search, queries[report], labels[report], pick(report), nprobe),
+            search_params(index), unit)

@@ -28,6 +28,8 @@ class VectorParts:
     column (io/writer.py); a part written before that column has its unit-row labels.
     `footers`: the recorded footer hash of each file, which tells a part's content apart where
     its name and row count are the same (None: unknown).
+    `positions`: the labels are row positions in a larger set (a subset of parts without
+    stored labels), whatever faiss_id the parts hold.
     `precision`: what the parts store (output.precision); `vectors()` and `sample()` give the
     values the folder's index takes (Precision.index_values), `stored()` the values as stored."""
     store: Store
@@ -36,6 +38,7 @@ class VectorParts:
     labels: tuple[int, ...] | None = None
     footers: tuple[str, ...] | None = None
     precision: Precision = Precision()
+    positions: bool = False  # `labels` are row positions in a larger set (a subset's)
 
     def first_labels(self) -> list[int]:
         """Each file's first label: the recorded ones, else its first row position."""
@@ -48,7 +51,8 @@ class VectorParts:
         without one (row positions where the ledger gives no labels)."""
         pieces = []
         for name, first, r in zip(self.files, self.first_labels(), self.rows()):
-            if self.labels is not None and LABEL_COLUMN in self.metadata(name).schema.names:
+            if self.labels is not None and not self.positions \
+                    and LABEL_COLUMN in self.metadata(name).schema.names:
                 pieces += [t.column(0).to_numpy().astype(np.int64)
                            for t in VectorParts(self.store, [name]).read([LABEL_COLUMN])]
             else:
@@ -61,7 +65,8 @@ class VectorParts:
         def pick(values):
             return None if values is None else tuple(values[i] for i in indices)
         return VectorParts(self.store, [self.files[i] for i in indices], pick(self.known_rows),
-                           pick(self.first_labels()), pick(self.footers), self.precision)
+                           pick(self.first_labels()), pick(self.footers), self.precision,
+                           self.positions or self.labels is None)
 
     def metadata(self, name: str) -> pq.FileMetaData:
         with self.store.fs.open(self.store.path(name), "rb") as handle:
@@ -91,6 +96,17 @@ class VectorParts:
         tables = list(self.read(keys))
         return pa.concat_tables(tables) if tables else pa.table(
             {k: pa.array([], pa.int32() if k == "chunk" else pa.string()) for k in keys})
+
+    def id_map(self) -> Iterator[pa.Table]:
+        """The index's id map a block at a time, in row order: each row's label (faiss_id)
+        and key columns; what `keys()` and `row_labels()` give, one part in memory at once."""
+        for i in range(len(self.files)):
+            part = self.subset([i])
+            labels, row = part.row_labels(), 0
+            for table in part.read(self.key_columns()):
+                yield table.add_column(0, LABEL_COLUMN,
+                                       pa.array(labels[row:row + table.num_rows], pa.int64()))
+                row += table.num_rows
 
     def read(self, columns: list[str], batch_rows: int = READ_ROWS) -> Iterator[pa.Table]:
         """The columns, part after part, at most batch_rows rows at a time, every page's

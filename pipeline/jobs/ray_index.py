@@ -45,20 +45,29 @@ def actor_count(ray, workers: int | None, jobs: int) -> tuple[int, int]:
 
 def ray_shard_runner(address: str | None, workers: int | None) -> ShardRunner:
     """A ShardRunner that hands the jobs round-robin to Ray actors, in the order given back.
-    Each actor adds with the driver's FAISS thread count: the coarse assignment's products are
-    summed per thread block, so another count can put a vector on a near-tie between two
-    lists into the other one; with the same count the shards are the local build's, byte for
-    byte (on the same kind of CPU)."""
+    The actors are kept from call to call while the run's Ray session lasts (a build's samples,
+    label checks, shards and recall searches reuse them). Each actor adds with the driver's
+    FAISS thread count: the coarse assignment's products are summed per thread block, so
+    another count can put a vector on a near-tie between two lists into the other one; with the
+    same count the shards are the local build's, byte for byte (on the same kind of CPU)."""
+    actors: list = []
+
     def run(jobs: list[Job]) -> list:
         import faiss
+        import ray as ray_module
 
+        if not ray_module.is_initialized():
+            actors.clear()  # a session of this call's own: earlier actors went with theirs
         threads = faiss.omp_get_max_threads()
         with ray_session(address) as ray:
             count, _ = actor_count(ray, workers, len(jobs))
-            actor_class = ray.remote(num_cpus=1, max_restarts=MAX_RESTARTS,
-                                     max_task_retries=MAX_RESTARTS)(ShardActor)
-            actors = [actor_class.remote(threads) for _ in range(count)]
-            log.info("ray: %d shards on %d actors", len(jobs), count)
+            if len(actors) < count:
+                actor_class = ray.remote(num_cpus=1, max_restarts=MAX_RESTARTS,
+                                         max_task_retries=MAX_RESTARTS)(ShardActor)
+                actors.extend(actor_class.remote(threads) for _ in range(count - len(actors)))
+                log.info("ray: %d index actors", len(actors))
+            log.debug("ray: %d %s jobs on %d actors", len(jobs),
+                      type(jobs[0]).__name__ if jobs else "no", count)
             refs = [actors[i % count].run.remote(job) for i, job in enumerate(jobs)]
             return ray.get(refs)
     return run

@@ -11,6 +11,8 @@ import shutil
 
 import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
@@ -202,9 +204,11 @@ def test_shard_groups():
 def test_a_sharded_build_reads_vectors_only_in_its_jobs(snippets_out, tmp_path, monkeypatch,
                                                         layout):
     """The shards layouts' build hands every read of vectors to its runner's jobs (the training
-    and recall samples, the shards, the recall queries' exact neighbours): the process that
-    commits reads none itself, and the recall it records is the one measured the old way, by
-    streaming every part here (the same index, the same exact neighbours)."""
+    and recall samples, the training, the shards, the recall queries' exact neighbours and the
+    recall searches), and every read of the whole folder's labels (the repeated-label check): the
+    process that commits reads no vector and holds no folder-wide label or key array, only one
+    part's ids at a time while it streams the id map. The recall it records is the one measured
+    the old way, by streaming every part here (the same index, the same exact neighbours)."""
     from pipeline.index.build import build_index
     from pipeline.index.tuning import measure
     from pipeline.io.ledger import Ledger
@@ -213,11 +217,18 @@ def test_a_sharded_build_reads_vectors_only_in_its_jobs(snippets_out, tmp_path, 
     out = tmp_path / "out"
     shutil.copytree(snippets_out, out)
     inside, jobs = [], []
-    streamed = VectorParts.vectors
+    streamed, row_labels, keys = VectorParts.vectors, VectorParts.row_labels, VectorParts.keys
 
     def vectors(self, *args, **kwargs):
         assert inside, "a vector part read outside the runner's jobs"
         return streamed(self, *args, **kwargs)
+
+    def labels_here(self):
+        assert inside or len(self.files) == 1, "every row's label read outside the jobs"
+        return row_labels(self)
+
+    def keys_here(self):
+        raise AssertionError("every row's key read at once")
 
     def runner(batch):
         jobs.extend(type(job).__name__ for job in batch)
@@ -228,12 +239,58 @@ def test_a_sharded_build_reads_vectors_only_in_its_jobs(snippets_out, tmp_path, 
             inside.pop()
 
     monkeypatch.setattr(VectorParts, "vectors", vectors)
+    monkeypatch.setattr(VectorParts, "row_labels", labels_here)
+    monkeypatch.setattr(VectorParts, "keys", keys_here)
     store = Store(str(out))
     parts = Ledger(store).vector_parts()
     cfg = IndexConfig(type="ivf-flat", nlist=32, layout=layout, shard_rows=1000)
     infos = build_index(store, parts, cfg, runner)
-    assert jobs.count("SampleJob") == jobs.count("ShardJob") == len(parts.files) >= 2
-    monkeypatch.setattr(VectorParts, "vectors", streamed)
+    assert jobs.count("SampleJob") == jobs.count("ShardJob") == jobs.count("LabelJob") \
+        == len(parts.files) >= 2
+    assert jobs.count("LabelCheckJob") == jobs.count("TrainJob") == 1  # 2,652 labels: one
+    # partition; the quantizer trained by a job, on the samples its SampleJobs left
+    assert jobs.count("SearchJob") >= 2 * len(parts.files)  # a tuning round and the report
+    assert not [f for f in store.listdir("index") if f.startswith(("labels-", "sample-"))]
+    for name, original in (("vectors", streamed), ("row_labels", row_labels), ("keys", keys)):
+        monkeypatch.setattr(VectorParts, name, original)
     index, _ = load_index(store)
     recall, params, _ = measure(index, parts, infos["count"], cfg)
     assert 0.5 < round(recall, 4) == infos["recall_at_10"] and params == infos["search_params"]
+    ids = pq.read_table(out / infos["ids_file"])
+    assert ids.column("faiss_id").to_numpy().tolist() == parts.row_labels().tolist()
+    assert ids.column("id").to_pylist() == parts.keys().column("id").to_pylist()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_labels_held_twice_index_row_positions(snippets_out, tmp_path, caplog, layout):
+    """A folder whose parts carry a label twice (a damaged or hand-edited faiss_id column) is
+    indexed over row positions, with a warning, by every layout: the sharded ones find it
+    through their label jobs, and their shards take the positions too, not the parts' column."""
+    from pipeline.index.build import build_index
+    from pipeline.io.ledger import Ledger
+    from pipeline.io.vectors import VectorParts
+
+    out = tmp_path / "out"
+    shutil.copytree(snippets_out, out)
+    store = Store(str(out))
+    parts = Ledger(store).vector_parts()
+    first, second = (out / parts.files[0], out / parts.files[1])
+    table = pq.read_table(second)
+    copied = pq.read_table(first, columns=["faiss_id"]).column(0).to_numpy()[:5]
+    held = table.column("faiss_id").to_numpy().copy()
+    held[:5] = copied  # five rows of the second part take labels of the first's
+    pq.write_table(table.set_column(table.schema.get_field_index("faiss_id"), "faiss_id",
+                                    pa.array(held, pa.int64())), second)
+    parts = VectorParts(store, parts.files, labels=parts.labels, precision=parts.precision)
+    cfg = IndexConfig(type="ivf-flat", nlist=32, nprobe=32, layout=layout, shard_rows=1000)
+    with caplog.at_level("WARNING"):
+        infos = build_index(store, parts, cfg)
+    assert "hold a label twice" in caplog.text and infos["labels"] == "position"
+    n = infos["count"]
+    ids = pq.read_table(out / infos["ids_file"])
+    assert ids.column("faiss_id").to_numpy().tolist() == list(range(n))
+    index, _ = load_index(store)
+    vectors = matrix(read_vectors(out))
+    probe = np.array([0, 999, 1000, 1004, n - 1])
+    _, found = index.search(np.ascontiguousarray(vectors[probe]), 1)
+    assert found[:, 0].tolist() == probe.tolist()
