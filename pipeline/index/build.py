@@ -189,12 +189,13 @@ def _check_labels(parts: VectorParts, repeated: bool) -> VectorParts:
 
 def shard_search(runner: ShardRunner, store: Store, files: list[str], metric: str) -> Search:
     """A Search over shard files, each searched by a runner's job where it lies, the answers
-    merged into the k best as faiss.IndexShards merges them (ties: the smaller label)."""
+    merged by faiss.merge_knn_results, the merge faiss.IndexShards makes of the same shards:
+    the hits, ties included, of a search of the committed index."""
     def search(queries: np.ndarray, k: int, nprobe: int | None = None):
-        top = TopK(queries, k, metric)
-        for distances, labels in runner([SearchJob(store, f, queries, k, nprobe) for f in files]):
-            top.merge(distances, labels, labels)
-        return top.distances, top.labels
+        answers = runner([SearchJob(store, f, queries, k, nprobe) for f in files])
+        return faiss.merge_knn_results(np.stack([d for d, _ in answers]),
+                                       np.stack([i for _, i in answers]),
+                                       keep_max=metric == "ip")
     return search
 
 
