@@ -15,10 +15,16 @@ driver a fresh process whose peak RSS is its own VmHWM (/proc/self/status, read 
 | re-export | every file under a new name, 1% of the texts changed (every 100th row) |
 
 **The model is a stand-in** so rows are cheap: the tiniest random BERT of bench/nightly (1
-layer, hidden 32, FFN 64, all-MiniLM-L6-v2's tokenizer), max_length 32, index disabled (the
-index is built elsewhere: issue #30 items 2-3). Its vectors mean nothing; the driver's memory,
-the scan's cost and the night's share of the first run are the point. Target: the driver's peak
-RSS at 10N within 10% of N's, for both kinds of night.
+layer, hidden 32, FFN 64, all-MiniLM-L6-v2's tokenizer), max_length 32. Its vectors mean
+nothing; the driver's memory, the scan's cost and the night's share of the first run are the
+point. Target: the driver's peak RSS at 10N within 10% of N's, for both kinds of night.
+`--index`: an IVF-Flat index in the shards layout, a shard a 50,000-row part, built by the
+run's actors (who wrote each shard is read from index_infos.json). `--compare-local`: at the
+smallest size, each night's input is also run by the local runner into a folder of its own, and
+the two folders compared: ids in order, vectors bit for bit, labels, and (with --index) the
+index's answers to 200 stored vectors.
+
+    python -m bench.ray_scale --index --compare-local --rows 100000 --rows 1000000
 """
 from __future__ import annotations
 
@@ -115,16 +121,17 @@ def shard_writers(out: Path) -> dict:
             "kept": infos.get("maintained", {}).get("shards_kept", 0)}
 
 
-def run_night(job: Path, address: str, label: str) -> dict:
-    """One `embedpipe run --runner ray` driver process: its summary, wall seconds, VmHWM."""
+def run_night(job: Path, address: str | None, label: str) -> dict:
+    """One `embedpipe run --runner ray` driver process (address None: the local runner): its
+    summary, wall seconds, VmHWM."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_AUTH_MODE": "disabled"}
+    runner = ["--runner", "ray", "--ray-address", address, "--workers", "2"] if address else []
     with tempfile.TemporaryDirectory() as tmp:
         peak = Path(tmp) / "hwm"
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", DRIVER, str(peak), "run", str(job),
-                               "--runner", "ray", "--ray-address", address, "--workers", "2",
-                               "--json", "--no-progress"], capture_output=True, text=True,
-                              env=env)
+                               *runner, "--json", "--no-progress"], capture_output=True,
+                              text=True, env=env)
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             raise SystemExit(f"{label}: embedpipe run exited {proc.returncode}: "
@@ -142,6 +149,34 @@ def run_night(job: Path, address: str, label: str) -> dict:
             "total": seconds.get("total", 0.0)}
 
 
+def same_result(ray_out: Path, local_out: Path, indexed: bool, queries: int = 200) -> dict:
+    """The Ray run's folder against the local runner's: ids in order, vectors bit for bit,
+    labels, and (`indexed`) the index's answers, labels and distances, to `queries` stored
+    vectors."""
+    import numpy as np
+
+    from pipeline.index.build import load_index
+    from pipeline.io.ledger import Ledger
+    from pipeline.io.storage import Store
+
+    held = {}
+    for name, folder in (("ray", ray_out), ("local", local_out)):
+        store = Store(str(folder))
+        parts = Ledger(store).vector_parts()
+        ids = pa.concat_tables(list(parts.read(["id"]))).column("id")
+        held[name] = (ids, np.concatenate(list(parts.stored())), parts.row_labels(),
+                      load_index(store)[0] if indexed else None)
+    (ids, vectors, labels, index), (ids0, vectors0, labels0, index0) = held["ray"], held["local"]
+    same = {"rows": len(vectors), "ids": ids.equals(ids0),
+            "vectors": vectors.shape == vectors0.shape and bool(np.array_equal(vectors, vectors0)),
+            "labels": bool(np.array_equal(labels, labels0))}
+    if indexed:
+        asked = np.ascontiguousarray(vectors[np.linspace(0, len(vectors) - 1, queries).astype(int)])
+        (d, i), (d0, i0) = index.search(asked, 10), index0.search(asked, 10)
+        same["search"] = bool(np.array_equal(i, i0) and np.array_equal(d, d0))
+    return same
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, action="append", help="sizes (repeatable)")
@@ -150,6 +185,9 @@ def main() -> None:
     parser.add_argument("--index", action="store_true",
                         help="build an IVF-Flat index in the shards layout on the actors (a shard "
                              "a 50,000-row part)")
+    parser.add_argument("--compare-local", action="store_true",
+                        help="at the smallest size, run the local runner on each night's input "
+                             "too and compare the folders (ids, vectors, labels, search)")
     args = parser.parse_args()
     sizes = args.rows or [100_000, 1_000_000]
     work = Path(args.workdir).resolve()
@@ -188,6 +226,18 @@ def main() -> None:
                     print(f"{'':>17}index {result['index']:.1f} s: {result['shards']} shards "
                           f"written by pids {result['writers']} (driver {result['driver_pid']}), "
                           f"{result['kept']} kept, recall@10 {result['recall_at_10']}", flush=True)
+                if args.compare_local and n == min(sizes):
+                    local_out = work / f"out-{n}-local"
+                    if label == "first":
+                        subprocess.run(["rm", "-rf", str(local_out)], check=True)
+                    local_job = write_job(work / f"job-{n}-local.toml", folder, local_out, model,
+                                          ROWS_PER_FILE if args.index else 0)
+                    local = run_night(local_job, None, f"{label} (local)")
+                    result["local"] = {"wall": local["wall"],
+                                       "driver_peak_rss_mb": local["driver_peak_rss_mb"],
+                                       **same_result(out, local_out, args.index)}
+                    print(f"{'':>17}local runner: {local['wall']:.1f} s wall; the folders "
+                          f"equal: {result['local']}", flush=True)
     finally:
         cluster.shutdown()
     print(f"CPU: {this_cpu().model}; {os.cpu_count()} cores")

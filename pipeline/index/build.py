@@ -37,8 +37,9 @@ from .commit import commit_index, new_build
 from .family import BINARY, codes_of, deserialize, ranges_digest, serialize, with_labels
 from .files import INDEX_DIR, INFOS_FILE, faiss_stdout_to_stderr, index_file, read_stored_index
 from .labels import repeated_labels
-from .layouts import (SampleJob, SearchJob, ShardJob, ShardRunner, TrainJob,
-                      choose_layout, merge_shards_ondisk, open_shards, run_here, shard_groups)
+from .layouts import (SampleJob, SearchJob, ShardJob, ShardRunner, TrainJob, calls,
+                      choose_layout, merge_shards_ondisk, open_shards, run_here, save_array,
+                      shard_groups)
 from .tuning import (RECALL_QUERIES, Search, TopK, Truth, apply_search_params, even_positions,
                      measure, query_sample, train_quantizer)
 
@@ -99,24 +100,34 @@ def build_index(store: Store, files: list[str] | VectorParts, cfg: IndexConfig,
         parts = _check_labels(parts, parts.labels is not None
                               and repeated_labels(runner, parts, groups, build) > 0)
         trained = serialize(index)
-        shards, truth = _write_shards(runner, parts, groups, trained, build, queries,
-                                      min(10, n), cfg.metric, identities)
-        layout_infos["shard_rows"] = cfg.shard_rows
-        if layout == "shards":
-            index_bytes = trained  # the index file: the trained (empty) index the shards share
-            layout_infos["shards"] = shards
-            layout_infos["shards_bytes"] = sum(store.size(s["file"]) for s in shards)
-        else:
-            merged, ivfdata = merge_shards_ondisk(store, trained, shards, build)
-            index_bytes = faiss.serialize_index(merged)
-            layout_infos["ivfdata"] = ivfdata
-            layout_infos["ivfdata_bytes"] = store.size(ivfdata)
-            layout_infos["merged_shards"] = len(shards)
-        build_seconds = time.perf_counter() - started
-        # measured on the shard files where they lie (the ondisk merge answers as they do);
-        # `index` is their trained, empty index: it takes the nprobe found
-        measured, params, unit = measure(index, parts, n, cfg, truth, shard_search(
-            runner, store, [s["file"] for s in shards], cfg.metric))
+        # what every job reads is written once, not shipped with each of them: the trained
+        # index under the name the commit gives the index file, the recall queries as scratch
+        trained_rel = f"{INDEX_DIR}/index-{build}.faiss"  # commit_index writes it there again
+        queries_rel = f"{INDEX_DIR}/queries-{build}.npy"
+        store.write_bytes(trained_rel, trained.tobytes())
+        try:
+            save_array(store, queries_rel, queries)
+            shards, truth = _write_shards(runner, parts, groups, trained_rel, build, queries,
+                                          queries_rel, min(10, n), cfg.metric, identities)
+            layout_infos["shard_rows"] = cfg.shard_rows
+            if layout == "shards":
+                index_bytes = trained  # the index file: the trained (empty) index they share
+                layout_infos["shards"] = shards
+                layout_infos["shards_bytes"] = sum(store.size(s["file"]) for s in shards)
+            else:
+                merged, ivfdata = merge_shards_ondisk(store, trained, shards, build)
+                index_bytes = faiss.serialize_index(merged)
+                layout_infos["ivfdata"] = ivfdata
+                layout_infos["ivfdata_bytes"] = store.size(ivfdata)
+                layout_infos["merged_shards"] = len(shards)
+            build_seconds = time.perf_counter() - started
+            # measured on the shard files where they lie (the ondisk merge answers as they
+            # do); `index` is their trained, empty index: it takes the nprobe found
+            measured, params, unit = measure(index, parts, n, cfg, truth, shard_search(
+                runner, store, [s["file"] for s in shards], cfg.metric, queries_rel))
+        finally:
+            if store.exists(queries_rel):
+                store.remove(queries_rel)
         if layout == "ondisk":
             for shard in shards:
                 store.remove(shard["file"])
@@ -187,15 +198,22 @@ def _check_labels(parts: VectorParts, repeated: bool) -> VectorParts:
     return dataclasses.replace(parts, labels=None)
 
 
-def shard_search(runner: ShardRunner, store: Store, files: list[str], metric: str) -> Search:
-    """A Search over shard files, each searched by a runner's job where it lies, the answers
-    merged by faiss.merge_knn_results, the merge faiss.IndexShards makes of the same shards:
-    the hits, ties included, of a search of the committed index."""
+def shard_search(runner: ShardRunner, store: Store, files: list[str], metric: str,
+                 scratch: str) -> Search:
+    """A Search over shard files, each searched by a runner's job where it lies (the queries
+    written to `scratch` for them), the answers merged by faiss.merge_knn_results, the merge
+    faiss.IndexShards makes of the same shards: the hits, ties included, of a search of the
+    committed index. A call's answers are merged into those of the calls before (layouts.
+    calls), which keeps IndexShards' order: every earlier shard is in the running answer."""
     def search(queries: np.ndarray, k: int, nprobe: int | None = None):
-        answers = runner([SearchJob(store, f, queries, k, nprobe) for f in files])
-        return faiss.merge_knn_results(np.stack([d for d, _ in answers]),
-                                       np.stack([i for _, i in answers]),
-                                       keep_max=metric == "ip")
+        save_array(store, scratch, queries)
+        merged = None
+        for _, answers in calls(runner, [SearchJob(store, f, scratch, k, nprobe) for f in files]):
+            answers = ([merged] if merged is not None else []) + list(answers)
+            merged = faiss.merge_knn_results(np.stack([d for d, _ in answers]),
+                                             np.stack([i for _, i in answers]),
+                                             keep_max=metric == "ip")
+        return merged
     return search
 
 
@@ -232,17 +250,20 @@ def _spans(parts: VectorParts, groups: list[list[int]]) -> list[tuple[int, int]]
 
 
 def _write_shards(runner: ShardRunner, parts: VectorParts, groups: list[list[int]],
-                  trained: np.ndarray, build: str, queries: np.ndarray, k: int, metric: str,
-                  identities: list[str] | None) -> tuple[list[dict], Truth]:
+                  trained: str, build: str, queries: np.ndarray, queries_rel: str, k: int,
+                  metric: str, identities: list[str] | None) -> tuple[list[dict], Truth]:
     """One shard a group of consecutive parts ([{file, rows, first_row, parts, pid, host}], in
-    row order), and the recall queries' exact neighbours merged from each shard's."""
-    jobs = [ShardJob(f"{INDEX_DIR}/shard-{build}-{number:05d}.faiss", trained.tobytes(),
+    row order), and the recall queries' exact neighbours merged from each shard's, a call's
+    worth at a time (TopK's merge is the same in any grouping)."""
+    jobs = [ShardJob(f"{INDEX_DIR}/shard-{build}-{number:05d}.faiss", trained,
                      parts.subset(group), tuple(identities[i] for i in group)
-                     if identities else (), first, queries, k, metric)
+                     if identities else (), first, queries_rel, k, metric)
             for number, (group, (first, _)) in enumerate(zip(groups, _spans(parts, groups)))]
     top = TopK(queries, k, metric)
-    shards = runner(jobs)
-    for job, shard in zip(jobs, shards):
-        shard["first_row"] = job.first_row
-        top.merge(*shard.pop("truth"))
+    shards = []
+    for batch, done in calls(runner, jobs):
+        for job, shard in zip(batch, done):
+            shard["first_row"] = job.first_row
+            top.merge(*shard.pop("truth"))
+            shards.append(shard)
     return shards, Truth(queries, top.labels, top.distances)

@@ -26,7 +26,7 @@ from .files import INDEX_DIR, INFOS_FILE
 
 BUILT = re.compile(r"(index(-.+)?\.faiss|ids(-.+)?\.parquet|tombstones-.+\.npy|shard-.+\.faiss"
                    r"|merged-.+\.ivfdata|labels-.+\.bin"
-                   r"|sample-.+\.npy)")
+                   r"|sample-.+\.npy|queries-.+\.npy)")
 
 
 def new_build() -> str:

@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import faiss
 import numpy as np
@@ -80,15 +80,16 @@ def write_shard(store: Store, trained: np.ndarray, parts: VectorParts, rel: str,
 
 @dataclass(frozen=True)
 class ShardJob:
-    """One shard file to write: these parts added to the trained index; with `queries`, their
-    exact neighbours among the shard's rows too (recall's truth, computed where the vectors
-    are read anyway)."""
+    """One shard file to write: these parts added to the trained index (read from the file
+    `trained`, written once for every job); with `queries` (an .npy file), their exact
+    neighbours among the shard's rows too (recall's truth, computed where the vectors are read
+    anyway)."""
     rel: str
-    trained: bytes  # the serialized trained, empty index
+    trained: str
     parts: VectorParts
     identities: tuple[str, ...] = ()  # the parts' (shard_build.part_identities); () for none
     first_row: int = 0  # the shard's first row in the whole index
-    queries: np.ndarray | None = None
+    queries: str | None = None
     k: int = 10
     metric: str = "ip"
 
@@ -96,10 +97,11 @@ class ShardJob:
         """The shard file written whole, and what the infos record of it, with the process
         that wrote it; with queries, "truth": (distances, positions, labels) [queries, k]."""
         checkpoint("shard")  # a worker about to write a shard: nothing of it is on disk yet
-        top = TopK(self.queries, self.k, self.metric, self.first_row) \
+        store = self.parts.store
+        top = TopK(load_array(store, self.queries), self.k, self.metric, self.first_row) \
             if self.queries is not None else None
-        rows = write_shard(self.parts.store, np.frombuffer(self.trained, np.uint8), self.parts,
-                           self.rel, top.add if top is not None else None)
+        rows = write_shard(store, np.frombuffer(store.read_bytes(self.trained), np.uint8),
+                           self.parts, self.rel, top.add if top is not None else None)
         done = {"file": self.rel, "rows": rows, "parts": list(self.identities),
                 "pid": os.getpid(), "host": socket.gethostname()}
         if top is not None:
@@ -120,9 +122,7 @@ class SampleJob:
     def run(self) -> np.ndarray:
         wanted = np.union1d(self.queries, self.training)
         sample = self.parts.sample(wanted)
-        buffer = io.BytesIO()
-        np.save(buffer, sample[np.isin(wanted, self.training)])
-        self.parts.store.write_bytes(self.rel, buffer.getvalue())
+        save_array(self.parts.store, self.rel, sample[np.isin(wanted, self.training)])
         return sample[np.isin(wanted, self.queries)]
 
 
@@ -140,25 +140,24 @@ class TrainJob:
 
     def run(self) -> tuple[bytes, float | None]:
         index, _, _ = new_index(self.cfg, self.n, self.dim, self.precision)
-        training = np.concatenate([np.load(io.BytesIO(self.store.read_bytes(rel)))
-                                   for rel in self.files])
+        training = np.concatenate([load_array(self.store, rel) for rel in self.files])
         fit = train_quantizer(index, training, self.precision)
         return serialize(index).tobytes(), fit
 
 
 @dataclass(frozen=True)
 class SearchJob:
-    """One shard file searched for the recall queries, memory-mapped where it lies:
-    (distances, labels) [queries, k] at this nprobe."""
+    """One shard file searched for the recall queries (an .npy file), memory-mapped where it
+    lies: (distances, labels) [queries, k] at this nprobe."""
     store: Store
     rel: str
-    queries: np.ndarray
+    queries: str
     k: int
     nprobe: int | None
 
     def run(self) -> tuple[np.ndarray, np.ndarray]:
         shard = read_stored_index(self.store, self.rel, faiss.IO_FLAG_MMAP)
-        return index_search(shard)(self.queries, self.k, self.nprobe)
+        return index_search(shard)(load_array(self.store, self.queries), self.k, self.nprobe)
 
 
 Job = ShardJob | SampleJob | TrainJob | SearchJob | LabelJob | LabelCheckJob
@@ -168,6 +167,29 @@ ShardRunner = Callable[[list[Job]], list]  # runs the jobs, returns their result
 def run_here(jobs: list[Job]) -> list:
     """The local runner's ShardRunner: one job after another in this process."""
     return [job.run() for job in jobs]
+
+
+JOBS_A_CALL = 64  # jobs handed to a runner at once where each returns an array to merge
+
+
+def calls(runner: ShardRunner, jobs: list[Job]) -> Iterator[tuple[list[Job], list]]:
+    """(jobs, their results), the jobs handed to the runner JOBS_A_CALL at a time, so that the
+    caller merges one call's results before the next call's arrive: it holds a call's results,
+    not a result for each of a billion-row index's shards."""
+    for at in range(0, len(jobs), JOBS_A_CALL):
+        batch = jobs[at:at + JOBS_A_CALL]
+        yield batch, runner(batch)
+
+
+def save_array(store: Store, rel: str, array: np.ndarray) -> None:
+    """An array for jobs to read (.npy), written once rather than shipped with every job."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    store.write_bytes(rel, buffer.getvalue())
+
+
+def load_array(store: Store, rel: str) -> np.ndarray:
+    return np.load(io.BytesIO(store.read_bytes(rel)))
 
 
 def open_shards(store: Store, names: list[str]) -> faiss.IndexShards:

@@ -98,10 +98,9 @@ def _keep_shards(store: Store, parts: VectorParts, cfg: IndexConfig, identities:
             kept.append({k: v for k, v in shard.items() if k != "first_row"})
             covered.update(mine)
     loose = [i for i, ident in enumerate(identities) if ident not in covered]
-    trained = store.read_bytes(index_file(infos))
     build = new_build()
     groups = shard_groups([rows[i] for i in loose], cfg.shard_rows) if loose else []
-    jobs = [ShardJob(f"{INDEX_DIR}/shard-{build}-{number:05d}.faiss", trained,
+    jobs = [ShardJob(f"{INDEX_DIR}/shard-{build}-{number:05d}.faiss", index_file(infos),
                      parts.subset([loose[j] for j in group]),
                      tuple(identities[loose[j]] for j in group))
             for number, group in enumerate(groups)]
@@ -119,7 +118,8 @@ def _keep_shards(store: Store, parts: VectorParts, cfg: IndexConfig, identities:
     updated = {
         **{k: v for k, v in infos.items() if k != "rebuilt"},
         "count": n, "parts": part_records(parts), "labels": "stored", "shards": shards,
-        "shards_bytes": shards_bytes, "size_bytes": len(trained) + shards_bytes,
+        "shards_bytes": shards_bytes,
+        "size_bytes": store.size(index_file(infos)) + shards_bytes,
         "maintained": {"shards_kept": len(kept), "shards_written": len(built),
                        "rows_added": sum(s["rows"] for s in built),
                        "seconds": round(time.perf_counter() - started, 3),

@@ -240,6 +240,7 @@ def test_a_sharded_build_reads_vectors_only_in_its_jobs(snippets_out, tmp_path, 
 
     monkeypatch.setattr(VectorParts, "vectors", vectors)
     monkeypatch.setattr(VectorParts, "row_labels", labels_here)
+    monkeypatch.setattr(layouts, "JOBS_A_CALL", 1)  # each shard's answers merged as they come
     monkeypatch.setattr(VectorParts, "keys", keys_here)
     store = Store(str(out))
     parts = Ledger(store).vector_parts()
@@ -250,7 +251,8 @@ def test_a_sharded_build_reads_vectors_only_in_its_jobs(snippets_out, tmp_path, 
     assert jobs.count("LabelCheckJob") == jobs.count("TrainJob") == 1  # 2,652 labels: one
     # partition; the quantizer trained by a job, on the samples its SampleJobs left
     assert jobs.count("SearchJob") >= 2 * len(parts.files)  # a tuning round and the report
-    assert not [f for f in store.listdir("index") if f.startswith(("labels-", "sample-"))]
+    assert not [f for f in store.listdir("index")
+                if f.startswith(("labels-", "sample-", "queries-"))]
     for name, original in (("vectors", streamed), ("row_labels", row_labels), ("keys", keys)):
         monkeypatch.setattr(VectorParts, name, original)
     index, _ = load_index(store)
@@ -296,11 +298,14 @@ def test_labels_held_twice_index_row_positions(snippets_out, tmp_path, caplog, l
     assert found[:, 0].tolist() == probe.tolist()
 
 
-@pytest.mark.parametrize("metric", ["ip", "l2"])
-def test_shard_search_answers_as_index_shards_does_ties_included(tmp_path, metric):
+@pytest.mark.parametrize("metric,jobs_a_call", [("ip", 64), ("l2", 64), ("ip", 2), ("l2", 1)])
+def test_shard_search_answers_as_index_shards_does_ties_included(tmp_path, monkeypatch, metric,
+                                                                 jobs_a_call):
     """Recall on a sharded build is measured by searching each shard in a job and merging the
     answers; the merge is faiss.IndexShards' own, so the recall recorded is that of a search of
-    the committed index, also where stored vectors are equal and their distances tie."""
+    the committed index, also where stored vectors are equal and their distances tie, and also
+    when the shards' answers arrive a few calls at a time, each merged into the running one."""
+    monkeypatch.setattr(layouts, "JOBS_A_CALL", jobs_a_call)
     from pipeline.index.build import shard_search
     from pipeline.index.tuning import index_search
 
@@ -320,6 +325,7 @@ def test_shard_search_answers_as_index_shards_does_ties_included(tmp_path, metri
         store.write_bytes(files[-1], faiss.serialize_index(shard).tobytes())
     together = layouts.open_shards(store, files)
     for nprobe in (1, 2, 8):
-        d, i = shard_search(layouts.run_here, store, files, metric)(queries, 10, nprobe)
+        d, i = shard_search(layouts.run_here, store, files, metric,
+                            "index/queries-test.npy")(queries, 10, nprobe)
         d0, i0 = index_search(together)(queries, 10, nprobe)
         assert np.array_equal(i, i0) and np.array_equal(d, d0)
