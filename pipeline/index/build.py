@@ -52,11 +52,12 @@ def build_index(store: Store, files: list[str] | VectorParts, cfg: IndexConfig,
 
     Every vector is added under its label (VectorParts.row_labels: the rows' stored labels
     where the ledger knows the parts' units, else row positions); flat and HNSW inside an
-    IndexIDMap2, IVF kinds with their own ids. The shards layouts' work that reads vectors (the
-    training and recall samples, each shard's vectors and its rows' exact neighbours of the
-    recall queries) goes to `runner` as jobs, one group of parts each (layouts.run_here: in this
-    process; jobs/ray_index.py: Ray actors), so this process reads no vector part itself;
-    `identities`: the parts' (shard_build.part_identities), recorded with each shard. The
+    IndexIDMap2, IVF kinds with their own ids. The shards layouts' work that reads vectors or
+    every row's label (the training and recall samples, the training, the repeated-label
+    check, each shard's vectors and its rows' exact neighbours of the recall queries, the
+    recall searches) goes to `runner` as jobs (layouts.run_here: in this process;
+    jobs/ray_index.py: Ray actors), and the id map is streamed a part at a time, so this
+    process reads no vector and holds no per-row array; `identities`: the parts' (shard_build.part_identities), recorded with each shard. The
     ip-without-cosine warning goes by the vectors themselves (a sample's norms), so a model
     that normalises on its own draws no warning."""
     started = time.perf_counter()

@@ -1,10 +1,11 @@
 """The run's work after the units, on Ray: index shards written by actors (index/shard_build.py),
 sinks loaded by tasks (sinks/parallel_load.py).
 
-The driver plans the shards and commits the infos; each `ShardActor` (one per worker, as many as
-the run's embedding actors) reads the training and recall samples of its groups of parts, then
-writes whole shard files into the output folder and returns what the infos record, with its pid,
-and its rows' exact neighbours of the recall queries: the driver reads no vector part. An
+The driver plans the jobs and commits the infos; the `ShardActor`s (one per worker, as many as
+the run's embedding actors, kept for the run's Ray session) run them: the training and recall
+samples of each group of parts, the training, the label check, the whole shard files (with their
+rows' exact neighbours of the recall queries and the pid that wrote them) and the recall
+searches of the shard files: the driver reads no vector and holds no per-row array. An
 actor that dies is restarted by Ray and its pending jobs run again (a shard file is written
 whole or not at all, under a name no infos name yet). Ray is an
 optional extra: nothing in the index or sink layers imports it. A sink's loads are Ray tasks
