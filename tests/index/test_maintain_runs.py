@@ -184,3 +184,37 @@ def test_another_index_type_on_a_complete_folder_rebuilds_it(tiny_model, texts, 
     again = run(job)
     assert again.index == infos and again.units_done == 0 and again.units_skipped == 3
     assert embedpipe("verify", out).returncode == 0
+
+
+def test_sigkill_in_a_sharded_build_then_rerun(tiny_model, texts, tmp_path):
+    """A real SIGKILL while a sharded build writes its first shard (the trained index and the
+    recall queries already in their scratch files, the label check done): the rerun builds the
+    index afresh, removes every scratch file the killed build left, and its index answers as an
+    uninterrupted run's does, file names aside."""
+    inputs = tmp_path / "in"
+    for number in range(6):
+        write_input(inputs, number, texts)
+    index = {"type": "ivf-flat", "nlist": 4, "nprobe": 4, "layout": "shards", "shard_rows": 80}
+    job = write_job(tmp_path / "job.toml", inputs, tmp_path / "out", tiny_model, index=index)
+    run_and_kill(job, "shard", tmp_path)
+    out = tmp_path / "out"
+    left = {p.name.split("-")[0] for p in (out / "index").iterdir()}
+    assert {"index", "queries"} <= left and not (out / INFOS_FILE).exists()
+    assert not {"labels", "sample", "shard"} & left  # removed when their step ended
+    done = embedpipe("run", job)
+    assert done.returncode == 0, done.stderr
+    infos = json.loads((out / INFOS_FILE).read_text())
+    assert infos["layout"] == "shards" and len(infos["shards"]) == 3
+    named = [*(p.name for p in index_paths(out)), *(s["file"].split("/")[-1]
+                                                     for s in infos["shards"])]
+    assert sorted(p.name for p in (out / "index").iterdir()) == sorted(
+        [*named, "index_infos.json"])
+    clean = write_job(tmp_path / "clean.toml", inputs, tmp_path / "clean", tiny_model,
+                      index=index)
+    assert embedpipe("run", clean).returncode == 0
+    reference = json.loads((tmp_path / "clean" / INFOS_FILE).read_text())
+    assert infos["recall_at_10"] == reference["recall_at_10"]
+    assert infos["search_params"] == reference["search_params"]
+    assert_same_hits(out, tmp_path / "clean", atol=0)
+    verified = embedpipe("verify", out)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
