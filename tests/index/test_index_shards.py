@@ -329,3 +329,33 @@ def test_shard_search_answers_as_index_shards_does_ties_included(tmp_path, monke
                             "index/queries-test.npy")(queries, 10, nprobe)
         d0, i0 = index_search(together)(queries, 10, nprobe)
         assert np.array_equal(i, i0) and np.array_equal(d, d0)
+
+
+@pytest.mark.s3
+def test_a_sharded_build_on_object_storage_equals_the_local_one(built, vectors, s3):
+    """The sharded build's scratch files (samples, labels, queries, the trained index), its
+    shards and its streamed id map go through the folder's filesystem: on an S3-compatible
+    server (moto, on loopback) the index is the local folder's, search for search, and no
+    scratch file is left in the bucket."""
+    fs, bucket = s3
+    local, infos = built["ivf-flat", "shards"]
+    fs.put(str(local), f"{bucket}/out", recursive=True)
+    url = f"s3://{bucket}/out"
+    remote = rebuild_index(url, {"type": "ivf-flat", "layout": "shards", "shard_rows": 1000,
+                                 **KINDS["ivf-flat"]})
+    assert remote["recall_at_10"] == infos["recall_at_10"]
+    assert remote["search_params"] == infos["search_params"]
+    assert len(remote["shards"]) == len(infos["shards"])
+    q = queries(vectors)
+    index, _ = load_index(Store(url))
+    reference, _ = load_index(Store(str(local)))
+    d, i = index.search(q, 10)
+    d0, i0 = reference.search(q, 10)
+    assert np.array_equal(i, i0) and np.array_equal(d, d0)
+    with fs.open(f"{bucket}/out/{remote['ids_file']}", "rb") as handle:
+        assert pq.read_table(handle).equals(pq.read_table(local / infos["ids_file"]))
+    left = [p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/out/index")]
+    assert not [p for p in left if p.startswith(("labels-", "sample-", "queries-"))]
+    assert sorted(left) == sorted([remote["index_file"].split("/")[-1],
+                                   remote["ids_file"].split("/")[-1], "index_infos.json",
+                                   *(s["file"].split("/")[-1] for s in remote["shards"])])
