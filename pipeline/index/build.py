@@ -24,6 +24,8 @@ import dataclasses
 import json
 import logging
 import time
+from dataclasses import dataclass
+from typing import Iterator
 
 import faiss
 import numpy as np
@@ -57,7 +59,8 @@ def build_index(store: Store, files: list[str] | VectorParts, cfg: IndexConfig,
     check, each shard's vectors and its rows' exact neighbours of the recall queries, the
     recall searches) goes to `runner` as jobs (layouts.run_here: in this process;
     jobs/ray_index.py: Ray actors), and the id map is streamed a part at a time, so this
-    process reads no vector and holds no per-row array; `identities`: the parts' (shard_build.part_identities), recorded with each shard. The
+    process reads no vector and holds no per-row array; `identities`: the parts'
+    (shard_build.part_identities), recorded with each shard. The
     ip-without-cosine warning goes by the vectors themselves (a sample's norms), so a model
     that normalises on its own draws no warning."""
     started = time.perf_counter()
@@ -82,68 +85,24 @@ def build_index(store: Store, files: list[str] | VectorParts, cfg: IndexConfig,
     elif train_at is not None:
         fit = train_quantizer(index, parts.sample(train_at), parts.precision)
     trained_on = len(train_at) if train_at is not None else 0
-    layout_infos: dict = {"layout": layout}
     if layout == "single":
-        labels = parts.row_labels()
-        parts = _check_labels(parts, parts.labels is not None and len(np.unique(labels)) != n)
-        labels = parts.row_labels()
-        index = with_labels(index)
-        row = 0
-        for block in parts.vectors():
-            index.add_with_ids(block, labels[row:row + len(block)])
-            row += len(block)
-        index_bytes = serialize(index)
-        build_seconds = time.perf_counter() - started
-        id_map = parts.keys()  # id, and chunk in a folder of one row a window
-        id_map = id_map.add_column(0, "faiss_id", pa.array(labels, pa.int64()))
-        measured, params, unit = measure(index, parts, n, cfg)
-    else:  # every row's vector and label read by the runner's jobs, the id map streamed
-        parts = _check_labels(parts, parts.labels is not None
-                              and repeated_labels(runner, parts, groups, build) > 0)
-        trained = serialize(index)
-        # what every job reads is written once, not shipped with each of them: the trained
-        # index under the name the commit gives the index file, the recall queries as scratch
-        trained_rel = f"{INDEX_DIR}/index-{build}.faiss"  # commit_index writes it there again
-        queries_rel = f"{INDEX_DIR}/queries-{build}.npy"
-        store.write_bytes(trained_rel, trained.tobytes())
-        try:
-            save_array(store, queries_rel, queries)
-            shards, truth = _write_shards(runner, parts, groups, trained_rel, build, queries,
-                                          queries_rel, min(10, n), cfg.metric, identities)
-            layout_infos["shard_rows"] = cfg.shard_rows
-            if layout == "shards":
-                index_bytes = trained  # the index file: the trained (empty) index they share
-                layout_infos["shards"] = shards
-                layout_infos["shards_bytes"] = sum(store.size(s["file"]) for s in shards)
-            else:
-                merged, ivfdata = merge_shards_ondisk(store, trained, shards, build)
-                index_bytes = faiss.serialize_index(merged)
-                layout_infos["ivfdata"] = ivfdata
-                layout_infos["ivfdata_bytes"] = store.size(ivfdata)
-                layout_infos["merged_shards"] = len(shards)
-            build_seconds = time.perf_counter() - started
-            # measured on the shard files where they lie (the ondisk merge answers as they
-            # do); `index` is their trained, empty index: it takes the nprobe found
-            measured, params, unit = measure(index, parts, n, cfg, truth, shard_search(
-                runner, store, [s["file"] for s in shards], cfg.metric, queries_rel))
-        finally:
-            if store.exists(queries_rel):
-                store.remove(queries_rel)
-        if layout == "ondisk":
-            for shard in shards:
-                store.remove(shard["file"])
-        id_map = parts.id_map()
+        built = _build_single(index, parts, cfg, started)
+    else:
+        built = _build_sharded(runner, store, index, parts, cfg, layout, groups, queries, build,
+                               identities, started)
+    parts, measured, params, unit = built.parts, built.recall, built.params, built.unit
     if cfg.metric == "ip" and not unit and codes != BINARY:
         log.warning("index.metric = 'ip' on vectors that are not normalised is not cosine "
                     "similarity; set encode.normalize = true for cosine")
-    size = len(index_bytes) + layout_infos.get("shards_bytes", 0) + layout_infos.get(
+    layout_infos = {"layout": layout, **built.layout_infos}
+    size = len(built.index_bytes) + layout_infos.get("shards_bytes", 0) + layout_infos.get(
         "ivfdata_bytes", 0)
     infos = {
         "type": cfg.type, "kind": kind, "factory": factory, "count": n, "dimension": dim,
         "codes": codes, "ranges": ranges_digest(parts.precision),
         "metric": "hamming" if codes == BINARY else cfg.metric,
         "normalized": unit, "size_bytes": size,
-        "build_seconds": round(build_seconds, 3), "recall_at_10": round(measured, 4),
+        "build_seconds": round(built.seconds, 3), "recall_at_10": round(measured, 4),
         "recall_queries": min(n, RECALL_QUERIES), "search_params": params,
         "trained_on": trained_on, "max_memory": cfg.max_memory if cfg.type == "auto" else None,
         **layout_infos,
@@ -152,10 +111,86 @@ def build_index(store: Store, files: list[str] | VectorParts, cfg: IndexConfig,
         "training_error": fit,
         "parts": part_records(parts),
     }
-    infos = commit_index(store, build, index_bytes.tobytes(), id_map, None, infos)
+    infos = commit_index(store, build, built.index_bytes.tobytes(), built.id_map, None, infos)
     log.info("index: %s", json.dumps({k: v for k, v in infos.items()
                                       if k not in ("parts", "shards", "config")}))
     return infos
+
+
+@dataclass
+class _Built:
+    """An index built and measured, not yet committed."""
+    parts: VectorParts  # as labelled: by row position where the stored labels repeat
+    index_bytes: np.ndarray  # the index file
+    layout_infos: dict
+    id_map: pa.Table | Iterator[pa.Table]
+    seconds: float  # the build's, before the recall is measured
+    recall: float
+    params: dict
+    unit: bool  # the sampled vectors have unit length
+
+
+def _build_single(index: faiss.Index, parts: VectorParts, cfg: IndexConfig,
+                  started: float) -> _Built:
+    """Every vector added here to one index under its label."""
+    n = sum(parts.rows())
+    labels = parts.row_labels()
+    parts = _check_labels(parts, parts.labels is not None and len(np.unique(labels)) != n)
+    labels = parts.row_labels()
+    index = with_labels(index)
+    row = 0
+    for block in parts.vectors():
+        index.add_with_ids(block, labels[row:row + len(block)])
+        row += len(block)
+    index_bytes = serialize(index)
+    seconds = time.perf_counter() - started
+    id_map = parts.keys()  # id, and chunk in a folder of one row a window
+    id_map = id_map.add_column(0, "faiss_id", pa.array(labels, pa.int64()))
+    return _Built(parts, index_bytes, {}, id_map, seconds, *measure(index, parts, n, cfg))
+
+
+def _build_sharded(runner: ShardRunner, store: Store, index: faiss.Index, parts: VectorParts,
+                   cfg: IndexConfig, layout: str, groups: list[list[int]], queries: np.ndarray,
+                   build: str, identities: list[str] | None, started: float) -> _Built:
+    """The trained `index`'s shards (and with `ondisk` their merge): every row's vector and
+    label read by the runner's jobs, the recall measured by searching the shard files where
+    they lie, the id map streamed."""
+    n = sum(parts.rows())
+    parts = _check_labels(parts, parts.labels is not None
+                          and repeated_labels(runner, parts, groups, build) > 0)
+    trained = serialize(index)
+    # what every job reads is written once, not shipped with each of them: the trained index
+    # under the name the commit gives the index file, the recall queries as scratch
+    trained_rel = f"{INDEX_DIR}/index-{build}.faiss"  # commit_index writes it there again
+    queries_rel = f"{INDEX_DIR}/queries-{build}.npy"
+    store.write_bytes(trained_rel, trained.tobytes())
+    layout_infos: dict = {"shard_rows": cfg.shard_rows}
+    try:
+        save_array(store, queries_rel, queries)
+        shards, truth = _write_shards(runner, parts, groups, trained_rel, build, queries,
+                                      queries_rel, min(10, n), cfg.metric, identities)
+        if layout == "shards":
+            index_bytes = trained  # the index file: the trained (empty) index they share
+            layout_infos["shards"] = shards
+            layout_infos["shards_bytes"] = sum(store.size(s["file"]) for s in shards)
+        else:
+            merged, ivfdata = merge_shards_ondisk(store, trained, shards, build)
+            index_bytes = faiss.serialize_index(merged)
+            layout_infos["ivfdata"] = ivfdata
+            layout_infos["ivfdata_bytes"] = store.size(ivfdata)
+            layout_infos["merged_shards"] = len(shards)
+        seconds = time.perf_counter() - started
+        # measured on the shard files where they lie (the ondisk merge answers as they do);
+        # `index` is their trained, empty index: it takes the nprobe found
+        measured = measure(index, parts, n, cfg, truth, shard_search(
+            runner, store, [s["file"] for s in shards], cfg.metric, queries_rel))
+    finally:
+        if store.exists(queries_rel):
+            store.remove(queries_rel)
+    if layout == "ondisk":
+        for shard in shards:
+            store.remove(shard["file"])
+    return _Built(parts, index_bytes, layout_infos, parts.id_map(), seconds, *measured)
 
 
 def part_records(parts: VectorParts) -> list[dict]:
