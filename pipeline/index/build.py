@@ -39,9 +39,8 @@ from .commit import commit_index, new_build
 from .family import BINARY, codes_of, deserialize, ranges_digest, serialize, with_labels
 from .files import INDEX_DIR, INFOS_FILE, faiss_stdout_to_stderr, index_file, read_stored_index
 from .labels import repeated_labels
-from .layouts import (SampleJob, SearchJob, ShardJob, ShardRunner, TrainJob, calls,
-                      choose_layout, merge_shards_ondisk, open_shards, run_here, save_array,
-                      shard_groups)
+from .layouts import (MergeJob, SampleJob, SearchJob, ShardJob, ShardRunner, TrainJob, calls,
+                      choose_layout, open_shards, run_here, save_array, shard_groups)
 from .tuning import (RECALL_QUERIES, Search, TopK, Truth, apply_search_params, even_positions,
                      measure, query_sample, train_quantizer)
 
@@ -152,8 +151,8 @@ def _build_single(index: faiss.Index, parts: VectorParts, cfg: IndexConfig,
 def _build_sharded(runner: ShardRunner, store: Store, index: faiss.Index, parts: VectorParts,
                    cfg: IndexConfig, layout: str, groups: list[list[int]], queries: np.ndarray,
                    build: str, identities: list[str] | None, started: float) -> _Built:
-    """The trained `index`'s shards (and with `ondisk` their merge): every row's vector and
-    label read by the runner's jobs, the recall measured by searching the shard files where
+    """The trained `index`'s shards (and with `ondisk` their merge, a job too): every row's
+    vector and label read by the runner's jobs, the recall measured by searching the shard files where
     they lie, the id map streamed."""
     n = sum(parts.rows())
     parts = _check_labels(parts, parts.labels is not None
@@ -174,8 +173,9 @@ def _build_sharded(runner: ShardRunner, store: Store, index: faiss.Index, parts:
             layout_infos["shards"] = shards
             layout_infos["shards_bytes"] = sum(store.size(s["file"]) for s in shards)
         else:
-            merged, ivfdata = merge_shards_ondisk(store, trained, shards, build)
-            index_bytes = faiss.serialize_index(merged)
+            merged, ivfdata, layout_infos["merged_by"] = runner([MergeJob(
+                store, trained_rel, tuple(s["file"] for s in shards), build)])[0]
+            index_bytes = np.frombuffer(merged, np.uint8)
             layout_infos["ivfdata"] = ivfdata
             layout_infos["ivfdata_bytes"] = store.size(ivfdata)
             layout_infos["merged_shards"] = len(shards)

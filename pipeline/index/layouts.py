@@ -160,7 +160,26 @@ class SearchJob:
         return index_search(shard)(load_array(self.store, self.queries), self.k, self.nprobe)
 
 
-Job = ShardJob | SampleJob | TrainJob | SearchJob | LabelJob | LabelCheckJob
+@dataclass(frozen=True)
+class MergeJob:
+    """The `ondisk` merge of the shard files (merge_shards_ondisk) on a worker, on FAISS's
+    OpenMP threads: (the merged index serialized: where each list lies in the .ivfdata file,
+    not the lists themselves; the .ivfdata file; the process that merged, as the infos
+    record it)."""
+    store: Store
+    trained: str
+    shards: tuple[str, ...]
+    build: str
+
+    def run(self) -> tuple[bytes, str, dict]:
+        merged, rel = merge_shards_ondisk(
+            self.store, np.frombuffer(self.store.read_bytes(self.trained), np.uint8),
+            list(self.shards), self.build)
+        return (faiss.serialize_index(merged).tobytes(), rel,
+                {"pid": os.getpid(), "host": socket.gethostname()})
+
+
+Job = ShardJob | SampleJob | TrainJob | SearchJob | MergeJob | LabelJob | LabelCheckJob
 ShardRunner = Callable[[list[Job]], list]  # runs the jobs, returns their results in order
 
 
@@ -203,7 +222,7 @@ def open_shards(store: Store, names: list[str]) -> faiss.IndexShards:
         shards.add_shard(shard)  # the wrapper keeps a reference to shard
     return shards
 
-def merge_shards_ondisk(store: Store, trained: np.ndarray, shards: list[dict],
+def merge_shards_ondisk(store: Store, trained: np.ndarray, shards: list[str],
                         build: str) -> tuple[faiss.Index, str]:
     """faiss.contrib.ondisk.merge_ondisk of the shards into index/merged-<build>.ivfdata (under a
     temporary name until complete); returns the merged index, whose lists are memory-mapped."""
@@ -215,7 +234,7 @@ def merge_shards_ondisk(store: Store, trained: np.ndarray, shards: list[dict],
     index = faiss.deserialize_index(trained)
     try:
         with faiss_stdout_to_stderr():
-            merge_ondisk(index, [store.path(s["file"]) for s in shards], tmp)
+            merge_ondisk(index, [store.path(rel) for rel in shards], tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, final)

@@ -4,8 +4,9 @@ sinks loaded by tasks (sinks/parallel_load.py).
 The driver plans the jobs and commits the infos; the `ShardActor`s (one per worker, as many as
 the run's embedding actors, kept for the run's Ray session) run them: the training and recall
 samples of each group of parts, the training, the label check, the whole shard files (with their
-rows' exact neighbours of the recall queries and the pid that wrote them) and the recall
-searches of the shard files: the driver reads no vector and holds no per-row array. An
+rows' exact neighbours of the recall queries and the pid that wrote them), the `ondisk` merge
+and the recall searches of the shard files: the driver reads no vector and holds no per-row
+array. An
 actor that dies is restarted by Ray and its pending jobs run again (a shard file is written
 whole or not at all, under a name no infos name yet). Ray is an
 optional extra: nothing in the index or sink layers imports it. A sink's loads are Ray tasks

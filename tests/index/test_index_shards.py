@@ -248,6 +248,7 @@ def test_a_sharded_build_reads_vectors_only_in_its_jobs(snippets_out, tmp_path, 
     infos = build_index(store, parts, cfg, runner)
     assert jobs.count("SampleJob") == jobs.count("ShardJob") == jobs.count("LabelJob") \
         == len(parts.files) >= 2
+    assert jobs.count("MergeJob") == (layout == "ondisk")  # the merge on a worker too
     assert jobs.count("LabelCheckJob") == jobs.count("TrainJob") == 1  # 2,652 labels: one
     # partition; the quantizer trained by a job, on the samples its SampleJobs left
     assert jobs.count("SearchJob") >= 2 * len(parts.files)  # a tuning round and the report

@@ -269,3 +269,25 @@ def test_the_local_runner_keeps_unchanged_shards_too(tmp_path, movie_table, tiny
     want = single_index_hits(out, q)
     assert np.array_equal(got[1], want[1]) and np.allclose(got[0], want[0], atol=1e-5)
     assert embedpipe("verify", out).returncode == 0
+
+
+@pytest.mark.ray
+def test_the_ondisk_merge_runs_on_a_worker(tmp_path, tiny_model, ray_folder):
+    """`layout = "ondisk"` on the ray runner: the shards are written by the actors and merged
+    into the .ivfdata file by one of them (FAISS's OpenMP threads), not by the driver; the
+    merged index answers as every vector added to one index does."""
+    out = tmp_path / "out"
+    job = small_job(tmp_path / "job.toml", ray_folder[0].parent / "in", out, tiny_model,
+                    index={**INDEX, "layout": "ondisk"})
+    proc, summary = ray_run(job)
+    assert not summary["failures"]
+    infos = infos_of(out)
+    assert infos["layout"] == "ondisk" and infos["merged_shards"] == 5
+    assert infos["merged_by"]["pid"] != proc.pid
+    assert not list((out / "index").glob("shard-*"))
+    q = queries(out)
+    index, _ = load_index(Store(str(out)))
+    got_d, got_i = index.search(q, 10)
+    want_d, want_i = load_index(Store(str(ray_folder[0])))[0].search(q, 10)
+    assert np.array_equal(got_i, want_i) and np.array_equal(got_d, want_d)
+    assert embedpipe("verify", out).returncode == 0
