@@ -37,10 +37,11 @@ from ..io.vectors import VectorParts
 from .choose import new_index, training_size
 from .commit import commit_index, new_build
 from .family import BINARY, codes_of, deserialize, ranges_digest, serialize, with_labels
-from .files import INDEX_DIR, INFOS_FILE, faiss_stdout_to_stderr, index_file, read_stored_index
+from .files import (INDEX_DIR, INFOS_FILE, faiss_stdout_to_stderr, index_file, read_stored_index,
+                    save_array)
 from .labels import repeated_labels
 from .layouts import (MergeJob, SampleJob, SearchJob, ShardJob, ShardRunner, TrainJob, calls,
-                      choose_layout, open_shards, run_here, save_array, shard_groups)
+                      choose_layout, open_shards, run_here, shard_groups)
 from .tuning import (RECALL_QUERIES, Search, TopK, Truth, apply_search_params, even_positions,
                      measure, query_sample, train_quantizer)
 
@@ -134,8 +135,9 @@ def _build_single(index: faiss.Index, parts: VectorParts, cfg: IndexConfig,
     """Every vector added here to one index under its label."""
     n = sum(parts.rows())
     labels = parts.row_labels()
-    parts = _check_labels(parts, parts.labels is not None and len(np.unique(labels)) != n)
-    labels = parts.row_labels()
+    checked = _check_labels(parts, parts.labels is not None and len(np.unique(labels)) != n)
+    if checked is not parts:  # row positions now
+        parts, labels = checked, checked.row_labels()
     index = with_labels(index)
     row = 0
     for block in parts.vectors():
@@ -152,8 +154,8 @@ def _build_sharded(runner: ShardRunner, store: Store, index: faiss.Index, parts:
                    cfg: IndexConfig, layout: str, groups: list[list[int]], queries: np.ndarray,
                    build: str, identities: list[str] | None, started: float) -> _Built:
     """The trained `index`'s shards (and with `ondisk` their merge, a job too): every row's
-    vector and label read by the runner's jobs, the recall measured by searching the shard files where
-    they lie, the id map streamed."""
+    vector and label read by the runner's jobs, the recall measured by searching the shard
+    files where they lie, the id map streamed."""
     n = sum(parts.rows())
     parts = _check_labels(parts, parts.labels is not None
                           and repeated_labels(runner, parts, groups, build) > 0)

@@ -8,7 +8,6 @@ only). With the same trained index and nprobe both return what `single` returns.
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
 import socket
@@ -25,7 +24,8 @@ from ..io.storage import TMP_MARK, Store
 from ..io.vectors import VectorParts
 from .choose import BINARY_LAYOUT, new_index
 from .family import is_binary, serialize
-from .files import INDEX_DIR, faiss_stdout_to_stderr, read_stored_index
+from .files import (INDEX_DIR, faiss_stdout_to_stderr, load_array, read_stored_index,
+                    save_array)
 from .labels import LabelCheckJob, LabelJob
 from .tuning import TopK, index_search, train_quantizer
 
@@ -198,17 +198,6 @@ def calls(runner: ShardRunner, jobs: list[Job]) -> Iterator[tuple[list[Job], lis
     for at in range(0, len(jobs), JOBS_A_CALL):
         batch = jobs[at:at + JOBS_A_CALL]
         yield batch, runner(batch)
-
-
-def save_array(store: Store, rel: str, array: np.ndarray) -> None:
-    """An array for jobs to read (.npy), written once rather than shipped with every job."""
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    store.write_bytes(rel, buffer.getvalue())
-
-
-def load_array(store: Store, rel: str) -> np.ndarray:
-    return np.load(io.BytesIO(store.read_bytes(rel)))
 
 
 def open_shards(store: Store, names: list[str]) -> faiss.IndexShards:
