@@ -60,7 +60,7 @@ class Searcher:
             raise DamagedFile(f"{out}: its index file cannot be loaded "
                               f"({' '.join(str(exc).split())[:200]}); {repair}") from None
         rel = ids_file(self.infos)
-        with reading(rel, repair), self.store.fs.open(self.store.path(rel), "rb") as handle:
+        with reading(rel, repair), self.store.open_input(rel) as handle:
             id_map = pq.read_table(handle, **PAGE_CHECKSUMS)
         self.ids = id_map.column("id")
         # a folder of one row a window: the id map names each FAISS id's (id, chunk)
@@ -188,7 +188,7 @@ class Searcher:
             wanted = np.flatnonzero(part_of == part)
             local = rows[wanted] - self.part_starts[part]
             name = self.part_files[part]
-            with reading(name), self.store.fs.open(self.store.path(name), "rb") as handle:
+            with reading(name), self.store.open_input(name) as handle:
                 parquet = pq.ParquetFile(handle, **PAGE_CHECKSUMS)
                 sizes = [parquet.metadata.row_group(g).num_rows
                          for g in range(parquet.metadata.num_row_groups)]

@@ -105,7 +105,7 @@ def _content_problems(store: Store, parts: VectorParts, n: int, infos: dict) -> 
         return [f"index: holds {index.ntotal - len(tombstones)} live vectors, the folder "
                 f"stores {n}"]
     try:
-        with reading(ids_file(infos), REPAIR), store.fs.open(store.path(ids_file(infos)), "rb") as handle:
+        with reading(ids_file(infos), REPAIR), store.open_input(ids_file(infos)) as handle:
             mapped = pq.read_table(handle, **PAGE_CHECKSUMS)
     except DamagedFile as exc:
         return [f"index: {exc}"]

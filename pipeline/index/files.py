@@ -70,6 +70,6 @@ def load_array(store: Store, rel: str) -> np.ndarray:
 
 def read_id_map(store: Store, infos: dict) -> np.ndarray:
     """The labels the index holds live, from its id map (faiss_id, in row order)."""
-    with reading(ids_file(infos)), store.fs.open(store.path(ids_file(infos)), "rb") as handle:
+    with reading(ids_file(infos)), store.open_input(ids_file(infos)) as handle:
         table = pq.read_table(handle, columns=["faiss_id"], **PAGE_CHECKSUMS)
     return table.column(0).to_numpy().astype(np.int64)

@@ -123,7 +123,7 @@ def damage(store: Store, rel: str, recorded: FileCheck | None, full: bool = Fals
         return None
     if full and recorded.digest is None:  # no digest to compare: its pages' checksums, if any
         try:
-            with reading(rel), store.fs.open(store.path(rel), "rb") as handle:
+            with reading(rel), store.open_input(rel) as handle:
                 pq.read_table(handle, **PAGE_CHECKSUMS)
         except DamagedFile as exc:
             return str(exc)

@@ -53,8 +53,7 @@ class InputScan:
 def _parquet(store: Store, name: str) -> pq.ParquetFile:
     """A stored part, read natively from a local disk (no Python buffers a column chunk), its
     pages' checksums verified on every read."""
-    return pq.ParquetFile(store.path(name) if store.local else store.fs.open(store.path(name), "rb"),
-                          **PAGE_CHECKSUMS)
+    return pq.ParquetFile(store.open_input(name), **PAGE_CHECKSUMS)
 
 
 def _part_ids(store: Store | None, files: list[str]) -> Iterator[pa.Array]:

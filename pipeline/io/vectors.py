@@ -69,7 +69,7 @@ class VectorParts:
                            self.positions or self.labels is None)
 
     def metadata(self, name: str) -> pq.FileMetaData:
-        with self.store.fs.open(self.store.path(name), "rb") as handle:
+        with self.store.open_input(name) as handle:
             return pq.ParquetFile(handle).metadata
 
     def rows(self) -> list[int]:
@@ -113,7 +113,7 @@ class VectorParts:
         checksum verified (parts written before checksums: none to verify). A page that fails,
         or a part that cannot be read, is DamagedFile naming the part."""
         for name in self.files:
-            with reading(name), self.store.fs.open(self.store.path(name), "rb") as handle:
+            with reading(name), self.store.open_input(name) as handle:
                 batches = pq.ParquetFile(handle, **PAGE_CHECKSUMS).iter_batches(
                     batch_size=batch_rows, columns=columns)
                 for batch in batches:
