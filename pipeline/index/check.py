@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..io.checks import PAGE_CHECKSUMS, DamagedFile, check_file, file_digest, reading
 from ..io.storage import Store
-from ..io.vectors import VectorParts
+from ..io.vectors import LABEL_COLUMN, READ_ROWS, VectorParts
 from .files import INFOS_FILE, LABELLED, ids_file, index_file, read_tombstones
 from .family import SQ8, downcast, eight_bit, ivf_of, unwrapped
 from .tuning import even_positions
@@ -104,30 +105,76 @@ def _content_problems(store: Store, parts: VectorParts, n: int, infos: dict) -> 
     if index.ntotal - len(tombstones) != n:
         return [f"index: holds {index.ntotal - len(tombstones)} live vectors, the folder "
                 f"stores {n}"]
+    positions = even_positions(n, SAMPLE)
     try:
-        with reading(ids_file(infos), REPAIR), store.open_input(ids_file(infos)) as handle:
-            mapped = pq.read_table(handle, **PAGE_CHECKSUMS)
+        problem, sampled = _check_id_map(store, ids_file(infos), parts, tombstones, positions)
     except DamagedFile as exc:
         return [f"index: {exc}"]
-    stored = parts.keys()
-    labels = parts.row_labels()
-    if np.isin(labels, tombstones).any():
-        return ["index: a stored row's label is among the tombstones"]
-    if not np.array_equal(mapped.column("faiss_id").to_numpy(), labels) or any(
-            name not in mapped.column_names
-            or not mapped.column(name).equals(stored.column(name).cast(mapped.column(name).type))
-            for name in stored.column_names):
-        return [f"index: {ids_file(infos)} does not list the stored "
-                f"{' and '.join(stored.column_names)}s in order, under their labels"]
-    positions = even_positions(n, SAMPLE)
+    if problem:
+        return [problem]
     whole = _keeps_vectors_whole(index, infos.get("codes") == SQ8)
-    copies = _reconstruct(index, labels[positions]) if whole else None
+    copies = _reconstruct(index, sampled) if whole else None
     if copies is not None:
         expected = parts.sample(positions)
         if not np.allclose(copies, expected, atol=1e-5):
             worst = int(np.abs(copies - expected).max(1).argmax())
             return [f"index: vector {int(positions[worst])} differs from the stored one"]
     return []
+
+
+def _check_id_map(store: Store, rel: str, parts: VectorParts, tombstones: np.ndarray,
+                  positions: np.ndarray) -> tuple[str | None, np.ndarray]:
+    """The id map against the stored rows, a block at a time (a billion rows' keys and labels
+    are never in memory at once): (the line that says how they differ, else None; the labels
+    at the sampled row `positions`)."""
+    none = np.zeros(0, np.int64)
+    differs = (f"index: {rel} does not list the stored {' and '.join(parts.key_columns())}s "
+               f"in order, under their labels")
+    with reading(rel, REPAIR), store.open_input(rel) as handle:
+        mapped = pq.ParquetFile(handle, **PAGE_CHECKSUMS)
+        columns = [LABEL_COLUMN, *parts.key_columns()]
+        if any(name not in mapped.schema_arrow.names for name in columns):
+            return differs, none
+        mapped_rows = _Blocks(mapped.iter_batches(READ_ROWS, columns=columns))
+        sampled, row = [], 0
+        for stored in parts.id_map():
+            if stored.num_rows == 0:
+                continue
+            got = mapped_rows.take(stored.num_rows)
+            labels = stored.column(LABEL_COLUMN).to_numpy()
+            if got is None or not all(got.column(name).equals(
+                    stored.column(name).cast(got.schema.field(name).type)) for name in columns):
+                return differs, none
+            if np.isin(labels, tombstones).any():
+                return "index: a stored row's label is among the tombstones", none
+            inside = positions[(positions >= row) & (positions < row + len(labels))]
+            sampled.append(labels[inside - row])
+            row += len(labels)
+        if mapped_rows.take(1) is not None:
+            return differs, none
+    return None, np.concatenate(sampled) if sampled else none
+
+
+class _Blocks:
+    """Record batches handed out as tables of the row counts asked for."""
+
+    def __init__(self, batches):
+        self.batches, self.held = iter(batches), []
+
+    def take(self, rows: int) -> pa.Table | None:
+        """The next `rows` rows (None: fewer are left)."""
+        have = sum(len(b) for b in self.held)
+        while have < rows:
+            batch = next(self.batches, None)
+            if batch is None:
+                return None
+            self.held.append(batch)
+            have += len(batch)
+        table = pa.Table.from_batches(self.held).combine_chunks() if self.held else None
+        if table is None:
+            return None
+        self.held = table.slice(rows).to_batches()
+        return table.slice(0, rows)
 
 
 def _keeps_vectors_whole(index: faiss.Index, folder_ranges: bool) -> bool:
