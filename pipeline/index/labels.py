@@ -15,18 +15,13 @@ from typing import Callable
 
 import numpy as np
 
+from ..io.content_hash import partition_of
 from ..io.storage import Store
 from ..io.vectors import VectorParts
 from .files import INDEX_DIR
 
 LABELS_PER_CHECK = 25_000_000  # labels one check job holds (200 MB, twice that while sorting)
-_MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: consecutive labels spread evenly
 _OFFSET = np.dtype("<i8")
-
-
-def partition_of(labels: np.ndarray, partitions: int) -> np.ndarray:
-    mixed = labels.astype(np.int64).view(np.uint64) * _MIX
-    return ((mixed >> np.uint64(32)) % np.uint64(partitions)).astype(np.int64)
 
 
 @dataclass(frozen=True)

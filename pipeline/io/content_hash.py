@@ -18,6 +18,7 @@ import pyarrow as pa
 CONTENT_HASH = "blake2b-128/prompt+text/v1"
 HASH_BYTES = 16
 HASH_TYPE = pa.binary(HASH_BYTES)
+_FIBONACCI = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: nearby keys spread evenly
 
 
 def _prefixed(data: bytes) -> bytes:
@@ -70,5 +71,13 @@ def id_keys(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 def pair_keys(ids: np.ndarray, texts: np.ndarray) -> np.ndarray:
     """One uint64 key for (id key, text key): reuse by id and content looks up both at once."""
-    mixed = ids * np.uint64(0x9E3779B97F4A7C15)
+    mixed = ids * _FIBONACCI
     return mixed ^ (mixed >> np.uint64(29)) ^ texts
+
+
+def partition_of(keys: np.ndarray, partitions: int) -> np.ndarray:
+    """Each 64-bit key's partition in [0, partitions) (Fibonacci hashing): every copy of a key
+    lands in one partition, and consecutive keys (labels, integer ids) spread evenly."""
+    with np.errstate(over="ignore"):
+        mixed = np.asarray(keys).astype(np.uint64, copy=False) * _FIBONACCI
+    return ((mixed >> np.uint64(32)) % np.uint64(partitions)).astype(np.int64)

@@ -3,11 +3,18 @@ file whole and as recorded, the counts adding up, ids unique. `embedpipe verify`
 the end of every run runs the cheap ones (files and counts)."""
 from __future__ import annotations
 
+import os
+import tempfile
+
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .content_hash import id_keys, pair_keys, partition_of
 from .ledger import Ledger
 from .vectors import VectorParts
+
+KEYS_PER_PARTITION = 25_000_000  # row keys verify's duplicate check holds at once (200 MB)
 
 
 def unit_damage(ledger: Ledger, full: bool = False) -> dict[str, list[str]]:
@@ -51,16 +58,51 @@ def _rows(ledger: Ledger, record, name: str) -> int:
 
 def duplicate_ids(parts: VectorParts, shown: int = 5) -> list[str]:
     """Ids (or (id, chunk) windows, in a folder of window rows) stored more than once across the
-    parts (reads those columns only)."""
+    parts (reads those columns only). Memory a partition, not a folder: each row's 64-bit key
+    (io/content_hash.py) is spilled by hash into partitions of at most KEYS_PER_PARTITION keys
+    in a temporary folder; keys seen twice in a partition are candidates, confirmed on the ids
+    themselves in a second read (a string id's key is a hash, two ids may share it)."""
     keys = parts.key_columns()
-    tables = list(parts.read(keys))
-    if not tables:
+    rows = sum(parts.rows())
+    if not rows:
         return []
-    counts = pa.concat_tables(tables).group_by(keys).aggregate([([], "count_all")])
+    partitions = -(-rows // KEYS_PER_PARTITION)
+    with tempfile.TemporaryDirectory(prefix="embedpipe-ids-") as scratch:
+        spills = [open(os.path.join(scratch, f"{p:05d}.u64"), "wb") for p in range(partitions)]
+        try:
+            for table in parts.read(keys):
+                row_keys = _row_keys(table, keys)
+                where = partition_of(row_keys, partitions)
+                order = np.argsort(where, kind="stable")
+                bounds = np.searchsorted(where[order], np.arange(partitions + 1))
+                for p in np.flatnonzero(np.diff(bounds)):
+                    spills[p].write(row_keys[order[bounds[p]:bounds[p + 1]]].tobytes())
+        finally:
+            for spill in spills:
+                spill.close()
+        candidates = []
+        for spill in spills:
+            seen, counts = np.unique(np.fromfile(spill.name, np.uint64), return_counts=True)
+            candidates.append(seen[counts > 1])
+    candidates = np.concatenate(candidates)
+    if not len(candidates):
+        return []
+    suspects = [t.filter(pa.array(np.isin(_row_keys(t, keys), candidates)))
+                for t in parts.read(keys)]
+    counts = pa.concat_tables(suspects).group_by(keys).aggregate([([], "count_all")])
     repeated = counts.filter(pc.greater(counts.column("count_all"), 1))
     if not repeated.num_rows:
         return []
-    rows = repeated.select(keys).slice(0, shown).to_pylist()
-    examples = ", ".join(repr(r["id"]) if len(keys) == 1 else repr(tuple(r.values())) for r in rows)
+    first = repeated.select(keys).slice(0, shown).to_pylist()
+    examples = ", ".join(repr(r["id"]) if len(keys) == 1 else repr(tuple(r.values())) for r in first)
     what = "ids are" if len(keys) == 1 else "(id, chunk) windows are"
     return [f"{repeated.num_rows} {what} stored more than once (e.g. {examples})"]
+
+
+def _row_keys(table: pa.Table, keys: list[str]) -> np.ndarray:
+    """A uint64 key a row for its id, or its (id, chunk) window."""
+    ids = id_keys(table.column("id"))
+    if len(keys) == 1:
+        return ids
+    chunks = table.column("chunk").to_numpy(zero_copy_only=False).astype(np.uint64)
+    return pair_keys(ids, chunks)

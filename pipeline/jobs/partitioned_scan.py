@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..faults import checkpoint
-from ..io.content_hash import hash_keys, id_keys, pair_keys, text_hashes
+from ..io.content_hash import hash_keys, id_keys, pair_keys, partition_of, text_hashes
 from ..io.reader import Unit
 from ..io.registry import _ROW_BITS, ReuseSource, StoredRows, _parquet, valid_rows
 from ..io.checks import reading
@@ -39,7 +39,6 @@ SCAN_DIR = "_scan"
 SPACES = ("id", "text")
 KEPT, GONE, STORED = -1, -2, -3  # the `order` of folder rows; input units count from 0
 DUPLICATE, REPEATED, CANDIDATE = 0, 1, 2  # result kinds
-_MIX = np.uint64(0x9E3779B97F4A7C15)
 RESULT_SCHEMA = pa.schema([("kind", pa.int8()), ("value", pa.uint64()), ("loc", pa.uint64())])
 
 
@@ -86,14 +85,9 @@ def _id_schema(string_ids: bool) -> pa.Schema:
 TEXT_SCHEMA = pa.schema([("key", pa.uint64()), ("order", pa.int32()), ("row", pa.int64())])
 
 
-def partition_of(keys: np.ndarray, partitions: int) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        return ((keys * _MIX) >> np.uint64(40)) % np.uint64(partitions)
-
-
 def _write_partitioned(store: Store, rel: str, table: pa.Table, partitions: int) -> None:
     """A table as `partitions` IPC batches (batch p: the rows whose key falls in p)."""
-    cut = partition_of(table.column("key").to_numpy(), partitions).astype(np.int64)
+    cut = partition_of(table.column("key").to_numpy(), partitions)
     order = np.argsort(cut, kind="stable")
     table = table.take(pa.array(order, pa.int64())).combine_chunks()
     bounds = np.searchsorted(cut[order], np.arange(partitions + 1))
