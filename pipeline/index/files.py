@@ -59,14 +59,18 @@ def read_tombstones(store: Store, infos: dict) -> np.ndarray:
         return np.zeros(0, np.int64)
     return load_array(store, name)
 
+
 def save_array(store: Store, rel: str, array: np.ndarray) -> None:
     """An array (.npy) in the folder: a build's scratch that its jobs read, written once."""
     buffer = io.BytesIO()
     np.save(buffer, array)
     store.write_bytes(rel, buffer.getvalue())
 
+
 def load_array(store: Store, rel: str) -> np.ndarray:
+    """An array save_array wrote."""
     return np.load(io.BytesIO(store.read_bytes(rel)))
+
 
 def read_id_map(store: Store, infos: dict) -> np.ndarray:
     """The labels the index holds live, from its id map (faiss_id, in row order)."""

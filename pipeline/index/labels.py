@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..io.content_hash import partition_of
+from ..io.content_hash import partition_order
 from ..io.storage import Store
 from ..io.vectors import VectorParts
 from .files import INDEX_DIR
@@ -33,9 +33,7 @@ class LabelJob:
 
     def run(self) -> int:
         labels = self.parts.row_labels()
-        where = partition_of(labels, self.partitions)
-        order = np.argsort(where, kind="stable")
-        offsets = np.searchsorted(where[order], np.arange(self.partitions + 1))
+        order, offsets = partition_order(labels, self.partitions)
         self.parts.store.write_bytes(self.rel, offsets.astype(_OFFSET).tobytes()
                                      + labels[order].astype(_OFFSET).tobytes())
         return len(labels)

@@ -81,3 +81,11 @@ def partition_of(keys: np.ndarray, partitions: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         mixed = np.asarray(keys).astype(np.uint64, copy=False) * _FIBONACCI
     return ((mixed >> np.uint64(32)) % np.uint64(partitions)).astype(np.int64)
+
+
+def partition_order(keys: np.ndarray, partitions: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order, bounds): the positions of `keys` grouped by partition (stable within one), and
+    partition p's positions order[bounds[p]:bounds[p + 1]]."""
+    where = partition_of(keys, partitions)
+    order = np.argsort(where, kind="stable")
+    return order, np.searchsorted(where[order], np.arange(partitions + 1))

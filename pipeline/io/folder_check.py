@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .content_hash import id_keys, pair_keys, partition_of
+from .content_hash import id_keys, pair_keys, partition_order
 from .ledger import Ledger
 from .vectors import VectorParts
 
@@ -72,9 +72,7 @@ def duplicate_ids(parts: VectorParts, shown: int = 5) -> list[str]:
         try:
             for table in parts.read(keys):
                 row_keys = _row_keys(table, keys)
-                where = partition_of(row_keys, partitions)
-                order = np.argsort(where, kind="stable")
-                bounds = np.searchsorted(where[order], np.arange(partitions + 1))
+                order, bounds = partition_order(row_keys, partitions)
                 for p in np.flatnonzero(np.diff(bounds)):
                     spills[p].write(row_keys[order[bounds[p]:bounds[p + 1]]].tobytes())
         finally:

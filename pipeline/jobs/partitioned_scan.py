@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..faults import checkpoint
-from ..io.content_hash import hash_keys, id_keys, pair_keys, partition_of, text_hashes
+from ..io.content_hash import hash_keys, id_keys, pair_keys, partition_order, text_hashes
 from ..io.reader import Unit
 from ..io.registry import _ROW_BITS, ReuseSource, StoredRows, _parquet, valid_rows
 from ..io.checks import reading
@@ -87,10 +87,8 @@ TEXT_SCHEMA = pa.schema([("key", pa.uint64()), ("order", pa.int32()), ("row", pa
 
 def _write_partitioned(store: Store, rel: str, table: pa.Table, partitions: int) -> None:
     """A table as `partitions` IPC batches (batch p: the rows whose key falls in p)."""
-    cut = partition_of(table.column("key").to_numpy(), partitions)
-    order = np.argsort(cut, kind="stable")
+    order, bounds = partition_order(table.column("key").to_numpy(), partitions)
     table = table.take(pa.array(order, pa.int64())).combine_chunks()
-    bounds = np.searchsorted(cut[order], np.arange(partitions + 1))
     _write_batches(store, rel, table, bounds)
 
 

@@ -6,9 +6,8 @@ the run's embedding actors, kept for the run's Ray session) run them: the traini
 samples of each group of parts, the training, the label check, the whole shard files (with their
 rows' exact neighbours of the recall queries and the pid that wrote them), the `ondisk` merge
 and the recall searches of the shard files: the driver reads no vector and holds no per-row
-array. An
-actor that dies is restarted by Ray and its pending jobs run again (a shard file is written
-whole or not at all, under a name no infos name yet). Ray is an
+array. An actor that dies is restarted by Ray and its pending jobs run again (a shard file is
+written whole or not at all, under a name no infos name yet). Ray is an
 optional extra: nothing in the index or sink layers imports it. A sink's loads are Ray tasks
 (retried when their worker dies; an upsert by id repeats harmlessly); the driver deletes, checks
 and records after every load returned.
